@@ -1,0 +1,134 @@
+"""``clipguard train`` (pre-training) and the shared plumbing that ``finetune`` reuses."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from clipguard.commands.common import add_csv_args, csv_spec
+
+
+def add_train_args(p: argparse.ArgumentParser, *, finetune: bool = False) -> None:
+    p.add_argument("--data", required=True, help="training CSV")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--model", default=None if finetune else "cg-tiny",
+                   help="model name (see `clipguard models`)" + ("; default: the checkpoint's" if finetune else ""))
+    p.add_argument("--defense", default="ft" if finetune else "none")
+    p.add_argument("--preset", default=None, help="YAML preset: defense, options and train settings")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a defence option, e.g. --opt warmup_epochs=5 (repeatable)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps")
+    p.add_argument("--wd", type=float, default=None, help="weight decay")
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--accum-steps", type=int, default=None)
+    p.add_argument("--precision", choices=["auto", "fp32", "amp", "bf16"], default=None)
+    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    p.add_argument("--eval-data", default=None, help="labelled CSV for zero-shot after each epoch")
+    p.add_argument("--classes", default=None, help="classes.json (default: beside --eval-data)")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--attack-manifest", default=None,
+                   help="for reporting only: poison diagnostics per epoch (never used for training)")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--stop-after", type=int, default=None, help="run at most N epochs now")
+    p.add_argument("--keep-checkpoints", type=int, default=None)
+    p.add_argument("--tensorboard", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    if finetune:
+        p.add_argument("--checkpoint", required=True, help="the (possibly poisoned) model to clean")
+    add_csv_args(p)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="pre-train CLIP, optionally with a defence")
+    add_train_args(p)
+    p.set_defaults(func=run)
+
+
+TRAIN_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "min_lr": "min_lr",
+              "warmup": "warmup", "wd": "weight_decay", "grad_clip": "grad_clip",
+              "accum_steps": "accum_steps", "precision": "precision", "device": "device", "seed": "seed",
+              "stop_after": "stop_after", "keep_checkpoints": "keep_checkpoints", "eval_every": "eval_every"}
+
+
+def build_config(args: argparse.Namespace, preset: dict[str, Any], defaults: dict[str, Any]):
+    """Defaults < preset's ``train:`` < command-line flags."""
+    from clipguard.training.trainer import TrainConfig
+
+    values: dict[str, Any] = dict(defaults)
+    values.update(preset.get("train") or {})
+    for flag, key in TRAIN_KEYS.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            values[key] = v
+    values["tensorboard"] = args.tensorboard
+    values["quiet"] = args.quiet
+    if args.model:
+        values["model"] = args.model
+    return TrainConfig(**values)
+
+
+def run_training(args: argparse.Namespace, *, defaults: dict[str, Any], checkpoint: str | None = None):
+    from clipguard import defenses
+    from clipguard.data.classes import ClassInfo
+    from clipguard.data.csv_dataset import load_csv
+    from clipguard.errors import ConfigError
+    from clipguard.models.factory import model_config
+    from clipguard.training.trainer import Trainer
+
+    preset = defenses.load_preset(args.preset) if args.preset else {}
+    name = args.defense if args.defense is not None else preset.get("defense", "none")
+    if args.preset and preset.get("defense") and args.defense in (None, "none", "ft") and preset["defense"] != name:
+        name = preset["defense"]
+    options = dict(preset.get("options") or {})
+    options.update(defenses.parse_options(args.opt))
+    strategy = defenses.build(name, options)
+    cfg = build_config(args, preset, defaults)
+    if checkpoint is not None:
+        cfg.checkpoint = checkpoint
+    spec = csv_spec(args)
+    size = model_config(cfg.model)["vision_cfg"]["image_size"]
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    data = load_csv(args.data, spec, image_size=size, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
+    if data.skipped:
+        print(f"skipped {data.skipped} bad rows of {args.data}")
+    evaluate = None
+    if args.eval_data:
+        classes_path = Path(args.classes) if args.classes else Path(args.eval_data).parent / "classes.json"
+        if not classes_path.is_file():
+            raise ConfigError(f"--eval-data needs classes.json: {classes_path} not found (pass --classes)")
+        eval_data = load_csv(args.eval_data, spec, image_size=size, skip_bad_rows=args.skip_bad_rows)
+        evaluate = make_epoch_eval(cfg.model, eval_data, ClassInfo.load(classes_path))
+    diagnostics = None
+    if args.attack_manifest:
+        from clipguard.evaluation.detection import make_diagnostics
+
+        diagnostics = make_diagnostics(args.attack_manifest, data)
+    trainer = Trainer(cfg, data, args.out, strategy=strategy, evaluate=evaluate, diagnostics=diagnostics)
+    return trainer.fit(resume=args.resume)
+
+
+def make_epoch_eval(model_name: str, eval_data, classes):
+    from clipguard.evaluation.runner import zeroshot_metrics
+    from clipguard.models.factory import get_tokenizer
+
+    tokenizer = get_tokenizer(model_name)
+
+    def evaluate(model, epoch: int) -> dict[str, Any]:
+        device = next(model.parameters()).device
+        m = zeroshot_metrics(model, tokenizer, eval_data, classes, device)
+        return {"zeroshot_top1": round(m["acc1"], 4), "zeroshot_top5": round(m.get("acc5", float("nan")), 4)}
+
+    return evaluate
+
+
+def run(args: argparse.Namespace) -> int:
+    last = run_training(args, defaults={})
+    print(f"finished: {args.out} ({', '.join(f'{k}={v}' for k, v in last.items() if k in ('epoch', 'loss', 'zeroshot_top1'))})")
+    return 0

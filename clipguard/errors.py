@@ -1,0 +1,27 @@
+"""Exceptions that tell the user which file, row and field went wrong."""
+
+from __future__ import annotations
+
+
+class ClipguardError(Exception):
+    """Base class: every error we raise on purpose, so the CLI can print it without a traceback."""
+
+
+class DataError(ClipguardError):
+    """Bad input data, located as precisely as we can."""
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
+                 field: str | None = None):
+        self.file, self.row, self.field = file, row, field
+        where = []
+        if file is not None:
+            where.append(f"file {file}")
+        if row is not None:
+            where.append(f"row {row}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class ConfigError(ClipguardError):
+    """An option or combination of options that cannot work."""

@@ -1,0 +1,1 @@
+"""Zero-shot, linear probe, retrieval, attack success rate and poison-detection metrics."""

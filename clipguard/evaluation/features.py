@@ -1,0 +1,48 @@
+"""Batched feature extraction shared by training hooks and every evaluation."""
+
+from __future__ import annotations
+
+import torch
+
+from clipguard.training.context import normalize, to_pixels
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, images_u8: torch.Tensor, device: torch.device | str,
+                  batch_size: int = 512) -> torch.Tensor:
+    """L2-normalised image features (float32, on CPU) of uint8 images."""
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images_u8), batch_size):
+        px = to_pixels(images_u8[i:i + batch_size], torch.device(device))
+        out.append(model.encode_image(normalize(px), normalize=True).float().cpu())
+    model.train(was)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def encode_pixels(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = [model.encode_image(normalize(pixels[i:i + batch_size]), normalize=True).float().cpu()
+           for i in range(0, len(pixels), batch_size)]
+    model.train(was)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device | str,
+                  batch_size: int = 512) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = [model.encode_text(tokens[i:i + batch_size].to(device), normalize=True).float().cpu()
+           for i in range(0, len(tokens), batch_size)]
+    model.train(was)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def encode_texts(model: torch.nn.Module, tokenizer, texts: list[str], device: torch.device | str,
+                 batch_size: int = 512) -> torch.Tensor:
+    return encode_tokens(model, tokenizer(texts), device, batch_size)

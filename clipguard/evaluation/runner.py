@@ -1,0 +1,83 @@
+"""``clipguard evaluate``: one JSON per run, keys in CLIP_benchmark's style."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import clipguard
+from clipguard.data.classes import ClassInfo
+from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData, load_csv
+from clipguard.evaluation.features import encode_images, encode_tokens
+from clipguard.evaluation.linear_probe import LinearProbe
+from clipguard.evaluation.retrieval import recall_at_k
+from clipguard.evaluation.zeroshot import topk_accuracy, zeroshot_classifier
+from clipguard.models import checkpoint as ckpt
+from clipguard.models.factory import create_model, get_tokenizer, image_size
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str | None]:
+    """Accept a run folder, a checkpoint folder or a .safetensors file; return weights + model name."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        latest = ckpt.resolve_latest(path / "checkpoints")
+        if latest is None:
+            raise FileNotFoundError(f"{path}: no finished checkpoint in checkpoints/")
+        path = latest
+    weights = ckpt.resolve_weights(path)
+    return weights, ckpt.read_state(weights.parent).get("model")
+
+
+def load_model(checkpoint: str | Path, model_name: str | None = None, device: str = "cpu"):
+    weights, name = resolve_checkpoint(checkpoint)
+    name = model_name or name
+    if name is None:
+        raise ValueError(f"{checkpoint}: no state.json says which model this is; pass --model")
+    model = create_model(name, checkpoint=weights, device=device)
+    model.eval()
+    return model, name
+
+
+def zeroshot_metrics(model, tokenizer, data: ImageCaptionData, classes: ClassInfo, device) -> dict[str, Any]:
+    labelled = data.labels >= 0
+    feats = encode_images(model, data.images[labelled], device)
+    clf = zeroshot_classifier(model, tokenizer, classes, device)
+    acc = topk_accuracy(feats, data.labels[labelled], clf, (1, 5))
+    return {**acc, "n_images": int(labelled.sum())}
+
+
+def evaluate_model(model, model_name: str, data: ImageCaptionData, classes: ClassInfo | None, *,
+                   device: str = "cpu", probe_data: ImageCaptionData | None = None,
+                   retrieval: bool = True, seed: int = 0) -> dict[str, Any]:
+    tokenizer = get_tokenizer(model_name)
+    metrics: dict[str, Any] = {}
+    if classes is not None:
+        metrics["zeroshot"] = zeroshot_metrics(model, tokenizer, data, classes, device)
+    if probe_data is not None:
+        probe = LinearProbe(seed=seed).fit(encode_images(model, probe_data.images, device), probe_data.labels)
+        feats = encode_images(model, data.images, device)
+        metrics["linear_probe"] = {**probe.score(feats, data.labels), "n_train": len(probe_data)}
+    if retrieval:
+        img = encode_images(model, data.images, device)
+        txt = encode_tokens(model, tokenizer(data.captions), device)
+        metrics["retrieval"] = recall_at_k(img, txt)
+    return metrics
+
+
+def run_evaluation(checkpoint: str | Path, data_csv: str | Path, *, classes_json: str | Path | None,
+                   spec: CsvSpec | None = None, model_name: str | None = None,
+                   probe_csv: str | Path | None = None, device: str = "cpu",
+                   skip_bad_rows: bool = False, seed: int = 0) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model, name = load_model(checkpoint, model_name, device)
+    size = image_size(model)
+    data = load_csv(data_csv, spec, image_size=size, skip_bad_rows=skip_bad_rows)
+    classes = ClassInfo.load(classes_json) if classes_json else None
+    probe = load_csv(probe_csv, spec, image_size=size, skip_bad_rows=skip_bad_rows) if probe_csv else None
+    metrics = evaluate_model(model, name, data, classes, device=device, probe_data=probe, seed=seed)
+    return {"model": name, "checkpoint": str(checkpoint), "dataset": str(data_csv),
+            "task": "zeroshot_classification" if classes else "retrieval",
+            "metrics": metrics, "n_samples": len(data), "skipped_rows": data.skipped,
+            "clipguard_version": clipguard.__version__}

@@ -1,0 +1,96 @@
+"""What a strategy sees of the training run: the model, the data, and one forward pass per step."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from clipguard.data.csv_dataset import ImageCaptionData
+from clipguard.training.distributed import DistInfo
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def step_seed(*parts: Any) -> int:
+    """A seed that depends only on (seed, epoch, step, rank, ...): resuming replays it exactly."""
+    h = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+def to_pixels(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> float in [0, 1]; augmentations and triggers work in pixel space."""
+    return images_u8.to(device, non_blocking=True).float().div_(255.0)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(OPENAI_MEAN, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+@dataclass
+class Batch:
+    """One micro-batch: pixels in [0,1] on the device, tokens, raw captions and dataset indices."""
+
+    pixels: torch.Tensor
+    tokens: torch.Tensor
+    captions: list[str]
+    indices: torch.Tensor
+    generator: torch.Generator
+    rng: random.Random
+
+
+@dataclass
+class TrainContext:
+    model: torch.nn.Module          # possibly DDP-wrapped: call it once per step via forward()
+    raw_model: torch.nn.Module      # the open_clip CLIP inside
+    data: ImageCaptionData
+    tokens: torch.Tensor            # pre-tokenised captions of ``data``
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    dist: DistInfo
+    device: torch.device
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    seed: int
+    base_lr: float
+    autocast: Callable[[], Any] = field(default=lambda: torch.autocast("cpu", enabled=False))
+    epoch: int = 0
+    step: int = 0
+
+    def forward(self, pixels: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                             torch.Tensor]:
+        """The one forward pass of a step; concatenate every view into it (DDP needs one call).
+
+        Returns L2-normalised image features, text features (either None when not given) and the
+        clamped logit scale exp(s).
+        """
+        with self.autocast():
+            out = self.model(normalize(pixels) if pixels is not None else None, tokens)
+        if isinstance(out, dict):
+            img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        else:
+            img, txt, scale = out[0], out[1], out[2]
+        img = img.float() if img is not None else None
+        txt = txt.float() if txt is not None else None
+        return img, txt, scale.float()
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions).to(self.device)
+
+    @torch.no_grad()
+    def encode_dataset(self, batch_size: int = 512, indices: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of clean (non-augmented) pairs, for this rank's shard or given indices."""
+        from clipguard.evaluation.features import encode_images, encode_tokens
+
+        idx = indices if indices is not None else torch.arange(len(self.data))
+        img = encode_images(self.raw_model, self.data.images[idx], self.device, batch_size)
+        txt = encode_tokens(self.raw_model, self.tokens[idx], self.device, batch_size)
+        return img, txt

@@ -1,0 +1,22 @@
+"""AdamW with open_clip's parameter groups: no weight decay on norms, biases, embeddings' scalars."""
+
+from __future__ import annotations
+
+import torch
+
+
+def no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, other = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (other if no_decay(n, p) else decay).append(p)
+    return [{"params": other, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.2,
+                   betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)

@@ -1,0 +1,71 @@
+"""The strategy interface: a defence is a loss plus epoch hooks, never a second training loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from clipguard.training.context import Batch, TrainContext
+from clipguard.training.losses import clip_loss
+from clipguard.training.schedule import Schedule, warmup_cosine
+
+
+class Strategy:
+    """Base class. Subclasses override ``loss`` and, when they need them, the hooks.
+
+    Rules that keep the trainer honest: one ``ctx.forward`` per step (concatenate views),
+    randomness only from ``batch.generator`` / ``batch.rng`` (seeded by epoch and step, so
+    resume is exact), and state that must survive a resume in ``state_tensors``/``state_json``.
+    """
+
+    name = "base"
+
+    def bind(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+
+    def schedule(self, ctx: TrainContext, warmup: int, min_lr: float) -> Schedule:
+        """The lr plan over the whole run; multi-phase defences return several segments."""
+        return warmup_cosine(ctx.epochs * ctx.steps_per_epoch, ctx.base_lr, warmup, min_lr)
+
+    def on_epoch_start(self, epoch: int) -> dict[str, Any]:
+        return {}
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int) -> dict[str, Any]:
+        return {}
+
+    def pair_scores(self) -> torch.Tensor | None:
+        """Per-pair 'looks clean' scores of the current epoch, for diagnostics only (or None)."""
+        return None
+
+    def selected(self) -> torch.Tensor | None:
+        """Boolean mask of pairs trained with the CLIP loss this epoch (the safe set), or None."""
+        return None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def state_json(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        pass
+
+    def config(self) -> dict[str, Any]:
+        """Every hyper-parameter, written to params.json."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "ctx"
+                and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+class ClipStrategy(Strategy):
+    """Plain CLIP: symmetric contrastive loss on every pair."""
+
+    name = "none"
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        img, txt, scale = self.ctx.forward(batch.pixels, batch.tokens)
+        loss = clip_loss(img, txt, scale, self.ctx.dist)
+        return loss, {"clip_loss": float(loss.detach())}
