@@ -1,0 +1,6 @@
+"""Augmentations drawn fresh every step: SimCLR image views and EDA caption views."""
+
+from clipguard.data.augment.image import simclr_augment
+from clipguard.data.augment.text import EDA
+
+__all__ = ["simclr_augment", "EDA"]

@@ -1,0 +1,125 @@
+"""Batched SimCLR-style image augmentation for in-modal contrastive losses.
+
+Why our own: per-sample torchvision transforms loop in Python; this draws every random number
+for the whole batch from one ``torch.Generator`` (seeded per step, so resume is exact) and
+applies crop + flip through a single ``grid_sample``, colour jitter and grayscale as tensor
+arithmetic. Each sample gets its own crop, flip, jitter factors and grayscale coin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_GRAY = (0.299, 0.587, 0.114)
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    v = maxc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-8), torch.zeros_like(maxc))
+    d = delta.clamp_min(1e-8)
+    h = torch.where(maxc == r, ((g - b) / d) % 6,
+                    torch.where(maxc == g, (b - r) / d + 2, (r - g) / d + 4))
+    h = torch.where(delta > 0, h / 6.0, torch.zeros_like(h))
+    return torch.stack([h, s, v], 1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    # Standard closed form: f(n) = v - v*s*max(0, min(k, 4-k, 1)), k = (n + h*6) mod 6.
+    kk = (torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+          + h.unsqueeze(1) * 6) % 6
+    f = torch.clamp(torch.minimum(kk, 4 - kk), 0, 1)
+    return v.unsqueeze(1) - v.unsqueeze(1) * s.unsqueeze(1) * f
+
+
+def _crop_flip(x: torch.Tensor, g: torch.Generator, scale: tuple[float, float],
+               ratio: tuple[float, float], flip_p: float) -> torch.Tensor:
+    """Random resized crop + horizontal flip as one affine resampling per sample."""
+    n = x.shape[0]
+    area = _uniform(n, scale[0], scale[1], g)
+    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), g)
+    r = torch.exp(log_r)
+    w = torch.sqrt(area * r).clamp(max=1.0)   # fraction of the width
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (1 - w) * (2 * torch.rand(n, generator=g) - 1)  # centre in [-(1-w), 1-w]
+    cy = (1 - h) * (2 * torch.rand(n, generator=g) - 1)
+    flip = torch.where(torch.rand(n, generator=g) < flip_p, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _color_jitter(x: torch.Tensor, g: torch.Generator, jitter: tuple[float, float, float, float],
+                  p: float) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue with per-sample factors, in a per-batch random order."""
+    n = x.shape[0]
+    b, c, s, hue = jitter
+    fb = _uniform(n, max(0.0, 1 - b), 1 + b, g)
+    fc = _uniform(n, max(0.0, 1 - c), 1 + c, g)
+    fs = _uniform(n, max(0.0, 1 - s), 1 + s, g)
+    fh = _uniform(n, -hue, hue, g)
+    apply = torch.rand(n, generator=g) < p
+    order = torch.randperm(4, generator=g).tolist()
+    dev = dict(device=x.device, dtype=x.dtype)
+    fb, fc, fs, fh = (t.to(**dev).view(n, 1, 1, 1) for t in (fb, fc, fs, fh))
+    y = x
+    for op in order:
+        if op == 0 and b > 0:
+            y = (y * fb).clamp(0, 1)
+        elif op == 1 and c > 0:
+            m = _gray(y).mean(dim=(2, 3), keepdim=True)
+            y = ((y - m) * fc + m).clamp(0, 1)
+        elif op == 2 and s > 0:
+            gr = _gray(y)
+            y = ((y - gr) * fs + gr).clamp(0, 1)
+        elif op == 3 and hue > 0:
+            hsv = _rgb_to_hsv(y)
+            hsv = torch.cat([(hsv[:, :1] + fh) % 1.0, hsv[:, 1:]], 1)
+            y = _hsv_to_rgb(hsv).clamp(0, 1)
+    return torch.where(apply.to(x.device).view(n, 1, 1, 1), y, x)
+
+
+def simclr_augment(pixels: torch.Tensor, generator: torch.Generator, *,
+                   scale: tuple[float, float] = (0.08, 1.0),
+                   ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                   flip_p: float = 0.5,
+                   jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+                   jitter_p: float = 0.8,
+                   gray_p: float = 0.2) -> torch.Tensor:
+    """SimCLR view of a batch: (B,3,H,W) floats in [0,1] -> same shape, in [0,1].
+
+    Randomness comes only from ``generator`` (a CPU generator; draws are moved to the pixels'
+    device), so the same generator state gives the same views on every device.
+    """
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"simclr_augment expects (B,3,H,W) pixels, got {tuple(pixels.shape)}")
+    if pixels.shape[0] == 0:
+        return pixels.clone()
+    x = pixels.float()
+    x = _crop_flip(x, generator, scale, ratio, flip_p)
+    x = _color_jitter(x, generator, jitter, jitter_p)
+    n = x.shape[0]
+    gray = (torch.rand(n, generator=generator) < gray_p).to(x.device).view(n, 1, 1, 1)
+    x = torch.where(gray, _gray(x).expand_as(x), x)
+    return x.clamp(0, 1).to(pixels.dtype)

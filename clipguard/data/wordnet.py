@@ -1,0 +1,236 @@
+"""A small reader of the WordNet 3.0 database files (no nltk, no downloads).
+
+Why our own: text augmentation (EDA) and counterfactual sub-captions need only part-of-speech
+look-ups, first-sense synonyms and co-hyponyms. The index files give the part of speech; the
+``data.*`` files are read lazily by byte offset, one synset at a time, so unit tests stay fast.
+First senses only: later senses are noisy (``dog`` -> ``cad``).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipguard.errors import ConfigError
+
+POS_FILES = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
+POS_ORDER = ("n", "v", "a", "r")
+
+# Morphological detachment rules of WordNet's morphy (suffix, replacement).
+_RULES: dict[str, tuple[tuple[str, str], ...]] = {
+    "n": (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
+          ("men", "man"), ("ies", "y")),
+    "v": (("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""),
+          ("ing", "e"), ("ing", "")),
+    "a": (("er", ""), ("est", ""), ("er", "e"), ("est", "e")),
+    "r": (),
+}
+
+
+@dataclass(frozen=True)
+class Synset:
+    """One synset: its lemmas (spaces, not underscores) and pointers (symbol, offset, pos)."""
+
+    offset: int
+    pos: str            # 'n', 'v', 'a', 'r' ('s' satellites are reported as 'a')
+    satellite: bool
+    lemmas: tuple[str, ...]
+    pointers: tuple[tuple[str, int, str], ...]
+
+
+def _norm(word: str) -> str:
+    return word.strip().lower().replace(" ", "_")
+
+
+def _lemma_text(lemma: str) -> str:
+    # Adjective lemmas may carry a syntactic marker: "big(a)", "galore(ip)".
+    if lemma.endswith(")") and "(" in lemma:
+        lemma = lemma[: lemma.index("(")]
+    return lemma.replace("_", " ")
+
+
+class WordNet:
+    """Lazy reader: each part of speech's index is parsed on first use, synsets on demand."""
+
+    def __init__(self, root: str | Path = "/usr/share/wordnet") -> None:
+        self.root = Path(root)
+        for name in POS_FILES.values():
+            if not (self.root / f"index.{name}").is_file():
+                raise ConfigError(f"WordNet index file missing: {self.root / f'index.{name}'} "
+                                  "(install the Debian package wordnet-base)")
+        self._index: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._tagged: dict[str, dict[str, int]] = {}
+        self._exc: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._words: dict[str, list[str]] = {}
+        self._synsets: dict[tuple[str, int], Synset] = {}
+
+    # ---- index and morphology ---------------------------------------------------------
+    def _idx(self, pos: str) -> dict[str, tuple[int, ...]]:
+        if pos not in self._index:
+            table: dict[str, tuple[int, ...]] = {}
+            tagged: dict[str, int] = {}
+            with open(self.root / f"index.{POS_FILES[pos]}", encoding="latin-1") as fh:
+                for line in fh:
+                    if line.startswith(" "):
+                        continue  # licence header
+                    parts = line.split()
+                    n_synsets = int(parts[2])
+                    table[parts[0]] = tuple(int(o) for o in parts[len(parts) - n_synsets:])
+                    tagged[parts[0]] = int(parts[len(parts) - n_synsets - 1])
+            self._index[pos], self._tagged[pos] = table, tagged
+        return self._index[pos]
+
+    def _exceptions(self, pos: str) -> dict[str, tuple[str, ...]]:
+        if pos not in self._exc:
+            table: dict[str, tuple[str, ...]] = {}
+            path = self.root / f"{POS_FILES[pos]}.exc"
+            if path.is_file():
+                with open(path, encoding="latin-1") as fh:
+                    for line in fh:
+                        parts = line.split()
+                        if len(parts) >= 2:
+                            table[parts[0]] = tuple(parts[1:])
+            self._exc[pos] = table
+        return self._exc[pos]
+
+    def base_forms(self, word: str, pos: str) -> list[str]:
+        """Lemmas in the index for ``word`` as ``pos`` (the word itself first, like morphy)."""
+        w = _norm(word)
+        if not w:
+            return []
+        index = self._idx(pos)
+        out: list[str] = []
+        if w in index:
+            out.append(w)
+        for base in self._exceptions(pos).get(w, ()):
+            if base in index and base not in out:
+                out.append(base)
+        for suffix, repl in _RULES[pos]:
+            if w.endswith(suffix) and len(w) > len(suffix):
+                base = w[: len(w) - len(suffix)] + repl
+                if base in index and base not in out:
+                    out.append(base)
+        return out
+
+    def pos_of(self, word: str) -> set[str]:
+        """Parts of speech ('n', 'v', 'a', 'r') the word (or an inflection of it) can take."""
+        return {pos for pos in POS_ORDER if self.base_forms(word, pos)}
+
+    def primary_pos(self, word: str) -> str | None:
+        """The word's most frequent part of speech (by WordNet's sense-tagged counts), or None.
+
+        Why: ``white`` is mostly an adjective; synonyms of its verb sense (``whiten``) would
+        change a caption's meaning.
+        """
+        best, best_count = None, -1
+        for pos in POS_ORDER:
+            forms = self.base_forms(word, pos)
+            if forms:
+                count = self._tagged[pos][forms[0]]
+                if count > best_count:
+                    best, best_count = pos, count
+        return best
+
+    def lemma(self, word: str, pos: str) -> str | None:
+        """The base form of ``word`` for ``pos`` (``dresses`` -> ``dress``), or None."""
+        forms = self.base_forms(word, pos)
+        return forms[0].replace("_", " ") if forms else None
+
+    # ---- synsets --------------------------------------------------------------------------
+    def synset(self, pos: str, offset: int) -> Synset:
+        key = (pos, offset)
+        if key not in self._synsets:
+            with open(self.root / f"data.{POS_FILES[pos]}", "rb") as fh:
+                fh.seek(offset)
+                line = fh.readline().decode("latin-1")
+            self._synsets[key] = _parse_synset(line, pos)
+        return self._synsets[key]
+
+    def first_synset(self, word: str, pos: str) -> Synset | None:
+        for base in self.base_forms(word, pos):
+            offsets = self._idx(pos)[base]
+            if offsets:
+                return self.synset(pos, offsets[0])
+        return None
+
+    def synonyms(self, word: str, pos: str | None = None) -> list[str]:
+        """First-sense lemmas other than the word itself, for ``pos`` or every pos it has."""
+        w = _norm(word).replace("_", " ")
+        out: list[str] = []
+        for p in ([pos] if pos else POS_ORDER):
+            syn = self.first_synset(word, p)
+            if syn is None:
+                continue
+            bases = {b.replace("_", " ") for b in self.base_forms(word, p)}
+            for lemma in syn.lemmas:
+                if lemma.lower() != w and lemma.lower() not in bases and lemma not in out:
+                    out.append(lemma)
+        return out
+
+    def cohyponyms(self, word: str, pos: str) -> list[str]:
+        """Words that share the first sense's parent: siblings for nouns/verbs (``shirt`` ->
+        ``blouse``...); for adjectives the other members of the similar-to cluster and antonyms.
+
+        Used to build counterfactual captions that are plausible but wrong.
+        """
+        syn = self.first_synset(word, pos)
+        if syn is None:
+            return []
+        bases = {b.replace("_", " ") for b in self.base_forms(word, pos)} | {_norm(word)}
+        siblings: list[Synset] = []
+        if pos in ("n", "v"):
+            for sym, off, p in syn.pointers:
+                if sym in ("@", "@i"):
+                    parent = self.synset(p, off)
+                    siblings += [self.synset(q, o) for s, o, q in parent.pointers
+                                 if s in ("~", "~i") and o != syn.offset]
+        elif pos == "a":
+            heads = [syn] if not syn.satellite else [
+                self.synset("a", off) for sym, off, _ in syn.pointers if sym == "&"]
+            for head in heads:
+                if head.offset != syn.offset:
+                    siblings.append(head)
+                siblings += [self.synset("a", o) for s, o, _ in head.pointers
+                             if s in ("&", "!") and o != syn.offset]
+        out: list[str] = []
+        for sib in siblings:
+            for lemma in sib.lemmas[:1]:   # the synset's head word; the rest are often obscure
+                if lemma.lower() not in bases and lemma not in out:
+                    out.append(lemma)
+        return out
+
+    def words(self, pos: str) -> list[str]:
+        """Single-word, alphabetic lemmas of ``pos`` (sorted, so seeded choices are stable)."""
+        if pos not in self._words:
+            self._words[pos] = sorted(w for w in self._idx(pos) if w.isalpha())
+        return self._words[pos]
+
+    def random_word(self, pos: str, rng: random.Random) -> str:
+        """A random single-word lemma of ``pos``; deterministic given ``rng``."""
+        if pos not in POS_FILES:
+            raise ConfigError(f"unknown part of speech {pos!r}; use one of {list(POS_FILES)}")
+        return rng.choice(self.words(pos))
+
+
+def _parse_synset(line: str, pos: str) -> Synset:
+    """Parse one ``data.*`` line: offset lex_filenum ss_type w_cnt(hex) word lex_id ... p_cnt ..."""
+    parts = line.split(" | ")[0].split()
+    offset, ss_type = int(parts[0]), parts[2]
+    n_words = int(parts[3], 16)
+    lemmas = tuple(_lemma_text(parts[4 + 2 * i]) for i in range(n_words))
+    k = 4 + 2 * n_words
+    n_ptr = int(parts[k])
+    pointers = []
+    for i in range(n_ptr):
+        sym, off, p = parts[k + 1 + 4 * i: k + 4 + 4 * i]
+        pointers.append((sym, int(off), "a" if p == "s" else p))
+    return Synset(offset, "a" if ss_type == "s" else ss_type, ss_type == "s", lemmas,
+                  tuple(pointers))
+
+
+@functools.lru_cache(maxsize=4)
+def get_wordnet(root: str = "/usr/share/wordnet") -> WordNet:
+    """The shared, cached reader (indexes load lazily on first use)."""
+    return WordNet(root)

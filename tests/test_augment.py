@@ -1,0 +1,108 @@
+"""Augmentations: seeded, fresh per call, never empty; image views keep shape and range."""
+
+import random
+
+import pytest
+import torch
+
+from clipguard.data.augment import EDA, simclr_augment
+
+CAPTION = "a photo of a black leather ankle boot on a white background"
+
+
+@pytest.fixture(scope="module")
+def eda() -> EDA:
+    return EDA()
+
+
+def test_eda_deterministic_under_seed(eda):
+    a = [eda.augment(CAPTION, r) for r in [random.Random(7)] for _ in range(20)]
+    b = [eda.augment(CAPTION, r) for r in [random.Random(7)] for _ in range(20)]
+    assert a == b
+    assert eda.augment_batch([CAPTION] * 5, random.Random(2)) == \
+        eda.augment_batch([CAPTION] * 5, random.Random(2))
+
+
+def test_eda_draws_fresh_each_call(eda):
+    rng = random.Random(0)
+    views = {eda.augment(CAPTION, rng) for _ in range(30)}
+    assert len(views) > 5
+    assert any(v != CAPTION for v in views)
+
+
+@pytest.mark.parametrize("op", ["synonym", "insert", "swap", "delete"])
+def test_eda_each_operation_changes_something(op):
+    eda = EDA(operations=(op,), p_delete=0.3)
+    rng = random.Random(1)
+    views = [eda.augment(CAPTION, rng) for _ in range(10)]
+    assert any(v != CAPTION for v in views)
+    if op == "swap":
+        assert all(sorted(v.split()) == sorted(CAPTION.split()) for v in views)
+    if op == "delete":
+        assert all(len(v.split()) <= len(CAPTION.split()) for v in views)
+    if op == "insert":
+        assert all(len(v.split()) > len(CAPTION.split()) for v in views)
+
+
+def test_eda_never_empty():
+    eda = EDA(operations=("delete",), p_delete=1.0)
+    rng = random.Random(0)
+    for cap in ["boot", "a bag", "the the the", CAPTION]:
+        for _ in range(10):
+            assert eda.augment(cap, rng).strip()
+    assert EDA().augment("", rng) == ""
+
+
+def test_eda_rejects_unknown_operation():
+    with pytest.raises(ValueError):
+        EDA(operations=("shout",))
+
+
+def _pixels(n=8, size=16):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def test_simclr_shape_range_deterministic():
+    x = _pixels()
+    a = simclr_augment(x, torch.Generator().manual_seed(5))
+    b = simclr_augment(x, torch.Generator().manual_seed(5))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    c = simclr_augment(x, torch.Generator().manual_seed(6))
+    assert not torch.equal(a, c)
+
+
+def test_simclr_differs_per_sample():
+    # Identical inputs must get different views: the randomness is per sample, not per batch.
+    x = _pixels(1).expand(6, -1, -1, -1).contiguous()
+    y = simclr_augment(x, torch.Generator().manual_seed(0))
+    flat = y.flatten(1)
+    assert all(not torch.allclose(flat[0], flat[i]) for i in range(1, 6))
+
+
+def test_simclr_identity_settings_keep_image():
+    x = _pixels(4)
+    y = simclr_augment(x, torch.Generator().manual_seed(0), scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                       flip_p=0.0, jitter_p=0.0, gray_p=0.0)
+    assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_simclr_flip_only_flips():
+    x = _pixels(4)
+    y = simclr_augment(x, torch.Generator().manual_seed(0), scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                       flip_p=1.0, jitter_p=0.0, gray_p=0.0)
+    assert torch.allclose(y, x.flip(-1), atol=1e-5)
+
+
+def test_simclr_grayscale_makes_channels_equal():
+    x = _pixels(4)
+    y = simclr_augment(x, torch.Generator().manual_seed(0), scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                       flip_p=0.0, jitter_p=0.0, gray_p=1.0)
+    assert torch.allclose(y[:, 0], y[:, 1]) and torch.allclose(y[:, 1], y[:, 2])
+
+
+def test_simclr_bad_shape():
+    with pytest.raises(ValueError):
+        simclr_augment(torch.rand(2, 1, 8, 8), torch.Generator())
+    assert simclr_augment(torch.rand(0, 3, 8, 8), torch.Generator()).shape[0] == 0
