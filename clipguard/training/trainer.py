@@ -238,7 +238,7 @@ class Trainer:
         record.update({k: round(float(v) / (spe * dist.world_size), 6) for k, v in zip(keys, tot)})
         record.update({"lr": self.schedule.lr_at(epoch * spe + spe - 1), "seconds": round(seconds, 3),
                        "images_per_s": round(spe * b * acc * dist.world_size / seconds, 1),
-                       "logit_scale": round(math.exp(float(self.model.logit_scale)), 3)})
+                       "logit_scale": round(math.exp(float(self.model.logit_scale.detach())), 3)})
         record.update(self.strategy.on_epoch_end(epoch))
         if self.evaluate is not None and dist.is_main and (
                 (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):

@@ -1,0 +1,24 @@
+"""Shared fixtures: a small real Fashion-MNIST CSV made once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def fm_dir(tmp_path_factory) -> Path:
+    from clipguard.data.fashion_mnist import materialise
+
+    return materialise(tmp_path_factory.mktemp("fm") / "fm", train_size=512, test_size=200, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fm_train(fm_dir):
+    from clipguard.data.csv_dataset import load_csv
+
+    return load_csv(fm_dir / "train.csv")

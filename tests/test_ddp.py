@@ -1,0 +1,31 @@
+"""Two gloo processes under torchrun: identical parameters on both ranks, and the same update as
+one process holding the whole global batch (the loss gathers features with local gradient)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _run(args, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_two_ranks_stay_identical_and_match_single_process(fm_dir, tmp_path):
+    csv = str(fm_dir / "train.csv")
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+          str(WORKER), csv, str(tmp_path / "ddp"), "32"])
+    r0 = load_file(str(tmp_path / "ddp" / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "ddp" / "rank1.safetensors"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    _run([sys.executable, str(WORKER), csv, str(tmp_path / "single"), "64"])
+    s = load_file(str(tmp_path / "single" / "rank0.safetensors"))
+    for k in r0:
+        assert torch.allclose(r0[k], s[k], atol=2e-5, rtol=1e-4), k
