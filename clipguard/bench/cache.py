@@ -1,0 +1,200 @@
+"""Shared steps of a grid, computed once and reused by every cell that needs them.
+
+On disk (so a re-run reuses them): the materialised built-in dataset and the poisoned data per
+(dataset, attack, seed). In memory (per process): decoded CSVs, so ten cells on one poisoned set
+decode its PNGs once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from clipguard.bench.config import AttackSpec, BenchConfig, DatasetSpec
+from clipguard.data.classes import ClassInfo
+from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData, load_csv
+from clipguard.errors import ConfigError, DataError
+from clipguard.io import write_json
+from clipguard.models.factory import model_config
+from clipguard.training.context import step_seed
+
+
+@dataclass
+class PoisonedSet:
+    """The training data of one (dataset, attack, seed) and what we know about its poisons."""
+
+    csv: Path | None  # None: the clean training CSV is used as is
+    manifests: list[Path] = field(default_factory=list)  # one per attack part, in order
+    masks: list[torch.Tensor] = field(default_factory=list)  # per part: bool (N,) over csv rows
+    seconds: float = 0.0
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        if not self.masks:
+            return None
+        out = self.masks[0].clone()
+        for m in self.masks[1:]:
+            out |= m
+        return out
+
+
+def model_image_size(model: str) -> int:
+    size = model_config(model)["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def _image_key(img: torch.Tensor, caption: str) -> str:
+    h = hashlib.sha1(img.contiguous().numpy().tobytes())
+    h.update(caption.encode())
+    return h.hexdigest()
+
+
+class BenchCache:
+    """Resolves datasets, poisoned sets and decoded data for the runner; idempotent on disk."""
+
+    def __init__(self, cfg: BenchConfig, out: Path):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.size = model_image_size(cfg.model)
+        self._csv: dict[str, ImageCaptionData] = {}
+        self._poison: dict[tuple[str, str, int], PoisonedSet] = {}
+        self._aside: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ datasets
+    def spec(self, ds: DatasetSpec) -> CsvSpec:
+        return CsvSpec(img_key=ds.img_key, caption_key=ds.caption_key, label_key=ds.label_key,
+                       separator=ds.separator)
+
+    def dataset_paths(self, ds: DatasetSpec) -> tuple[Path, Path, Path]:
+        """(train.csv, test.csv, classes.json); a built-in dataset is materialised on first use."""
+        if ds.builtin is None:
+            paths = (Path(ds.train), Path(ds.test), Path(ds.classes))
+            for p, key in zip(paths, ("train", "test", "classes")):
+                if not p.is_file():
+                    raise ConfigError(f"{self.cfg.source}: datasets.{ds.label}.{key}: file not found: {p}")
+            return paths
+        folder = self.out / "data" / ds.label
+        if not (folder / "classes.json").is_file():
+            from clipguard.data.fashion_mnist import materialise
+
+            materialise(folder, train_size=ds.train_size, test_size=ds.test_size, seed=ds.data_seed)
+        return folder / "train.csv", folder / "test.csv", folder / "classes.json"
+
+    def load(self, path: Path, ds: DatasetSpec) -> ImageCaptionData:
+        key = str(Path(path).resolve())
+        if key not in self._csv:
+            self._csv[key] = load_csv(path, self.spec(ds), image_size=self.size)
+        return self._csv[key]
+
+    def classes(self, ds: DatasetSpec) -> ClassInfo:
+        return ClassInfo.load(self.dataset_paths(ds)[2])
+
+    def test_data(self, ds: DatasetSpec) -> ImageCaptionData:
+        return self.load(self.dataset_paths(ds)[1], ds)
+
+    def clean_train(self, ds: DatasetSpec) -> ImageCaptionData:
+        return self.load(self.dataset_paths(ds)[0], ds)
+
+    def _aside_indices(self, ds: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two disjoint, seeded subsets of the CLEAN training rows: linear-probe fit, clean fine-tuning.
+
+        Fine-tuning defences (CleanCLIP) assume the defender holds some clean pairs; we take them
+        from the clean source CSV, never from the poisoned copy."""
+        if ds.label not in self._aside:
+            n = len(self.clean_train(ds))
+            g = torch.Generator().manual_seed(step_seed(ds.data_seed, "bench-aside", ds.label))
+            perm = torch.randperm(n, generator=g)
+            probe = perm[: min(ds.probe_size, n)]
+            rest = perm[len(probe):]
+            ft = rest[: min(ds.finetune_size, len(rest))] if len(rest) else perm[: min(ds.finetune_size, n)]
+            self._aside[ds.label] = (probe.sort().values, ft.sort().values)
+        return self._aside[ds.label]
+
+    def probe_data(self, ds: DatasetSpec) -> ImageCaptionData | None:
+        idx = self._aside_indices(ds)[0]
+        if len(idx) == 0:
+            return None
+        sub = self.clean_train(ds).subset(idx)
+        if (sub.labels < 0).any():
+            raise DataError("the linear probe needs a label on every training row (set probe_size: 0 "
+                            "to skip it)", file=str(self.dataset_paths(ds)[0]), field=ds.label_key)
+        return sub
+
+    def finetune_clean(self, ds: DatasetSpec) -> ImageCaptionData:
+        idx = self._aside_indices(ds)[1]
+        if len(idx) == 0:
+            raise ConfigError(f"{self.cfg.source}: datasets.{ds.label}.finetune_size is 0 but the grid "
+                              f"fine-tunes on clean data")
+        return self.clean_train(ds).subset(idx)
+
+    # ------------------------------------------------------------------ poisoned data
+    def poison_dir(self, ds: DatasetSpec, attack: AttackSpec, seed: int) -> Path:
+        return self.out / "poison" / ds.label / attack.label / f"seed{seed}"
+
+    def poisoned(self, ds: DatasetSpec, attack: AttackSpec, seed: int) -> PoisonedSet:
+        """Poison once per (dataset, attack, seed); parts are chained (each poisons the previous
+        output), and each part's poisons are located in the final CSV by image bytes + caption, so
+        the bench never assumes how an attack orders its rows."""
+        key = (ds.label, attack.label, seed)
+        if key in self._poison:
+            return self._poison[key]
+        if attack.clean:
+            self._poison[key] = PoisonedSet(csv=None)
+            return self._poison[key]
+        from clipguard import attacks
+
+        train_csv, test_csv, _ = self.dataset_paths(ds)
+        folder = self.poison_dir(ds, attack, seed)
+        timing = folder / "timing.json"
+        src = train_csv
+        manifests: list[Path] = []
+        t0 = time.perf_counter()
+        made = False
+        for i, part in enumerate(attack.parts):
+            pdir = folder / f"part{i}-{part.attack}"
+            if not (pdir / "manifest.json").is_file():
+                made = True
+                attacks.poison_csv(str(src), part.attack, target=part.target, rate=part.rate, count=part.count,
+                                   seed=step_seed(seed, "bench-poison", i) if i else seed, out=str(pdir),
+                                   eval_csv=str(test_csv), options=dict(part.options), spec=self.spec(ds),
+                                   mode=part.mode)
+            manifests.append(pdir / "manifest.json")
+            src = pdir / "train.csv"
+        if made:
+            write_json(timing, {"seconds": round(time.perf_counter() - t0, 3)})
+        seconds = float(json.loads(timing.read_text()).get("seconds", 0.0)) if timing.is_file() else 0.0
+        final = self.load(src, ds)
+        masks = self._masks(ds, attack, manifests, final)
+        self._poison[key] = PoisonedSet(csv=src, manifests=manifests, masks=masks, seconds=seconds)
+        return self._poison[key]
+
+    def _masks(self, ds: DatasetSpec, attack: AttackSpec, manifests: list[Path],
+               final: ImageCaptionData) -> list[torch.Tensor]:
+        from clipguard.attacks.manifest import poison_mask
+
+        if len(manifests) == 1:
+            return [poison_mask(str(manifests[0]), final).bool()]
+        final_keys: dict[str, list[int]] = {}
+        for i in range(len(final)):
+            final_keys.setdefault(_image_key(final.images[i], final.captions[i]), []).append(i)
+        masks = []
+        for m in manifests:
+            own = self.load(m.parent / "train.csv", ds)
+            own_mask = poison_mask(str(m), own).bool()
+            mask = torch.zeros(len(final), dtype=torch.bool)
+            for j in own_mask.nonzero().flatten().tolist():
+                for i in final_keys.get(_image_key(own.images[j], own.captions[j]), []):
+                    mask[i] = True
+            masks.append(mask)
+        return masks
+
+    def train_data(self, ds: DatasetSpec, attack: AttackSpec, seed: int) -> tuple[ImageCaptionData, PoisonedSet]:
+        ps = self.poisoned(ds, attack, seed)
+        data = self.clean_train(ds) if ps.csv is None else self.load(ps.csv, ds)
+        return data, ps
+

@@ -1,0 +1,242 @@
+"""One cell of the grid: train (or resume) a model, evaluate it, write one JSON.
+
+The JSON holds everything a table needs (clean accuracy, every attack part's ASR with its
+protocol, the defence's per-epoch diagnostics, similarity histograms) plus the exact config and a
+fingerprint of it, so a re-run can tell a finished cell from a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import clipguard
+from clipguard.bench.cache import BenchCache, PoisonedSet
+from clipguard.bench.config import BenchConfig
+from clipguard.bench.plan import Cell, base_cell
+from clipguard.errors import ConfigError
+from clipguard.io import read_jsonl, write_json
+from clipguard.models import checkpoint as ckpt
+from clipguard.training.strategy import Strategy
+
+CELL_FORMAT = 1
+
+
+def train_settings(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
+    stage = cfg.pretrain if cell.stage == "pretrain" else cfg.finetune
+    values: dict[str, Any] = {"model": cfg.model, "device": cfg.device, "seed": cell.seed}
+    values.update(stage.train)
+    values.update(cell.defense.train)
+    return values
+
+
+def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
+    """Everything that determines the cell's result (and nothing that does not, e.g. --out)."""
+    ds = asdict(cell.dataset)
+    conf: dict[str, Any] = {
+        "dataset": ds, "attack": {"label": cell.attack.label, "parts": [asdict(p) for p in cell.attack.parts]},
+        "stage": cell.stage, "defense": asdict(cell.defense), "seed": cell.seed,
+        "train": train_settings(cfg, cell),
+    }
+    if cell.stage == "finetune":
+        conf["finetune_data"] = cfg.finetune.data
+        conf["base"] = {"method": cell.base, "fingerprint": fingerprint(cell_config(cfg, base_cell(cfg, cell)))}
+    return conf
+
+
+def fingerprint(conf: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_cell(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(cfg: BenchConfig, cell: Cell, out: Path) -> bool:
+    """A cell is finished when its JSON exists with the same config fingerprint; a JSON from a
+    different config is an error, not something to silently overwrite or mix into tables."""
+    rec = read_cell(cell.json_path(out))
+    if rec is None:
+        return False
+    fp = fingerprint(cell_config(cfg, cell))
+    if rec.get("fingerprint") != fp:
+        raise ConfigError(f"{cell.json_path(out)}: finished with a different config than {cfg.source} "
+                          f"(fingerprint {rec.get('fingerprint')} != {fp}); use a new --out, or --redo")
+    return True
+
+
+# ---------------------------------------------------------------------------- diagnostics
+def safe_set_diagnostics(mask: torch.Tensor | None, extra: list[Callable]) -> Callable:
+    """Per-epoch poison statistics of the defence's safe set, from ``strategy.selected()`` only.
+
+    ``safe_poison_kept``: fraction of the poisoned pairs inside the safe set (SafeCLIP Table 12's
+    'safe set poison rate'); ``safe_poison_share``: fraction of the safe set that is poison."""
+
+    def diagnostics(strategy: Strategy, epoch: int, out_dir: Path) -> dict[str, Any]:
+        rec: dict[str, Any] = {}
+        sel = strategy.selected()
+        if sel is not None and mask is not None:
+            sel = sel.detach().bool().cpu().flatten()
+            if len(sel) == len(mask):
+                n_sel = int(sel.sum())
+                hit = int((sel & mask).sum())
+                rec["safe_frac"] = round(n_sel / max(len(sel), 1), 6)
+                rec["safe_poison_kept"] = round(hit / max(int(mask.sum()), 1), 6)
+                rec["safe_poison_share"] = round(hit / max(n_sel, 1), 6)
+        for f in extra:
+            rec.update(f(strategy, epoch, out_dir))
+        return rec
+
+    return diagnostics
+
+
+def _defence_diagnostics(poison: PoisonedSet, data) -> list[Callable]:
+    """Engineer B's detection diagnostics (AUROC of pair scores etc.) when present; they read a
+    manifest whose rows must be this data's rows, i.e. a single-part attack."""
+    if len(poison.manifests) != 1:
+        return []
+    try:
+        from clipguard.evaluation.detection import make_diagnostics
+    except ImportError:
+        return []
+    return [make_diagnostics(str(poison.manifests[0]), data)]
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def similarity_histogram(model, model_name: str, data, mask: torch.Tensor | None, device,
+                         bins: int) -> dict[str, Any]:
+    """Cosine similarity of every training pair under the final model, clean vs poisoned
+    (SafeCLIP Fig. 2/4): shows whether the defence kept poisoned pairs apart."""
+    from clipguard.evaluation.features import encode_images, encode_tokens
+    from clipguard.models.factory import get_tokenizer
+
+    img = encode_images(model, data.images, device)
+    txt = encode_tokens(model, get_tokenizer(model_name)(data.captions), device)
+    sims = (img * txt).sum(1)
+    mask = mask if mask is not None else torch.zeros(len(sims), dtype=torch.bool)
+    edges = torch.linspace(-1, 1, bins + 1)
+
+    def hist(x: torch.Tensor) -> dict[str, Any]:
+        counts = torch.histc(x, bins=bins, min=-1, max=1).long().tolist() if len(x) else [0] * bins
+        return {"n": len(x), "mean": round(float(x.mean()), 5) if len(x) else None, "counts": counts}
+
+    return {"edges": [round(float(e), 4) for e in edges], "clean": hist(sims[~mask]), "poisoned": hist(sims[mask])}
+
+
+def headline_asr(raw: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The one number per attack for Table 1: TDPA success rate for TDPA, zero-shot ASR@1 for
+    backdoors. Keeps the metric's name and sample count next to the value."""
+    from clipguard.reporting.asr_keys import pick_headline
+
+    return pick_headline(raw, kind)
+
+
+def asr_metrics(model, model_name: str, manifests: list[Path], device, probe) -> list[dict[str, Any]]:
+    if not manifests:
+        return []
+    from clipguard.evaluation.asr import asr_for_model
+
+    out = []
+    for i, m in enumerate(manifests):
+        manifest = json.loads(Path(m).read_text())
+        raw = asr_for_model(model, model_name, str(m), device, probe_data=probe)
+        kind = (manifest.get("eval") or {}).get("kind") or ("tdpa" if manifest.get("attack") == "tdpa" else "backdoor")
+        out.append({"part": i, "attack": manifest.get("attack"), "kind": kind,
+                    "target": manifest.get("target"), "manifest": str(m),
+                    "n_poisoned": len(manifest.get("poisoned_rows", [])),
+                    "headline": headline_asr(raw, kind), "metrics": raw})
+    return out
+
+
+def asr_columns(cell: Cell) -> list[str]:
+    """One ASR column per attack part: the attack's label, or the part's attack name when several
+    attacks share one poisoned dataset."""
+    if len(cell.attack.parts) == 1:
+        return [cell.attack.label]
+    return [p.attack for p in cell.attack.parts]
+
+
+# ---------------------------------------------------------------------------- running
+def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False) -> dict[str, Any]:
+    from clipguard import defenses
+    from clipguard.evaluation.runner import evaluate_model
+    from clipguard.training.trainer import TrainConfig, Trainer
+
+    out = Path(out)
+    conf = cell_config(cfg, cell)
+    run_dir = cell.run_dir(out)
+    t0 = time.perf_counter()
+    data, poison = cache.train_data(cell.dataset, cell.attack, cell.seed)
+    mask = poison.mask
+    settings = train_settings(cfg, cell)
+    if cell.stage == "finetune":
+        base = base_cell(cfg, cell)
+        if not base.json_path(out).is_file():
+            raise ConfigError(f"{cell.id}: base model {base.id} is not finished")
+        latest = ckpt.resolve_latest(base.run_dir(out) / "checkpoints")
+        if latest is None:
+            raise ConfigError(f"{cell.id}: base run {base.run_dir(out)} has no checkpoint")
+        settings["checkpoint"] = str(latest)
+        if cfg.finetune.data == "clean":
+            data, mask = cache.finetune_clean(cell.dataset), None
+    t_data = time.perf_counter() - t0
+    strategy = defenses.build(cell.defense.defense, cell.defense.options)
+    tcfg = TrainConfig(**settings, keep_checkpoints=1, quiet=quiet)
+    extra = _defence_diagnostics(poison, data) if mask is not None else []
+    diag = safe_set_diagnostics(mask, extra) if mask is not None else None
+    resumed = ckpt.resolve_latest(run_dir / "checkpoints")
+    resumed_epoch = int(ckpt.read_state(resumed).get("epoch", -1)) + 1 if resumed else 0
+    write_json(run_dir / "bench_cell.json", {"cell": cell.id, "fingerprint": fingerprint(conf), "config": conf})
+    trainer = Trainer(tcfg, data, run_dir, strategy=strategy, diagnostics=diag)
+    t1 = time.perf_counter()
+    trainer.fit(resume="latest")
+    t_train = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    model = trainer.model.eval()
+    device = next(model.parameters()).device
+    ds = cell.dataset
+    probe = cache.probe_data(ds)
+    clean = evaluate_model(model, cfg.model, cache.test_data(ds), cache.classes(ds), device=device,
+                           probe_data=probe, retrieval=False, seed=cell.seed)
+    metrics: dict[str, Any] = {
+        "zeroshot_top1": clean["zeroshot"]["acc1"], "zeroshot_top5": clean["zeroshot"].get("acc5"),
+        "n_test": clean["zeroshot"]["n_images"]}
+    if "linear_probe" in clean:
+        metrics.update({"linear_probe_top1": clean["linear_probe"]["acc1"],
+                        "linear_probe_top5": clean["linear_probe"].get("acc5"),
+                        "n_probe_train": clean["linear_probe"]["n_train"]})
+    asr = asr_metrics(model, cfg.model, poison.manifests, device, probe)
+    for rec, col in zip(asr, asr_columns(cell)):
+        rec["column"] = col
+    train_data, _ = cache.train_data(cell.dataset, cell.attack, cell.seed)
+    hist = similarity_histogram(model, cfg.model, train_data, poison.mask, device, cfg.histogram_bins)
+    t_eval = time.perf_counter() - t2
+
+    epochs = read_jsonl(run_dir / "results.jsonl")
+    params = json.loads((run_dir / "params.json").read_text())
+    record = {
+        "format": CELL_FORMAT, "cell": cell.id, "fingerprint": fingerprint(conf),
+        "dataset": ds.label, "attack": cell.attack.label, "stage": cell.stage, "method": cell.method,
+        "defense": cell.defense.defense, "base": cell.base, "seed": cell.seed, "model": cfg.model,
+        "config": conf, "train_config": params.get("train"), "strategy_config": params.get("strategy"),
+        "train_pairs": len(data), "metrics": metrics, "asr": asr, "epochs": epochs,
+        "similarity_histogram": hist,
+        "timings": {"data_s": round(t_data, 3), "poison_s": poison.seconds, "train_wall_s": round(t_train, 3),
+                    "train_epochs_s": round(sum(float(r.get("seconds", 0)) + float(r.get("hook_seconds", 0))
+                                                for r in epochs), 3),
+                    "eval_s": round(t_eval, 3), "resumed_from_epoch": resumed_epoch},
+        "run_dir": str(run_dir.relative_to(out)), "clipguard_version": clipguard.__version__,
+    }
+    write_json(cell.json_path(out), record)
+    return record

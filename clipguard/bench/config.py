@@ -1,0 +1,344 @@
+"""The benchmark grid as a YAML file, validated up front so a typo fails before hours of training.
+
+A grid is datasets x attacks x defences (pre-training, then fine-tuning of a poisoned model) x
+seeds. Every error names the config file and the key that is wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clipguard.errors import ConfigError
+
+BUILTIN_DATASETS = ("fashion-mnist",)
+TRAIN_KEYS = {"epochs", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
+              "accum_steps", "precision"}
+NO_ATTACK = ("none", "clean")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+
+
+@dataclass
+class DatasetSpec:
+    """Either a built-in dataset (materialised once into the bench folder) or user CSVs."""
+
+    label: str
+    builtin: str | None = None
+    train: str | None = None
+    test: str | None = None
+    classes: str | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    data_seed: int = 0
+    probe_size: int = 2000
+    finetune_size: int = 2000
+    separator: str = "\t"
+    img_key: str = "filepath"
+    caption_key: str = "title"
+    label_key: str = "label"
+
+
+@dataclass
+class AttackPart:
+    """One call of ``clipguard.attacks.poison_csv``."""
+
+    attack: str
+    target: str | int | None = None
+    rate: float | None = None
+    count: int | None = None
+    mode: str = "inject"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttackSpec:
+    """A column of the ASR table. Several parts poison ONE dataset together (cheaper grids);
+    their ASRs are still measured and reported separately, one column per part."""
+
+    label: str
+    parts: list[AttackPart] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.parts
+
+
+@dataclass
+class DefenseSpec:
+    label: str
+    defense: str
+    options: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageSpec:
+    train: dict[str, Any] = field(default_factory=dict)
+    defenses: list[DefenseSpec] = field(default_factory=list)
+    base: str | None = None  # fine-tuning only: label of the pre-training defence it starts from
+    data: str = "clean"  # fine-tuning only: 'clean' (a held-aside clean subset) or 'poisoned'
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    model: str
+    device: str
+    seeds: list[int]
+    datasets: list[DatasetSpec]
+    attacks: list[AttackSpec]
+    pretrain: StageSpec
+    finetune: StageSpec | None
+    eval_batch: int = 512
+    histogram_bins: int = 40
+    source: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- loading
+def load_config(path: str | Path, overrides: list[str] | None = None) -> BenchConfig:
+    """Read YAML, apply ``key.sub=value`` overrides, expand ``${ENV}`` and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"bench config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a bench config is a mapping (datasets, attacks, pretrain, ...)")
+    for item in overrides or []:
+        apply_override(raw, item, str(path))
+    raw = _expand_env(raw, str(path), [])
+    return parse_config(raw, source=str(path), base_dir=path.parent)
+
+
+def apply_override(raw: dict[str, Any], item: str, where: str = "--set") -> None:
+    """``datasets.cc3m.train=/data/cc3m.csv``: the value is parsed as a YAML scalar."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, value = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r} has an empty key")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: override {item!r}: '{p}' is not a mapping")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _expand_env(obj: Any, source: str, where: list[str]) -> Any:
+    if isinstance(obj, dict):
+        return {k: _expand_env(v, source, where + [str(k)]) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_expand_env(v, source, where + [str(i)]) for i, v in enumerate(obj)]
+    if isinstance(obj, str) and "$" in obj:
+        out = os.path.expandvars(obj)
+        left = _UNSET_VAR.search(out)
+        if left:
+            raise ConfigError(f"{source}: {'.'.join(where)}: environment variable {left.group(1)} is not "
+                              f"set (set it, or pass --set {'.'.join(where)}=VALUE)")
+        return out
+    return obj
+
+
+# ---------------------------------------------------------------------------- parsing
+def _mapping(obj: Any, source: str, key: str) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(obj).__name__}")
+    return obj
+
+
+def _check_keys(obj: dict[str, Any], allowed: set[str], source: str, key: str) -> None:
+    bad = sorted(set(obj) - allowed)
+    if bad:
+        raise ConfigError(f"{source}: '{key}' has unknown key(s) {bad}; allowed: {sorted(allowed)}")
+
+
+def _label(name: Any, source: str, key: str) -> str:
+    name = str(name)
+    if not _LABEL.match(name):
+        raise ConfigError(f"{source}: '{key}': label {name!r} must be letters, digits, '_', '.', '+', '-'")
+    return name
+
+
+def _train(obj: Any, source: str, key: str) -> dict[str, Any]:
+    t = _mapping(obj, source, key)
+    _check_keys(t, TRAIN_KEYS, source, key)
+    return dict(t)
+
+
+def _seeds(obj: Any, source: str) -> list[int]:
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return [obj]
+    if isinstance(obj, list) and obj and all(isinstance(s, int) and not isinstance(s, bool) for s in obj):
+        if len(set(obj)) != len(obj):
+            raise ConfigError(f"{source}: 'seeds' has duplicates: {obj}")
+        return list(obj)
+    raise ConfigError(f"{source}: 'seeds' must be an integer or a non-empty list of integers, got {obj!r}")
+
+
+def _resolve(p: Any, base_dir: Path | None) -> str:
+    p = Path(os.path.expanduser(str(p)))
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    return str(p)
+
+
+def _dataset(label: str, obj: Any, source: str, base_dir: Path | None) -> DatasetSpec:
+    key = f"datasets.{label}"
+    d = _mapping(obj, source, key)
+    _check_keys(d, {"builtin", "train", "test", "classes", "train_size", "test_size", "data_seed",
+                    "probe_size", "finetune_size", "separator", "img_key", "caption_key", "label_key"},
+                source, key)
+    spec = DatasetSpec(label=label, **{k: v for k, v in d.items() if k not in ("train", "test", "classes")})
+    if spec.builtin is not None:
+        if spec.builtin not in BUILTIN_DATASETS:
+            raise ConfigError(f"{source}: {key}.builtin: unknown dataset {spec.builtin!r}; "
+                              f"built in: {list(BUILTIN_DATASETS)}")
+        if any(d.get(k) for k in ("train", "test")):
+            raise ConfigError(f"{source}: {key}: give either 'builtin' or 'train'/'test' CSVs, not both")
+    else:
+        for k in ("train", "test"):
+            if not d.get(k):
+                raise ConfigError(f"{source}: {key}: needs '{k}' (a CSV path) or 'builtin'")
+        spec.train = _resolve(d["train"], base_dir)
+        spec.test = _resolve(d["test"], base_dir)
+        spec.classes = _resolve(d["classes"], base_dir) if d.get("classes") else str(
+            Path(spec.test).parent / "classes.json")
+    for k in ("probe_size", "finetune_size"):
+        v = getattr(spec, k)
+        if not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{source}: {key}.{k} must be a non-negative integer, got {v!r}")
+    return spec
+
+
+def _attack_part(obj: Any, source: str, key: str) -> AttackPart:
+    a = _mapping(obj, source, key)
+    _check_keys(a, {"attack", "target", "rate", "count", "mode", "options"}, source, key)
+    if not a.get("attack"):
+        raise ConfigError(f"{source}: {key}: needs 'attack' (a registered attack name)")
+    if a.get("rate") is not None and a.get("count") is not None:
+        raise ConfigError(f"{source}: {key}: give 'rate' or 'count', not both")
+    if a.get("mode", "inject") not in ("inject", "replace"):
+        raise ConfigError(f"{source}: {key}.mode must be 'inject' or 'replace'")
+    return AttackPart(attack=str(a["attack"]), target=a.get("target"), rate=a.get("rate"),
+                      count=a.get("count"), mode=a.get("mode", "inject"),
+                      options=dict(_mapping(a.get("options"), source, f"{key}.options")))
+
+
+def _attack(label: str, obj: Any, source: str) -> AttackSpec:
+    key = f"attacks.{label}"
+    if obj is None or (isinstance(obj, dict) and obj.get("attack") in NO_ATTACK) or obj in NO_ATTACK:
+        return AttackSpec(label=label, parts=[])
+    if isinstance(obj, dict) and "parts" in obj:
+        _check_keys(obj, {"parts"}, source, key)
+        parts = obj["parts"]
+        if not isinstance(parts, list) or not parts:
+            raise ConfigError(f"{source}: {key}.parts must be a non-empty list of attacks")
+        return AttackSpec(label=label, parts=[_attack_part(p, source, f"{key}.parts.{i}")
+                                              for i, p in enumerate(parts)])
+    return AttackSpec(label=label, parts=[_attack_part(obj, source, key)])
+
+
+def _defense(label: str, obj: Any, source: str, key: str) -> DefenseSpec:
+    if isinstance(obj, str):
+        return DefenseSpec(label=label, defense=obj)
+    d = _mapping(obj, source, key)
+    _check_keys(d, {"defense", "options", "train"}, source, key)
+    return DefenseSpec(label=label, defense=str(d.get("defense") or label),
+                       options=dict(_mapping(d.get("options"), source, f"{key}.options")),
+                       train=_train(d.get("train"), source, f"{key}.train"))
+
+
+def _stage(obj: Any, source: str, key: str, finetune: bool) -> StageSpec:
+    s = _mapping(obj, source, key)
+    allowed = {"train", "defenses"} | ({"base", "data"} if finetune else set())
+    _check_keys(s, allowed, source, key)
+    defs = _mapping(s.get("defenses"), source, f"{key}.defenses")
+    if not defs:
+        raise ConfigError(f"{source}: '{key}.defenses' must list at least one defence")
+    stage = StageSpec(train=_train(s.get("train"), source, f"{key}.train"),
+                      defenses=[_defense(_label(k, source, f"{key}.defenses"), v, source,
+                                         f"{key}.defenses.{k}") for k, v in defs.items()])
+    if finetune:
+        stage.base = s.get("base")
+        stage.data = s.get("data", "clean")
+        if stage.data not in ("clean", "poisoned"):
+            raise ConfigError(f"{source}: {key}.data must be 'clean' or 'poisoned'")
+    return stage
+
+
+def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None) -> BenchConfig:
+    raw = copy.deepcopy(raw)
+    _check_keys(raw, {"name", "model", "device", "seeds", "datasets", "attacks", "pretrain", "finetune",
+                      "eval_batch", "histogram_bins", "description"}, source, "top level")
+    for k in ("datasets", "attacks", "pretrain"):
+        if not raw.get(k):
+            raise ConfigError(f"{source}: missing '{k}'")
+    datasets = [_dataset(_label(k, source, "datasets"), v, source, base_dir)
+                for k, v in _mapping(raw["datasets"], source, "datasets").items()]
+    attacks = [_attack(_label(k, source, "attacks"), v, source)
+               for k, v in _mapping(raw["attacks"], source, "attacks").items()]
+    pretrain = _stage(raw["pretrain"], source, "pretrain", finetune=False)
+    finetune = _stage(raw["finetune"], source, "finetune", finetune=True) if raw.get("finetune") else None
+    if finetune is not None:
+        labels = [d.label for d in pretrain.defenses]
+        if finetune.base is None:
+            finetune.base = labels[0]
+        if finetune.base not in labels:
+            raise ConfigError(f"{source}: finetune.base {finetune.base!r} is not a pre-training defence "
+                              f"label; choose one of {labels}")
+        clash = {d.label for d in finetune.defenses} & set(labels)
+        if clash:
+            raise ConfigError(f"{source}: labels {sorted(clash)} are used by both pretrain and finetune")
+    cfg = BenchConfig(name=str(raw.get("name") or Path(source).stem), model=str(raw.get("model", "cg-tiny")),
+                      device=str(raw.get("device", "cpu")), seeds=_seeds(raw.get("seeds", [0]), source),
+                      datasets=datasets, attacks=attacks, pretrain=pretrain, finetune=finetune,
+                      eval_batch=int(raw.get("eval_batch", 512)),
+                      histogram_bins=int(raw.get("histogram_bins", 40)), source=source, raw=raw)
+    return cfg
+
+
+def validate_names(cfg: BenchConfig) -> None:
+    """Check every attack and defence name against the registries (and every option against the
+    defence's signature) before anything runs: a missing method fails in a second, not an hour."""
+    from clipguard import defenses
+
+    for stage, label in ((cfg.pretrain, "pretrain"), (cfg.finetune, "finetune")):
+        if stage is None:
+            continue
+        for d in stage.defenses:
+            try:
+                defenses.build(d.defense, d.options)
+            except ConfigError as e:
+                raise ConfigError(f"{cfg.source}: {label}.defenses.{d.label}: {e}") from None
+            except TypeError as e:
+                raise ConfigError(f"{cfg.source}: {label}.defenses.{d.label}: bad options: {e}") from None
+    parts = [(a.label, p) for a in cfg.attacks for p in a.parts]
+    if not parts:
+        return
+    try:
+        from clipguard import attacks
+    except ImportError as e:
+        raise ConfigError(f"{cfg.source}: the grid has attacks but clipguard.attacks cannot be imported: "
+                          f"{e}") from None
+    for label, p in parts:
+        try:
+            attacks.get(p.attack)
+        except ConfigError as e:
+            raise ConfigError(f"{cfg.source}: attacks.{label}: {e}") from None

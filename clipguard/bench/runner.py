@@ -1,0 +1,80 @@
+"""Run a grid: plan the cells, skip the finished ones, run the rest, merge, report.
+
+Resumable by construction: a finished cell is a JSON under ``OUT/cells`` (skipped on the next
+run); an interrupted cell has checkpoints in its run folder and continues from the last one.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from clipguard.bench.cache import BenchCache
+from clipguard.bench.cell import cell_config, fingerprint, is_done, run_cell
+from clipguard.bench.config import BenchConfig, validate_names
+from clipguard.bench.plan import Cell, plan_cells
+from clipguard.io import write_json
+
+
+def plan_record(cfg: BenchConfig, cells: list[Cell]) -> dict[str, Any]:
+    return {"name": cfg.name, "config": cfg.source, "cells": [
+        {"cell": c.id, "method": c.method, "stage": c.stage, "dataset": c.dataset.label,
+         "attack": c.attack.label, "seed": c.seed, "fingerprint": fingerprint(cell_config(cfg, c))}
+        for c in cells]}
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: bool = False,
+              report: bool = True, only: str | None = None, command: str | None = None) -> dict[str, Any]:
+    """Run every unfinished cell in order, then write results.csv and the reports.
+
+    ``only``: a substring filter on cell ids (debugging one cell). ``redo``: delete finished
+    cells' JSON first (their run folders still resume, so only evaluation is redone unless the
+    run folders are removed too)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    validate_names(cfg)
+    cells = plan_cells(cfg)
+    write_json(out / "plan.json", plan_record(cfg, cells))
+    todo = [c for c in cells if only is None or only in c.id]
+    if redo:
+        for c in todo:
+            c.json_path(out).unlink(missing_ok=True)
+    cache = BenchCache(cfg, out)
+    t0 = time.perf_counter()
+    done_before = [c for c in todo if is_done(cfg, c, out)]
+    ran: list[str] = []
+    meta = {"name": cfg.name, "config": cfg.source, "model": cfg.model, "seeds": cfg.seeds,
+            "n_cells": len(cells), "command": command or " ".join(shlex.quote(a) for a in sys.argv)}
+    bar = tqdm(total=len(todo), desc=f"bench {cfg.name}", position=0, dynamic_ncols=True, disable=quiet,
+               initial=len(done_before))
+    try:
+        for cell in todo:
+            if cell in done_before or is_done(cfg, cell, out):
+                continue
+            bar.set_postfix_str(cell.id)
+            rec = run_cell(cfg, cell, out, cache, quiet=quiet)
+            ran.append(cell.id)
+            bar.update(1)
+            if not quiet:
+                m = rec["metrics"]
+                asr = ", ".join(f"{a['column']}={a['headline']['value']:.3f}" for a in rec["asr"]
+                                if a["headline"].get("value") is not None)
+                tqdm.write(f"[{cell.id}] zero-shot {m['zeroshot_top1']:.3f}"
+                           + (f", linear probe {m['linear_probe_top1']:.3f}" if "linear_probe_top1" in m else "")
+                           + (f", ASR {asr}" if asr else "")
+                           + f" ({rec['timings']['train_wall_s']:.0f}s train)")
+    finally:
+        bar.close()
+        meta.update({"wall_s": round(time.perf_counter() - t0, 1), "cells_run": len(ran),
+                     "cells_skipped": len(done_before)})
+        write_json(out / "bench.json", meta)
+        if report:
+            from clipguard.reporting.report import write_report
+
+            write_report(out)
+    return meta

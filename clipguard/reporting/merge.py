@@ -1,0 +1,81 @@
+"""Per-cell JSON -> one flat ``results.csv`` (one row per cell): the table every report reads."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from clipguard.errors import DataError
+from clipguard.io import write_text
+
+BASE_COLUMNS = ["cell", "dataset", "attack", "stage", "method", "defense", "base", "seed", "train_pairs",
+                "zeroshot_top1", "zeroshot_top5", "linear_probe_top1", "linear_probe_top5"]
+TAIL_COLUMNS = ["final_safe_frac", "final_safe_poison_kept", "train_epochs_s", "train_wall_s", "eval_s",
+                "resumed_from_epoch"]
+
+
+def load_cells(out: str | Path) -> list[dict[str, Any]]:
+    """Every finished cell under ``out/cells`` in file-name order; a corrupt file is an error."""
+    folder = Path(out) / "cells"
+    cells = []
+    for p in sorted(folder.glob("*.json")):
+        try:
+            cells.append(json.loads(p.read_text()))
+        except ValueError as e:
+            raise DataError(f"not valid JSON: {e}", file=str(p)) from None
+    return cells
+
+
+def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
+    """The flat row of one cell: clean metrics, one ``asr.<column>`` per attack part, timings."""
+    m = cell.get("metrics", {})
+    row: dict[str, Any] = {k: cell.get(k) for k in BASE_COLUMNS[:9]}
+    for k in BASE_COLUMNS[9:]:
+        row[k] = m.get(k)
+    for part in cell.get("asr", []):
+        col = part.get("column") or part.get("attack")
+        h = part.get("headline") or {}
+        row[f"asr.{col}"] = h.get("value")
+        row[f"asr_metric.{col}"] = h.get("metric")
+        row[f"asr_n.{col}"] = h.get("n")
+    last = next((r for r in reversed(cell.get("epochs", [])) if "safe_poison_kept" in r), {})
+    row["final_safe_frac"] = last.get("safe_frac")
+    row["final_safe_poison_kept"] = last.get("safe_poison_kept")
+    t = cell.get("timings", {})
+    for k in ("train_epochs_s", "train_wall_s", "eval_s", "resumed_from_epoch"):
+        row[k] = t.get(k)
+    return row
+
+
+def merge_rows(cells: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    rows = [cell_row(c) for c in cells]
+    asr_cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k.startswith("asr") and k not in asr_cols:
+                asr_cols.append(k)
+    header = BASE_COLUMNS + asr_cols + TAIL_COLUMNS
+    return header, rows
+
+
+def write_results_csv(out: str | Path, cells: list[dict[str, Any]] | None = None) -> Path:
+    """Atomically (re)write ``out/results.csv`` from the cell JSONs."""
+    out = Path(out)
+    cells = load_cells(out) if cells is None else cells
+    header, rows = merge_rows(cells)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header, extrasaction="raise", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in header})
+    path = out / "results.csv"
+    write_text(path, buf.getvalue())
+    return path
+
+
+def read_results_csv(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

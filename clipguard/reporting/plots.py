@@ -1,0 +1,96 @@
+"""Matplotlib (Agg) figures of a grid, returned as PNG bytes so the HTML report can embed them."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _groups(cells: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    seen: list[tuple[str, str]] = []
+    for c in cells:
+        k = (c["dataset"], c["attack"])
+        if k not in seen:
+            seen.append(k)
+    return seen
+
+
+def safe_set_plot(cells: list[dict[str, Any]], method_order: list[str]) -> dict[str, bytes]:
+    """Per (dataset, attack): % of the poisoned pairs inside the safe set per epoch (solid) and the
+    safe set's share of the data (dashed), mean over seeds, one line per defence that has one."""
+    figs = {}
+    for d, a in _groups(cells):
+        sel = [c for c in cells if c["dataset"] == d and c["attack"] == a
+               and any("safe_poison_kept" in r for r in c.get("epochs", []))]
+        if not sel:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for m in [m for m in method_order if any(c["method"] == m for c in sel)]:
+            per_epoch: dict[int, list[tuple[float, float]]] = {}
+            for c in sel:
+                if c["method"] != m:
+                    continue
+                for r in c["epochs"]:
+                    if "safe_poison_kept" in r:
+                        per_epoch.setdefault(int(r["epoch"]), []).append((r["safe_poison_kept"], r["safe_frac"]))
+            xs = sorted(per_epoch)
+            kept = [100 * sum(v[0] for v in per_epoch[x]) / len(per_epoch[x]) for x in xs]
+            frac = [100 * sum(v[1] for v in per_epoch[x]) / len(per_epoch[x]) for x in xs]
+            line, = ax.plot(xs, kept, marker="o", label=f"{m}: poisons in safe set")
+            ax.plot(xs, frac, ls="--", color=line.get_color(), label=f"{m}: safe set size")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("% (mean over seeds)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"{d} / {a}: safe set over epochs")
+        ax.legend(fontsize=7)
+        figs[f"safe_set__{d}__{a}"] = _png(fig)
+    return figs
+
+
+def histogram_plot(cells: list[dict[str, Any]], method_order: list[str]) -> dict[str, bytes]:
+    """Per (dataset, attack): distribution of image-caption cosine similarity of training pairs
+    under each final model, clean vs poisoned pairs (densities, first seed)."""
+    figs = {}
+    for d, a in _groups(cells):
+        sel = [c for c in cells if c["dataset"] == d and c["attack"] == a and c.get("similarity_histogram")]
+        if not sel:
+            continue
+        seed0 = min(c["seed"] for c in sel)
+        sel = [c for c in sel if c["seed"] == seed0]
+        methods = [m for m in method_order if any(c["method"] == m for c in sel)]
+        n = len(methods)
+        cols = min(n, 4)
+        rows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+        for ax in axes.flat[n:]:
+            ax.axis("off")
+        for ax, m in zip(axes.flat, methods):
+            h = next(c for c in sel if c["method"] == m)["similarity_histogram"]
+            edges = h["edges"]
+            centers = [(edges[i] + edges[i + 1]) / 2 for i in range(len(edges) - 1)]
+            width = edges[1] - edges[0]
+            for part, colour in (("clean", "tab:blue"), ("poisoned", "tab:red")):
+                counts = h[part]["counts"]
+                tot = sum(counts)
+                if tot:
+                    ax.bar(centers, [v / tot for v in counts], width=width, alpha=0.55, color=colour,
+                           label=f"{part} (n={tot})")
+            ax.set_title(m, fontsize=9)
+            ax.set_xlabel("cosine similarity", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6)
+        fig.suptitle(f"{d} / {a}: pair similarity after training (seed {seed0}, normalised)", fontsize=10)
+        figs[f"similarity__{d}__{a}"] = _png(fig)
+    return figs

@@ -1,0 +1,201 @@
+"""Tables laid out like SafeCLIP's Table 1 (ASR) and Table 2 (zero-shot / linear probe accuracy).
+
+Every number is the mean over seeds, +- the sample standard deviation (ddof=1) when there are
+two or more seeds; ``n=`` says how many seeds went into a cell when it differs from the grid's.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[list[str]]  # one or two header rows; the first may group columns (spans)
+    rows: list[list[str]]
+    spans: list[int] = field(default_factory=list)  # column spans of header[0] when grouped
+    notes: list[str] = field(default_factory=list)
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None, int]:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), None, 0
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, None, len(vals)
+    var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1)
+    return m, math.sqrt(var), len(vals)
+
+
+def fmt(values: list[Any], *, percent: bool = True, expect_n: int | None = None) -> str:
+    m, s, n = mean_std([None if v in ("", None) else float(v) for v in values])
+    if n == 0:
+        return "-"
+    k = 100.0 if percent else 1.0
+    text = f"{m * k:.1f}" + (f" ± {s * k:.1f}" if s is not None else "")
+    if expect_n is not None and n != expect_n:
+        text += f" (n={n})"
+    return text
+
+
+def _ordered(values: list[str], order: list[str] | None) -> list[str]:
+    seen: list[str] = []
+    for v in (order or []) + values:
+        if v in values and v not in seen:
+            seen.append(v)
+    return seen
+
+
+def _asr_columns(rows: list[dict[str, Any]], dataset: str) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        if r["dataset"] != dataset:
+            continue
+        for k, v in r.items():
+            if k.startswith("asr.") and v not in (None, "") and k[4:] not in cols:
+                cols.append(k[4:])
+    return cols
+
+
+def n_seeds(rows: list[dict[str, Any]]) -> int:
+    return len({str(r["seed"]) for r in rows})
+
+
+def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table:
+    """Rows = methods; column groups = datasets; columns = attacks (like SafeCLIP Table 1)."""
+    datasets = _ordered([r["dataset"] for r in rows], None)
+    methods = _ordered([r["method"] for r in rows], method_order)
+    ns = n_seeds(rows)
+    groups = [(d, _asr_columns(rows, d)) for d in datasets]
+    groups = [(d, cols) for d, cols in groups if cols]
+    header0 = ["Dataset"] + [d for d, _ in groups]
+    spans = [1] + [len(cols) for _, cols in groups]
+    header1 = ["Method"] + [c for _, cols in groups for c in cols]
+    body = []
+    for m in methods:
+        line = [m]
+        for d, cols in groups:
+            for c in cols:
+                vals = [r.get(f"asr.{c}") for r in rows if r["dataset"] == d and r["method"] == m
+                        and r.get(f"asr.{c}") not in (None, "")]
+                line.append(fmt(vals, expect_n=ns))
+        body.append(line)
+    metrics = sorted({str(r.get(k)) for r in rows for k in r if k.startswith("asr_metric.") and r.get(k)})
+    notes = [f"Attack success rate in %, mean ± std over {ns} seed(s).",
+             "Protocols: " + "; ".join(metrics) if metrics else "No attack in the grid."]
+    return Table("Table 1: attack success rate (ASR, %, lower is better)", [header0, header1], body, spans, notes)
+
+
+def accuracy_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table:
+    """Rows = methods; per dataset and training-data condition (attack): zero-shot and linear-probe
+    top-1; last column: mean difference to the first method (the undefended CLIP), like Table 2."""
+    datasets = _ordered([r["dataset"] for r in rows], None)
+    methods = _ordered([r["method"] for r in rows], method_order)
+    ns = n_seeds(rows)
+    has_lp = any(r.get("linear_probe_top1") not in (None, "") for r in rows)
+    tasks = [("zeroshot_top1", "0-shot")] + ([("linear_probe_top1", "lin-prb")] if has_lp else [])
+    groups = []
+    for d in datasets:
+        attacks = _ordered([r["attack"] for r in rows if r["dataset"] == d], None)
+        groups.extend((d, a) for a in attacks)
+    header0 = ["Data (attack)"] + [f"{d} ({a})" for d, a in groups] + ["Δ vs " + (methods[0] if methods else "")]
+    spans = [1] + [len(tasks)] * len(groups) + [len(tasks)]
+    header1 = ["Method"] + [t for _ in groups for _, t in tasks] + [t for _, t in tasks]
+
+    def values(m: str, d: str, a: str, key: str) -> list[float]:
+        return [float(r[key]) for r in rows if r["method"] == m and r["dataset"] == d and r["attack"] == a
+                and r.get(key) not in (None, "")]
+
+    body = []
+    for m in methods:
+        line = [m]
+        for d, a in groups:
+            for key, _ in tasks:
+                line.append(fmt(values(m, d, a, key), expect_n=ns))
+        for key, _ in tasks:
+            diffs = []
+            for d, a in groups:
+                mine, ref = mean_std(values(m, d, a, key))[0], mean_std(values(methods[0], d, a, key))[0]
+                if not (math.isnan(mine) or math.isnan(ref)):
+                    diffs.append(mine - ref)
+            line.append(f"{sum(diffs) / len(diffs) * 100:+.1f}" if diffs and m != methods[0] else "-")
+        body.append(line)
+    notes = [f"Top-1 accuracy in % on the clean test split, mean ± std over {ns} seed(s); the column "
+             "group names the training data each model saw (clean, or poisoned by that attack).",
+             "lin-prb: logistic regression on frozen image features of a held-aside clean training subset."]
+    return Table("Table 2: clean accuracy (top-1, %, higher is better)", [header0, header1], body, spans, notes)
+
+
+def safe_set_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table | None:
+    rows = [r for r in rows if r.get("final_safe_poison_kept") not in (None, "")]
+    if not rows:
+        return None
+    methods = _ordered([r["method"] for r in rows], method_order)
+    keys = _ordered([f"{r['dataset']} ({r['attack']})" for r in rows], None)
+    body = []
+    for m in methods:
+        line = [m]
+        for k in keys:
+            sel = [r for r in rows if r["method"] == m and f"{r['dataset']} ({r['attack']})" == k]
+            line.append(f"{fmt([r['final_safe_frac'] for r in sel])} / "
+                        f"{fmt([r['final_safe_poison_kept'] for r in sel])}" if sel else "-")
+        body.append(line)
+    return Table("Safe set in the last epoch: % of data / % of the poisoned pairs it kept",
+                 [["Method"] + keys], body, [], ["From strategy.selected() and the attack manifest (diagnostics "
+                                                "only; the defence never sees the manifest)."])
+
+
+# ---------------------------------------------------------------------------- rendering
+def to_markdown(t: Table) -> str:
+    lines = [f"**{t.title}**", ""]
+    if len(t.header) == 2 and t.spans:
+        top = []
+        for name, span in zip(t.header[0], t.spans):
+            top.extend([name] + [""] * (span - 1))
+        lines.append("| " + " | ".join(top) + " |")
+        lines.append("|" + "---|" * len(top))
+        lines.append("| " + " | ".join(f"**{h}**" for h in t.header[1]) + " |")
+    else:
+        lines.append("| " + " | ".join(t.header[-1]) + " |")
+        lines.append("|" + "---|" * len(t.header[-1]))
+    for r in t.rows:
+        lines.append("| " + " | ".join(r) + " |")
+    lines.append("")
+    lines.extend(f"_{n}_" for n in t.notes)
+    return "\n".join(lines) + "\n"
+
+
+def to_html(t: Table) -> str:
+    e = html.escape
+    out = [f"<h3>{e(t.title)}</h3>", "<table>"]
+    if len(t.header) == 2 and t.spans:
+        out.append("<tr>" + "".join(f'<th colspan="{s}">{e(h)}</th>' for h, s in zip(t.header[0], t.spans)) + "</tr>")
+    out.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in t.header[-1]) + "</tr>")
+    for r in t.rows:
+        out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
+    out.append("</table>")
+    out.extend(f"<p class=note>{e(n)}</p>" for n in t.notes)
+    return "\n".join(out)
+
+
+def to_text(t: Table) -> str:
+    """Fixed-width rendering for the terminal."""
+    head = t.header[-1]
+    if len(t.header) == 2 and t.spans:
+        head = []
+        names = []
+        for name, span in zip(t.header[0], t.spans):
+            names.extend([name] * span)
+        head = [f"{n}:{h}" if n not in ("Dataset", "Data (attack)") else h for n, h in zip(names, t.header[1])]
+    grid = [head] + t.rows
+    widths = [max(len(str(r[i])) for r in grid) for i in range(len(head))]
+    lines = [t.title, "  ".join(h.ljust(w) for h, w in zip(head, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in t.rows]
+    lines += [f"  {n}" for n in t.notes]
+    return "\n".join(lines) + "\n"
