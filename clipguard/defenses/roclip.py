@@ -1,0 +1,144 @@
+"""RoCLIP (papers/002, Alg. 1): every K-th epoch, pair each augmented image with its nearest
+caption in a FIFO pool of caption embeddings instead of its own caption; CLIP loss otherwise.
+
+Which tower learns in pool epochs: BOTH. The match is chosen with the pool's stored (stale,
+constant) caption embeddings, but the matched captions' tokens are kept in the pool too and
+re-encoded by the current text tower inside the step's single forward, so the loss pulls the
+text tower towards the images that chose those captions. The reference code used the stale
+embeddings directly in the loss: the text tower then got no gradient at all in 1/K of the
+epochs (REFERENCE.md lists it as a bug). ``text_gradient=False`` restores that behaviour.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from clipguard.defenses import DEFENSES
+from clipguard.defenses.nn_pool import NNPool
+from clipguard.defenses.safeclip import embed_dim
+from clipguard.errors import ConfigError
+from clipguard.training.context import Batch, TrainContext, normalize, step_seed
+from clipguard.training.distributed import all_gather_nograd
+from clipguard.training.losses import clip_loss
+from clipguard.training.strategy import Strategy
+
+
+@DEFENSES.register("roclip")
+class RoClip(Strategy):
+    """CLIP with augmentations; in pool epochs the positives come from a caption pool."""
+
+    name = "roclip"
+
+    def __init__(self, match_every: int = 2, pool_fraction: float = 0.02, pool_size: int | None = None,
+                 augment: bool = True, text_gradient: bool = True, crop_scale_min: float = 0.08,
+                 eda_alpha: float = 0.1, eda_p_delete: float = 0.1):
+        if match_every < 1:
+            raise ConfigError(f"roclip: match_every (K) must be >= 1, got {match_every}")
+        if pool_size is None and not 0.0 < pool_fraction <= 1.0:
+            raise ConfigError(f"roclip: pool_fraction must be in (0, 1], got {pool_fraction}")
+        self.match_every = int(match_every)
+        self.pool_fraction = float(pool_fraction)
+        self.pool_size = pool_size
+        self.augment = bool(augment)
+        self.text_gradient = bool(text_gradient)
+        self.crop_scale_min = float(crop_scale_min)
+        self.eda_alpha, self.eda_p_delete = float(eda_alpha), float(eda_p_delete)
+        self._eda = None
+
+    def is_pool_epoch(self, epoch: int) -> bool:
+        """Alg. 1 counts epochs from 1 and matches when epoch % K == 0."""
+        return (epoch + 1) % self.match_every == 0
+
+    def bind(self, ctx: TrainContext) -> None:
+        super().bind(ctx)
+        size = self.pool_size or max(1, int(round(self.pool_fraction * len(ctx.data))))
+        self._resolved_pool_size = size
+        if not hasattr(self, "_pool"):
+            self._pool = NNPool(size, embed_dim(ctx.raw_model), payload_shape=(ctx.tokens.shape[1],))
+
+    # ------------------------------------------------------------------ augmentation
+    def _images(self, batch: Batch) -> torch.Tensor:
+        if not self.augment:
+            return batch.pixels
+        from clipguard.data.augment import simclr_augment
+
+        return simclr_augment(batch.pixels, batch.generator, scale=(self.crop_scale_min, 1.0))
+
+    def _texts(self, captions: list[str], rng: random.Random) -> list[str]:
+        if not self.augment:
+            return list(captions)
+        if self._eda is None:
+            from clipguard.data.augment import EDA
+
+            self._eda = EDA(alpha=self.eda_alpha, p_delete=self.eda_p_delete)
+        return self._eda.augment_batch(captions, rng)
+
+    # ------------------------------------------------------------------ hooks
+    def on_epoch_start(self, epoch: int) -> dict[str, Any]:
+        pool_epoch = self.is_pool_epoch(epoch)
+        if pool_epoch and len(self._pool) < self._pool.size:
+            self._fill_pool(epoch)
+        return {"pool_epoch": pool_epoch, "pool_size": self._pool.size}
+
+    @torch.no_grad()
+    def _fill_pool(self, epoch: int) -> None:
+        """Initialise the pool with random (seeded, augmented) captions, as the paper does."""
+        ctx = self.ctx
+        g = torch.Generator().manual_seed(step_seed(ctx.seed, "roclip-pool", epoch))
+        need = self._pool.size - len(self._pool)
+        idx = torch.randperm(len(ctx.data), generator=g)[:need]
+        caps = self._texts([ctx.data.captions[i] for i in idx.tolist()],
+                           random.Random(step_seed(ctx.seed, "roclip-pool-eda", epoch)))
+        tokens = ctx.tokenize(caps)
+        from clipguard.evaluation.features import encode_tokens
+
+        feats = encode_tokens(ctx.raw_model, tokens, ctx.device).to(ctx.device)
+        self._pool.push(feats, tokens)
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        ctx = self.ctx
+        pixels = self._images(batch)
+        caps = self._texts(batch.captions, batch.rng)
+        tokens = ctx.tokenize(caps)
+        b = len(batch.indices)
+        if not self.is_pool_epoch(ctx.epoch):
+            img, txt, scale = ctx.forward(pixels, tokens)
+            loss = clip_loss(img, txt, scale, ctx.dist)
+            self._push(txt, tokens)
+            return loss, {"clip_loss": float(loss.detach())}
+        if self.text_gradient:
+            with torch.no_grad():
+                was = ctx.raw_model.training
+                ctx.raw_model.eval()
+                with ctx.autocast():
+                    probe = ctx.raw_model.encode_image(normalize(pixels), normalize=True).float()
+                ctx.raw_model.train(was)
+            nn_idx = self._pool.nearest_index(probe)
+            matched_tokens = self._pool.payload[nn_idx].to(tokens.device)
+            img, txt, scale = ctx.forward(pixels, torch.cat([tokens, matched_tokens]))
+            own, matched = txt[:b], txt[b:]
+        else:
+            img, own, scale = ctx.forward(pixels, tokens)
+            nn_idx = self._pool.nearest_index(img)
+            matched = self._pool.bank[nn_idx].to(img.dtype)
+        loss = clip_loss(img, matched, scale, ctx.dist)
+        self._push(own, tokens)
+        kept = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
+        return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": kept}
+
+    def _push(self, txt: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Append this (global) batch's augmented-caption embeddings, dropping the oldest."""
+        d = self.ctx.dist
+        self._pool.push(all_gather_nograd(txt.detach().contiguous(), d),
+                        all_gather_nograd(tokens.contiguous(), d))
+
+    # ------------------------------------------------------------------ state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self._pool.state_tensors("caption_pool")
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self._pool.load_state(tensors, "caption_pool")

@@ -1,0 +1,310 @@
+"""SafeCLIP (papers/001, Alg. 1) as one strategy of the one trainer.
+
+Phases by epoch (0-based e):
+  e < r                       unimodal NNCLR on images and on texts (the towers never meet);
+  r <= e < r + c              CLIP loss on all clean pairs at lr_low (c = 1 in the paper);
+  e >= r + c                  mixed: at each epoch start the clean-pair similarities are
+                              (re)computed and the safe set chosen (GMM + threshold the first
+                              time, then the top m% with m += s); the step loss is
+                              CLIP(augmented safe pairs) + unimodal NN loss on risky pairs.
+The manifest is never seen here: diagnostics read ``pair_scores()``/``selected()`` only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from clipguard.defenses import DEFENSES
+from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss
+from clipguard.defenses.split import SafeSetSchedule, fit_gmm, top_fraction_mask
+from clipguard.errors import ConfigError
+from clipguard.training.context import Batch, TrainContext
+from clipguard.training.distributed import all_gather_nograd, broadcast_object
+from clipguard.training.losses import clip_loss
+from clipguard.training.schedule import Schedule, Segment
+from clipguard.training.strategy import Strategy
+
+PHASES = ("unimodal", "clip_low", "mixed")
+
+
+def embed_dim(model: torch.nn.Module) -> int:
+    """Width of the joint embedding of an open_clip CLIP."""
+    dim = getattr(getattr(model, "visual", None), "output_dim", None)
+    if dim is None:
+        dim = model.text_projection.shape[1]
+    return int(dim)
+
+
+def shard_similarities(ctx: TrainContext, indices: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each clean (non-augmented) pair in ``indices``, computed by shards.
+
+    Each rank encodes ``indices[rank::world]``; the parts are gathered (padded to equal length)
+    and put back in the order of ``indices``, so every rank ends with the same vector.
+    """
+    dist = ctx.dist
+    world, rank = dist.world_size, dist.rank
+    mine = indices[rank::world]
+    if len(mine):
+        img, txt = ctx.encode_dataset(indices=mine)
+        sims = (img * txt).sum(dim=1)
+    else:
+        sims = torch.empty(0)
+    if world == 1:
+        return sims.float()
+    per = math.ceil(len(indices) / world)
+    padded = torch.full((per,), float("nan"), device=ctx.device)
+    padded[: len(mine)] = sims.to(ctx.device)
+    allp = all_gather_nograd(padded, dist).cpu().view(world, per)
+    out = torch.empty(len(indices))
+    for r in range(world):
+        n_r = len(indices[r::world])
+        out[r::world] = allp[r, :n_r]
+    return out
+
+
+@DEFENSES.register("safeclip")
+class SafeClip(Strategy):
+    """Warm up unimodally, then train CLIP only on a growing safe set of high-similarity pairs."""
+
+    name = "safeclip"
+
+    def __init__(self, warmup_epochs: int = 5, clip_warmup_epochs: int = 1, lr_low: float = 5e-6,
+                 lr_low_factor: float | None = None, threshold: float = 0.9, step: float = 0.01,
+                 max_safe_fraction: float = 1.0, min_initial_fraction: float = 0.0,
+                 efficient_update: bool = True, update_fraction: float = 0.3, update_margin: float = 0.1,
+                 rank_by: str = "similarity", pool_size: int = 16384, temperature: float = 0.1,
+                 augment_safe: bool = True, crop_scale_min: float = 0.08, eda_alpha: float = 0.1,
+                 eda_p_delete: float = 0.1, gmm_seed: int = 0):
+        if warmup_epochs < 0 or clip_warmup_epochs < 0:
+            raise ConfigError("safeclip: warmup_epochs and clip_warmup_epochs must be >= 0")
+        if rank_by not in ("similarity", "p_clean"):
+            raise ConfigError(f"safeclip: rank_by must be 'similarity' or 'p_clean', got {rank_by!r}")
+        if not 0.0 < update_fraction <= 1.0:
+            raise ConfigError(f"safeclip: update_fraction must be in (0, 1], got {update_fraction}")
+        if pool_size < 1 or temperature <= 0:
+            raise ConfigError("safeclip: pool_size must be >= 1 and temperature > 0")
+        self.warmup_epochs = int(warmup_epochs)
+        self.clip_warmup_epochs = int(clip_warmup_epochs)
+        self.lr_low = float(lr_low)
+        self.lr_low_factor = lr_low_factor
+        self.threshold, self.step = float(threshold), float(step)
+        self.max_safe_fraction, self.min_initial_fraction = float(max_safe_fraction), float(min_initial_fraction)
+        try:
+            self._sizer = SafeSetSchedule(self.threshold, self.step, self.max_safe_fraction,
+                                          self.min_initial_fraction)
+        except ValueError as e:
+            raise ConfigError(f"safeclip: {e}") from e
+        self.efficient_update = bool(efficient_update)
+        self.update_fraction, self.update_margin = float(update_fraction), float(update_margin)
+        self.rank_by = rank_by
+        self.pool_size, self.temperature = int(pool_size), float(temperature)
+        self.augment_safe = bool(augment_safe)
+        self.crop_scale_min = float(crop_scale_min)
+        self.eda_alpha, self.eda_p_delete = float(eda_alpha), float(eda_p_delete)
+        self.gmm_seed = int(gmm_seed)
+        # state that survives a resume
+        self._m: float | None = None            # current safe fraction (None before the first split)
+        self._safe: torch.Tensor | None = None  # bool (N,), the safe set of this epoch
+        self._sims: torch.Tensor | None = None  # float (N,), latest clean-pair similarities
+        self._eda = None
+
+    # ------------------------------------------------------------------ phases and lr
+    def phase(self, epoch: int) -> str:
+        if epoch < self.warmup_epochs:
+            return "unimodal"
+        if epoch < self.warmup_epochs + self.clip_warmup_epochs:
+            return "clip_low"
+        return "mixed"
+
+    def low_lr(self, base_lr: float) -> float:
+        return base_lr * self.lr_low_factor if self.lr_low_factor is not None else self.lr_low
+
+    def bind(self, ctx: TrainContext) -> None:
+        super().bind(ctx)
+        if ctx.epochs <= self.warmup_epochs + self.clip_warmup_epochs:
+            raise ConfigError(f"safeclip needs more than warmup_epochs + clip_warmup_epochs = "
+                              f"{self.warmup_epochs + self.clip_warmup_epochs} epochs to reach its mixed "
+                              f"phase; got --epochs {ctx.epochs}")
+        dim = embed_dim(ctx.raw_model)
+        if not hasattr(self, "_img_pool"):
+            self._img_pool = NNPool(self.pool_size, dim)
+            self._txt_pool = NNPool(self.pool_size, dim)
+
+    def schedule(self, ctx: TrainContext, warmup: int, min_lr: float) -> Schedule:
+        """Unimodal epochs: warm-up then constant base lr; CLIP warm-up: constant lr_low;
+        mixed epochs: a fresh cosine from the base lr down to ``min_lr`` at the very last step.
+
+        Each phase is its own segment indexed by the global step, so the lr can never fall to
+        zero and rise again inside a phase (the reference code's misindexed cosine did)."""
+        spe = ctx.steps_per_epoch
+        r, c = self.warmup_epochs, self.clip_warmup_epochs
+        mixed = ctx.epochs - r - c
+        segs: list[Segment] = []
+        if r:
+            segs.append(Segment(r * spe, ctx.base_lr, min(warmup, r * spe - 1), None))
+        if c:
+            segs.append(Segment(c * spe, self.low_lr(ctx.base_lr), 0, None))
+        if mixed > 0:
+            w = 0 if r else min(warmup, mixed * spe - 1)
+            segs.append(Segment(mixed * spe, ctx.base_lr, w, min_lr))
+        return Schedule(segs)
+
+    # ------------------------------------------------------------------ the split
+    def _candidates(self, n: int) -> tuple[torch.Tensor, bool]:
+        """Pairs to re-evaluate: all, or the top max(q, m + margin) by the previous similarity."""
+        if not self.efficient_update or self._sims is None or self._m is None:
+            return torch.arange(n), True
+        frac = min(1.0, max(self.update_fraction, self._sizer.grow(self._m) + self.update_margin))
+        if frac >= 1.0:
+            return torch.arange(n), True
+        idx = torch.nonzero(top_fraction_mask(self._sims, frac)).flatten()
+        return idx, False
+
+    def on_epoch_start(self, epoch: int) -> dict[str, Any]:
+        ph = self.phase(epoch)
+        rec: dict[str, Any] = {"phase": ph}
+        if ph != "mixed":
+            self._safe = None
+            return rec
+        ctx = self.ctx
+        n = len(ctx.data)
+        t0 = time.perf_counter()
+        cand, full = self._candidates(n)
+        fresh = shard_similarities(ctx, cand)
+        sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
+        sims[cand] = fresh
+        t_sims = time.perf_counter() - t0
+        decision = None
+        if ctx.dist.is_main:
+            decision = self._decide(sims)
+        decision = broadcast_object(decision, ctx.dist)
+        safe = torch.zeros(n, dtype=torch.bool)
+        safe[torch.tensor(decision["safe_idx"], dtype=torch.long)] = True
+        self._safe, self._sims, self._m = safe, sims, decision["m"]
+        rec.update(decision["log"])
+        rec.update({"safe_size": int(safe.sum()), "safe_fraction": round(float(safe.float().mean()), 6),
+                    "evaluated_pairs": int(len(cand)), "full_evaluation": bool(full),
+                    "similarity_seconds": round(t_sims, 4),
+                    "split_seconds": round(time.perf_counter() - t0, 4)})
+        return rec
+
+    def _decide(self, sims: torch.Tensor) -> dict[str, Any]:
+        """Rank 0 only: the GMM split the first time, the grown top-m% afterwards."""
+        log: dict[str, Any] = {}
+        if self._m is None:
+            t0 = time.perf_counter()
+            p_clean, info = fit_gmm(sims, seed=self.gmm_seed)
+            log["gmm_seconds"] = round(time.perf_counter() - t0, 4)
+            log.update(info.as_dict())
+            passed = float((p_clean > self.threshold).float().mean())
+            log["threshold_fraction"] = round(passed, 6)
+            mask, m = self._sizer.first_split(p_clean, sims)
+            log["first_split"] = True
+        else:
+            m = self._sizer.grow(self._m)
+            scores = sims
+            if self.rank_by == "p_clean":
+                t0 = time.perf_counter()
+                scores, info = fit_gmm(sims, seed=self.gmm_seed)
+                log["gmm_seconds"] = round(time.perf_counter() - t0, 4)
+                log.update(info.as_dict())
+            mask = top_fraction_mask(scores, m)
+        log["m"] = round(m, 6)
+        return {"safe_idx": torch.nonzero(mask).flatten().tolist(), "m": m, "log": log}
+
+    # ------------------------------------------------------------------ augmentation
+    def _augment_images(self, pixels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        from clipguard.data.augment import simclr_augment
+
+        return simclr_augment(pixels, g, scale=(self.crop_scale_min, 1.0))
+
+    def _augment_texts(self, captions: list[str], batch: Batch) -> list[str]:
+        if self._eda is None:
+            from clipguard.data.augment import EDA
+
+            self._eda = EDA(alpha=self.eda_alpha, p_delete=self.eda_p_delete)
+        return self._eda.augment_batch(captions, batch.rng)
+
+    # ------------------------------------------------------------------ losses
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        ph = self.phase(self.ctx.epoch)
+        if ph == "clip_low":
+            img, txt, scale = self.ctx.forward(batch.pixels, batch.tokens)
+            loss = clip_loss(img, txt, scale, self.ctx.dist)
+            return loss, {"clip_loss": float(loss.detach())}
+        if ph == "unimodal":
+            safe = torch.zeros(len(batch.indices), dtype=torch.bool, device=batch.pixels.device)
+        else:
+            if self._safe is None:
+                raise RuntimeError("safeclip: mixed epoch without a split (on_epoch_start not called)")
+            safe = self._safe[batch.indices.cpu()].to(batch.pixels.device)
+        terms = self.loss_terms(batch, safe)
+        loss = terms["clip"] + terms["unimodal_image"] + terms["unimodal_text"]
+        logs = {f"{k}_loss": float(v.detach()) for k, v in terms.items()}
+        logs["batch_safe_fraction"] = float(safe.float().mean())
+        return loss, logs
+
+    def loss_terms(self, batch: Batch, safe: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The three terms of Eq. 4 from ONE forward: [view1 of every pair, view2 of risky pairs].
+
+        View 1 is the augmented pair used by CLIP for safe pairs and the first unimodal view for
+        risky ones; the second views are computed only for risky pairs and scattered back into
+        batch-sized tensors, so shapes match across ranks and masks pick the valid rows.
+        """
+        ctx = self.ctx
+        b = len(batch.indices)
+        risky = ~safe
+        ridx = torch.nonzero(risky).flatten()
+        pixels = batch.pixels
+        v1 = self._augment_images(pixels, batch.generator)
+        if not self.augment_safe:
+            v1 = torch.where(safe.view(-1, 1, 1, 1), pixels, v1)
+        v2 = self._augment_images(pixels[ridx], batch.generator)
+        caps = batch.captions
+        t1 = self._augment_texts(caps, batch)
+        if not self.augment_safe:
+            t1 = [c if s else a for c, a, s in zip(caps, t1, safe.tolist())]
+        t2 = self._augment_texts([caps[i] for i in ridx.tolist()], batch)
+        tokens = ctx.tokenize(t1 + t2)
+        img, txt, scale = ctx.forward(torch.cat([v1, v2]), tokens)
+        img1, txt1 = img[:b], txt[:b]
+        img2 = torch.zeros_like(img1).index_copy(0, ridx, img[b:])
+        txt2 = torch.zeros_like(txt1).index_copy(0, ridx, txt[b:])
+        clip = clip_loss(img1, txt1, scale, ctx.dist, mask=safe)
+        uni_img = nn_contrastive_loss(img1, img2, self._img_pool, risky, self.temperature, ctx.dist)
+        uni_txt = nn_contrastive_loss(txt1, txt2, self._txt_pool, risky, self.temperature, ctx.dist)
+        # the pools hold the first views of the whole (global) batch, oldest displaced first
+        self._img_pool.push(all_gather_nograd(img1.detach().contiguous(), ctx.dist))
+        self._txt_pool.push(all_gather_nograd(txt1.detach().contiguous(), ctx.dist))
+        return {"clip": clip, "unimodal_image": uni_img, "unimodal_text": uni_txt}
+
+    # ------------------------------------------------------------------ diagnostics and state
+    def pair_scores(self) -> torch.Tensor | None:
+        return self._sims if self._safe is not None else None
+
+    def selected(self) -> torch.Tensor | None:
+        return self._safe
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        out.update(self._img_pool.state_tensors("img_pool"))
+        out.update(self._txt_pool.state_tensors("txt_pool"))
+        if self._sims is not None:
+            out["sims"] = self._sims.contiguous()
+        if self._safe is not None:
+            out["safe"] = self._safe.to(torch.uint8).contiguous()
+        return out
+
+    def state_json(self) -> dict[str, Any]:
+        return {"m": self._m}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self._img_pool.load_state(tensors, "img_pool")
+        self._txt_pool.load_state(tensors, "txt_pool")
+        self._sims = tensors["sims"].clone() if "sims" in tensors else None
+        self._safe = tensors["safe"].bool().clone() if "safe" in tensors else None
+        self._m = meta.get("m")

@@ -1,0 +1,62 @@
+"""SafeCLIP's split: the mixture picks the high component; the safe set grows by s to the cap."""
+
+import pytest
+import torch
+
+from clipguard.defenses.split import SafeSetSchedule, fit_gmm, top_fraction_mask
+
+
+def _two_bumps(n_low=300, n_high=700, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    low = 0.1 + 0.05 * torch.randn(n_low, generator=g)
+    high = 0.6 + 0.05 * torch.randn(n_high, generator=g)
+    return torch.cat([high, low]), torch.cat([torch.ones(n_high), torch.zeros(n_low)]).bool()
+
+
+def test_mixture_posterior_belongs_to_the_high_similarity_component():
+    sims, is_high = _two_bumps()
+    p_clean, info = fit_gmm(sims, seed=0)
+    assert info.means[1] > info.means[0]
+    assert abs(info.means[1] - 0.6) < 0.02 and abs(info.means[0] - 0.1) < 0.02
+    assert abs(info.weights[1] - 0.7) < 0.02
+    assert float(p_clean[is_high].min()) > 0.9 and float(p_clean[~is_high].max()) < 0.1
+    # the labelling must not depend on which component sklearn happens to list first
+    p_neg, _ = fit_gmm(-sims + 0.7, seed=0)
+    assert float(p_neg[~is_high].min()) > 0.9
+
+
+def test_first_split_threshold_then_growth_by_step_up_to_cap():
+    sims, is_high = _two_bumps()
+    p_clean, _ = fit_gmm(sims, seed=0)
+    sched = SafeSetSchedule(threshold=0.9, step=0.05, max_fraction=0.8)
+    mask, m = sched.first_split(p_clean, sims)
+    assert torch.equal(mask, p_clean > 0.9) and m == pytest.approx(0.7, abs=0.01)
+    m0, fractions = m, []
+    for _ in range(5):
+        m = sched.grow(m)
+        fractions.append(m)
+    assert fractions[:2] == pytest.approx([m0 + 0.05, m0 + 0.10])
+    assert max(fractions) == pytest.approx(0.8) and fractions[-1] == pytest.approx(0.8)
+    assert all(b >= a for a, b in zip(fractions, fractions[1:]))
+    grown = top_fraction_mask(sims, fractions[0])
+    assert int(grown.sum()) == int(fractions[0] * len(sims))
+    # the grown set is the highest-similarity pairs
+    assert float(sims[grown].min()) >= float(sims[~grown].max())
+
+
+def test_empty_first_split_uses_the_floor_and_zero_floor_stays_empty():
+    g = torch.Generator().manual_seed(1)
+    sims = 0.3 + 0.05 * torch.randn(500, generator=g)  # one bump: nothing confidently clean
+    p_clean = torch.full((500,), 0.5)
+    mask, m = SafeSetSchedule(threshold=0.9).first_split(p_clean, sims)
+    assert int(mask.sum()) == 0 and m == 0.0
+    mask, m = SafeSetSchedule(threshold=0.9, min_initial_fraction=0.2).first_split(p_clean, sims)
+    assert int(mask.sum()) == 100 and m == 0.2
+    assert float(sims[mask].min()) >= float(sims[~mask].max())
+
+
+def test_top_fraction_is_deterministic_under_ties():
+    s = torch.tensor([0.5, 0.5, 0.5, 0.1])
+    assert top_fraction_mask(s, 0.5).tolist() == [True, True, False, False]
+    with pytest.raises(ValueError):
+        SafeSetSchedule(step=1.5)
