@@ -148,7 +148,7 @@ class BenchCache:
             return self._poison[key]
         from clipguard import attacks
 
-        train_csv, test_csv, _ = self.dataset_paths(ds)
+        train_csv, test_csv, classes = self.dataset_paths(ds)
         folder = self.poison_dir(ds, attack, seed)
         timing = folder / "timing.json"
         src = train_csv
@@ -162,7 +162,7 @@ class BenchCache:
                 attacks.poison_csv(str(src), part.attack, target=part.target, rate=part.rate, count=part.count,
                                    seed=step_seed(seed, "bench-poison", i) if i else seed, out=str(pdir),
                                    eval_csv=str(test_csv), options=dict(part.options), spec=self.spec(ds),
-                                   mode=part.mode)
+                                   mode=part.mode, classes=str(classes))
             manifests.append(pdir / "manifest.json")
             src = pdir / "train.csv"
         if made:

@@ -133,28 +133,23 @@ def similarity_histogram(model, model_name: str, data, mask: torch.Tensor | None
     return {"edges": [round(float(e), 4) for e in edges], "clean": hist(sims[~mask]), "poisoned": hist(sims[mask])}
 
 
-def headline_asr(raw: dict[str, Any], kind: str) -> dict[str, Any]:
-    """The one number per attack for Table 1: TDPA success rate for TDPA, zero-shot ASR@1 for
-    backdoors. Keeps the metric's name and sample count next to the value."""
-    from clipguard.reporting.asr_keys import pick_headline
-
-    return pick_headline(raw, kind)
-
-
-def asr_metrics(model, model_name: str, manifests: list[Path], device, probe) -> list[dict[str, Any]]:
+def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, seed: int = 0
+                ) -> list[dict[str, Any]]:
     if not manifests:
         return []
     from clipguard.evaluation.asr import asr_for_model
+    from clipguard.reporting.asr_keys import pick_headline, pick_linear_probe
 
     out = []
     for i, m in enumerate(manifests):
         manifest = json.loads(Path(m).read_text())
-        raw = asr_for_model(model, model_name, str(m), device, probe_data=probe)
-        kind = (manifest.get("eval") or {}).get("kind") or ("tdpa" if manifest.get("attack") == "tdpa" else "backdoor")
+        raw = asr_for_model(model, model_name, str(m), device, probe_data=probe, seed=seed)
+        kind = raw.get("kind") or (manifest.get("eval") or {}).get("kind", "backdoor")
         out.append({"part": i, "attack": manifest.get("attack"), "kind": kind,
                     "target": manifest.get("target"), "manifest": str(m),
                     "n_poisoned": len(manifest.get("poisoned_rows", [])),
-                    "headline": headline_asr(raw, kind), "metrics": raw})
+                    "headline": pick_headline(raw, kind), "linear_probe": pick_linear_probe(raw, kind),
+                    "metrics": raw})
     return out
 
 
@@ -216,7 +211,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
         metrics.update({"linear_probe_top1": clean["linear_probe"]["acc1"],
                         "linear_probe_top5": clean["linear_probe"].get("acc5"),
                         "n_probe_train": clean["linear_probe"]["n_train"]})
-    asr = asr_metrics(model, cfg.model, poison.manifests, device, probe)
+    asr = asr_metrics(model, cfg.model, poison.manifests, device, probe, seed=cell.seed)
     for rec, col in zip(asr, asr_columns(cell)):
         rec["column"] = col
     train_data, _ = cache.train_data(cell.dataset, cell.attack, cell.seed)

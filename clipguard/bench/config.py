@@ -232,8 +232,10 @@ def _attack_part(obj: Any, source: str, key: str) -> AttackPart:
     _check_keys(a, {"attack", "target", "rate", "count", "mode", "options"}, source, key)
     if not a.get("attack"):
         raise ConfigError(f"{source}: {key}: needs 'attack' (a registered attack name)")
-    if a.get("rate") is not None and a.get("count") is not None:
-        raise ConfigError(f"{source}: {key}: give 'rate' or 'count', not both")
+    if (a.get("rate") is None) == (a.get("count") is None):
+        raise ConfigError(f"{source}: {key}: give exactly one of 'rate' or 'count'")
+    if a.get("target") is None:
+        raise ConfigError(f"{source}: {key}: needs 'target' (a class name or index)")
     if a.get("mode", "inject") not in ("inject", "replace"):
         raise ConfigError(f"{source}: {key}.mode must be 'inject' or 'replace'")
     return AttackPart(attack=str(a["attack"]), target=a.get("target"), rate=a.get("rate"),
