@@ -1,0 +1,160 @@
+"""SafeCLIP as a trainer strategy: lr across phases, tower isolation, determinism, diagnostics."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipguard import defenses
+from clipguard.training.context import Batch, to_pixels
+from clipguard.training.distributed import DistInfo
+from clipguard.training.trainer import TrainConfig, Trainer
+
+
+def _cfg(**kw):
+    base = dict(model="cg-tiny", epochs=3, batch_size=64, lr=1e-3, warmup=2, seed=0, device="cpu", quiet=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _small(**kw):
+    opts = dict(warmup_epochs=1, clip_warmup_epochs=1, lr_low_factor=0.1, min_initial_fraction=0.3,
+                step=0.2, pool_size=128)
+    opts.update(kw)
+    return defenses.build("safeclip", opts)
+
+
+def _built(data, strategy, tmp_path, **kw):
+    t = Trainer(_cfg(**kw), data, tmp_path, strategy=strategy)
+    t._build(DistInfo())
+    return t
+
+
+def _batch(t, idx, seed=7):
+    idx = torch.as_tensor(idx)
+    return Batch(pixels=to_pixels(t.data.images[idx], torch.device("cpu")), tokens=t.tokens[idx],
+                 captions=[t.data.captions[i] for i in idx.tolist()], indices=idx,
+                 generator=torch.Generator().manual_seed(seed), rng=random.Random(seed))
+
+
+def test_lr_schedule_is_right_across_phases(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(256)), _small(warmup_epochs=2, lr_low=5e-6, lr_low_factor=None),
+               tmp_path, epochs=6, warmup=3)
+    spe = t.ctx.steps_per_epoch
+    lrs = [t.schedule.lr_at(s) for s in range(6 * spe)]
+    uni, low, mixed = lrs[: 2 * spe], lrs[2 * spe: 3 * spe], lrs[3 * spe:]
+    assert uni[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3]) and all(x == 1e-3 for x in uni[3:])
+    assert all(x == 5e-6 for x in low)
+    assert mixed[0] == pytest.approx(1e-3)
+    assert all(b <= a for a, b in zip(mixed, mixed[1:])), "lr rose again inside the mixed phase"
+    assert mixed[-1] == pytest.approx(0.0) and min(mixed) >= 0.0
+
+
+def test_unimodal_terms_give_the_other_tower_no_gradient(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(256)), _small(), tmp_path)
+    s, model = t.strategy, t.model
+    visual = [p for n, p in model.named_parameters() if n.startswith("visual.")]
+    textual = [p for n, p in model.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
+    b = _batch(t, range(32))
+    safe = torch.zeros(32, dtype=torch.bool)
+    safe[:8] = True  # a mixed batch: 8 safe, 24 risky
+    terms = s.loss_terms(b, safe)
+
+    def grads(loss, params):
+        return [g for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)]
+
+    def nonzero(gs):
+        return any(g is not None and float(g.abs().sum()) > 0 for g in gs)
+
+    def zero(gs):
+        return all(g is None or float(g.abs().sum()) == 0 for g in gs)
+
+    assert nonzero(grads(terms["unimodal_image"], visual)) and zero(grads(terms["unimodal_image"], textual))
+    assert nonzero(grads(terms["unimodal_text"], textual)) and zero(grads(terms["unimodal_text"], visual))
+    assert nonzero(grads(terms["clip"], visual)) and nonzero(grads(terms["clip"], textual))
+    # the risky rows drive the unimodal terms only: an all-safe batch has none
+    t2 = _built(fm_train.subset(range(256)), _small(), tmp_path / "b")
+    all_safe = t2.strategy.loss_terms(_batch(t2, range(32)), torch.ones(32, dtype=torch.bool))
+    assert float(all_safe["unimodal_image"].detach()) == 0.0 and float(all_safe["unimodal_text"].detach()) == 0.0
+
+
+def test_views_are_seeded_and_drawn_fresh(fm_train, tmp_path):
+    data = fm_train.subset(range(256))
+    safe = torch.zeros(32, dtype=torch.bool)
+    a = _built(data, _small(), tmp_path / "a")
+    b = _built(data, _small(), tmp_path / "b")
+    la = a.strategy.loss_terms(_batch(a, range(32), seed=3), safe)
+    lb = b.strategy.loss_terms(_batch(b, range(32), seed=3), safe)
+    assert float(la["unimodal_text"]) == float(lb["unimodal_text"])
+    assert float(la["unimodal_image"]) == float(lb["unimodal_image"])
+    c = _built(data, _small(), tmp_path / "c")
+    lc = c.strategy.loss_terms(_batch(c, range(32), seed=4), safe)
+    assert float(lc["unimodal_text"]) != float(la["unimodal_text"])
+
+
+def test_eda_is_deterministic_under_a_seed():
+    from clipguard.data.augment import EDA
+
+    eda = EDA()
+    caps = ["a photo of a black ankle boot", "a grey pullover on a white background", "shirt"] * 5
+    one = eda.augment_batch(caps, random.Random(11))
+    two = eda.augment_batch(caps, random.Random(11))
+    assert one == two and all(c.strip() for c in one)
+    assert eda.augment_batch(caps, random.Random(12)) != one
+
+
+def test_mixed_epoch_splits_and_safe_and_risky_are_disjoint(fm_train, tmp_path):
+    data = fm_train.subset(range(256))
+    strat = _small()
+    t = Trainer(_cfg(epochs=4), data, tmp_path, strategy=strat)
+    t.fit()
+    recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in recs] == ["unimodal", "clip_low", "mixed", "mixed"]
+    assert recs[2]["first_split"] and recs[2]["full_evaluation"]
+    assert recs[2]["safe_fraction"] == pytest.approx(max(0.3, recs[2]["threshold_fraction"]), abs=0.01)
+    assert recs[3]["safe_fraction"] == pytest.approx(min(1.0, recs[2]["m"] + 0.2), abs=0.01)
+    assert not recs[3]["full_evaluation"] and recs[3]["evaluated_pairs"] < 256  # the efficient update
+    safe = strat.selected()
+    assert safe.dtype == torch.bool and safe.shape == (256,)
+    assert int(safe.sum()) == recs[3]["safe_size"]
+
+
+def test_too_few_epochs_is_a_clear_error(fm_train, tmp_path):
+    from clipguard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mixed"):
+        Trainer(_cfg(epochs=2), fm_train.subset(range(128)), tmp_path, strategy=_small()).fit()
+    with pytest.raises(ConfigError, match="no option"):
+        defenses.build("safeclip", {"warmup": 3})
+
+
+@pytest.mark.slow
+def test_manifest_never_influences_training(fm_dir, tmp_path):
+    """Train twice, with and without --attack-manifest: identical weights; diagnostics appear."""
+    from clipguard.cli import main
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"attack": "test", "poisoned_rows": list(range(0, 256, 16)),
+                                    "target": {"index": 8, "name": "bag"}}))
+    common = ["train", "--data", str(fm_dir / "train.csv"), "--limit", "256", "--epochs", "4",
+              "--batch-size", "64", "--defense", "safeclip", "--quiet", "--seed", "3",
+              "--opt", "warmup_epochs=1", "--opt", "lr_low_factor=0.1", "--opt", "min_initial_fraction=0.25",
+              "--opt", "step=0.25", "--opt", "pool_size=128"]
+    assert main(common + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(common + ["--out", str(tmp_path / "diag"), "--attack-manifest", str(manifest)]) == 0
+
+    def weights(run):
+        return load_file(str(run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "model.safetensors"))
+
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "diag")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    recs = [json.loads(x) for x in (tmp_path / "diag" / "results.jsonl").read_text().splitlines()]
+    mixed = [r for r in recs if r["phase"] == "mixed"]
+    assert all(r["poison_total"] == 16 and r["initial_poison_rate"] == pytest.approx(16 / 256) for r in recs)
+    assert all({"poison_in_safe", "safe_poison_rate", "similarity_auroc"} <= r.keys() for r in mixed)
+    assert (tmp_path / "diag" / mixed[0]["similarity_hist"]).stat().st_size > 1000
+    plain = [json.loads(x) for x in (tmp_path / "plain" / "results.jsonl").read_text().splitlines()]
+    assert all("poison_in_safe" not in r for r in plain)
+    assert [r["safe_size"] for r in plain if r["phase"] == "mixed"] == [r["safe_size"] for r in mixed]
