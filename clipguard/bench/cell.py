@@ -162,15 +162,20 @@ def asr_columns(cell: Cell) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- running
-def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False) -> dict[str, Any]:
+def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False):
+    """The cell's Trainer, its data and poison info; refuses a run folder from another config."""
     from clipguard import defenses
-    from clipguard.evaluation.runner import evaluate_model
     from clipguard.training.trainer import TrainConfig, Trainer
 
     out = Path(out)
     conf = cell_config(cfg, cell)
     run_dir = cell.run_dir(out)
-    t0 = time.perf_counter()
+    marker = run_dir / "bench_cell.json"
+    if marker.is_file():
+        old = read_cell(marker) or {}
+        if old.get("fingerprint") != fingerprint(conf):
+            raise ConfigError(f"{run_dir}: holds a run of a different config (fingerprint "
+                              f"{old.get('fingerprint')} != {fingerprint(conf)}); use a new --out")
     data, poison = cache.train_data(cell.dataset, cell.attack, cell.seed)
     mask = poison.mask
     settings = train_settings(cfg, cell)
@@ -184,15 +189,25 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
         settings["checkpoint"] = str(latest)
         if cfg.finetune.data == "clean":
             data, mask = cache.finetune_clean(cell.dataset), None
-    t_data = time.perf_counter() - t0
     strategy = defenses.build(cell.defense.defense, cell.defense.options)
     tcfg = TrainConfig(**settings, keep_checkpoints=1, quiet=quiet)
     extra = _defence_diagnostics(poison, data) if mask is not None else []
     diag = safe_set_diagnostics(mask, extra) if mask is not None else None
+    write_json(marker, {"cell": cell.id, "fingerprint": fingerprint(conf), "config": conf})
+    return Trainer(tcfg, data, run_dir, strategy=strategy, diagnostics=diag), data, poison
+
+
+def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False) -> dict[str, Any]:
+    from clipguard.evaluation.runner import evaluate_model
+
+    out = Path(out)
+    conf = cell_config(cfg, cell)
+    run_dir = cell.run_dir(out)
+    t0 = time.perf_counter()
+    trainer, data, poison = prepare_trainer(cfg, cell, out, cache, quiet=quiet)
+    t_data = time.perf_counter() - t0
     resumed = ckpt.resolve_latest(run_dir / "checkpoints")
     resumed_epoch = int(ckpt.read_state(resumed).get("epoch", -1)) + 1 if resumed else 0
-    write_json(run_dir / "bench_cell.json", {"cell": cell.id, "fingerprint": fingerprint(conf), "config": conf})
-    trainer = Trainer(tcfg, data, run_dir, strategy=strategy, diagnostics=diag)
     t1 = time.perf_counter()
     trainer.fit(resume="latest")
     t_train = time.perf_counter() - t1

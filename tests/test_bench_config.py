@@ -1,0 +1,106 @@
+"""Grid config parsing, validation and cell planning (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipguard.bench.config import load_config, parse_config, validate_names
+from clipguard.bench.plan import base_cell, plan_cells
+from clipguard.errors import ConfigError
+
+GRID = {
+    "name": "t",
+    "seeds": [0, 1],
+    "datasets": {"fm": {"builtin": "fashion-mnist", "train_size": 200, "test_size": 100}},
+    "attacks": {"clean": "none", "badnet": {"attack": "badnet", "target": "bag", "rate": 0.05}},
+    "pretrain": {"train": {"epochs": 1}, "defenses": {"CLIP": "none"}},
+    "finetune": {"train": {"epochs": 1, "lr": 1e-5}, "defenses": {"FT": "ft"}},
+}
+
+
+def _write(tmp_path: Path, obj) -> Path:
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump(obj))
+    return p
+
+
+def test_parse_and_plan_orders_base_before_finetune():
+    cfg = parse_config(GRID)
+    cells = plan_cells(cfg)
+    assert len(cells) == 1 * 2 * 2 * 2  # dataset x attacks x seeds x (pretrain + finetune)
+    assert len({c.id for c in cells}) == len(cells)
+    for i, c in enumerate(cells):
+        if c.stage == "finetune":
+            base = base_cell(cfg, c)
+            assert c.method == "CLIP+FT"
+            assert any(b.id == base.id for b in cells[:i]), "base pre-training cell must come first"
+    assert cfg.attacks[0].clean and not cfg.attacks[1].clean
+    assert cfg.finetune.base == "CLIP"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda g: g.update(epochs=3), "unknown key"),
+    (lambda g: g["attacks"]["badnet"].pop("target"), "needs 'target'"),
+    (lambda g: g["attacks"]["badnet"].update(count=4), "exactly one of 'rate' or 'count'"),
+    (lambda g: g["pretrain"]["train"].update(epoch=3), "pretrain.train"),
+    (lambda g: g["finetune"].update(base="SafeCLIP"), "finetune.base"),
+    (lambda g: g.update(seeds=[0, 0]), "duplicates"),
+    (lambda g: g["datasets"]["fm"].update(builtin="cifar"), "unknown dataset"),
+    (lambda g: g["datasets"].update(x={"train": "a.csv"}), "needs 'test'"),
+])
+def test_bad_configs_name_the_key(mutate, message):
+    import copy
+
+    g = copy.deepcopy(GRID)
+    mutate(g)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(g, source="grid.yaml")
+
+
+def test_overrides_and_env(tmp_path, monkeypatch):
+    g = {k: v for k, v in GRID.items() if k != "datasets"}
+    g["datasets"] = {"real": {"train": "${CG_TEST_CSV}", "test": "test.csv"}}
+    path = _write(tmp_path, g)
+    with pytest.raises(ConfigError, match="CG_TEST_CSV is not set"):
+        load_config(path)
+    monkeypatch.setenv("CG_TEST_CSV", "/data/train.csv")
+    cfg = load_config(path, ["seeds=[3]", "pretrain.train.epochs=7"])
+    assert cfg.datasets[0].train == "/data/train.csv"
+    assert cfg.datasets[0].test == str(tmp_path / "test.csv")  # relative to the config file
+    assert cfg.seeds == [3] and cfg.pretrain.train["epochs"] == 7
+    cfg = load_config(path, ["datasets.real.train=/other.csv"])
+    assert cfg.datasets[0].train == "/other.csv"
+
+
+def test_validate_names_fails_before_training():
+    import copy
+
+    g = copy.deepcopy(GRID)
+    g["pretrain"]["defenses"]["Nope"] = {"defense": "no-such-defence"}
+    with pytest.raises(ConfigError, match="pretrain.defenses.Nope.*no-such-defence"):
+        validate_names(parse_config(g))
+    g = copy.deepcopy(GRID)
+    g["attacks"]["badnet"]["attack"] = "no-such-attack"
+    with pytest.raises(ConfigError, match="attacks.badnet.*no-such-attack"):
+        validate_names(parse_config(g))
+    g = copy.deepcopy(GRID)
+    g["finetune"]["defenses"]["FT"] = {"defense": "ft", "options": {"bogus": 1}}
+    with pytest.raises(ConfigError, match="bogus"):
+        validate_names(parse_config(g))
+    validate_names(parse_config(GRID))
+
+
+def test_shipped_configs_parse():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    grids = sorted(root.glob("demo*.yaml")) + sorted(root.glob("paper-*.yaml"))
+    for p in grids:
+        cfg = load_config(p, [f"datasets.{k}.{f}=/x.csv" for k in _csv_datasets(p) for f in ("train", "test")])
+        assert plan_cells(cfg)
+
+
+def _csv_datasets(p: Path) -> list[str]:
+    raw = yaml.safe_load(p.read_text())
+    return [k for k, v in raw["datasets"].items() if "builtin" not in v]

@@ -1,0 +1,120 @@
+"""End to end: a 2x2 grid on tiny data, killed midway and finished by a re-run; an interrupted
+cell resumes from its checkpoint; the merged table equals the per-cell JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipguard.bench.cache import BenchCache
+from clipguard.bench.cell import prepare_trainer
+from clipguard.bench.config import load_config
+from clipguard.bench.plan import plan_cells
+from clipguard.bench.runner import run_bench
+from clipguard.io import read_jsonl
+from clipguard.reporting.merge import load_cells, read_results_csv
+
+pytestmark = pytest.mark.slow
+
+
+def _grid(fm_dir: Path, tmp_path: Path, epochs: int = 1) -> Path:
+    grid = {
+        "name": "tiny",
+        "seeds": [0],
+        "datasets": {"fm": {"train": str(fm_dir / "train.csv"), "test": str(fm_dir / "test.csv"),
+                            "probe_size": 100, "finetune_size": 128}},
+        "attacks": {"badnet": {"attack": "badnet", "target": "bag", "rate": 0.05},
+                    "tdpa": {"attack": "tdpa", "target": "bag", "count": 8, "options": {"targets": 2}}},
+        "pretrain": {"train": {"epochs": epochs, "batch_size": 64, "warmup": 2}, "defenses": {"CLIP": "none"}},
+        "finetune": {"train": {"epochs": 1, "batch_size": 64, "lr": 1e-4, "warmup": 1},
+                     "defenses": {"FT": "ft"}},
+    }
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump(grid))
+    return p
+
+
+def _check_merged_equals_cells(out: Path) -> None:
+    cells = {c["cell"]: c for c in load_cells(out)}
+    rows = read_results_csv(out / "results.csv")
+    assert sorted(r["cell"] for r in rows) == sorted(cells)
+    for r in rows:
+        c = cells[r["cell"]]
+        assert float(r["zeroshot_top1"]) == pytest.approx(c["metrics"]["zeroshot_top1"])
+        assert float(r["linear_probe_top1"]) == pytest.approx(c["metrics"]["linear_probe_top1"])
+        assert r["method"] == c["method"] and int(r["seed"]) == c["seed"]
+        for part in c["asr"]:
+            assert float(r[f"asr.{part['column']}"]) == pytest.approx(part["metrics"]["zeroshot"]["asr@1"])
+            assert int(r[f"asr_n.{part['column']}"]) == part["metrics"]["zeroshot"]["protocol"]["n_images"]
+        other = {k for k in r if k.startswith("asr.") and r[k] != ""}
+        assert other == {f"asr.{p['column']}" for p in c["asr"]}
+
+
+def test_grid_killed_midway_then_finished(fm_dir, tmp_path):
+    config = _grid(fm_dir, tmp_path)
+    out = tmp_path / "bench"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "clipguard.cli", "bench", str(config), "--out", str(out),
+                             "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    first: Path | None = None
+    while time.time() < deadline and proc.poll() is None:
+        done = sorted((out / "cells").glob("*.json")) if (out / "cells").is_dir() else []
+        if done:
+            first = done[0]
+            break
+        time.sleep(0.05)
+    assert first is not None, f"no cell finished: {proc.stderr.read().decode() if proc.poll() is not None else ''}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: p.read_text() for p in (out / "cells").glob("*.json")}
+    assert 1 <= len(finished) < 4, "the kill must land midway for this test to mean anything"
+
+    cfg = load_config(config)
+    meta = run_bench(cfg, out, quiet=True)
+    assert meta["cells_skipped"] == len(finished)
+    assert meta["cells_run"] == 4 - len(finished)
+    for name, text in finished.items():  # finished cells are not redone
+        assert (out / "cells" / name).read_text() == text
+    assert len(list((out / "cells").glob("*.json"))) == 4
+
+    _check_merged_equals_cells(out)
+    md = (out / "report.md").read_text()
+    assert "Table 1" in md and "Table 2" in md and "CLIP+FT" in md
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html
+    # poisoned data was made once per (dataset, attack, seed) and fine-tuning started from the shared model
+    assert len(list((out / "poison").glob("fm/*/seed0/part0-*/manifest.json"))) == 2
+    ft = json.loads(next((out / "cells").glob("fm__badnet__CLIP+FT__seed0.json")).read_text())
+    assert "runs/fm/badnet/seed0/pretrain-CLIP" in ft["train_config"]["checkpoint"]
+    # a third run does nothing
+    meta = run_bench(cfg, out, quiet=True, report=False)
+    assert meta["cells_run"] == 0 and meta["cells_skipped"] == 4
+
+
+def test_interrupted_cell_resumes_from_checkpoint(fm_dir, tmp_path):
+    config = _grid(fm_dir, tmp_path, epochs=2)
+    cfg = load_config(config, ["attacks.tdpa=none", "finetune=null"])
+    out = tmp_path / "bench"
+    cell = next(c for c in plan_cells(cfg) if c.attack.label == "badnet")
+    trainer, _, _ = prepare_trainer(cfg, cell, out, BenchCache(cfg, out), quiet=True)
+    trainer.cfg.stop_after = 1  # the "crash": one of two epochs done, checkpoint written
+    trainer.fit(resume="latest")
+    first = read_jsonl(cell.run_dir(out) / "results.jsonl")
+    assert [r["epoch"] for r in first] == [1]
+
+    run_bench(cfg, out, quiet=True, only=cell.id)
+    rec = json.loads(cell.json_path(out).read_text())
+    assert rec["timings"]["resumed_from_epoch"] == 1
+    hist = read_jsonl(cell.run_dir(out) / "results.jsonl")
+    assert [r["epoch"] for r in hist] == [1, 2]
+    assert hist[0] == first[0]  # epoch 1 was not retrained
+    assert "safe_frac" not in hist[0]  # plain CLIP selects nothing
