@@ -201,6 +201,30 @@ class WordNet:
                     out.append(lemma)
         return out
 
+    def opposites(self, word: str) -> list[str]:
+        """Adjectives on the other side of the first sense's cluster: the antonym heads and their
+        satellites (``stylish`` -> ``styleless``, ``dowdy``...; ``new`` -> ``old``...).
+
+        Why: satellites of the word's own cluster are near-synonyms (``stylish`` -> ``chic``),
+        useless as counterfactuals.
+        """
+        syn = self.first_synset(word, "a")
+        if syn is None:
+            return []
+        heads = [syn] if not syn.satellite else [
+            self.synset("a", off) for sym, off, _ in syn.pointers if sym == "&"]
+        out: list[str] = []
+        for head in heads:
+            for sym, off, _ in head.pointers:
+                if sym != "!":
+                    continue
+                anti = self.synset("a", off)
+                group = [anti] + [self.synset("a", o) for s, o, _ in anti.pointers if s == "&"]
+                for g in group:
+                    if g.lemmas and g.lemmas[0] not in out:
+                        out.append(g.lemmas[0])
+        return out
+
     def words(self, pos: str) -> list[str]:
         """Single-word, alphabetic lemmas of ``pos`` (sorted, so seeded choices are stable)."""
         if pos not in self._words:

@@ -1,0 +1,46 @@
+"""``clipguard finetune``: clean a (possibly poisoned) model with ft / cleanclip / cleanerclip.
+
+The run starts from the checkpoint's weights only, with a fresh optimizer and schedule (the
+reference code wrongly restored the pre-training optimizer state). ``--resume latest`` resumes
+the fine-tuning run itself, from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from clipguard.commands.train import add_train_args, run_training
+
+# CleanCLIP's reference fine-tuning recipe (papers/003); presets in configs/ override it.
+FINETUNE_DEFAULTS = {"epochs": 10, "batch_size": 64, "lr": 1e-5, "warmup": 50, "weight_decay": 0.1}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a possibly poisoned model on clean data (ft, cleanclip, "
+                       "cleanerclip)")
+    add_train_args(p, finetune=True)
+    p.set_defaults(func=run)
+
+
+def resolve_start(checkpoint: str, model: str | None) -> tuple[str, str]:
+    """(weights file, model name): accepts a run folder, a checkpoint folder or .safetensors."""
+    from clipguard.errors import ConfigError
+    from clipguard.evaluation.runner import resolve_checkpoint
+
+    try:
+        weights, name = resolve_checkpoint(checkpoint)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    name = model or name
+    if name is None:
+        raise ConfigError(f"{checkpoint}: no state.json says which model this is; pass --model")
+    return str(weights), name
+
+
+def run(args: argparse.Namespace) -> int:
+    weights, name = resolve_start(args.checkpoint, args.model)
+    args.model = name
+    last = run_training(args, defaults=dict(FINETUNE_DEFAULTS), checkpoint=weights)
+    shown = ", ".join(f"{k}={v}" for k, v in last.items() if k in ("epoch", "loss", "zeroshot_top1"))
+    print(f"finished: {args.out} ({shown}); started from {weights}")
+    return 0

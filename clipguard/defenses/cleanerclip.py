@@ -1,0 +1,141 @@
+"""CleanerCLIP (2024): CleanCLIP plus factual / counterfactual sub-caption alignment.
+
+Why: CleanCLIP's EDA views barely change a caption's meaning, so a trigger tied to clean
+target features (BadCLIP) survives. For a random subset of samples, CleanerCLIP pulls each image
+towards a factual sub-caption T+ (core nouns and verb kept) and away from counterfactual ones
+T- (one adjective / verb / noun swapped), which re-draws fine-grained text boundaries the
+trigger relies on. The paper's formulas were lost; REFERENCE.md fixes the form we use:
+
+  L_img_i = -log e^{<I_i,T+_i>/tp} / (e^{<I_i,T+_i>/tp} + sum_j e^{<I_i,T-_j>/tn})
+  L_txt_i = -log e^{<T+_i,I_i>/tp} / (e^{<T+_i,I_i>/tp} + sum_{j != i} e^{<T+_i,I_j>/tn})
+  L_fc = 1/2 (mean L_img + mean L_txt);  total = l1 CLIP + l2 in-modal + l3 L_fc
+
+Subset: ``fc_samples`` samples per epoch (an int, or a fraction of the data when < 1), drawn
+from a generator seeded by (seed, epoch); their sub-captions are built offline at the start of
+the epoch (factual parse is cached, counterfactuals drawn from an epoch-seeded rng), so a resumed
+run rebuilds exactly the same ones. ``fc_per_step`` instead picks that many samples of every
+batch. The negatives are the subset members of the local batch (no cross-rank gather: subset
+counts differ per rank); this never sees any poison label.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from clipguard.data.subcaptions import SubcaptionGenerator
+from clipguard.defenses import DEFENSES
+from clipguard.defenses.cleanclip import CleanClip
+from clipguard.training.context import Batch, step_seed
+from clipguard.training.losses import clip_loss
+
+
+def factual_counterfactual_loss(img: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                                tau_pos: float, tau_neg: float) -> torch.Tensor:
+    """L_fc over k subset samples: img, pos (T+), neg (T-) are (k, D) L2-normalised features."""
+    k = img.shape[0]
+    if k == 0:
+        return img.sum() * 0.0 + pos.sum() * 0.0 + neg.sum() * 0.0
+    p = (img * pos).sum(-1, keepdim=True) / tau_pos                    # (k, 1)
+    l_img = -F.log_softmax(torch.cat([p, img @ neg.t() / tau_neg], 1), 1)[:, 0]
+    others = pos @ img.t() / tau_neg                                      # (k, k)
+    others = others.masked_fill(torch.eye(k, dtype=torch.bool, device=img.device), float("-inf"))
+    l_txt = -F.log_softmax(torch.cat([p, others], 1), 1)[:, 0]
+    return 0.5 * (l_img.mean() + l_txt.mean())
+
+
+@DEFENSES.register("cleanerclip")
+class CleanerClip(CleanClip):
+    """CleanCLIP + lambda3 * L_fc on a random subset; lambda2 = lambda3 = 0 is plain CLIP."""
+
+    name = "cleanerclip"
+
+    def __init__(self, lambda1: float = 1.0, lambda2: float = 1.0, lambda3: float = 1.0,
+                 tau_pos: float = 0.3, tau_neg: float = 0.3,
+                 fc_samples: float = 1000, fc_per_step: int | None = None,
+                 slot_kinds: list[str] | tuple[str, ...] = ("adj", "verb", "noun"),
+                 inmodal_temperature: float | None = None, crop_scale_min: float = 0.08,
+                 eda_alpha: float = 0.1, image_views: bool = True, text_views: bool = True) -> None:
+        super().__init__(lambda1=lambda1, lambda2=lambda2, inmodal_temperature=inmodal_temperature,
+                         crop_scale_min=crop_scale_min, eda_alpha=eda_alpha,
+                         image_views=image_views, text_views=text_views)
+        if lambda3 < 0 or tau_pos <= 0 or tau_neg <= 0:
+            raise ValueError("lambda3 must be >= 0 and tau_pos, tau_neg > 0")
+        if fc_samples < 0 or (fc_per_step is not None and fc_per_step < 0):
+            raise ValueError("fc_samples and fc_per_step must be >= 0")
+        self.lambda3, self.tau_pos, self.tau_neg = float(lambda3), float(tau_pos), float(tau_neg)
+        self.fc_samples = fc_samples
+        self.fc_per_step = fc_per_step
+        self.slot_kinds = list(slot_kinds)
+        self._gen = SubcaptionGenerator(kinds=tuple(slot_kinds))
+        self._row = torch.empty(0, dtype=torch.long)   # dataset index -> row in the epoch tables
+        self._pos: list[str] = []
+        self._neg: list[str] = []
+
+    # ---- the epoch's subset, built offline ------------------------------------------------
+    def _subset_size(self) -> int:
+        n = len(self.ctx.data)
+        k = int(round(self.fc_samples * n)) if 0 < self.fc_samples < 1 else int(self.fc_samples)
+        return min(k, n)
+
+    def on_epoch_start(self, epoch: int) -> dict[str, Any]:
+        n = len(self.ctx.data)
+        self._row = torch.full((n,), -1, dtype=torch.long)
+        self._pos, self._neg = [], []
+        if self.lambda3 == 0 or self.fc_per_step is not None:
+            return {}
+        g = torch.Generator().manual_seed(step_seed(self.ctx.seed, "cleanerclip-subset", epoch))
+        chosen = torch.randperm(n, generator=g)[: self._subset_size()]
+        rng = random.Random(step_seed(self.ctx.seed, "cleanerclip-subcaptions", epoch))
+        for i in chosen.tolist():
+            pair = self._gen.pair(self.ctx.data.captions[i], rng)
+            if pair is None:
+                continue  # no noun found: the sample takes part in CLIP + in-modal only
+            self._row[i] = len(self._pos)
+            self._pos.append(pair[0].text)
+            self._neg.append(pair[1].text)
+        return {"fc_subset": len(self._pos)}
+
+    def _batch_subcaptions(self, batch: Batch) -> tuple[torch.Tensor, list[str], list[str]]:
+        """Which rows of this batch get sub-captions, with their T+ and T- texts."""
+        if self.fc_per_step is not None:
+            b = batch.pixels.shape[0]
+            order = torch.randperm(b, generator=batch.generator)[: self.fc_per_step].tolist()
+            rows, pos, neg = [], [], []
+            for r in sorted(order):
+                pair = self._gen.pair(batch.captions[r], batch.rng)
+                if pair is not None:
+                    rows.append(r)
+                    pos.append(pair[0].text)
+                    neg.append(pair[1].text)
+            return torch.tensor(rows, dtype=torch.long), pos, neg
+        table = self._row[batch.indices.cpu()]
+        rows = torch.nonzero(table >= 0).flatten()
+        return rows, [self._pos[t] for t in table[rows].tolist()], [self._neg[t] for t in table[rows].tolist()]
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = torch.empty(0, dtype=torch.long)
+        extra = None
+        if self.lambda3 > 0:
+            rows, pos, neg = self._batch_subcaptions(batch)
+            if len(rows):
+                extra = [self.ctx.tokenize(pos + neg)]
+        img, img_aug, txt, txt_aug, sub, scale = self._forward(batch, extra)
+        l_clip = clip_loss(img, txt, scale, self.ctx.dist)
+        logs: dict[str, Any] = {"clip_loss": float(l_clip.detach())}
+        total = self.lambda1 * l_clip
+        if self.lambda2 > 0:
+            l_in = self._inmodal(img, img_aug, txt, txt_aug, scale)
+            total = total + self.lambda2 * l_in
+            logs["inmodal_loss"] = float(l_in.detach())
+        if self.lambda3 > 0:
+            k = len(rows)
+            l_fc = factual_counterfactual_loss(img[rows.to(img.device)], sub[:k], sub[k:2 * k],
+                                               self.tau_pos, self.tau_neg)
+            total = total + self.lambda3 * l_fc
+            logs["fc_loss"] = float(l_fc.detach())
+            logs["fc_rows"] = float(k)
+        return total, logs

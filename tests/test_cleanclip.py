@@ -1,0 +1,106 @@
+"""CleanCLIP strategy: exact reduction to CLIP, fresh seeded views, the loss falls."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from clipguard import defenses
+from clipguard.models.factory import create_model, get_tokenizer
+from clipguard.training.context import Batch, TrainContext, to_pixels
+from clipguard.training.distributed import DistInfo
+from clipguard.training.strategy import ClipStrategy
+
+
+def make_ctx(data, seed: int = 0) -> TrainContext:
+    model = create_model("cg-tiny", seed=seed)
+    tok = get_tokenizer("cg-tiny")
+    return TrainContext(model=model, raw_model=model, data=data, tokens=tok(data.captions), tokenizer=tok,
+                        dist=DistInfo(), device=torch.device("cpu"), epochs=1, steps_per_epoch=1,
+                        batch_size=len(data), seed=seed, base_lr=1e-3)
+
+
+def make_batch(ctx: TrainContext, seed: int, idx=None) -> Batch:
+    idx = torch.arange(len(ctx.data)) if idx is None else idx
+    return Batch(pixels=to_pixels(ctx.data.images[idx], ctx.device), tokens=ctx.tokens[idx],
+                 captions=[ctx.data.captions[i] for i in idx.tolist()], indices=idx,
+                 generator=torch.Generator().manual_seed(seed), rng=random.Random(seed))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Toy batches are too small for intra-op threads; on a shared machine they only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy(fm_train):
+    return fm_train.subset(range(32))
+
+
+def _loss(strategy, ctx, seed=0):
+    strategy.bind(ctx)
+    return strategy.loss(make_batch(ctx, seed))
+
+
+def test_registered_and_options_validated():
+    assert "cleanclip" in defenses.names()
+    s = defenses.build("cleanclip", {"lambda2": 0.5})
+    assert s.lambda2 == 0.5 and s.name == "cleanclip"
+    from clipguard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no option"):
+        defenses.build("cleanclip", {"lambda9": 1})
+    with pytest.raises(ValueError):
+        defenses.build("cleanclip", {"lambda2": -1})
+
+
+def test_lambda2_zero_is_exactly_clip(toy):
+    ctx = make_ctx(toy)
+    ref, _ = _loss(ClipStrategy(), ctx)
+    got, logs = _loss(defenses.build("cleanclip", {"lambda2": 0.0}), ctx)
+    assert torch.equal(ref, got)
+    assert "inmodal_loss" not in logs
+
+
+def test_total_is_weighted_sum_and_views_are_seeded(toy):
+    ctx = make_ctx(toy)
+    s = defenses.build("cleanclip", {"lambda1": 0.5, "lambda2": 2.0})
+    a, la = _loss(s, ctx, seed=3)
+    b, lb = _loss(s, ctx, seed=3)
+    c, lc = _loss(s, ctx, seed=4)
+    assert torch.equal(a, b) and la == lb                         # same step seed, same views
+    assert lc["inmodal_loss"] != la["inmodal_loss"]               # new step, fresh views
+    assert float(a.detach()) == pytest.approx(0.5 * la["clip_loss"] + 2.0 * la["inmodal_loss"], rel=1e-5)
+    assert la["inmodal_loss"] > 0
+
+
+def test_one_forward_per_step(toy):
+    ctx = make_ctx(toy)
+    calls = []
+    orig = ctx.forward
+    ctx.forward = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    _loss(defenses.build("cleanclip", {}), ctx)
+    assert len(calls) == 1
+
+
+def test_losses_fall_over_a_few_steps(toy):
+    ctx = make_ctx(toy)
+    s = defenses.build("cleanclip", {"crop_scale_min": 0.5})
+    s.bind(ctx)
+    opt = torch.optim.AdamW(ctx.model.parameters(), lr=2e-3)
+    first = last = None
+    for step in range(12):
+        loss, logs = s.loss(make_batch(ctx, step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or logs
+        last = logs
+    assert last["clip_loss"] < first["clip_loss"]
+    assert last["inmodal_loss"] < first["inmodal_loss"]

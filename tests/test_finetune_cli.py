@@ -1,0 +1,78 @@
+"""``clipguard finetune``: starts from the checkpoint's weights with a fresh optimizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipguard.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pretrained(fm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "run"
+    assert main(["train", "--data", str(fm_dir / "train.csv"), "--out", str(out), "--epochs", "1",
+                 "--batch-size", "64", "--limit", "128", "--device", "cpu", "--quiet", "--seed", "0"]) == 0
+    return out
+
+
+def _latest(run):
+    c = run / "checkpoints"
+    return c / (c / "latest").read_text().strip()
+
+
+@pytest.mark.parametrize("defense", ["ft", "cleanclip", "cleanerclip"])
+def test_finetune_starts_from_checkpoint_with_fresh_optimizer(fm_dir, pretrained, tmp_path, defense):
+    out = tmp_path / defense
+    rc = main(["finetune", "--checkpoint", str(pretrained), "--data", str(fm_dir / "train.csv"),
+               "--defense", defense, "--out", str(out), "--epochs", "1", "--batch-size", "32",
+               "--limit", "64", "--lr", "0", "--device", "cpu", "--quiet",
+               "--opt", "fc_samples=16"] if defense == "cleanerclip" else
+              ["finetune", "--checkpoint", str(pretrained), "--data", str(fm_dir / "train.csv"),
+               "--defense", defense, "--out", str(out), "--epochs", "1", "--batch-size", "32",
+               "--limit", "64", "--lr", "0", "--device", "cpu", "--quiet"])
+    assert rc == 0
+    params = json.loads((out / "params.json").read_text())
+    assert params["defense"] == defense
+    assert params["train"]["model"] == "cg-tiny"                     # from the checkpoint's state.json
+    assert params["train"]["checkpoint"].endswith("model.safetensors")
+    assert params["train"]["weight_decay"] == 0.1 and params["train"]["warmup"] == 50  # the recipe
+    # lr 0: the weights must be exactly the pre-trained ones (so training started from them)
+    before = load_file(str(_latest(pretrained) / "model.safetensors"))
+    after = load_file(str(_latest(out) / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # fresh optimizer: its step count is this run's 2 steps, not pre-training's 2 + 2
+    state = json.loads((_latest(out) / "state.json").read_text())
+    steps = {v for k, v in state["optimizer"]["scalars"].items() if k.endswith(".step")}
+    opt = load_file(str(_latest(out) / "optimizer.safetensors"))
+    steps |= {float(v) for k, v in opt.items() if k.endswith(".step")}
+    assert steps == {2.0}
+
+
+def test_finetune_learns_with_a_preset(fm_dir, pretrained, tmp_path):
+    out = tmp_path / "preset"
+    assert main(["finetune", "--checkpoint", str(_latest(pretrained)), "--data", str(fm_dir / "train.csv"),
+                 "--preset", "configs/cleanclip.yaml", "--out", str(out), "--epochs", "1",
+                 "--batch-size", "32", "--limit", "64", "--device", "cpu", "--quiet"]) == 0
+    params = json.loads((out / "params.json").read_text())
+    assert params["defense"] == "cleanclip" and params["strategy"]["lambda2"] == 1.0
+    rec = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert rec["inmodal_loss"] > 0
+
+
+def test_finetune_bad_checkpoint_is_clear(fm_dir, tmp_path, capsys):
+    rc = main(["finetune", "--checkpoint", str(tmp_path / "nope"), "--data", str(fm_dir / "train.csv"),
+               "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "checkpoint not found" in capsys.readouterr().err
