@@ -1,0 +1,101 @@
+"""Reports from synthetic cell JSONs: mean ± std over seeds, table layout, CSV, self-contained HTML."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from clipguard.io import write_json
+from clipguard.reporting.merge import load_cells, merge_rows, read_results_csv
+from clipguard.reporting.report import terminal_tables, write_report
+from clipguard.reporting.tables import accuracy_table, asr_table, fmt, mean_std
+
+
+def _cell(method: str, stage: str, seed: int, zs: float, asr: float, attack: str = "badnet",
+          safe: list[tuple[float, float]] | None = None) -> dict:
+    epochs = [{"epoch": i + 1, "loss": 1.0} for i in range(3)]
+    for r, (frac, kept) in zip(epochs, safe or []):
+        r.update(safe_frac=frac, safe_poison_kept=kept, safe_poison_share=0.0)
+    return {
+        "cell": f"fm/{attack}/{method}/seed{seed}", "dataset": "fm", "attack": attack, "stage": stage,
+        "method": method, "defense": method.lower(), "base": "CLIP" if stage == "finetune" else None,
+        "seed": seed, "train_pairs": 100,
+        "metrics": {"zeroshot_top1": zs, "zeroshot_top5": 0.9, "linear_probe_top1": zs + 0.1,
+                    "linear_probe_top5": 0.95},
+        "asr": [{"column": attack, "attack": attack, "kind": "backdoor",
+                 "headline": {"value": asr, "metric": "zeroshot backdoor ASR@1", "n": 90},
+                 "linear_probe": {"value": asr / 2}, "metrics": {}}],
+        "epochs": epochs,
+        "similarity_histogram": {"edges": [-1, 0, 1], "clean": {"n": 95, "counts": [5, 90]},
+                                 "poisoned": {"n": 5, "counts": [4, 1]}},
+        "timings": {"train_epochs_s": 1.0, "train_wall_s": 1.2, "eval_s": 0.3, "resumed_from_epoch": 0},
+    }
+
+
+@pytest.fixture()
+def bench_dir(tmp_path: Path) -> Path:
+    cells = [_cell("CLIP", "pretrain", 0, 0.60, 0.90), _cell("CLIP", "pretrain", 1, 0.70, 1.00),
+             _cell("SafeCLIP", "pretrain", 0, 0.55, 0.00, safe=[(0.3, 0.2), (0.5, 0.1), (0.6, 0.0)]),
+             _cell("SafeCLIP", "pretrain", 1, 0.57, 0.02, safe=[(0.3, 0.4), (0.5, 0.2), (0.6, 0.0)]),
+             _cell("CLIP+FT", "finetune", 0, 0.62, 0.50), _cell("CLIP+FT", "finetune", 1, 0.66, 0.70)]
+    for c in cells:
+        write_json(tmp_path / "cells" / (c["cell"].replace("/", "__") + ".json"), c)
+    return tmp_path
+
+
+def test_mean_std_is_sample_std():
+    m, s, n = mean_std([0.9, 1.0])
+    assert m == pytest.approx(0.95) and s == pytest.approx(math.sqrt(0.005)) and n == 2
+    assert mean_std([0.5])[1] is None
+    assert fmt([0.9, 1.0]) == "95.0 ± 7.1"
+    assert fmt([0.5], expect_n=2) == "50.0 (n=1)"
+    assert fmt([]) == "-"
+
+
+def test_tables_layout_and_values(bench_dir):
+    _, rows = merge_rows(load_cells(bench_dir))
+    order = ["CLIP", "SafeCLIP", "CLIP+FT"]
+    t1 = asr_table(rows, order)
+    assert t1.header[0] == ["Dataset", "fm"] and t1.header[1] == ["Method", "badnet"]
+    assert [r[0] for r in t1.rows] == order
+    assert t1.rows[0][1] == "95.0 ± 7.1" and t1.rows[1][1] == "1.0 ± 1.4"
+    t2 = accuracy_table(rows, order)
+    assert t2.header[1] == ["Method", "0-shot", "lin-prb", "0-shot", "lin-prb"]
+    assert t2.rows[0][1] == "65.0 ± 7.1" and t2.rows[0][2] == "75.0 ± 7.1"
+    assert t2.rows[1][3] == "-9.0"  # SafeCLIP 0-shot 56 vs CLIP 65
+    assert t2.rows[0][3] == "-"
+
+
+def test_write_report_csv_md_html(bench_dir):
+    paths = write_report(bench_dir)
+    rows = read_results_csv(paths["results"])
+    assert len(rows) == 6
+    by = {r["cell"]: r for r in rows}
+    assert float(by["fm/badnet/SafeCLIP/seed1"]["asr.badnet"]) == pytest.approx(0.02)
+    assert float(by["fm/badnet/SafeCLIP/seed1"]["final_safe_poison_kept"]) == 0.0
+    assert float(by["fm/badnet/SafeCLIP/seed1"]["asr_lp.badnet"]) == pytest.approx(0.01)
+    md = paths["markdown"].read_text()
+    assert "| CLIP | 95.0 ± 7.1 |" in md
+    html = paths["html"].read_text()
+    assert html.count("data:image/png;base64,") == 2  # safe-set curve + similarity histograms
+    assert "src=\"plots/" not in html  # self-contained
+    assert (bench_dir / "plots" / "safe_set__fm__badnet.png").stat().st_size > 1000
+    text = terminal_tables(bench_dir)
+    assert "Table 1" in text and "SafeCLIP" in text
+
+
+def test_corrupt_cell_is_named(bench_dir):
+    (bench_dir / "cells" / "bad.json").write_text("{not json")
+    with pytest.raises(Exception, match="bad.json"):
+        load_cells(bench_dir)
+
+
+def test_method_order_from_plan(bench_dir):
+    write_json(bench_dir / "plan.json", {"cells": [{"method": m} for m in ("CLIP+FT", "SafeCLIP", "CLIP")]})
+    text = terminal_tables(bench_dir)
+    t1 = text.split("Table 2")[0]
+    assert t1.index("CLIP+FT") < t1.index("SafeCLIP") < t1.index("\nCLIP ")
+    json.loads((bench_dir / "plan.json").read_text())
