@@ -30,6 +30,8 @@ def add_train_args(p: argparse.ArgumentParser, *, finetune: bool = False) -> Non
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    p.add_argument("--lazy-images", action="store_true",
+                   help="decode images on demand with prefetch (data larger than memory)")
     p.add_argument("--eval-data", default=None, help="labelled CSV for zero-shot after each epoch")
     p.add_argument("--classes", default=None, help="classes.json (default: beside --eval-data)")
     p.add_argument("--eval-every", type=int, default=None)
@@ -95,7 +97,8 @@ def run_training(args: argparse.Namespace, *, defaults: dict[str, Any], checkpoi
     spec = csv_spec(args)
     size = model_config(cfg.model)["vision_cfg"]["image_size"]
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    data = load_csv(args.data, spec, image_size=size, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
+    data = load_csv(args.data, spec, image_size=size, skip_bad_rows=args.skip_bad_rows, limit=args.limit,
+                    lazy=getattr(args, "lazy_images", False))
     if data.skipped:
         print(f"skipped {data.skipped} bad rows of {args.data}")
     evaluate = None

@@ -36,7 +36,8 @@ class CsvSpec:
 
 @dataclass
 class ImageCaptionData:
-    """Decoded pairs. ``images`` is uint8 (N, 3, H, W); ``labels`` is -1 where unknown."""
+    """Pairs. ``images`` is uint8 (N, 3, H, W): a tensor, or ``LazyImages`` that decodes on
+    indexing (same interface) for data too large for memory. ``labels`` is -1 where unknown."""
 
     images: torch.Tensor
     captions: list[str]
@@ -49,11 +50,16 @@ class ImageCaptionData:
     def __len__(self) -> int:
         return len(self.captions)
 
+    @property
+    def lazy(self) -> bool:
+        return not isinstance(self.images, torch.Tensor)
+
     def subset(self, idx: Sequence[int] | torch.Tensor) -> "ImageCaptionData":
         idx_t = torch.as_tensor(idx, dtype=torch.long)
         ids = idx_t.tolist()
         return ImageCaptionData(
-            images=self.images[idx_t], captions=[self.captions[i] for i in ids],
+            images=self.images.select(ids) if self.lazy else self.images[idx_t],
+            captions=[self.captions[i] for i in ids],
             labels=self.labels[idx_t], paths=[self.paths[i] for i in ids], source=self.source,
             rows=[self.rows[i] for i in ids] if self.rows else [],
         )
@@ -95,6 +101,15 @@ def _decode(path: Path, image_size: int | None) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+def _decode_checked(img_path: Path, image_size: int | None, csv_path: str, line: int,
+                    field: str) -> np.ndarray:
+    try:
+        return _decode(img_path, image_size)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot decode image {img_path}: {e}", file=csv_path, row=line,
+                        field=field) from None
+
+
 def _resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     w, h = im.size
     scale = size / min(w, h)
@@ -105,11 +120,15 @@ def _resize_center_crop(im: Image.Image, size: int) -> Image.Image:
 
 
 def load_csv(path: str | Path, spec: CsvSpec | None = None, *, image_size: int | None = None,
-             skip_bad_rows: bool = False, limit: int | None = None) -> ImageCaptionData:
+             skip_bad_rows: bool = False, limit: int | None = None,
+             lazy: bool = False) -> ImageCaptionData:
     """Load and validate every row. Errors name file, row (1 = header) and field.
 
-    ``skip_bad_rows`` drops bad rows instead and reports how many in ``skipped``.
+    ``skip_bad_rows`` drops bad rows instead and reports how many in ``skipped``. ``lazy`` checks
+    that every file exists but decodes images only when indexed (needs ``image_size``).
     """
+    if lazy and image_size is None:
+        raise ValueError("lazy loading needs image_size (every image is resized to it)")
     spec = spec or CsvSpec()
     path = Path(path)
     header, rows = read_rows(path, spec)
@@ -131,17 +150,15 @@ def load_csv(path: str | Path, spec: CsvSpec | None = None, *, image_size: int |
             if not img_path.is_file():
                 raise DataError(f"image not found: {img_path}", file=str(path), row=line,
                                 field=spec.img_key)
-            try:
-                arr = _decode(img_path, image_size)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise DataError(f"cannot decode image {img_path}: {e}", file=str(path), row=line,
-                                field=spec.img_key) from None
-            if shape is None:
-                shape = arr.shape
-            elif arr.shape != shape:
-                raise DataError(
-                    f"image {img_path} is {arr.shape[1:]} but earlier ones are {shape[1:]}; "
-                    "pass image_size to resize", file=str(path), row=line, field=spec.img_key)
+            arr = None
+            if not lazy:
+                arr = _decode_checked(img_path, image_size, str(path), line, spec.img_key)
+                if shape is None:
+                    shape = arr.shape
+                elif arr.shape != shape:
+                    raise DataError(
+                        f"image {img_path} is {arr.shape[1:]} but earlier ones are {shape[1:]}; "
+                        "pass image_size to resize", file=str(path), row=line, field=spec.img_key)
             lab = -1
             if label_key is not None and (row.get(label_key) or "").strip() != "":
                 try:
@@ -154,15 +171,22 @@ def load_csv(path: str | Path, spec: CsvSpec | None = None, *, image_size: int |
                 raise
             skipped += 1
             continue
-        images.append(arr)
+        if arr is not None:
+            images.append(arr)
         captions.append(cap)
         labels.append(lab)
         paths.append(rel)
         row_ids.append(line)
-    if not images:
+    if not captions:
         raise DataError("no usable rows", file=str(path))
+    if lazy:
+        from clipguard.data.lazy_images import LazyImages
+
+        image_store = LazyImages(root, paths, row_ids, image_size, source=str(path), field=spec.img_key)
+    else:
+        image_store = torch.from_numpy(np.stack(images))
     return ImageCaptionData(
-        images=torch.from_numpy(np.stack(images)), captions=captions,
+        images=image_store, captions=captions,
         labels=torch.tensor(labels, dtype=torch.long), paths=paths, source=str(path),
         rows=row_ids, skipped=skipped,
     )

@@ -8,14 +8,20 @@ from clipguard.training.context import normalize, to_pixels
 
 
 @torch.no_grad()
-def encode_images(model: torch.nn.Module, images_u8: torch.Tensor, device: torch.device | str,
-                  batch_size: int = 512) -> torch.Tensor:
-    """L2-normalised image features (float32, on CPU) of uint8 images."""
+def encode_images(model: torch.nn.Module, images_u8, device: torch.device | str,
+                  batch_size: int = 512, indices: torch.Tensor | None = None) -> torch.Tensor:
+    """L2-normalised image features (float32, on CPU) of uint8 images.
+
+    ``images_u8`` is a tensor or LazyImages; ``indices`` selects rows batch by batch, so lazy
+    data is never decoded all at once.
+    """
     was = model.training
     model.eval()
     out = []
-    for i in range(0, len(images_u8), batch_size):
-        px = to_pixels(images_u8[i:i + batch_size], torch.device(device))
+    n = len(indices) if indices is not None else len(images_u8)
+    for i in range(0, n, batch_size):
+        chunk = images_u8[indices[i:i + batch_size]] if indices is not None else images_u8[i:i + batch_size]
+        px = to_pixels(chunk, torch.device(device))
         out.append(model.encode_image(normalize(px), normalize=True).float().cpu())
     model.train(was)
     return torch.cat(out) if out else torch.empty(0)

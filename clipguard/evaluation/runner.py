@@ -41,8 +41,8 @@ def load_model(checkpoint: str | Path, model_name: str | None = None, device: st
 
 
 def zeroshot_metrics(model, tokenizer, data: ImageCaptionData, classes: ClassInfo, device) -> dict[str, Any]:
-    labelled = data.labels >= 0
-    feats = encode_images(model, data.images[labelled], device)
+    labelled = (data.labels >= 0).nonzero().squeeze(1)
+    feats = encode_images(model, data.images, device, indices=labelled)
     clf = zeroshot_classifier(model, tokenizer, classes, device)
     acc = topk_accuracy(feats, data.labels[labelled], clf, (1, 5))
     return {**acc, "n_images": int(labelled.sum())}

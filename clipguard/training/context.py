@@ -91,6 +91,6 @@ class TrainContext:
         from clipguard.evaluation.features import encode_images, encode_tokens
 
         idx = indices if indices is not None else torch.arange(len(self.data))
-        img = encode_images(self.raw_model, self.data.images[idx], self.device, batch_size)
+        img = encode_images(self.raw_model, self.data.images, self.device, batch_size, indices=idx)
         txt = encode_tokens(self.raw_model, self.tokens[idx], self.device, batch_size)
         return img, txt

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -104,7 +105,7 @@ class Trainer:
             raise ConfigError(f"{len(self.data)} pairs are fewer than one step of "
                               f"{per_step} (batch x world x accumulation)")
         images = self.data.images
-        if dist.device.type == "cuda" and images.numel() < 2 ** 31:
+        if dist.device.type == "cuda" and not self.data.lazy and images.numel() < 2 ** 31:
             images = images.to(dist.device)
             tokens = tokens.to(dist.device)
         self.images, self.tokens = images, tokens
@@ -125,11 +126,16 @@ class Trainer:
         perm = perm[: per_rank * dist.world_size]
         return perm[dist.rank::dist.world_size]
 
-    def _batch(self, idx: torch.Tensor, epoch: int, step: int, micro: int, dist: DistInfo) -> Batch:
+    def _images(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.images[idx] if self.data.lazy else self.images[idx.to(self.images.device)]
+
+    def _batch(self, idx: torch.Tensor, epoch: int, step: int, micro: int, dist: DistInfo,
+               images_u8: torch.Tensor | None = None) -> Batch:
         s = step_seed(self.cfg.seed, epoch, step, micro, dist.rank)
-        dev_idx = idx.to(self.images.device)
-        return Batch(pixels=to_pixels(self.images[dev_idx], dist.device),
-                     tokens=self.tokens[dev_idx].to(dist.device),
+        if images_u8 is None:
+            images_u8 = self._images(idx)
+        return Batch(pixels=to_pixels(images_u8, dist.device),
+                     tokens=self.tokens[idx.to(self.tokens.device)].to(dist.device),
                      captions=[self.data.captions[i] for i in idx.tolist()], indices=idx,
                      generator=torch.Generator().manual_seed(s), rng=random.Random(s))
 
@@ -203,6 +209,10 @@ class Trainer:
         spe, b, acc = ctx.steps_per_epoch, cfg.batch_size, cfg.accum_steps
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
+        # lazy (on-disk) data: decode the next micro-batch in the background while this one trains
+        prefetch = ThreadPoolExecutor(1) if self.data.lazy else None
+        slices = [perm[i * b:(i + 1) * b] for i in range(spe * acc)]
+        pending = prefetch.submit(self._images, slices[0]) if prefetch else None
         bar = tqdm(range(spe), desc=f"epoch {epoch + 1}/{cfg.epochs} [{self.strategy.name}]",
                    disable=cfg.quiet or not dist.is_main, leave=False, dynamic_ncols=True)
         for step in bar:
@@ -212,8 +222,12 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             for micro in range(acc):
-                lo = (step * acc + micro) * b
-                batch = self._batch(perm[lo:lo + b], epoch, step, micro, dist)
+                k = step * acc + micro
+                images_u8 = None
+                if pending is not None:
+                    images_u8 = pending.result()
+                    pending = prefetch.submit(self._images, slices[k + 1]) if k + 1 < len(slices) else None
+                batch = self._batch(slices[k], epoch, step, micro, dist, images_u8)
                 sync = self.ddp is not None and micro < acc - 1
                 with self.ddp.no_sync() if sync else contextlib.nullcontext():
                     loss, logs = self.strategy.loss(batch)
@@ -233,6 +247,8 @@ class Trainer:
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
         seconds = time.perf_counter() - t0
+        if prefetch is not None:
+            prefetch.shutdown()
         keys = sorted(sums)
         tot = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64), dist)
         record.update({k: round(float(v) / (spe * dist.world_size), 6) for k, v in zip(keys, tot)})

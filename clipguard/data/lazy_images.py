@@ -1,0 +1,68 @@
+"""Images decoded on demand, for datasets too large to hold as one uint8 tensor.
+
+Indexing with a batch of indices decodes those files in a thread pool (PIL releases the GIL while
+decoding), so ``data.images[idx]`` means the same thing for in-memory and lazy data and the
+trainer, evaluation and defences need no second code path.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+
+class LazyImages:
+    dtype = torch.uint8
+
+    def __init__(self, root: Path, paths: Sequence[str], rows: Sequence[int], image_size: int,
+                 source: str = "", workers: int = 8, field: str = "filepath"):
+        self.root, self.paths, self.rows = Path(root), list(paths), list(rows)
+        self.field = field
+        self.image_size, self.source, self.workers = image_size, source, workers
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), 3, self.image_size, self.image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def numel(self) -> int:
+        n, c, h, w = self.shape
+        return n * c * h * w
+
+    def _decode(self, i: int) -> np.ndarray:
+        from clipguard.data.csv_dataset import _decode_checked
+
+        return _decode_checked(self.root / self.paths[i], self.image_size, self.source,
+                               self.rows[i] if self.rows else None, self.field)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, slice):
+            ids = list(range(len(self)))[idx]
+        elif isinstance(idx, int):
+            return torch.from_numpy(self._decode(idx))
+        else:
+            ids = torch.as_tensor(idx).reshape(-1).tolist()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers)
+        arrays = list(self._pool.map(self._decode, ids))
+        if not arrays:
+            return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.uint8)
+        return torch.from_numpy(np.stack(arrays))
+
+    def select(self, ids: Sequence[int]) -> "LazyImages":
+        return LazyImages(self.root, [self.paths[i] for i in ids],
+                          [self.rows[i] for i in ids] if self.rows else [], self.image_size,
+                          self.source, self.workers, self.field)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_pool"] = None
+        return state
