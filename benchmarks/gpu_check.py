@@ -18,7 +18,7 @@ from clipguard import defenses
 from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import ImageCaptionData, load_csv
 from clipguard.evaluation.runner import evaluate_model
-from clipguard.training.trainer import Trainer, TrainConfig
+from clipguard.training.trainer import TrainConfig, Trainer
 
 
 def run(name: str, data, cfg: TrainConfig, strategy=None, test=None, classes=None) -> dict:

@@ -23,7 +23,7 @@ from clipguard.data.fashion_mnist import materialise
 from clipguard.models.factory import create_model, get_tokenizer
 from clipguard.training.context import normalize
 from clipguard.training.optim import make_optimizer
-from clipguard.training.trainer import Trainer, TrainConfig
+from clipguard.training.trainer import TrainConfig, Trainer
 
 
 def minimal_loop(data, model_name: str, epochs: int, batch: int, lr: float, seed: int) -> float:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipguard.data.csv_dataset import load_csv
-from clipguard.training.trainer import Trainer, TrainConfig
+from clipguard.training.trainer import TrainConfig, Trainer
 
 csv, out, world_batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)

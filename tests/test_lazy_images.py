@@ -3,7 +3,7 @@ from safetensors.torch import load_file
 
 from clipguard.data.csv_dataset import load_csv
 from clipguard.errors import DataError
-from clipguard.training.trainer import Trainer, TrainConfig
+from clipguard.training.trainer import TrainConfig, Trainer
 
 
 def test_lazy_equals_in_memory(fm_dir):

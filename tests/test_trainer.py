@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipguard.training.trainer import Trainer, TrainConfig
+from clipguard.training.trainer import TrainConfig, Trainer
 
 
 def _cfg(**kw):

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from clipguard.data.csv_dataset import (DEFAULT_CAPTION_KEY, DEFAULT_IMG_KEY, DEFAULT_LABEL_KEY,
-                                        DEFAULT_SEPARATOR, CsvSpec)
+from clipguard.data.csv_dataset import (
+    DEFAULT_CAPTION_KEY,
+    DEFAULT_IMG_KEY,
+    DEFAULT_LABEL_KEY,
+    DEFAULT_SEPARATOR,
+    CsvSpec,
+)
 
 
 def add_csv_args(p: argparse.ArgumentParser) -> None:

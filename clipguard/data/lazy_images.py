@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 
-
 class LazyImages:
     dtype = torch.uint8
 
