@@ -30,6 +30,8 @@ def add_train_args(p: argparse.ArgumentParser, *, finetune: bool = False) -> Non
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    p.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "webdataset"],
+                   help="auto: shards ending in .tar (brace patterns, '::'-joined) are webdataset")
     p.add_argument("--lazy-images", action="store_true",
                    help="decode images on demand with prefetch (data larger than memory)")
     p.add_argument("--eval-data", default=None, help="labelled CSV for zero-shot after each epoch")
@@ -80,6 +82,7 @@ def run_training(args: argparse.Namespace, *, defaults: dict[str, Any], checkpoi
     from clipguard import defenses
     from clipguard.data.classes import ClassInfo
     from clipguard.data.csv_dataset import load_csv
+    from clipguard.data.registry import load_dataset
     from clipguard.errors import ConfigError
     from clipguard.models.factory import model_config
     from clipguard.training.trainer import Trainer
@@ -97,8 +100,8 @@ def run_training(args: argparse.Namespace, *, defaults: dict[str, Any], checkpoi
     spec = csv_spec(args)
     size = model_config(cfg.model)["vision_cfg"]["image_size"]
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    data = load_csv(args.data, spec, image_size=size, skip_bad_rows=args.skip_bad_rows, limit=args.limit,
-                    lazy=getattr(args, "lazy_images", False))
+    data = load_dataset(args.data, args.dataset_type, spec=spec, image_size=size,
+                        skip_bad_rows=args.skip_bad_rows, limit=args.limit, lazy=args.lazy_images)
     if data.skipped:
         print(f"skipped {data.skipped} bad rows of {args.data}")
     evaluate = None

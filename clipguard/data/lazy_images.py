@@ -57,7 +57,7 @@ class LazyImages:
         return torch.from_numpy(np.stack(arrays))
 
     def select(self, ids: Sequence[int]) -> "LazyImages":
-        return LazyImages(self.root, [self.paths[i] for i in ids],
+        return type(self)(self.root, [self.paths[i] for i in ids],
                           [self.rows[i] for i in ids] if self.rows else [], self.image_size,
                           self.source, self.workers, self.field)
 
