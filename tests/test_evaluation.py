@@ -4,7 +4,7 @@ import torch
 from clipguard.data.classes import ClassInfo
 from clipguard.evaluation.linear_probe import LinearProbe
 from clipguard.evaluation.retrieval import recall_at_k
-from clipguard.evaluation.zeroshot import topk_accuracy, zeroshot_classifier
+from clipguard.evaluation.zeroshot import mean_per_class_recall, topk_accuracy, zeroshot_classifier
 
 
 class OneHotText(torch.nn.Module):
@@ -29,6 +29,8 @@ def test_topk_accuracy_exact():
     labels = torch.tensor([0, 2, 2])
     acc = topk_accuracy(feats, labels, clf, (1, 2, 5))
     assert acc["acc1"] == pytest.approx(1 / 3) and acc["acc2"] == 1.0 and "acc5" not in acc
+    # class 0: 1/1 right; class 2: 0/2 right -> balanced 0.5
+    assert mean_per_class_recall(feats, labels, clf) == pytest.approx(0.5)
 
 
 def test_retrieval_recall():

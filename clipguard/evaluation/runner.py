@@ -13,7 +13,7 @@ from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData, load_csv
 from clipguard.evaluation.features import encode_images, encode_tokens
 from clipguard.evaluation.linear_probe import LinearProbe
 from clipguard.evaluation.retrieval import recall_at_k
-from clipguard.evaluation.zeroshot import topk_accuracy, zeroshot_classifier
+from clipguard.evaluation.zeroshot import mean_per_class_recall, topk_accuracy, zeroshot_classifier
 from clipguard.models import checkpoint as ckpt
 from clipguard.models.factory import create_model, get_tokenizer, image_size
 
@@ -44,8 +44,10 @@ def zeroshot_metrics(model, tokenizer, data: ImageCaptionData, classes: ClassInf
     labelled = (data.labels >= 0).nonzero().squeeze(1)
     feats = encode_images(model, data.images, device, indices=labelled)
     clf = zeroshot_classifier(model, tokenizer, classes, device)
-    acc = topk_accuracy(feats, data.labels[labelled], clf, (1, 5))
-    return {**acc, "n_images": int(labelled.sum())}
+    labels = data.labels[labelled]
+    acc = topk_accuracy(feats, labels, clf, (1, 5))
+    return {**acc, "mean_per_class_recall": mean_per_class_recall(feats, labels, clf),
+            "n_images": int(len(labelled))}
 
 
 def evaluate_model(model, model_name: str, data: ImageCaptionData, classes: ClassInfo | None, *,

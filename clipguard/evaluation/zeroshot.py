@@ -34,3 +34,10 @@ def topk_accuracy(image_features: torch.Tensor, labels: torch.Tensor, classifier
         pred = topk_predictions(image_features, classifier, k)
         out[f"acc{k}"] = float((pred == labels.view(-1, 1)).any(1).float().mean())
     return out
+
+
+def mean_per_class_recall(image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> float:
+    """CLIP_benchmark's balanced accuracy: top-1 recall averaged over the classes present."""
+    pred = topk_predictions(image_features, classifier, 1).squeeze(1)
+    recalls = [float((pred[labels == c] == c).float().mean()) for c in labels.unique().tolist()]
+    return sum(recalls) / len(recalls)
