@@ -82,18 +82,19 @@ def poison_stats(scores: torch.Tensor | None, selected: torch.Tensor | None,
     n = int(poisoned.numel())
     n_poison = int(poisoned.sum())
     out: dict[str, Any] = {"poison_total": n_poison,
-                           "initial_poison_rate": round(n_poison / n, 6) if n else float("nan")}
+                           "initial_poison_rate": round(n_poison / n, 6) if n else None}
     if selected is not None:
         sel = selected.bool().cpu()
         k = int(sel.sum())
         in_safe = int((sel & poisoned).sum())
         out.update({"poison_in_safe": in_safe,
                     "safe_poison_rate": round(in_safe / k, 6) if k else 0.0,
-                    "poison_safe_recall": round(in_safe / n_poison, 6) if n_poison else float("nan")})
+                    "poison_safe_recall": round(in_safe / n_poison, 6) if n_poison else None})
     if scores is not None:
         s = scores.detach().float().cpu()
         # a low similarity flags a poison: AUROC of -similarity as a poison detector
-        out["similarity_auroc"] = round(auroc(-s.numpy(), poisoned.numpy()), 6)
+        a = auroc(-s.numpy(), poisoned.numpy())
+        out["similarity_auroc"] = None if np.isnan(a) else round(a, 6)  # None: no poison (or no clean) pair
         if n_poison:
             out["poison_similarity_mean"] = round(float(s[poisoned].mean()), 5)
         if n_poison < n:
@@ -144,7 +145,7 @@ def make_diagnostics(manifest_path: str | Path, data: ImageCaptionData
         if scores is not None:
             name = f"similarity_hist_epoch{epoch + 1:02d}.png"
             title = (f"{getattr(strategy, 'name', '')} epoch {epoch + 1}: AUROC "
-                     f"{rec.get('similarity_auroc', float('nan')):.3f}")
+                     f"{rec['similarity_auroc'] if rec['similarity_auroc'] is not None else float('nan'):.3f}")
             similarity_histogram(Path(out_dir) / name, scores, poisoned, selected, title)
             rec["similarity_hist"] = name
         return rec

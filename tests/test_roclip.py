@@ -1,0 +1,60 @@
+"""RoCLIP: pool epochs every K, pool size 2% of the data, and the text tower learns in pool epochs."""
+
+import random
+
+import pytest
+import torch
+
+from clipguard import defenses
+from clipguard.training.context import Batch, to_pixels
+from clipguard.training.distributed import DistInfo
+from clipguard.training.trainer import TrainConfig, Trainer
+
+
+def _built(data, opts, tmp_path):
+    t = Trainer(TrainConfig(model="cg-tiny", epochs=2, batch_size=32, seed=0, device="cpu", quiet=True),
+                data, tmp_path, strategy=defenses.build("roclip", opts))
+    t._build(DistInfo())
+    return t
+
+
+def _batch(t, idx, seed=5):
+    idx = torch.as_tensor(idx)
+    return Batch(pixels=to_pixels(t.data.images[idx], torch.device("cpu")), tokens=t.tokens[idx],
+                 captions=[t.data.captions[i] for i in idx.tolist()], indices=idx,
+                 generator=torch.Generator().manual_seed(seed), rng=random.Random(seed))
+
+
+def test_pool_epochs_follow_k_and_pool_is_two_percent(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(500)), {"match_every": 3}, tmp_path)
+    s = t.strategy
+    assert [s.is_pool_epoch(e) for e in range(7)] == [False, False, True, False, False, True, False]
+    assert s._pool.size == 10  # 2% of 500
+
+
+@pytest.mark.parametrize("text_gradient", [True, False])
+def test_text_tower_gradient_in_pool_epochs(fm_train, tmp_path, text_gradient):
+    t = _built(fm_train.subset(range(256)), {"match_every": 1, "pool_fraction": 0.25,
+                                            "text_gradient": text_gradient}, tmp_path)
+    s, model = t.strategy, t.model
+    t.ctx.epoch = 0
+    rec = s.on_epoch_start(0)  # fills the pool with random augmented captions
+    assert rec["pool_epoch"] and len(s._pool) == s._pool.size == 64
+    loss, _ = s.loss(_batch(t, range(32)))
+    loss.backward()
+    text = [p for n, p in model.named_parameters() if n.startswith("transformer.") or n == "text_projection"]
+    visual = [p for n, p in model.named_parameters() if n.startswith("visual.")]
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in visual)
+    text_moved = any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in text)
+    assert text_moved == text_gradient  # False reproduces the reference code's frozen text tower
+
+
+def test_matched_captions_come_from_the_pool(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(256)), {"match_every": 1, "pool_fraction": 0.25}, tmp_path)
+    s = t.strategy
+    s.on_epoch_start(0)
+    before = s._pool.payload.clone()
+    s.loss(_batch(t, range(32)))
+    # the pool is FIFO: the 32 oldest slots now hold this batch's augmented captions
+    assert torch.equal(s._pool.payload[32:], before[32:])
+    assert not torch.equal(s._pool.payload[:32], before[:32])
