@@ -102,5 +102,5 @@ class BadCLIP(PatchAttack):
             opt.step()
             with torch.no_grad():
                 patch.clamp_(0, 1)
-            self.history.append(float(loss))
+            self.history.append(float(loss.detach()))
         return (patch.detach().cpu().clamp(0, 1) * 255).round() / 255

@@ -5,6 +5,7 @@ triggers, each on its own share of the poisons, one target) and all-to-all (one 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import torch
 
@@ -15,6 +16,12 @@ from clipguard.errors import ConfigError
 
 MODES = ("hybrid", "all2one", "all2all")
 ALLOWED = ("badnet", "blended", "wanet", "sig", "htba")
+
+
+def sub_seed(seed: int, j: int, name: str) -> int:
+    """Each trigger of a multi-trigger attack gets its own pattern, unlike the single attack's."""
+    h = hashlib.sha256(f"multi/{seed}/{j}/{name}".encode()).digest()
+    return int.from_bytes(h[:4], "little")
 
 
 def _as_list(v) -> list:
@@ -51,7 +58,7 @@ class Multi(Attack):
         self.subs: dict[str, Attack] = {}
         for j, t in enumerate(self.triggers):
             sub = get(t).build({})
-            sub.setup(dataclasses.replace(ctx, trigger_seed=ctx.trigger_seed * 1000 + j))
+            sub.setup(dataclasses.replace(ctx, trigger_seed=sub_seed(ctx.trigger_seed, j, t)))
             self.subs[t] = sub
         n_classes = len(ctx.classes.classes) if ctx.classes else int(ctx.data.labels.max()) + 1
         if self.mode == "all2all":
