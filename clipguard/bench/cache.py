@@ -88,7 +88,8 @@ class BenchCache:
     def load(self, path: Path, ds: DatasetSpec) -> ImageCaptionData:
         key = str(Path(path).resolve())
         if key not in self._csv:
-            self._csv[key] = load_csv(path, self.spec(ds), image_size=self.size)
+            kw = {"lazy": True} if ds.lazy else {}
+            self._csv[key] = load_csv(path, self.spec(ds), image_size=self.size, **kw)
         return self._csv[key]
 
     def classes(self, ds: DatasetSpec) -> ClassInfo:
@@ -104,28 +105,44 @@ class BenchCache:
         """Two disjoint, seeded subsets of the CLEAN training rows: linear-probe fit, clean fine-tuning.
 
         Fine-tuning defences (CleanCLIP) assume the defender holds some clean pairs; we take them
-        from the clean source CSV, never from the poisoned copy."""
+        from the clean source CSV (or the dataset's own ``finetune`` CSV), never from the
+        poisoned copy."""
         if ds.label not in self._aside:
             n = len(self.clean_train(ds))
             g = torch.Generator().manual_seed(step_seed(ds.data_seed, "bench-aside", ds.label))
             perm = torch.randperm(n, generator=g)
-            probe = perm[: min(ds.probe_size, n)]
+            probe = perm[: min(ds.probe_size, n)] if ds.probe is None else perm[:0]
             rest = perm[len(probe):]
             ft = rest[: min(ds.finetune_size, len(rest))] if len(rest) else perm[: min(ds.finetune_size, n)]
             self._aside[ds.label] = (probe.sort().values, ft.sort().values)
         return self._aside[ds.label]
 
+    def _head(self, data: ImageCaptionData, size: int, ds: DatasetSpec, purpose: str) -> ImageCaptionData:
+        """A seeded subset of ``size`` rows of a separate CSV (all rows when size >= its length)."""
+        if size >= len(data):
+            return data
+        g = torch.Generator().manual_seed(step_seed(ds.data_seed, purpose, ds.label))
+        return data.subset(torch.randperm(len(data), generator=g)[:size].sort().values)
+
     def probe_data(self, ds: DatasetSpec) -> ImageCaptionData | None:
-        idx = self._aside_indices(ds)[0]
-        if len(idx) == 0:
+        """Labelled clean images for the linear probe; None (no linear probe) when there are none."""
+        if ds.probe_size == 0:
             return None
-        sub = self.clean_train(ds).subset(idx)
+        if ds.probe is not None:
+            sub = self._head(self.load(Path(ds.probe), ds), ds.probe_size, ds, "bench-probe")
+            where = ds.probe
+        else:
+            sub = self.clean_train(ds).subset(self._aside_indices(ds)[0])
+            where = str(self.dataset_paths(ds)[0])
         if (sub.labels < 0).any():
-            raise DataError("the linear probe needs a label on every training row (set probe_size: 0 "
-                            "to skip it)", file=str(self.dataset_paths(ds)[0]), field=ds.label_key)
+            if ds.probe is None:
+                return None  # unlabelled web pairs: no linear probe unless a labelled `probe` CSV is given
+            raise DataError("the linear probe needs a label on every row", file=where, field=ds.label_key)
         return sub
 
     def finetune_clean(self, ds: DatasetSpec) -> ImageCaptionData:
+        if ds.finetune is not None:
+            return self._head(self.load(Path(ds.finetune), ds), ds.finetune_size, ds, "bench-finetune")
         idx = self._aside_indices(ds)[1]
         if len(idx) == 0:
             raise ConfigError(f"{self.cfg.source}: datasets.{ds.label}.finetune_size is 0 but the grid "

@@ -114,23 +114,32 @@ def _defence_diagnostics(poison: PoisonedSet, data) -> list[Callable]:
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def similarity_histogram(model, model_name: str, data, mask: torch.Tensor | None, device,
-                         bins: int) -> dict[str, Any]:
-    """Cosine similarity of every training pair under the final model, clean vs poisoned
-    (SafeCLIP Fig. 2/4): shows whether the defence kept poisoned pairs apart."""
+                         bins: int, max_pairs: int = 20000, seed: int = 0) -> dict[str, Any]:
+    """Cosine similarity of training pairs under the final model, clean vs poisoned (SafeCLIP
+    Fig. 2/4): shows whether the defence kept poisoned pairs apart. Every poisoned pair is kept;
+    clean pairs are a seeded sample when the data has more than ``max_pairs``."""
     from clipguard.evaluation.features import encode_images, encode_tokens
     from clipguard.models.factory import get_tokenizer
 
+    mask = mask if mask is not None else torch.zeros(len(data), dtype=torch.bool)
+    sampled = len(data) > max_pairs
+    if sampled:
+        clean_idx = (~mask).nonzero().flatten()
+        g = torch.Generator().manual_seed(seed)
+        keep = clean_idx[torch.randperm(len(clean_idx), generator=g)[: max(max_pairs - int(mask.sum()), 0)]]
+        idx = torch.cat([keep, mask.nonzero().flatten()]).sort().values
+        data, mask = data.subset(idx), mask[idx]
     img = encode_images(model, data.images, device)
     txt = encode_tokens(model, get_tokenizer(model_name)(data.captions), device)
     sims = (img * txt).sum(1)
-    mask = mask if mask is not None else torch.zeros(len(sims), dtype=torch.bool)
     edges = torch.linspace(-1, 1, bins + 1)
 
     def hist(x: torch.Tensor) -> dict[str, Any]:
         counts = torch.histc(x, bins=bins, min=-1, max=1).long().tolist() if len(x) else [0] * bins
         return {"n": len(x), "mean": round(float(x.mean()), 5) if len(x) else None, "counts": counts}
 
-    return {"edges": [round(float(e), 4) for e in edges], "clean": hist(sims[~mask]), "poisoned": hist(sims[mask])}
+    return {"edges": [round(float(e), 4) for e in edges], "clean": hist(sims[~mask]), "poisoned": hist(sims[mask]),
+            "clean_sampled": sampled}
 
 
 def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, seed: int = 0
@@ -230,7 +239,8 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
     for rec, col in zip(asr, asr_columns(cell)):
         rec["column"] = col
     train_data, _ = cache.train_data(cell.dataset, cell.attack, cell.seed)
-    hist = similarity_histogram(model, cfg.model, train_data, poison.mask, device, cfg.histogram_bins)
+    hist = similarity_histogram(model, cfg.model, train_data, poison.mask, device, cfg.histogram_bins,
+                                cfg.histogram_max_pairs, seed=cell.seed)
     t_eval = time.perf_counter() - t2
 
     epochs = read_jsonl(run_dir / "results.jsonl")

@@ -19,7 +19,7 @@ from clipguard.errors import ConfigError
 
 BUILTIN_DATASETS = ("fashion-mnist",)
 TRAIN_KEYS = {"epochs", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
-              "accum_steps", "precision"}
+              "accum_steps", "precision", "checkpoint"}
 NO_ATTACK = ("none", "clean")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
@@ -34,6 +34,9 @@ class DatasetSpec:
     train: str | None = None
     test: str | None = None
     classes: str | None = None
+    probe: str | None = None  # labelled CSV for the linear probe (default: clean training rows)
+    finetune: str | None = None  # clean CSV for fine-tuning defences (default: clean training rows)
+    lazy: bool = False  # decode images on demand (datasets larger than memory)
     train_size: int | None = None
     test_size: int | None = None
     data_seed: int = 0
@@ -98,6 +101,7 @@ class BenchConfig:
     finetune: StageSpec | None
     eval_batch: int = 512
     histogram_bins: int = 40
+    histogram_max_pairs: int = 20000
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -202,10 +206,13 @@ def _resolve(p: Any, base_dir: Path | None) -> str:
 def _dataset(label: str, obj: Any, source: str, base_dir: Path | None) -> DatasetSpec:
     key = f"datasets.{label}"
     d = _mapping(obj, source, key)
-    _check_keys(d, {"builtin", "train", "test", "classes", "train_size", "test_size", "data_seed",
-                    "probe_size", "finetune_size", "separator", "img_key", "caption_key", "label_key"},
-                source, key)
-    spec = DatasetSpec(label=label, **{k: v for k, v in d.items() if k not in ("train", "test", "classes")})
+    paths = ("train", "test", "classes", "probe", "finetune")
+    _check_keys(d, {"builtin", "train_size", "test_size", "data_seed", "probe_size", "finetune_size", "lazy",
+                    "separator", "img_key", "caption_key", "label_key", *paths}, source, key)
+    spec = DatasetSpec(label=label, **{k: v for k, v in d.items() if k not in paths})
+    for k in ("probe", "finetune"):
+        if d.get(k):
+            setattr(spec, k, _resolve(d[k], base_dir))
     if spec.builtin is not None:
         if spec.builtin not in BUILTIN_DATASETS:
             raise ConfigError(f"{source}: {key}.builtin: unknown dataset {spec.builtin!r}; "
@@ -288,7 +295,7 @@ def _stage(obj: Any, source: str, key: str, finetune: bool) -> StageSpec:
 def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None) -> BenchConfig:
     raw = copy.deepcopy(raw)
     _check_keys(raw, {"name", "model", "device", "seeds", "datasets", "attacks", "pretrain", "finetune",
-                      "eval_batch", "histogram_bins", "description"}, source, "top level")
+                      "eval_batch", "histogram_bins", "histogram_max_pairs", "description"}, source, "top level")
     for k in ("datasets", "attacks", "pretrain"):
         if not raw.get(k):
             raise ConfigError(f"{source}: missing '{k}'")
@@ -312,7 +319,8 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
                       device=str(raw.get("device", "cpu")), seeds=_seeds(raw.get("seeds", [0]), source),
                       datasets=datasets, attacks=attacks, pretrain=pretrain, finetune=finetune,
                       eval_batch=int(raw.get("eval_batch", 512)),
-                      histogram_bins=int(raw.get("histogram_bins", 40)), source=source, raw=raw)
+                      histogram_bins=int(raw.get("histogram_bins", 40)),
+                      histogram_max_pairs=int(raw.get("histogram_max_pairs", 20000)), source=source, raw=raw)
     return cfg
 
 
@@ -341,6 +349,6 @@ def validate_names(cfg: BenchConfig) -> None:
                           f"{e}") from None
     for label, p in parts:
         try:
-            attacks.get(p.attack)
+            attacks.get(p.attack).build(dict(p.options))
         except ConfigError as e:
             raise ConfigError(f"{cfg.source}: attacks.{label}: {e}") from None
