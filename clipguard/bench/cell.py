@@ -147,7 +147,7 @@ def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, se
     if not manifests:
         return []
     from clipguard.evaluation.asr import asr_for_model
-    from clipguard.reporting.asr_keys import pick_headline, pick_linear_probe
+    from clipguard.reporting.asr_keys import pick_base_rate, pick_headline, pick_linear_probe
 
     out = []
     for i, m in enumerate(manifests):
@@ -158,6 +158,7 @@ def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, se
                     "target": manifest.get("target"), "manifest": str(m),
                     "n_poisoned": len(manifest.get("poisoned_rows", [])),
                     "headline": pick_headline(raw, kind), "linear_probe": pick_linear_probe(raw, kind),
+                    "base_rate": pick_base_rate(raw),
                     "metrics": raw})
     return out
 

@@ -29,3 +29,10 @@ def pick_headline(raw: dict[str, Any], kind: str) -> dict[str, Any]:
 def pick_linear_probe(raw: dict[str, Any], kind: str) -> dict[str, Any]:
     """Linear-probe ASR@1 (None when no probe set was given)."""
     return _block(raw, "linear_probe", kind)
+
+
+def pick_base_rate(raw: dict[str, Any]) -> float | None:
+    """Zero-shot ``clean_rate@1``: how often the SAME held-out images without the trigger are
+    already predicted as the target. An ASR near this base rate means the backdoor did nothing."""
+    v = (raw.get("zeroshot") or {}).get("clean_rate@1")
+    return float(v) if isinstance(v, (int, float)) else None

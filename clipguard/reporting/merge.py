@@ -42,6 +42,7 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
         row[f"asr_metric.{col}"] = h.get("metric")
         row[f"asr_n.{col}"] = h.get("n")
         row[f"asr_lp.{col}"] = (part.get("linear_probe") or {}).get("value")
+        row[f"asr_base.{col}"] = part.get("base_rate")
     last = next((r for r in reversed(cell.get("epochs", [])) if "safe_poison_kept" in r), {})
     row["final_safe_frac"] = last.get("safe_frac")
     row["final_safe_poison_kept"] = last.get("safe_poison_kept")

@@ -43,7 +43,14 @@ def method_order(out: Path, cells: list[dict[str, Any]]) -> list[str]:
 
 def build_tables(cells: list[dict[str, Any]], order: list[str]) -> list[Table]:
     _, rows = merge_rows(cells)
-    tables = [asr_table(rows, order), accuracy_table(rows, order)]
+    tables = [asr_table(rows, order)]
+    if any(r.get(k) not in (None, "") for r in rows for k in r if k.startswith("asr_base.")):
+        base = asr_table(rows, order, key="asr_base",
+                         title="Table 1b: base rate - the same held-out images WITHOUT the trigger predicted as "
+                               "the target (%); an ASR near it means the backdoor did not take")
+        base.notes = base.notes[:1]
+        tables.append(base)
+    tables.append(accuracy_table(rows, order))
     safe = safe_set_table(rows, order)
     if safe is not None:
         tables.append(safe)

@@ -66,8 +66,11 @@ def n_seeds(rows: list[dict[str, Any]]) -> int:
     return len({str(r["seed"]) for r in rows})
 
 
-def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table:
-    """Rows = methods; column groups = datasets; columns = attacks (like SafeCLIP Table 1)."""
+def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None, *, key: str = "asr",
+              title: str = "Table 1: attack success rate (ASR, %, lower is better)") -> Table:
+    """Rows = methods; column groups = datasets; columns = attacks (like SafeCLIP Table 1).
+    ``key`` picks the per-attack number: ``asr`` (zero-shot), ``asr_lp`` (linear probe) or
+    ``asr_base`` (the untriggered images' rate of the target class)."""
     datasets = _ordered([r["dataset"] for r in rows], None)
     methods = _ordered([r["method"] for r in rows], method_order)
     ns = n_seeds(rows)
@@ -81,14 +84,14 @@ def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None)
         line = [m]
         for d, cols in groups:
             for c in cols:
-                vals = [r.get(f"asr.{c}") for r in rows if r["dataset"] == d and r["method"] == m
-                        and r.get(f"asr.{c}") not in (None, "")]
+                vals = [r.get(f"{key}.{c}") for r in rows if r["dataset"] == d and r["method"] == m
+                        and r.get(f"{key}.{c}") not in (None, "")]
                 line.append(fmt(vals, expect_n=ns))
         body.append(line)
     metrics = sorted({str(r.get(k)) for r in rows for k in r if k.startswith("asr_metric.") and r.get(k)})
     notes = [f"Attack success rate in %, mean ± std over {ns} seed(s).",
              "Protocols: " + "; ".join(metrics) if metrics else "No attack in the grid."]
-    return Table("Table 1: attack success rate (ASR, %, lower is better)", [header0, header1], body, spans, notes)
+    return Table(title, [header0, header1], body, spans, notes)
 
 
 def accuracy_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table:
