@@ -153,7 +153,11 @@ class SubcaptionGenerator:
             nxt = toks[i + 1] if i + 1 < len(toks) else None
             if "v" in t.cands:
                 after_aux = prev is not None and prev.tag in ("aux", "pron")
-                after_np = prev is not None and prev.tag == "content" and "n" in prev.cands
+                # after "det adj" ("a plain dress", "a small slacks") a noun reading wins
+                after_adj = (prev is not None and prev.tag == "content" and "a" in prev.cands
+                             and "n" in t.cands and (i < 2 or toks[i - 2].tag in ("det", "prep")))
+                after_np = (prev is not None and prev.tag == "content" and "n" in prev.cands
+                            and not after_adj)
                 opens_np = (nxt is None or nxt.tag in ("det", "prep", "pron")
                             or (nxt.tag == "content" and bool(nxt.cands) and nxt.cands <= {"a", "r"}))
                 sentence_start = prev is None and nxt is not None and nxt.tag in ("det", "prep")

@@ -9,6 +9,7 @@ First senses only: later senses are noisy (``dog`` -> ``cad``).
 from __future__ import annotations
 
 import functools
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,7 +255,14 @@ def _parse_synset(line: str, pos: str) -> Synset:
                   tuple(pointers))
 
 
+def get_wordnet(root: str | None = None) -> WordNet:
+    """The shared, cached reader (indexes load lazily on first use).
+
+    ``root`` defaults to $CLIPGUARD_WORDNET, else /usr/share/wordnet (Debian's wordnet-base).
+    """
+    return _cached(root or os.environ.get("CLIPGUARD_WORDNET") or "/usr/share/wordnet")
+
+
 @functools.lru_cache(maxsize=4)
-def get_wordnet(root: str = "/usr/share/wordnet") -> WordNet:
-    """The shared, cached reader (indexes load lazily on first use)."""
+def _cached(root: str) -> WordNet:
     return WordNet(root)
