@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _png(fig) -> bytes:
@@ -51,6 +52,7 @@ def safe_set_plot(cells: list[dict[str, Any]], method_order: list[str]) -> dict[
             line, = ax.plot(xs, kept, marker="o", label=f"{m}: poisons in safe set")
             ax.plot(xs, frac, ls="--", color=line.get_color(), label=f"{m}: safe set size")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("% (mean over seeds)")
         ax.set_ylim(-2, 102)
         ax.set_title(f"{d} / {a}: safe set over epochs")
@@ -73,7 +75,8 @@ def histogram_plot(cells: list[dict[str, Any]], method_order: list[str]) -> dict
         n = len(methods)
         cols = min(n, 4)
         rows = (n + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.7 * rows), squeeze=False,
+                                 constrained_layout=True)
         for ax in axes.flat[n:]:
             ax.axis("off")
         for ax, m in zip(axes.flat, methods):
