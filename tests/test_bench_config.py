@@ -105,3 +105,25 @@ def test_shipped_configs_parse(monkeypatch):
         cfg = load_config(p)
         assert plan_cells(cfg)
         validate_names(cfg)  # every attack and defence (and option) of the shipped grids exists
+
+
+def test_finished_cell_with_other_config_is_refused(tmp_path):
+    import copy
+
+    from clipguard.bench.cell import cell_config, fingerprint, is_done
+    from clipguard.io import write_json
+
+    cfg = parse_config(GRID)
+    cell = plan_cells(cfg)[0]
+    assert not is_done(cfg, cell, tmp_path)
+    write_json(cell.json_path(tmp_path), {"fingerprint": fingerprint(cell_config(cfg, cell))})
+    assert is_done(cfg, cell, tmp_path)
+    g = copy.deepcopy(GRID)
+    g["pretrain"]["train"]["epochs"] = 2
+    cfg2 = parse_config(g)
+    with pytest.raises(ConfigError, match="different config"):
+        is_done(cfg2, plan_cells(cfg2)[0], tmp_path)
+    # a fine-tuning cell is stale when its base model's config changed
+    ft = next(c for c in plan_cells(cfg) if c.stage == "finetune")
+    ft2 = next(c for c in plan_cells(cfg2) if c.stage == "finetune")
+    assert ft.id == ft2.id and fingerprint(cell_config(cfg, ft)) != fingerprint(cell_config(cfg2, ft2))

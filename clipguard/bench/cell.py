@@ -70,7 +70,7 @@ def is_done(cfg: BenchConfig, cell: Cell, out: Path) -> bool:
     fp = fingerprint(cell_config(cfg, cell))
     if rec.get("fingerprint") != fp:
         raise ConfigError(f"{cell.json_path(out)}: finished with a different config than {cfg.source} "
-                          f"(fingerprint {rec.get('fingerprint')} != {fp}); use a new --out, or --redo")
+                          f"(fingerprint {rec.get('fingerprint')} != {fp}); use a new --out, or --redo to retrain it")
     return True
 
 
@@ -185,7 +185,7 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
         old = read_cell(marker) or {}
         if old.get("fingerprint") != fingerprint(conf):
             raise ConfigError(f"{run_dir}: holds a run of a different config (fingerprint "
-                              f"{old.get('fingerprint')} != {fingerprint(conf)}); use a new --out")
+                              f"{old.get('fingerprint')} != {fingerprint(conf)}); use a new --out, or --redo to retrain it")
     data, poison = cache.train_data(cell.dataset, cell.attack, cell.seed)
     mask = poison.mask
     settings = train_settings(cfg, cell)

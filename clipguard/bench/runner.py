@@ -7,6 +7,7 @@ run); an interrupted cell has checkpoints in its run folder and continues from t
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from clipguard.bench.cache import BenchCache
-from clipguard.bench.cell import cell_config, fingerprint, is_done, run_cell
+from clipguard.bench.cell import cell_config, fingerprint, is_done, read_cell, run_cell
 from clipguard.bench.config import BenchConfig, validate_names
 from clipguard.bench.plan import Cell, plan_cells
 from clipguard.io import write_json
@@ -32,9 +33,9 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
               report: bool = True, only: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Run every unfinished cell in order, then write results.csv and the reports.
 
-    ``only``: a substring filter on cell ids (debugging one cell). ``redo``: delete finished
-    cells' JSON first (their run folders still resume, so only evaluation is redone unless the
-    run folders are removed too)."""
+    ``only``: a substring filter on cell ids (debugging one cell). ``redo``: forget the selected
+    cells' results: a run folder made with the same config resumes (so only evaluation is redone),
+    one made with a different config is deleted and retrained."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     validate_names(cfg)
@@ -44,6 +45,9 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
     if redo:
         for c in todo:
             c.json_path(out).unlink(missing_ok=True)
+            marker = read_cell(c.run_dir(out) / "bench_cell.json")
+            if marker is not None and marker.get("fingerprint") != fingerprint(cell_config(cfg, c)):
+                shutil.rmtree(c.run_dir(out))
     cache = BenchCache(cfg, out)
     t0 = time.perf_counter()
     done_before = [c for c in todo if is_done(cfg, c, out)]
