@@ -37,8 +37,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
     cells' results: a run folder made with the same config resumes (so only evaluation is redone),
     one made with a different config is deleted and retrained."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     validate_names(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(cfg)
     write_json(out / "plan.json", plan_record(cfg, cells))
     todo = [c for c in cells if only is None or only in c.id]
