@@ -7,6 +7,7 @@ fingerprint of it, so a re-run can tell a finished cell from a stale one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -203,11 +204,15 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
     tcfg = TrainConfig(**settings, keep_checkpoints=1, quiet=quiet)
     extra = _defence_diagnostics(poison, data) if mask is not None else []
     diag = safe_set_diagnostics(mask, extra) if mask is not None else None
-    write_json(marker, {"cell": cell.id, "fingerprint": fingerprint(conf), "config": conf})
+    if not marker.is_file():
+        with contextlib.suppress(OSError):  # several ranks may race to write the same content
+            write_json(marker, {"cell": cell.id, "fingerprint": fingerprint(conf), "config": conf})
     return Trainer(tcfg, data, run_dir, strategy=strategy, diagnostics=diag), data, poison
 
 
-def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False) -> dict[str, Any]:
+def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False,
+             evaluate: bool = True) -> dict[str, Any] | None:
+    """Train (or resume) and, when ``evaluate`` (rank 0 under torchrun), evaluate and write the JSON."""
     from clipguard.evaluation.runner import evaluate_model
 
     out = Path(out)
@@ -221,6 +226,8 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
     t1 = time.perf_counter()
     trainer.fit(resume="latest")
     t_train = time.perf_counter() - t1
+    if not evaluate:
+        return None
 
     t2 = time.perf_counter()
     model = trainer.model.eval()

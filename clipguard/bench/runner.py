@@ -36,35 +36,48 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
     ``only``: a substring filter on cell ids (debugging one cell). ``redo``: forget the selected
     cells' results: a run folder made with the same config resumes (so only evaluation is redone),
     one made with a different config is deleted and retrained."""
+    from clipguard.training.distributed import barrier, init_distributed
+
     out = Path(out)
     validate_names(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    dist = init_distributed(cfg.device)  # under torchrun: every rank trains, rank 0 prepares and evaluates
+    main = dist.is_main
     cells = plan_cells(cfg)
-    write_json(out / "plan.json", plan_record(cfg, cells))
     todo = [c for c in cells if only is None or only in c.id]
-    if redo:
-        for c in todo:
-            c.json_path(out).unlink(missing_ok=True)
-            marker = read_cell(c.run_dir(out) / "bench_cell.json")
-            if marker is not None and marker.get("fingerprint") != fingerprint(cell_config(cfg, c)):
-                shutil.rmtree(c.run_dir(out))
     cache = BenchCache(cfg, out)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "plan.json", plan_record(cfg, cells))
+        if redo:
+            for c in todo:
+                c.json_path(out).unlink(missing_ok=True)
+                marker = read_cell(c.run_dir(out) / "bench_cell.json")
+                if marker is not None and marker.get("fingerprint") != fingerprint(cell_config(cfg, c)):
+                    shutil.rmtree(c.run_dir(out))
+    barrier(dist)
     t0 = time.perf_counter()
     done_before = [c for c in todo if is_done(cfg, c, out)]
+    if main:  # shared steps first: datasets and every poisoned set the remaining cells need
+        for key in dict.fromkeys((c.dataset.label, c.attack.label, c.seed) for c in todo if c not in done_before):
+            c = next(c for c in todo if (c.dataset.label, c.attack.label, c.seed) == key)
+            cache.poisoned(c.dataset, c.attack, c.seed)
+    barrier(dist)
     ran: list[str] = []
     meta = {"name": cfg.name, "config": cfg.source, "model": cfg.model, "seeds": cfg.seeds,
-            "n_cells": len(cells), "command": command or " ".join(shlex.quote(a) for a in sys.argv)}
-    bar = tqdm(total=len(todo), desc=f"bench {cfg.name}", position=0, dynamic_ncols=True, disable=quiet,
-               initial=len(done_before))
+            "n_cells": len(cells), "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+            "world_size": dist.world_size}
+    bar = tqdm(total=len(todo), desc=f"bench {cfg.name}", position=0, dynamic_ncols=True,
+               disable=quiet or not main, initial=len(done_before))
     try:
         for cell in todo:
             if cell in done_before or is_done(cfg, cell, out):
                 continue
             bar.set_postfix_str(cell.id)
-            rec = run_cell(cfg, cell, out, cache, quiet=quiet)
+            rec = run_cell(cfg, cell, out, cache, quiet=quiet, evaluate=main)
+            barrier(dist)
             ran.append(cell.id)
             bar.update(1)
-            if not quiet:
+            if rec is not None and not quiet:
                 m = rec["metrics"]
                 asr = ", ".join(f"{a['column']}={a['headline']['value']:.3f}" for a in rec["asr"]
                                 if a["headline"].get("value") is not None)
@@ -76,9 +89,10 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
         bar.close()
         meta.update({"wall_s": round(time.perf_counter() - t0, 1), "cells_run": len(ran),
                      "cells_skipped": len(done_before)})
-        write_json(out / "bench.json", meta)
-        if report:
-            from clipguard.reporting.report import write_report
+        if main:
+            write_json(out / "bench.json", meta)
+            if report:
+                from clipguard.reporting.report import write_report
 
-            write_report(out)
+                write_report(out)
     return meta

@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
 def run_grid(config: str, out: str, *, overrides: list[str] | None = None, only: str | None = None,
              redo: bool = False, report_only: bool = False, plan: bool = False, quiet: bool = False,
              command: str | None = None) -> int:
+    import os
     from pathlib import Path
 
     from clipguard.bench import load_config, plan_cells, run_bench
@@ -42,6 +43,8 @@ def run_grid(config: str, out: str, *, overrides: list[str] | None = None, only:
         return 0
     if not report_only:
         meta = run_bench(cfg, out, quiet=quiet, redo=redo, only=only, command=command)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0  # under torchrun, rank 0 reports
         print(f"\nbench {cfg.name}: {meta['cells_run']} cell(s) run, {meta['cells_skipped']} reused, "
               f"wall time {meta['wall_s']:.0f} s")
     else:
