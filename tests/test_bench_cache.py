@@ -1,0 +1,52 @@
+"""Shared steps: several attacks chained into one poisoned set, each part's poisons located exactly;
+held-aside clean subsets for the probe and for fine-tuning."""
+
+from __future__ import annotations
+
+import torch
+
+from clipguard.bench.cache import BenchCache
+from clipguard.bench.config import parse_config
+
+
+def _cfg(fm_dir, parts):
+    return parse_config({
+        "seeds": [0],
+        "datasets": {"fm": {"train": str(fm_dir / "train.csv"), "test": str(fm_dir / "test.csv"),
+                            "probe_size": 100, "finetune_size": 50}},
+        "attacks": {"combo": {"parts": parts}},
+        "pretrain": {"defenses": {"CLIP": "none"}},
+    })
+
+
+def test_chained_parts_have_exact_disjoint_masks(fm_dir, tmp_path):
+    cfg = _cfg(fm_dir, [{"attack": "badnet", "target": "bag", "count": 8},
+                        {"attack": "blended", "target": "sandal", "count": 12},
+                        {"attack": "tdpa", "target": "trouser", "count": 6, "options": {"targets": 2}}])
+    cache = BenchCache(cfg, tmp_path)
+    ds, attack = cfg.datasets[0], cfg.attacks[0]
+    data, ps = cache.train_data(ds, attack, 0)
+    n_clean = len(cache.clean_train(ds))
+    assert len(data) == n_clean + 8 + 12 + 6
+    assert [int(m.sum()) for m in ps.masks] == [8, 12, 6]
+    assert int(ps.mask.sum()) == 26  # disjoint
+    assert not bool(ps.mask[:n_clean].any())  # inject mode: the clean rows are untouched
+    # every part's own manifest evaluates on its own held-out set
+    assert [p.parent.name for p in ps.manifests] == ["part0-badnet", "part1-blended", "part2-tdpa"]
+    # cached on disk: a second cache (a re-run) poisons nothing and finds the same masks
+    stamp = (ps.manifests[0]).stat().st_mtime_ns
+    again = BenchCache(cfg, tmp_path).poisoned(ds, attack, 0)
+    assert again.manifests[0].stat().st_mtime_ns == stamp
+    assert all(torch.equal(a, b) for a, b in zip(again.masks, ps.masks))
+
+
+def test_probe_and_finetune_subsets_are_clean_disjoint_and_seeded(fm_dir, tmp_path):
+    cfg = _cfg(fm_dir, [{"attack": "badnet", "target": "bag", "count": 8}])
+    ds = cfg.datasets[0]
+    a, b = BenchCache(cfg, tmp_path), BenchCache(cfg, tmp_path)
+    probe, ft = a.probe_data(ds), a.finetune_clean(ds)
+    assert len(probe) == 100 and len(ft) == 50
+    assert not set(probe.rows) & set(ft.rows)
+    assert probe.rows == b.probe_data(ds).rows and ft.rows == b.finetune_clean(ds).rows
+    clean_paths = set(a.clean_train(ds).paths)
+    assert set(ft.paths) <= clean_paths  # fine-tuning data comes from the clean CSV
