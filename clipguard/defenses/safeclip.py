@@ -129,6 +129,8 @@ class SafeClip(Strategy):
             raise ConfigError(f"safeclip needs more than warmup_epochs + clip_warmup_epochs = "
                               f"{self.warmup_epochs + self.clip_warmup_epochs} epochs to reach its mixed "
                               f"phase; got --epochs {ctx.epochs}")
+        import sklearn.mixture  # noqa: F401  (imported now so the split's timing is the fit, not the import)
+
         dim = embed_dim(ctx.raw_model)
         if not hasattr(self, "_img_pool"):
             self._img_pool = NNPool(self.pool_size, dim)
