@@ -32,7 +32,7 @@ def test_chained_parts_have_exact_disjoint_masks(fm_dir, tmp_path):
     assert int(ps.mask.sum()) == 26  # disjoint
     assert not bool(ps.mask[:n_clean].any())  # inject mode: the clean rows are untouched
     # every part's own manifest evaluates on its own held-out set
-    assert [p.parent.name for p in ps.manifests] == ["part0-badnet", "part1-blended", "part2-tdpa"]
+    assert [p.parent.name.rsplit("-", 1)[0] for p in ps.manifests] == ["part0-badnet", "part1-blended", "part2-tdpa"]
     # cached on disk: a second cache (a re-run) poisons nothing and finds the same masks
     stamp = (ps.manifests[0]).stat().st_mtime_ns
     again = BenchCache(cfg, tmp_path).poisoned(ds, attack, 0)
@@ -50,3 +50,15 @@ def test_probe_and_finetune_subsets_are_clean_disjoint_and_seeded(fm_dir, tmp_pa
     assert probe.rows == b.probe_data(ds).rows and ft.rows == b.finetune_clean(ds).rows
     clean_paths = set(a.clean_train(ds).paths)
     assert set(ft.paths) <= clean_paths  # fine-tuning data comes from the clean CSV
+
+
+def test_changed_dose_never_reuses_a_stale_poisoned_set(fm_dir, tmp_path):
+    parts = [{"attack": "badnet", "target": "bag", "count": 8}, {"attack": "blended", "target": "sandal", "count": 4}]
+    cfg = _cfg(fm_dir, parts)
+    first = BenchCache(cfg, tmp_path).poisoned(cfg.datasets[0], cfg.attacks[0], 0)
+    parts[0]["count"] = 10
+    cfg2 = _cfg(fm_dir, parts)
+    second = BenchCache(cfg2, tmp_path).poisoned(cfg2.datasets[0], cfg2.attacks[0], 0)
+    assert [int(m.sum()) for m in second.masks] == [10, 4]
+    # both parts are redone: the second part poisons the output of the first
+    assert all(a.parent != b.parent for a, b in zip(first.manifests, second.manifests))

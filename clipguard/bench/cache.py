@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -79,10 +79,15 @@ class BenchCache:
                     raise ConfigError(f"{self.cfg.source}: datasets.{ds.label}.{key}: file not found: {p}")
             return paths
         folder = self.out / "data" / ds.label
-        if not (folder / "classes.json").is_file():
+        made_with = {"builtin": ds.builtin, "train_size": ds.train_size, "test_size": ds.test_size,
+                     "seed": ds.data_seed}
+        stamp = folder / "bench_dataset.json"
+        fresh = stamp.is_file() and json.loads(stamp.read_text()) == made_with
+        if not fresh:  # first use, or the config now asks for another size/seed: (re)materialise
             from clipguard.data.fashion_mnist import materialise
 
             materialise(folder, train_size=ds.train_size, test_size=ds.test_size, seed=ds.data_seed)
+            write_json(stamp, made_with)
         return folder / "train.csv", folder / "test.csv", folder / "classes.json"
 
     def load(self, path: Path, ds: DatasetSpec) -> ImageCaptionData:
@@ -173,7 +178,12 @@ class BenchCache:
         t0 = time.perf_counter()
         made = False
         for i, part in enumerate(attack.parts):
-            pdir = folder / f"part{i}-{part.attack}"
+            # the folder name carries a hash of the data and of this and every earlier part, so a
+            # changed dose, option or dataset never reuses a stale poisoned set
+            key_i = {"data": [str(train_csv), ds.train_size, ds.test_size, ds.data_seed], "seed": seed,
+                     "parts": [asdict(p) for p in attack.parts[: i + 1]]}
+            digest = hashlib.sha256(json.dumps(key_i, sort_keys=True, default=str).encode()).hexdigest()[:8]
+            pdir = folder / f"part{i}-{part.attack}-{digest}"
             if not (pdir / "manifest.json").is_file():
                 made = True
                 attacks.poison_csv(str(src), part.attack, target=part.target, rate=part.rate, count=part.count,
