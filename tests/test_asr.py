@@ -146,3 +146,28 @@ def test_missing_eval_section_is_a_clear_error(tmp_path):
     del m["eval"]
     with pytest.raises(DataError, match="--eval-data"):
         asr_for_model(HandBuiltCLIP(), "hand", m, tokenizer=tokenizer)
+
+
+def test_evaluate_command_reports_attack_metrics_with_protocol(fm_dir, tmp_path):
+    """``clipguard evaluate --attack-manifest`` end to end on an untrained tiny model."""
+    import json
+
+    from clipguard import attacks
+    from clipguard.cli import main
+    from clipguard.models.checkpoint import save_checkpoint
+    from clipguard.models.factory import create_model
+
+    save_checkpoint(tmp_path / "ckpt", create_model("cg-tiny", seed=0), state={"model": "cg-tiny"})
+    attacks.poison_csv(fm_dir / "train.csv", "badnet", target="bag", count=5, seed=0, out=tmp_path / "p",
+                       eval_csv=fm_dir / "test.csv")
+    rc = main(["evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(fm_dir / "test.csv"),
+               "--attack-manifest", str(tmp_path / "p" / "manifest.json"), "--out", str(tmp_path / "r.json")])
+    assert rc == 0
+    a = json.loads((tmp_path / "r.json").read_text())["metrics"]["attack"]
+    test_labels = [int(r.split("\t")[2]) for r in (fm_dir / "test.csv").read_text().splitlines()[1:]]
+    n = sum(lab != 8 for lab in test_labels)
+    for block in ("zeroshot", "linear_probe"):
+        assert a[block]["protocol"]["n_images"] == n and a[block]["protocol"]["ks"] == [1, 3, 5]
+        assert a[block]["protocol"]["excluded_class"] == [{"index": 8, "name": "bag"}]
+        assert 0.0 <= a[block]["asr@1"] <= a[block]["asr@3"] <= a[block]["asr@5"] <= 1.0
+    assert "512 images" in a["linear_probe"]["protocol"]["classifier"]   # probe on the clean source CSV
