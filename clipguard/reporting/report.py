@@ -48,7 +48,7 @@ def build_tables(cells: list[dict[str, Any]], order: list[str]) -> list[Table]:
         base = asr_table(rows, order, key="asr_base",
                          title="Table 1b: base rate - the same held-out images WITHOUT the trigger predicted as "
                                "the target (%); an ASR near it means the backdoor did not take")
-        base.notes = base.notes[:1]
+        base.notes = [base.notes[0].replace("Attack success rate", "Base rate")]
         tables.append(base)
     tables.append(accuracy_table(rows, order))
     safe = safe_set_table(rows, order)
