@@ -1,12 +1,16 @@
 """One small registry type, shared by attacks, defences, datasets and models.
 
 A new method is one module plus one ``@REGISTRY.register("name")`` line, reachable from the CLI
-(which lists ``names()``) and from Python (``get(name)``).
+(which lists ``names()``) and from Python (``get(name)``). A registry given ``package`` imports
+that package's modules on first lookup, so dropping a file in is all it takes, while start-up
+stays fast for commands that never look anything up.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Generic, Iterable, TypeVar
 
 from clipguard.errors import ConfigError
 
@@ -14,9 +18,19 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, package: str | None = None, skip: Iterable[str] = ()):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._package, self._skip, self._loaded = package, set(skip), package is None
+
+    def _autoload(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        pkg = importlib.import_module(self._package)
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if mod.name not in self._skip:
+                importlib.import_module(f"{self._package}.{mod.name}")
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -28,6 +42,7 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        self._autoload()
         try:
             return self._items[name]
         except KeyError:
@@ -36,7 +51,9 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        self._autoload()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        self._autoload()
         return name in self._items

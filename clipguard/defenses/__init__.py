@@ -12,33 +12,16 @@ from clipguard.errors import ConfigError
 from clipguard.registry import Registry
 from clipguard.training.strategy import ClipStrategy, Strategy
 
-DEFENSES: Registry[type[Strategy]] = Registry("defense")
+DEFENSES: Registry[type[Strategy]] = Registry("defense", package=__name__)
 DEFENSES.register("none")(ClipStrategy)
 DEFENSES.register("ft")(ClipStrategy)  # clean fine-tuning is the plain CLIP loss on clean data
 
-_LOADED = False
-
-
-def _load_builtin() -> None:
-    """Import the modules that register the built-in defences (kept lazy to keep start-up fast)."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    import importlib
-    import pkgutil
-
-    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        importlib.import_module(f"clipguard.defenses.{mod.name}")
-
 
 def names() -> list[str]:
-    _load_builtin()
     return DEFENSES.names()
 
 
 def get(name: str) -> type[Strategy]:
-    _load_builtin()
     return DEFENSES.get(name)
 
 
