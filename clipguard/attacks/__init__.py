@@ -7,7 +7,6 @@ Each attack is one module in this package, registered with ``@ATTACKS.register(n
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipguard.registry import Registry
@@ -15,31 +14,15 @@ from clipguard.registry import Registry
 if TYPE_CHECKING:
     from clipguard.attacks.base import Attack
 
-ATTACKS: Registry[type["Attack"]] = Registry("attack")
-_LOADED = False
-_SKIP = {"base", "captions", "patch", "manifest", "writer", "pipeline"}
-
-
-def _load_builtin() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    import importlib
-    import pkgutil
-
-    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if mod.name not in _SKIP:
-            importlib.import_module(f"clipguard.attacks.{mod.name}")
+_SKIP = {"base", "captions", "patch", "manifest", "writer", "pipeline"}  # helpers, not attacks
+ATTACKS: Registry[type["Attack"]] = Registry("attack", package=__name__, skip=_SKIP)
 
 
 def get(name: str) -> type["Attack"]:
-    _load_builtin()
     return ATTACKS.get(name)
 
 
 def names() -> list[str]:
-    _load_builtin()
     return ATTACKS.names()
 
 
