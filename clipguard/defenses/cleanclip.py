@@ -90,8 +90,8 @@ class CleanClip(Strategy):
         extra = txt_all[at:]
         return img, img_aug, txt, txt_aug, extra, scale
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        img, img_aug, txt, txt_aug, _, scale = self._forward(batch)
+    def _clip_and_inmodal(self, img, img_aug, txt, txt_aug, scale) -> tuple[torch.Tensor, dict[str, Any]]:
+        """lambda1 * CLIP + lambda2 * in-modal, shared with CleanerCLIP, which adds L_fc on top."""
         l_clip = clip_loss(img, txt, scale, self.ctx.dist)
         logs: dict[str, Any] = {"clip_loss": float(l_clip.detach())}
         total = self.lambda1 * l_clip
@@ -100,3 +100,7 @@ class CleanClip(Strategy):
             total = total + self.lambda2 * l_in
             logs["inmodal_loss"] = float(l_in.detach())
         return total, logs
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        img, img_aug, txt, txt_aug, _, scale = self._forward(batch)
+        return self._clip_and_inmodal(img, img_aug, txt, txt_aug, scale)

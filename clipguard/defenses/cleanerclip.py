@@ -30,7 +30,6 @@ from clipguard.data.subcaptions import SubcaptionGenerator
 from clipguard.defenses import DEFENSES
 from clipguard.defenses.cleanclip import CleanClip
 from clipguard.training.context import Batch, step_seed
-from clipguard.training.losses import clip_loss
 
 
 def factual_counterfactual_loss(img: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
@@ -124,13 +123,7 @@ class CleanerClip(CleanClip):
             if len(rows):
                 extra = [self.ctx.tokenize(pos + neg)]
         img, img_aug, txt, txt_aug, sub, scale = self._forward(batch, extra)
-        l_clip = clip_loss(img, txt, scale, self.ctx.dist)
-        logs: dict[str, Any] = {"clip_loss": float(l_clip.detach())}
-        total = self.lambda1 * l_clip
-        if self.lambda2 > 0:
-            l_in = self._inmodal(img, img_aug, txt, txt_aug, scale)
-            total = total + self.lambda2 * l_in
-            logs["inmodal_loss"] = float(l_in.detach())
+        total, logs = self._clip_and_inmodal(img, img_aug, txt, txt_aug, scale)
         if self.lambda3 > 0:
             k = len(rows)
             l_fc = factual_counterfactual_loss(img[rows.to(img.device)], sub[:k], sub[k:2 * k],
