@@ -44,6 +44,22 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, old + json.dumps(obj, default=_json_default) + "\n")
 
 
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """A JSON object from a user-supplied file, with errors that name the file."""
+    from clipguard.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found", file=str(path))
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON: {e}", file=str(path)) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{what} must be a JSON object", file=str(path))
+    return obj
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():

@@ -5,7 +5,6 @@ Defences never read it; it is for diagnostics (detection AUROC) and the ASR eval
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 
 from clipguard.data.csv_dataset import ImageCaptionData
 from clipguard.errors import DataError
+from clipguard.io import read_json_object
 
 MANIFEST_FILE = "manifest.json"
 REQUIRED = ("attack", "params", "seed", "target", "target_captions", "poisoned_rows", "mode",
@@ -27,14 +27,7 @@ def manifest_path(path: str | Path) -> Path:
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """Read and check a manifest; ``_dir`` is added so relative paths inside it resolve."""
     path = manifest_path(path)
-    if not path.is_file():
-        raise DataError("attack manifest not found", file=str(path))
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON: {e}", file=str(path)) from None
-    if not isinstance(obj, dict):
-        raise DataError("a manifest is a JSON object", file=str(path))
+    obj = read_json_object(path, "attack manifest")
     for key in REQUIRED:
         if key not in obj:
             raise DataError("missing key", file=str(path), field=key)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,14 +47,11 @@ class ClassInfo:
 
     @classmethod
     def load(cls, path: str | Path) -> "ClassInfo":
+        from clipguard.io import read_json_object
+
         path = Path(path)
-        if not path.is_file():
-            raise DataError("file not found", file=str(path))
-        try:
-            obj = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON: {e}", file=str(path)) from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("classes"), list) or not obj["classes"]:
+        obj = read_json_object(path, "classes file")
+        if not isinstance(obj.get("classes"), list) or not obj["classes"]:
             raise DataError("needs a non-empty list 'classes'", file=str(path), field="classes")
         templates = obj.get("templates") or list(DEFAULT_ZEROSHOT_TEMPLATES)
         for t in templates:
