@@ -22,3 +22,20 @@ def fm_train(fm_dir):
     from clipguard.data.csv_dataset import load_csv
 
     return load_csv(fm_dir / "train.csv")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Toy batches are too small for intra-op threads; on a shared machine they only spin.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy(fm_train):
+    """32 real Fashion-MNIST pairs for loss-level tests."""
+    return fm_train.subset(range(32))

@@ -29,18 +29,7 @@ def make_batch(ctx: TrainContext, seed: int, idx=None) -> Batch:
                  generator=torch.Generator().manual_seed(seed), rng=random.Random(seed))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy batches are too small for intra-op threads; on a shared machine they only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def toy(fm_train):
-    return fm_train.subset(range(32))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _loss(strategy, ctx, seed=0):

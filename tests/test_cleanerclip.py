@@ -13,19 +13,7 @@ from clipguard.defenses.cleanerclip import factual_counterfactual_loss
 from clipguard.training.strategy import ClipStrategy
 from tests.test_cleanclip import make_batch, make_ctx
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy batches are too small for intra-op threads; on a shared machine they only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def toy(fm_train):
-    return fm_train.subset(range(32))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _unit(*shape, seed=0):
