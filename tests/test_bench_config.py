@@ -30,7 +30,10 @@ def _write(tmp_path: Path, obj) -> Path:
 def test_parse_and_plan_orders_base_before_finetune():
     cfg = parse_config(GRID)
     cells = plan_cells(cfg)
-    assert len(cells) == 1 * 2 * 2 * 2  # dataset x attacks x seeds x (pretrain + finetune)
+    # dataset x attacks x seeds x pretrain, plus fine-tuning of the poisoned attack only (a clean
+    # model has no backdoor to remove)
+    assert len(cells) == 1 * 2 * 2 + 1 * 1 * 2
+    assert not any(c.stage == "finetune" and c.attack.clean for c in cells)
     assert len({c.id for c in cells}) == len(cells)
     for i, c in enumerate(cells):
         if c.stage == "finetune":

@@ -79,7 +79,7 @@ def test_grid_killed_midway_then_finished(fm_dir, tmp_path):
     assert 1 <= len(finished) < 4, "the kill must land midway for this test to mean anything"
 
     cfg = load_config(config)
-    meta = run_bench(cfg, out, quiet=True)
+    meta = run_bench(cfg, out, quiet=True, jobs=2)  # the rest in 2 worker processes
     assert meta["cells_skipped"] == len(finished)
     assert meta["cells_run"] == 4 - len(finished)
     for name, text in finished.items():  # finished cells are not redone
@@ -118,3 +118,21 @@ def test_interrupted_cell_resumes_from_checkpoint(fm_dir, tmp_path):
     assert [r["epoch"] for r in hist] == [1, 2]
     assert hist[0] == first[0]  # epoch 1 was not retrained
     assert "safe_frac" not in hist[0]  # plain CLIP selects nothing
+
+
+def test_clean_cell_measures_the_base_rate_of_every_attack(fm_dir, tmp_path):
+    """A model trained on clean data is measured with the poisoned attacks' trigger sets: Table 1
+    shows it as its own '(clean data)' row, the floor an ASR is read against."""
+    from clipguard.reporting.report import terminal_tables
+
+    config = _grid(fm_dir, tmp_path)
+    cfg = load_config(config, ["attacks.tdpa=none"])
+    assert not any(c.stage == "finetune" and c.attack.clean for c in plan_cells(cfg))
+    out = tmp_path / "bench"
+    run_bench(cfg, out, quiet=True, only="fm/tdpa/CLIP/")
+    rec = json.loads((out / "cells" / "fm__tdpa__CLIP__seed0.json").read_text())
+    assert rec["train_data"] == "clean"
+    assert [(p["column"], p["reference"]) for p in rec["asr"]] == [("badnet", True)]
+    assert rec["asr"][0]["metrics"]["zeroshot"]["protocol"]["n_images"] > 0
+    text = terminal_tables(out)
+    assert "CLIP (clean data)" in text.split("Table 2")[0]

@@ -30,3 +30,30 @@ def test_checkpoint_loads_in_open_clip(tmp_path):
 def test_real_architecture_by_name():
     m = create_model("RN50", seed=0)
     assert m.visual.image_size == 224 or tuple(m.visual.image_size) == (224, 224)
+
+
+def test_cached_tokenizer_gives_open_clips_tokens_exactly():
+    """The memo (whole captions, and word by word for plain ASCII) must never change a token."""
+    import random
+
+    import open_clip
+
+    from clipguard.data.augment import EDA
+
+    tok = get_tokenizer("cg-tiny")  # registers our configs first: the reference must use context 32
+    ref = open_clip.get_tokenizer("cg-tiny")
+    assert ref.context_length == tok.context_length == 32
+    rng = random.Random(0)
+    base = ["someone is selling a cheap sandal online.", "my new tee.", "A close-up of a PLAIN   dress!",
+            "it's the t-shirt's 2nd wash; it'll shrink (maybe)", "rock & roll <start_of_text> jeans",
+            "café crème brûlée", "tab\tseparated\nlines", "&amp; html &lt;b&gt;", "", "   ",
+            "word " * 40, "quote \"x\" ~weird~ {braces} [x] a|b ^_^ `tick` @home #1 $5 50% *star* +plus/slash\\"]
+    alphabet = [chr(c) for c in range(32, 127)] + ["é", "\u2019", "&", "<", "\t"]
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(300)]
+    eda = EDA()
+    aug = [eda.augment_batch(base[:4], rng) for _ in range(50)]
+    texts = base + fuzz + [c for batch in aug for c in batch]
+    for _ in range(2):  # the second pass is served from the caches
+        assert torch.equal(tok(texts), ref(texts))
+    assert torch.equal(tok(texts[0]), ref(texts[0]))
+    assert torch.equal(tok(texts[:3], context_length=6), ref(texts[:3], context_length=6))

@@ -19,7 +19,7 @@ import torch
 
 import clipguard
 from clipguard.bench.cache import BenchCache, PoisonedSet
-from clipguard.bench.config import BenchConfig
+from clipguard.bench.config import AttackSpec, BenchConfig
 from clipguard.bench.plan import Cell, base_cell
 from clipguard.errors import ConfigError
 from clipguard.io import read_jsonl, write_json
@@ -164,12 +164,33 @@ def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, se
     return out
 
 
+def reference_asr(cfg: BenchConfig, cell: Cell, cache: BenchCache, model, device, probe) -> list[dict[str, Any]]:
+    """A model trained on CLEAN data, measured with every poisoned attack's trigger set of the same
+    dataset and seed: the rate at which an unpoisoned model already sends those images to the
+    target class, i.e. the floor an ASR is read against (the attacks issue's "base rate")."""
+    out: list[dict[str, Any]] = []
+    for attack in cfg.attacks:
+        if attack.clean:
+            continue
+        poisoned = cache.poisoned(cell.dataset, attack, cell.seed)
+        recs = asr_metrics(model, cfg.model, poisoned.manifests, device, probe, seed=cell.seed)
+        for rec, col in zip(recs, attack_columns(attack)):
+            rec["column"] = col
+            rec["reference"] = True  # an unpoisoned model: its "ASR" is the base rate
+        out.extend(recs)
+    return out
+
+
 def asr_columns(cell: Cell) -> list[str]:
+    return attack_columns(cell.attack)
+
+
+def attack_columns(attack: AttackSpec) -> list[str]:
     """One ASR column per attack part: the attack's label, or the part's attack name when several
     attacks share one poisoned dataset."""
-    if len(cell.attack.parts) == 1:
-        return [cell.attack.label]
-    return [p.attack for p in cell.attack.parts]
+    if len(attack.parts) == 1:
+        return [attack.label]
+    return [p.attack for p in attack.parts]
 
 
 # ---------------------------------------------------------------------------- running
@@ -246,6 +267,8 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
     asr = asr_metrics(model, cfg.model, poison.manifests, device, probe, seed=cell.seed)
     for rec, col in zip(asr, asr_columns(cell)):
         rec["column"] = col
+    if cell.attack.clean:
+        asr = reference_asr(cfg, cell, cache, model, device, probe)
     train_data, _ = cache.train_data(cell.dataset, cell.attack, cell.seed)
     hist = similarity_histogram(model, cfg.model, train_data, poison.mask, device, cfg.histogram_bins,
                                 cfg.histogram_max_pairs, seed=cell.seed)
@@ -256,7 +279,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
     record = {
         "format": CELL_FORMAT, "cell": cell.id, "fingerprint": fingerprint(conf),
         "dataset": ds.label, "attack": cell.attack.label, "stage": cell.stage, "method": cell.method,
-        "defense": cell.defense.defense, "base": cell.base, "seed": cell.seed, "model": cfg.model,
+        "train_data": "clean" if cell.attack.clean else "poisoned", "defense": cell.defense.defense, "base": cell.base, "seed": cell.seed, "model": cfg.model,
         "config": conf, "train_config": params.get("train"), "strategy_config": params.get("strategy"),
         "train_pairs": len(data), "metrics": metrics, "asr": asr, "epochs": epochs,
         "similarity_histogram": hist,

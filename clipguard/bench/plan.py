@@ -46,7 +46,8 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
             for seed in cfg.seeds:
                 for d in cfg.pretrain.defenses:
                     cells.append(Cell(ds, attack, d, seed, "pretrain"))
-                if cfg.finetune is not None:
+                # a model trained on clean data has no backdoor for a fine-tuning defence to remove
+                if cfg.finetune is not None and not attack.clean:
                     for d in cfg.finetune.defenses:
                         cells.append(Cell(ds, attack, d, seed, "finetune", base=cfg.finetune.base))
     return cells

@@ -29,13 +29,82 @@ def plan_record(cfg: BenchConfig, cells: list[Cell]) -> dict[str, Any]:
         for c in cells]}
 
 
+def _summary(rec: dict[str, Any]) -> str:
+    m = rec["metrics"]
+    asr = ", ".join(f"{a['column']}={a['headline']['value']:.3f}" for a in rec["asr"]
+                    if a["headline"].get("value") is not None)
+    return (f"[{rec['cell']}] zero-shot {m['zeroshot_top1']:.3f}"
+            + (f", linear probe {m['linear_probe_top1']:.3f}" if "linear_probe_top1" in m else "")
+            + (f", {'base rate' if rec.get('train_data') == 'clean' else 'ASR'} {asr}" if asr else "")
+            + f" ({rec['timings']['train_wall_s']:.0f}s train)")
+
+
+_WORKER_CACHE: dict[str, BenchCache] = {}
+
+
+def _worker_cell(cfg: BenchConfig, out: str, cell_id: str, threads: int) -> dict[str, Any]:
+    """One cell in a worker process (``--jobs``): its own threads, a cache kept across its cells."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cell = next(c for c in plan_cells(cfg) if c.id == cell_id)
+    cache = _WORKER_CACHE.setdefault(out, BenchCache(cfg, Path(out)))
+    return run_cell(cfg, cell, Path(out), cache, quiet=True, evaluate=True)
+
+
+def _run_parallel(cfg: BenchConfig, out: Path, cells: list[Cell], jobs: int, bar, ran: list[str],
+                  quiet: bool) -> None:
+    """Cells in ``jobs`` worker processes (each with cores/jobs threads); a fine-tuning cell starts
+    once its pre-trained base is finished. On a tiny model, processes use the cores better than
+    threads (a step is many small ops), so ``--jobs 2`` is the faster way to fill 2 cores."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from clipguard.bench.plan import base_cell
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending = list(cells)
+    ids = {c.id for c in cells}
+
+    def ready(c: Cell) -> bool:
+        if c.stage != "finetune":
+            return True
+        base = base_cell(cfg, c)
+        return base.id not in ids or is_done(cfg, base, out)
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        running: dict[Any, Cell] = {}
+        while pending or running:
+            for c in [c for c in pending if ready(c)][: jobs - len(running)]:
+                pending.remove(c)
+                running[pool.submit(_worker_cell, cfg, str(out), c.id, threads)] = c
+            if not running:
+                raise RuntimeError(f"bench: cells wait for a base that will not run: {[c.id for c in pending]}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                cell = running.pop(fut)
+                try:
+                    rec = fut.result()
+                except BaseException:
+                    for f in running:
+                        f.cancel()
+                    raise
+                ran.append(cell.id)
+                bar.update(1)
+                if not quiet:
+                    tqdm.write(_summary(rec))
+
+
 def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: bool = False,
-              report: bool = True, only: str | None = None, command: str | None = None) -> dict[str, Any]:
+              report: bool = True, only: str | None = None, command: str | None = None,
+              jobs: int = 1) -> dict[str, Any]:
     """Run every unfinished cell in order, then write results.csv and the reports.
 
     ``only``: a substring filter on cell ids (debugging one cell). ``redo``: forget the selected
     cells' results: a run folder made with the same config resumes (so only evaluation is redone),
-    one made with a different config is deleted and retrained."""
+    one made with a different config is deleted and retrained. ``jobs``: cells run at once, in
+    worker processes (not under torchrun)."""
     from clipguard.training.distributed import barrier, init_distributed
 
     out = Path(out)
@@ -65,10 +134,13 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
     ran: list[str] = []
     meta = {"name": cfg.name, "config": cfg.source, "model": cfg.model, "seeds": cfg.seeds,
             "n_cells": len(cells), "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-            "world_size": dist.world_size}
+            "world_size": dist.world_size, "jobs": jobs}
     bar = tqdm(total=len(todo), desc=f"bench {cfg.name}", position=0, dynamic_ncols=True,
                disable=quiet or not main, initial=len(done_before))
     try:
+        if jobs > 1 and dist.world_size == 1:
+            left = [c for c in todo if c not in done_before and not is_done(cfg, c, out)]
+            _run_parallel(cfg, out, left, jobs, bar, ran, quiet)
         for cell in todo:
             if cell in done_before or is_done(cfg, cell, out):
                 continue
@@ -78,13 +150,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
             ran.append(cell.id)
             bar.update(1)
             if rec is not None and not quiet:
-                m = rec["metrics"]
-                asr = ", ".join(f"{a['column']}={a['headline']['value']:.3f}" for a in rec["asr"]
-                                if a["headline"].get("value") is not None)
-                tqdm.write(f"[{cell.id}] zero-shot {m['zeroshot_top1']:.3f}"
-                           + (f", linear probe {m['linear_probe_top1']:.3f}" if "linear_probe_top1" in m else "")
-                           + (f", ASR {asr}" if asr else "")
-                           + f" ({rec['timings']['train_wall_s']:.0f}s train)")
+                tqdm.write(_summary(rec))
     finally:
         bar.close()
         meta.update({"wall_s": round(time.perf_counter() - t0, 1), "cells_run": len(ran),

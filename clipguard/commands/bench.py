@@ -16,25 +16,30 @@ def add_parser(sub) -> None:
     p.add_argument("--report-only", action="store_true", help="just rebuild results.csv and the reports")
     p.add_argument("--plan", action="store_true", help="print the cells and whether they are done; run nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells run at once in worker processes, each with cores/JOBS threads (default 1)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     return run_grid(args.config, args.out, overrides=args.overrides, only=args.only, redo=args.redo,
-                    report_only=args.report_only, plan=args.plan, quiet=args.quiet)
+                    report_only=args.report_only, plan=args.plan, quiet=args.quiet, jobs=args.jobs)
 
 
 def run_grid(config: str, out: str, *, overrides: list[str] | None = None, only: str | None = None,
              redo: bool = False, report_only: bool = False, plan: bool = False, quiet: bool = False,
-             command: str | None = None) -> int:
+             command: str | None = None, jobs: int = 1) -> int:
     import os
     from pathlib import Path
 
     from clipguard.bench import load_config, plan_cells, run_bench
     from clipguard.bench.cell import is_done
+    from clipguard.errors import ConfigError
     from clipguard.reporting import terminal_tables, write_report
 
     cfg = load_config(config, overrides)
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if plan:
         cells = plan_cells(cfg)
         for c in cells:
@@ -42,7 +47,7 @@ def run_grid(config: str, out: str, *, overrides: list[str] | None = None, only:
         print(f"{len(cells)} cells")
         return 0
     if not report_only:
-        meta = run_bench(cfg, out, quiet=quiet, redo=redo, only=only, command=command)
+        meta = run_bench(cfg, out, quiet=quiet, redo=redo, only=only, command=command, jobs=jobs)
         if int(os.environ.get("RANK", "0")) != 0:
             return 0  # under torchrun, rank 0 reports
         print(f"\nbench {cfg.name}: {meta['cells_run']} cell(s) run, {meta['cells_skipped']} reused, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config value, e.g. --set seeds=[0,1,2]")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="cells run at once in worker processes (default: the number of cores, at most 2)")
     p.set_defaults(func=run)
 
 
@@ -32,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{name}"
     t0 = time.perf_counter()
     cmd = "clipguard demo" + (" --quick" if args.quick else "") + (f" --out {out}" if args.out else "")
-    rc = run_grid(str(config), out, overrides=args.overrides, quiet=args.quiet, command=cmd)
+    jobs = args.jobs or min(2, os.cpu_count() or 1)
+    rc = run_grid(str(config), out, overrides=args.overrides, quiet=args.quiet, command=cmd, jobs=jobs)
     print(f"{cmd}: total wall time {time.perf_counter() - t0:.0f} s (config {config}, results in {out}/)")
     return rc

@@ -14,6 +14,7 @@ import open_clip
 import torch
 
 from clipguard.errors import ConfigError
+from clipguard.models.tokenizer import CachedTokenizer
 from clipguard.registry import Registry
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -60,10 +61,16 @@ def create_model(name: str, *, checkpoint: str | Path | None = None,
     return model
 
 
-def get_tokenizer(name: str):
-    """open_clip's tokenizer for the model; it keeps the end-of-text token when truncating."""
-    model_config(name)
-    return open_clip.get_tokenizer(name)
+_TOKENIZERS: dict[str, CachedTokenizer] = {}
+
+
+def get_tokenizer(name: str) -> CachedTokenizer:
+    """open_clip's tokenizer for the model (it keeps the end-of-text token when truncating),
+    behind an exact memo shared by every caller in the process."""
+    if name not in _TOKENIZERS:
+        model_config(name)
+        _TOKENIZERS[name] = CachedTokenizer(open_clip.get_tokenizer(name))
+    return _TOKENIZERS[name]
 
 
 def image_size(model: torch.nn.Module) -> int:

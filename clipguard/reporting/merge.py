@@ -12,7 +12,7 @@ from clipguard.errors import DataError
 from clipguard.io import write_text
 
 BASE_COLUMNS = ["cell", "dataset", "attack", "stage", "method", "defense", "base", "seed", "train_pairs",
-                "zeroshot_top1", "zeroshot_top5", "linear_probe_top1", "linear_probe_top5"]
+                "zeroshot_top1", "zeroshot_top5", "linear_probe_top1", "linear_probe_top5", "train_data"]
 TAIL_COLUMNS = ["final_safe_frac", "final_safe_poison_kept", "train_epochs_s", "train_wall_s", "eval_s",
                 "resumed_from_epoch"]
 
@@ -33,8 +33,10 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
     """The flat row of one cell: clean metrics, one ``asr.<column>`` per attack part, timings."""
     m = cell.get("metrics", {})
     row: dict[str, Any] = {k: cell.get(k) for k in BASE_COLUMNS[:9]}
-    for k in BASE_COLUMNS[9:]:
+    for k in BASE_COLUMNS[9:13]:
         row[k] = m.get(k)
+    parts = ((cell.get("config") or {}).get("attack") or {}).get("parts")
+    row["train_data"] = cell.get("train_data") or ("clean" if parts == [] else "poisoned")
     for part in cell.get("asr", []):
         col = part.get("column") or part.get("attack")
         h = part.get("headline") or {}

