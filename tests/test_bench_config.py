@@ -44,6 +44,18 @@ def test_parse_and_plan_orders_base_before_finetune():
     assert cfg.finetune.base == "CLIP"
 
 
+def test_an_attack_can_restrict_the_pretrain_defences_run_on_it():
+    import copy
+
+    g = copy.deepcopy(GRID)
+    g["pretrain"]["defenses"]["Other"] = "none"
+    g["attacks"]["clean"] = {"attack": "none", "defenses": ["CLIP"]}
+    cells = plan_cells(parse_config(g))
+    on_clean = sorted({c.method for c in cells if c.attack.clean})
+    on_badnet = sorted({c.method for c in cells if c.attack.label == "badnet"})
+    assert on_clean == ["CLIP"] and on_badnet == ["CLIP", "CLIP+FT", "Other"]
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda g: g.update(epochs=3), "unknown key"),
     (lambda g: g["attacks"]["badnet"].pop("target"), "needs 'target'"),
@@ -53,6 +65,8 @@ def test_parse_and_plan_orders_base_before_finetune():
     (lambda g: g.update(seeds=[0, 0]), "duplicates"),
     (lambda g: g["datasets"]["fm"].update(builtin="cifar"), "unknown dataset"),
     (lambda g: g["datasets"].update(x={"train": "a.csv"}), "needs 'test'"),
+    (lambda g: g["attacks"].update(clean={"attack": "none", "defenses": ["SafeCLIP"]}), "not pretrain defence labels"),
+    (lambda g: g["attacks"].update(clean={"attack": "none", "defenses": "CLIP"}), "non-empty list"),
 ])
 def test_bad_configs_name_the_key(mutate, message):
     import copy

@@ -136,3 +136,45 @@ def test_clean_cell_measures_the_base_rate_of_every_attack(fm_dir, tmp_path):
     assert rec["asr"][0]["metrics"]["zeroshot"]["protocol"]["n_images"] > 0
     text = terminal_tables(out)
     assert "CLIP (clean data)" in text.split("Table 2")[0]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            kids.append(int(status.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1][:1]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_killing_a_parallel_bench_stops_its_workers(fm_dir, tmp_path):
+    """`--jobs` workers must not outlive a killed `clipguard bench` (they would keep training and
+    writing into the bench folder)."""
+    config = _grid(fm_dir, tmp_path, epochs=50)
+    out = tmp_path / "bench"
+    proc = subprocess.Popen([sys.executable, "-m", "clipguard.cli", "bench", str(config), "--out", str(out),
+                             "--quiet", "--jobs", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while time.time() < deadline and not any((out / "runs").rglob("results.jsonl")):
+        time.sleep(0.2)
+    workers = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert workers, "no worker process found while the grid was training"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)

@@ -147,13 +147,31 @@ def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, se
                 ) -> list[dict[str, Any]]:
     if not manifests:
         return []
+    from clipguard.attacks.manifest import load_manifest
+    from clipguard.data.classes import ClassInfo
     from clipguard.evaluation.asr import asr_for_model
+    from clipguard.evaluation.features import encode_images
+    from clipguard.evaluation.linear_probe import LinearProbe
+    from clipguard.evaluation.zeroshot import zeroshot_classifier
+    from clipguard.models.factory import get_tokenizer
     from clipguard.reporting.asr_keys import pick_base_rate, pick_headline, pick_linear_probe
 
+    # the classifier and the probe depend on the model and the classes, not on the attack: one each
+    weights: dict[str, torch.Tensor] = {}
+    fitted = None
+    if probe is not None:
+        fitted = LinearProbe(seed=seed).fit(encode_images(model, probe.images, device), probe.labels,
+                                            source=str(probe.source))
     out = []
     for i, m in enumerate(manifests):
         manifest = json.loads(Path(m).read_text())
-        raw = asr_for_model(model, model_name, str(m), device, probe_data=probe, seed=seed)
+        loaded = load_manifest(m)
+        cpath = str(Path(loaded["_dir"]) / (loaded.get("classes") or "classes.json"))
+        classes = ClassInfo.load(cpath)
+        if cpath not in weights:
+            weights[cpath] = zeroshot_classifier(model, get_tokenizer(model_name), classes, device)
+        raw = asr_for_model(model, model_name, loaded, device, classes=classes, seed=seed,
+                            zeroshot_weights=weights[cpath], probe=fitted, cache_eval_set=True)
         kind = raw.get("kind") or (manifest.get("eval") or {}).get("kind", "backdoor")
         out.append({"part": i, "attack": manifest.get("attack"), "kind": kind,
                     "target": manifest.get("target"), "manifest": str(m),

@@ -67,6 +67,10 @@ class AttackSpec:
 
     label: str
     parts: list[AttackPart] = field(default_factory=list)
+    defenses: list[str] | None = None  # pre-training defences run on this data (None: all)
+
+    def runs(self, defense_label: str) -> bool:
+        return self.defenses is None or defense_label in self.defenses
 
     @property
     def clean(self) -> bool:
@@ -251,17 +255,27 @@ def _attack_part(obj: Any, source: str, key: str) -> AttackPart:
 
 
 def _attack(label: str, obj: Any, source: str) -> AttackSpec:
+    """An attack entry; ``defenses: [labels]`` restricts the pre-training defences run on it (e.g.
+    only the undefended CLIP on the clean data that gives the base rate)."""
     key = f"attacks.{label}"
+    only = None
+    if isinstance(obj, dict) and "defenses" in obj:
+        obj = dict(obj)
+        only = obj.pop("defenses")
+        if not isinstance(only, list) or not only or not all(isinstance(x, str) for x in only):
+            raise ConfigError(f"{source}: {key}.defenses must be a non-empty list of pretrain defence labels")
     if obj is None or (isinstance(obj, dict) and obj.get("attack") in NO_ATTACK) or obj in NO_ATTACK:
-        return AttackSpec(label=label, parts=[])
+        if isinstance(obj, dict):
+            _check_keys(obj, {"attack"}, source, key)
+        return AttackSpec(label=label, parts=[], defenses=only)
     if isinstance(obj, dict) and "parts" in obj:
         _check_keys(obj, {"parts"}, source, key)
         parts = obj["parts"]
         if not isinstance(parts, list) or not parts:
             raise ConfigError(f"{source}: {key}.parts must be a non-empty list of attacks")
         return AttackSpec(label=label, parts=[_attack_part(p, source, f"{key}.parts.{i}")
-                                              for i, p in enumerate(parts)])
-    return AttackSpec(label=label, parts=[_attack_part(obj, source, key)])
+                                              for i, p in enumerate(parts)], defenses=only)
+    return AttackSpec(label=label, parts=[_attack_part(obj, source, key)], defenses=only)
 
 
 def _defense(label: str, obj: Any, source: str, key: str) -> DefenseSpec:
@@ -305,6 +319,11 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
                for k, v in _mapping(raw["attacks"], source, "attacks").items()]
     pretrain = _stage(raw["pretrain"], source, "pretrain", finetune=False)
     finetune = _stage(raw["finetune"], source, "finetune", finetune=True) if raw.get("finetune") else None
+    for a in attacks:
+        unknown = sorted(set(a.defenses or []) - {d.label for d in pretrain.defenses})
+        if unknown:
+            raise ConfigError(f"{source}: attacks.{a.label}.defenses: {unknown} are not pretrain defence labels; "
+                              f"choose from {[d.label for d in pretrain.defenses]}")
     if finetune is not None:
         labels = [d.label for d in pretrain.defenses]
         if finetune.base is None:

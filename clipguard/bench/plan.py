@@ -45,9 +45,10 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
         for attack in cfg.attacks:
             for seed in cfg.seeds:
                 for d in cfg.pretrain.defenses:
-                    cells.append(Cell(ds, attack, d, seed, "pretrain"))
+                    if attack.runs(d.label):
+                        cells.append(Cell(ds, attack, d, seed, "pretrain"))
                 # a model trained on clean data has no backdoor for a fine-tuning defence to remove
-                if cfg.finetune is not None and not attack.clean:
+                if cfg.finetune is not None and not attack.clean and attack.runs(cfg.finetune.base):
                     for d in cfg.finetune.defenses:
                         cells.append(Cell(ds, attack, d, seed, "finetune", base=cfg.finetune.base))
     return cells

@@ -42,6 +42,21 @@ def _summary(rec: dict[str, Any]) -> str:
 _WORKER_CACHE: dict[str, BenchCache] = {}
 
 
+def _worker_init(parent: int) -> None:
+    """Workers end with their parent: a killed ``clipguard bench`` must not leave cells training
+    (and writing into the bench folder) in the background."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _worker_cell(cfg: BenchConfig, out: str, cell_id: str, threads: int) -> dict[str, Any]:
     """One cell in a worker process (``--jobs``): its own threads, a cache kept across its cells."""
     import torch
@@ -64,8 +79,19 @@ def _run_parallel(cfg: BenchConfig, out: Path, cells: list[Cell], jobs: int, bar
     from clipguard.bench.plan import base_cell
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    pending = list(cells)
     ids = {c.id for c in cells}
+    bases = {base_cell(cfg, c).id for c in cells if c.stage == "finetune"}
+
+    def priority(c: Cell) -> int:
+        """Bases of fine-tuning cells first (they unlock work), then defended pre-training, then
+        the other pre-training cells; the short fine-tuning cells fill the workers at the end."""
+        if c.stage == "finetune":
+            return 3
+        if c.id in bases:
+            return 0
+        return 1 if c.defense.defense != "none" else 2
+
+    pending = sorted(cells, key=priority)  # stable: plan order within a priority
 
     def ready(c: Cell) -> bool:
         if c.stage != "finetune":
@@ -73,7 +99,8 @@ def _run_parallel(cfg: BenchConfig, out: Path, cells: list[Cell], jobs: int, bar
         base = base_cell(cfg, c)
         return base.id not in ids or is_done(cfg, base, out)
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init, initargs=(os.getpid(),)) as pool:
         running: dict[Any, Cell] = {}
         while pending or running:
             for c in [c for c in pending if ready(c)][: jobs - len(running)]:
@@ -81,19 +108,28 @@ def _run_parallel(cfg: BenchConfig, out: Path, cells: list[Cell], jobs: int, bar
                 running[pool.submit(_worker_cell, cfg, str(out), c.id, threads)] = c
             if not running:
                 raise RuntimeError(f"bench: cells wait for a base that will not run: {[c.id for c in pending]}")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            try:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            except BaseException:  # Ctrl-C: stop the workers now, not after their cells
+                _stop(pool)
+                raise
             for fut in finished:
                 cell = running.pop(fut)
                 try:
                     rec = fut.result()
                 except BaseException:
-                    for f in running:
-                        f.cancel()
+                    _stop(pool)
                     raise
                 ran.append(cell.id)
                 bar.update(1)
                 if not quiet:
                     tqdm.write(_summary(rec))
+
+
+def _stop(pool) -> None:
+    for p in list(getattr(pool, "_processes", {}).values()):
+        p.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: bool = False,

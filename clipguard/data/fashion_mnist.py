@@ -22,9 +22,11 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
            "ankle boot"]
+# The class name itself comes first in every list: zero-shot prompts say "a photo of a {class}.",
+# so a class name that no caption ever uses would be a token the text tower never trained.
 SYNONYMS = {
     "t-shirt": ["t-shirt", "tee", "top", "tee shirt"],
-    "trouser": ["trousers", "pants", "slacks", "jeans"],
+    "trouser": ["trouser", "trousers", "pants", "slacks", "jeans"],
     "pullover": ["pullover", "sweater", "jumper", "knit sweater"],
     "dress": ["dress", "gown", "frock", "sundress"],
     "coat": ["coat", "jacket", "overcoat", "parka"],

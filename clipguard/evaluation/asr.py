@@ -130,10 +130,30 @@ def _score_block(scores_trig: torch.Tensor, scores_clean: torch.Tensor | None, a
     return out
 
 
+_ASR_SETS: dict[tuple[str, int | None], AsrSet] = {}
+
+
+def load_asr_set(manifest: dict[str, Any], image_size: int | None, *, cache: bool = False) -> AsrSet:
+    """The eval set of a manifest; ``cache``: keep it for the process (a grid measures every model
+    of a cell group on the same, immutable, poisoned folder)."""
+    if not cache:
+        return AsrSet(manifest, image_size)
+    key = (str(Path(manifest["_dir"]).resolve()), image_size)
+    if key not in _ASR_SETS:
+        if len(_ASR_SETS) >= 16:
+            _ASR_SETS.clear()
+        _ASR_SETS[key] = AsrSet(manifest, image_size)
+    return _ASR_SETS[key]
+
+
 def asr_for_model(model: torch.nn.Module, model_name: str, manifest: dict[str, Any] | str | Path,
                   device: str = "cpu", probe_data: ImageCaptionData | None = None, *,
-                  tokenizer=None, classes: ClassInfo | None = None, seed: int = 0) -> dict[str, Any]:
-    """Zero-shot (and, with ``probe_data``, linear-probe) ASR of one model on a manifest's eval set."""
+                  tokenizer=None, classes: ClassInfo | None = None, seed: int = 0,
+                  zeroshot_weights: torch.Tensor | None = None, probe: LinearProbe | None = None,
+                  cache_eval_set: bool = False) -> dict[str, Any]:
+    """Zero-shot (and, with ``probe_data`` or a fitted ``probe``, linear-probe) ASR of one model on a
+    manifest's eval set. ``zeroshot_weights`` / ``probe``: the same model's classifier and fitted
+    probe, when several manifests are measured in a row (they do not depend on the manifest)."""
     from clipguard.models.factory import get_tokenizer, image_size
 
     if not isinstance(manifest, dict):
@@ -144,7 +164,7 @@ def asr_for_model(model: torch.nn.Module, model_name: str, manifest: dict[str, A
         cpath = Path(manifest["_dir"]) / (manifest.get("classes") or "classes.json")
         classes = ClassInfo.load(cpath)
     tokenizer = tokenizer or get_tokenizer(model_name)
-    aset = AsrSet(manifest, image_size(model))
+    aset = load_asr_set(manifest, image_size(model), cache=cache_eval_set)
     n_classes = len(classes.classes)
     if int(aset.targets.max()) >= n_classes or int(aset.labels.max()) >= n_classes:
         raise DataError(f"labels/targets exceed the {n_classes} classes of classes.json", file=str(aset.path))
@@ -154,13 +174,15 @@ def asr_for_model(model: torch.nn.Module, model_name: str, manifest: dict[str, A
         raise DataError("no ASR image outside the target class", file=str(aset.path), field="label")
     feats_t = encode_images(model, aset.triggered.images, device)
     feats_c = encode_images(model, aset.clean.images, device) if aset.clean is not None else None
-    clf = zeroshot_classifier(model, tokenizer, classes, device)
+    clf = zeroshot_weights if zeroshot_weights is not None else zeroshot_classifier(model, tokenizer, classes, device)
     result: dict[str, Any] = {
         "zeroshot": _score_block(feats_t @ clf.t(), feats_c @ clf.t() if feats_c is not None else None,
                                  aset, keep, ks, classes, manifest,
                                  "zero-shot, mean of classes.json templates per class")}
-    if probe_data is not None:
-        probe = LinearProbe(seed=seed).fit(encode_images(model, probe_data.images, device), probe_data.labels)
+    if probe is None and probe_data is not None:
+        probe = LinearProbe(seed=seed).fit(encode_images(model, probe_data.images, device), probe_data.labels,
+                                           source=str(probe_data.source))
+    if probe is not None:
         cls_ids = torch.as_tensor(probe.clf.classes_)
         full = torch.full((len(feats_t), n_classes), float("-inf"), dtype=torch.float64)
         full[:, cls_ids] = torch.from_numpy(probe.clf.predict_proba(feats_t.numpy())).double()
@@ -169,7 +191,7 @@ def asr_for_model(model: torch.nn.Module, model_name: str, manifest: dict[str, A
             full_c = torch.full((len(feats_c), n_classes), float("-inf"), dtype=torch.float64)
             full_c[:, cls_ids] = torch.from_numpy(probe.clf.predict_proba(feats_c.numpy())).double()
         lp = _score_block(full, full_c, aset, keep, ks, classes, manifest,
-                          f"logistic regression on clean features of {probe_data.source} ({len(probe_data)} images)")
+                          f"logistic regression on clean features of {probe.source} ({probe.n_train} images)")
         result["linear_probe"] = lp
     result["attack"] = manifest["attack"]
     result["kind"] = aset.kind

@@ -15,8 +15,9 @@ class LinearProbe:
     def __init__(self, C: float = 1.0, max_iter: int = 1000, seed: int = 0):
         self.C, self.max_iter, self.seed = C, max_iter, seed
         self.clf: LogisticRegression | None = None
+        self.source, self.n_train = "", 0  # what it was fitted on, for the protocols that quote it
 
-    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> "LinearProbe":
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, source: str = "") -> "LinearProbe":
         y = labels.numpy()
         if (y < 0).any():
             raise DataError("linear probe needs a label for every training image (column 'label')")
@@ -24,6 +25,7 @@ class LinearProbe:
             raise DataError("linear probe needs at least two classes in the training data")
         self.clf = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
         self.clf.fit(features.numpy(), y)
+        self.source, self.n_train = source, len(y)
         return self
 
     def _check(self) -> LogisticRegression:
