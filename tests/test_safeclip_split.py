@@ -55,6 +55,21 @@ def test_empty_first_split_uses_the_floor_and_zero_floor_stays_empty():
     assert float(sims[mask].min()) >= float(sims[~mask].max())
 
 
+def test_oversized_first_split_is_cut_to_the_ceiling_of_most_similar_pairs():
+    g = torch.Generator().manual_seed(2)
+    sims = torch.rand(500, generator=g)
+    p_clean = torch.full((500,), 0.95)  # an uninformative mixture calls everything clean
+    mask, m = SafeSetSchedule(threshold=0.9).first_split(p_clean, sims)
+    assert int(mask.sum()) == 500 and m == 1.0  # the paper's rule alone
+    sched = SafeSetSchedule(threshold=0.9, step=0.1, min_initial_fraction=0.2, max_initial_fraction=0.3)
+    mask, m = sched.first_split(p_clean, sims)
+    assert int(mask.sum()) == 150 and m == 0.3
+    assert float(sims[mask].min()) >= float(sims[~mask].max())
+    assert sched.grow(m) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="max_initial_fraction"):
+        SafeSetSchedule(min_initial_fraction=0.3, max_initial_fraction=0.2)
+
+
 def test_top_fraction_is_deterministic_under_ties():
     s = torch.tensor([0.5, 0.5, 0.5, 0.1])
     assert top_fraction_mask(s, 0.5).tolist() == [True, True, False, False]

@@ -75,7 +75,7 @@ class SafeClip(Strategy):
     def __init__(self, warmup_epochs: int = 5, clip_warmup_epochs: int = 1, lr_low: float = 5e-6,
                  lr_low_factor: float | None = None, threshold: float = 0.9, step: float = 0.01,
                  max_safe_fraction: float = 1.0, min_initial_fraction: float = 0.0,
-                 efficient_update: bool = True, update_fraction: float = 0.3, update_margin: float = 0.1,
+                 max_initial_fraction: float = 1.0, efficient_update: bool = True, update_fraction: float = 0.3, update_margin: float = 0.1,
                  rank_by: str = "similarity", pool_size: int = 16384, temperature: float = 0.1,
                  augment_safe: bool = True, crop_scale_min: float = 0.08, eda_alpha: float = 0.1,
                  eda_p_delete: float = 0.1, gmm_seed: int = 0):
@@ -93,9 +93,10 @@ class SafeClip(Strategy):
         self.lr_low_factor = lr_low_factor
         self.threshold, self.step = float(threshold), float(step)
         self.max_safe_fraction, self.min_initial_fraction = float(max_safe_fraction), float(min_initial_fraction)
+        self.max_initial_fraction = float(max_initial_fraction)
         try:
             self._sizer = SafeSetSchedule(self.threshold, self.step, self.max_safe_fraction,
-                                          self.min_initial_fraction)
+                                          self.min_initial_fraction, self.max_initial_fraction)
         except ValueError as e:
             raise ConfigError(f"safeclip: {e}") from e
         self.efficient_update = bool(efficient_update)
