@@ -114,8 +114,9 @@ def test_shipped_configs_parse(monkeypatch):
     import re
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    grids = sorted(root.glob("demo*.yaml")) + sorted(root.glob("paper-*.yaml"))
-    assert len(grids) >= 6
+    grids = (sorted(root.glob("demo*.yaml")) + sorted(root.glob("paper-*.yaml"))
+             + sorted(root.glob("*-fmnist.yaml")))
+    assert len(grids) >= 8
     for p in grids:
         for var in set(re.findall(r"\$\{(\w+)\}", p.read_text())):
             monkeypatch.setenv(var, f"/data/{var.lower()}.csv")

@@ -149,7 +149,7 @@ def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, se
         return []
     from clipguard.attacks.manifest import load_manifest
     from clipguard.data.classes import ClassInfo
-    from clipguard.evaluation.asr import asr_for_model
+    from clipguard.evaluation.asr import asr_for_model, manifest_classes_path
     from clipguard.evaluation.features import encode_images
     from clipguard.evaluation.linear_probe import LinearProbe
     from clipguard.evaluation.zeroshot import zeroshot_classifier
@@ -164,13 +164,12 @@ def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, se
                                             source=str(probe.source))
     out = []
     for i, m in enumerate(manifests):
-        manifest = json.loads(Path(m).read_text())
-        loaded = load_manifest(m)
-        cpath = str(Path(loaded["_dir"]) / (loaded.get("classes") or "classes.json"))
+        manifest = load_manifest(m)
+        cpath = str(manifest_classes_path(manifest))
         classes = ClassInfo.load(cpath)
         if cpath not in weights:
             weights[cpath] = zeroshot_classifier(model, get_tokenizer(model_name), classes, device)
-        raw = asr_for_model(model, model_name, loaded, device, classes=classes, seed=seed,
+        raw = asr_for_model(model, model_name, manifest, device, classes=classes, seed=seed,
                             zeroshot_weights=weights[cpath], probe=fitted, cache_eval_set=True)
         kind = raw.get("kind") or (manifest.get("eval") or {}).get("kind", "backdoor")
         out.append({"part": i, "attack": manifest.get("attack"), "kind": kind,

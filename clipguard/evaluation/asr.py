@@ -130,6 +130,11 @@ def _score_block(scores_trig: torch.Tensor, scores_clean: torch.Tensor | None, a
     return out
 
 
+def manifest_classes_path(manifest: dict[str, Any]) -> Path:
+    """The classes.json a loaded manifest names (default: the one in its folder)."""
+    return Path(manifest["_dir"]) / (manifest.get("classes") or "classes.json")
+
+
 _ASR_SETS: dict[tuple[str, int | None], AsrSet] = {}
 
 
@@ -161,8 +166,7 @@ def asr_for_model(model: torch.nn.Module, model_name: str, manifest: dict[str, A
     elif "_dir" not in manifest:
         raise DataError("a manifest dict needs '_dir' (use clipguard.attacks.manifest.load_manifest)")
     if classes is None:
-        cpath = Path(manifest["_dir"]) / (manifest.get("classes") or "classes.json")
-        classes = ClassInfo.load(cpath)
+        classes = ClassInfo.load(manifest_classes_path(manifest))
     tokenizer = tokenizer or get_tokenizer(model_name)
     aset = load_asr_set(manifest, image_size(model), cache=cache_eval_set)
     n_classes = len(classes.classes)
