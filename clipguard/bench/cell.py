@@ -211,7 +211,8 @@ def attack_columns(attack: AttackSpec) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- running
-def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False):
+def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False,
+                    bar_position: int | None = None):
     """The cell's Trainer, its data and poison info; refuses a run folder from another config."""
     from clipguard import defenses
     from clipguard.training.trainer import TrainConfig, Trainer
@@ -239,7 +240,7 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
         if cfg.finetune.data == "clean":
             data, mask = cache.finetune_clean(cell.dataset), None
     strategy = defenses.build(cell.defense.defense, cell.defense.options)
-    tcfg = TrainConfig(**settings, keep_checkpoints=1, quiet=quiet)
+    tcfg = TrainConfig(**settings, keep_checkpoints=1, quiet=quiet, bar_position=bar_position)
     extra = _defence_diagnostics(poison, data) if mask is not None else []
     diag = safe_set_diagnostics(mask, extra) if mask is not None else None
     if not marker.is_file():
@@ -249,7 +250,7 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
 
 
 def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False,
-             evaluate: bool = True) -> dict[str, Any] | None:
+             evaluate: bool = True, bar_position: int | None = None) -> dict[str, Any] | None:
     """Train (or resume) and, when ``evaluate`` (rank 0 under torchrun), evaluate and write the JSON."""
     from clipguard.evaluation.runner import evaluate_model
 
@@ -257,7 +258,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
     conf = cell_config(cfg, cell)
     run_dir = cell.run_dir(out)
     t0 = time.perf_counter()
-    trainer, data, poison = prepare_trainer(cfg, cell, out, cache, quiet=quiet)
+    trainer, data, poison = prepare_trainer(cfg, cell, out, cache, quiet=quiet, bar_position=bar_position)
     t_data = time.perf_counter() - t0
     resumed = ckpt.resolve_latest(run_dir / "checkpoints")
     resumed_epoch = int(ckpt.read_state(resumed).get("epoch", -1)) + 1 if resumed else 0

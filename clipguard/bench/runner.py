@@ -40,13 +40,19 @@ def _summary(rec: dict[str, Any]) -> str:
 
 
 _WORKER_CACHE: dict[str, BenchCache] = {}
+_WORKER_SLOT = 0  # this worker's number: its per-run progress bar gets its own terminal line
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int, counter) -> None:
     """Workers end with their parent: a killed ``clipguard bench`` must not leave cells training
     (and writing into the bench folder) in the background."""
     import os
     import threading
+
+    global _WORKER_SLOT
+    with counter.get_lock():
+        _WORKER_SLOT = counter.value
+        counter.value += 1
 
     def watch() -> None:
         while True:
@@ -57,14 +63,15 @@ def _worker_init(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _worker_cell(cfg: BenchConfig, out: str, cell_id: str, threads: int) -> dict[str, Any]:
-    """One cell in a worker process (``--jobs``): its own threads, a cache kept across its cells."""
+def _worker_cell(cfg: BenchConfig, out: str, cell_id: str, threads: int, quiet: bool) -> dict[str, Any]:
+    """One cell in a worker process (``--jobs``): its own threads, a cache kept across its cells,
+    its epoch bar on its own line below the overall bar."""
     import torch
 
     torch.set_num_threads(threads)
     cell = next(c for c in plan_cells(cfg) if c.id == cell_id)
     cache = _WORKER_CACHE.setdefault(out, BenchCache(cfg, Path(out)))
-    return run_cell(cfg, cell, Path(out), cache, quiet=True, evaluate=True)
+    return run_cell(cfg, cell, Path(out), cache, quiet=quiet, evaluate=True, bar_position=1 + _WORKER_SLOT)
 
 
 def _run_parallel(cfg: BenchConfig, out: Path, cells: list[Cell], jobs: int, bar, ran: list[str],
@@ -99,13 +106,14 @@ def _run_parallel(cfg: BenchConfig, out: Path, cells: list[Cell], jobs: int, bar
         base = base_cell(cfg, c)
         return base.id not in ids or is_done(cfg, base, out)
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                             initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                             initargs=(os.getpid(), ctx.Value("i", 0))) as pool:
         running: dict[Any, Cell] = {}
         while pending or running:
             for c in [c for c in pending if ready(c)][: jobs - len(running)]:
                 pending.remove(c)
-                running[pool.submit(_worker_cell, cfg, str(out), c.id, threads)] = c
+                running[pool.submit(_worker_cell, cfg, str(out), c.id, threads, quiet)] = c
             if not running:
                 raise RuntimeError(f"bench: cells wait for a base that will not run: {[c.id for c in pending]}")
             try:

@@ -58,6 +58,7 @@ class TrainConfig:
     eval_every: int = 1
     tensorboard: bool = False
     quiet: bool = False
+    bar_position: int | None = None  # terminal line of the epoch bar (bench workers: one each)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -214,7 +215,8 @@ class Trainer:
         slices = [perm[i * b:(i + 1) * b] for i in range(spe * acc)]
         pending = prefetch.submit(self._images, slices[0]) if prefetch else None
         bar = tqdm(range(spe), desc=f"epoch {epoch + 1}/{cfg.epochs} [{self.strategy.name}]",
-                   disable=cfg.quiet or not dist.is_main, leave=False, dynamic_ncols=True)
+                   disable=cfg.quiet or not dist.is_main, leave=False, dynamic_ncols=True,
+                   position=cfg.bar_position)
         for step in bar:
             gstep = epoch * spe + step
             ctx.step = gstep
