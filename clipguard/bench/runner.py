@@ -171,9 +171,15 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
     t0 = time.perf_counter()
     done_before = [c for c in todo if is_done(cfg, c, out)]
     if main:  # shared steps first: datasets and every poisoned set the remaining cells need
-        for key in dict.fromkeys((c.dataset.label, c.attack.label, c.seed) for c in todo if c not in done_before):
-            c = next(c for c in todo if (c.dataset.label, c.attack.label, c.seed) == key)
-            cache.poisoned(c.dataset, c.attack, c.seed)
+        # (a clean cell also reads every poisoned attack's trigger set: its base-rate row)
+        needed = {}
+        for c in todo:
+            if c in done_before:
+                continue
+            for a in ([x for x in cfg.attacks if not x.clean] if c.attack.clean else []) + [c.attack]:
+                needed.setdefault((c.dataset.label, a.label, c.seed), (c.dataset, a, c.seed))
+        for ds, attack, seed in needed.values():
+            cache.poisoned(ds, attack, seed)
     barrier(dist)
     ran: list[str] = []
     meta = {"name": cfg.name, "config": cfg.source, "model": cfg.model, "seeds": cfg.seeds,
