@@ -149,19 +149,14 @@ def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, se
         return []
     from clipguard.attacks.manifest import load_manifest
     from clipguard.data.classes import ClassInfo
-    from clipguard.evaluation.asr import asr_for_model, manifest_classes_path
-    from clipguard.evaluation.features import encode_images
-    from clipguard.evaluation.linear_probe import LinearProbe
+    from clipguard.evaluation.asr import asr_for_model, fit_probe, manifest_classes_path
     from clipguard.evaluation.zeroshot import zeroshot_classifier
     from clipguard.models.factory import get_tokenizer
     from clipguard.reporting.asr_keys import pick_base_rate, pick_headline, pick_linear_probe
 
     # the classifier and the probe depend on the model and the classes, not on the attack: one each
     weights: dict[str, torch.Tensor] = {}
-    fitted = None
-    if probe is not None:
-        fitted = LinearProbe(seed=seed).fit(encode_images(model, probe.images, device), probe.labels,
-                                            source=str(probe.source))
+    fitted = fit_probe(model, probe, device, seed) if probe is not None else None
     out = []
     for i, m in enumerate(manifests):
         manifest = load_manifest(m)
@@ -185,16 +180,12 @@ def reference_asr(cfg: BenchConfig, cell: Cell, cache: BenchCache, model, device
     """A model trained on CLEAN data, measured with every poisoned attack's trigger set of the same
     dataset and seed: the rate at which an unpoisoned model already sends those images to the
     target class, i.e. the floor an ASR is read against (the attacks issue's "base rate")."""
-    out: list[dict[str, Any]] = []
-    for attack in cfg.attacks:
-        if attack.clean:
-            continue
-        poisoned = cache.poisoned(cell.dataset, attack, cell.seed)
-        recs = asr_metrics(model, cfg.model, poisoned.manifests, device, probe, seed=cell.seed)
-        for rec, col in zip(recs, attack_columns(attack)):
-            rec["column"] = col
-            rec["reference"] = True  # an unpoisoned model: its "ASR" is the base rate
-        out.extend(recs)
+    attacks = [a for a in cfg.attacks if not a.clean]
+    manifests = [m for a in attacks for m in cache.poisoned(cell.dataset, a, cell.seed).manifests]
+    out = asr_metrics(model, cfg.model, manifests, device, probe, seed=cell.seed)  # one probe fit for all
+    for rec, col in zip(out, [c for a in attacks for c in attack_columns(a)]):
+        rec["column"] = col
+        rec["reference"] = True  # an unpoisoned model: its "ASR" is the base rate
     return out
 
 
@@ -282,11 +273,12 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
         metrics.update({"linear_probe_top1": clean["linear_probe"]["acc1"],
                         "linear_probe_top5": clean["linear_probe"].get("acc5"),
                         "n_probe_train": clean["linear_probe"]["n_train"]})
-    asr = asr_metrics(model, cfg.model, poison.manifests, device, probe, seed=cell.seed)
-    for rec, col in zip(asr, asr_columns(cell)):
-        rec["column"] = col
     if cell.attack.clean:
         asr = reference_asr(cfg, cell, cache, model, device, probe)
+    else:
+        asr = asr_metrics(model, cfg.model, poison.manifests, device, probe, seed=cell.seed)
+        for rec, col in zip(asr, asr_columns(cell)):
+            rec["column"] = col
     train_data, _ = cache.train_data(cell.dataset, cell.attack, cell.seed)
     hist = similarity_histogram(model, cfg.model, train_data, poison.mask, device, cfg.histogram_bins,
                                 cfg.histogram_max_pairs, seed=cell.seed)

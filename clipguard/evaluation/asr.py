@@ -135,6 +135,11 @@ def manifest_classes_path(manifest: dict[str, Any]) -> Path:
     return Path(manifest["_dir"]) / (manifest.get("classes") or "classes.json")
 
 
+def fit_probe(model: torch.nn.Module, data: ImageCaptionData, device, seed: int = 0) -> LinearProbe:
+    """The linear probe of the linear-probe ASR: fitted on the model's features of clean images."""
+    return LinearProbe(seed=seed).fit(encode_images(model, data.images, device), data.labels, source=str(data.source))
+
+
 _ASR_SETS: dict[tuple[str, int | None], AsrSet] = {}
 
 
@@ -184,8 +189,7 @@ def asr_for_model(model: torch.nn.Module, model_name: str, manifest: dict[str, A
                                  aset, keep, ks, classes, manifest,
                                  "zero-shot, mean of classes.json templates per class")}
     if probe is None and probe_data is not None:
-        probe = LinearProbe(seed=seed).fit(encode_images(model, probe_data.images, device), probe_data.labels,
-                                           source=str(probe_data.source))
+        probe = fit_probe(model, probe_data, device, seed)
     if probe is not None:
         cls_ids = torch.as_tensor(probe.clf.classes_)
         full = torch.full((len(feats_t), n_classes), float("-inf"), dtype=torch.float64)
