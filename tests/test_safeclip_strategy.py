@@ -94,6 +94,57 @@ def test_views_are_seeded_and_drawn_fresh(fm_train, tmp_path):
     assert float(lc["unimodal_text"]) != float(la["unimodal_text"])
 
 
+def _views(t, safe, seed=5, pixels=None):
+    """The images and captions that ONE mixed step feeds the towers (first views = rows 0..b-1)."""
+    seen = {}
+    fwd, tok = t.ctx.forward, t.ctx.tokenize
+    t.ctx.forward = lambda px, tk: (seen.__setitem__("px", px.detach().clone()), fwd(px, tk))[1]
+    t.ctx.tokenize = lambda caps: (seen.__setitem__("caps", list(caps)), tok(caps))[1]
+    b = _batch(t, range(len(safe)), seed=seed)
+    if pixels is not None:
+        b.pixels = pixels
+    t.strategy.loss_terms(b, safe)
+    n = len(safe)
+    return b, seen["px"][:n], seen["caps"][:n]
+
+
+@pytest.mark.parametrize("policy", ["simclr", "crop-flip", "none"])
+def test_safe_pair_augmentation_policy(fm_train, tmp_path, policy):
+    data = fm_train.subset(range(256))
+    opts = dict(safe_image_augment=policy, safe_text_augment="none" if policy == "none" else "eda",
+                crop_scale_min=0.5)
+    t = _built(data, _small(**opts), tmp_path)
+    safe = torch.zeros(64, dtype=torch.bool)
+    safe[:40] = True
+
+    def changed(px, orig):
+        return (px - orig).abs().amax(dim=(1, 2, 3)) > 1e-4
+
+    b, px, caps = _views(t, safe)
+    moved = changed(px, b.pixels.float())
+    assert moved[~safe].all(), "risky rows always get SimCLR views"
+    assert moved[safe].all() == (policy != "none") and moved[safe].any() == (policy != "none")
+    assert (caps[:40] != b.captions[:40]) == (policy != "none")
+    # a flat grey image: crop and flip leave it as it is, colour jitter does not
+    t2 = _built(data, _small(**opts), tmp_path / "flat")
+    flat = torch.full((64, 3, 28, 28), 0.5)
+    _, px2, _ = _views(t2, safe, pixels=flat)
+    jittered = changed(px2, flat)
+    assert jittered[~safe].float().mean() > 0.5
+    assert jittered[safe].any() == (policy == "simclr")
+
+
+def test_safe_augment_options_are_checked(fm_train, tmp_path):
+    from clipguard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="safe_image_augment"):
+        _small(safe_image_augment="blur")
+    with pytest.raises(ConfigError, match="safe_text_augment"):
+        _small(safe_text_augment="back-translate")
+    legacy = _small(augment_safe=False)
+    assert (legacy.safe_image_augment, legacy.safe_text_augment) == ("none", "none")
+
+
 def test_eda_is_deterministic_under_a_seed():
     from clipguard.data.augment import EDA
 

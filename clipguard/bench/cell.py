@@ -76,11 +76,14 @@ def is_done(cfg: BenchConfig, cell: Cell, out: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------- diagnostics
-def safe_set_diagnostics(mask: torch.Tensor | None, extra: list[Callable]) -> Callable:
+def safe_set_diagnostics(mask: torch.Tensor | None, extra: list[Callable],
+                         parts: dict[str, torch.Tensor] | None = None) -> Callable:
     """Per-epoch poison statistics of the defence's safe set, from ``strategy.selected()`` only.
 
     ``safe_poison_kept``: fraction of the poisoned pairs inside the safe set (SafeCLIP Table 12's
-    'safe set poison rate'); ``safe_poison_share``: fraction of the safe set that is poison."""
+    'safe set poison rate'); ``safe_poison_share``: fraction of the safe set that is poison;
+    ``safe_poison_in``: per attack part, how many of its pairs are in the safe set (a mixed
+    set's total can hide one attack slipping in whole, as a TDPA target's pairs do)."""
 
     def diagnostics(strategy: Strategy, epoch: int, out_dir: Path) -> dict[str, Any]:
         rec: dict[str, Any] = {}
@@ -93,6 +96,8 @@ def safe_set_diagnostics(mask: torch.Tensor | None, extra: list[Callable]) -> Ca
                 rec["safe_frac"] = round(n_sel / max(len(sel), 1), 6)
                 rec["safe_poison_kept"] = round(hit / max(int(mask.sum()), 1), 6)
                 rec["safe_poison_share"] = round(hit / max(n_sel, 1), 6)
+                if parts:
+                    rec["safe_poison_in"] = {k: f"{int((sel & m).sum())}/{int(m.sum())}" for k, m in parts.items()}
         for f in extra:
             rec.update(f(strategy, epoch, out_dir))
         return rec
@@ -233,7 +238,9 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
     strategy = defenses.build(cell.defense.defense, cell.defense.options)
     tcfg = TrainConfig(**settings, keep_checkpoints=1, quiet=quiet, bar_position=bar_position)
     extra = _defence_diagnostics(poison, data) if mask is not None else []
-    diag = safe_set_diagnostics(mask, extra) if mask is not None else None
+    parts = ({f"{i}-{p.attack}": m for i, (p, m) in enumerate(zip(cell.attack.parts, poison.masks))}
+             if mask is not None and len(poison.masks) > 1 else None)
+    diag = safe_set_diagnostics(mask, extra, parts) if mask is not None else None
     if not marker.is_file():
         with contextlib.suppress(OSError):  # several ranks may race to write the same content
             write_json(marker, {"cell": cell.id, "fingerprint": fingerprint(conf), "config": conf})

@@ -29,6 +29,12 @@ from clipguard.training.schedule import Schedule, Segment
 from clipguard.training.strategy import Strategy
 
 PHASES = ("unimodal", "clip_low", "mixed")
+# What the CLIP loss sees of a safe pair. The paper: SimCLR views and EDA captions. "crop-flip"
+# keeps only the geometric part of SimCLR (no colour jitter, grayscale): on small grey images the
+# jitter changes the very contrast that tells a shirt from a coat. Risky pairs' unimodal views
+# always use SimCLR + EDA: that loss needs strong views.
+SAFE_IMAGE_AUGMENTS = ("simclr", "crop-flip", "none")
+SAFE_TEXT_AUGMENTS = ("eda", "none")
 
 
 def embed_dim(model: torch.nn.Module) -> int:
@@ -77,7 +83,8 @@ class SafeClip(Strategy):
                  max_safe_fraction: float = 1.0, min_initial_fraction: float = 0.0,
                  max_initial_fraction: float = 1.0, efficient_update: bool = True, update_fraction: float = 0.3, update_margin: float = 0.1,
                  rank_by: str = "similarity", pool_size: int = 16384, temperature: float = 0.1,
-                 augment_safe: bool = True, crop_scale_min: float = 0.08, eda_alpha: float = 0.1,
+                 augment_safe: bool | None = None, safe_image_augment: str = "simclr",
+                 safe_text_augment: str = "eda", crop_scale_min: float = 0.08, eda_alpha: float = 0.1,
                  eda_p_delete: float = 0.1, gmm_seed: int = 0):
         if warmup_epochs < 0 or clip_warmup_epochs < 0:
             raise ConfigError("safeclip: warmup_epochs and clip_warmup_epochs must be >= 0")
@@ -103,7 +110,15 @@ class SafeClip(Strategy):
         self.update_fraction, self.update_margin = float(update_fraction), float(update_margin)
         self.rank_by = rank_by
         self.pool_size, self.temperature = int(pool_size), float(temperature)
-        self.augment_safe = bool(augment_safe)
+        if augment_safe is not None and not augment_safe:  # the older switch: no view of safe pairs at all
+            safe_image_augment, safe_text_augment = "none", "none"
+        if safe_image_augment not in SAFE_IMAGE_AUGMENTS:
+            raise ConfigError(f"safeclip: safe_image_augment must be one of {SAFE_IMAGE_AUGMENTS}, "
+                              f"got {safe_image_augment!r}")
+        if safe_text_augment not in SAFE_TEXT_AUGMENTS:
+            raise ConfigError(f"safeclip: safe_text_augment must be one of {SAFE_TEXT_AUGMENTS}, "
+                              f"got {safe_text_augment!r}")
+        self.safe_image_augment, self.safe_text_augment = safe_image_augment, safe_text_augment
         self.crop_scale_min = float(crop_scale_min)
         self.eda_alpha, self.eda_p_delete = float(eda_alpha), float(eda_p_delete)
         self.gmm_seed = int(gmm_seed)
@@ -225,6 +240,11 @@ class SafeClip(Strategy):
 
         return simclr_augment(pixels, g, scale=(self.crop_scale_min, 1.0))
 
+    def _crop_flip(self, pixels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        from clipguard.data.augment import simclr_augment
+
+        return simclr_augment(pixels, g, scale=(self.crop_scale_min, 1.0), jitter_p=0.0, gray_p=0.0)
+
     def _augment_texts(self, captions: list[str], batch: Batch) -> list[str]:
         if self._eda is None:
             from clipguard.data.augment import EDA
@@ -264,12 +284,13 @@ class SafeClip(Strategy):
         ridx = torch.nonzero(risky).flatten()
         pixels = batch.pixels
         v1 = self._augment_images(pixels, batch.generator)
-        if not self.augment_safe:
-            v1 = torch.where(safe.view(-1, 1, 1, 1), pixels, v1)
+        if self.safe_image_augment != "simclr":
+            own = pixels if self.safe_image_augment == "none" else self._crop_flip(pixels, batch.generator)
+            v1 = torch.where(safe.view(-1, 1, 1, 1), own, v1)
         v2 = self._augment_images(pixels[ridx], batch.generator)
         caps = batch.captions
         t1 = self._augment_texts(caps, batch)
-        if not self.augment_safe:
+        if self.safe_text_augment == "none":
             t1 = [c if s else a for c, a, s in zip(caps, t1, safe.tolist())]
         t2 = self._augment_texts([caps[i] for i in ridx.tolist()], batch)
         tokens = ctx.tokenize(t1 + t2)
