@@ -56,6 +56,17 @@ def test_an_attack_can_restrict_the_pretrain_defences_run_on_it():
     assert on_clean == ["CLIP"] and on_badnet == ["CLIP", "CLIP+FT", "Other"]
 
 
+def test_an_attack_can_restrict_the_seeds_it_runs_with():
+    import copy
+
+    g = copy.deepcopy(GRID)
+    g["seeds"] = [0, 1]
+    g["attacks"]["clean"] = {"attack": "none", "defenses": ["CLIP"], "seeds": [1]}
+    cells = plan_cells(parse_config(g))
+    assert sorted(c.seed for c in cells if c.attack.clean) == [1]
+    assert sorted({c.seed for c in cells if c.attack.label == "badnet"}) == [0, 1]
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda g: g.update(epochs=3), "unknown key"),
     (lambda g: g["attacks"]["badnet"].pop("target"), "needs 'target'"),
@@ -67,6 +78,8 @@ def test_an_attack_can_restrict_the_pretrain_defences_run_on_it():
     (lambda g: g["datasets"].update(x={"train": "a.csv"}), "needs 'test'"),
     (lambda g: g["attacks"].update(clean={"attack": "none", "defenses": ["SafeCLIP"]}), "not pretrain defence labels"),
     (lambda g: g["attacks"].update(clean={"attack": "none", "defenses": "CLIP"}), "non-empty list"),
+    (lambda g: g["attacks"].update(clean={"attack": "none", "seeds": [7]}), "not among the grid's seeds"),
+    (lambda g: g["attacks"].update(clean={"attack": "none", "seeds": "0"}), "attacks.clean: 'seeds' must be"),
 ])
 def test_bad_configs_name_the_key(mutate, message):
     import copy

@@ -68,9 +68,13 @@ class AttackSpec:
     label: str
     parts: list[AttackPart] = field(default_factory=list)
     defenses: list[str] | None = None  # pre-training defences run on this data (None: all)
+    seeds: list[int] | None = None  # the grid's seeds this attack runs with (None: all)
 
     def runs(self, defense_label: str) -> bool:
         return self.defenses is None or defense_label in self.defenses
+
+    def runs_seed(self, seed: int) -> bool:
+        return self.seeds is None or seed in self.seeds
 
     @property
     def clean(self) -> bool:
@@ -256,26 +260,31 @@ def _attack_part(obj: Any, source: str, key: str) -> AttackPart:
 
 def _attack(label: str, obj: Any, source: str) -> AttackSpec:
     """An attack entry; ``defenses: [labels]`` restricts the pre-training defences run on it (e.g.
-    only the undefended CLIP on the clean data that gives the base rate)."""
+    only the undefended CLIP on the clean data that gives the base rate) and ``seeds: [..]`` the
+    grid's seeds (e.g. one seed for that base rate when time is short)."""
     key = f"attacks.{label}"
-    only = None
-    if isinstance(obj, dict) and "defenses" in obj:
+    only = seeds = None
+    if isinstance(obj, dict) and ("defenses" in obj or "seeds" in obj):
         obj = dict(obj)
-        only = obj.pop("defenses")
-        if not isinstance(only, list) or not only or not all(isinstance(x, str) for x in only):
+        only = obj.pop("defenses", None)
+        if only is not None and (
+                not isinstance(only, list) or not only or not all(isinstance(x, str) for x in only)):
             raise ConfigError(f"{source}: {key}.defenses must be a non-empty list of pretrain defence labels")
+        if "seeds" in obj:
+            seeds = _seeds(obj.pop("seeds"), f"{source}: {key}")
+    kw = {"defenses": only, "seeds": seeds}
     if obj is None or (isinstance(obj, dict) and obj.get("attack") in NO_ATTACK) or obj in NO_ATTACK:
         if isinstance(obj, dict):
             _check_keys(obj, {"attack"}, source, key)
-        return AttackSpec(label=label, parts=[], defenses=only)
+        return AttackSpec(label=label, parts=[], **kw)
     if isinstance(obj, dict) and "parts" in obj:
         _check_keys(obj, {"parts"}, source, key)
         parts = obj["parts"]
         if not isinstance(parts, list) or not parts:
             raise ConfigError(f"{source}: {key}.parts must be a non-empty list of attacks")
         return AttackSpec(label=label, parts=[_attack_part(p, source, f"{key}.parts.{i}")
-                                              for i, p in enumerate(parts)], defenses=only)
-    return AttackSpec(label=label, parts=[_attack_part(obj, source, key)], defenses=only)
+                                              for i, p in enumerate(parts)], **kw)
+    return AttackSpec(label=label, parts=[_attack_part(obj, source, key)], **kw)
 
 
 def _defense(label: str, obj: Any, source: str, key: str) -> DefenseSpec:
@@ -324,6 +333,11 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
         if unknown:
             raise ConfigError(f"{source}: attacks.{a.label}.defenses: {unknown} are not pretrain defence labels; "
                               f"choose from {[d.label for d in pretrain.defenses]}")
+    grid_seeds = _seeds(raw.get("seeds", [0]), source)
+    for a in attacks:
+        extra = sorted(set(a.seeds or []) - set(grid_seeds))
+        if extra:
+            raise ConfigError(f"{source}: attacks.{a.label}.seeds: {extra} are not among the grid's seeds {grid_seeds}")
     if finetune is not None:
         labels = [d.label for d in pretrain.defenses]
         if finetune.base is None:
@@ -335,7 +349,7 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
         if clash:
             raise ConfigError(f"{source}: labels {sorted(clash)} are used by both pretrain and finetune")
     cfg = BenchConfig(name=str(raw.get("name") or Path(source).stem), model=str(raw.get("model", "cg-tiny")),
-                      device=str(raw.get("device", "cpu")), seeds=_seeds(raw.get("seeds", [0]), source),
+                      device=str(raw.get("device", "cpu")), seeds=grid_seeds,
                       datasets=datasets, attacks=attacks, pretrain=pretrain, finetune=finetune,
                       eval_batch=int(raw.get("eval_batch", 512)),
                       histogram_bins=int(raw.get("histogram_bins", 40)),

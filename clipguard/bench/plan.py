@@ -44,6 +44,8 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
     for ds in cfg.datasets:
         for attack in cfg.attacks:
             for seed in cfg.seeds:
+                if not attack.runs_seed(seed):
+                    continue
                 for d in cfg.pretrain.defenses:
                     if attack.runs(d.label):
                         cells.append(Cell(ds, attack, d, seed, "pretrain"))
