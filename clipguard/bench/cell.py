@@ -150,18 +150,18 @@ def similarity_histogram(model, model_name: str, data, mask: torch.Tensor | None
 
 def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, seed: int = 0
                 ) -> list[dict[str, Any]]:
+    """Every attack part's ASR; ``probe`` is the FITTED linear probe (or None: no linear-probe ASR)."""
     if not manifests:
         return []
     from clipguard.attacks.manifest import load_manifest
     from clipguard.data.classes import ClassInfo
-    from clipguard.evaluation.asr import asr_for_model, fit_probe, manifest_classes_path
+    from clipguard.evaluation.asr import asr_for_model, manifest_classes_path
     from clipguard.evaluation.zeroshot import zeroshot_classifier
     from clipguard.models.factory import get_tokenizer
     from clipguard.reporting.asr_keys import pick_base_rate, pick_headline, pick_linear_probe
 
     # the classifier and the probe depend on the model and the classes, not on the attack: one each
     weights: dict[str, torch.Tensor] = {}
-    fitted = fit_probe(model, probe, device, seed) if probe is not None else None
     out = []
     for i, m in enumerate(manifests):
         manifest = load_manifest(m)
@@ -170,7 +170,7 @@ def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, se
         if cpath not in weights:
             weights[cpath] = zeroshot_classifier(model, get_tokenizer(model_name), classes, device)
         raw = asr_for_model(model, model_name, manifest, device, classes=classes, seed=seed,
-                            zeroshot_weights=weights[cpath], probe=fitted, cache_eval_set=True)
+                            zeroshot_weights=weights[cpath], probe=probe, cache_eval_set=True)
         kind = raw.get("kind") or (manifest.get("eval") or {}).get("kind", "backdoor")
         out.append({"part": i, "attack": manifest.get("attack"), "kind": kind,
                     "target": manifest.get("target"), "manifest": str(m),
@@ -187,7 +187,7 @@ def reference_asr(cfg: BenchConfig, cell: Cell, cache: BenchCache, model, device
     target class, i.e. the floor an ASR is read against (the attacks issue's "base rate")."""
     attacks = [a for a in cfg.attacks if not a.clean]
     manifests = [m for a in attacks for m in cache.poisoned(cell.dataset, a, cell.seed).manifests]
-    out = asr_metrics(model, cfg.model, manifests, device, probe, seed=cell.seed)  # one probe fit for all
+    out = asr_metrics(model, cfg.model, manifests, device, probe, seed=cell.seed)
     for rec, col in zip(out, [c for a in attacks for c in attack_columns(a)]):
         rec["column"] = col
         rec["reference"] = True  # an unpoisoned model: its "ASR" is the base rate
@@ -250,6 +250,7 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
 def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False,
              evaluate: bool = True, bar_position: int | None = None) -> dict[str, Any] | None:
     """Train (or resume) and, when ``evaluate`` (rank 0 under torchrun), evaluate and write the JSON."""
+    from clipguard.evaluation.asr import fit_probe
     from clipguard.evaluation.runner import evaluate_model
 
     out = Path(out)
@@ -270,9 +271,11 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
     model = trainer.model.eval()
     device = next(model.parameters()).device
     ds = cell.dataset
-    probe = cache.probe_data(ds)
+    probe_data = cache.probe_data(ds)
+    # one probe fit per cell, shared by the clean accuracy and every attack's linear-probe ASR
+    probe = fit_probe(model, probe_data, device, cell.seed) if probe_data is not None else None
     clean = evaluate_model(model, cfg.model, cache.test_data(ds), cache.classes(ds), device=device,
-                           probe_data=probe, retrieval=False, seed=cell.seed)
+                           probe_data=probe_data, probe=probe, retrieval=False, seed=cell.seed)
     metrics: dict[str, Any] = {
         "zeroshot_top1": clean["zeroshot"]["acc1"], "zeroshot_top5": clean["zeroshot"].get("acc5"),
         "n_test": clean["zeroshot"]["n_images"]}

@@ -52,13 +52,15 @@ def zeroshot_metrics(model, tokenizer, data: ImageCaptionData, classes: ClassInf
 
 def evaluate_model(model, model_name: str, data: ImageCaptionData, classes: ClassInfo | None, *,
                    device: str = "cpu", probe_data: ImageCaptionData | None = None,
-                   retrieval: bool = True, seed: int = 0) -> dict[str, Any]:
+                   probe: LinearProbe | None = None, retrieval: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Zero-shot, linear probe (``probe``: already fitted on ``probe_data``'s features) and retrieval."""
     tokenizer = get_tokenizer(model_name)
     metrics: dict[str, Any] = {}
     if classes is not None:
         metrics["zeroshot"] = zeroshot_metrics(model, tokenizer, data, classes, device)
     if probe_data is not None:
-        probe = LinearProbe(seed=seed).fit(encode_images(model, probe_data.images, device), probe_data.labels)
+        if probe is None:
+            probe = LinearProbe(seed=seed).fit(encode_images(model, probe_data.images, device), probe_data.labels)
         feats = encode_images(model, data.images, device)
         metrics["linear_probe"] = {**probe.score(feats, data.labels), "n_train": len(probe_data)}
     if retrieval:
