@@ -209,3 +209,22 @@ def test_manifest_never_influences_training(fm_dir, tmp_path):
     plain = [json.loads(x) for x in (tmp_path / "plain" / "results.jsonl").read_text().splitlines()]
     assert all("poison_in_safe" not in r for r in plain)
     assert [r["safe_size"] for r in plain if r["phase"] == "mixed"] == [r["safe_size"] for r in mixed]
+
+
+def test_pairs_weighting_counts_every_pair_once(fm_train, tmp_path):
+    data = fm_train.subset(range(256))
+    runs = {}
+    for w in ("terms", "pairs"):
+        t = _built(data, _small(loss_weighting=w), tmp_path / w)
+        t.strategy._safe = torch.zeros(256, dtype=torch.bool)
+        t.strategy._safe[:48] = True  # 75% of the batch below is safe
+        t.ctx.epoch = 2  # mixed (1 unimodal + 1 CLIP warm-up epoch)
+        loss, logs = t.strategy.loss(_batch(t, range(64)))
+        runs[w] = (float(loss.detach()), logs)
+    (lt, terms), (lp, terms_p) = runs["terms"], runs["pairs"]
+    assert terms == terms_p, "the weighting must not change the terms themselves"
+    uni = terms["unimodal_image_loss"] + terms["unimodal_text_loss"]
+    assert lt == pytest.approx(terms["clip_loss"] + uni, rel=1e-5)
+    assert lp == pytest.approx(0.75 * terms["clip_loss"] + 0.25 * uni, rel=1e-5)
+    with pytest.raises(Exception, match="loss_weighting"):
+        _small(loss_weighting="equal")

@@ -35,6 +35,10 @@ PHASES = ("unimodal", "clip_low", "mixed")
 # always use SimCLR + EDA: that loss needs strong views.
 SAFE_IMAGE_AUGMENTS = ("simclr", "crop-flip", "none")
 SAFE_TEXT_AUGMENTS = ("eda", "none")
+# How Eq. 4's two parts are added in a step. "terms": each averaged over its own rows and summed
+# (a risky pair then weighs safe/risky times a safe pair: ~9x at a 90% safe set). "pairs": each
+# term weighted by its share of the global batch, so every pair counts the same.
+LOSS_WEIGHTINGS = ("terms", "pairs")
 
 
 def embed_dim(model: torch.nn.Module) -> int:
@@ -84,7 +88,7 @@ class SafeClip(Strategy):
                  max_initial_fraction: float = 1.0, efficient_update: bool = True, update_fraction: float = 0.3, update_margin: float = 0.1,
                  rank_by: str = "similarity", pool_size: int = 16384, temperature: float = 0.1,
                  augment_safe: bool | None = None, safe_image_augment: str = "simclr",
-                 safe_text_augment: str = "eda", crop_scale_min: float = 0.08, eda_alpha: float = 0.1,
+                 safe_text_augment: str = "eda", loss_weighting: str = "terms", crop_scale_min: float = 0.08, eda_alpha: float = 0.1,
                  eda_p_delete: float = 0.1, gmm_seed: int = 0):
         if warmup_epochs < 0 or clip_warmup_epochs < 0:
             raise ConfigError("safeclip: warmup_epochs and clip_warmup_epochs must be >= 0")
@@ -119,6 +123,9 @@ class SafeClip(Strategy):
             raise ConfigError(f"safeclip: safe_text_augment must be one of {SAFE_TEXT_AUGMENTS}, "
                               f"got {safe_text_augment!r}")
         self.safe_image_augment, self.safe_text_augment = safe_image_augment, safe_text_augment
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"safeclip: loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+        self.loss_weighting = loss_weighting
         self.crop_scale_min = float(crop_scale_min)
         self.eda_alpha, self.eda_p_delete = float(eda_alpha), float(eda_p_delete)
         self.gmm_seed = int(gmm_seed)
@@ -266,7 +273,11 @@ class SafeClip(Strategy):
                 raise RuntimeError("safeclip: mixed epoch without a split (on_epoch_start not called)")
             safe = self._safe[batch.indices.cpu()].to(batch.pixels.device)
         terms = self.loss_terms(batch, safe)
-        loss = terms["clip"] + terms["unimodal_image"] + terms["unimodal_text"]
+        w_clip = w_uni = 1.0
+        if self.loss_weighting == "pairs" and ph == "mixed":
+            w_clip = float(all_gather_nograd(safe.float(), self.ctx.dist).mean())
+            w_uni = 1.0 - w_clip
+        loss = w_clip * terms["clip"] + w_uni * (terms["unimodal_image"] + terms["unimodal_text"])
         logs = {f"{k}_loss": float(v.detach()) for k, v in terms.items()}
         logs["batch_safe_fraction"] = float(safe.float().mean())
         return loss, logs
