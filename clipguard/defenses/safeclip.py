@@ -30,9 +30,9 @@ from clipguard.training.strategy import Strategy
 
 PHASES = ("unimodal", "clip_low", "mixed")
 # What the CLIP loss sees of a safe pair. The paper: SimCLR views and EDA captions. "crop-flip"
-# keeps only the geometric part of SimCLR (no colour jitter, grayscale): on small grey images the
-# jitter changes the very contrast that tells a shirt from a coat. Risky pairs' unimodal views
-# always use SimCLR + EDA: that loss needs strong views.
+# keeps only SimCLR's geometric part (no colour jitter or grayscale); "none", the pair itself.
+# On 28-px Fashion-MNIST the geometry is what costs accuracy (docs/defenses.md). Risky pairs'
+# unimodal views always use SimCLR + EDA: that loss needs strong views.
 SAFE_IMAGE_AUGMENTS = ("simclr", "crop-flip", "none")
 SAFE_TEXT_AUGMENTS = ("eda", "none")
 # How Eq. 4's two parts are added in a step. "terms": each averaged over its own rows and summed
