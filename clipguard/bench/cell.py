@@ -250,7 +250,7 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
 def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False,
              evaluate: bool = True, bar_position: int | None = None) -> dict[str, Any] | None:
     """Train (or resume) and, when ``evaluate`` (rank 0 under torchrun), evaluate and write the JSON."""
-    from clipguard.evaluation.asr import fit_probe
+    from clipguard.evaluation.linear_probe import fit_probe
     from clipguard.evaluation.runner import evaluate_model
 
     out = Path(out)

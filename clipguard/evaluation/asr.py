@@ -22,7 +22,7 @@ from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData, load_csv
 from clipguard.errors import DataError
 from clipguard.evaluation.features import encode_images
-from clipguard.evaluation.linear_probe import LinearProbe
+from clipguard.evaluation.linear_probe import LinearProbe, fit_probe
 from clipguard.evaluation.zeroshot import zeroshot_classifier
 
 
@@ -133,11 +133,6 @@ def _score_block(scores_trig: torch.Tensor, scores_clean: torch.Tensor | None, a
 def manifest_classes_path(manifest: dict[str, Any]) -> Path:
     """The classes.json a loaded manifest names (default: the one in its folder)."""
     return Path(manifest["_dir"]) / (manifest.get("classes") or "classes.json")
-
-
-def fit_probe(model: torch.nn.Module, data: ImageCaptionData, device, seed: int = 0) -> LinearProbe:
-    """The linear probe of the linear-probe ASR: fitted on the model's features of clean images."""
-    return LinearProbe(seed=seed).fit(encode_images(model, data.images, device), data.labels, source=str(data.source))
 
 
 _ASR_SETS: dict[tuple[str, int | None], AsrSet] = {}

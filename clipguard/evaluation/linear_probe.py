@@ -7,6 +7,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from clipguard.errors import DataError
+from clipguard.evaluation.features import encode_images
 
 
 class LinearProbe:
@@ -48,3 +49,9 @@ class LinearProbe:
                 pred = self.topk(features, k)
                 out[f"acc{k}"] = float((pred == labels.view(-1, 1)).any(1).float().mean())
         return out
+
+
+def fit_probe(model: torch.nn.Module, data, device, seed: int = 0) -> LinearProbe:
+    """A probe fitted on ``model``'s features of the labelled clean images in ``data``: the one
+    behind both the linear-probe accuracy and the linear-probe ASR."""
+    return LinearProbe(seed=seed).fit(encode_images(model, data.images, device), data.labels, source=str(data.source))

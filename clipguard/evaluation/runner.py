@@ -11,7 +11,7 @@ import clipguard
 from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData, load_csv
 from clipguard.evaluation.features import encode_images, encode_tokens
-from clipguard.evaluation.linear_probe import LinearProbe
+from clipguard.evaluation.linear_probe import LinearProbe, fit_probe
 from clipguard.evaluation.retrieval import recall_at_k
 from clipguard.evaluation.zeroshot import mean_per_class_recall, topk_accuracy, zeroshot_classifier
 from clipguard.models import checkpoint as ckpt
@@ -60,7 +60,7 @@ def evaluate_model(model, model_name: str, data: ImageCaptionData, classes: Clas
         metrics["zeroshot"] = zeroshot_metrics(model, tokenizer, data, classes, device)
     if probe_data is not None:
         if probe is None:
-            probe = LinearProbe(seed=seed).fit(encode_images(model, probe_data.images, device), probe_data.labels)
+            probe = fit_probe(model, probe_data, device, seed)
         feats = encode_images(model, data.images, device)
         metrics["linear_probe"] = {**probe.score(feats, data.labels), "n_train": len(probe_data)}
     if retrieval:
