@@ -40,12 +40,12 @@ def _loss(strategy, ctx, seed=0):
 def test_registered_and_options_validated():
     assert "cleanclip" in defenses.names()
     s = defenses.build("cleanclip", {"lambda2": 0.5})
-    assert s.lambda2 == 0.5 and s.name == "cleanclip"
+    assert s.opt.lambda2 == 0.5 and s.name == "cleanclip"
     from clipguard.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no option"):
         defenses.build("cleanclip", {"lambda9": 1})
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="lambda2 must be >= 0"):
         defenses.build("cleanclip", {"lambda2": -1})
 
 

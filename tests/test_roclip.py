@@ -14,7 +14,7 @@ from clipguard.training.trainer import TrainConfig, Trainer
 def _built(data, opts, tmp_path):
     t = Trainer(TrainConfig(model="cg-tiny", epochs=2, batch_size=32, seed=0, device="cpu", quiet=True),
                 data, tmp_path, strategy=defenses.build("roclip", opts))
-    t._build(DistInfo())
+    t.setup()
     return t
 
 

@@ -28,7 +28,7 @@ def _small(**kw):
 
 def _built(data, strategy, tmp_path, **kw):
     t = Trainer(_cfg(**kw), data, tmp_path, strategy=strategy)
-    t._build(DistInfo())
+    t.setup()
     return t
 
 
@@ -141,8 +141,8 @@ def test_safe_augment_options_are_checked(fm_train, tmp_path):
         _small(safe_image_augment="blur")
     with pytest.raises(ConfigError, match="safe_text_augment"):
         _small(safe_text_augment="back-translate")
-    legacy = _small(augment_safe=False)
-    assert (legacy.safe_image_augment, legacy.safe_text_augment) == ("none", "none")
+    with pytest.raises(ConfigError, match="augment_safe"):
+        _small(augment_safe=False)  # the old switch is gone: safe_image_augment / safe_text_augment
 
 
 def test_eda_is_deterministic_under_a_seed():

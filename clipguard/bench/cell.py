@@ -19,31 +19,38 @@ import torch
 
 import clipguard
 from clipguard.bench.cache import BenchCache, PoisonedSet
-from clipguard.bench.config import AttackSpec, BenchConfig
+from clipguard.bench.config import AttackSpec, BenchConfig, DefenseSpec
 from clipguard.bench.plan import Cell, base_cell
 from clipguard.errors import ConfigError
 from clipguard.io import read_jsonl, write_json
 from clipguard.models import checkpoint as ckpt
+from clipguard.training.spec import RunSpec, resolve_spec
 from clipguard.training.strategy import Strategy
 
-CELL_FORMAT = 1
+CELL_FORMAT = 2  # 2: the fingerprint hashes the resolved run (defaults filled in)
 
 
-def train_settings(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
-    stage = cfg.pretrain if cell.stage == "pretrain" else cfg.finetune
-    values: dict[str, Any] = {"model": cfg.model, "device": cfg.device, "seed": cell.seed}
-    values.update(stage.train)
-    values.update(cell.defense.train)
-    return values
+def entry_spec(cfg: BenchConfig, stage: str, entry: DefenseSpec, seed: int) -> RunSpec:
+    """A grid entry's RunSpec: library defaults < grid model/device/seed < preset < stage < entry."""
+    stage_spec = cfg.pretrain if stage == "pretrain" else cfg.finetune
+    return resolve_spec(stage=stage, defense=entry.defense, preset=entry.preset, options=entry.options,
+                        base={"model": cfg.model, "device": cfg.device, "seed": seed},
+                        train=[stage_spec.train, entry.train],
+                        where=f"{cfg.source}: {stage}.defenses.{entry.label}")
+
+
+def cell_spec(cfg: BenchConfig, cell: Cell) -> RunSpec:
+    return entry_spec(cfg, cell.stage, cell.defense, cell.seed)
 
 
 def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
-    """Everything that determines the cell's result (and nothing that does not, e.g. --out)."""
+    """Everything that determines the cell's result (and nothing that does not, e.g. --out): the
+    resolved run, so writing a default out explicitly in the YAML keeps the cached result."""
     ds = asdict(cell.dataset)
     conf: dict[str, Any] = {
+        "format": CELL_FORMAT,
         "dataset": ds, "attack": {"label": cell.attack.label, "parts": [asdict(p) for p in cell.attack.parts]},
-        "stage": cell.stage, "defense": asdict(cell.defense), "seed": cell.seed,
-        "train": train_settings(cfg, cell),
+        "label": cell.defense.label, "seed": cell.seed, "run": cell_spec(cfg, cell).resolved(),
     }
     if cell.stage == "finetune":
         conf["finetune_data"] = cfg.finetune.data
@@ -210,8 +217,7 @@ def attack_columns(attack: AttackSpec) -> list[str]:
 def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False,
                     bar_position: int | None = None):
     """The cell's Trainer, its data and poison info; refuses a run folder from another config."""
-    from clipguard import defenses
-    from clipguard.training.trainer import TrainConfig, Trainer
+    from clipguard.training.build import build_trainer
 
     out = Path(out)
     conf = cell_config(cfg, cell)
@@ -224,7 +230,8 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
                               f"{old.get('fingerprint')} != {fingerprint(conf)}); use a new --out, or --redo to retrain it")
     data, poison = cache.train_data(cell.dataset, cell.attack, cell.seed)
     mask = poison.mask
-    settings = train_settings(cfg, cell)
+    spec = cell_spec(cfg, cell)
+    settings: dict[str, Any] = {"keep_checkpoints": 1, "quiet": quiet, "bar_position": bar_position}
     if cell.stage == "finetune":
         base = base_cell(cfg, cell)
         if not base.json_path(out).is_file():
@@ -235,8 +242,7 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
         settings["checkpoint"] = str(latest)
         if cfg.finetune.data == "clean":
             data, mask = cache.finetune_clean(cell.dataset), None
-    strategy = defenses.build(cell.defense.defense, cell.defense.options)
-    tcfg = TrainConfig(**settings, keep_checkpoints=1, quiet=quiet, bar_position=bar_position)
+    spec.train = spec.train.replace(**settings)
     extra = _defence_diagnostics(poison, data) if mask is not None else []
     parts = ({f"{i}-{p.attack}": m for i, (p, m) in enumerate(zip(cell.attack.parts, poison.masks))}
              if mask is not None and len(poison.masks) > 1 else None)
@@ -244,7 +250,7 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
     if not marker.is_file():
         with contextlib.suppress(OSError):  # several ranks may race to write the same content
             write_json(marker, {"cell": cell.id, "fingerprint": fingerprint(conf), "config": conf})
-    return Trainer(tcfg, data, run_dir, strategy=strategy, diagnostics=diag), data, poison
+    return build_trainer(spec, data, run_dir, diagnostics=diag), data, poison
 
 
 def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False,
@@ -252,6 +258,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
     """Train (or resume) and, when ``evaluate`` (rank 0 under torchrun), evaluate and write the JSON."""
     from clipguard.evaluation.linear_probe import fit_probe
     from clipguard.evaluation.runner import evaluate_model
+    from clipguard.training.trainer import epochs_done
 
     out = Path(out)
     conf = cell_config(cfg, cell)
@@ -260,7 +267,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
     trainer, data, poison = prepare_trainer(cfg, cell, out, cache, quiet=quiet, bar_position=bar_position)
     t_data = time.perf_counter() - t0
     resumed = ckpt.resolve_latest(run_dir / "checkpoints")
-    resumed_epoch = int(ckpt.read_state(resumed).get("epoch", -1)) + 1 if resumed else 0
+    resumed_epoch = epochs_done(ckpt.read_state(resumed)) if resumed else 0
     t1 = time.perf_counter()
     trainer.fit(resume="latest")
     t_train = time.perf_counter() - t1

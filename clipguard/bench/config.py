@@ -18,6 +18,8 @@ import yaml
 from clipguard.errors import ConfigError
 
 BUILTIN_DATASETS = ("fashion-mnist",)
+# a grid's stages and entries may set these TrainConfig fields (model, device and seed are the
+# grid's; checkpoint: pre-training that starts from given weights)
 TRAIN_KEYS = {"epochs", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
               "accum_steps", "precision", "checkpoint"}
 NO_ATTACK = ("none", "clean")
@@ -83,10 +85,13 @@ class AttackSpec:
 
 @dataclass
 class DefenseSpec:
+    """A grid entry: a defence by name or by preset, plus option and train overrides."""
+
     label: str
     defense: str
     options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None  # a preset YAML (path relative to the grid file, or a name in configs/)
 
 
 @dataclass
@@ -287,17 +292,36 @@ def _attack(label: str, obj: Any, source: str) -> AttackSpec:
     return AttackSpec(label=label, parts=[_attack_part(obj, source, key)], **kw)
 
 
-def _defense(label: str, obj: Any, source: str, key: str) -> DefenseSpec:
+def _defense(label: str, obj: Any, source: str, key: str, base_dir: Path | None) -> DefenseSpec:
     if isinstance(obj, str):
         return DefenseSpec(label=label, defense=obj)
     d = _mapping(obj, source, key)
-    _check_keys(d, {"defense", "options", "train"}, source, key)
-    return DefenseSpec(label=label, defense=str(d.get("defense") or label),
+    _check_keys(d, {"defense", "preset", "options", "train"}, source, key)
+    preset = _preset_path(d["preset"], base_dir, source, key) if d.get("preset") else None
+    defense = d.get("defense")
+    if defense is None and preset is None:
+        defense = label
+    if defense is None:
+        from clipguard.training.spec import load_preset
+
+        defense = load_preset(preset).get("defense") or label
+    return DefenseSpec(label=label, defense=str(defense), preset=preset,
                        options=dict(_mapping(d.get("options"), source, f"{key}.options")),
                        train=_train(d.get("train"), source, f"{key}.train"))
 
 
-def _stage(obj: Any, source: str, key: str, finetune: bool) -> StageSpec:
+def _preset_path(name: Any, base_dir: Path | None, source: str, key: str) -> str:
+    """A preset next to the grid file, or one of the presets shipped in configs/."""
+    p = Path(os.path.expanduser(str(name)))
+    cands = [p] if p.is_absolute() else [(base_dir or Path.cwd()) / p, Path.cwd() / p,
+                                         Path.cwd() / "configs" / p, Path.cwd() / "configs" / f"{p}.yaml"]
+    for c in cands:
+        if c.is_file():
+            return str(c)
+    raise ConfigError(f"{source}: {key}.preset: {name!r} not found (looked in {', '.join(str(c.parent) for c in cands)})")
+
+
+def _stage(obj: Any, source: str, key: str, finetune: bool, base_dir: Path | None = None) -> StageSpec:
     s = _mapping(obj, source, key)
     allowed = {"train", "defenses"} | ({"base", "data"} if finetune else set())
     _check_keys(s, allowed, source, key)
@@ -306,7 +330,7 @@ def _stage(obj: Any, source: str, key: str, finetune: bool) -> StageSpec:
         raise ConfigError(f"{source}: '{key}.defenses' must list at least one defence")
     stage = StageSpec(train=_train(s.get("train"), source, f"{key}.train"),
                       defenses=[_defense(_label(k, source, f"{key}.defenses"), v, source,
-                                         f"{key}.defenses.{k}") for k, v in defs.items()])
+                                         f"{key}.defenses.{k}", base_dir) for k, v in defs.items()])
     if finetune:
         stage.base = s.get("base")
         stage.data = s.get("data", "clean")
@@ -326,8 +350,9 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
                 for k, v in _mapping(raw["datasets"], source, "datasets").items()]
     attacks = [_attack(_label(k, source, "attacks"), v, source)
                for k, v in _mapping(raw["attacks"], source, "attacks").items()]
-    pretrain = _stage(raw["pretrain"], source, "pretrain", finetune=False)
-    finetune = _stage(raw["finetune"], source, "finetune", finetune=True) if raw.get("finetune") else None
+    pretrain = _stage(raw["pretrain"], source, "pretrain", finetune=False, base_dir=base_dir)
+    finetune = (_stage(raw["finetune"], source, "finetune", finetune=True, base_dir=base_dir)
+                if raw.get("finetune") else None)
     for a in attacks:
         unknown = sorted(set(a.defenses or []) - {d.label for d in pretrain.defenses})
         if unknown:
@@ -358,20 +383,15 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
 
 
 def validate_names(cfg: BenchConfig) -> None:
-    """Check every attack and defence name against the registries (and every option against the
-    defence's signature) before anything runs: a missing method fails in a second, not an hour."""
-    from clipguard import defenses
+    """Resolve every defence entry (name, preset, options, train settings) and check every attack
+    name before anything runs: a misspelt method fails in a second, not an hour."""
+    from clipguard.bench.cell import entry_spec
 
     for stage, label in ((cfg.pretrain, "pretrain"), (cfg.finetune, "finetune")):
         if stage is None:
             continue
         for d in stage.defenses:
-            try:
-                defenses.build(d.defense, d.options)
-            except ConfigError as e:
-                raise ConfigError(f"{cfg.source}: {label}.defenses.{d.label}: {e}") from None
-            except TypeError as e:
-                raise ConfigError(f"{cfg.source}: {label}.defenses.{d.label}: bad options: {e}") from None
+            entry_spec(cfg, label, d, seed=cfg.seeds[0])
     parts = [(a.label, p) for a in cfg.attacks for p in a.parts]
     if not parts:
         return

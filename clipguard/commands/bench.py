@@ -32,12 +32,13 @@ def run_grid(config: str, out: str, *, overrides: list[str] | None = None, only:
     import os
     from pathlib import Path
 
-    from clipguard.bench import load_config, plan_cells, run_bench
+    from clipguard.bench import load_config, plan_cells, run_bench, validate_names
     from clipguard.bench.cell import is_done
     from clipguard.errors import ConfigError
     from clipguard.reporting import terminal_tables, write_report
 
     cfg = load_config(config, overrides)
+    validate_names(cfg)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if plan:

@@ -11,9 +11,6 @@ import argparse
 
 from clipguard.commands.train import add_train_args, run_training
 
-# CleanCLIP's reference fine-tuning recipe (papers/003); presets in configs/ override it.
-FINETUNE_DEFAULTS = {"epochs": 10, "batch_size": 64, "lr": 1e-5, "warmup": 50, "weight_decay": 0.1}
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a possibly poisoned model on clean data (ft, cleanclip, "
@@ -40,7 +37,7 @@ def resolve_start(checkpoint: str, model: str | None) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     weights, name = resolve_start(args.checkpoint, args.model)
     args.model = name
-    last = run_training(args, defaults=dict(FINETUNE_DEFAULTS), checkpoint=weights)
+    last = run_training(args, stage="finetune", checkpoint=weights)
     shown = ", ".join(f"{k}={v}" for k, v in last.items() if k in ("epoch", "loss", "zeroshot_top1"))
     print(f"finished: {args.out} ({shown}); started from {weights}")
     return 0

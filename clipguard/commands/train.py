@@ -12,9 +12,10 @@ from clipguard.commands.common import add_csv_args, csv_spec
 def add_train_args(p: argparse.ArgumentParser, *, finetune: bool = False) -> None:
     p.add_argument("--data", required=True, help="training CSV")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--model", default=None if finetune else "cg-tiny",
-                   help="model name (see `clipguard models`)" + ("; default: the checkpoint's" if finetune else ""))
-    p.add_argument("--defense", default="ft" if finetune else "none")
+    p.add_argument("--model", default=None,
+                   help="model name (see `clipguard models`); default: " + ("the checkpoint's" if finetune else "cg-tiny"))
+    p.add_argument("--defense", default=None,
+                   help="defence name (default: " + ("ft" if finetune else "none") + ", or the preset's)")
     p.add_argument("--preset", default=None, help="YAML preset: defense, options and train settings")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a defence option, e.g. --opt warmup_epochs=5 (repeatable)")
@@ -40,6 +41,8 @@ def add_train_args(p: argparse.ArgumentParser, *, finetune: bool = False) -> Non
     p.add_argument("--attack-manifest", default=None,
                    help="for reporting only: poison diagnostics per epoch (never used for training)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out (only the files a run writes are removed)")
     p.add_argument("--stop-after", type=int, default=None, help="run at most N epochs now")
     p.add_argument("--keep-checkpoints", type=int, default=None)
     p.add_argument("--tensorboard", action="store_true")
@@ -55,52 +58,45 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-TRAIN_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "min_lr": "min_lr",
-              "warmup": "warmup", "wd": "weight_decay", "grad_clip": "grad_clip",
-              "accum_steps": "accum_steps", "precision": "precision", "device": "device", "seed": "seed",
-              "stop_after": "stop_after", "keep_checkpoints": "keep_checkpoints", "eval_every": "eval_every"}
+# command-line flag -> TrainConfig field; every other default lives in the library
+FLAG_TO_FIELD = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "min_lr": "min_lr",
+                 "warmup": "warmup", "wd": "weight_decay", "grad_clip": "grad_clip",
+                 "accum_steps": "accum_steps", "precision": "precision", "device": "device", "seed": "seed",
+                 "stop_after": "stop_after", "keep_checkpoints": "keep_checkpoints", "eval_every": "eval_every",
+                 "model": "model"}
 
 
-def build_config(args: argparse.Namespace, preset: dict[str, Any], defaults: dict[str, Any]):
-    """Defaults < preset's ``train:`` < command-line flags."""
-    from clipguard.training.trainer import TrainConfig
+def spec_from_args(args: argparse.Namespace, *, stage: str = "pretrain", checkpoint: str | None = None):
+    """The run's RunSpec: library defaults < --preset < flags (the same rule as bench entries)."""
+    from clipguard.training.spec import parse_options, resolve_spec
 
-    values: dict[str, Any] = dict(defaults)
-    values.update(preset.get("train") or {})
-    for flag, key in TRAIN_KEYS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            values[key] = v
-    values["tensorboard"] = args.tensorboard
-    values["quiet"] = args.quiet
-    if args.model:
-        values["model"] = args.model
-    return TrainConfig(**values)
+    flags = {key: getattr(args, flag, None) for flag, key in FLAG_TO_FIELD.items()}
+    flags.update({"tensorboard": args.tensorboard or None, "quiet": args.quiet or None, "checkpoint": checkpoint})
+    return resolve_spec(stage=stage, defense=args.defense, preset=args.preset,
+                        options=parse_options(args.opt), train=[flags])
 
 
-def run_training(args: argparse.Namespace, *, defaults: dict[str, Any], checkpoint: str | None = None):
-    from clipguard import defenses
+def run_training(args: argparse.Namespace, *, stage: str = "pretrain", checkpoint: str | None = None):
     from clipguard.data.classes import ClassInfo
     from clipguard.data.csv_dataset import load_csv
     from clipguard.data.registry import load_dataset
     from clipguard.errors import ConfigError
     from clipguard.models.factory import model_config
-    from clipguard.training.trainer import Trainer
+    from clipguard.training.build import build_trainer
 
-    preset = defenses.load_preset(args.preset) if args.preset else {}
-    name = args.defense if args.defense is not None else preset.get("defense", "none")
-    if args.preset and preset.get("defense") and args.defense in (None, "none", "ft") and preset["defense"] != name:
-        name = preset["defense"]
-    options = dict(preset.get("options") or {})
-    options.update(defenses.parse_options(args.opt))
-    strategy = defenses.build(name, options)
-    cfg = build_config(args, preset, defaults)
-    if checkpoint is not None:
-        cfg.checkpoint = checkpoint
-    spec = csv_spec(args)
+    spec = spec_from_args(args, stage=stage, checkpoint=checkpoint)
+    cfg = spec.train
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    from clipguard.training import run_dir
+
+    run_dir.check_out_path(Path(args.out))
+    if args.resume is None and not args.overwrite and run_dir.has_run(Path(args.out)):
+        run_dir.prepare(Path(args.out), resume=None, overwrite=False)  # refuses before data is loaded
+    data_spec = csv_spec(args)
     size = model_config(cfg.model)["vision_cfg"]["image_size"]
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    data = load_dataset(args.data, args.dataset_type, spec=spec, image_size=size,
+    data = load_dataset(args.data, args.dataset_type, spec=data_spec, image_size=size,
                         skip_bad_rows=args.skip_bad_rows, limit=args.limit, lazy=args.lazy_images)
     if data.skipped:
         print(f"skipped {data.skipped} bad rows of {args.data}")
@@ -109,15 +105,17 @@ def run_training(args: argparse.Namespace, *, defaults: dict[str, Any], checkpoi
         classes_path = Path(args.classes) if args.classes else Path(args.eval_data).parent / "classes.json"
         if not classes_path.is_file():
             raise ConfigError(f"--eval-data needs classes.json: {classes_path} not found (pass --classes)")
-        eval_data = load_csv(args.eval_data, spec, image_size=size, skip_bad_rows=args.skip_bad_rows)
+        eval_data = load_csv(args.eval_data, data_spec, image_size=size, skip_bad_rows=args.skip_bad_rows)
         evaluate = make_epoch_eval(cfg.model, eval_data, ClassInfo.load(classes_path))
+    elif args.classes:
+        raise ConfigError("--classes is used with --eval-data (zero-shot after each epoch); pass --eval-data too")
     diagnostics = None
     if args.attack_manifest:
         from clipguard.evaluation.detection import make_diagnostics
 
         diagnostics = make_diagnostics(args.attack_manifest, data)
-    trainer = Trainer(cfg, data, args.out, strategy=strategy, evaluate=evaluate, diagnostics=diagnostics)
-    return trainer.fit(resume=args.resume)
+    trainer = build_trainer(spec, data, args.out, evaluate=evaluate, diagnostics=diagnostics)
+    return trainer.fit(resume=args.resume, overwrite=args.overwrite)
 
 
 def make_epoch_eval(model_name: str, eval_data, classes):
@@ -135,6 +133,6 @@ def make_epoch_eval(model_name: str, eval_data, classes):
 
 
 def run(args: argparse.Namespace) -> int:
-    last = run_training(args, defaults={})
+    last = run_training(args)
     print(f"finished: {args.out} ({', '.join(f'{k}={v}' for k, v in last.items() if k in ('epoch', 'loss', 'zeroshot_top1'))})")
     return 0

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from clipguard.errors import ConfigError
+from clipguard.options import Options
 from clipguard.registry import Registry
 from clipguard.training.strategy import ClipStrategy, Strategy
 
@@ -25,16 +25,26 @@ def get(name: str) -> type[Strategy]:
     return DEFENSES.get(name)
 
 
-def build(name: str, options: dict[str, Any] | None = None) -> Strategy:
-    """Instantiate a defence with options, naming any option it does not take."""
-    cls = get(name)
-    options = dict(options or {})
-    params = inspect.signature(cls.__init__).parameters
-    known = [p for p in params if p != "self"]
-    bad = [k for k in options if k not in known]
-    if bad:
-        raise ConfigError(f"defense '{name}' has no option(s) {bad}; it takes {known}")
-    strat = cls(**options)
+def options_class(name: str) -> type[Options]:
+    """The options dataclass of a registered defence."""
+    return get(name).options_class
+
+
+def resolve_options(name: str, options: dict[str, Any] | Options | None = None, *, where: str = "") -> Options:
+    """Validated options of defence ``name`` from a mapping (or pass an options object through)."""
+    cls = options_class(name)
+    if isinstance(options, Options):
+        if not isinstance(options, cls):
+            raise ConfigError(f"{where + ': ' if where else ''}defense '{name}' takes {cls.__name__}, "
+                              f"got {type(options).__name__}")
+        options.check(where)
+        return options
+    return cls.from_dict(options, where=where)
+
+
+def build(name: str, options: dict[str, Any] | Options | None = None, *, where: str = "") -> Strategy:
+    """Instantiate a defence with validated options; a bad key or value is a ConfigError naming it."""
+    strat = get(name)(resolve_options(name, options, where=where))
     strat.name = name
     return strat
 

@@ -14,15 +14,39 @@ views go through ONE forward pass.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from clipguard.data.augment import EDA, simclr_augment
+from clipguard.data.augment import Views
 from clipguard.defenses import DEFENSES
+from clipguard.options import Options, require
 from clipguard.training.context import Batch
 from clipguard.training.losses import clip_loss, info_nce
 from clipguard.training.strategy import Strategy
+
+
+@dataclass
+class CleanClipOptions(Options):
+    """CleanCLIP's loss weights and views; the defaults are the paper's (lambda1 = lambda2 = 1)."""
+
+    kind: ClassVar[str] = "defense 'cleanclip'"
+    lambda1: float = 1.0              # weight of the CLIP loss
+    lambda2: float = 1.0              # weight of the in-modal loss (0: plain CLIP)
+    inmodal_temperature: float | None = None  # None: the model's logit scale, as the reference code
+    crop_scale_min: float = 0.08
+    eda_alpha: float = 0.1
+    image_views: bool = True
+    text_views: bool = True
+
+    def validate(self) -> None:
+        require(self.lambda1 >= 0 and self.lambda2 >= 0, f"lambda1 and lambda2 must be >= 0, got "
+                f"{self.lambda1}, {self.lambda2}")
+        require(self.inmodal_temperature is None or self.inmodal_temperature > 0,
+                "inmodal_temperature must be > 0 (or None: the model's logit scale)")
+        require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        require(0.0 <= self.eda_alpha <= 1.0, f"eda_alpha must be in [0, 1], got {self.eda_alpha}")
 
 
 @DEFENSES.register("cleanclip")
@@ -30,37 +54,28 @@ class CleanClip(Strategy):
     """lambda1 * CLIP + lambda2 * in-modal; lambda2 = 0 is exactly plain CLIP."""
 
     name = "cleanclip"
+    options_class = CleanClipOptions
 
-    def __init__(self, lambda1: float = 1.0, lambda2: float = 1.0,
-                 inmodal_temperature: float | None = None,
-                 crop_scale_min: float = 0.08, eda_alpha: float = 0.1,
-                 image_views: bool = True, text_views: bool = True) -> None:
-        if lambda1 < 0 or lambda2 < 0:
-            raise ValueError("lambda1 and lambda2 must be >= 0")
-        if inmodal_temperature is not None and inmodal_temperature <= 0:
-            raise ValueError("inmodal_temperature must be > 0 (or None: the model's logit scale)")
-        self.lambda1, self.lambda2 = float(lambda1), float(lambda2)
-        self.inmodal_temperature = inmodal_temperature
-        self.crop_scale_min = float(crop_scale_min)
-        self.eda_alpha = float(eda_alpha)
-        self.image_views, self.text_views = bool(image_views), bool(text_views)
-        self._eda = EDA(alpha=eda_alpha, p_delete=eda_alpha)
+    def __init__(self, options: CleanClipOptions | None = None) -> None:
+        super().__init__(options)
+        o = self.opt
+        self._views_of = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_alpha)
 
     # ---- pieces shared with CleanerCLIP ---------------------------------------------------
     def _views(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Fresh augmented pixels and EDA tokens for this step (None where switched off)."""
-        if self.lambda2 == 0:
+        if self.opt.lambda2 == 0:
             return None, None
         pix = tok = None
-        if self.image_views:
-            pix = simclr_augment(batch.pixels, batch.generator, scale=(self.crop_scale_min, 1.0))
-        if self.text_views:
-            tok = self.ctx.tokenize(self._eda.augment_batch(batch.captions, batch.rng))
+        if self.opt.image_views:
+            pix = self._views_of.images(batch.pixels, batch.generator)
+        if self.opt.text_views:
+            tok = self.ctx.tokenize(self._views_of.texts(batch.captions, batch.rng))
         return pix, tok
 
     def _inmodal(self, img: torch.Tensor, img_aug: torch.Tensor | None, txt: torch.Tensor,
                  txt_aug: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
-        temp = self.inmodal_temperature if self.inmodal_temperature is not None else 1.0 / scale
+        temp = self.opt.inmodal_temperature if self.opt.inmodal_temperature is not None else 1.0 / scale
         terms = []
         if img_aug is not None:
             terms.append(info_nce(img_aug, img, temp, self.ctx.dist))
@@ -94,10 +109,10 @@ class CleanClip(Strategy):
         """lambda1 * CLIP + lambda2 * in-modal, shared with CleanerCLIP, which adds L_fc on top."""
         l_clip = clip_loss(img, txt, scale, self.ctx.dist)
         logs: dict[str, Any] = {"clip_loss": float(l_clip.detach())}
-        total = self.lambda1 * l_clip
-        if self.lambda2 > 0:
+        total = self.opt.lambda1 * l_clip
+        if self.opt.lambda2 > 0:
             l_in = self._inmodal(img, img_aug, txt, txt_aug, scale)
-            total = total + self.lambda2 * l_in
+            total = total + self.opt.lambda2 * l_in
             logs["inmodal_loss"] = float(l_in.detach())
         return total, logs
 

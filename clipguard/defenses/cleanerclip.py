@@ -21,14 +21,16 @@ counts differ per rank); this never sees any poison label.
 from __future__ import annotations
 
 import random
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from clipguard.data.subcaptions import SubcaptionGenerator
 from clipguard.defenses import DEFENSES
-from clipguard.defenses.cleanclip import CleanClip
+from clipguard.defenses.cleanclip import CleanClip, CleanClipOptions
+from clipguard.options import require
 from clipguard.training.context import Batch, step_seed
 
 
@@ -46,30 +48,40 @@ def factual_counterfactual_loss(img: torch.Tensor, pos: torch.Tensor, neg: torch
     return 0.5 * (l_img.mean() + l_txt.mean())
 
 
+@dataclass
+class CleanerClipOptions(CleanClipOptions):
+    """CleanCLIP's options plus L_fc's weight, temperatures and subset size."""
+
+    kind: ClassVar[str] = "defense 'cleanerclip'"
+    lambda3: float = 1.0              # weight of L_fc (0 with lambda2 = 0: plain CLIP)
+    tau_pos: float = 0.3
+    tau_neg: float = 0.3
+    fc_samples: float = 1000          # samples with sub-captions per epoch: a count, or a fraction when < 1
+    fc_per_step: int | None = None    # instead: this many samples of every batch
+    slot_kinds: list[str] = field(default_factory=lambda: ["adj", "verb", "noun"])
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.lambda3 >= 0, f"lambda3 must be >= 0, got {self.lambda3}")
+        require(self.tau_pos > 0 and self.tau_neg > 0, f"tau_pos and tau_neg must be > 0, got {self.tau_pos}, "
+                f"{self.tau_neg}")
+        require(self.fc_samples >= 0, f"fc_samples must be >= 0, got {self.fc_samples}")
+        require(self.fc_per_step is None or self.fc_per_step >= 0, f"fc_per_step must be >= 0, got {self.fc_per_step}")
+        bad = sorted(set(self.slot_kinds) - {"adj", "verb", "noun"})
+        require(not bad and bool(self.slot_kinds), f"slot_kinds must be a non-empty list of adj, verb, noun; got "
+                f"{self.slot_kinds}")
+
+
 @DEFENSES.register("cleanerclip")
 class CleanerClip(CleanClip):
     """CleanCLIP + lambda3 * L_fc on a random subset; lambda2 = lambda3 = 0 is plain CLIP."""
 
     name = "cleanerclip"
+    options_class = CleanerClipOptions
 
-    def __init__(self, lambda1: float = 1.0, lambda2: float = 1.0, lambda3: float = 1.0,
-                 tau_pos: float = 0.3, tau_neg: float = 0.3,
-                 fc_samples: float = 1000, fc_per_step: int | None = None,
-                 slot_kinds: list[str] | tuple[str, ...] = ("adj", "verb", "noun"),
-                 inmodal_temperature: float | None = None, crop_scale_min: float = 0.08,
-                 eda_alpha: float = 0.1, image_views: bool = True, text_views: bool = True) -> None:
-        super().__init__(lambda1=lambda1, lambda2=lambda2, inmodal_temperature=inmodal_temperature,
-                         crop_scale_min=crop_scale_min, eda_alpha=eda_alpha,
-                         image_views=image_views, text_views=text_views)
-        if lambda3 < 0 or tau_pos <= 0 or tau_neg <= 0:
-            raise ValueError("lambda3 must be >= 0 and tau_pos, tau_neg > 0")
-        if fc_samples < 0 or (fc_per_step is not None and fc_per_step < 0):
-            raise ValueError("fc_samples and fc_per_step must be >= 0")
-        self.lambda3, self.tau_pos, self.tau_neg = float(lambda3), float(tau_pos), float(tau_neg)
-        self.fc_samples = fc_samples
-        self.fc_per_step = fc_per_step
-        self.slot_kinds = list(slot_kinds)
-        self._gen = SubcaptionGenerator(kinds=tuple(slot_kinds))
+    def __init__(self, options: CleanerClipOptions | None = None) -> None:
+        super().__init__(options)
+        self._gen = SubcaptionGenerator(kinds=tuple(self.opt.slot_kinds))
         self._row = torch.empty(0, dtype=torch.long)   # dataset index -> row in the epoch tables
         self._pos: list[str] = []
         self._neg: list[str] = []
@@ -77,14 +89,14 @@ class CleanerClip(CleanClip):
     # ---- the epoch's subset, built offline ------------------------------------------------
     def _subset_size(self) -> int:
         n = len(self.ctx.data)
-        k = int(round(self.fc_samples * n)) if 0 < self.fc_samples < 1 else int(self.fc_samples)
+        k = int(round(self.opt.fc_samples * n)) if 0 < self.opt.fc_samples < 1 else int(self.opt.fc_samples)
         return min(k, n)
 
     def on_epoch_start(self, epoch: int) -> dict[str, Any]:
         n = len(self.ctx.data)
         self._row = torch.full((n,), -1, dtype=torch.long)
         self._pos, self._neg = [], []
-        if self.lambda3 == 0 or self.fc_per_step is not None:
+        if self.opt.lambda3 == 0 or self.opt.fc_per_step is not None:
             return {}
         g = torch.Generator().manual_seed(step_seed(self.ctx.seed, "cleanerclip-subset", epoch))
         chosen = torch.randperm(n, generator=g)[: self._subset_size()]
@@ -100,9 +112,9 @@ class CleanerClip(CleanClip):
 
     def _batch_subcaptions(self, batch: Batch) -> tuple[torch.Tensor, list[str], list[str]]:
         """Which rows of this batch get sub-captions, with their T+ and T- texts."""
-        if self.fc_per_step is not None:
+        if self.opt.fc_per_step is not None:
             b = batch.pixels.shape[0]
-            order = torch.randperm(b, generator=batch.generator)[: self.fc_per_step].tolist()
+            order = torch.randperm(b, generator=batch.generator)[: self.opt.fc_per_step].tolist()
             rows, pos, neg = [], [], []
             for r in sorted(order):
                 pair = self._gen.pair(batch.captions[r], batch.rng)
@@ -118,17 +130,17 @@ class CleanerClip(CleanClip):
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         rows = torch.empty(0, dtype=torch.long)
         extra = None
-        if self.lambda3 > 0:
+        if self.opt.lambda3 > 0:
             rows, pos, neg = self._batch_subcaptions(batch)
             if len(rows):
                 extra = [self.ctx.tokenize(pos + neg)]
         img, img_aug, txt, txt_aug, sub, scale = self._forward(batch, extra)
         total, logs = self._clip_and_inmodal(img, img_aug, txt, txt_aug, scale)
-        if self.lambda3 > 0:
+        if self.opt.lambda3 > 0:
             k = len(rows)
             l_fc = factual_counterfactual_loss(img[rows.to(img.device)], sub[:k], sub[k:2 * k],
-                                               self.tau_pos, self.tau_neg)
-            total = total + self.lambda3 * l_fc
+                                               self.opt.tau_pos, self.opt.tau_neg)
+            total = total + self.opt.lambda3 * l_fc
             logs["fc_loss"] = float(l_fc.detach())
             logs["fc_rows"] = float(k)
         return total, logs

@@ -12,18 +12,43 @@ epochs (REFERENCE.md lists it as a bug). ``text_gradient=False`` restores that b
 from __future__ import annotations
 
 import random
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
+from clipguard.data.augment import Views
 from clipguard.defenses import DEFENSES
 from clipguard.defenses.nn_pool import NNPool
 from clipguard.defenses.safeclip import embed_dim
-from clipguard.errors import ConfigError
+from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext, normalize, step_seed
 from clipguard.training.distributed import all_gather_nograd
 from clipguard.training.losses import clip_loss
 from clipguard.training.strategy import Strategy
+
+
+@dataclass
+class RoClipOptions(Options):
+    """RoCLIP's settings; the defaults are the paper's (Alg. 1)."""
+
+    kind: ClassVar[str] = "defense 'roclip'"
+    match_every: int = 2              # K: every K-th epoch pairs images with pooled captions
+    pool_fraction: float = 0.02       # pool size as a fraction of the data (the paper: 2%)
+    pool_size: int | None = None      # an absolute pool size instead of pool_fraction
+    augment: bool = True              # SimCLR images and EDA captions
+    text_gradient: bool = True        # False: the reference code's frozen text tower in pool epochs
+    crop_scale_min: float = 0.08
+    eda_alpha: float = 0.1
+    eda_p_delete: float = 0.1
+
+    def validate(self) -> None:
+        require(self.match_every >= 1, f"match_every (K) must be >= 1, got {self.match_every}")
+        require(0.0 < self.pool_fraction <= 1.0, f"pool_fraction must be in (0, 1], got {self.pool_fraction}")
+        require(self.pool_size is None or self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
+        require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
+                "eda_alpha and eda_p_delete must be in [0, 1]")
 
 
 @DEFENSES.register("roclip")
@@ -31,50 +56,30 @@ class RoClip(Strategy):
     """CLIP with augmentations; in pool epochs the positives come from a caption pool."""
 
     name = "roclip"
+    options_class = RoClipOptions
 
-    def __init__(self, match_every: int = 2, pool_fraction: float = 0.02, pool_size: int | None = None,
-                 augment: bool = True, text_gradient: bool = True, crop_scale_min: float = 0.08,
-                 eda_alpha: float = 0.1, eda_p_delete: float = 0.1):
-        if match_every < 1:
-            raise ConfigError(f"roclip: match_every (K) must be >= 1, got {match_every}")
-        if pool_size is None and not 0.0 < pool_fraction <= 1.0:
-            raise ConfigError(f"roclip: pool_fraction must be in (0, 1], got {pool_fraction}")
-        self.match_every = int(match_every)
-        self.pool_fraction = float(pool_fraction)
-        self.pool_size = pool_size
-        self.augment = bool(augment)
-        self.text_gradient = bool(text_gradient)
-        self.crop_scale_min = float(crop_scale_min)
-        self.eda_alpha, self.eda_p_delete = float(eda_alpha), float(eda_p_delete)
-        self._eda = None
+    def __init__(self, options: RoClipOptions | None = None):
+        super().__init__(options)
+        o = self.opt
+        self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete)
 
     def is_pool_epoch(self, epoch: int) -> bool:
         """Alg. 1 counts epochs from 1 and matches when epoch % K == 0."""
-        return (epoch + 1) % self.match_every == 0
+        return (epoch + 1) % self.opt.match_every == 0
 
     def bind(self, ctx: TrainContext) -> None:
         super().bind(ctx)
-        size = self.pool_size or max(1, int(round(self.pool_fraction * len(ctx.data))))
+        size = self.opt.pool_size or max(1, int(round(self.opt.pool_fraction * len(ctx.data))))
         self._resolved_pool_size = size
         if not hasattr(self, "_pool"):
             self._pool = NNPool(size, embed_dim(ctx.raw_model), payload_shape=(ctx.tokens.shape[1],))
 
     # ------------------------------------------------------------------ augmentation
     def _images(self, batch: Batch) -> torch.Tensor:
-        if not self.augment:
-            return batch.pixels
-        from clipguard.data.augment import simclr_augment
-
-        return simclr_augment(batch.pixels, batch.generator, scale=(self.crop_scale_min, 1.0))
+        return self._views.images(batch.pixels, batch.generator) if self.opt.augment else batch.pixels
 
     def _texts(self, captions: list[str], rng: random.Random) -> list[str]:
-        if not self.augment:
-            return list(captions)
-        if self._eda is None:
-            from clipguard.data.augment import EDA
-
-            self._eda = EDA(alpha=self.eda_alpha, p_delete=self.eda_p_delete)
-        return self._eda.augment_batch(captions, rng)
+        return self._views.texts(captions, rng) if self.opt.augment else list(captions)
 
     # ------------------------------------------------------------------ hooks
     def on_epoch_start(self, epoch: int) -> dict[str, Any]:
@@ -110,7 +115,7 @@ class RoClip(Strategy):
             loss = clip_loss(img, txt, scale, ctx.dist)
             self._push(txt, tokens)
             return loss, {"clip_loss": float(loss.detach())}
-        if self.text_gradient:
+        if self.opt.text_gradient:
             with torch.no_grad():
                 was = ctx.raw_model.training
                 ctx.raw_model.eval()

@@ -14,31 +14,30 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 
+from clipguard.data.augment import Views
 from clipguard.defenses import DEFENSES
 from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss
 from clipguard.defenses.split import SafeSetSchedule, fit_gmm, top_fraction_mask
 from clipguard.errors import ConfigError
+from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext
 from clipguard.training.distributed import all_gather_nograd, broadcast_object
 from clipguard.training.losses import clip_loss
 from clipguard.training.schedule import Schedule, Segment
-from clipguard.training.strategy import Strategy
+from clipguard.training.strategy import PairSelector, Strategy
 
 PHASES = ("unimodal", "clip_low", "mixed")
-# What the CLIP loss sees of a safe pair. The paper: SimCLR views and EDA captions. "crop-flip"
-# keeps only SimCLR's geometric part (no colour jitter or grayscale); "none", the pair itself.
-# On 28-px Fashion-MNIST the geometry is what costs accuracy (docs/defenses.md). Risky pairs'
-# unimodal views always use SimCLR + EDA: that loss needs strong views.
-SAFE_IMAGE_AUGMENTS = ("simclr", "crop-flip", "none")
-SAFE_TEXT_AUGMENTS = ("eda", "none")
-# How Eq. 4's two parts are added in a step. "terms": each averaged over its own rows and summed
-# (a risky pair then weighs safe/risky times a safe pair: ~9x at a 90% safe set). "pairs": each
-# term weighted by its share of the global batch, so every pair counts the same.
-LOSS_WEIGHTINGS = ("terms", "pairs")
+# What the CLIP loss sees of a safe pair (safe_image_augment / safe_text_augment). The paper:
+# SimCLR views and EDA captions. "crop-flip" keeps only SimCLR's geometric part; "none", the
+# pair itself. Risky pairs' unimodal views always use SimCLR + EDA: that loss needs strong views.
+# How Eq. 4's two parts are added in a step (loss_weighting). "terms": each averaged over its own
+# rows and summed (a risky pair then weighs safe/risky times a safe pair: ~9x at a 90% safe
+# set). "pairs": each term weighted by its share of the global batch, so every pair counts the same.
 
 
 def embed_dim(model: torch.nn.Module) -> int:
@@ -76,88 +75,94 @@ def shard_similarities(ctx: TrainContext, indices: torch.Tensor) -> torch.Tensor
     return out
 
 
+@dataclass
+class SafeClipOptions(Options):
+    """SafeCLIP's settings; the defaults are the paper's (Alg. 1, Sec. 5)."""
+
+    kind: ClassVar[str] = "defense 'safeclip'"
+    warmup_epochs: int = 5            # r: unimodal NNCLR epochs
+    clip_warmup_epochs: int = 1       # CLIP loss on all pairs at the low lr
+    lr_low: float = 5e-6
+    lr_low_factor: float | None = None  # when set, the low lr is this times the base lr
+    threshold: float = 0.9            # t on p_clean for the first split
+    step: float = 0.01                # s: the safe fraction grows by this each epoch
+    max_safe_fraction: float = 1.0
+    min_initial_fraction: float = 0.0
+    max_initial_fraction: float = 1.0
+    efficient_update: bool = True     # re-score only the top pairs by previous similarity
+    update_fraction: float = 0.3
+    update_margin: float = 0.1
+    rank_by: Literal["similarity", "p_clean"] = "similarity"
+    pool_size: int = 16384            # NN pool of each modality
+    temperature: float = 0.1
+    safe_image_augment: Literal["simclr", "crop-flip", "none"] = "simclr"
+    safe_text_augment: Literal["eda", "none"] = "eda"
+    loss_weighting: Literal["terms", "pairs"] = "terms"
+    crop_scale_min: float = 0.08
+    eda_alpha: float = 0.1
+    eda_p_delete: float = 0.1
+    gmm_seed: int = 0
+
+    def validate(self) -> None:
+        require(self.warmup_epochs >= 0 and self.clip_warmup_epochs >= 0,
+                "warmup_epochs and clip_warmup_epochs must be >= 0")
+        require(self.lr_low > 0, f"lr_low must be > 0, got {self.lr_low}")
+        require(self.lr_low_factor is None or 0 < self.lr_low_factor <= 1,
+                f"lr_low_factor must be in (0, 1], got {self.lr_low_factor}")
+        require(0.0 < self.update_fraction <= 1.0, f"update_fraction must be in (0, 1], got {self.update_fraction}")
+        require(0.0 <= self.update_margin <= 1.0, f"update_margin must be in [0, 1], got {self.update_margin}")
+        require(self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
+                "eda_alpha and eda_p_delete must be in [0, 1]")
+        self.sizer()  # the safe-set schedule checks its own fractions
+
+    def sizer(self) -> SafeSetSchedule:
+        return SafeSetSchedule(self.threshold, self.step, self.max_safe_fraction,
+                               self.min_initial_fraction, self.max_initial_fraction)
+
+
 @DEFENSES.register("safeclip")
-class SafeClip(Strategy):
+class SafeClip(Strategy, PairSelector):
     """Warm up unimodally, then train CLIP only on a growing safe set of high-similarity pairs."""
 
     name = "safeclip"
+    options_class = SafeClipOptions
 
-    def __init__(self, warmup_epochs: int = 5, clip_warmup_epochs: int = 1, lr_low: float = 5e-6,
-                 lr_low_factor: float | None = None, threshold: float = 0.9, step: float = 0.01,
-                 max_safe_fraction: float = 1.0, min_initial_fraction: float = 0.0,
-                 max_initial_fraction: float = 1.0, efficient_update: bool = True, update_fraction: float = 0.3, update_margin: float = 0.1,
-                 rank_by: str = "similarity", pool_size: int = 16384, temperature: float = 0.1,
-                 augment_safe: bool | None = None, safe_image_augment: str = "simclr",
-                 safe_text_augment: str = "eda", loss_weighting: str = "terms", crop_scale_min: float = 0.08, eda_alpha: float = 0.1,
-                 eda_p_delete: float = 0.1, gmm_seed: int = 0):
-        if warmup_epochs < 0 or clip_warmup_epochs < 0:
-            raise ConfigError("safeclip: warmup_epochs and clip_warmup_epochs must be >= 0")
-        if rank_by not in ("similarity", "p_clean"):
-            raise ConfigError(f"safeclip: rank_by must be 'similarity' or 'p_clean', got {rank_by!r}")
-        if not 0.0 < update_fraction <= 1.0:
-            raise ConfigError(f"safeclip: update_fraction must be in (0, 1], got {update_fraction}")
-        if pool_size < 1 or temperature <= 0:
-            raise ConfigError("safeclip: pool_size must be >= 1 and temperature > 0")
-        self.warmup_epochs = int(warmup_epochs)
-        self.clip_warmup_epochs = int(clip_warmup_epochs)
-        self.lr_low = float(lr_low)
-        self.lr_low_factor = lr_low_factor
-        self.threshold, self.step = float(threshold), float(step)
-        self.max_safe_fraction, self.min_initial_fraction = float(max_safe_fraction), float(min_initial_fraction)
-        self.max_initial_fraction = float(max_initial_fraction)
-        try:
-            self._sizer = SafeSetSchedule(self.threshold, self.step, self.max_safe_fraction,
-                                          self.min_initial_fraction, self.max_initial_fraction)
-        except ValueError as e:
-            raise ConfigError(f"safeclip: {e}") from e
-        self.efficient_update = bool(efficient_update)
-        self.update_fraction, self.update_margin = float(update_fraction), float(update_margin)
-        self.rank_by = rank_by
-        self.pool_size, self.temperature = int(pool_size), float(temperature)
-        if augment_safe is not None and not augment_safe:  # the older switch: no view of safe pairs at all
-            safe_image_augment, safe_text_augment = "none", "none"
-        if safe_image_augment not in SAFE_IMAGE_AUGMENTS:
-            raise ConfigError(f"safeclip: safe_image_augment must be one of {SAFE_IMAGE_AUGMENTS}, "
-                              f"got {safe_image_augment!r}")
-        if safe_text_augment not in SAFE_TEXT_AUGMENTS:
-            raise ConfigError(f"safeclip: safe_text_augment must be one of {SAFE_TEXT_AUGMENTS}, "
-                              f"got {safe_text_augment!r}")
-        self.safe_image_augment, self.safe_text_augment = safe_image_augment, safe_text_augment
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ConfigError(f"safeclip: loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
-        self.loss_weighting = loss_weighting
-        self.crop_scale_min = float(crop_scale_min)
-        self.eda_alpha, self.eda_p_delete = float(eda_alpha), float(eda_p_delete)
-        self.gmm_seed = int(gmm_seed)
+    def __init__(self, options: SafeClipOptions | None = None):
+        super().__init__(options)
+        o = self.opt
+        self._sizer = o.sizer()
+        self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete)
         # state that survives a resume
         self._m: float | None = None            # current safe fraction (None before the first split)
         self._safe: torch.Tensor | None = None  # bool (N,), the safe set of this epoch
         self._sims: torch.Tensor | None = None  # float (N,), latest clean-pair similarities
-        self._eda = None
 
     # ------------------------------------------------------------------ phases and lr
     def phase(self, epoch: int) -> str:
-        if epoch < self.warmup_epochs:
+        if epoch < self.opt.warmup_epochs:
             return "unimodal"
-        if epoch < self.warmup_epochs + self.clip_warmup_epochs:
+        if epoch < self.opt.warmup_epochs + self.opt.clip_warmup_epochs:
             return "clip_low"
         return "mixed"
 
     def low_lr(self, base_lr: float) -> float:
-        return base_lr * self.lr_low_factor if self.lr_low_factor is not None else self.lr_low
+        return base_lr * self.opt.lr_low_factor if self.opt.lr_low_factor is not None else self.opt.lr_low
 
     def bind(self, ctx: TrainContext) -> None:
         super().bind(ctx)
-        if ctx.epochs <= self.warmup_epochs + self.clip_warmup_epochs:
+        if ctx.epochs <= self.opt.warmup_epochs + self.opt.clip_warmup_epochs:
             raise ConfigError(f"safeclip needs more than warmup_epochs + clip_warmup_epochs = "
-                              f"{self.warmup_epochs + self.clip_warmup_epochs} epochs to reach its mixed "
+                              f"{self.opt.warmup_epochs + self.opt.clip_warmup_epochs} epochs to reach its mixed "
                               f"phase; got --epochs {ctx.epochs}")
         import sklearn.mixture  # noqa: F401  (imported now so the split's timing is the fit, not the import)
 
         dim = embed_dim(ctx.raw_model)
         if not hasattr(self, "_img_pool"):
-            self._img_pool = NNPool(self.pool_size, dim)
-            self._txt_pool = NNPool(self.pool_size, dim)
+            self._img_pool = NNPool(self.opt.pool_size, dim)
+            self._txt_pool = NNPool(self.opt.pool_size, dim)
 
     def schedule(self, ctx: TrainContext, warmup: int, min_lr: float) -> Schedule:
         """Unimodal epochs: warm-up then constant base lr; CLIP warm-up: constant lr_low;
@@ -166,7 +171,7 @@ class SafeClip(Strategy):
         Each phase is its own segment indexed by the global step, so the lr can never fall to
         zero and rise again inside a phase (the reference code's misindexed cosine did)."""
         spe = ctx.steps_per_epoch
-        r, c = self.warmup_epochs, self.clip_warmup_epochs
+        r, c = self.opt.warmup_epochs, self.opt.clip_warmup_epochs
         mixed = ctx.epochs - r - c
         segs: list[Segment] = []
         if r:
@@ -181,9 +186,9 @@ class SafeClip(Strategy):
     # ------------------------------------------------------------------ the split
     def _candidates(self, n: int) -> tuple[torch.Tensor, bool]:
         """Pairs to re-evaluate: all, or the top max(q, m + margin) by the previous similarity."""
-        if not self.efficient_update or self._sims is None or self._m is None:
+        if not self.opt.efficient_update or self._sims is None or self._m is None:
             return torch.arange(n), True
-        frac = min(1.0, max(self.update_fraction, self._sizer.grow(self._m) + self.update_margin))
+        frac = min(1.0, max(self.opt.update_fraction, self._sizer.grow(self._m) + self.opt.update_margin))
         if frac >= 1.0:
             return torch.arange(n), True
         idx = torch.nonzero(top_fraction_mask(self._sims, frac)).flatten()
@@ -222,42 +227,24 @@ class SafeClip(Strategy):
         log: dict[str, Any] = {}
         if self._m is None:
             t0 = time.perf_counter()
-            p_clean, info = fit_gmm(sims, seed=self.gmm_seed)
+            p_clean, info = fit_gmm(sims, seed=self.opt.gmm_seed)
             log["gmm_seconds"] = round(time.perf_counter() - t0, 4)
             log.update(info.as_dict())
-            passed = float((p_clean > self.threshold).float().mean())
+            passed = float((p_clean > self.opt.threshold).float().mean())
             log["threshold_fraction"] = round(passed, 6)
             mask, m = self._sizer.first_split(p_clean, sims)
             log["first_split"] = True
         else:
             m = self._sizer.grow(self._m)
             scores = sims
-            if self.rank_by == "p_clean":
+            if self.opt.rank_by == "p_clean":
                 t0 = time.perf_counter()
-                scores, info = fit_gmm(sims, seed=self.gmm_seed)
+                scores, info = fit_gmm(sims, seed=self.opt.gmm_seed)
                 log["gmm_seconds"] = round(time.perf_counter() - t0, 4)
                 log.update(info.as_dict())
             mask = top_fraction_mask(scores, m)
         log["m"] = round(m, 6)
         return {"safe_idx": torch.nonzero(mask).flatten().tolist(), "m": m, "log": log}
-
-    # ------------------------------------------------------------------ augmentation
-    def _augment_images(self, pixels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        from clipguard.data.augment import simclr_augment
-
-        return simclr_augment(pixels, g, scale=(self.crop_scale_min, 1.0))
-
-    def _crop_flip(self, pixels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        from clipguard.data.augment import simclr_augment
-
-        return simclr_augment(pixels, g, scale=(self.crop_scale_min, 1.0), jitter_p=0.0, gray_p=0.0)
-
-    def _augment_texts(self, captions: list[str], batch: Batch) -> list[str]:
-        if self._eda is None:
-            from clipguard.data.augment import EDA
-
-            self._eda = EDA(alpha=self.eda_alpha, p_delete=self.eda_p_delete)
-        return self._eda.augment_batch(captions, batch.rng)
 
     # ------------------------------------------------------------------ losses
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -274,7 +261,7 @@ class SafeClip(Strategy):
             safe = self._safe[batch.indices.cpu()].to(batch.pixels.device)
         terms = self.loss_terms(batch, safe)
         w_clip = w_uni = 1.0
-        if self.loss_weighting == "pairs" and ph == "mixed":
+        if self.opt.loss_weighting == "pairs" and ph == "mixed":
             w_clip = float(all_gather_nograd(safe.float(), self.ctx.dist).mean())
             w_uni = 1.0 - w_clip
         loss = w_clip * terms["clip"] + w_uni * (terms["unimodal_image"] + terms["unimodal_text"])
@@ -294,24 +281,26 @@ class SafeClip(Strategy):
         risky = ~safe
         ridx = torch.nonzero(risky).flatten()
         pixels = batch.pixels
-        v1 = self._augment_images(pixels, batch.generator)
-        if self.safe_image_augment != "simclr":
-            own = pixels if self.safe_image_augment == "none" else self._crop_flip(pixels, batch.generator)
+        views = self._views
+        v1 = views.images(pixels, batch.generator)
+        if self.opt.safe_image_augment != "simclr":
+            own = pixels if self.opt.safe_image_augment == "none" else views.images(
+                pixels, batch.generator, geometric_only=True)
             v1 = torch.where(safe.view(-1, 1, 1, 1), own, v1)
-        v2 = self._augment_images(pixels[ridx], batch.generator)
+        v2 = views.images(pixels[ridx], batch.generator)
         caps = batch.captions
-        t1 = self._augment_texts(caps, batch)
-        if self.safe_text_augment == "none":
+        t1 = views.texts(caps, batch.rng)
+        if self.opt.safe_text_augment == "none":
             t1 = [c if s else a for c, a, s in zip(caps, t1, safe.tolist())]
-        t2 = self._augment_texts([caps[i] for i in ridx.tolist()], batch)
+        t2 = views.texts([caps[i] for i in ridx.tolist()], batch.rng)
         tokens = ctx.tokenize(t1 + t2)
         img, txt, scale = ctx.forward(torch.cat([v1, v2]), tokens)
         img1, txt1 = img[:b], txt[:b]
         img2 = torch.zeros_like(img1).index_copy(0, ridx, img[b:])
         txt2 = torch.zeros_like(txt1).index_copy(0, ridx, txt[b:])
         clip = clip_loss(img1, txt1, scale, ctx.dist, mask=safe)
-        uni_img = nn_contrastive_loss(img1, img2, self._img_pool, risky, self.temperature, ctx.dist)
-        uni_txt = nn_contrastive_loss(txt1, txt2, self._txt_pool, risky, self.temperature, ctx.dist)
+        uni_img = nn_contrastive_loss(img1, img2, self._img_pool, risky, self.opt.temperature, ctx.dist)
+        uni_txt = nn_contrastive_loss(txt1, txt2, self._txt_pool, risky, self.opt.temperature, ctx.dist)
         # the pools hold the first views of the whole (global) batch, oldest displaced first
         self._img_pool.push(all_gather_nograd(img1.detach().contiguous(), ctx.dist))
         self._txt_pool.push(all_gather_nograd(txt1.detach().contiguous(), ctx.dist))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
+from clipguard.options import Options
 from clipguard.training.context import Batch, TrainContext
 from clipguard.training.losses import clip_loss
 from clipguard.training.schedule import Schedule, warmup_cosine
@@ -20,6 +22,15 @@ class Strategy:
     """
 
     name = "base"
+    options_class: ClassVar[type[Options]]
+
+    def __init__(self, options: Options | None = None):
+        cls = self.options_class
+        if options is None:
+            options = cls()
+        elif not isinstance(options, cls):
+            raise TypeError(f"{type(self).__name__} takes {cls.__name__}, got {type(options).__name__}")
+        self.opt = options
 
     def bind(self, ctx: TrainContext) -> None:
         self.ctx = ctx
@@ -37,14 +48,6 @@ class Strategy:
     def on_epoch_end(self, epoch: int) -> dict[str, Any]:
         return {}
 
-    def pair_scores(self) -> torch.Tensor | None:
-        """Per-pair 'looks clean' scores of the current epoch, for diagnostics only (or None)."""
-        return None
-
-    def selected(self) -> torch.Tensor | None:
-        """Boolean mask of pairs trained with the CLIP loss this epoch (the safe set), or None."""
-        return None
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -56,14 +59,36 @@ class Strategy:
 
     def config(self) -> dict[str, Any]:
         """Every hyper-parameter, written to params.json."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "ctx"
-                and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+        return self.opt.to_dict()
+
+
+class PairSelector:
+    """A strategy that splits the data into pairs it trusts and pairs it does not (SafeCLIP).
+
+    Diagnostics read these two and nothing else; the strategy never sees which pairs are poisoned.
+    """
+
+    def pair_scores(self) -> torch.Tensor | None:
+        """Per-pair 'looks clean' scores of the current epoch (higher = more trusted), or None."""
+        return None
+
+    def selected(self) -> torch.Tensor | None:
+        """Boolean mask of the pairs trained with the CLIP loss this epoch (the safe set), or None."""
+        return None
+
+
+@dataclass
+class ClipOptions(Options):
+    """Plain CLIP has no options of its own (train settings live in TrainConfig)."""
+
+    kind: ClassVar[str] = "plain CLIP (defense 'none' / 'ft')"
 
 
 class ClipStrategy(Strategy):
     """Plain CLIP: symmetric contrastive loss on every pair."""
 
     name = "none"
+    options_class = ClipOptions
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         img, txt, scale = self.ctx.forward(batch.pixels, batch.tokens)

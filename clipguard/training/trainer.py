@@ -13,9 +13,9 @@ import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -23,9 +23,11 @@ from tqdm.auto import tqdm
 import clipguard
 from clipguard.data.csv_dataset import ImageCaptionData
 from clipguard.errors import ConfigError
-from clipguard.io import append_jsonl, read_jsonl, write_json, write_text
+from clipguard.io import append_jsonl, read_json_object, read_jsonl, write_json, write_text
 from clipguard.models import checkpoint as ckpt
 from clipguard.models.factory import create_model, get_tokenizer, image_size
+from clipguard.options import Options, require
+from clipguard.training import run_dir
 from clipguard.training.context import Batch, TrainContext, step_seed, to_pixels
 from clipguard.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from clipguard.training.losses import MAX_LOGIT_SCALE
@@ -33,13 +35,20 @@ from clipguard.training.optim import make_optimizer
 from clipguard.training.strategy import ClipStrategy, Strategy
 
 log = logging.getLogger("clipguard")
+STATE_FORMAT = 2  # state.json's "epoch" counts finished epochs (format 1: the 0-based last epoch)
 
 EpochCallback = Callable[[torch.nn.Module, int], dict[str, Any]]
 DiagnosticsCallback = Callable[[Strategy, int, Path], dict[str, Any]]
 
 
+RUNTIME_KEYS = ("quiet", "bar_position", "tensorboard", "keep_checkpoints", "stop_after", "eval_every")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
+    """Settings of the one training loop; every front end (CLI, preset, bench) resolves into this."""
+
+    kind: ClassVar[str] = "training"
     model: str = "cg-tiny"
     epochs: int = 10
     batch_size: int = 128
@@ -50,7 +59,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     accum_steps: int = 1
     seed: int = 0
-    precision: str = "auto"  # auto | fp32 | amp (fp16 + scaler) | bf16
+    precision: Literal["auto", "fp32", "amp", "bf16"] = "auto"  # amp = fp16 + scaler
     device: str = "auto"
     checkpoint: str | None = None  # initial weights (fine-tuning starts here, fresh optimizer)
     keep_checkpoints: int = 2
@@ -60,6 +69,38 @@ class TrainConfig:
     quiet: bool = False
     bar_position: int | None = None  # terminal line of the epoch bar (bench workers: one each)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        require(bool(self.model.strip()), "option 'model' must name a model")
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}")
+        require(0.0 <= self.lr <= 1.0, f"lr must be in [0, 1], got {self.lr}")
+        require(0.0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr = {self.lr}], got {self.min_lr}")
+        require(self.warmup >= 0, f"warmup must be >= 0 steps, got {self.warmup}")
+        require(0.0 <= self.weight_decay <= 10.0, f"weight_decay must be in [0, 10], got {self.weight_decay}")
+        require(self.grad_clip is None or self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        require(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        require(self.stop_after is None or self.stop_after >= 1, f"stop_after must be >= 1, got {self.stop_after}")
+        require(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
+        check_device(self.device)
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that decide the trained weights (not where bars go or how many checkpoints stay)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
+
+
+def check_device(name: str) -> None:
+    """'auto', 'cpu', 'cuda' or 'cuda:N'; a GPU asked for must be there (checked before any work)."""
+    if name in ("auto", "cpu"):
+        return
+    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is visible (use --device cpu or auto)")
+    if ":" in name and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
 
 
 class Trainer:
@@ -86,8 +127,11 @@ class Trainer:
             raise ConfigError("precision 'amp' (fp16) needs a GPU; use fp32 or bf16 on the CPU")
         return lambda: torch.autocast(dev.type, dtype=dtype)
 
-    def _build(self, dist: DistInfo) -> None:
+    def setup(self, dist: DistInfo | None = None) -> None:
+        """Build the model, optimizer, schedule and strategy context (``fit`` calls it; tests may too)."""
         cfg = self.cfg
+        dist = dist or DistInfo()
+        self.dist = dist
         self.model = create_model(cfg.model, checkpoint=cfg.checkpoint, device=dist.device, seed=cfg.seed)
         size = image_size(self.model)
         if tuple(self.data.images.shape[-2:]) != (size, size):
@@ -144,8 +188,9 @@ class Trainer:
     def _save(self, epoch: int, step: int) -> None:
         cdir = self.out / "checkpoints"
         folder = cdir / f"epoch_{epoch + 1:03d}"
-        state = {"epoch": epoch, "step": step, "model": self.cfg.model, "strategy": self.strategy.name,
-                 "strategy_state": self.strategy.state_json(), "scaler": self.scaler.state_dict(),
+        state = {"state_format": STATE_FORMAT, "epoch": epoch + 1, "step": step, "model": self.cfg.model,
+                 "strategy": self.strategy.name, "strategy_state": self.strategy.state_json(),
+                 "scaler": self.scaler.state_dict(), "history": self._history,
                  "clipguard_version": clipguard.__version__}
         ckpt.save_checkpoint(folder, self.model, state=state, optimizer=self.optimizer,
                              extra_tensors={"strategy": self.strategy.state_tensors()})
@@ -157,6 +202,8 @@ class Trainer:
         folder = ckpt.resolve_latest(cdir) if resume == "latest" else Path(resume)
         if folder is None:
             return 0
+        if not folder.is_dir():
+            raise ConfigError(f"--resume {resume}: {folder} is not a checkpoint folder")
         state = ckpt.read_state(folder)
         if state.get("model") != self.cfg.model or state.get("strategy") != self.strategy.name:
             raise ConfigError(f"{folder}: checkpoint is {state.get('model')}/{state.get('strategy')}, "
@@ -167,44 +214,106 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.strategy.load_state(ckpt.load_tensors(folder, "strategy"), state.get("strategy_state", {}))
-        done = int(state["epoch"]) + 1
-        # keep the history of finished epochs only, so a re-run never duplicates lines
-        hist = [r for r in read_jsonl(self.out / "results.jsonl") if r.get("epoch", 0) <= done]
-        write_text(self.out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in hist))
+        done = epochs_done(state)
+        # the checkpoint carries the history of finished epochs: results.jsonl is rebuilt from it,
+        # so a kill between the checkpoint and the results line loses nothing and adds no duplicate
+        hist = state.get("history")
+        if hist is None:
+            hist = [r for r in read_jsonl(self.out / "results.jsonl") if r.get("epoch", 0) <= done]
+        self._history = list(hist)
+        if self.dist.is_main:
+            write_text(self.out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in self._history))
         return done
 
+    def run_settings(self) -> dict[str, Any]:
+        """What decides the weights: a resume must match the run it continues."""
+        return {"defense": self.strategy.name, "options": self.strategy.config(),
+                "train": self.cfg.result_settings()}
+
+    def _write_params(self, start: int) -> None:
+        params_path = self.out / "params.json"
+        run = json.loads(json.dumps(self.run_settings(), default=str))
+        if start > 0 and params_path.is_file():
+            old = (read_json_object(params_path, "params.json").get("run") or {})
+            diff = _diff_keys(old, run) if old else []
+            if diff:
+                raise ConfigError(f"{self.out}: --resume with settings that differ from the run it continues "
+                                  f"({', '.join(diff)}); resume with the same settings, or start a new --out")
+            return
+        write_json(params_path, {
+            "run": run, "train": self.cfg.to_dict(), "defense": self.strategy.name,
+            "strategy": self.strategy.config(),
+            "data": {"source": self.data.source, "pairs": len(self.data), "skipped_rows": self.data.skipped},
+            "world_size": self.dist.world_size, "precision": self.precision,
+            "steps_per_epoch": self.ctx.steps_per_epoch, "clipguard_version": clipguard.__version__})
+
     # ------------------------------------------------------------------ loop
-    def fit(self, resume: str | None = None) -> dict[str, Any]:
+    def fit(self, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+        """Train (or continue with ``resume='latest'``); ``overwrite`` replaces a run already in ``out``."""
         cfg = self.cfg
+        run_dir.check_out_path(self.out)
         dist = init_distributed(cfg.device)
-        self._build(dist)
-        start = self._resume(resume) if resume else 0
+        self.dist = dist
+        lock = run_dir.RunLock(self.out) if dist.is_main else contextlib.nullcontext()
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "params.json", {
-                "train": asdict(cfg), "defense": self.strategy.name, "strategy": self.strategy.config(),
-                "data": {"source": self.data.source, "pairs": len(self.data), "skipped_rows": self.data.skipped},
-                "world_size": dist.world_size, "precision": self.precision,
-                "steps_per_epoch": self.ctx.steps_per_epoch, "clipguard_version": clipguard.__version__})
-        tb = self._tensorboard(dist)
-        last: dict[str, Any] = {}
-        end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start + cfg.stop_after)
-        for epoch in range(start, end):
-            last = self._epoch(epoch, dist, tb)
-        if tb is not None:
-            tb.close()
-        barrier(dist)
+        with lock:
+            if dist.is_main:
+                run_dir.prepare(self.out, resume=resume, overwrite=overwrite)
+            barrier(dist)
+            log = run_dir.RunLog(self.out, enabled=dist.is_main)
+            self.setup(dist)
+            if dist.is_main:
+                ckpt_clean = getattr(ckpt, "clean_orphans", None)
+                if ckpt_clean is not None:
+                    ckpt_clean(self.out / "checkpoints")
+            self._history = []
+            start = self._resume(resume) if resume else 0
+            if dist.is_main:
+                self._write_params(start)
+            log.write(f"{'resume at' if start else 'start'} epoch {start + 1}/{cfg.epochs}: {self.strategy.name}, "
+                      f"{cfg.model}, {len(self.data)} pairs")
+            tb = self._tensorboard(dist)
+            last: dict[str, Any] = {}
+            end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start + cfg.stop_after)
+            try:
+                for epoch in range(start, end):
+                    last = self._epoch(epoch, dist, tb, log)
+            except BaseException as e:
+                log.write(f"failed: {type(e).__name__}: {e}")
+                raise
+            finally:
+                if tb is not None:
+                    tb.close()
+            log.write(f"{'finished' if end == cfg.epochs else 'stopped'} after epoch {end}/{cfg.epochs}")
+            barrier(dist)
         return last
 
-    def _epoch(self, epoch: int, dist: DistInfo, tb) -> dict[str, Any]:
-        cfg, ctx = self.cfg, self.ctx
-        ctx.epoch = epoch
+    def _epoch(self, epoch: int, dist: DistInfo, tb, log: run_dir.RunLog | None = None) -> dict[str, Any]:
+        record = self._begin_epoch(epoch, dist)
+        record.update(self._train_steps(epoch, dist))
+        record.update(self.strategy.on_epoch_end(epoch))
+        cfg = self.cfg
+        if self.evaluate is not None and dist.is_main and (
+                (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            record.update(self.evaluate(self.model, epoch))
+        self._end_epoch(epoch, dist, record, tb, log)
+        return record
+
+    def _begin_epoch(self, epoch: int, dist: DistInfo) -> dict[str, Any]:
+        """The strategy's epoch-start hook (e.g. SafeCLIP's split) and the reporting diagnostics."""
+        self.ctx.epoch = epoch
         record: dict[str, Any] = {"epoch": epoch + 1}
         t_hook = time.perf_counter()
         record.update(self.strategy.on_epoch_start(epoch))
         record["hook_seconds"] = round(time.perf_counter() - t_hook, 3)
         if self.diagnostics is not None and dist.is_main:
             record.update(self.diagnostics(self.strategy, epoch, self.out))
+        return record
+
+    def _train_steps(self, epoch: int, dist: DistInfo) -> dict[str, Any]:
+        """One pass over this rank's shard: the loss, backward, clip, step; returns the epoch's means."""
+        cfg, ctx = self.cfg, self.ctx
         self.model.train()
         perm = self._permutation(epoch, dist)
         spe, b, acc = ctx.steps_per_epoch, cfg.batch_size, cfg.accum_steps
@@ -217,63 +326,68 @@ class Trainer:
         bar = tqdm(range(spe), desc=f"epoch {epoch + 1}/{cfg.epochs} [{self.strategy.name}]",
                    disable=cfg.quiet or not dist.is_main, leave=False, dynamic_ncols=True,
                    position=cfg.bar_position)
-        for step in bar:
-            gstep = epoch * spe + step
-            ctx.step = gstep
-            lr = self.schedule.lr_at(gstep)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            for micro in range(acc):
-                k = step * acc + micro
-                images_u8 = None
-                if pending is not None:
-                    images_u8 = pending.result()
-                    pending = prefetch.submit(self._images, slices[k + 1]) if k + 1 < len(slices) else None
-                batch = self._batch(slices[k], epoch, step, micro, dist, images_u8)
-                sync = self.ddp is not None and micro < acc - 1
-                with self.ddp.no_sync() if sync else contextlib.nullcontext():
-                    loss, logs = self.strategy.loss(batch)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {float(loss)} at epoch {epoch + 1} step {step}")
-                    self.scaler.scale(loss / acc).backward()
-                for k, v in {"loss": float(loss.detach()), **logs}.items():
-                    sums[k] = sums.get(k, 0.0) + v / acc
-            if cfg.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+        try:
+            for step in bar:
+                gstep = epoch * spe + step
+                ctx.step = gstep
+                lr = self.schedule.lr_at(gstep)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                for micro in range(acc):
+                    k = step * acc + micro
+                    images_u8 = None
+                    if pending is not None:
+                        images_u8 = pending.result()
+                        pending = prefetch.submit(self._images, slices[k + 1]) if k + 1 < len(slices) else None
+                    batch = self._batch(slices[k], epoch, step, micro, dist, images_u8)
+                    sync = self.ddp is not None and micro < acc - 1
+                    with self.ddp.no_sync() if sync else contextlib.nullcontext():
+                        loss, logs = self.strategy.loss(batch)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"loss is {float(loss)} at epoch {epoch + 1} step {step}")
+                        self.scaler.scale(loss / acc).backward()
+                    for key, v in {"loss": float(loss.detach()), **logs}.items():
+                        sums[key] = sums.get(key, 0.0) + v / acc
+                if cfg.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+        finally:
+            if prefetch is not None:
+                prefetch.shutdown()
         seconds = time.perf_counter() - t0
-        if prefetch is not None:
-            prefetch.shutdown()
         keys = sorted(sums)
         tot = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64), dist)
-        record.update({k: round(float(v) / (spe * dist.world_size), 6) for k, v in zip(keys, tot)})
-        record.update({"lr": self.schedule.lr_at(epoch * spe + spe - 1), "seconds": round(seconds, 3),
-                       "images_per_s": round(spe * b * acc * dist.world_size / seconds, 1),
-                       "logit_scale": round(math.exp(float(self.model.logit_scale.detach())), 3)})
-        record.update(self.strategy.on_epoch_end(epoch))
-        if self.evaluate is not None and dist.is_main and (
-                (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            record.update(self.evaluate(self.model, epoch))
+        out: dict[str, Any] = {k: round(float(v) / (spe * dist.world_size), 6) for k, v in zip(keys, tot)}
+        out.update({"lr": self.schedule.lr_at(epoch * spe + spe - 1), "seconds": round(seconds, 3),
+                    "images_per_s": round(spe * b * acc * dist.world_size / seconds, 1),
+                    "logit_scale": round(math.exp(float(self.model.logit_scale.detach())), 3)})
+        return out
+
+    def _end_epoch(self, epoch: int, dist: DistInfo, record: dict[str, Any], tb,
+                   log: run_dir.RunLog | None) -> None:
+        """Checkpoint (with the history inside), then the results line, TensorBoard and out.log."""
         if dist.is_main:
-            self._save(epoch, (epoch + 1) * spe)
+            self._history.append(json.loads(json.dumps(record, default=str)))
+            self._save(epoch, (epoch + 1) * self.ctx.steps_per_epoch)
             append_jsonl(self.out / "results.jsonl", record)
             if tb is not None:
                 for k, v in record.items():
                     if isinstance(v, (int, float)):
                         tb.add_scalar(k, v, epoch + 1)
-            if not cfg.quiet:
-                shown = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in shown.items()))
+            shown = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+            if not self.cfg.quiet:
+                tqdm.write(line)
+            if log is not None:
+                log.write(line)
         barrier(dist)
-        return record
 
     def _tensorboard(self, dist: DistInfo):
         if not self.cfg.tensorboard or not dist.is_main:
@@ -283,3 +397,19 @@ class Trainer:
         except ImportError as e:
             raise ConfigError("--tensorboard needs `pip install clipguard[tensorboard]`") from e
         return SummaryWriter(str(self.out / "tensorboard"))
+
+
+def epochs_done(state: dict[str, Any]) -> int:
+    """How many epochs a checkpoint's state.json says are finished (either format)."""
+    epoch = int(state.get("epoch", -1))
+    return epoch if int(state.get("state_format", 1)) >= 2 else epoch + 1
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
