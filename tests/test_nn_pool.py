@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from clipguard.defenses.nn_pool import NNPool, masked_info_nce, nn_contrastive_loss
+from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss
+from clipguard.training.losses import info_nce
 
 
 def _unit(n, d, seed):
@@ -41,20 +42,20 @@ def test_empty_pool_falls_back_to_self_and_state_roundtrip():
     pool.push(_unit(6, 3, 1))
     other = NNPool(size=4, dim=3)
     other.load_state(pool.state_tensors("p"), "p")
-    assert torch.equal(other.entries(), pool.entries()) and other.ptr == pool.ptr
+    assert torch.equal(other.entries(), pool.entries()) and int(other.ptr) == int(pool.ptr)
 
 
 def test_masked_nce_ignores_masked_rows_and_neighbours_get_no_gradient():
     q, k = _unit(6, 4, 2), _unit(6, 4, 3)
     mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
-    full = masked_info_nce(q, k, mask, 0.1)
+    full = info_nce(q, k, 0.1, mask=mask)
     ref = F.cross_entropy(q[mask] @ k[mask].t() / 0.1, torch.arange(4))
     assert torch.allclose(full, ref)
     # changing masked-out rows changes nothing
     k2 = k.clone()
     k2[1] = -k2[1]
-    assert torch.allclose(masked_info_nce(q, k2, mask, 0.1), full)
-    assert float(masked_info_nce(q, k, torch.zeros(6, dtype=torch.bool), 0.1)) == 0.0
+    assert torch.allclose(info_nce(q, k2, 0.1, mask=mask), full)
+    assert float(info_nce(q, k, 0.1, mask=torch.zeros(6, dtype=torch.bool))) == 0.0
 
     pool = NNPool(size=16, dim=4)
     pool.push(_unit(16, 4, 4))

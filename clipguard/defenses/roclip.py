@@ -72,7 +72,7 @@ class RoClip(Strategy):
         size = self.opt.pool_size or max(1, int(round(self.opt.pool_fraction * len(ctx.data))))
         self._resolved_pool_size = size
         if not hasattr(self, "_pool"):
-            self._pool = NNPool(size, embed_dim(ctx.raw_model), payload_shape=(ctx.tokens.shape[1],))
+            self._pool = NNPool(size, embed_dim(ctx.raw_model), payload_shape=(ctx.tokens.shape[1],)).to(ctx.device)
 
     # ------------------------------------------------------------------ augmentation
     def _images(self, batch: Batch) -> torch.Tensor:

@@ -161,8 +161,8 @@ class SafeClip(Strategy, PairSelector):
 
         dim = embed_dim(ctx.raw_model)
         if not hasattr(self, "_img_pool"):
-            self._img_pool = NNPool(self.opt.pool_size, dim)
-            self._txt_pool = NNPool(self.opt.pool_size, dim)
+            self._img_pool = NNPool(self.opt.pool_size, dim).to(ctx.device)
+            self._txt_pool = NNPool(self.opt.pool_size, dim).to(ctx.device)
 
     def schedule(self, ctx: TrainContext, warmup: int, min_lr: float) -> Schedule:
         """Unimodal epochs: warm-up then constant base lr; CLIP warm-up: constant lr_low;

@@ -33,20 +33,24 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return loss * dist.world_size
 
 
-def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float,
-             dist: DistInfo | None = None) -> torch.Tensor:
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float | torch.Tensor,
+             dist: DistInfo | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One-directional InfoNCE: row i of ``queries`` should match row i of ``keys``.
 
-    Used for in-modal losses (an image and its augmented view, a caption and its EDA view).
+    The in-modal losses (an image and its view, a caption and its EDA view) and SafeCLIP's
+    nearest-neighbour loss. Rows are gathered across ranks first (fixed shapes, gradient on the
+    local slice), then ``mask`` keeps a subset, so every rank may hold a different number of
+    valid rows; no valid row anywhere gives an exact zero that still touches both inputs (DDP
+    needs the graph).
     """
     dist = dist or DistInfo()
     q = gather_with_local_grad(queries, dist)
     k = gather_with_local_grad(keys, dist)
+    if mask is not None:
+        keep = all_gather_nograd(mask.to(torch.uint8), dist).bool()
+        if int(keep.sum()) == 0:
+            return queries.sum() * 0.0 + keys.sum() * 0.0
+        q, k = q[keep], k[keep]
     logits = q @ k.t() / temperature
     labels = torch.arange(q.shape[0], device=q.device)
     return F.cross_entropy(logits, labels) * dist.world_size
-
-
-def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float,
-                       dist: DistInfo | None = None) -> torch.Tensor:
-    return 0.5 * (info_nce(a, b, temperature, dist) + info_nce(b, a, temperature, dist))
