@@ -21,7 +21,7 @@ import torch
 from clipguard.data.csv_dataset import load_csv
 from clipguard.data.fashion_mnist import materialise
 from clipguard.models.factory import create_model, get_tokenizer
-from clipguard.training.context import normalize
+from clipguard.tensors import normalize
 from clipguard.training.optim import make_optimizer
 from clipguard.training.trainer import TrainConfig, Trainer
 

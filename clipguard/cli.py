@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from clipguard import __version__
@@ -28,17 +29,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(e: OSError) -> str:
+    """One line for an OSError: '<file>: <reason>' (permissions, a directory in the way, a full disk)."""
+    reason = e.strerror or str(e)
+    where = ", ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return (f"{where}: {reason}" if where else reason).replace("\n", " ")
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout is gone (``| head``): send what is left to /dev/null so that the
+    interpreter's final flush does not print a second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("root").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    prog = f"clipguard {args.command}"
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at exit
+        return rc
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, as a shell tool killed by the closed pipe
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
     except ClipguardError as e:
-        print(f"clipguard {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"clipguard {args.command}: error: {e}", file=sys.stderr)
+    except OSError as e:  # permissions, a directory or file in the way, a full disk, a missing file
+        print(f"{prog}: error: {_os_error(e)}", file=sys.stderr)
         return 2
 
 

@@ -25,3 +25,13 @@ class DataError(ClipguardError):
 
 class ConfigError(ClipguardError):
     """An option or combination of options that cannot work."""
+
+
+class OutputError(ClipguardError):
+    """An output that cannot be written (a directory in the way, a read-only folder, a full disk).
+
+    The message names the path; the previous content of that path is left as it was."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        self.path = path
+        super().__init__(f"cannot write {path}: {message}" if path is not None else message)

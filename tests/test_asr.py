@@ -14,7 +14,7 @@ from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import ImageCaptionData, write_csv
 from clipguard.errors import DataError
 from clipguard.evaluation.asr import asr_for_model, asr_ks, hits_at_k
-from clipguard.training.context import OPENAI_MEAN, OPENAI_STD
+from clipguard.tensors import OPENAI_MEAN, OPENAI_STD
 
 CLASSES = ["zero", "one", "two", "three", "four", "five"]
 TARGET = 2

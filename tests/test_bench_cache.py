@@ -65,20 +65,22 @@ def test_changed_dose_never_reuses_a_stale_poisoned_set(fm_dir, tmp_path):
 
 
 def test_safe_set_diagnostic_counts_each_attack_part():
-    from clipguard.bench.cell import safe_set_diagnostics
+    from clipguard.evaluation.detection import poison_diagnostics
+    from clipguard.training.strategy import PairSelector
 
     a = torch.zeros(10, dtype=torch.bool)
     a[[0, 1]] = True
     b = torch.zeros(10, dtype=torch.bool)
     b[[2, 3, 4]] = True
 
-    class Chosen:
+    class Chosen(PairSelector):
         def selected(self):
             s = torch.zeros(10, dtype=torch.bool)
             s[[1, 2, 3, 9]] = True
             return s
 
-    rec = safe_set_diagnostics(a | b, [], {"0-tdpa": a, "1-badnet": b})(Chosen(), 0, None)
+    rec = poison_diagnostics(a | b, {"0-tdpa": a, "1-badnet": b})(Chosen(), 0, None)
     assert rec["safe_poison_in"] == {"0-tdpa": "1/2", "1-badnet": "2/3"}
-    assert rec["safe_frac"] == 0.4 and rec["safe_poison_kept"] == 0.6 and rec["safe_poison_share"] == 0.75
-    assert "safe_poison_in" not in safe_set_diagnostics(a | b, [])(Chosen(), 0, None)
+    assert rec["safe_fraction"] == 0.4 and rec["safe_poison_recall"] == 0.6 and rec["safe_poison_rate"] == 0.75
+    assert rec["safe_poison_count"] == 3 and rec["poison_total"] == 5
+    assert "safe_poison_in" not in poison_diagnostics(a | b)(Chosen(), 0, None)

@@ -117,7 +117,7 @@ def test_interrupted_cell_resumes_from_checkpoint(fm_dir, tmp_path):
     hist = read_jsonl(cell.run_dir(out) / "results.jsonl")
     assert [r["epoch"] for r in hist] == [1, 2]
     assert hist[0] == first[0]  # epoch 1 was not retrained
-    assert "safe_frac" not in hist[0]  # plain CLIP selects nothing
+    assert "safe_fraction" not in hist[0]  # plain CLIP selects nothing
 
 
 def test_clean_cell_measures_the_base_rate_of_every_attack(fm_dir, tmp_path):

@@ -18,7 +18,7 @@ def _cell(method: str, stage: str, seed: int, zs: float, asr: float, attack: str
           safe: list[tuple[float, float]] | None = None) -> dict:
     epochs = [{"epoch": i + 1, "loss": 1.0} for i in range(3)]
     for r, (frac, kept) in zip(epochs, safe or []):
-        r.update(safe_frac=frac, safe_poison_kept=kept, safe_poison_share=0.0)
+        r.update(safe_fraction=frac, safe_poison_recall=kept, safe_poison_rate=0.0)
     return {
         "cell": f"fm/{attack}/{method}/seed{seed}", "dataset": "fm", "attack": attack, "stage": stage,
         "method": method, "defense": method.lower(), "base": "CLIP" if stage == "finetune" else None,
@@ -75,7 +75,7 @@ def test_write_report_csv_md_html(bench_dir):
     assert len(rows) == 6
     by = {r["cell"]: r for r in rows}
     assert float(by["fm/badnet/SafeCLIP/seed1"]["asr.badnet"]) == pytest.approx(0.02)
-    assert float(by["fm/badnet/SafeCLIP/seed1"]["final_safe_poison_kept"]) == 0.0
+    assert float(by["fm/badnet/SafeCLIP/seed1"]["final_safe_poison_recall"]) == 0.0
     assert float(by["fm/badnet/SafeCLIP/seed1"]["asr_lp.badnet"]) == pytest.approx(0.01)
     md = paths["markdown"].read_text()
     assert "| CLIP | 95.0 ± 7.1 |" in md

@@ -7,7 +7,6 @@ import torch
 
 from clipguard import defenses
 from clipguard.training.context import Batch, to_pixels
-from clipguard.training.distributed import DistInfo
 from clipguard.training.trainer import TrainConfig, Trainer
 
 

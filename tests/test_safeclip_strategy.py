@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from clipguard import defenses
 from clipguard.training.context import Batch, to_pixels
-from clipguard.training.distributed import DistInfo
 from clipguard.training.trainer import TrainConfig, Trainer
 
 
@@ -203,11 +202,11 @@ def test_manifest_never_influences_training(fm_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     recs = [json.loads(x) for x in (tmp_path / "diag" / "results.jsonl").read_text().splitlines()]
     mixed = [r for r in recs if r["phase"] == "mixed"]
-    assert all(r["poison_total"] == 16 and r["initial_poison_rate"] == pytest.approx(16 / 256) for r in recs)
-    assert all({"poison_in_safe", "safe_poison_rate", "similarity_auroc"} <= r.keys() for r in mixed)
+    assert all(r["poison_total"] == 16 and r["poison_rate"] == pytest.approx(16 / 256) for r in recs)
+    assert all({"safe_poison_count", "safe_poison_rate", "safe_poison_recall", "similarity_auroc"} <= r.keys() for r in mixed)
     assert (tmp_path / "diag" / mixed[0]["similarity_hist"]).stat().st_size > 1000
     plain = [json.loads(x) for x in (tmp_path / "plain" / "results.jsonl").read_text().splitlines()]
-    assert all("poison_in_safe" not in r for r in plain)
+    assert all("safe_poison_count" not in r for r in plain)
     assert [r["safe_size"] for r in plain if r["phase"] == "mixed"] == [r["safe_size"] for r in mixed]
 
 

@@ -52,7 +52,7 @@ class BadCLIP(PatchAttack):
         from clipguard.evaluation.features import encode_images, encode_texts
         from clipguard.evaluation.runner import load_model
         from clipguard.models.factory import get_tokenizer, image_size
-        from clipguard.training.context import normalize
+        from clipguard.tensors import normalize
 
         model, name = load_model(self.checkpoint, self.model, self.device)
         model.eval()

@@ -13,7 +13,7 @@ import clipguard
 from clipguard.attacks.base import Attack, EvalSet, PoisonContext, PoisonPlan
 from clipguard.attacks.writer import copy_clean, save_png, write_rows
 from clipguard.data.classes import ClassInfo
-from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData, load_csv, read_rows
+from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData, load_csv, read_rows, require_labels
 from clipguard.errors import ConfigError, DataError
 from clipguard.io import atomic_dir, sha256_file, write_json
 
@@ -55,11 +55,25 @@ def resolve_target(target: str | int, classes: ClassInfo | None, data: ImageCapt
                       "(pass --classes)")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not (overwrite or (out / "manifest.json").is_file()):
-            raise ConfigError(f"{out} exists and is not a poisoned-dataset folder; "
-                              "choose another --out (or overwrite explicitly)")
+def _check_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Replace only an earlier poisoned folder (it holds manifest.json), and that only when asked:
+    the folder is swapped whole, so anything else in it would be lost."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a folder")
+    top = out.resolve()
+    for p in inputs:
+        if p.resolve().is_relative_to(top):
+            raise ConfigError(f"--out {out} holds the input {p}; choose another folder")
+    if not any(out.iterdir()):
+        return
+    if not (out / "manifest.json").is_file():
+        raise ConfigError(f"{out} exists and is not a poisoned-dataset folder (no manifest.json); "
+                          "choose another --out")
+    if not overwrite:
+        raise ConfigError(f"{out} holds an earlier poisoned dataset; pass --overwrite to replace it, "
+                          "or choose another --out")
 
 
 def poison_csv(data_csv: str | Path, attack: str | Attack, *, target: str | int,
@@ -67,7 +81,13 @@ def poison_csv(data_csv: str | Path, attack: str | Attack, *, target: str | int,
                out: str | Path, eval_csv: str | Path | None = None,
                options: dict[str, Any] | None = None, spec: CsvSpec | None = None,
                mode: str = "inject", classes: str | Path | None = None,
-               trigger_seed: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+               trigger_seed: int | None = None, overwrite: bool = False,
+               skip_bad_rows: bool = False) -> dict[str, Any]:
+    """Poison ``data_csv`` into the folder ``out`` (see writer.py for its layout).
+
+    With ``skip_bad_rows`` bad source rows are left out of DIR/train.csv (counted in the manifest's
+    ``source_rows_skipped``), so every row index in the manifest is a row of DIR/train.csv.
+    """
     from clipguard.attacks import build
 
     spec = spec or CsvSpec()
@@ -77,13 +97,15 @@ def poison_csv(data_csv: str | Path, attack: str | Attack, *, target: str | int,
     atk = build(attack, options) if isinstance(attack, str) else attack
     if options and not isinstance(attack, str):
         raise ConfigError("pass options only with an attack name")
-    _check_out(out, overwrite)
-    header, rows = read_rows(data_csv, spec)
-    data = load_csv(data_csv, spec)
     classes_path = Path(classes) if classes else data_csv.parent / "classes.json"
+    inputs = [data_csv, classes_path] + ([Path(eval_csv)] if eval_csv is not None else [])
+    _check_out(out, overwrite, inputs)
     if classes and not classes_path.is_file():
         raise DataError("file not found", file=str(classes_path))
     cinfo = ClassInfo.load(classes_path) if classes_path.is_file() else None
+    header, rows = read_rows(data_csv, spec)
+    data = load_csv(data_csv, spec, skip_bad_rows=skip_bad_rows, classes=cinfo)
+    rows = _loaded_rows(rows, data)
     tgt = resolve_target(target, cinfo, data, classes_path if cinfo else None)
     n = resolve_count(rate, count, len(data))
     ev = ev_header = ev_rows = None
@@ -91,13 +113,13 @@ def poison_csv(data_csv: str | Path, attack: str | Attack, *, target: str | int,
         eval_csv = Path(eval_csv)
         ev_header, ev_rows = read_rows(eval_csv, spec)
         _, h, w = data.images.shape[1:]
-        ev = load_csv(eval_csv, spec, image_size=h if h == w else None)
+        ev = load_csv(eval_csv, spec, image_size=h if h == w else None, skip_bad_rows=skip_bad_rows,
+                      classes=cinfo)
+        ev_rows = _loaded_rows(ev_rows, ev)
         if tuple(ev.images.shape[1:]) != tuple(data.images.shape[1:]):
             raise DataError(f"held-out images are {tuple(ev.images.shape[2:])}, training images "
                             f"{tuple(data.images.shape[2:])}", file=str(eval_csv), field=spec.img_key)
-        if not bool((ev.labels >= 0).all()):
-            raise DataError("the ASR evaluation needs a label for every held-out image",
-                            file=str(eval_csv), field=spec.label_key)
+        require_labels(ev, "the ASR evaluation")
     elif atk.needs_eval_data:
         raise ConfigError(f"attack '{atk.name}' needs the held-out split: pass --eval-data")
     ctx = PoisonContext(data=data, target=tgt, seed=int(seed),
@@ -107,11 +129,11 @@ def poison_csv(data_csv: str | Path, attack: str | Attack, *, target: str | int,
     plan = atk.plan(ctx, n)
     eset = atk.eval_set(ctx) if ev is not None else None
     manifest = _manifest(atk, ctx, plan, eset, mode=mode, n=n, rate=rate, data_csv=data_csv,
-                         eval_csv=eval_csv, spec=spec, cinfo=cinfo, n_rows=len(data))
+                         eval_csv=eval_csv, spec=spec, cinfo=cinfo, data=data)
     with atomic_dir(out) as tmp:
         _write(tmp, data_csv, header, rows, spec, plan, mode, manifest)
         if eset is not None:
-            _write_eval(tmp, eval_csv, ev_header, ev_rows, spec, eset, manifest)
+            _write_eval(tmp, eval_csv, ev_header, ev_rows, spec, eset, manifest, _csv_rows(ev))
         if cinfo is not None:
             cinfo.save(tmp / "classes.json")
         write_json(tmp / "manifest.json", manifest)
@@ -119,9 +141,21 @@ def poison_csv(data_csv: str | Path, attack: str | Attack, *, target: str | int,
     return manifest
 
 
+def _loaded_rows(rows: list[dict[str, str]], data: ImageCaptionData) -> list[dict[str, str]]:
+    """The raw rows that loaded, in data order (``data.rows`` are CSV lines; data starts at 2)."""
+    return [rows[line - 2] for line in data.rows] if data.skipped else rows
+
+
+def _csv_rows(data: ImageCaptionData) -> list[int]:
+    """0-based data row in the source CSV of each loaded pair (differs from i after skips)."""
+    return [line - 2 for line in data.rows] if data.rows else list(range(len(data)))
+
+
 def _manifest(atk: Attack, ctx: PoisonContext, plan: PoisonPlan, eset: EvalSet | None, *, mode: str,
               n: int, rate: float | None, data_csv: Path, eval_csv: Path | None, spec: CsvSpec,
-              cinfo: ClassInfo | None, n_rows: int) -> dict[str, Any]:
+              cinfo: ClassInfo | None, data: ImageCaptionData) -> dict[str, Any]:
+    n_rows = len(data)
+    src_rows = _csv_rows(data)
     if mode == "inject":
         poisoned = list(range(n_rows, n_rows + n))
     else:
@@ -148,12 +182,14 @@ def _manifest(atk: Attack, ctx: PoisonContext, plan: PoisonPlan, eset: EvalSet |
         "n_rows": n_rows + n if mode == "inject" else n_rows,
         "poison_fraction": round(n / (n_rows + n if mode == "inject" else n_rows), 6),
         "poisoned_rows": poisoned,
-        "poison_sources": plan.sources,
+        "poison_sources": [src_rows[s] if s >= 0 else s for s in plan.sources],
         "poison_triggers": plan.triggers,
         "source_csv": str(data_csv.resolve()),
         "source_sha256": sha256_file(data_csv),
+        "source_rows_skipped": data.skipped,
         "csv": {"img_key": spec.img_key, "caption_key": spec.caption_key,
-                "label_key": spec.label_key, "separator": spec.separator},
+                "label_key": spec.label_key, "separator": spec.separator,
+                "allow_outside_root": spec.allow_outside_root},
         "image_shape": list(ctx.image_shape),
         "classes": "classes.json" if cinfo is not None else None,
         "clipguard_version": clipguard.__version__,
@@ -171,10 +207,12 @@ def _manifest(atk: Attack, ctx: PoisonContext, plan: PoisonPlan, eset: EvalSet |
             "triggers": sorted(set(eset.triggers)),
             "source_csv": str(eval_csv.resolve()),
             "source_sha256": sha256_file(eval_csv),
+            "source_rows_skipped": ctx.eval_data.skipped if ctx.eval_data is not None else 0,
         }
         if eset.kind == "tdpa":
+            ev_rows = _csv_rows(ctx.eval_data) if ctx.eval_data is not None else []
             m["eval"]["clean_csv"] = "clean_eval.csv"
-            m["eval"]["target_eval_rows"] = eset.sources
+            m["eval"]["target_eval_rows"] = [ev_rows[s] for s in eset.sources]
     return m
 
 
@@ -188,7 +226,8 @@ def _write(tmp: Path, data_csv: Path, header: list[str], rows: list[dict[str, st
         j = replaced.get(i)
         if j is None:
             r = dict(row)
-            r[spec.img_key] = copy_clean(root, row[spec.img_key].strip(), tmp, "images", i)
+            r[spec.img_key] = copy_clean(root, row[spec.img_key].strip(), tmp, "images", i,
+                                         allow_outside_root=spec.allow_outside_root)
         else:
             r = _poison_row(tmp, row, plan, j, spec, label_key)
         out_rows.append(r)
@@ -213,19 +252,25 @@ def _poison_row(tmp: Path, template: dict[str, str], plan: PoisonPlan, j: int, s
 
 
 def _write_eval(tmp: Path, eval_csv: Path, header: list[str], rows: list[dict[str, str]],
-                spec: CsvSpec, eset: EvalSet, manifest: dict[str, Any]) -> None:
+                spec: CsvSpec, eset: EvalSet, manifest: dict[str, Any], csv_rows: list[int]) -> None:
     root = eval_csv.parent
     label_key = spec.label_key or "label"
     clean: dict[int, str] = {}
     out = []
+
+    def copy(i: int) -> str:
+        return copy_clean(root, rows[i][spec.img_key].strip(), tmp, "eval_clean", csv_rows[i],
+                          allow_outside_root=spec.allow_outside_root)
+
     for j, src in enumerate(eset.sources):
         if src not in clean:
-            clean[src] = copy_clean(root, rows[src][spec.img_key].strip(), tmp, "eval_clean", src)
+            clean[src] = copy(src)
         rel = f"asr_eval/{j:06d}.png"
         save_png(tmp / rel, eset.images[j])
         out.append({spec.img_key: rel, spec.caption_key: rows[src][spec.caption_key],
                     label_key: str(eset.labels[j]), "target": str(eset.targets[j]),
-                    "trigger": eset.triggers[j], "clean_filepath": clean[src], "eval_row": str(src)})
+                    "trigger": eset.triggers[j], "clean_filepath": clean[src],
+                    "eval_row": str(csv_rows[src])})
     cols = [spec.img_key, spec.caption_key, label_key, "target", "trigger", "clean_filepath", "eval_row"]
     write_rows(tmp / "asr_eval.csv", out, cols, spec.separator)
     if eset.kind == "tdpa":
@@ -235,6 +280,6 @@ def _write_eval(tmp: Path, eval_csv: Path, header: list[str], rows: list[dict[st
             if i in drop:
                 continue
             r = dict(row)
-            r[spec.img_key] = clean.get(i) or copy_clean(root, row[spec.img_key].strip(), tmp, "eval_clean", i)
+            r[spec.img_key] = clean.get(i) or copy(i)
             keep.append(r)
         write_rows(tmp / "clean_eval.csv", keep, header, spec.separator)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipguard.data.csv_dataset import write_csv
+from clipguard.data.csv_dataset import resolve_image_path, write_csv
 
 
 def save_png(path: Path, image_u8: torch.Tensor) -> None:
@@ -43,10 +43,15 @@ def local_name(folder: str, i: int, src_rel: str) -> str:
     return f"{folder}/{i:06d}{ext}"
 
 
-def copy_clean(root: Path, rel: str, out: Path, folder: str, i: int) -> str:
-    """Bring one clean image into DIR under a safe, unique name; return its new relative path."""
+def copy_clean(root: Path, rel: str, out: Path, folder: str, i: int, *,
+               allow_outside_root: bool = False) -> str:
+    """Bring one clean image into DIR under a safe, unique name; return its new relative path.
+
+    The source must resolve inside ``root`` (the CSV's folder) unless allowed: a hard link or copy
+    of a file from elsewhere would publish it inside the poisoned dataset."""
+    src = resolve_image_path(root, rel, allow_outside_root=allow_outside_root)
     new = local_name(folder, i, rel)
-    link_or_copy(root / rel, out / new)
+    link_or_copy(src, out / new)
     return new
 
 

@@ -13,19 +13,18 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 import clipguard
-from clipguard.bench.cache import BenchCache, PoisonedSet
+from clipguard.bench.cache import BenchCache
 from clipguard.bench.config import AttackSpec, BenchConfig, DefenseSpec
 from clipguard.bench.plan import Cell, base_cell
 from clipguard.errors import ConfigError
 from clipguard.io import read_jsonl, write_json
 from clipguard.models import checkpoint as ckpt
 from clipguard.training.spec import RunSpec, resolve_spec
-from clipguard.training.strategy import Strategy
 
 CELL_FORMAT = 2  # 2: the fingerprint hashes the resolved run (defaults filled in)
 
@@ -80,48 +79,6 @@ def is_done(cfg: BenchConfig, cell: Cell, out: Path) -> bool:
         raise ConfigError(f"{cell.json_path(out)}: finished with a different config than {cfg.source} "
                           f"(fingerprint {rec.get('fingerprint')} != {fp}); use a new --out, or --redo to retrain it")
     return True
-
-
-# ---------------------------------------------------------------------------- diagnostics
-def safe_set_diagnostics(mask: torch.Tensor | None, extra: list[Callable],
-                         parts: dict[str, torch.Tensor] | None = None) -> Callable:
-    """Per-epoch poison statistics of the defence's safe set, from ``strategy.selected()`` only.
-
-    ``safe_poison_kept``: fraction of the poisoned pairs inside the safe set (SafeCLIP Table 12's
-    'safe set poison rate'); ``safe_poison_share``: fraction of the safe set that is poison;
-    ``safe_poison_in``: per attack part, how many of its pairs are in the safe set (a mixed
-    set's total can hide one attack slipping in whole, as a TDPA target's pairs do)."""
-
-    def diagnostics(strategy: Strategy, epoch: int, out_dir: Path) -> dict[str, Any]:
-        rec: dict[str, Any] = {}
-        sel = strategy.selected()
-        if sel is not None and mask is not None:
-            sel = sel.detach().bool().cpu().flatten()
-            if len(sel) == len(mask):
-                n_sel = int(sel.sum())
-                hit = int((sel & mask).sum())
-                rec["safe_frac"] = round(n_sel / max(len(sel), 1), 6)
-                rec["safe_poison_kept"] = round(hit / max(int(mask.sum()), 1), 6)
-                rec["safe_poison_share"] = round(hit / max(n_sel, 1), 6)
-                if parts:
-                    rec["safe_poison_in"] = {k: f"{int((sel & m).sum())}/{int(m.sum())}" for k, m in parts.items()}
-        for f in extra:
-            rec.update(f(strategy, epoch, out_dir))
-        return rec
-
-    return diagnostics
-
-
-def _defence_diagnostics(poison: PoisonedSet, data) -> list[Callable]:
-    """Engineer B's detection diagnostics (AUROC of pair scores etc.) when present; they read a
-    manifest whose rows must be this data's rows, i.e. a single-part attack."""
-    if len(poison.manifests) != 1:
-        return []
-    try:
-        from clipguard.evaluation.detection import make_diagnostics
-    except ImportError:
-        return []
-    return [make_diagnostics(str(poison.manifests[0]), data)]
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -217,6 +174,7 @@ def attack_columns(attack: AttackSpec) -> list[str]:
 def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False,
                     bar_position: int | None = None):
     """The cell's Trainer, its data and poison info; refuses a run folder from another config."""
+    from clipguard.evaluation.detection import poison_diagnostics
     from clipguard.training.build import build_trainer
 
     out = Path(out)
@@ -243,10 +201,9 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
         if cfg.finetune.data == "clean":
             data, mask = cache.finetune_clean(cell.dataset), None
     spec.train = spec.train.replace(**settings)
-    extra = _defence_diagnostics(poison, data) if mask is not None else []
     parts = ({f"{i}-{p.attack}": m for i, (p, m) in enumerate(zip(cell.attack.parts, poison.masks))}
              if mask is not None and len(poison.masks) > 1 else None)
-    diag = safe_set_diagnostics(mask, extra, parts) if mask is not None else None
+    diag = poison_diagnostics(mask, parts) if mask is not None else None
     if not marker.is_file():
         with contextlib.suppress(OSError):  # several ranks may race to write the same content
             write_json(marker, {"cell": cell.id, "fingerprint": fingerprint(conf), "config": conf})

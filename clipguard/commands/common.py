@@ -22,9 +22,13 @@ def add_csv_args(p: argparse.ArgumentParser) -> None:
                    help="column separator (default: tab, as open_clip)")
     g.add_argument("--skip-bad-rows", action="store_true",
                    help="skip rows with a missing/corrupt image or empty caption, and report how many")
+    g.add_argument("--allow-outside-root", action="store_true",
+                   help="accept image paths that resolve outside the CSV's folder (../, absolute, "
+                        "symlinks); refused by default")
 
 
 def csv_spec(args: argparse.Namespace) -> CsvSpec:
     sep = args.csv_separator.encode().decode("unicode_escape") if "\\" in args.csv_separator else args.csv_separator
     return CsvSpec(img_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                   label_key=args.csv_label_key or None, separator=sep)
+                   label_key=args.csv_label_key or None, separator=sep,
+                   allow_outside_root=bool(getattr(args, "allow_outside_root", False)))

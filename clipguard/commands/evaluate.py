@@ -25,12 +25,23 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipguard.errors import DataError
     from clipguard.evaluation.runner import run_evaluation
-    from clipguard.io import write_json
+    from clipguard.io import check_output_path, write_json
+    from clipguard.models.device import resolve_device
 
-    classes = args.classes or (Path(args.data).parent / "classes.json")
-    classes = classes if Path(classes).is_file() else None
-    result = run_evaluation(args.checkpoint, args.data, classes_json=classes, spec=csv_spec(args),
+    resolve_device(args.device)  # fail before any work: --device cuda without a GPU, a typo
+    if args.out:
+        check_output_path(args.out)
+    spec = csv_spec(args)
+    if args.classes:  # asked for: it must be there (no silent run without zero-shot)
+        if not Path(args.classes).is_file():
+            raise DataError("classes file not found (--classes)", file=str(args.classes))
+        classes = Path(args.classes)
+    else:  # the dataset's own classes.json, when it has one and a label column to score against
+        classes = Path(args.data).parent / "classes.json"
+        classes = classes if classes.is_file() and spec.label_key else None
+    result = run_evaluation(args.checkpoint, args.data, classes_json=classes, spec=spec,
                             model_name=args.model, probe_csv=args.probe_data, device=args.device,
                             skip_bad_rows=args.skip_bad_rows, seed=args.seed)
     if args.attack_manifest:

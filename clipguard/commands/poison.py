@@ -29,13 +29,16 @@ def add_parser(sub) -> None:
                    help="an attack option, e.g. --opt size=6 --opt location=random (repeatable)")
     p.add_argument("--checkpoint", default=None, help="badclip: the model to optimise the patch against")
     p.add_argument("--steps", type=int, default=None, help="badclip: optimisation steps")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier poisoned folder at --out (one holding manifest.json); "
+                        "any other non-empty folder is never replaced")
     add_csv_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from clipguard import attacks
+    from clipguard.attacks.pipeline import poison_csv  # the package wrapper lacks skip_bad_rows
     from clipguard.defenses import parse_options
     from clipguard.errors import ConfigError
 
@@ -54,11 +57,16 @@ def run(args: argparse.Namespace) -> int:
             if args.attack != "badclip":
                 raise ConfigError(f"--{key} only applies to --attack badclip")
             options[key] = v
-    m = attacks.poison_csv(args.data, args.attack, target=args.target, rate=args.rate, count=args.count,
-                           seed=args.seed, out=args.out, eval_csv=args.eval_data, options=options,
-                           spec=csv_spec(args), mode=args.mode, classes=args.classes,
-                           trigger_seed=args.trigger_seed, overwrite=args.overwrite)
+    m = poison_csv(args.data, args.attack, target=args.target, rate=args.rate, count=args.count,
+                   seed=args.seed, out=args.out, eval_csv=args.eval_data, options=options,
+                   spec=csv_spec(args), mode=args.mode, classes=args.classes,
+                   trigger_seed=args.trigger_seed, overwrite=args.overwrite,
+                   skip_bad_rows=args.skip_bad_rows)
     ev = m.get("eval")
+    if m.get("source_rows_skipped"):
+        print(f"skipped {m['source_rows_skipped']} bad rows of {args.data}")
+    if ev and ev.get("source_rows_skipped"):
+        print(f"skipped {ev['source_rows_skipped']} bad rows of {args.eval_data}")
     print(f"wrote {args.out}/train.csv ({m['n_rows']} rows, {m['count']} poisoned by {m['attack']}, "
           f"{m['mode']}, target {m['target']['name']}) and {args.out}/manifest.json")
     if ev:

@@ -16,6 +16,13 @@ import torch
 
 
 class LazyImages:
+    """uint8 (N, 3, S, S) images of files under ``root``, decoded when indexed.
+
+    A file that fails to decode raises a ``DataError`` naming the CSV, row and field; it is not
+    skipped, since the trainer's dataset cannot shrink mid-epoch. ``load_csv(lazy=True)`` reads
+    every header up front (where ``skip_bad_rows`` applies), so only damaged pixel data gets here.
+    """
+
     dtype = torch.uint8
 
     def __init__(self, root: Path, paths: Sequence[str], rows: Sequence[int], image_size: int,

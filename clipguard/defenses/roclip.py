@@ -22,7 +22,8 @@ from clipguard.defenses import DEFENSES
 from clipguard.defenses.nn_pool import NNPool
 from clipguard.defenses.safeclip import embed_dim
 from clipguard.options import Options, require
-from clipguard.training.context import Batch, TrainContext, normalize, step_seed
+from clipguard.tensors import normalize
+from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd
 from clipguard.training.losses import clip_loss
 from clipguard.training.strategy import Strategy

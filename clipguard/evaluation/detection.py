@@ -21,43 +21,22 @@ from clipguard.io import atomic_path
 
 
 def auroc(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for the positive ``labels`` (ties count half).
+    """Area under the ROC curve of ``scores`` for the positive ``labels`` (scikit-learn's); NaN
+    when either class is empty."""
+    from sklearn.metrics import roc_auc_score
 
-    Mann-Whitney form: the probability that a random positive outranks a random negative.
-    NaN when either class is empty.
-    """
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(labels).astype(bool).reshape(-1)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # average ranks over ties
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(y, s))
 
 
 def poison_mask_from_manifest(manifest: dict[str, Any] | str | Path, data: ImageCaptionData) -> torch.Tensor:
     """Bool mask over ``data``: True where the pair is one of the manifest's poisoned rows."""
-    try:
-        from clipguard.attacks.manifest import poison_mask
+    from clipguard.attacks.manifest import poison_mask
 
-        return poison_mask(manifest, data).bool()
-    except ImportError:
-        pass
-    if not isinstance(manifest, dict):
-        manifest = read_manifest(manifest)
-    rows = {int(r) + 2 for r in manifest.get("poisoned_rows", [])}  # 0-based data row -> CSV line
-    return torch.tensor([int(line) in rows for line in data.rows], dtype=torch.bool)
+    return poison_mask(manifest, data).bool()
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -76,20 +55,33 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def poison_stats(scores: torch.Tensor | None, selected: torch.Tensor | None,
-                 poisoned: torch.Tensor) -> dict[str, Any]:
-    """The numbers reported per epoch, given the strategy's scores/safe set and the truth."""
+def poison_stats(scores: torch.Tensor | None, selected: torch.Tensor | None, poisoned: torch.Tensor,
+                 parts: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The per-epoch numbers, one vocabulary for the CLI and the bench.
+
+    ``safe_poison_rate``: share of the safe set that is poison (SafeCLIP Table 12's "safe set
+    poison rate"); ``safe_poison_recall``: share of the poisoned pairs that got into the safe
+    set; ``safe_poison_in``: per attack part, how many of its pairs are in it (a mixed set's
+    total can hide one attack slipping in whole, as a TDPA target's pairs do);
+    ``similarity_auroc``: AUROC of the negated pair score as a poison detector.
+    """
+    poisoned = poisoned.bool().cpu().flatten()
     n = int(poisoned.numel())
     n_poison = int(poisoned.sum())
-    out: dict[str, Any] = {"poison_total": n_poison,
-                           "initial_poison_rate": round(n_poison / n, 6) if n else None}
+    out: dict[str, Any] = {"poison_total": n_poison, "poison_rate": round(n_poison / n, 6) if n else None}
     if selected is not None:
-        sel = selected.bool().cpu()
+        sel = selected.detach().bool().cpu().flatten()
+        if len(sel) != n:
+            raise DataError(f"the strategy selected {len(sel)} pairs of data with {n}: the diagnostics' "
+                            f"poison mask belongs to another dataset")
         k = int(sel.sum())
         in_safe = int((sel & poisoned).sum())
-        out.update({"poison_in_safe": in_safe,
+        out.update({"safe_fraction": round(k / n, 6) if n else None, "safe_poison_count": in_safe,
                     "safe_poison_rate": round(in_safe / k, 6) if k else 0.0,
-                    "poison_safe_recall": round(in_safe / n_poison, 6) if n_poison else None})
+                    "safe_poison_recall": round(in_safe / n_poison, 6) if n_poison else None})
+        if parts:
+            out["safe_poison_in"] = {name: f"{int((sel & m.bool().cpu()).sum())}/{int(m.sum())}"
+                                     for name, m in parts.items()}
     if scores is not None:
         s = scores.detach().float().cpu()
         # a low similarity flags a poison: AUROC of -similarity as a poison detector
@@ -132,22 +124,31 @@ def similarity_histogram(path: str | Path, scores: torch.Tensor, poisoned: torch
     return path
 
 
-def make_diagnostics(manifest_path: str | Path, data: ImageCaptionData
-                     ) -> Callable[[Any, int, Path], dict[str, Any]]:
-    """Per-epoch hook: poison counts in the safe set, its poison rate, AUROC, histogram PNGs."""
-    manifest = read_manifest(manifest_path)
-    poisoned = poison_mask_from_manifest(manifest, data)
+def poison_diagnostics(poisoned: torch.Tensor, parts: dict[str, torch.Tensor] | None = None,
+                       histograms: bool = True) -> Callable[[Any, int, Path], dict[str, Any]]:
+    """Per-epoch hook for the trainer: ``poison_stats`` of what a PairSelector strategy exposes,
+    plus a histogram PNG of the pair scores. Strategies that split nothing get the totals only."""
+    from clipguard.training.strategy import PairSelector
+
+    poisoned = poisoned.bool().cpu()
 
     def diagnostics(strategy, epoch: int, out_dir: Path) -> dict[str, Any]:
-        scores = strategy.pair_scores()
-        selected = strategy.selected()
-        rec = poison_stats(scores, selected, poisoned)
-        if scores is not None:
+        selector = isinstance(strategy, PairSelector)
+        scores = strategy.pair_scores() if selector else None
+        selected = strategy.selected() if selector else None
+        rec = poison_stats(scores, selected, poisoned, parts)
+        if scores is not None and histograms and out_dir is not None:
             name = f"similarity_hist_epoch{epoch + 1:02d}.png"
-            title = (f"{getattr(strategy, 'name', '')} epoch {epoch + 1}: AUROC "
-                     f"{rec['similarity_auroc'] if rec['similarity_auroc'] is not None else float('nan'):.3f}")
+            auc = rec["similarity_auroc"]
+            title = f"{getattr(strategy, 'name', '')} epoch {epoch + 1}: AUROC {auc if auc is not None else float('nan'):.3f}"
             similarity_histogram(Path(out_dir) / name, scores, poisoned, selected, title)
             rec["similarity_hist"] = name
         return rec
 
     return diagnostics
+
+
+def make_diagnostics(manifest_path: str | Path, data: ImageCaptionData
+                     ) -> Callable[[Any, int, Path], dict[str, Any]]:
+    """``poison_diagnostics`` for the poisoned rows an attack manifest names (``--attack-manifest``)."""
+    return poison_diagnostics(poison_mask_from_manifest(read_manifest(manifest_path), data))

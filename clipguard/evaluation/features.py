@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from clipguard.training.context import normalize, to_pixels
+from clipguard.tensors import normalize, to_pixels
 
 
 @torch.no_grad()
@@ -23,16 +23,6 @@ def encode_images(model: torch.nn.Module, images_u8, device: torch.device | str,
         chunk = images_u8[indices[i:i + batch_size]] if indices is not None else images_u8[i:i + batch_size]
         px = to_pixels(chunk, torch.device(device))
         out.append(model.encode_image(normalize(px), normalize=True).float().cpu())
-    model.train(was)
-    return torch.cat(out) if out else torch.empty(0)
-
-
-@torch.no_grad()
-def encode_pixels(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    out = [model.encode_image(normalize(pixels[i:i + batch_size]), normalize=True).float().cpu()
-           for i in range(0, len(pixels), batch_size)]
     model.train(was)
     return torch.cat(out) if out else torch.empty(0)
 

@@ -2,55 +2,192 @@
 
 A training checkpoint is a folder: ``model.safetensors`` (plain open_clip state dict, loadable by
 ``open_clip.create_model(name, pretrained='model.safetensors')``), ``optimizer.safetensors``
-(AdamW moments, flattened), ``strategy.safetensors`` (a defence's tensors, e.g. NN pools) and
-``state.json`` (epoch, step, model name, scalars).
+(AdamW moments, flattened), ``strategy.safetensors`` (a defence's tensors, e.g. NN pools),
+``state.json`` (epoch, step, model name, scalars) and, when the model is known,
+``open_clip_config.json`` ({"model_cfg", "preprocess_cfg"}: open_clip's local-dir format). With it
+the folder opens in plain open_clip, without clipguard::
+
+    open_clip.create_model_and_transforms('local-dir:RUN/checkpoints/epoch_003')
+    open_clip.get_tokenizer('local-dir:RUN/checkpoints/epoch_003')
+
+(open_clip picks ``model.safetensors`` among the folder's weight files by name, so the weights
+are stored once.)
+
+Faults are errors that name the file: a missing, empty, truncated or corrupt safetensors file, a
+pickle where safetensors are expected, a corrupt ``state.json``, weights of another architecture.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from clipguard.errors import ConfigError
-from clipguard.io import atomic_dir
+from clipguard.errors import ConfigError, DataError
+from clipguard.io import TMP_SUFFIX, _umask, atomic_dir, is_atomic_temp, write_json
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.json"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+# the safetensors names open_clip's local-dir loader prefers, in its order (ours is the last one)
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", MODEL_FILE)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
+# temporaries of the atomic save before TMP_SUFFIX existed: '.epoch_003.k2j4_x9a', '.epoch_003.old'
+_LEGACY_TEMP = re.compile(r"^\.epoch_\d+\.([a-z0-9_]{8}|old)$|^\.latest\.tmp$")
+_EPOCH = re.compile(r"^epoch_(\d+)$")
+
+_CONVERT_HINT = ("clipguard never unpickles (a pickle can run code); convert it once, in a trusted "
+                 "environment, with safetensors.torch.save_file(torch.load(path, weights_only=True), "
+                 "'model.safetensors')")
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
+def _sniff_pickle(path: Path) -> str | None:
+    """What kind of pickle ``path`` is, from its first bytes; None when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return "a PyTorch zip archive (torch.save)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle (torch.save's legacy format)"
+    return None
+
+
+def _pretrained_tags() -> set[str]:
+    import open_clip
+
+    return {tag for _, tag in open_clip.list_pretrained()}
+
+
+def _refuse_tag(spec: str, what: str = "checkpoint") -> None:
+    if spec.startswith(HF_HUB):
+        raise ConfigError(f"{what} '{spec}': clipguard never downloads; fetch the folder yourself "
+                          f"and pass it as a local path (with .safetensors weights)")
+    if os.sep not in spec and "/" not in spec and spec in _pretrained_tags():
+        raise ConfigError(f"{what} '{spec}' is an open_clip pretrained tag: clipguard never downloads "
+                          f"weights; download them yourself as .safetensors and pass the file")
+
+
 def resolve_weights(path: str | Path) -> Path:
-    path = Path(path)
+    """The safetensors file of a checkpoint: a ``.safetensors`` file, a checkpoint folder, or a
+    ``local-dir:`` folder. Pickles, tags and hub names are refused with a clear error."""
+    spec = str(path)
+    if spec.startswith(HF_HUB):
+        _refuse_tag(spec)
+    if spec.startswith(LOCAL_DIR):
+        spec = spec[len(LOCAL_DIR):]
+    path = Path(spec)
     if path.is_dir():
-        path = path / MODEL_FILE
+        for name in OPEN_CLIP_WEIGHTS:
+            if (path / name).is_file():
+                return path / name
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ConfigError(f"{path}: only pickled weights here ({', '.join(pickles[:3])}); {_CONVERT_HINT}")
+        raise ConfigError(f"{path}: no {MODEL_FILE} in this folder (not a finished checkpoint?)")
     if not path.is_file():
+        _refuse_tag(spec)
         raise ConfigError(f"checkpoint not found: {path}")
     if path.suffix != ".safetensors":
-        raise ConfigError(f"{path}: only .safetensors checkpoints are read (we never unpickle)")
+        kind = _sniff_pickle(path)
+        what = f" it is {kind};" if kind else ""
+        raise ConfigError(f"{path}: only .safetensors checkpoints are read (we never unpickle);{what} "
+                          f"{_CONVERT_HINT}")
     return path
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    sd = load_file(str(resolve_weights(path)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"{path}: weights do not fit the model (missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]})")
+def read_tensors(path: str | Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a DataError naming the file if it is empty, truncated,
+    corrupt or a pickle."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"cannot read {what}: {e.strerror or e}", file=str(path)) from None
+    if size == 0:
+        raise DataError(f"{what} is empty (0 bytes): an interrupted copy or save?", file=str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        kind = _sniff_pickle(path)
+        if kind:
+            raise DataError(f"{what} is {kind}, not safetensors; {_CONVERT_HINT}", file=str(path)) from None
+        raise DataError(f"{what} is corrupt or truncated ({e})", file=str(path)) from None
+    except OSError as e:
+        raise DataError(f"cannot read {what}: {e.strerror or e}", file=str(path)) from None
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def check_fits(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | Path,
+               model_name: str | None = None) -> None:
+    """ConfigError naming the model, the file and the first mismatching keys unless ``sd`` is
+    exactly ``model``'s state dict (same keys, same shapes)."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k} {tuple(sd[k].shape)} in the file vs {tuple(v.shape)} in the model"
+              for k, v in want.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return
+    name = model_name or getattr(model, "clipguard_model_name", None)
+    parts = []
+    if shapes:
+        parts.append(f"shape mismatch: {_first(shapes, 3)}")
+    if missing:
+        parts.append(f"missing keys: {_first(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_first(unexpected)}")
+    path = Path(path)
+    try:
+        said = read_state(path).get("model") if path.exists() else None
+    except DataError:
+        said = None
+    hint = f" (its state.json says model '{said}')" if said and said != name else ""
+    raise ConfigError(f"{path}: weights of another architecture{hint}, they do not fit model "
+                      f"'{name or type(model).__name__}': {'; '.join(parts)}")
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, *, model_name: str | None = None) -> None:
+    """Load a checkpoint's weights (file or folder) into ``model``, strictly."""
+    f = resolve_weights(path)
+    sd = read_tensors(f, "weights file")
+    check_fits(model, sd, f, model_name)
+    model.load_state_dict(sd, strict=True)
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's ``state.json`` ({} when there is none); a DataError naming it if corrupt."""
     path = Path(path)
     f = (path if path.is_dir() else path.parent) / STATE_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    try:
+        obj = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"corrupt checkpoint state, not valid JSON ({e})", file=str(f)) from None
+    except OSError as e:
+        raise DataError(f"cannot read checkpoint state: {e.strerror or e}", file=str(f)) from None
+    if not isinstance(obj, dict):
+        raise DataError("corrupt checkpoint state: not a JSON object", file=str(f))
+    return obj
 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -69,21 +206,49 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Te
 def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                            meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    for key, v in meta["scalars"].items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    try:
+        for key, v in tensors.items():
+            pid, k = key.split(".", 1)
+            state.setdefault(int(pid), {})[k] = v
+        for key, v in meta["scalars"].items():
+            pid, k = key.split(".", 1)
+            state.setdefault(int(pid), {})[k] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"the checkpoint's optimizer state does not fit this optimizer "
+                          f"(another model or optimizer settings?): {e}") from None
+
+
+def open_clip_config(model_name: str | None = None, model_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """open_clip's local-dir/hf-hub ``open_clip_config.json`` for a model: {"model_cfg",
+    "preprocess_cfg"}, the preprocessing being clipguard's (resize the short side and centre-crop,
+    bicubic, OpenAI mean/std)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    if model_cfg is None:
+        if model_name is None:
+            raise ValueError("open_clip_config needs model_name or model_cfg")
+        from clipguard.models.factory import model_config
+
+        model_cfg = model_config(model_name)
+    size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+    return {"model_cfg": model_cfg,
+            "preprocess_cfg": {"size": size, "mode": "RGB", "mean": list(OPENAI_DATASET_MEAN),
+                               "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic",
+                               "resize_mode": "shortest", "fill_color": 0}}
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, *, state: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None,
-                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write the whole folder atomically; an interrupted save leaves the previous one intact."""
+                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+                    model_name: str | None = None, model_cfg: dict[str, Any] | None = None) -> Path:
+    """Write the whole folder atomically; an interrupted save leaves the previous one intact.
+
+    With ``model_name`` (or an explicit open_clip ``model_cfg``) the folder also gets
+    ``open_clip_config.json``, so plain open_clip opens it as ``local-dir:FOLDER``."""
     folder = Path(folder)
     state = dict(state)
+    oc_config = open_clip_config(model_name, model_cfg) if (model_name or model_cfg) else None
     with atomic_dir(folder) as tmp:
         save_file(_contiguous(model.state_dict()), str(tmp / MODEL_FILE))
         if optimizer is not None:
@@ -92,35 +257,87 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, *, state: dict[s
             state["optimizer"] = meta
         for name, tensors in (extra_tensors or {}).items():
             save_file(_contiguous(tensors), str(tmp / f"{name}.safetensors"))
+        if oc_config is not None:
+            write_json(tmp / OPEN_CLIP_CONFIG, oc_config, digits=None)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        mode = 0o666 & ~_umask()  # safetensors writes 0600; outputs follow the umask
+        for f in tmp.glob("*.safetensors"):
+            os.chmod(f, mode)
     return folder
 
 
 def load_tensors(folder: str | Path, name: str) -> dict[str, torch.Tensor]:
     f = Path(folder) / f"{name}.safetensors"
-    return load_file(str(f)) if f.is_file() else {}
+    return read_tensors(f, f"{name} tensors") if f.is_file() else {}
 
 
 def update_link(run_dir: Path, target: Path, name: str = "latest") -> None:
     """Point ``checkpoints/latest`` at the newest epoch (a text file: symlinks are fragile)."""
-    with_tmp = run_dir / f".{name}.tmp"
+    with_tmp = run_dir / f".{name}{TMP_SUFFIX}"
     with_tmp.write_text(target.name)
     os.replace(with_tmp, run_dir / name)
 
 
+def _finished(p: Path) -> bool:
+    return p.is_dir() and not is_atomic_temp(p.name) and (p / STATE_FILE).is_file() \
+        and (p / MODEL_FILE).is_file()
+
+
+def _epoch_folders(ckpt_dir: Path) -> list[Path]:
+    """``epoch_N`` folders in epoch order (numeric: epoch_1000 comes after epoch_999)."""
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("epoch_*")
+             if (m := _EPOCH.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
 def resolve_latest(ckpt_dir: Path) -> Path | None:
+    """The newest finished checkpoint: the one ``latest`` names, else the last epoch folder with
+    its state and weights. Temporaries of an interrupted save are never candidates."""
+    ckpt_dir = Path(ckpt_dir)
     f = ckpt_dir / "latest"
     if f.is_file():
-        p = ckpt_dir / f.read_text().strip()
-        if (p / STATE_FILE).is_file():
-            return p
-    cands = sorted(p for p in ckpt_dir.glob("epoch_*") if (p / STATE_FILE).is_file())
+        try:
+            name = f.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        if name and "/" not in name and os.sep not in name and name not in (".", ".."):
+            p = ckpt_dir / name
+            if _finished(p):
+                return p
+    cands = [p for p in _epoch_folders(ckpt_dir) if _finished(p)]
     return cands[-1] if cands else None
+
+
+def is_orphan(name: str) -> bool:
+    """Whether a name in a checkpoints folder is a temporary of our own atomic save."""
+    return is_atomic_temp(name) or bool(_LEGACY_TEMP.match(name))
+
+
+def clean_orphans(ckpt_dir: str | Path) -> list[Path]:
+    """Remove the temporaries an interrupted save left in ``ckpt_dir`` (only names our atomic
+    save creates: '.epoch_003.<random>.cgtmp', '.epoch_003.old.cgtmp', '.latest.cgtmp', and their
+    older forms); returns what was removed. Call it before training resumes, never while another
+    process is saving into the same folder."""
+    ckpt_dir = Path(ckpt_dir)
+    removed: list[Path] = []
+    if not ckpt_dir.is_dir():
+        return removed
+    for p in sorted(ckpt_dir.iterdir()):
+        if not is_orphan(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                p.unlink()
+            except OSError:
+                continue
+        removed.append(p)
+    return removed
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
     if keep <= 0:
         return
-    cands = sorted(p for p in ckpt_dir.glob("epoch_*") if p.is_dir())
-    for p in cands[:-keep]:
+    for p in _epoch_folders(ckpt_dir)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)

@@ -13,7 +13,7 @@ from clipguard.io import write_text
 
 BASE_COLUMNS = ["cell", "dataset", "attack", "stage", "method", "defense", "base", "seed", "train_pairs",
                 "zeroshot_top1", "zeroshot_top5", "linear_probe_top1", "linear_probe_top5", "train_data"]
-TAIL_COLUMNS = ["final_safe_frac", "final_safe_poison_kept", "train_epochs_s", "train_wall_s", "eval_s",
+TAIL_COLUMNS = ["final_safe_fraction", "final_safe_poison_recall", "train_epochs_s", "train_wall_s", "eval_s",
                 "resumed_from_epoch"]
 
 
@@ -45,9 +45,9 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
         row[f"asr_n.{col}"] = h.get("n")
         row[f"asr_lp.{col}"] = (part.get("linear_probe") or {}).get("value")
         row[f"asr_base.{col}"] = part.get("base_rate")
-    last = next((r for r in reversed(cell.get("epochs", [])) if "safe_poison_kept" in r), {})
-    row["final_safe_frac"] = last.get("safe_frac")
-    row["final_safe_poison_kept"] = last.get("safe_poison_kept")
+    last = next((r for r in reversed(cell.get("epochs", [])) if "safe_poison_recall" in r), {})
+    row["final_safe_fraction"] = last.get("safe_fraction")
+    row["final_safe_poison_recall"] = last.get("safe_poison_recall")
     t = cell.get("timings", {})
     for k in ("train_epochs_s", "train_wall_s", "eval_s", "resumed_from_epoch"):
         row[k] = t.get(k)

@@ -34,7 +34,7 @@ def safe_set_plot(cells: list[dict[str, Any]], method_order: list[str]) -> dict[
     figs = {}
     for d, a in _groups(cells):
         sel = [c for c in cells if c["dataset"] == d and c["attack"] == a
-               and any("safe_poison_kept" in r for r in c.get("epochs", []))]
+               and any("safe_poison_recall" in r for r in c.get("epochs", []))]
         if not sel:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -44,8 +44,8 @@ def safe_set_plot(cells: list[dict[str, Any]], method_order: list[str]) -> dict[
                 if c["method"] != m:
                     continue
                 for r in c["epochs"]:
-                    if "safe_poison_kept" in r:
-                        per_epoch.setdefault(int(r["epoch"]), []).append((r["safe_poison_kept"], r["safe_frac"]))
+                    if "safe_poison_recall" in r:
+                        per_epoch.setdefault(int(r["epoch"]), []).append((r["safe_poison_recall"], r["safe_fraction"]))
             xs = sorted(per_epoch)
             kept = [100 * sum(v[0] for v in per_epoch[x]) / len(per_epoch[x]) for x in xs]
             frac = [100 * sum(v[1] for v in per_epoch[x]) / len(per_epoch[x]) for x in xs]

@@ -152,7 +152,7 @@ def accuracy_table(rows: list[dict[str, Any]], method_order: list[str] | None = 
 
 
 def safe_set_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table | None:
-    rows = [r for r in rows if r.get("final_safe_poison_kept") not in (None, "")]
+    rows = [r for r in rows if r.get("final_safe_poison_recall") not in (None, "")]
     if not rows:
         return None
     methods = _ordered([r["method"] for r in rows], method_order)
@@ -162,8 +162,8 @@ def safe_set_table(rows: list[dict[str, Any]], method_order: list[str] | None = 
         line = [m]
         for k in keys:
             sel = [r for r in rows if r["method"] == m and f"{r['dataset']} ({r['attack']})" == k]
-            line.append(f"{fmt([r['final_safe_frac'] for r in sel])} / "
-                        f"{fmt([r['final_safe_poison_kept'] for r in sel])}" if sel else "-")
+            line.append(f"{fmt([r['final_safe_fraction'] for r in sel])} / "
+                        f"{fmt([r['final_safe_poison_recall'] for r in sel])}" if sel else "-")
         body.append(line)
     return Table("Safe set in the last epoch: % of data / % of the poisoned pairs it kept",
                  [["Method"] + keys], body, [], ["From strategy.selected() and the attack manifest (diagnostics "

@@ -10,27 +10,15 @@ from typing import Any, Callable
 import torch
 
 from clipguard.data.csv_dataset import ImageCaptionData
+from clipguard.evaluation.features import encode_images, encode_tokens
+from clipguard.tensors import normalize, to_pixels  # noqa: F401  (re-exported for strategies)
 from clipguard.training.distributed import DistInfo
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def step_seed(*parts: Any) -> int:
     """A seed that depends only on (seed, epoch, step, rank, ...): resuming replays it exactly."""
     h = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:7], "little")
-
-
-def to_pixels(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> float in [0, 1]; augmentations and triggers work in pixel space."""
-    return images_u8.to(device, non_blocking=True).float().div_(255.0)
-
-
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(OPENAI_MEAN, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-    return (pixels - mean) / std
 
 
 @dataclass
@@ -88,8 +76,6 @@ class TrainContext:
     def encode_dataset(self, batch_size: int = 512, indices: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of clean (non-augmented) pairs, for this rank's shard or given indices."""
-        from clipguard.evaluation.features import encode_images, encode_tokens
-
         idx = indices if indices is not None else torch.arange(len(self.data))
         img = encode_images(self.raw_model, self.data.images, self.device, batch_size, indices=idx)
         txt = encode_tokens(self.raw_model, self.tokens[idx], self.device, batch_size)

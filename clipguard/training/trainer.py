@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 import clipguard
 from clipguard.data.csv_dataset import ImageCaptionData
 from clipguard.errors import ConfigError
-from clipguard.io import append_jsonl, read_json_object, read_jsonl, write_json, write_text
+from clipguard.io import append_jsonl, read_json_object, read_jsonl, round_floats, write_json, write_text
 from clipguard.models import checkpoint as ckpt
 from clipguard.models.factory import create_model, get_tokenizer, image_size
 from clipguard.options import Options, require
+from clipguard.tensors import to_pixels
 from clipguard.training import run_dir
-from clipguard.training.context import Batch, TrainContext, step_seed, to_pixels
+from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from clipguard.training.losses import MAX_LOGIT_SCALE
 from clipguard.training.optim import make_optimizer
@@ -193,7 +194,7 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "history": self._history,
                  "clipguard_version": clipguard.__version__}
         ckpt.save_checkpoint(folder, self.model, state=state, optimizer=self.optimizer,
-                             extra_tensors={"strategy": self.strategy.state_tensors()})
+                             extra_tensors={"strategy": self.strategy.state_tensors()}, model_name=self.cfg.model)
         ckpt.update_link(cdir, folder)
         ckpt.prune(cdir, self.cfg.keep_checkpoints)
 
@@ -264,9 +265,7 @@ class Trainer:
             log = run_dir.RunLog(self.out, enabled=dist.is_main)
             self.setup(dist)
             if dist.is_main:
-                ckpt_clean = getattr(ckpt, "clean_orphans", None)
-                if ckpt_clean is not None:
-                    ckpt_clean(self.out / "checkpoints")
+                ckpt.clean_orphans(self.out / "checkpoints")  # temp folders of a save that was killed
             self._history = []
             start = self._resume(resume) if resume else 0
             if dist.is_main:
@@ -374,7 +373,7 @@ class Trainer:
                    log: run_dir.RunLog | None) -> None:
         """Checkpoint (with the history inside), then the results line, TensorBoard and out.log."""
         if dist.is_main:
-            self._history.append(json.loads(json.dumps(record, default=str)))
+            self._history.append(json.loads(json.dumps(round_floats(record), default=str)))
             self._save(epoch, (epoch + 1) * self.ctx.steps_per_epoch)
             append_jsonl(self.out / "results.jsonl", record)
             if tb is not None:
