@@ -31,15 +31,13 @@ def build(name: str, options: dict[str, Any] | None = None) -> "Attack":
     return get(name).build(options)
 
 
-def poison_csv(data_csv, attack, *, target, rate=None, count=None, seed: int = 0, out,
-               eval_csv=None, options=None, spec=None, mode: str = "inject", classes=None,
-               trigger_seed=None, overwrite: bool = False) -> dict:
-    """Write ``out/train.csv`` + ``out/manifest.json`` (and the ASR set with ``eval_csv``)."""
+def poison_csv(data_csv, attack, **kwargs) -> dict:
+    """Write ``out/train.csv`` + ``out/manifest.json`` (and the ASR set with ``eval_csv``); the
+    keywords are :func:`clipguard.attacks.pipeline.poison_csv`'s (imported on first call, so
+    ``import clipguard.attacks`` stays light)."""
     from clipguard.attacks.pipeline import poison_csv as _poison
 
-    return _poison(data_csv, attack, target=target, rate=rate, count=count, seed=seed, out=out,
-                   eval_csv=eval_csv, options=options, spec=spec, mode=mode, classes=classes,
-                   trigger_seed=trigger_seed, overwrite=overwrite)
+    return _poison(data_csv, attack, **kwargs)
 
 
 __all__ = ["ATTACKS", "get", "names", "build", "poison_csv"]

@@ -86,7 +86,8 @@ class BenchCache:
         if not fresh:  # first use, or the config now asks for another size/seed: (re)materialise
             from clipguard.data.fashion_mnist import materialise
 
-            materialise(folder, train_size=ds.train_size, test_size=ds.test_size, seed=ds.data_seed)
+            materialise(folder, train_size=ds.train_size, test_size=ds.test_size, seed=ds.data_seed,
+                        overwrite=True)  # the bench's own data folder: only files it wrote are replaced
             write_json(stamp, made_with)
         return folder / "train.csv", folder / "test.csv", folder / "classes.json"
 

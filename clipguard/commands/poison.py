@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipguard import attacks
-    from clipguard.attacks.pipeline import poison_csv  # the package wrapper lacks skip_bad_rows
+    from clipguard.attacks import poison_csv
     from clipguard.defenses import parse_options
     from clipguard.errors import ConfigError
 

@@ -78,7 +78,7 @@ def spec_from_args(args: argparse.Namespace, *, stage: str = "pretrain", checkpo
 
 def run_training(args: argparse.Namespace, *, stage: str = "pretrain", checkpoint: str | None = None):
     from clipguard.data.classes import ClassInfo
-    from clipguard.data.csv_dataset import load_csv
+    from clipguard.data.csv_dataset import load_csv, require_labels
     from clipguard.data.registry import load_dataset
     from clipguard.errors import ConfigError
     from clipguard.models.factory import model_config
@@ -106,6 +106,7 @@ def run_training(args: argparse.Namespace, *, stage: str = "pretrain", checkpoin
         if not classes_path.is_file():
             raise ConfigError(f"--eval-data needs classes.json: {classes_path} not found (pass --classes)")
         eval_data = load_csv(args.eval_data, data_spec, image_size=size, skip_bad_rows=args.skip_bad_rows)
+        require_labels(eval_data, "zero-shot evaluation (--eval-data)")
         evaluate = make_epoch_eval(cfg.model, eval_data, ClassInfo.load(classes_path))
     elif args.classes:
         raise ConfigError("--classes is used with --eval-data (zero-shot after each epoch); pass --eval-data too")

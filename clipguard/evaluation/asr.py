@@ -49,9 +49,7 @@ class AsrSet:
         if not ev:
             raise DataError("the manifest has no 'eval' section: re-run `clipguard poison` with --eval-data",
                             file=str(Path(manifest["_dir"]) / "manifest.json"), field="eval")
-        c = manifest.get("csv") or {}
-        self.spec = CsvSpec(img_key=c.get("img_key", "filepath"), caption_key=c.get("caption_key", "title"),
-                            label_key=c.get("label_key") or "label", separator=c.get("separator", "\t"))
+        self.spec = manifest_csv_spec(manifest)
         self.path = Path(manifest["_dir"]) / ev["csv"]
         self.kind = ev["kind"]
         self.triggered = load_csv(self.path, self.spec, image_size=image_size)
@@ -217,12 +215,17 @@ def attack_metrics(checkpoint: str | Path, manifest_path: str | Path, *, model_n
     if probe:
         src = Path(probe_csv) if probe_csv else Path(manifest["source_csv"])
         if src.is_file():
-            c = manifest.get("csv") or {}
-            spec = CsvSpec(img_key=c.get("img_key", "filepath"), caption_key=c.get("caption_key", "title"),
-                           label_key=c.get("label_key") or "label", separator=c.get("separator", "\t"))
-            data = load_csv(src, spec, image_size=image_size(model))
+            data = load_csv(src, manifest_csv_spec(manifest), image_size=image_size(model))
             if bool((data.labels >= 0).all()):
                 probe_data = data
     out = asr_for_model(model, name, manifest, device, probe_data, seed=seed)
     out["checkpoint"] = str(checkpoint)
     return out
+
+
+def manifest_csv_spec(manifest: dict[str, Any]) -> CsvSpec:
+    """The CSV conventions the poisoned dataset was written with (recorded in its manifest)."""
+    c = manifest.get("csv") or {}
+    return CsvSpec(img_key=c.get("img_key", "filepath"), caption_key=c.get("caption_key", "title"),
+                   label_key=c.get("label_key") or "label", separator=c.get("separator", "\t"),
+                   allow_outside_root=bool(c.get("allow_outside_root", False)))
