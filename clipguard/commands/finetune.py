@@ -19,23 +19,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def resolve_start(checkpoint: str, model: str | None) -> tuple[str, str]:
-    """(weights file, model name): accepts a run folder, a checkpoint folder or .safetensors."""
-    from clipguard.errors import ConfigError
-    from clipguard.evaluation.runner import resolve_checkpoint
-
-    try:
-        weights, name = resolve_checkpoint(checkpoint)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    name = model or name
-    if name is None:
-        raise ConfigError(f"{checkpoint}: no state.json says which model this is; pass --model")
-    return str(weights), name
-
-
 def run(args: argparse.Namespace) -> int:
-    weights, name = resolve_start(args.checkpoint, args.model)
+    from clipguard.training.run import finetune_start
+
+    weights, name = finetune_start(args.checkpoint, args.model)
     args.model = name
     last = run_training(args, stage="finetune", checkpoint=weights)
     shown = ", ".join(f"{k}={v}" for k, v in last.items() if k in ("epoch", "loss", "zeroshot_top1"))

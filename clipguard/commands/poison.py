@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from clipguard import attacks
     from clipguard.attacks import poison_csv
-    from clipguard.defenses import parse_options
+    from clipguard.training.spec import parse_options
     from clipguard.errors import ConfigError
 
     if args.list:

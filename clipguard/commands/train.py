@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
 from clipguard.commands.common import add_csv_args, csv_spec
 
@@ -77,60 +75,13 @@ def spec_from_args(args: argparse.Namespace, *, stage: str = "pretrain", checkpo
 
 
 def run_training(args: argparse.Namespace, *, stage: str = "pretrain", checkpoint: str | None = None):
-    from clipguard.data.classes import ClassInfo
-    from clipguard.data.csv_dataset import load_csv, require_labels
-    from clipguard.data.registry import load_dataset
-    from clipguard.errors import ConfigError
-    from clipguard.models.factory import model_config
-    from clipguard.training.build import build_trainer
+    from clipguard.training.run import train_run
 
     spec = spec_from_args(args, stage=stage, checkpoint=checkpoint)
-    cfg = spec.train
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-    from clipguard.training import run_dir
-
-    run_dir.check_out_path(Path(args.out))
-    if args.resume is None and not args.overwrite and run_dir.has_run(Path(args.out)):
-        run_dir.prepare(Path(args.out), resume=None, overwrite=False)  # refuses before data is loaded
-    data_spec = csv_spec(args)
-    size = model_config(cfg.model)["vision_cfg"]["image_size"]
-    size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    data = load_dataset(args.data, args.dataset_type, spec=data_spec, image_size=size,
-                        skip_bad_rows=args.skip_bad_rows, limit=args.limit, lazy=args.lazy_images)
-    if data.skipped:
-        print(f"skipped {data.skipped} bad rows of {args.data}")
-    evaluate = None
-    if args.eval_data:
-        classes_path = Path(args.classes) if args.classes else Path(args.eval_data).parent / "classes.json"
-        if not classes_path.is_file():
-            raise ConfigError(f"--eval-data needs classes.json: {classes_path} not found (pass --classes)")
-        eval_data = load_csv(args.eval_data, data_spec, image_size=size, skip_bad_rows=args.skip_bad_rows)
-        require_labels(eval_data, "zero-shot evaluation (--eval-data)")
-        evaluate = make_epoch_eval(cfg.model, eval_data, ClassInfo.load(classes_path))
-    elif args.classes:
-        raise ConfigError("--classes is used with --eval-data (zero-shot after each epoch); pass --eval-data too")
-    diagnostics = None
-    if args.attack_manifest:
-        from clipguard.evaluation.detection import make_diagnostics
-
-        diagnostics = make_diagnostics(args.attack_manifest, data)
-    trainer = build_trainer(spec, data, args.out, evaluate=evaluate, diagnostics=diagnostics)
-    return trainer.fit(resume=args.resume, overwrite=args.overwrite)
-
-
-def make_epoch_eval(model_name: str, eval_data, classes):
-    from clipguard.evaluation.runner import zeroshot_metrics
-    from clipguard.models.factory import get_tokenizer
-
-    tokenizer = get_tokenizer(model_name)
-
-    def evaluate(model, epoch: int) -> dict[str, Any]:
-        device = next(model.parameters()).device
-        m = zeroshot_metrics(model, tokenizer, eval_data, classes, device)
-        return {"zeroshot_top1": round(m["acc1"], 4), "zeroshot_top5": round(m.get("acc5", float("nan")), 4)}
-
-    return evaluate
+    return train_run(spec, args.data, args.out, data_spec=csv_spec(args), dataset_type=args.dataset_type,
+                     lazy_images=args.lazy_images, limit=args.limit, skip_bad_rows=args.skip_bad_rows,
+                     eval_data=args.eval_data, classes=args.classes, attack_manifest=args.attack_manifest,
+                     resume=args.resume, overwrite=args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:

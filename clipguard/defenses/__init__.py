@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from clipguard.errors import ConfigError
 from clipguard.options import Options
@@ -47,25 +44,3 @@ def build(name: str, options: dict[str, Any] | Options | None = None, *, where: 
     strat = get(name)(resolve_options(name, options, where=where))
     strat.name = name
     return strat
-
-
-def load_preset(path: str | Path) -> dict[str, Any]:
-    """A YAML preset: ``defense: NAME`` plus ``options: {...}`` and optional ``train: {...}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"preset not found: {path}")
-    obj = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{path}: a preset is a mapping with keys defense/options/train")
-    return obj
-
-
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` strings; values parsed as YAML scalars (numbers, booleans, lists)."""
-    out: dict[str, Any] = {}
-    for p in pairs:
-        if "=" not in p:
-            raise ConfigError(f"option {p!r} must look like key=value")
-        k, v = p.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
-    return out

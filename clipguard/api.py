@@ -1,0 +1,123 @@
+"""The Python API at the package root: poison, train with a defence, fine-tune, evaluate.
+
+In the spirit of ``open_clip.create_model_and_transforms``, a short script needs one import::
+
+    import clipguard
+
+    clipguard.fashion_mnist("data/fm", train_size=10_000, test_size=2_000)
+    clipguard.poison("data/fm/train.csv", "badnet", target="bag", rate=0.01,
+                     out="data/badnet", eval_data="data/fm/test.csv")
+    clipguard.train("data/badnet/train.csv", "runs/safeclip", defense="safeclip",
+                    model="cg-tiny", epochs=20, eval_data="data/fm/test.csv")
+    print(clipguard.evaluate("runs/safeclip", "data/fm/test.csv",
+                             attack_manifest="data/badnet/manifest.json")["metrics"])
+
+Every function takes the same settings as its CLI command and goes through the same code
+(one run spec, one builder), so a run started from Python and one started from the shell with
+the same settings write the same files and the same numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData
+
+
+def fashion_mnist(out: str | Path, *, train_size: int | None = None, test_size: int | None = None,
+                  seed: int = 0, overwrite: bool = False) -> Path:
+    """Debian's Fashion-MNIST as open_clip-style CSVs, PNGs and classes.json in ``out``."""
+    from clipguard.data.fashion_mnist import materialise
+
+    return materialise(out, train_size=train_size, test_size=test_size, seed=seed, overwrite=overwrite)
+
+
+def load_data(path: str | Path, *, model: str = "cg-tiny", spec: CsvSpec | None = None,
+              skip_bad_rows: bool = False, limit: int | None = None, lazy: bool = False) -> ImageCaptionData:
+    """A CSV or webdataset dataset, decoded at ``model``'s image size."""
+    from clipguard.data.registry import load_dataset
+    from clipguard.models.factory import model_config
+
+    size = model_config(model)["vision_cfg"]["image_size"]
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    return load_dataset(str(path), "auto", spec=spec, image_size=size, skip_bad_rows=skip_bad_rows,
+                        limit=limit, lazy=lazy)
+
+
+def poison(data: str | Path, attack: str, *, target: str | int, out: str | Path, rate: float | None = None,
+           count: int | None = None, seed: int = 0, eval_data: str | Path | None = None,
+           options: dict[str, Any] | None = None, overwrite: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """A poisoned copy of the dataset at ``data`` in ``out`` with its manifest (returned)."""
+    from clipguard.attacks import poison_csv
+
+    return poison_csv(data, attack, target=target, rate=rate, count=count, seed=seed, out=out,
+                      eval_csv=eval_data, options=options, overwrite=overwrite, **kwargs)
+
+
+def run_spec(*, defense: str | None = None, preset: str | Path | None = None,
+             options: dict[str, Any] | None = None, stage: str = "pretrain", **train: Any):
+    """The validated RunSpec for these settings (what ``train`` and ``finetune`` run)."""
+    from clipguard.training.spec import resolve_spec
+
+    return resolve_spec(stage=stage, defense=defense, preset=preset, options=options, train=[train])
+
+
+def train(data: str | Path, out: str | Path, *, defense: str | None = None, preset: str | Path | None = None,
+          options: dict[str, Any] | None = None, eval_data: str | Path | None = None,
+          classes: str | Path | None = None, attack_manifest: str | Path | None = None,
+          resume: str | None = None, overwrite: bool = False, spec: CsvSpec | None = None,
+          lazy_images: bool = False, limit: int | None = None, skip_bad_rows: bool = False,
+          **settings: Any) -> dict[str, Any]:
+    """Pre-train CLIP on ``data`` into the run folder ``out``, optionally with a defence.
+
+    ``settings`` are TrainConfig fields (model, epochs, batch_size, lr, seed, device, ...);
+    returns the last epoch's record (as in results.jsonl).
+    """
+    from clipguard.training.run import train_run
+
+    run = run_spec(defense=defense, preset=preset, options=options, **settings)
+    return train_run(run, data, out, data_spec=spec, lazy_images=lazy_images, limit=limit,
+                     skip_bad_rows=skip_bad_rows, eval_data=eval_data, classes=classes,
+                     attack_manifest=attack_manifest, resume=resume, overwrite=overwrite)
+
+
+def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, defense: str = "ft",
+             preset: str | Path | None = None, options: dict[str, Any] | None = None,
+             eval_data: str | Path | None = None, resume: str | None = None, overwrite: bool = False,
+             spec: CsvSpec | None = None, **settings: Any) -> dict[str, Any]:
+    """Clean a (possibly poisoned) model on clean ``data``: ft, cleanclip or cleanerclip."""
+    from clipguard.training.run import finetune_start, train_run
+
+    weights, name = finetune_start(checkpoint, settings.pop("model", None))
+    run = run_spec(defense=defense, preset=preset, options=options, stage="finetune", model=name,
+                   checkpoint=weights, **settings)
+    return train_run(run, data, out, data_spec=spec, eval_data=eval_data, resume=resume, overwrite=overwrite)
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, *, classes: str | Path | None = None,
+             attack_manifest: str | Path | None = None, probe_data: str | Path | None = None,
+             device: str = "cpu", seed: int = 0, spec: CsvSpec | None = None) -> dict[str, Any]:
+    """Zero-shot (and linear probe, retrieval, attack success) of a checkpoint, as ``clipguard evaluate``."""
+    from clipguard.evaluation.runner import run_evaluation
+
+    if classes is None:
+        beside = Path(data).parent / "classes.json"
+        classes = beside if beside.is_file() else None
+    result = run_evaluation(checkpoint, data, classes_json=classes, spec=spec, probe_csv=probe_data,
+                            device=device, seed=seed)
+    if attack_manifest is not None:
+        from clipguard.evaluation.asr import attack_metrics
+
+        result["metrics"]["attack"] = attack_metrics(checkpoint, attack_manifest, device=device,
+                                                     probe_csv=probe_data, seed=seed)
+    return result
+
+
+def load_model(checkpoint: str | Path, *, model: str | None = None, device: str = "cpu"):
+    """(model, tokenizer) from a run folder, a checkpoint folder or a .safetensors file."""
+    from clipguard.evaluation.runner import load_model as _load
+    from clipguard.models.factory import get_tokenizer
+
+    net, name = _load(checkpoint, model, device)
+    return net, get_tokenizer(name)

@@ -1,0 +1,89 @@
+"""A training run from paths: load the data, check the folder, build the trainer, fit.
+
+``clipguard train``/``finetune`` and ``clipguard.train``/``clipguard.finetune`` in Python both
+end here, so a run started either way checks the same things in the same order: settings
+first, then the output folder, then the data (which may take minutes to load).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from clipguard.data.csv_dataset import CsvSpec
+from clipguard.errors import ConfigError
+from clipguard.training import run_dir
+from clipguard.training.spec import RunSpec
+
+
+def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: CsvSpec | None = None,
+              dataset_type: str = "auto", lazy_images: bool = False, limit: int | None = None,
+              skip_bad_rows: bool = False, eval_data: str | Path | None = None,
+              classes: str | Path | None = None, attack_manifest: str | Path | None = None,
+              resume: str | None = None, overwrite: bool = False, verbose: bool = True) -> dict[str, Any]:
+    """Train ``spec`` on the dataset at ``data`` into ``out``; returns the last epoch's record."""
+    from clipguard.data.classes import ClassInfo
+    from clipguard.data.csv_dataset import load_csv, require_labels
+    from clipguard.data.registry import load_dataset
+    from clipguard.models.factory import model_config
+    from clipguard.training.build import build_trainer
+
+    out = Path(out)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {limit}")
+    run_dir.check_out_path(out)
+    if resume is None and not overwrite:
+        run_dir.prepare(out, resume=None, overwrite=False)  # refuses a finished run before data is loaded
+    if classes is not None and eval_data is None:
+        raise ConfigError("--classes is used with --eval-data (zero-shot after each epoch); pass --eval-data too")
+    size = model_config(spec.train.model)["vision_cfg"]["image_size"]
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    train = load_dataset(str(data), dataset_type, spec=data_spec, image_size=size,
+                         skip_bad_rows=skip_bad_rows, limit=limit, lazy=lazy_images)
+    if train.skipped and verbose:
+        print(f"skipped {train.skipped} bad rows of {data}")
+    evaluate = None
+    if eval_data is not None:
+        classes_path = Path(classes) if classes else Path(eval_data).parent / "classes.json"
+        if not classes_path.is_file():
+            raise ConfigError(f"--eval-data needs classes.json: {classes_path} not found (pass --classes)")
+        test = load_csv(eval_data, data_spec, image_size=size, skip_bad_rows=skip_bad_rows)
+        require_labels(test, "zero-shot evaluation (--eval-data)")
+        evaluate = epoch_zeroshot(spec.train.model, test, ClassInfo.load(classes_path))
+    diagnostics = None
+    if attack_manifest is not None:
+        from clipguard.evaluation.detection import make_diagnostics
+
+        diagnostics = make_diagnostics(attack_manifest, train)
+    trainer = build_trainer(spec, train, out, evaluate=evaluate, diagnostics=diagnostics)
+    return trainer.fit(resume=resume, overwrite=overwrite)
+
+
+def epoch_zeroshot(model_name: str, eval_data, classes):
+    """The per-epoch hook that adds zero-shot top-1/top-5 to results.jsonl."""
+    from clipguard.evaluation.runner import zeroshot_metrics
+    from clipguard.models.factory import get_tokenizer
+
+    tokenizer = get_tokenizer(model_name)
+
+    def evaluate(model, epoch: int) -> dict[str, Any]:
+        device = next(model.parameters()).device
+        m = zeroshot_metrics(model, tokenizer, eval_data, classes, device)
+        return {"zeroshot_top1": round(m["acc1"], 4), "zeroshot_top5": round(m.get("acc5", float("nan")), 4)}
+
+    return evaluate
+
+
+def finetune_start(checkpoint: str | Path, model: str | None = None) -> tuple[str, str]:
+    """(weights file, model name) of the model to clean: a run folder, a checkpoint folder or a
+    .safetensors file; the name comes from its state.json unless ``model`` is given."""
+    from clipguard.evaluation.runner import resolve_checkpoint
+
+    try:
+        weights, name = resolve_checkpoint(checkpoint)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    name = model or name
+    if name is None:
+        raise ConfigError(f"{checkpoint}: no state.json says which model this is; pass --model")
+    return str(weights), name
