@@ -92,6 +92,17 @@ def _remove(p: Path) -> None:
 
 
 @contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """Inside a write block: a full disk, a read-only folder and the like become an OutputError."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _WRITE_ERRNOS:
+            raise OutputError(_reason(e), path=str(path)) from e
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it onto ``path`` only on success."""
     path = Path(path)
@@ -103,12 +114,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        try:
+        with _write_errors(path):
             yield tmp_path
-        except OSError as e:
-            if e.errno in _WRITE_ERRNOS:
-                raise OutputError(_reason(e), path=str(path)) from e
-            raise
         try:
             os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
             os.replace(tmp_path, path)
@@ -231,12 +238,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as e:
         raise OutputError(_reason(e), path=str(path)) from e
     try:
-        try:
+        with _write_errors(path):
             yield tmp
-        except OSError as e:
-            if e.errno in _WRITE_ERRNOS:
-                raise OutputError(_reason(e), path=str(path)) from e
-            raise
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
             if path.exists():

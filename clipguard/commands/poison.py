@@ -39,8 +39,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from clipguard import attacks
     from clipguard.attacks import poison_csv
-    from clipguard.training.spec import parse_options
     from clipguard.errors import ConfigError
+    from clipguard.training.spec import parse_options
 
     if args.list:
         for name in attacks.names():
