@@ -73,11 +73,22 @@ class PoisonPlan:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+# What an attack's success rate measures, stored in manifests as the eval set's "kind": a
+# backdoor (a trigger sends any image to the target class) or targeted poisoning (chosen
+# target images go to the adversarial class; stored as "tdpa").
+BACKDOOR, TARGETED = "backdoor", "tdpa"
+
+
+def is_targeted(kind: str) -> bool:
+    """True for targeted poisoning: success is per target image, not per triggered image."""
+    return kind == TARGETED
+
+
 @dataclass
 class EvalSet:
     """Held-out images for the ASR: triggered non-target images (backdoor) or TDPA targets."""
 
-    kind: str                                  # "backdoor" | "tdpa"
+    kind: str                                  # BACKDOOR | TARGETED
     images: torch.Tensor                       # uint8, what the model is shown
     sources: list[int]                         # rows of eval data the images came from
     labels: list[int]                          # true class
@@ -85,6 +96,10 @@ class EvalSet:
     triggers: list[str]
     excluded_classes: list[int]                # classes left out (images of the target class)
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def targeted(self) -> bool:
+        return is_targeted(self.kind)
 
 
 class Attack:
@@ -94,7 +109,7 @@ class Attack:
     """
 
     name: ClassVar[str] = ""
-    kind: ClassVar[str] = "backdoor"
+    kind: ClassVar[str] = BACKDOOR
     needs_eval_data: ClassVar[bool] = False
 
     def __init__(self) -> None:
@@ -184,6 +199,6 @@ class Attack:
         idx = [i for i in range(len(ev)) if int(ev.labels[i]) != ctx.target]
         if not idx:
             raise ConfigError("the evaluation data has no image outside the target class")
-        return EvalSet(kind="backdoor", images=self.apply_u8(ev.images[idx]), sources=idx,
+        return EvalSet(kind=BACKDOOR, images=self.apply_u8(ev.images[idx]), sources=idx,
                        labels=[int(ev.labels[i]) for i in idx], targets=[ctx.target] * len(idx),
                        triggers=[self.trigger_names()[0]] * len(idx), excluded_classes=[ctx.target])

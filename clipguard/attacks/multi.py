@@ -10,7 +10,7 @@ import hashlib
 import torch
 
 from clipguard.attacks import ATTACKS
-from clipguard.attacks.base import Attack, EvalSet, PoisonContext, PoisonPlan, seeded_random
+from clipguard.attacks.base import BACKDOOR, Attack, EvalSet, PoisonContext, PoisonPlan, seeded_random
 from clipguard.attacks.captions import target_captions
 from clipguard.errors import ConfigError
 
@@ -132,7 +132,7 @@ class Multi(Attack):
         for t, tgt in zip(self.triggers, self.target_ids):
             idx = [i for i in range(len(ev)) if int(ev.labels[i]) != tgt]
             parts.append((t, tgt, idx))
-        return EvalSet(kind="backdoor",
+        return EvalSet(kind=BACKDOOR,
                        images=torch.cat([self.apply_u8(ev.images[idx], t) for t, _, idx in parts]),
                        sources=[i for _, _, idx in parts for i in idx],
                        labels=[int(ev.labels[i]) for _, _, idx in parts for i in idx],

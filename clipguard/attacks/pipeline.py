@@ -209,7 +209,7 @@ def _manifest(atk: Attack, ctx: PoisonContext, plan: PoisonPlan, eset: EvalSet |
             "source_sha256": sha256_file(eval_csv),
             "source_rows_skipped": ctx.eval_data.skipped if ctx.eval_data is not None else 0,
         }
-        if eset.kind == "tdpa":
+        if eset.targeted:
             ev_rows = _csv_rows(ctx.eval_data) if ctx.eval_data is not None else []
             m["eval"]["clean_csv"] = "clean_eval.csv"
             m["eval"]["target_eval_rows"] = [ev_rows[s] for s in eset.sources]
@@ -273,7 +273,7 @@ def _write_eval(tmp: Path, eval_csv: Path, header: list[str], rows: list[dict[st
                     "eval_row": str(csv_rows[src])})
     cols = [spec.img_key, spec.caption_key, label_key, "target", "trigger", "clean_filepath", "eval_row"]
     write_rows(tmp / "asr_eval.csv", out, cols, spec.separator)
-    if eset.kind == "tdpa":
+    if eset.targeted:
         drop = set(eset.sources)
         keep = []
         for i, row in enumerate(rows):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from clipguard.attacks import ATTACKS
-from clipguard.attacks.base import Attack, EvalSet, PoisonContext, PoisonPlan, seeded_random
+from clipguard.attacks.base import TARGETED, Attack, EvalSet, PoisonContext, PoisonPlan, seeded_random
 from clipguard.attacks.captions import target_captions
 from clipguard.errors import ConfigError
 
@@ -20,7 +20,7 @@ from clipguard.errors import ConfigError
 @ATTACKS.register("tdpa")
 class TDPA(Attack):
     name = "tdpa"
-    kind = "tdpa"
+    kind = TARGETED
     needs_eval_data = True
 
     def __init__(self, targets: int = 4, source_class: str | int | None = None):
@@ -76,7 +76,7 @@ class TDPA(Attack):
         chosen = getattr(self, "_chosen", None) or self.choose_targets(ctx)
         ev = ctx.eval_data
         assert ev is not None
-        return EvalSet(kind="tdpa", images=ev.images[chosen].clone(), sources=list(chosen),
+        return EvalSet(kind=TARGETED, images=ev.images[chosen].clone(), sources=list(chosen),
                        labels=[int(ev.labels[i]) for i in chosen], targets=[ctx.target] * len(chosen),
                        triggers=[""] * len(chosen), excluded_classes=[ctx.target],
                        info={"exclude_from_clean_eval": list(chosen)})

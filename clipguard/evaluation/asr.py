@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from clipguard.attacks.base import is_targeted
 from clipguard.attacks.manifest import load_manifest
 from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData, load_csv
@@ -101,7 +102,7 @@ def _score_block(scores_trig: torch.Tensor, scores_clean: torch.Tensor | None, a
     tg, lab = aset.targets[keep], aset.labels[keep]
     st = scores_trig[keep]
     excluded = sorted(set(int(t) for t in tg.tolist()))
-    if aset.kind == "tdpa":
+    if is_targeted(aset.kind):
         pred = st.argmax(1)
         out: dict[str, Any] = {"asr@1": round(float((pred == tg).float().mean()), 6),
                                "n_success": int((pred == tg).sum())}

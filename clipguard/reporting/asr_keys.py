@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from clipguard.attacks.base import is_targeted
+
 
 def _block(raw: dict[str, Any], name: str, kind: str) -> dict[str, Any]:
     block = raw.get(name) or {}
     value = block.get("asr@1")
     proto = block.get("protocol") or {}
-    what = "TDPA success (top-1 = adversarial class)" if kind == "tdpa" else "backdoor ASR@1"
+    what = "TDPA success (top-1 = adversarial class)" if is_targeted(kind) else "backdoor ASR@1"
     return {"value": float(value) if isinstance(value, (int, float)) else None,
             "metric": f"{name} {what}", "n": proto.get("n_images")}
 
