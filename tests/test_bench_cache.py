@@ -3,6 +3,8 @@ held-aside clean subsets for the probe and for fine-tuning."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from clipguard.bench.cache import BenchCache
@@ -84,3 +86,34 @@ def test_safe_set_diagnostic_counts_each_attack_part():
     assert rec["safe_fraction"] == 0.4 and rec["safe_poison_recall"] == 0.6 and rec["safe_poison_rate"] == 0.75
     assert rec["safe_poison_count"] == 3 and rec["poison_total"] == 5
     assert "safe_poison_in" not in poison_diagnostics(a | b)(Chosen(), 0, None)
+
+
+def test_validation_split_holds_rows_out_of_training_and_poisoning(fm_dir, tmp_path):
+    import json
+
+    import pytest
+
+    from clipguard.errors import ConfigError
+
+    grid = {"seeds": [0], "split": "val",
+            "datasets": {"fm": {"train": str(fm_dir / "train.csv"), "test": str(fm_dir / "test.csv"),
+                                "probe_size": 50, "finetune_size": 50, "val_size": 100}},
+            "attacks": {"tdpa": {"attack": "tdpa", "target": "trouser", "count": 4, "options": {"targets": 2}}},
+            "pretrain": {"defenses": {"CLIP": "none"}}}
+    cfg = parse_config(grid)
+    cache = BenchCache(cfg, tmp_path)
+    ds = cfg.datasets[0]
+    fit, val, _ = cache.split_paths(ds)
+    fit_d, val_d = cache.clean_train(ds), cache.test_data(ds)
+    assert len(fit_d) == 512 - 100 and len(val_d) == 100
+    full = cache.load(fm_dir / "train.csv", ds)
+    key = {(val_d.images[i].numpy().tobytes(), val_d.captions[i]) for i in range(len(val_d))}
+    assert not any((fit_d.images[i].numpy().tobytes(), fit_d.captions[i]) in key for i in range(len(fit_d)))
+    assert len(full) == len(fit_d) + len(val_d)
+    # the TDPA targets (the ASR set) come from the validation rows, never from the test split
+    _, ps = cache.train_data(ds, cfg.attacks[0], 0)
+    manifest = json.loads(ps.manifests[0].read_text())
+    assert Path(manifest["eval"]["source_csv"]).resolve() == val.resolve()
+    grid["datasets"]["fm"]["val_size"] = 0
+    with pytest.raises(ConfigError, match="val_size"):
+        parse_config(grid)

@@ -67,8 +67,46 @@ class BenchCache:
 
     # ------------------------------------------------------------------ datasets
     def spec(self, ds: DatasetSpec) -> CsvSpec:
+        # the validation split's CSVs are the bench's own, written with absolute image paths of
+        # rows that passed the root check when the source CSV was read
         return CsvSpec(img_key=ds.img_key, caption_key=ds.caption_key, label_key=ds.label_key,
-                       separator=ds.separator)
+                       separator=ds.separator, allow_outside_root=ds.val_size > 0)
+
+    def split_paths(self, ds: DatasetSpec) -> tuple[Path, Path, Path]:
+        """(training CSV, evaluation CSV, classes.json) of the grid's ``split``.
+
+        With ``val_size`` > 0, a seeded set of clean labelled rows is held out of the training CSV
+        (it is neither trained on nor poisoned); ``split: val`` evaluates on those rows, and the
+        attacks draw their ASR images from them, so settings are chosen without the test split."""
+        train, test, classes = self.dataset_paths(ds)
+        if ds.val_size == 0:
+            if self.cfg.split == "val":
+                raise ConfigError(f"{self.cfg.source}: split: val needs datasets.{ds.label}.val_size > 0")
+            return train, test, classes
+        folder = self.out / "data" / ds.label / f"val{ds.val_size}-seed{ds.data_seed}"
+        fit, val = folder / "train.csv", folder / "val.csv"
+        if not (fit.is_file() and val.is_file()):
+            self._write_split(ds, train, fit, val)
+        return fit, (val if self.cfg.split == "val" else test), classes
+
+    def _write_split(self, ds: DatasetSpec, train: Path, fit: Path, val: Path) -> None:
+        from clipguard.data.csv_dataset import read_rows, require_labels, write_csv
+
+        data = self.load(train, ds)
+        require_labels(data, f"datasets.{ds.label}.val_size (validation rows need labels)")
+        if ds.val_size >= len(data):
+            raise ConfigError(f"{self.cfg.source}: datasets.{ds.label}.val_size {ds.val_size} leaves no "
+                              f"training rows of {len(data)}")
+        header, rows = read_rows(train, self.spec(ds))
+        g = torch.Generator().manual_seed(step_seed(ds.data_seed, "bench-val", ds.label))
+        held = set(torch.randperm(len(rows), generator=g)[: ds.val_size].tolist())
+        out_rows = []
+        for i, row in enumerate(rows):
+            r = dict(row)
+            r[ds.img_key] = str((train.parent / data.paths[i]).resolve())
+            out_rows.append(r)
+        write_csv(val, [r for i, r in enumerate(out_rows) if i in held], header, ds.separator)
+        write_csv(fit, [r for i, r in enumerate(out_rows) if i not in held], header, ds.separator)
 
     def dataset_paths(self, ds: DatasetSpec) -> tuple[Path, Path, Path]:
         """(train.csv, test.csv, classes.json); a built-in dataset is materialised on first use."""
@@ -102,10 +140,11 @@ class BenchCache:
         return ClassInfo.load(self.dataset_paths(ds)[2])
 
     def test_data(self, ds: DatasetSpec) -> ImageCaptionData:
-        return self.load(self.dataset_paths(ds)[1], ds)
+        """The evaluation rows of the grid's split (test, or the held-out validation rows)."""
+        return self.load(self.split_paths(ds)[1], ds)
 
     def clean_train(self, ds: DatasetSpec) -> ImageCaptionData:
-        return self.load(self.dataset_paths(ds)[0], ds)
+        return self.load(self.split_paths(ds)[0], ds)
 
     def _aside_indices(self, ds: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Two disjoint, seeded subsets of the CLEAN training rows: linear-probe fit, clean fine-tuning.
@@ -139,7 +178,7 @@ class BenchCache:
             where = ds.probe
         else:
             sub = self.clean_train(ds).subset(self._aside_indices(ds)[0])
-            where = str(self.dataset_paths(ds)[0])
+            where = str(self.split_paths(ds)[0])
         if (sub.labels < 0).any():
             if ds.probe is None:
                 return None  # unlabelled web pairs: no linear probe unless a labelled `probe` CSV is given
@@ -171,7 +210,7 @@ class BenchCache:
             return self._poison[key]
         from clipguard import attacks
 
-        train_csv, test_csv, classes = self.dataset_paths(ds)
+        train_csv, test_csv, classes = self.split_paths(ds)
         folder = self.poison_dir(ds, attack, seed)
         timing = folder / "timing.json"
         src = train_csv
@@ -181,7 +220,7 @@ class BenchCache:
         for i, part in enumerate(attack.parts):
             # the folder name carries a hash of the data and of this and every earlier part, so a
             # changed dose, option or dataset never reuses a stale poisoned set
-            key_i = {"data": [str(train_csv), ds.train_size, ds.test_size, ds.data_seed], "seed": seed,
+            key_i = {"data": [str(train_csv), str(test_csv), ds.train_size, ds.test_size, ds.data_seed], "seed": seed,
                      "parts": [asdict(p) for p in attack.parts[: i + 1]]}
             digest = hashlib.sha256(json.dumps(key_i, sort_keys=True, default=str).encode()).hexdigest()[:8]
             pdir = folder / f"part{i}-{part.attack}-{digest}"

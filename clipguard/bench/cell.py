@@ -50,6 +50,7 @@ def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
         "format": CELL_FORMAT,
         "dataset": ds, "attack": {"label": cell.attack.label, "parts": [asdict(p) for p in cell.attack.parts]},
         "label": cell.defense.label, "seed": cell.seed, "run": cell_spec(cfg, cell).resolved(),
+        "split": cfg.split,
     }
     if cell.stage == "finetune":
         conf["finetune_data"] = cfg.finetune.data
@@ -262,7 +263,8 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
     params = json.loads((run_dir / "params.json").read_text())
     record = {
         "format": CELL_FORMAT, "cell": cell.id, "fingerprint": fingerprint(conf),
-        "dataset": ds.label, "attack": cell.attack.label, "stage": cell.stage, "method": cell.method,
+        "dataset": ds.label, "split": cfg.split, "attack": cell.attack.label, "stage": cell.stage,
+        "method": cell.method,
         "train_data": "clean" if cell.attack.clean else "poisoned", "defense": cell.defense.defense, "base": cell.base, "seed": cell.seed, "model": cfg.model,
         "config": conf, "train_config": params.get("train"), "strategy_config": params.get("strategy"),
         "train_pairs": len(data), "metrics": metrics, "asr": asr, "epochs": epochs,

@@ -44,6 +44,7 @@ class DatasetSpec:
     data_seed: int = 0
     probe_size: int = 2000
     finetune_size: int = 2000
+    val_size: int = 0  # clean labelled rows held out of training for choosing settings (split: val)
     separator: str = "\t"
     img_key: str = "filepath"
     caption_key: str = "title"
@@ -112,7 +113,7 @@ class BenchConfig:
     attacks: list[AttackSpec]
     pretrain: StageSpec
     finetune: StageSpec | None
-    eval_batch: int = 512
+    split: str = "test"  # evaluate on the test split, or on each dataset's held-out validation rows
     histogram_bins: int = 40
     histogram_max_pairs: int = 20000
     source: str = ""
@@ -220,7 +221,7 @@ def _dataset(label: str, obj: Any, source: str, base_dir: Path | None) -> Datase
     key = f"datasets.{label}"
     d = _mapping(obj, source, key)
     paths = ("train", "test", "classes", "probe", "finetune")
-    _check_keys(d, {"builtin", "train_size", "test_size", "data_seed", "probe_size", "finetune_size", "lazy",
+    _check_keys(d, {"builtin", "train_size", "test_size", "data_seed", "probe_size", "finetune_size", "val_size", "lazy",
                     "separator", "img_key", "caption_key", "label_key", *paths}, source, key)
     spec = DatasetSpec(label=label, **{k: v for k, v in d.items() if k not in paths})
     for k in ("probe", "finetune"):
@@ -240,7 +241,7 @@ def _dataset(label: str, obj: Any, source: str, base_dir: Path | None) -> Datase
         spec.test = _resolve(d["test"], base_dir)
         spec.classes = _resolve(d["classes"], base_dir) if d.get("classes") else str(
             Path(spec.test).parent / "classes.json")
-    for k in ("probe_size", "finetune_size"):
+    for k in ("probe_size", "finetune_size", "val_size"):
         v = getattr(spec, k)
         if not isinstance(v, int) or v < 0:
             raise ConfigError(f"{source}: {key}.{k} must be a non-negative integer, got {v!r}")
@@ -342,7 +343,7 @@ def _stage(obj: Any, source: str, key: str, finetune: bool, base_dir: Path | Non
 def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None) -> BenchConfig:
     raw = copy.deepcopy(raw)
     _check_keys(raw, {"name", "model", "device", "seeds", "datasets", "attacks", "pretrain", "finetune",
-                      "eval_batch", "histogram_bins", "histogram_max_pairs", "description"}, source, "top level")
+                      "split", "histogram_bins", "histogram_max_pairs", "description"}, source, "top level")
     for k in ("datasets", "attacks", "pretrain"):
         if not raw.get(k):
             raise ConfigError(f"{source}: missing '{k}'")
@@ -376,10 +377,20 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
     cfg = BenchConfig(name=str(raw.get("name") or Path(source).stem), model=str(raw.get("model", "cg-tiny")),
                       device=str(raw.get("device", "cpu")), seeds=grid_seeds,
                       datasets=datasets, attacks=attacks, pretrain=pretrain, finetune=finetune,
-                      eval_batch=int(raw.get("eval_batch", 512)),
+                      split=_split(raw.get("split", "test"), source, datasets),
                       histogram_bins=int(raw.get("histogram_bins", 40)),
                       histogram_max_pairs=int(raw.get("histogram_max_pairs", 20000)), source=source, raw=raw)
     return cfg
+
+
+def _split(value: Any, source: str, datasets: list[DatasetSpec]) -> str:
+    if value not in ("test", "val"):
+        raise ConfigError(f"{source}: 'split' must be 'test' or 'val', got {value!r}")
+    if value == "val":
+        missing = [d.label for d in datasets if d.val_size <= 0]
+        if missing:
+            raise ConfigError(f"{source}: split: val needs val_size > 0 for datasets {missing}")
+    return value
 
 
 def validate_names(cfg: BenchConfig) -> None:

@@ -12,7 +12,7 @@ from clipguard.errors import DataError
 from clipguard.io import write_text
 
 BASE_COLUMNS = ["cell", "dataset", "attack", "stage", "method", "defense", "base", "seed", "train_pairs",
-                "zeroshot_top1", "zeroshot_top5", "linear_probe_top1", "linear_probe_top5", "train_data"]
+                "zeroshot_top1", "zeroshot_top5", "linear_probe_top1", "linear_probe_top5", "train_data", "split"]
 TAIL_COLUMNS = ["final_safe_fraction", "final_safe_poison_recall", "train_epochs_s", "train_wall_s", "eval_s",
                 "resumed_from_epoch"]
 
@@ -37,6 +37,7 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
         row[k] = m.get(k)
     parts = ((cell.get("config") or {}).get("attack") or {}).get("parts")
     row["train_data"] = cell.get("train_data") or ("clean" if parts == [] else "poisoned")
+    row["split"] = cell.get("split", "test")
     for part in cell.get("asr", []):
         col = part.get("column") or part.get("attack")
         h = part.get("headline") or {}
