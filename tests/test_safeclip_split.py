@@ -75,3 +75,31 @@ def test_top_fraction_is_deterministic_under_ties():
     assert top_fraction_mask(s, 0.5).tolist() == [True, True, False, False]
     with pytest.raises(ValueError):
         SafeSetSchedule(step=1.5)
+
+
+def test_phases_are_sized_by_the_budget_when_unset():
+    from clipguard.defenses.safeclip import SafeClipOptions
+
+    auto = SafeClipOptions(warmup_epochs=None, clip_warmup_epochs=None, step=None)
+    assert auto.plan(10) == (1, 1, 0.25)
+    r, c, s = auto.plan(48)
+    assert (r, c) == (5, 1) and abs(s - 3 / 42) < 1e-9
+    assert auto.plan(20)[:2] == (2, 1)
+    assert SafeClipOptions().plan(48) == (5, 1, 0.01)  # explicit values are kept
+
+
+def test_mixture_sizing_keeps_the_low_tail_out():
+    """80% of pairs look clean, 20% sit far below: however fast the growth, the safe set stops
+    at the mixture's clean share minus the margin."""
+    from clipguard import defenses
+
+    g = torch.Generator().manual_seed(0)
+    sims = torch.cat([0.6 + 0.05 * torch.randn(800, generator=g), 0.1 + 0.05 * torch.randn(200, generator=g)])
+    s = defenses.build("safeclip", {"safe_size": "mixture", "mixture_margin": 0.05, "step": 0.5,
+                                    "warmup_epochs": 1, "clip_warmup_epochs": 1})
+    s._sizer = s.opt.sizer(0.5)
+    first = s._decide(sims)
+    s._m = first["m"]
+    grown = s._decide(sims)
+    assert abs(first["log"]["mixture_ceiling"] - 0.75) < 0.02
+    assert grown["m"] <= 0.76 and set(grown["safe_idx"]) <= set(range(800))

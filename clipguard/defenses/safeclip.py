@@ -77,15 +77,18 @@ def shard_similarities(ctx: TrainContext, indices: torch.Tensor) -> torch.Tensor
 
 @dataclass
 class SafeClipOptions(Options):
-    """SafeCLIP's settings; the defaults are the paper's (Alg. 1, Sec. 5)."""
+    """SafeCLIP's settings. ``None`` means "sized from the run" (see ``plan``); the paper's exact
+    settings are configs/safeclip-paper.yaml."""
 
     kind: ClassVar[str] = "defense 'safeclip'"
-    warmup_epochs: int = 5            # r: unimodal NNCLR epochs
-    clip_warmup_epochs: int = 1       # CLIP loss on all pairs at the low lr
+    warmup_epochs: int | None = 5     # r: unimodal NNCLR epochs (None: 10% of the epochs, 1 to 5)
+    clip_warmup_epochs: int | None = 1  # CLIP loss on all pairs at the low lr (None: 1)
     lr_low: float = 5e-6
     lr_low_factor: float | None = None  # when set, the low lr is this times the base lr
     threshold: float = 0.9            # t on p_clean for the first split
-    step: float = 0.01                # s: the safe fraction grows by this each epoch
+    step: float | None = 0.01         # s: growth of the safe fraction per epoch (None: sized by the budget)
+    safe_size: Literal["schedule", "mixture"] = "schedule"  # mixture: capped by the data's clean share
+    mixture_margin: float = 0.05      # mixture: stay this far below the estimated clean share
     max_safe_fraction: float = 1.0
     min_initial_fraction: float = 0.0
     max_initial_fraction: float = 1.0
@@ -93,7 +96,7 @@ class SafeClipOptions(Options):
     update_fraction: float = 0.3
     update_margin: float = 0.1
     rank_by: Literal["similarity", "p_clean"] = "similarity"
-    pool_size: int = 16384            # NN pool of each modality
+    pool_size: int = 16384            # NN pool of each modality (capped at the data size)
     temperature: float = 0.1
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "simclr"
     safe_text_augment: Literal["eda", "none"] = "eda"
@@ -104,11 +107,13 @@ class SafeClipOptions(Options):
     gmm_seed: int = 0
 
     def validate(self) -> None:
-        require(self.warmup_epochs >= 0 and self.clip_warmup_epochs >= 0,
+        require((self.warmup_epochs or 0) >= 0 and (self.clip_warmup_epochs or 0) >= 0,
                 "warmup_epochs and clip_warmup_epochs must be >= 0")
         require(self.lr_low > 0, f"lr_low must be > 0, got {self.lr_low}")
         require(self.lr_low_factor is None or 0 < self.lr_low_factor <= 1,
                 f"lr_low_factor must be in (0, 1], got {self.lr_low_factor}")
+        require(self.step is None or 0.0 <= self.step <= 1.0, f"step must be in [0, 1], got {self.step}")
+        require(0.0 <= self.mixture_margin < 1.0, f"mixture_margin must be in [0, 1), got {self.mixture_margin}")
         require(0.0 < self.update_fraction <= 1.0, f"update_fraction must be in (0, 1], got {self.update_fraction}")
         require(0.0 <= self.update_margin <= 1.0, f"update_margin must be in [0, 1], got {self.update_margin}")
         require(self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
@@ -116,10 +121,22 @@ class SafeClipOptions(Options):
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
                 "eda_alpha and eda_p_delete must be in [0, 1]")
-        self.sizer()  # the safe-set schedule checks its own fractions
+        self.sizer(0.01)  # the safe-set schedule checks its own fractions
 
-    def sizer(self) -> SafeSetSchedule:
-        return SafeSetSchedule(self.threshold, self.step, self.max_safe_fraction,
+    def plan(self, epochs: int) -> tuple[int, int, float]:
+        """(unimodal epochs, low-lr CLIP epochs, growth per epoch) for a run of ``epochs``.
+
+        Unset values scale with the budget the way the paper's do at CC3M: about a tenth of
+        training warms up unimodally (5 of 32-48 epochs), one epoch at the low lr, and the safe
+        set reaches its size within about a third of the mixed epochs."""
+        r = self.warmup_epochs if self.warmup_epochs is not None else min(5, max(1, round(0.1 * epochs)))
+        c = self.clip_warmup_epochs if self.clip_warmup_epochs is not None else 1
+        mixed = max(1, epochs - r - c)
+        s = self.step if self.step is not None else min(0.25, max(0.01, 3.0 / mixed))
+        return int(r), int(c), float(s)
+
+    def sizer(self, step: float) -> SafeSetSchedule:
+        return SafeSetSchedule(self.threshold, step, self.max_safe_fraction,
                                self.min_initial_fraction, self.max_initial_fraction)
 
 
@@ -133,7 +150,8 @@ class SafeClip(Strategy, PairSelector):
     def __init__(self, options: SafeClipOptions | None = None):
         super().__init__(options)
         o = self.opt
-        self._sizer = o.sizer()
+        self._plan = o.plan(10 ** 6) if None not in (o.warmup_epochs, o.clip_warmup_epochs, o.step) else None
+        self._sizer = o.sizer(self._plan[2]) if self._plan else None
         self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete)
         # state that survives a resume
         self._m: float | None = None            # current safe fraction (None before the first split)
@@ -142,27 +160,35 @@ class SafeClip(Strategy, PairSelector):
 
     # ------------------------------------------------------------------ phases and lr
     def phase(self, epoch: int) -> str:
-        if epoch < self.opt.warmup_epochs:
+        r, c, _ = self._require_plan()
+        if epoch < r:
             return "unimodal"
-        if epoch < self.opt.warmup_epochs + self.opt.clip_warmup_epochs:
+        if epoch < r + c:
             return "clip_low"
         return "mixed"
+
+    def _require_plan(self) -> tuple[int, int, float]:
+        if self._plan is None:
+            raise RuntimeError("safeclip: the phases are sized when the strategy is bound to a run")
+        return self._plan
 
     def low_lr(self, base_lr: float) -> float:
         return base_lr * self.opt.lr_low_factor if self.opt.lr_low_factor is not None else self.opt.lr_low
 
     def bind(self, ctx: TrainContext) -> None:
         super().bind(ctx)
-        if ctx.epochs <= self.opt.warmup_epochs + self.opt.clip_warmup_epochs:
+        r, c, step = self._plan = self.opt.plan(ctx.epochs)
+        self._sizer = self.opt.sizer(step)
+        if ctx.epochs <= r + c:
             raise ConfigError(f"safeclip needs more than warmup_epochs + clip_warmup_epochs = "
-                              f"{self.opt.warmup_epochs + self.opt.clip_warmup_epochs} epochs to reach its mixed "
-                              f"phase; got --epochs {ctx.epochs}")
+                              f"{r + c} epochs to reach its mixed phase; got --epochs {ctx.epochs}")
         import sklearn.mixture  # noqa: F401  (imported now so the split's timing is the fit, not the import)
 
         dim = embed_dim(ctx.raw_model)
         if not hasattr(self, "_img_pool"):
-            self._img_pool = NNPool(self.opt.pool_size, dim).to(ctx.device)
-            self._txt_pool = NNPool(self.opt.pool_size, dim).to(ctx.device)
+            size = min(self.opt.pool_size, len(ctx.data))
+            self._img_pool = NNPool(size, dim).to(ctx.device)
+            self._txt_pool = NNPool(size, dim).to(ctx.device)
 
     def schedule(self, ctx: TrainContext, warmup: int, min_lr: float) -> Schedule:
         """Unimodal epochs: warm-up then constant base lr; CLIP warm-up: constant lr_low;
@@ -171,7 +197,7 @@ class SafeClip(Strategy, PairSelector):
         Each phase is its own segment indexed by the global step, so the lr can never fall to
         zero and rise again inside a phase (the reference code's misindexed cosine did)."""
         spe = ctx.steps_per_epoch
-        r, c = self.opt.warmup_epochs, self.opt.clip_warmup_epochs
+        r, c, _ = self._require_plan()
         mixed = ctx.epochs - r - c
         segs: list[Segment] = []
         if r:
@@ -223,26 +249,33 @@ class SafeClip(Strategy, PairSelector):
         return rec
 
     def _decide(self, sims: torch.Tensor) -> dict[str, Any]:
-        """Rank 0 only: the GMM split the first time, the grown top-m% afterwards."""
+        """Rank 0 only: the GMM split the first time, the grown top-m% afterwards.
+
+        With ``safe_size: mixture`` the mixture is re-fitted every epoch and m never exceeds its
+        high component's weight minus ``mixture_margin``: the data, not a fixed cap, says how
+        many pairs look clean, so long runs do not creep into the low-similarity tail."""
         log: dict[str, Any] = {}
-        if self._m is None:
+        o = self.opt
+        p_clean = None
+        if self._m is None or o.rank_by == "p_clean" or o.safe_size == "mixture":
             t0 = time.perf_counter()
-            p_clean, info = fit_gmm(sims, seed=self.opt.gmm_seed)
+            p_clean, info = fit_gmm(sims, seed=o.gmm_seed)
             log["gmm_seconds"] = round(time.perf_counter() - t0, 4)
             log.update(info.as_dict())
-            passed = float((p_clean > self.opt.threshold).float().mean())
-            log["threshold_fraction"] = round(passed, 6)
+        if self._m is None:
+            log["threshold_fraction"] = round(float((p_clean > o.threshold).float().mean()), 6)
             mask, m = self._sizer.first_split(p_clean, sims)
             log["first_split"] = True
         else:
             m = self._sizer.grow(self._m)
-            scores = sims
-            if self.opt.rank_by == "p_clean":
-                t0 = time.perf_counter()
-                scores, info = fit_gmm(sims, seed=self.opt.gmm_seed)
-                log["gmm_seconds"] = round(time.perf_counter() - t0, 4)
-                log.update(info.as_dict())
-            mask = top_fraction_mask(scores, m)
+            mask = None
+        if o.safe_size == "mixture":
+            ceiling = max(o.min_initial_fraction, info.weights[1] - o.mixture_margin)
+            log["mixture_ceiling"] = round(ceiling, 6)
+            if m > ceiling:
+                m, mask = ceiling, None
+        if mask is None:
+            mask = top_fraction_mask(p_clean if o.rank_by == "p_clean" else sims, m)
         log["m"] = round(m, 6)
         return {"safe_idx": torch.nonzero(mask).flatten().tolist(), "m": m, "log": log}
 
