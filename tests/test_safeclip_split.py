@@ -103,3 +103,23 @@ def test_mixture_sizing_keeps_the_low_tail_out():
     grown = s._decide(sims)
     assert abs(first["log"]["mixture_ceiling"] - 0.75) < 0.02
     assert grown["m"] <= 0.76 and set(grown["safe_idx"]) <= set(range(800))
+
+
+def test_relative_score_flags_an_image_that_prefers_other_captions():
+    """A pair whose image matches other captions better than its own scores far below a pair of a
+    confusable class whose caption is about as good as its class peers'."""
+    from types import SimpleNamespace
+
+    from clipguard.defenses.safeclip import shard_similarities
+    from clipguard.training.distributed import DistInfo
+
+    e = torch.eye(4)
+    img = torch.stack([e[0], e[1], torch.nn.functional.normalize(e[1] + e[2], dim=0)])
+    txt = torch.stack([e[0], e[3], torch.nn.functional.normalize(e[1] + e[2], dim=0)])
+    ref = torch.stack([e[0], e[1], e[2]])
+    ctx = SimpleNamespace(dist=DistInfo(), device=torch.device("cpu"),
+                          encode_dataset=lambda indices: (img[indices], txt[indices]))
+    plain = shard_similarities(ctx, torch.arange(3))
+    rel = shard_similarities(ctx, torch.arange(3), ref, top_k=1)
+    assert torch.allclose(plain, torch.tensor([1.0, 0.0, 1.0]))
+    assert rel[1] < -0.9 and rel[0] > -1e-6 and rel[2] > 0.2

@@ -25,7 +25,7 @@ from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss
 from clipguard.defenses.split import SafeSetSchedule, fit_gmm, top_fraction_mask
 from clipguard.errors import ConfigError
 from clipguard.options import Options, require
-from clipguard.training.context import Batch, TrainContext
+from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd, broadcast_object
 from clipguard.training.losses import clip_loss
 from clipguard.training.schedule import Schedule, Segment
@@ -48,8 +48,14 @@ def embed_dim(model: torch.nn.Module) -> int:
     return int(dim)
 
 
-def shard_similarities(ctx: TrainContext, indices: torch.Tensor) -> torch.Tensor:
+def shard_similarities(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
+                       top_k: int = 10) -> torch.Tensor:
     """Cosine similarity of each clean (non-augmented) pair in ``indices``, computed by shards.
+
+    With ``reference`` (text features of a sample of captions), the score is relative: the
+    pair's similarity minus the mean of its image's ``top_k`` similarities to the sample. A pair
+    of a class the model still confuses keeps its own caption near its class's captions (score
+    near 0); a poisoned pair's image prefers other captions to its own (score well below 0).
 
     Each rank encodes ``indices[rank::world]``; the parts are gathered (padded to equal length)
     and put back in the order of ``indices``, so every rank ends with the same vector.
@@ -60,6 +66,11 @@ def shard_similarities(ctx: TrainContext, indices: torch.Tensor) -> torch.Tensor
     if len(mine):
         img, txt = ctx.encode_dataset(indices=mine)
         sims = (img * txt).sum(dim=1)
+        if reference is not None:
+            k = min(top_k, reference.shape[0])
+            best = torch.cat([(img[i:i + 4096] @ reference.t()).topk(k, dim=1).values.mean(1)
+                              for i in range(0, len(img), 4096)])
+            sims = sims - best
     else:
         sims = torch.empty(0)
     if world == 1:
@@ -95,7 +106,9 @@ class SafeClipOptions(Options):
     efficient_update: bool = True     # re-score only the top pairs by previous similarity
     update_fraction: float = 0.3
     update_margin: float = 0.1
-    rank_by: Literal["similarity", "p_clean"] = "similarity"
+    rank_by: Literal["similarity", "p_clean", "relative"] = "similarity"  # relative: see shard_similarities
+    reference_captions: int = 1024   # relative: captions sampled (per epoch) to compare each image with
+    reference_top_k: int = 10
     pool_size: int = 16384            # NN pool of each modality (capped at the data size)
     temperature: float = 0.1
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "simclr"
@@ -117,6 +130,8 @@ class SafeClipOptions(Options):
         require(0.0 < self.update_fraction <= 1.0, f"update_fraction must be in (0, 1], got {self.update_fraction}")
         require(0.0 <= self.update_margin <= 1.0, f"update_margin must be in [0, 1], got {self.update_margin}")
         require(self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
+        require(self.reference_captions >= 1 and self.reference_top_k >= 1,
+                "reference_captions and reference_top_k must be >= 1")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
@@ -230,7 +245,7 @@ class SafeClip(Strategy, PairSelector):
         n = len(ctx.data)
         t0 = time.perf_counter()
         cand, full = self._candidates(n)
-        fresh = shard_similarities(ctx, cand)
+        fresh = shard_similarities(ctx, cand, self._reference(epoch), self.opt.reference_top_k)
         sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
         sims[cand] = fresh
         t_sims = time.perf_counter() - t0
@@ -247,6 +262,18 @@ class SafeClip(Strategy, PairSelector):
                     "similarity_seconds": round(t_sims, 4),
                     "split_seconds": round(time.perf_counter() - t0, 4)})
         return rec
+
+    @torch.no_grad()
+    def _reference(self, epoch: int) -> torch.Tensor | None:
+        """Text features of a seeded sample of the data's captions (``rank_by: relative``)."""
+        if self.opt.rank_by != "relative":
+            return None
+        from clipguard.evaluation.features import encode_tokens
+
+        ctx = self.ctx
+        g = torch.Generator().manual_seed(step_seed(ctx.seed, "safeclip-reference", epoch))
+        idx = torch.randperm(len(ctx.data), generator=g)[: self.opt.reference_captions]
+        return encode_tokens(ctx.raw_model, ctx.tokens[idx.to(ctx.tokens.device)], ctx.device)
 
     def _decide(self, sims: torch.Tensor) -> dict[str, Any]:
         """Rank 0 only: the GMM split the first time, the grown top-m% afterwards.
