@@ -103,7 +103,9 @@ def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None,
                 line.append(fmt(vals, expect_n=ns))
         body.append(line)
     metrics = sorted({str(r.get(k)) for r in rows for k in r if k.startswith("asr_metric.") and r.get(k)})
-    notes = [f"Attack success rate in %, mean ± std over {ns} seed(s).",
+    on_val = any(r.get("split") == "val" for r in rows)
+    notes = [f"Attack success rate in %, mean ± std over {ns} seed(s)"
+             + (", on triggered images from the validation rows (split: val)." if on_val else "."),
              "Protocols: " + "; ".join(metrics) if metrics else "No attack in the grid."]
     if any(lab.endswith(CLEAN_SUFFIX) for lab in methods):
         notes.append(f"'{CLEAN_SUFFIX.strip()}' rows: the same method trained on the clean data, measured with "
@@ -145,7 +147,8 @@ def accuracy_table(rows: list[dict[str, Any]], method_order: list[str] | None = 
                     diffs.append(mine - ref)
             line.append(f"{sum(diffs) / len(diffs) * 100:+.1f}" if diffs and m != methods[0] else "-")
         body.append(line)
-    notes = [f"Top-1 accuracy in % on the clean test split, mean ± std over {ns} seed(s); the column "
+    split = "validation rows held out of training" if any(r.get("split") == "val" for r in rows) else "test split"
+    notes = [f"Top-1 accuracy in % on the clean {split}, mean ± std over {ns} seed(s); the column "
              "group names the training data each model saw (clean, or poisoned by that attack).",
              "lin-prb: logistic regression on frozen image features of a held-aside clean training subset."]
     return Table("Table 2: clean accuracy (top-1, %, higher is better)", [header0, header1], body, spans, notes)
