@@ -57,21 +57,3 @@ def test_matched_captions_come_from_the_pool(fm_train, tmp_path):
     # the pool is FIFO: the 32 oldest slots now hold this batch's augmented captions
     assert torch.equal(s._pool.payload[32:], before[32:])
     assert not torch.equal(s._pool.payload[:32], before[:32])
-
-
-def test_grouped_clip_loss_treats_shared_captions_as_one_positive():
-    import torch.nn.functional as F
-
-    from clipguard.training.losses import clip_loss
-
-    g = torch.Generator().manual_seed(0)
-    img = F.normalize(torch.randn(6, 8, generator=g), dim=1)
-    txt = F.normalize(torch.randn(6, 8, generator=g), dim=1)
-    scale = torch.tensor(10.0)
-    assert torch.allclose(clip_loss(img, txt, scale, groups=torch.arange(6)), clip_loss(img, txt, scale))
-    # rows 0-2 matched the same pooled caption: identical texts, one group
-    txt[1:3] = txt[0]
-    groups = torch.tensor([5, 5, 5, 1, 2, 3])
-    plain = clip_loss(img, txt, scale)
-    grouped = clip_loss(img, txt, scale, groups=groups)
-    assert grouped < plain  # the duplicates no longer count as each other's negatives

@@ -39,7 +39,6 @@ class RoClipOptions(Options):
     pool_size: int | None = None      # an absolute pool size instead of pool_fraction
     augment: bool = True              # SimCLR images and EDA captions
     text_gradient: bool = True        # False: the reference code's frozen text tower in pool epochs
-    group_matches: bool = False       # images matched to the same pooled caption share it as a positive
     crop_scale_min: float = 0.08
     eda_alpha: float = 0.1
     eda_p_delete: float = 0.1
@@ -132,7 +131,7 @@ class RoClip(Strategy):
             img, own, scale = ctx.forward(pixels, tokens)
             nn_idx = self._pool.nearest_index(img)
             matched = self._pool.bank[nn_idx].to(img.dtype)
-        loss = clip_loss(img, matched, scale, ctx.dist, groups=nn_idx if self.opt.group_matches else None)
+        loss = clip_loss(img, matched, scale, ctx.dist)
         self._push(own, tokens)
         kept = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
         return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": kept}

@@ -11,13 +11,8 @@ MAX_LOGIT_SCALE = 4.605170185988092  # ln(100)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-              dist: DistInfo | None = None, mask: torch.Tensor | None = None,
-              groups: torch.Tensor | None = None) -> torch.Tensor:
+              dist: DistInfo | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch; ``mask`` keeps a subset of rows (e.g. safe pairs).
-
-    ``groups``: rows with the same id share one caption (RoCLIP's pool matches), so each row's
-    positives are all rows of its group, equally weighted; without it, a duplicated caption would
-    be pushed away from the very images it describes.
 
     Features are L2-normalised open_clip outputs. Under DDP the features of all ranks are
     gathered (gradient for the local slice only) and the loss is scaled by the world size, so
@@ -33,12 +28,6 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         return image_features.sum() * 0.0 + text_features.sum() * 0.0
     img, txt = img[keep], txt[keep]
     logits = logit_scale * img @ txt.t()
-    if groups is not None:
-        g = all_gather_nograd(groups.to(torch.long).contiguous(), dist)[keep.to(groups.device)]
-        same = (g.unsqueeze(0) == g.unsqueeze(1)).to(logits.dtype)
-        target = same / same.sum(1, keepdim=True)
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-        return loss * dist.world_size
     labels = torch.arange(logits.shape[0], device=logits.device)
     loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
     return loss * dist.world_size
