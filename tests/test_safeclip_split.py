@@ -101,7 +101,7 @@ def test_mixture_sizing_keeps_the_low_tail_out():
     first = s._decide(sims)
     s._m = first["m"]
     grown = s._decide(sims)
-    assert abs(first["log"]["mixture_ceiling"] - 0.75) < 0.02
+    assert abs(first["log"]["size_ceiling"] - 0.75) < 0.02
     assert grown["m"] <= 0.76 and set(grown["safe_idx"]) <= set(range(800))
 
 

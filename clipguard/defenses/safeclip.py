@@ -40,6 +40,17 @@ PHASES = ("unimodal", "clip_low", "mixed")
 # set). "pairs": each term weighted by its share of the global batch, so every pair counts the same.
 
 
+def inlier_fraction(scores: torch.Tensor, z: float) -> float:
+    """Share of pairs whose score is at most ``z`` robust standard deviations (1.4826 MAD) below
+    the median: the clean pairs form the bulk, poisoned pairs a long low tail."""
+    x = scores.double()
+    med = x.median()
+    mad = (x - med).abs().median() * 1.4826
+    if float(mad) == 0.0:
+        return float((x >= med).double().mean())
+    return float((x >= med - z * mad).double().mean())
+
+
 def embed_dim(model: torch.nn.Module) -> int:
     """Width of the joint embedding of an open_clip CLIP."""
     dim = getattr(getattr(model, "visual", None), "output_dim", None)
@@ -98,8 +109,13 @@ class SafeClipOptions(Options):
     lr_low_factor: float | None = None  # when set, the low lr is this times the base lr
     threshold: float = 0.9            # t on p_clean for the first split
     step: float | None = 0.01         # s: growth of the safe fraction per epoch (None: sized by the budget)
-    safe_size: Literal["schedule", "mixture"] = "schedule"  # mixture: capped by the data's clean share
-    mixture_margin: float = 0.05      # mixture: stay this far below the estimated clean share
+    # how big the safe set may grow: "schedule" (the paper: +step per epoch up to max_safe_fraction);
+    # "outlier": also never past the pairs whose score is within outlier_z robust standard
+    # deviations below the median (re-measured every epoch); "mixture": never past the re-fitted
+    # mixture's high-component weight minus mixture_margin
+    safe_size: Literal["schedule", "outlier", "mixture"] = "schedule"
+    outlier_z: float = 3.0
+    mixture_margin: float = 0.05
     max_safe_fraction: float = 1.0
     min_initial_fraction: float = 0.0
     max_initial_fraction: float = 1.0
@@ -127,6 +143,7 @@ class SafeClipOptions(Options):
                 f"lr_low_factor must be in (0, 1], got {self.lr_low_factor}")
         require(self.step is None or 0.0 <= self.step <= 1.0, f"step must be in [0, 1], got {self.step}")
         require(0.0 <= self.mixture_margin < 1.0, f"mixture_margin must be in [0, 1), got {self.mixture_margin}")
+        require(self.outlier_z > 0, f"outlier_z must be > 0, got {self.outlier_z}")
         require(0.0 < self.update_fraction <= 1.0, f"update_fraction must be in (0, 1], got {self.update_fraction}")
         require(0.0 <= self.update_margin <= 1.0, f"update_margin must be in [0, 1], got {self.update_margin}")
         require(self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
@@ -284,7 +301,7 @@ class SafeClip(Strategy, PairSelector):
         log: dict[str, Any] = {}
         o = self.opt
         p_clean = None
-        if self._m is None or o.rank_by == "p_clean" or o.safe_size == "mixture":
+        if self._m is None or o.rank_by == "p_clean" or o.safe_size == "mixture":  # (re-)fit the mixture
             t0 = time.perf_counter()
             p_clean, info = fit_gmm(sims, seed=o.gmm_seed)
             log["gmm_seconds"] = round(time.perf_counter() - t0, 4)
@@ -296,9 +313,13 @@ class SafeClip(Strategy, PairSelector):
         else:
             m = self._sizer.grow(self._m)
             mask = None
-        if o.safe_size == "mixture":
-            ceiling = max(o.min_initial_fraction, info.weights[1] - o.mixture_margin)
-            log["mixture_ceiling"] = round(ceiling, 6)
+        if o.safe_size != "schedule":
+            if o.safe_size == "mixture":
+                estimate = info.weights[1] - o.mixture_margin
+            else:
+                estimate = inlier_fraction(p_clean if o.rank_by == "p_clean" else sims, o.outlier_z)
+            ceiling = max(o.min_initial_fraction, estimate)
+            log["size_ceiling"] = round(ceiling, 6)
             if m > ceiling:
                 m, mask = ceiling, None
         if mask is None:
