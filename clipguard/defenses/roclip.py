@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -39,6 +39,7 @@ class RoClipOptions(Options):
     pool_size: int | None = None      # an absolute pool size instead of pool_fraction
     augment: bool = True              # SimCLR images and EDA captions
     text_gradient: bool = True        # False: the reference code's frozen text tower in pool epochs
+    match_on: Literal["augmented", "original"] = "augmented"  # which view of an image picks its caption
     crop_scale_min: float = 0.08
     eda_alpha: float = 0.1
     eda_p_delete: float = 0.1
@@ -120,8 +121,9 @@ class RoClip(Strategy):
             with torch.no_grad():
                 was = ctx.raw_model.training
                 ctx.raw_model.eval()
+                seen = pixels if self.opt.match_on == "augmented" else batch.pixels
                 with ctx.autocast():
-                    probe = ctx.raw_model.encode_image(normalize(pixels), normalize=True).float()
+                    probe = ctx.raw_model.encode_image(normalize(seen), normalize=True).float()
                 ctx.raw_model.train(was)
             nn_idx = self._pool.nearest_index(probe)
             matched_tokens = self._pool.payload[nn_idx].to(tokens.device)
