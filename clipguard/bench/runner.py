@@ -145,7 +145,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
               jobs: int = 1) -> dict[str, Any]:
     """Run every unfinished cell in order, then write results.csv and the reports.
 
-    ``only``: a substring filter on cell ids (debugging one cell). ``redo``: forget the selected
+    ``only``: comma-separated substrings; a cell runs when its id contains one of them. ``redo``: forget the selected
     cells' results: a run folder made with the same config resumes (so only evaluation is redone),
     one made with a different config is deleted and retrained. ``jobs``: cells run at once, in
     worker processes (not under torchrun)."""
@@ -156,7 +156,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
     dist = init_distributed(cfg.device)  # under torchrun: every rank trains, rank 0 prepares and evaluates
     main = dist.is_main
     cells = plan_cells(cfg)
-    todo = [c for c in cells if only is None or only in c.id]
+    wanted = [w for w in (only or "").split(",") if w]
+    todo = [c for c in cells if not wanted or any(w in c.id for w in wanted)]
     cache = BenchCache(cfg, out)
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="bench folder; re-running with the same one resumes")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config value, e.g. --set datasets.cc3m.train=/data/cc3m.csv")
-    p.add_argument("--only", default=None, help="run only cells whose id contains this text")
+    p.add_argument("--only", default=None, help="run only cells whose id contains one of these comma-separated texts")
     p.add_argument("--redo", action="store_true", help="forget finished cells: re-evaluate them, retrain those whose config changed")
     p.add_argument("--report-only", action="store_true", help="just rebuild results.csv and the reports")
     p.add_argument("--plan", action="store_true", help="print the cells and whether they are done; run nothing")
