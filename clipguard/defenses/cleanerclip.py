@@ -4,7 +4,7 @@ Why: CleanCLIP's EDA views barely change a caption's meaning, so a trigger tied 
 target features (BadCLIP) survives. For a random subset of samples, CleanerCLIP pulls each image
 towards a factual sub-caption T+ (core nouns and verb kept) and away from counterfactual ones
 T- (one adjective / verb / noun swapped), which re-draws fine-grained text boundaries the
-trigger relies on. The paper's formulas were lost; REFERENCE.md fixes the form we use:
+trigger relies on. The paper's formulas are not recoverable from its text; this is the form we use:
 
   L_img_i = -log e^{<I_i,T+_i>/tp} / (e^{<I_i,T+_i>/tp} + sum_j e^{<I_i,T-_j>/tn})
   L_txt_i = -log e^{<T+_i,I_i>/tp} / (e^{<T+_i,I_i>/tp} + sum_{j != i} e^{<T+_i,I_j>/tn})

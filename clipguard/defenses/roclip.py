@@ -1,4 +1,4 @@
-"""RoCLIP (papers/002, Alg. 1): every K-th epoch, pair each augmented image with its nearest
+"""RoCLIP (Yang & Mirzasoleiman, NeurIPS 2023, Alg. 1): every K-th epoch, pair each augmented image with its nearest
 caption in a FIFO pool of caption embeddings instead of its own caption; CLIP loss otherwise.
 
 Which tower learns in pool epochs: BOTH. The match is chosen with the pool's stored (stale,
@@ -6,7 +6,7 @@ constant) caption embeddings, but the matched captions' tokens are kept in the p
 re-encoded by the current text tower inside the step's single forward, so the loss pulls the
 text tower towards the images that chose those captions. The reference code used the stale
 embeddings directly in the loss: the text tower then got no gradient at all in 1/K of the
-epochs (REFERENCE.md lists it as a bug). ``text_gradient=False`` restores that behaviour.
+epochs (a known bug of the reference code). ``text_gradient=False`` restores that behaviour.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SafeCLIP (papers/001, Alg. 1) as one strategy of the one trainer.
+"""SafeCLIP (Yang, Gao, Mirzasoleiman, ICML 2024, Alg. 1) as one strategy of the one trainer.
 
 Phases by epoch (0-based e):
   e < r                       unimodal NNCLR on images and on texts (the towers never meet);

@@ -77,7 +77,7 @@ class SafeSetSchedule:
     ``threshold`` is the paper's t on p_clean (0.9), ``step`` its s (1% = 0.01),
     ``max_fraction`` caps the growth (the paper has none: 1.0), and ``min_initial_fraction``
     is the floor for the first split: at small scale the two components overlap and no pair
-    passes t (REFERENCE.md, Calibration), which would leave CLIP with nothing to learn from.
+    passes t (measured: docs/results.md), which would leave CLIP with nothing to learn from.
     ``max_initial_fraction`` is the symmetric ceiling (the paper has none: 1.0): when the warm-up
     barely aligns the towers, the mixture can put most pairs in the high component (measured:
     78% above t with component means 0.001 / 0.060), and a first safe set that large lets the

@@ -26,7 +26,7 @@ from clipguard.training.trainer import TrainConfig
 
 Stage = Literal["pretrain", "finetune"]
 STAGES: tuple[str, ...] = ("pretrain", "finetune")
-# CleanCLIP's reference fine-tuning recipe (papers/003): what `clipguard finetune` starts from.
+# CleanCLIP's reference fine-tuning recipe (arXiv 2303.03323): what `clipguard finetune` starts from.
 FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 10, "batch_size": 64, "lr": 1e-5, "warmup": 50, "weight_decay": 0.1}
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {"pretrain": {}, "finetune": FINETUNE_DEFAULTS}
 DEFAULT_DEFENSE: dict[str, str] = {"pretrain": "none", "finetune": "ft"}
