@@ -314,7 +314,8 @@ def _defense(label: str, obj: Any, source: str, key: str, base_dir: Path | None)
 def _preset_path(name: Any, base_dir: Path | None, source: str, key: str) -> str:
     """A preset next to the grid file, or one of the presets shipped in configs/."""
     p = Path(os.path.expanduser(str(name)))
-    cands = [p] if p.is_absolute() else [(base_dir or Path.cwd()) / p, Path.cwd() / p,
+    here = base_dir or Path.cwd()
+    cands = [p] if p.is_absolute() else [here / p, here / f"{p}.yaml", Path.cwd() / p,
                                          Path.cwd() / "configs" / p, Path.cwd() / "configs" / f"{p}.yaml"]
     for c in cands:
         if c.is_file():
