@@ -42,7 +42,7 @@ def test_finetune_stage_defaults_live_in_the_library():
 
 def test_writing_a_default_out_keeps_the_fingerprint():
     a = resolve_spec(defense="safeclip")
-    b = resolve_spec(defense="safeclip", options={"threshold": 0.9, "step": 0.01}, train={"weight_decay": 0.2})
+    b = resolve_spec(defense="safeclip", options={"threshold": 0.9, "step": None}, train={"weight_decay": 0.2})
     assert a.fingerprint() == b.fingerprint()
     assert resolve_spec(defense="safeclip", options={"step": 0.02}).fingerprint() != a.fingerprint()
     # runtime-only settings (bars, checkpoints kept) do not decide the weights

@@ -85,7 +85,7 @@ def test_phases_are_sized_by_the_budget_when_unset():
     r, c, s = auto.plan(48)
     assert (r, c) == (5, 1) and abs(s - 3 / 42) < 1e-9
     assert auto.plan(20)[:2] == (2, 1)
-    assert SafeClipOptions().plan(48) == (5, 1, 0.01)  # explicit values are kept
+    assert SafeClipOptions(warmup_epochs=5, clip_warmup_epochs=1, step=0.01).plan(48) == (5, 1, 0.01)
 
 
 def test_mixture_sizing_keeps_the_low_tail_out():

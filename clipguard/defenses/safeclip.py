@@ -99,37 +99,38 @@ def shard_similarities(ctx: TrainContext, indices: torch.Tensor, reference: torc
 
 @dataclass
 class SafeClipOptions(Options):
-    """SafeCLIP's settings. ``None`` means "sized from the run" (see ``plan``); the paper's exact
-    settings are configs/safeclip-paper.yaml."""
+    """SafeCLIP's settings. The defaults were chosen on validation data (docs/defenses.md, "How
+    the defaults were chosen"); ``None`` means "sized from the run" (see ``plan``). The paper's
+    exact settings are configs/safeclip-paper.yaml."""
 
     kind: ClassVar[str] = "defense 'safeclip'"
-    warmup_epochs: int | None = 5     # r: unimodal NNCLR epochs (None: 10% of the epochs, 1 to 5)
-    clip_warmup_epochs: int | None = 1  # CLIP loss on all pairs at the low lr (None: 1)
-    lr_low: float = 5e-6
-    lr_low_factor: float | None = None  # when set, the low lr is this times the base lr
+    warmup_epochs: int | None = None  # r: unimodal NNCLR epochs (None: 10% of the epochs, 1 to 5)
+    clip_warmup_epochs: int | None = None  # CLIP loss on all pairs at the low lr (None: 1)
+    lr_low: float = 5e-6              # the low lr when lr_low_factor is None (the paper's)
+    lr_low_factor: float | None = 0.1  # the low lr as a fraction of the base lr
     threshold: float = 0.9            # t on p_clean for the first split
-    step: float | None = 0.01         # s: growth of the safe fraction per epoch (None: sized by the budget)
+    step: float | None = None         # s: growth of the safe fraction per epoch (None: sized by the budget)
     # how big the safe set may grow: "schedule" (the paper: +step per epoch up to max_safe_fraction);
     # "outlier": also never past the pairs whose score is within outlier_z robust standard
     # deviations below the median (re-measured every epoch); "mixture": never past the re-fitted
     # mixture's high-component weight minus mixture_margin
-    safe_size: Literal["schedule", "outlier", "mixture"] = "schedule"
+    safe_size: Literal["schedule", "outlier", "mixture"] = "outlier"
     outlier_z: float = 3.0
     mixture_margin: float = 0.05
     max_safe_fraction: float = 1.0
-    min_initial_fraction: float = 0.0
+    min_initial_fraction: float = 0.2  # the first safe set holds at least this share
     max_initial_fraction: float = 1.0
-    efficient_update: bool = True     # re-score only the top pairs by previous similarity
+    efficient_update: bool = True     # re-score only the top pairs by previous score
     update_fraction: float = 0.3
     update_margin: float = 0.1
-    rank_by: Literal["similarity", "p_clean", "relative"] = "similarity"  # relative: see shard_similarities
-    reference_captions: int = 1024   # relative: captions sampled (per epoch) to compare each image with
+    rank_by: Literal["similarity", "p_clean", "relative"] = "relative"  # relative: see shard_similarities
+    reference_captions: int = 1024    # relative: captions sampled (per epoch) to compare each image with
     reference_top_k: int = 10
-    pool_size: int = 16384            # NN pool of each modality (capped at the data size)
+    pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
-    safe_image_augment: Literal["simclr", "crop-flip", "none"] = "simclr"
-    safe_text_augment: Literal["eda", "none"] = "eda"
-    loss_weighting: Literal["terms", "pairs"] = "terms"
+    safe_image_augment: Literal["simclr", "crop-flip", "none"] = "none"  # the paper: simclr
+    safe_text_augment: Literal["eda", "none"] = "none"                   # the paper: eda
+    loss_weighting: Literal["terms", "pairs"] = "pairs"                  # the paper: terms
     crop_scale_min: float = 0.08
     eda_alpha: float = 0.1
     eda_p_delete: float = 0.1
@@ -146,7 +147,7 @@ class SafeClipOptions(Options):
         require(self.outlier_z > 0, f"outlier_z must be > 0, got {self.outlier_z}")
         require(0.0 < self.update_fraction <= 1.0, f"update_fraction must be in (0, 1], got {self.update_fraction}")
         require(0.0 <= self.update_margin <= 1.0, f"update_margin must be in [0, 1], got {self.update_margin}")
-        require(self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
+        require(self.pool_size is None or self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
         require(self.reference_captions >= 1 and self.reference_top_k >= 1,
                 "reference_captions and reference_top_k must be >= 1")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
@@ -218,7 +219,8 @@ class SafeClip(Strategy, PairSelector):
 
         dim = embed_dim(ctx.raw_model)
         if not hasattr(self, "_img_pool"):
-            size = min(self.opt.pool_size, len(ctx.data))
+            size = self.opt.pool_size or min(16384, max(1, len(ctx.data) // 5))
+            size = min(size, len(ctx.data))
             self._img_pool = NNPool(size, dim).to(ctx.device)
             self._txt_pool = NNPool(size, dim).to(ctx.device)
 
