@@ -23,18 +23,18 @@ from pathlib import Path
 
 import torch
 
-from clipguard import defenses
 from clipguard.data.csv_dataset import load_csv
 from clipguard.io import read_jsonl, write_json
-from clipguard.training.trainer import TrainConfig, Trainer
+from clipguard.training.build import build_trainer
+from clipguard.training.spec import resolve_spec
 
 
 def run(name: str, options: dict, data, out: Path, args) -> tuple[float, list[dict]]:
-    cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, device=args.device, quiet=True, keep_checkpoints=1)
-    strategy = defenses.build(name, options)
+    spec = resolve_spec(defense=name, options=options, train={
+        "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "seed": args.seed, "device": args.device, "quiet": True, "keep_checkpoints": 1})
     t0 = time.perf_counter()
-    Trainer(cfg, data, out / name, strategy=strategy).fit()
+    build_trainer(spec, data, out / name).fit()
     wall = time.perf_counter() - t0
     return wall, read_jsonl(out / name / "results.jsonl")
 
@@ -49,7 +49,8 @@ def main() -> None:
     p.add_argument("--model", default="cg-tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup-epochs", type=int, default=2, help="SafeCLIP's r for this benchmark")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="SafeCLIP's r for this benchmark (default: its own, sized from --epochs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args()
@@ -65,9 +66,7 @@ def main() -> None:
 
             csv = materialise(tmp / "fm", train_size=args.pairs, test_size=100, seed=args.seed) / "train.csv"
         data = load_csv(csv, image_size=28 if args.model.startswith("cg-tiny") else None, limit=args.pairs)
-        safe_opts = {"warmup_epochs": args.warmup_epochs, "clip_warmup_epochs": 1, "lr_low_factor": 0.1,
-                     "min_initial_fraction": 0.2, "step": 0.1, "max_safe_fraction": 0.9,
-                     "pool_size": 2048}
+        safe_opts = {"warmup_epochs": args.warmup_epochs}  # SafeCLIP's defaults otherwise
         clip_wall, clip_recs = run("none", {}, data, tmp, args)
         safe_wall, safe_recs = run("safeclip", safe_opts, data, tmp, args)
         ro_wall, ro_recs = run("roclip", {"match_every": 2}, data, tmp, args)

@@ -18,13 +18,17 @@ from clipguard import defenses
 from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import ImageCaptionData, load_csv
 from clipguard.evaluation.runner import evaluate_model
-from clipguard.training.trainer import TrainConfig, Trainer
+from clipguard.training.build import build_trainer
+from clipguard.training.spec import RunSpec
+from clipguard.training.trainer import TrainConfig
 
 
 def run(name: str, data, cfg: TrainConfig, strategy=None, test=None, classes=None) -> dict:
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as d:
-        trainer = Trainer(cfg, data, d, strategy=strategy)
+        spec = RunSpec(stage="pretrain", defense=strategy.name if strategy else "none",
+                       options=strategy.opt if strategy else defenses.options_class("none")(), train=cfg)
+        trainer = build_trainer(spec, data, d)
         t0 = time.perf_counter()
         last = trainer.fit()
         wall = time.perf_counter() - t0

@@ -22,8 +22,9 @@ from clipguard.data.csv_dataset import load_csv
 from clipguard.data.fashion_mnist import materialise
 from clipguard.models.factory import create_model, get_tokenizer
 from clipguard.tensors import normalize
+from clipguard.training.build import build_trainer
 from clipguard.training.optim import make_optimizer
-from clipguard.training.trainer import TrainConfig, Trainer
+from clipguard.training.spec import resolve_spec
 
 
 def minimal_loop(data, model_name: str, epochs: int, batch: int, lr: float, seed: int) -> tuple[float, float]:
@@ -56,9 +57,9 @@ def ours(data, model_name: str, epochs: int, batch: int, lr: float, seed: int) -
     from clipguard.io import read_jsonl
 
     with tempfile.TemporaryDirectory() as d:
-        cfg = TrainConfig(model=model_name, epochs=epochs, batch_size=batch, lr=lr, seed=seed,
-                          device="cpu", quiet=True, keep_checkpoints=1)
-        t = Trainer(cfg, data, d)
+        spec = resolve_spec(train={"model": model_name, "epochs": epochs, "batch_size": batch, "lr": lr,
+                                   "seed": seed, "device": "cpu", "quiet": True, "keep_checkpoints": 1})
+        t = build_trainer(spec, data, d)
         t0 = time.perf_counter()
         t.fit()
         end = time.perf_counter()
