@@ -99,3 +99,13 @@ def test_method_order_from_plan(bench_dir):
     t1 = text.split("Table 2")[0]
     assert t1.index("CLIP+FT") < t1.index("SafeCLIP") < t1.index("\nCLIP ")
     json.loads((bench_dir / "plan.json").read_text())
+
+
+def test_tdpa_cells_state_targets_taken_out_of_targets_tried():
+    from clipguard.reporting.tables import _target_count
+
+    rows = [{"asr.tdpa": 0.25, "asr_n.tdpa": 8, "asr_metric.tdpa": "zeroshot TDPA success (top-1 = adversarial class)"},
+            {"asr.tdpa": 0.0, "asr_n.tdpa": 8, "asr_metric.tdpa": "zeroshot TDPA success (top-1 = adversarial class)"}]
+    assert _target_count(rows, "tdpa") == " (2/16)"
+    backdoor = [{"asr.badnet": 0.5, "asr_n.badnet": 900, "asr_metric.badnet": "zeroshot backdoor ASR@1"}]
+    assert _target_count(backdoor, "badnet") == ""

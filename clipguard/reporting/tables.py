@@ -78,6 +78,18 @@ def n_seeds(rows: list[dict[str, Any]]) -> int:
     return len({str(r["seed"]) for r in rows})
 
 
+def _target_count(rows: list[dict[str, Any]], col: str) -> str:
+    """' (k/n)' for a targeted-poisoning column: targets taken out of targets tried, all seeds."""
+    if not rows or "TDPA" not in str(rows[0].get(f"asr_metric.{col}") or ""):
+        return ""
+    try:
+        ns = [int(float(r[f"asr_n.{col}"])) for r in rows]
+        ks = [round(float(r[f"asr.{col}"]) * n) for r, n in zip(rows, ns)]
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return f" ({sum(ks)}/{sum(ns)})"
+
+
 def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None, *, key: str = "asr",
               title: str = "Table 1: attack success rate (ASR, %, lower is better)") -> Table:
     """Rows = methods; column groups = datasets; columns = attacks (like SafeCLIP Table 1).
@@ -98,9 +110,10 @@ def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None,
         line = [m]
         for d, cols in groups:
             for c in cols:
-                vals = [r.get(f"{key}.{c}") for r in rows if r["dataset"] == d and labels[id(r)] == m
-                        and r.get(f"{key}.{c}") not in (None, "")]
-                line.append(fmt(vals, expect_n=ns))
+                sel = [r for r in rows if r["dataset"] == d and labels[id(r)] == m
+                       and r.get(f"{key}.{c}") not in (None, "")]
+                vals = [r.get(f"{key}.{c}") for r in sel]
+                line.append(fmt(vals, expect_n=ns) + (_target_count(sel, c) if key == "asr" else ""))
         body.append(line)
     metrics = sorted({str(r.get(k)) for r in rows for k in r if k.startswith("asr_metric.") and r.get(k)})
     on_val = any(r.get("split") == "val" for r in rows)
