@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from clipguard.models.device import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -31,12 +33,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if want_cuda:
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:  # 'cuda' or 'auto' with a GPU: this rank's GPU
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device if device not in ("auto", "cuda") else "cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)

@@ -25,6 +25,7 @@ from clipguard.data.csv_dataset import ImageCaptionData
 from clipguard.errors import ConfigError
 from clipguard.io import append_jsonl, read_json_object, read_jsonl, round_floats, write_json, write_text
 from clipguard.models import checkpoint as ckpt
+from clipguard.models.device import resolve_device
 from clipguard.models.factory import create_model, get_tokenizer, image_size
 from clipguard.options import Options, require
 from clipguard.tensors import to_pixels
@@ -85,23 +86,14 @@ class TrainConfig(Options):
         require(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         require(self.stop_after is None or self.stop_after >= 1, f"stop_after must be >= 1, got {self.stop_after}")
         require(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
-        check_device(self.device)
+        try:
+            resolve_device(self.device)  # the one device check: a typo or a missing GPU fails here
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that decide the trained weights (not where bars go or how many checkpoints stay)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
-
-
-def check_device(name: str) -> None:
-    """'auto', 'cpu', 'cuda' or 'cuda:N'; a GPU asked for must be there (checked before any work)."""
-    if name in ("auto", "cpu"):
-        return
-    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is visible (use --device cpu or auto)")
-    if ":" in name and int(name[5:]) >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
 
 
 class Trainer:
@@ -254,7 +246,6 @@ class Trainer:
         cfg = self.cfg
         run_dir.check_out_path(self.out)
         dist = init_distributed(cfg.device)
-        self.dist = dist
         lock = run_dir.RunLock(self.out) if dist.is_main else contextlib.nullcontext()
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
