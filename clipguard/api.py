@@ -37,11 +37,9 @@ def load_data(path: str | Path, *, model: str = "cg-tiny", spec: CsvSpec | None 
               skip_bad_rows: bool = False, limit: int | None = None, lazy: bool = False) -> ImageCaptionData:
     """A CSV or webdataset dataset, decoded at ``model``'s image size."""
     from clipguard.data.registry import load_dataset
-    from clipguard.models.factory import model_config
+    from clipguard.models.factory import model_image_size
 
-    size = model_config(model)["vision_cfg"]["image_size"]
-    size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    return load_dataset(str(path), "auto", spec=spec, image_size=size, skip_bad_rows=skip_bad_rows,
+    return load_dataset(str(path), "auto", spec=spec, image_size=model_image_size(model), skip_bad_rows=skip_bad_rows,
                         limit=limit, lazy=lazy)
 
 

@@ -20,7 +20,7 @@ from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData, load_csv
 from clipguard.errors import ConfigError, DataError
 from clipguard.io import write_json
-from clipguard.models.factory import model_config
+from clipguard.models.factory import model_image_size
 from clipguard.training.context import step_seed
 
 
@@ -41,11 +41,6 @@ class PoisonedSet:
         for m in self.masks[1:]:
             out |= m
         return out
-
-
-def model_image_size(model: str) -> int:
-    size = model_config(model)["vision_cfg"]["image_size"]
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def _image_key(img: torch.Tensor, caption: str) -> str:

@@ -38,11 +38,17 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str | None]:
     return weights, name
 
 
-def load_model(checkpoint: str | Path, model_name: str | None = None, device: str = "cpu"):
+def resolve_model(checkpoint: str | Path, model_name: str | None = None) -> tuple[Path, str]:
+    """(weights file, model name): ``model_name`` wins over what the checkpoint says; one is needed."""
     weights, name = resolve_checkpoint(checkpoint)
     name = model_name or name
     if name is None:
         raise ConfigError(f"{checkpoint}: no state.json says which model this is; pass --model")
+    return weights, name
+
+
+def load_model(checkpoint: str | Path, model_name: str | None = None, device: str = "cpu"):
+    weights, name = resolve_model(checkpoint, model_name)
     model = create_model(name, checkpoint=weights, device=resolve_device(device))
     model.eval()
     return model, name

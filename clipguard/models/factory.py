@@ -30,7 +30,7 @@ LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 _NEVER = "clipguard never downloads"
 
-__all__ = ["MODELS", "create_model", "get_tokenizer", "image_size", "list_models", "model_config",
+__all__ = ["MODELS", "create_model", "get_tokenizer", "image_size", "list_models", "model_config", "model_image_size",
            "needs_download", "register_model_configs", "resolve_device"]
 
 
@@ -174,6 +174,12 @@ def get_tokenizer(name: str) -> CachedTokenizer:
         model_config(name)
         _TOKENIZERS[name] = CachedTokenizer(open_clip.get_tokenizer(name))
     return _TOKENIZERS[name]
+
+
+def model_image_size(name: str) -> int:
+    """The input size of the architecture ``name``, from its config (no model is built)."""
+    size = model_config(name)["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def image_size(model: torch.nn.Module) -> int:

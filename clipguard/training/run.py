@@ -25,7 +25,7 @@ def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: Cs
     from clipguard.data.classes import ClassInfo
     from clipguard.data.csv_dataset import load_csv, require_labels
     from clipguard.data.registry import load_dataset
-    from clipguard.models.factory import model_config
+    from clipguard.models.factory import model_image_size
     from clipguard.training.build import build_trainer
 
     out = Path(out)
@@ -36,8 +36,7 @@ def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: Cs
         run_dir.prepare(out, resume=None, overwrite=False)  # refuses a finished run before data is loaded
     if classes is not None and eval_data is None:
         raise ConfigError("--classes is used with --eval-data (zero-shot after each epoch); pass --eval-data too")
-    size = model_config(spec.train.model)["vision_cfg"]["image_size"]
-    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    size = model_image_size(spec.train.model)
     train = load_dataset(str(data), dataset_type, spec=data_spec, image_size=size,
                          skip_bad_rows=skip_bad_rows, limit=limit, lazy=lazy_images)
     if train.skipped and verbose:
@@ -77,13 +76,10 @@ def epoch_zeroshot(model_name: str, eval_data, classes):
 def finetune_start(checkpoint: str | Path, model: str | None = None) -> tuple[str, str]:
     """(weights file, model name) of the model to clean: a run folder, a checkpoint folder or a
     .safetensors file; the name comes from its state.json unless ``model`` is given."""
-    from clipguard.evaluation.runner import resolve_checkpoint
+    from clipguard.evaluation.runner import resolve_model
 
     try:
-        weights, name = resolve_checkpoint(checkpoint)
+        weights, name = resolve_model(checkpoint, model)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    name = model or name
-    if name is None:
-        raise ConfigError(f"{checkpoint}: no state.json says which model this is; pass --model")
     return str(weights), name
