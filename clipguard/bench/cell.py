@@ -8,7 +8,6 @@ fingerprint of it, so a re-run can tell a finished cell from a stale one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -24,7 +23,7 @@ from clipguard.bench.plan import Cell, base_cell
 from clipguard.errors import ConfigError
 from clipguard.io import read_jsonl, write_json
 from clipguard.models import checkpoint as ckpt
-from clipguard.training.spec import RunSpec, resolve_spec
+from clipguard.training.spec import RunSpec, fingerprint, resolve_spec
 
 CELL_FORMAT = 2  # 2: the fingerprint hashes the resolved run (defaults filled in)
 
@@ -56,10 +55,6 @@ def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
         conf["finetune_data"] = cfg.finetune.data
         conf["base"] = {"method": cell.base, "fingerprint": fingerprint(cell_config(cfg, base_cell(cfg, cell)))}
     return conf
-
-
-def fingerprint(conf: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_cell(path: Path) -> dict[str, Any] | None:

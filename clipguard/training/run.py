@@ -23,14 +23,13 @@ def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: Cs
               resume: str | None = None, overwrite: bool = False, verbose: bool = True) -> dict[str, Any]:
     """Train ``spec`` on the dataset at ``data`` into ``out``; returns the last epoch's record."""
     from clipguard.data.classes import ClassInfo
-    from clipguard.data.csv_dataset import load_csv, require_labels
+    from clipguard.data.csv_dataset import check_limit, load_csv, require_labels
     from clipguard.data.registry import load_dataset
     from clipguard.models.factory import model_image_size
     from clipguard.training.build import build_trainer
 
     out = Path(out)
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {limit}")
+    check_limit(limit)  # up front, before the output folder is checked
     run_dir.check_out_path(out)
     if resume is None and not overwrite:
         run_dir.prepare(out, resume=None, overwrite=False)  # refuses a finished run before data is loaded
