@@ -183,8 +183,8 @@ class SafeClip(Strategy, PairSelector):
     def __init__(self, options: SafeClipOptions | None = None):
         super().__init__(options)
         o = self.opt
-        self._plan = o.plan(10 ** 6) if None not in (o.warmup_epochs, o.clip_warmup_epochs, o.step) else None
-        self._sizer = o.sizer(self._plan[2]) if self._plan else None
+        self._plan: tuple[int, int, float] | None = None  # (r, c, step), sized in bind from the epochs
+        self._sizer: SafeSetSchedule | None = None
         self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete)
         # state that survives a resume
         self._m: float | None = None            # current safe fraction (None before the first split)
@@ -297,9 +297,9 @@ class SafeClip(Strategy, PairSelector):
     def _decide(self, sims: torch.Tensor) -> dict[str, Any]:
         """Rank 0 only: the GMM split the first time, the grown top-m% afterwards.
 
-        With ``safe_size: mixture`` the mixture is re-fitted every epoch and m never exceeds its
-        high component's weight minus ``mixture_margin``: the data, not a fixed cap, says how
-        many pairs look clean, so long runs do not creep into the low-similarity tail."""
+        With ``safe_size`` ``outlier`` (or ``mixture``) m never exceeds a ceiling re-measured
+        every epoch from the scores: the data, not a fixed cap, says how many pairs look clean,
+        so long runs do not creep into the low-score tail."""
         log: dict[str, Any] = {}
         o = self.opt
         p_clean = None
@@ -308,6 +308,7 @@ class SafeClip(Strategy, PairSelector):
             p_clean, info = fit_gmm(sims, seed=o.gmm_seed)
             log["gmm_seconds"] = round(time.perf_counter() - t0, 4)
             log.update(info.as_dict())
+        scores = p_clean if o.rank_by == "p_clean" else sims
         if self._m is None:
             log["threshold_fraction"] = round(float((p_clean > o.threshold).float().mean()), 6)
             mask, m = self._sizer.first_split(p_clean, sims)
@@ -319,13 +320,13 @@ class SafeClip(Strategy, PairSelector):
             if o.safe_size == "mixture":
                 estimate = info.weights[1] - o.mixture_margin
             else:
-                estimate = inlier_fraction(p_clean if o.rank_by == "p_clean" else sims, o.outlier_z)
+                estimate = inlier_fraction(scores, o.outlier_z)
             ceiling = max(o.min_initial_fraction, estimate)
             log["size_ceiling"] = round(ceiling, 6)
             if m > ceiling:
                 m, mask = ceiling, None
         if mask is None:
-            mask = top_fraction_mask(p_clean if o.rank_by == "p_clean" else sims, m)
+            mask = top_fraction_mask(scores, m)
         log["m"] = round(m, 6)
         return {"safe_idx": torch.nonzero(mask).flatten().tolist(), "m": m, "log": log}
 
