@@ -95,20 +95,29 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, defen
 
 def evaluate(checkpoint: str | Path, data: str | Path, *, classes: str | Path | None = None,
              attack_manifest: str | Path | None = None, probe_data: str | Path | None = None,
-             device: str = "cpu", seed: int = 0, spec: CsvSpec | None = None) -> dict[str, Any]:
-    """Zero-shot (and linear probe, retrieval, attack success) of a checkpoint, as ``clipguard evaluate``."""
+             device: str = "cpu", seed: int = 0, spec: CsvSpec | None = None, model: str | None = None,
+             skip_bad_rows: bool = False) -> dict[str, Any]:
+    """Zero-shot (and linear probe, retrieval, attack success) of a checkpoint, as ``clipguard evaluate``.
+
+    ``classes``: the classes.json; when it is not given, the one beside ``data`` is used if the
+    data has a label column to score against (otherwise only retrieval is measured)."""
+    from clipguard.errors import DataError
     from clipguard.evaluation.runner import run_evaluation
 
-    if classes is None:
+    spec = spec or CsvSpec()
+    if classes is not None:  # asked for: it must be there (no silent run without zero-shot)
+        if not Path(classes).is_file():
+            raise DataError("classes file not found (--classes)", file=str(classes))
+    else:
         beside = Path(data).parent / "classes.json"
-        classes = beside if beside.is_file() else None
-    result = run_evaluation(checkpoint, data, classes_json=classes, spec=spec, probe_csv=probe_data,
-                            device=device, seed=seed)
+        classes = beside if beside.is_file() and spec.label_key else None
+    result = run_evaluation(checkpoint, data, classes_json=classes, spec=spec, model_name=model,
+                            probe_csv=probe_data, device=device, skip_bad_rows=skip_bad_rows, seed=seed)
     if attack_manifest is not None:
         from clipguard.evaluation.asr import attack_metrics
 
-        result["metrics"]["attack"] = attack_metrics(checkpoint, attack_manifest, device=device,
-                                                     probe_csv=probe_data, seed=seed)
+        result["metrics"]["attack"] = attack_metrics(checkpoint, attack_manifest, model_name=model,
+                                                     device=device, probe_csv=probe_data, seed=seed)
     return result
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from clipguard.commands.common import add_csv_args, csv_spec
 
@@ -25,31 +24,16 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipguard.errors import DataError
-    from clipguard.evaluation.runner import run_evaluation
+    from clipguard.api import evaluate
     from clipguard.io import check_output_path, write_json
     from clipguard.models.device import resolve_device
 
     resolve_device(args.device)  # fail before any work: --device cuda without a GPU, a typo
     if args.out:
         check_output_path(args.out)
-    spec = csv_spec(args)
-    if args.classes:  # asked for: it must be there (no silent run without zero-shot)
-        if not Path(args.classes).is_file():
-            raise DataError("classes file not found (--classes)", file=str(args.classes))
-        classes = Path(args.classes)
-    else:  # the dataset's own classes.json, when it has one and a label column to score against
-        classes = Path(args.data).parent / "classes.json"
-        classes = classes if classes.is_file() and spec.label_key else None
-    result = run_evaluation(args.checkpoint, args.data, classes_json=classes, spec=spec,
-                            model_name=args.model, probe_csv=args.probe_data, device=args.device,
-                            skip_bad_rows=args.skip_bad_rows, seed=args.seed)
-    if args.attack_manifest:
-        from clipguard.evaluation.asr import attack_metrics
-
-        result["metrics"]["attack"] = attack_metrics(args.checkpoint, args.attack_manifest,
-                                                     model_name=args.model, device=args.device,
-                                                     probe_csv=args.probe_data, seed=args.seed)
+    result = evaluate(args.checkpoint, args.data, classes=args.classes, attack_manifest=args.attack_manifest,
+                      probe_data=args.probe_data, device=args.device, seed=args.seed, spec=csv_spec(args),
+                      model=args.model, skip_bad_rows=args.skip_bad_rows)
     if args.out:
         write_json(args.out, result)
         print(f"wrote {args.out}")
