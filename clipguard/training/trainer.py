@@ -364,9 +364,10 @@ class Trainer:
                    log: run_dir.RunLog | None) -> None:
         """Checkpoint (with the history inside), then the results line, TensorBoard and out.log."""
         if dist.is_main:
-            self._history.append(json.loads(json.dumps(round_floats(record), default=str)))
+            entry = json.loads(json.dumps(round_floats(record), default=str))  # as results.jsonl holds it
+            self._history.append(entry)
             self._save(epoch, (epoch + 1) * self.ctx.steps_per_epoch)
-            append_jsonl(self.out / "results.jsonl", record)
+            append_jsonl(self.out / "results.jsonl", entry)
             if tb is not None:
                 for k, v in record.items():
                     if isinstance(v, (int, float)):
