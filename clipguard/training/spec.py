@@ -111,8 +111,9 @@ def resolve_spec(*, stage: str = "pretrain", defense: str | None = None,
     """
     from clipguard import defenses
 
+    prefix = f"{where}: " if where else ""
     if stage not in STAGES:
-        raise ConfigError(f"{where + ': ' if where else ''}stage must be one of {STAGES}, got {stage!r}")
+        raise ConfigError(f"{prefix}stage must be one of {STAGES}, got {stage!r}")
     preset_name = None
     if isinstance(preset, (str, Path)):
         preset_name = str(preset)
@@ -120,13 +121,13 @@ def resolve_spec(*, stage: str = "pretrain", defense: str | None = None,
     preset = preset or {}
     pdef = preset.get("defense")
     if defense is not None and pdef is not None and defense != pdef:
-        raise ConfigError(f"{where + ': ' if where else ''}the preset {preset_name or ''} is for defense "
+        raise ConfigError(f"{prefix}the preset {preset_name or ''} is for defense "
                           f"'{pdef}', but defense '{defense}' was asked for")
     name = defense or pdef or DEFAULT_DEFENSE[stage]
     try:
         defenses.get(name)  # an unknown name fails here, listing the known ones
     except ConfigError as e:
-        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+        raise ConfigError(f"{prefix}{e}") from None
     where_opt = where or (f"preset {preset_name}" if preset_name else "")
     merged_options = {**(preset.get("options") or {}), **(options or {})}
     opts = defenses.resolve_options(name, merged_options, where=where_opt)
