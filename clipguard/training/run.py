@@ -20,7 +20,7 @@ def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: Cs
               dataset_type: str = "auto", lazy_images: bool = False, limit: int | None = None,
               skip_bad_rows: bool = False, eval_data: str | Path | None = None,
               classes: str | Path | None = None, attack_manifest: str | Path | None = None,
-              resume: str | None = None, overwrite: bool = False, verbose: bool = True) -> dict[str, Any]:
+              resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train ``spec`` on the dataset at ``data`` into ``out``; returns the last epoch's record."""
     from clipguard.data.classes import ClassInfo
     from clipguard.data.csv_dataset import check_limit, load_csv, require_labels
@@ -38,7 +38,7 @@ def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: Cs
     size = model_image_size(spec.train.model)
     train = load_dataset(str(data), dataset_type, spec=data_spec, image_size=size,
                          skip_bad_rows=skip_bad_rows, limit=limit, lazy=lazy_images)
-    if train.skipped and verbose:
+    if train.skipped:
         print(f"skipped {train.skipped} bad rows of {data}")
     evaluate = None
     if eval_data is not None:
