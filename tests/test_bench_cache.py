@@ -117,3 +117,20 @@ def test_validation_split_holds_rows_out_of_training_and_poisoning(fm_dir, tmp_p
     grid["datasets"]["fm"]["val_size"] = 0
     with pytest.raises(ConfigError, match="val_size"):
         parse_config(grid)
+
+
+def test_validation_split_is_made_again_when_its_training_csv_changes(fm_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "fm"
+    shutil.copytree(fm_dir, src)
+    grid = {"seeds": [0], "split": "val",
+            "datasets": {"fm": {"train": str(src / "train.csv"), "test": str(src / "test.csv"),
+                                "probe_size": 0, "finetune_size": 0, "val_size": 50}},
+            "attacks": {"clean": "none"}, "pretrain": {"defenses": {"CLIP": "none"}}}
+    cfg = parse_config(grid)
+    ds = cfg.datasets[0]
+    assert len(BenchCache(cfg, tmp_path / "b").clean_train(ds)) == 512 - 50
+    lines = (src / "train.csv").read_text().splitlines(keepends=True)
+    (src / "train.csv").write_text("".join(lines[:301]))  # header + 300 rows
+    assert len(BenchCache(cfg, tmp_path / "b").clean_train(ds)) == 300 - 50

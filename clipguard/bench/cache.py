@@ -19,7 +19,7 @@ from clipguard.bench.config import AttackSpec, BenchConfig, DatasetSpec
 from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData, load_csv
 from clipguard.errors import ConfigError, DataError
-from clipguard.io import write_json
+from clipguard.io import sha256_file, write_json
 from clipguard.models.factory import model_image_size
 from clipguard.training.context import step_seed
 
@@ -59,6 +59,7 @@ class BenchCache:
         self._csv: dict[str, ImageCaptionData] = {}
         self._poison: dict[tuple[str, str, int], PoisonedSet] = {}
         self._aside: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._split_done: set[str] = set()
 
     # ------------------------------------------------------------------ datasets
     def spec(self, ds: DatasetSpec) -> CsvSpec:
@@ -80,8 +81,14 @@ class BenchCache:
             return train, test, classes
         folder = self.out / "data" / ds.label / f"val{ds.val_size}-seed{ds.data_seed}"
         fit, val = folder / "train.csv", folder / "val.csv"
-        if not (fit.is_file() and val.is_file()):
-            self._write_split(ds, train, fit, val)
+        if ds.label not in self._split_done:
+            # made from this very training CSV (its hash is the stamp), else made again
+            stamp, source = folder / "split.json", {"source_sha256": sha256_file(train)}
+            if not (fit.is_file() and val.is_file() and stamp.is_file()
+                    and json.loads(stamp.read_text()) == source):
+                self._write_split(ds, train, fit, val)
+                write_json(stamp, source)
+            self._split_done.add(ds.label)
         return fit, (val if self.cfg.split == "val" else test), classes
 
     def _write_split(self, ds: DatasetSpec, train: Path, fit: Path, val: Path) -> None:
