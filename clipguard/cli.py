@@ -11,7 +11,8 @@ import sys
 from clipguard import __version__
 from clipguard.errors import ClipguardError
 
-COMMANDS = ["data", "models", "train", "evaluate", "poison", "finetune", "subcaptions", "bench", "demo"]
+COMMANDS = ["data", "models", "train", "evaluate", "poison", "finetune", "subcaptions", "bench", "demo",
+            "scan"]
 
 
 def build_parser() -> argparse.ArgumentParser:

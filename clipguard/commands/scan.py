@@ -1,0 +1,63 @@
+"""``clipguard scan``: score every pair of a dataset with poison detectors; write what to keep."""
+
+from __future__ import annotations
+
+import argparse
+
+from clipguard.commands.common import add_csv_args, csv_spec
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("scan", help="find suspicious (poisoned) pairs in a dataset with a model's embeddings",
+                       description="Encode the dataset once with the model, score every pair with each "
+                                   "detector (higher: more suspicious), and write DIR/scores.csv, "
+                                   "DIR/kept.csv, DIR/suspicious.csv and DIR/scan.json (with "
+                                   "--attack-manifest also detection metrics and plots).")
+    p.add_argument("--data", required=True, help="dataset: CSV, or webdataset shards")
+    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or .safetensors")
+    p.add_argument("--model", default=None, help="model name if the checkpoint has no state.json")
+    p.add_argument("--out", required=True, help="scan folder")
+    p.add_argument("--detector", action="extend", nargs="+", default=None, metavar="NAME",
+                   help="detectors to run, in order (repeatable or comma-separated; default: every "
+                        "registered one: dao, iforest, kdist, lid, mixture, similarity, slof)")
+    p.add_argument("--detector-option", action="extend", nargs="+", default=[], metavar="NAME.KEY=VALUE",
+                   help="a detector option, e.g. dao.k=32 or lid.space=joint (repeatable)")
+    p.add_argument("--attack-manifest", default=None,
+                   help="the poisoned data's manifest.json: adds AUROC, AUPRC, TPR@1%%FPR, precision@k and plots")
+    p.add_argument("--keep-detector", default=None,
+                   help="detector whose rule writes kept.csv (default: the first --detector, or dao)")
+    p.add_argument("--keep-fraction", type=float, default=None,
+                   help="keep this fraction of pairs with the lowest scores instead of the detector's rule")
+    p.add_argument("--top", type=int, default=100, help="rows in suspicious.csv (default 100)")
+    p.add_argument("--overwrite", action="store_true", help="replace a scan already in --out")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--batch-size", type=int, default=256, help="pairs per encoding batch")
+    p.add_argument("--chunk", type=int, default=4096, help="query rows per block of the neighbour search")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    p.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "webdataset"])
+    p.add_argument("--lazy-images", action="store_true", help="decode images on demand (data larger than memory)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_csv_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipguard.detection.runner import parse_detector_options, scan
+
+    summary = scan(args.data, args.checkpoint, args.out, model=args.model, detectors=args.detector,
+                   options=parse_detector_options(args.detector_option), attack_manifest=args.attack_manifest,
+                   keep_fraction=args.keep_fraction, keep_detector=args.keep_detector, top=args.top,
+                   overwrite=args.overwrite, device=args.device, batch_size=args.batch_size,
+                   spec=csv_spec(args), dataset_type=args.dataset_type, lazy_images=args.lazy_images,
+                   limit=args.limit, skip_bad_rows=args.skip_bad_rows, chunk=args.chunk,
+                   progress=not args.quiet)
+    n = summary["n_pairs"]
+    for name, rec in summary["detectors"].items():
+        m = rec.get("metrics") or {}
+        auc = f"  AUROC {m['auroc']:.3f}  AUPRC {m['auprc']:.3f}" if m.get("auroc") is not None else ""
+        print(f"{name:>10}: keeps {rec['keep']['kept']}/{n}  {rec['pairs_per_s'] or 0:.0f} pairs/s{auc}")
+    keep = summary["keep"]
+    extra = f", {keep['poisons_kept']} of {summary['n_poisoned']} poisons" if "poisons_kept" in keep else ""
+    print(f"kept {keep['kept']} of {n} pairs by {keep['detector']} ({keep['rule']}{extra}): "
+          f"{args.out}/{keep['file']}")
+    return 0

@@ -1,0 +1,237 @@
+"""What every detector shares: the pair features it scores, its options, its keep rule.
+
+A detector turns the embeddings of N image-caption pairs into N scores, higher meaning more
+suspicious, and says which pairs to keep when the user gives no fraction (``keep_rule``). It is
+one module under ``clipguard/detection/detectors/`` with one ``@DETECTORS.register("name")``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from clipguard.errors import ConfigError
+from clipguard.options import Options, require
+from clipguard.registry import Registry
+
+SPACES = ("image", "text", "joint")
+MAD_TO_STD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
+
+
+# ---------------------------------------------------------------------------- features
+@dataclass
+class Neighbours:
+    """k nearest neighbours of every pair among the other pairs, nearest first."""
+
+    distances: torch.Tensor  # (N, k) float32, CPU
+    indices: torch.Tensor    # (N, k) long, CPU
+    seconds: float           # what the search cost
+
+    def first(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.distances[:, :k], self.indices[:, :k]
+
+
+@dataclass
+class PairFeatures:
+    """L2-normalised image and text embeddings of N pairs (row i of both is pair i), and the
+    pair's cosine similarity (computed when not given).
+
+    ``device`` is where neighbour searches run; their results are cached per (space, metric), so
+    several density detectors on one space pay for one search (the largest k asked for)."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    similarity: torch.Tensor | None = None
+    device: str | torch.device = "cpu"
+    chunk: int = 4096
+    _cache: dict[tuple[str, str], Neighbours] = field(default_factory=dict, init=False, repr=False)
+    _joint: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _spent: float = field(default=0.0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 2 or self.text.ndim != 2 or len(self.image) != len(self.text):
+            raise ValueError(f"image and text features must be (N, d) with the same N, got "
+                             f"{tuple(self.image.shape)} and {tuple(self.text.shape)}")
+        self.image = torch.nn.functional.normalize(self.image.detach().float().cpu(), dim=1)
+        self.text = torch.nn.functional.normalize(self.text.detach().float().cpu(), dim=1)
+        if self.similarity is None:
+            if self.image.shape[1] != self.text.shape[1]:
+                raise ValueError("image and text features of different widths: pass the similarity")
+            self.similarity = (self.image * self.text).sum(dim=1)
+        self.similarity = self.similarity.detach().float().cpu().reshape(-1)
+        if len(self.similarity) != len(self.image):
+            raise ValueError(f"{len(self.similarity)} similarities for {len(self.image)} pairs")
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def space(self, name: str) -> torch.Tensor:
+        """The embedding a density detector works in: image, text, or both (concatenated and
+        renormalised, so each modality weighs the same)."""
+        if name == "image":
+            return self.image
+        if name == "text":
+            return self.text
+        if name == "joint":
+            if self._joint is None:
+                self._joint = torch.nn.functional.normalize(torch.cat([self.image, self.text], dim=1), dim=1)
+            return self._joint
+        raise ConfigError(f"unknown feature space '{name}'; choose one of: {', '.join(SPACES)}")
+
+    def search_seconds(self) -> float:
+        """Seconds spent on every neighbour search so far."""
+        return self._spent
+
+    def search_cost(self, space: str, metric: str) -> float:
+        """Seconds the (cached) search in ``space`` with ``metric`` took; 0 if none ran."""
+        hit = self._cache.get((space, metric))
+        return hit.seconds if hit is not None else 0.0
+
+    def cached(self, space: str, metric: str, k: int) -> Neighbours | None:
+        hit = self._cache.get((space, metric))
+        return hit if hit is not None and hit.distances.shape[1] >= k else None
+
+    def neighbours(self, space: str, k: int, metric: str = "l2") -> Neighbours:
+        """The k nearest other pairs of each pair in ``space`` (exact, chunked; cached)."""
+        from clipguard.detection.knn import knn
+
+        hit = self.cached(space, metric, k)
+        if hit is not None:
+            return hit
+        if k >= len(self):
+            raise ConfigError(f"k = {k} neighbours needs more than {k} pairs; the data has {len(self)}")
+        x = self.space(space)
+        t0 = time.perf_counter()
+        d, i = knn(x, x, k, metric=metric, exclude_self=True, chunk=self.chunk, device=self.device,
+                   normalize=False)
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+        found = Neighbours(d.float().cpu(), i.cpu(), time.perf_counter() - t0)
+        self._spent += found.seconds
+        self._cache[(space, metric)] = found
+        return found
+
+
+# ---------------------------------------------------------------------------- keep rules
+@dataclass
+class KeepDecision:
+    """Which pairs to keep (True) and how that was decided, for scan.json."""
+
+    mask: np.ndarray
+    rule: dict[str, Any]
+
+    @property
+    def kept(self) -> int:
+        return int(self.mask.sum())
+
+
+def robust_keep(scores: np.ndarray, z: float) -> KeepDecision:
+    """Keep pairs whose score is at most median + z * 1.4826 * MAD (a robust z-score cut).
+
+    When over half the scores are equal (MAD 0) the mean absolute deviation stands in; when all
+    are equal, every pair is kept."""
+    s = np.asarray(scores, dtype=np.float64)
+    med = float(np.median(s))
+    mad = float(np.median(np.abs(s - med)))
+    spread, how = MAD_TO_STD * mad, "mad"
+    if spread == 0.0:
+        spread, how = math.sqrt(math.pi / 2) * float(np.mean(np.abs(s - med))), "mean_abs_dev"
+    cut = med + z * spread if spread > 0 else math.inf
+    mask = s <= cut
+    return KeepDecision(mask, {"rule": "robust_z", "z": z, "median": med, "spread": spread,
+                               "spread_from": how, "threshold": cut if math.isfinite(cut) else None})
+
+
+def fraction_keep(scores: np.ndarray, fraction: float) -> KeepDecision:
+    """Keep the ``fraction`` of pairs with the lowest scores (ties: the earlier row first)."""
+    from clipguard.defenses.split import top_fraction_mask
+
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"--keep-fraction must be in (0, 1], got {fraction}")
+    s = torch.from_numpy(np.asarray(scores, dtype=np.float64))
+    mask = top_fraction_mask(-s, fraction).numpy()
+    kept = s[torch.from_numpy(mask)]
+    return KeepDecision(mask, {"rule": "fraction", "fraction": fraction,
+                               "threshold": float(kept.max()) if len(kept) else None})
+
+
+# ---------------------------------------------------------------------------- detectors
+@dataclass
+class DetectorOptions(Options):
+    """Options every score-based detector takes: ``z`` of its robust keep rule."""
+
+    kind: ClassVar[str] = "detector"
+    z: float = 3.0  # keep score <= median + z * 1.4826 * MAD when no --keep-fraction is given
+
+    def validate(self) -> None:
+        require(self.z > 0, f"option 'z' must be > 0, got {self.z}")
+
+
+class Detector:
+    """Base class. Subclasses set ``options_class`` and define ``score``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for --list and the docs
+    options_class: ClassVar[type[DetectorOptions]] = DetectorOptions
+
+    def __init__(self, options: DetectorOptions | None = None) -> None:
+        self.opt = options if options is not None else self.options_class()
+
+    def neighbour_key(self) -> tuple[str, str] | None:
+        """(space, metric) of the neighbour search this detector uses, if any (for timing)."""
+        return None
+
+    def score(self, features: PairFeatures) -> np.ndarray:
+        """(N,) float64 scores; higher means more likely poisoned."""
+        raise NotImplementedError
+
+    def keep_rule(self, scores: np.ndarray) -> KeepDecision:
+        """The pairs to keep when the user gives no ``--keep-fraction``."""
+        return robust_keep(scores, self.opt.z)
+
+
+DETECTORS: Registry[type[Detector]] = Registry("detector", package="clipguard.detection.detectors")
+
+
+def names() -> list[str]:
+    return DETECTORS.names()
+
+
+def get(name: str) -> type[Detector]:
+    return DETECTORS.get(name)
+
+
+def build(name: str, options: dict[str, Any] | DetectorOptions | None = None, *, where: str = "") -> Detector:
+    """A detector with validated options; a bad name, key or value is a one-line ConfigError."""
+    cls = get(name)
+    if isinstance(options, Options):
+        if not isinstance(options, cls.options_class):
+            raise ConfigError(f"{where + ': ' if where else ''}detector '{name}' takes "
+                              f"{cls.options_class.__name__}, got {type(options).__name__}")
+        options.check(where)
+        opt = options
+    else:
+        opt = cls.options_class.from_dict(options, where=where)
+    det = cls(opt)
+    det.name = name
+    return det
+
+
+def finite_scores(scores: torch.Tensor | np.ndarray, fill: float | None = None) -> np.ndarray:
+    """float64 scores with NaN and infinities replaced (by the largest finite score + 1, unless
+    ``fill``): a degenerate neighbourhood ranks as most suspicious, never breaks a metric."""
+    s = np.asarray(scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else scores,
+                   dtype=np.float64).reshape(-1)
+    bad = ~np.isfinite(s)
+    if bad.any():
+        finite = s[~bad]
+        top = fill if fill is not None else (float(finite.max()) + 1.0 if finite.size else 0.0)
+        s = s.copy()
+        s[np.isneginf(s)] = float(finite.min()) if finite.size else 0.0
+        s[np.isnan(s) | np.isposinf(s)] = top
+    return s

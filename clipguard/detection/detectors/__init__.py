@@ -1,0 +1,1 @@
+"""One module per detector; each registers itself in ``clipguard.detection.DETECTORS``."""

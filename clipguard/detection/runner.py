@@ -1,0 +1,295 @@
+"""``clipguard scan``: encode a dataset once, score every pair with each detector, and write what
+to train on.
+
+``scan`` is the whole command (load, encode, score, write DIR); ``scan_features`` is the part
+that needs no files (features in, scores, keep masks and metrics out), for callers that already
+hold a model's embeddings, such as the bench.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from clipguard.detection.base import (
+    Detector,
+    DetectorOptions,
+    KeepDecision,
+    PairFeatures,
+    build,
+    fraction_keep,
+    get,
+    names,
+)
+from clipguard.errors import ConfigError, DataError
+
+DEFAULT_KEEP = "dao"
+
+
+# ---------------------------------------------------------------------------- settings
+def parse_detector_options(items: Iterable[str] | None) -> dict[str, dict[str, str]]:
+    """``["dao.k=32", "lid.space=text"]`` -> ``{"dao": {"k": "32"}, "lid": {"space": "text"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        key, eq, value = str(item).partition("=")
+        name, dot, opt = key.strip().partition(".")
+        if not eq or not dot or not name or not opt.strip():
+            raise ConfigError(f"--detector-option {item!r}: expected DETECTOR.KEY=VALUE, e.g. dao.k=32")
+        out.setdefault(name, {})[opt.strip()] = value.strip()
+    return out
+
+
+def resolve_detectors(detectors: str | Sequence[str] | None = None,
+                      options: dict[str, dict[str, Any] | DetectorOptions] | None = None) -> list[Detector]:
+    """Built detectors, in the order given (default: every registered one); options are checked
+    against each detector's dataclass, and options for a detector not run are refused."""
+    if isinstance(detectors, str):
+        detectors = [detectors]
+    chosen: list[str] = []
+    for entry in detectors or names():
+        for name in str(entry).split(","):
+            name = name.strip()
+            if name and name not in chosen:
+                chosen.append(name)
+    if not chosen:
+        raise ConfigError("no detector given")
+    options = dict(options or {})
+    for name in options:
+        if name not in chosen:
+            get(name)  # an unknown name gets the registry's message, with the choices
+            raise ConfigError(f"--detector-option for '{name}', which is not among the detectors run "
+                              f"({', '.join(chosen)})")
+    return [build(name, options.get(name)) for name in chosen]
+
+
+def default_keep_detector(detectors: Sequence[Detector], explicit: bool) -> str:
+    """The first detector given, or ``dao`` when running the default set."""
+    names_run = [d.name for d in detectors]
+    if not explicit and DEFAULT_KEEP in names_run:
+        return DEFAULT_KEEP
+    return names_run[0]
+
+
+# ---------------------------------------------------------------------------- encoding
+@torch.no_grad()
+def encode_pairs(model: torch.nn.Module, tokenizer, data, *, device: str | torch.device = "cpu",
+                 batch_size: int = 256, progress: bool = True, chunk: int = 4096) -> PairFeatures:
+    """Normalised image and caption embeddings of every pair (one pass, batch by batch, so lazy
+    images and captions are never held all at once in model input form)."""
+    from tqdm.auto import tqdm
+
+    from clipguard.evaluation.features import encode_images, encode_tokens
+
+    dev = torch.device(device)
+    n = len(data)
+    img, txt = [], []
+    with tqdm(total=n, desc="encode", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(0, n, batch_size):
+            idx = torch.arange(i, min(n, i + batch_size))
+            img.append(encode_images(model, data.images, dev, batch_size=batch_size, indices=idx))
+            txt.append(encode_tokens(model, tokenizer(data.captions[i:i + batch_size]), dev, batch_size))
+            bar.update(len(idx))
+    return PairFeatures(torch.cat(img), torch.cat(txt), device=dev, chunk=chunk)
+
+
+# ---------------------------------------------------------------------------- scoring
+@dataclass
+class DetectorRun:
+    """One detector's scores and what its keep rule decided."""
+
+    detector: Detector
+    scores: np.ndarray
+    keep: KeepDecision
+    seconds: float       # its own work (the shared neighbour search is counted in knn_seconds)
+    knn_seconds: float   # the neighbour search it reads (shared with the detectors on that space)
+    metrics: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.detector.name
+
+    def ranks(self) -> np.ndarray:
+        """1 = most suspicious; equal scores: the earlier pair first."""
+        order = np.argsort(-self.scores, kind="stable")
+        r = np.empty(len(order), dtype=np.int64)
+        r[order] = np.arange(1, len(order) + 1)
+        return r
+
+    def summary(self, n: int, poisoned: np.ndarray | None) -> dict[str, Any]:
+        total = self.seconds + self.knn_seconds
+        out: dict[str, Any] = {
+            "options": self.detector.opt.to_dict(), "seconds": self.seconds, "knn_seconds": self.knn_seconds,
+            "pairs_per_s": n / total if total > 0 else None,
+            "keep": {**self.keep.rule, "kept": self.keep.kept, "kept_fraction": self.keep.kept / n if n else None},
+        }
+        if poisoned is not None:
+            out["keep"]["poisons_kept"] = int((self.keep.mask & poisoned).sum())
+        if self.metrics is not None:
+            out["metrics"] = self.metrics
+        return out
+
+
+@dataclass
+class ScanResult:
+    runs: list[DetectorRun]
+    keep_detector: str
+    keep: KeepDecision                     # the mask kept.csv is written from
+    poisoned: np.ndarray | None = None
+    parts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def run(self, name: str) -> DetectorRun:
+        return next(r for r in self.runs if r.name == name)
+
+
+def scan_features(features: PairFeatures, detectors: Sequence[Detector], *, keep_detector: str | None = None,
+                  keep_fraction: float | None = None, poisoned: np.ndarray | torch.Tensor | None = None,
+                  parts: dict[str, Any] | None = None, progress: bool = True) -> ScanResult:
+    """Score ``features`` with each detector; keep by ``keep_detector``'s rule (or the
+    ``keep_fraction`` of lowest scores); with ``poisoned`` (a mask), detection metrics overall
+    and per ``parts`` (name -> mask of that part's poisons)."""
+    from tqdm.auto import tqdm
+
+    from clipguard.detection.metrics import grouped_metrics
+
+    keep_detector = keep_detector or default_keep_detector(detectors, explicit=True)
+    if keep_detector not in [d.name for d in detectors]:
+        raise ConfigError(f"--keep-detector '{keep_detector}' is not among the detectors run "
+                          f"({', '.join(d.name for d in detectors)})")
+    if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
+        raise ConfigError(f"--keep-fraction must be in (0, 1], got {keep_fraction}")
+    n = len(features)
+    mask = None if poisoned is None else np.asarray(poisoned).astype(bool).reshape(-1)
+    part_masks = {k: np.asarray(v).astype(bool).reshape(-1) for k, v in (parts or {}).items()}
+    runs = []
+    for det in tqdm(detectors, desc="detectors", unit="detector", disable=not progress, dynamic_ncols=True):
+        key = det.neighbour_key()
+        before = features.search_seconds()
+        t0 = time.perf_counter()
+        scores = det.score(features)
+        wall = time.perf_counter() - t0
+        searched = features.search_seconds() - before
+        if len(scores) != n:
+            raise RuntimeError(f"detector '{det.name}' gave {len(scores)} scores for {n} pairs")
+        knn_s = features.search_cost(*key) if key is not None else 0.0
+        run = DetectorRun(det, scores, det.keep_rule(scores), max(0.0, wall - searched), knn_s)
+        if mask is not None:
+            run.metrics = grouped_metrics(scores, mask, part_masks or None)
+        runs.append(run)
+    chosen = next(r for r in runs if r.name == keep_detector)
+    keep = fraction_keep(chosen.scores, keep_fraction) if keep_fraction is not None else chosen.keep
+    return ScanResult(runs, keep_detector, keep, mask, part_masks)
+
+
+# ---------------------------------------------------------------------------- manifest
+def manifest_masks(manifest: str | Path, data) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+    """Poison mask over ``data``, one mask per attack part (trigger) when the manifest records
+    several, and the manifest itself."""
+    from clipguard.attacks.manifest import load_manifest, poison_mask
+
+    m = load_manifest(manifest)
+    poisoned = poison_mask(m, data).numpy()
+    triggers = m.get("poison_triggers")
+    parts: dict[str, np.ndarray] = {}
+    rows = [int(r) for r in m["poisoned_rows"]]
+    if isinstance(triggers, list) and len(triggers) == len(rows):
+        names_by_row = {r: (str(t) or str(m["attack"])) for r, t in zip(rows, triggers)}
+        if len(set(names_by_row.values())) > 1:
+            lines = data.rows if data.rows else [i + 2 for i in range(len(data))]
+            for part in dict.fromkeys(names_by_row.values()):
+                parts[part] = np.array([names_by_row.get(line - 2) == part for line in lines], dtype=bool)
+    return poisoned, parts, m
+
+
+# ---------------------------------------------------------------------------- the command
+def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: str | None = None,
+         detectors: str | Sequence[str] | None = None,
+         options: dict[str, dict[str, Any] | DetectorOptions] | None = None,
+         attack_manifest: str | Path | None = None, keep_fraction: float | None = None,
+         keep_detector: str | None = None, top: int = 100, overwrite: bool = False, device: str = "auto",
+         batch_size: int = 256, spec=None, dataset_type: str = "auto", lazy_images: bool = False,
+         limit: int | None = None, skip_bad_rows: bool = False, chunk: int = 4096,
+         progress: bool = True) -> dict[str, Any]:
+    """Find suspicious pairs of ``data`` with ``checkpoint``'s embeddings; write ``out``.
+
+    Writes ``out/scores.csv`` (every pair's score and rank per detector), ``out/kept.csv`` (the
+    pairs the keep detector keeps, in the input's columns and separator, images hard-linked
+    beside it), ``out/suspicious.csv`` (the ``top`` highest-scoring pairs), ``out/scan.json``
+    (returned) and, with ``attack_manifest``, detection metrics and plots. Everything is checked
+    before the model runs; an existing ``out/scan.json`` needs ``overwrite``.
+    """
+    import clipguard
+    from clipguard.data.csv_dataset import CsvSpec, check_limit
+    from clipguard.data.registry import infer_type, load_dataset
+    from clipguard.detection import outputs
+    from clipguard.evaluation.runner import load_model
+    from clipguard.models.device import resolve_device
+    from clipguard.models.factory import get_tokenizer, image_size
+
+    # ---- every setting first: a typo costs nothing
+    dets = resolve_detectors(detectors, options)
+    keep_name = keep_detector or default_keep_detector(dets, explicit=detectors is not None)
+    if keep_name not in [d.name for d in dets]:
+        raise ConfigError(f"--keep-detector '{keep_name}' is not among the detectors run "
+                          f"({', '.join(d.name for d in dets)})")
+    if keep_fraction is not None and not (math.isfinite(keep_fraction) and 0.0 < keep_fraction <= 1.0):
+        raise ConfigError(f"--keep-fraction must be in (0, 1], got {keep_fraction}")
+    if top < 0:
+        raise ConfigError(f"--top must be >= 0, got {top}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if chunk < 1:
+        raise ConfigError(f"--chunk must be >= 1, got {chunk}")
+    check_limit(limit)
+    spec = spec or CsvSpec()
+    kind = infer_type(str(data)) if dataset_type == "auto" else dataset_type
+    if kind == "csv" and not Path(data).is_file():
+        raise DataError("file not found", file=str(data))
+    out = outputs.check_out(out, overwrite, data if kind == "csv" else None)
+    dev = resolve_device(device)
+    if attack_manifest is not None:
+        from clipguard.attacks.manifest import load_manifest
+
+        load_manifest(attack_manifest)  # a missing or broken manifest fails before the model loads
+
+    # ---- model, data, embeddings
+    net, model_name = load_model(checkpoint, model, str(dev))
+    pairs = load_dataset(str(data), kind, spec=spec, image_size=image_size(net), skip_bad_rows=skip_bad_rows,
+                         limit=limit, lazy=lazy_images)
+    poisoned, parts, manifest = (manifest_masks(attack_manifest, pairs) if attack_manifest is not None
+                                 else (None, {}, None))
+    t0 = time.perf_counter()
+    features = encode_pairs(net, get_tokenizer(model_name), pairs, device=dev, batch_size=batch_size,
+                            progress=progress, chunk=chunk)
+    encode_s = time.perf_counter() - t0
+    del net
+    result = scan_features(features, dets, keep_detector=keep_name, keep_fraction=keep_fraction,
+                           poisoned=poisoned, parts=parts, progress=progress)
+
+    # ---- outputs (scan.json last: it marks a finished scan)
+    n = len(pairs)
+    files = outputs.write_all(out, pairs, result, kind=kind, spec=spec, top=top)
+    summary: dict[str, Any] = {
+        "data": str(data), "dataset_type": kind, "checkpoint": str(checkpoint), "model": model_name,
+        "device": str(dev), "n_pairs": n, "skipped_rows": pairs.skipped,
+        "encode": {"seconds": encode_s, "pairs_per_s": n / encode_s if encode_s > 0 else None,
+                   "batch_size": batch_size},
+        "detectors": {r.name: r.summary(n, poisoned) for r in result.runs},
+        "keep": {"detector": result.keep_detector, **result.keep.rule, "kept": result.keep.kept,
+                 "kept_fraction": result.keep.kept / n, "file": files.get("kept")},
+    }
+    if poisoned is not None:
+        summary["keep"]["poisons_kept"] = int((result.keep.mask & poisoned).sum())
+        summary["attack_manifest"] = str(Path(manifest["_dir"]) / "manifest.json")
+        summary["attack"] = manifest.get("attack")
+        summary["n_poisoned"] = int(poisoned.sum())
+        summary["parts"] = {k: int(v.sum()) for k, v in parts.items()} or None
+    summary["files"] = files
+    summary["clipguard_version"] = clipguard.__version__
+    outputs.write_summary(out, summary)
+    return summary

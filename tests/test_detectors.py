@@ -1,0 +1,228 @@
+"""Detectors, the chunked neighbour search, keep rules and detection metrics on synthetic data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from clipguard.detection import DETECTORS, PairFeatures, build, knn
+from clipguard.detection.base import fraction_keep, robust_keep
+from clipguard.detection.density import lid_mle
+from clipguard.detection.metrics import (
+    auprc,
+    auroc,
+    detection_metrics,
+    grouped_metrics,
+    precision_at_k,
+    tpr_at_fpr,
+)
+from clipguard.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N_CLEAN, N_POISON, DIM = 300, 16, 32
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Clean pairs on a 4-dimensional subspace with matching captions; a planted cluster of
+    poisons spread in all 32 dimensions (sparse, high-dimensional) with unrelated captions."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(DIM, 4, generator=g)
+    clean = torch.randn(N_CLEAN, 4, generator=g) @ basis.T + 0.05 * torch.randn(N_CLEAN, DIM, generator=g)
+    poison = 0.5 * torch.randn(DIM, generator=g) + torch.randn(N_POISON, DIM, generator=g)
+    image = torch.cat([clean, poison])
+    text = torch.cat([clean + 0.1 * torch.randn(N_CLEAN, DIM, generator=g), torch.randn(N_POISON, DIM, generator=g)])
+    labels = np.r_[np.zeros(N_CLEAN, dtype=bool), np.ones(N_POISON, dtype=bool)]
+    return image, text, labels
+
+
+def test_every_detector_is_registered():
+    assert set(DETECTORS.names()) == {"similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest"}
+
+
+@pytest.mark.parametrize("name", ["similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest"])
+def test_detector_scores_the_planted_pairs_highest(planted, name):
+    image, text, labels = planted
+    det = build(name)
+    scores = det.score(PairFeatures(image, text))
+    assert scores.shape == (N_CLEAN + N_POISON,) and np.isfinite(scores).all()
+    assert auroc(scores, labels) > 0.9
+    keep = det.keep_rule(scores)
+    assert keep.mask.dtype == bool and keep.mask.shape == scores.shape
+    assert keep.mask[~labels].mean() > 0.5  # the default rule keeps most clean pairs
+
+
+@pytest.mark.parametrize("space", ["text", "joint"])
+def test_density_detectors_work_in_every_space(planted, space):
+    image, text, labels = planted
+    scores = build("dao", {"space": space, "k": "8"}).score(PairFeatures(image, text))
+    assert auroc(scores, labels) > 0.9
+
+
+def test_density_detectors_share_one_neighbour_search(planted):
+    image, text, _ = planted
+    f = PairFeatures(image, text)
+    for name in ("kdist", "lid", "slof", "dao"):
+        build(name).score(f)
+    build("kdist", {"k": 8}).score(f)  # a smaller k reads the same search
+    assert list(f._cache) == [("image", "l2")] and f._cache[("image", "l2")].distances.shape[1] == 16
+
+
+def test_dao_and_slof_match_their_formulas(planted):
+    image, text, _ = planted
+    x = torch.nn.functional.normalize(image, dim=1).double()
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(float("inf"))
+    k = 16
+    dist, idx = d.sort(dim=1)
+    dist, idx = dist[:, :k], idx[:, :k]
+    dk = dist[:, -1]
+    lid = -1.0 / torch.log(dist / dk[:, None]).mean(dim=1)
+    dao = (lid[idx] * torch.log(dk[:, None] / dk[idx])).mean(dim=1)
+    slof = (dk[:, None] / dk[idx]).mean(dim=1)
+    f = PairFeatures(image, text)
+    np.testing.assert_allclose(build("dao").score(f), dao.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(build("slof").score(f), slof.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(build("kdist").score(f), dk.numpy(), rtol=1e-4)
+
+
+def test_lid_mle_by_hand():
+    # distances 1, 2, 4: mean of -log(d_i / d_k) = (log 4 + log 2 + 0) / 3 = log 2
+    assert lid_mle(torch.tensor([[1.0, 2.0, 4.0]])).item() == pytest.approx(1 / math.log(2), rel=1e-6)
+    assert math.isfinite(lid_mle(torch.tensor([[3.0, 3.0, 3.0]])).item())   # all equal: capped
+    assert math.isfinite(lid_mle(torch.tensor([[0.0, 0.0, 1.0]])).item())   # duplicates
+
+
+# ---------------------------------------------------------------------------- knn
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_chunked_knn_equals_brute_force(metric):
+    g = torch.Generator().manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(203, 24, generator=g), dim=1)
+    r = torch.nn.functional.normalize(torch.randn(517, 24, generator=g), dim=1)
+    d, i = knn(q, r, 9, metric=metric, chunk=37, ref_chunk=53)
+    full = torch.cdist(q.double(), r.double())
+    if metric == "cosine":
+        full = full ** 2 / 2  # 1 - cos of unit vectors
+    want_d, want_i = full.sort(dim=1)
+    assert torch.equal(i, want_i[:, :9])
+    torch.testing.assert_close(d.double(), want_d[:, :9], atol=1e-5, rtol=1e-5)
+
+
+def test_knn_excludes_self_across_chunks():
+    g = torch.Generator().manual_seed(2)
+    x = torch.nn.functional.normalize(torch.randn(150, 8, generator=g), dim=1)
+    d, i = knn(x, x, 5, exclude_self=True, chunk=16, ref_chunk=23, metric="l2")
+    full = torch.cdist(x.double(), x.double())
+    full.fill_diagonal_(float("inf"))
+    want_d, want_i = full.sort(dim=1)
+    assert not (i == torch.arange(150)[:, None]).any()
+    assert torch.equal(i, want_i[:, :5])
+    torch.testing.assert_close(d.double(), want_d[:, :5], atol=1e-5, rtol=1e-5)
+    one_chunk = knn(x, x, 5, exclude_self=True, metric="l2")
+    assert torch.equal(one_chunk[1], i)
+
+
+def test_knn_refuses_bad_arguments():
+    x = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="k must be in"):
+        knn(x, x, 10, exclude_self=True)
+    with pytest.raises(ValueError, match="same d"):
+        knn(x, torch.randn(10, 5), 3)
+    with pytest.raises(ValueError, match="exclude_self"):
+        knn(x, torch.randn(11, 4), 3, exclude_self=True)
+
+
+# ---------------------------------------------------------------------------- keep rules, options
+def test_robust_keep_rule():
+    scores = np.r_[np.arange(11, dtype=float), 100.0]  # median 5.5, MAD 3
+    keep = robust_keep(scores, z=3.0)
+    assert keep.rule["threshold"] == pytest.approx(5.5 + 3 * 1.4826 * 3)
+    assert keep.mask.tolist() == [True] * 11 + [False]
+    assert robust_keep(np.ones(5), 3.0).kept == 5  # no spread at all: keep everything
+
+
+def test_fraction_keep_keeps_the_lowest_scores():
+    keep = fraction_keep(np.array([0.5, 0.1, 0.9, 0.3]), 0.5)
+    assert keep.mask.tolist() == [False, True, False, True] and keep.rule["rule"] == "fraction"
+    with pytest.raises(ConfigError, match="keep-fraction"):
+        fraction_keep(np.zeros(3), 0.0)
+
+
+def test_mixture_keeps_its_split(planted):
+    image, text, labels = planted
+    det = build("mixture", {"threshold": 0.5})
+    keep = det.keep_rule(det.score(PairFeatures(image, text)))
+    assert keep.rule["rule"] == "mixture" and "gmm_mean_high" in keep.rule
+    assert not keep.mask[labels].any() and keep.mask[~labels].mean() > 0.9
+
+
+def test_bad_detector_and_options_are_one_line_errors():
+    with pytest.raises(ConfigError, match="unknown detector 'nope'; choose one of: dao"):
+        build("nope")
+    with pytest.raises(ConfigError, match=r"detector 'dao' has no option 'kk' \(did you mean 'k'\?\)"):
+        build("dao", {"kk": 3})
+    with pytest.raises(ConfigError, match="detector 'lid': option 'space' must be one of"):
+        build("lid", {"space": "audio"})
+    with pytest.raises(ConfigError, match="option 'k' must be >= 2"):
+        build("kdist", {"k": 1})
+    with pytest.raises(ConfigError, match="needs more than"):
+        build("kdist", {"k": 16}).score(PairFeatures(torch.randn(10, 4), torch.randn(10, 4)))
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.random(400) < 0.1
+    s = rng.normal(size=400) + 1.5 * y
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y, s))
+    assert auprc(s, y) == pytest.approx(average_precision_score(y, s))
+    m = detection_metrics(s, y)
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, s)) and m["n_poison"] == int(y.sum())
+    assert math.isnan(auroc(s, np.zeros(400)))
+    assert detection_metrics(s, np.zeros(400))["auroc"] is None
+
+
+def test_tpr_at_1pct_fpr_and_precision_at_k_by_hand():
+    # 200 clean pairs scored 0..199 and 4 poisons: at most 2 clean pairs (1%) may be flagged, so
+    # the threshold is 198, which flags the poisons scored 500, 400 and 198.5 but not 50: 3/4
+    clean = np.arange(200, dtype=float)
+    scores = np.r_[clean, [500.0, 400.0, 198.5, 50.0]]
+    labels = np.r_[np.zeros(200), np.ones(4)]
+    assert tpr_at_fpr(scores, labels, 0.01) == pytest.approx(0.75)
+    assert precision_at_k(scores, labels) == pytest.approx(0.75)  # top 4: 500, 400, 199, 198.5
+    assert precision_at_k([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == 0.5
+
+
+def test_grouped_metrics_score_each_part_against_the_clean_pairs():
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 0.8, 0.15, 0.05])
+    poisoned = np.array([0, 0, 0, 0, 1, 1, 1, 1], dtype=bool)
+    parts = {"easy": np.array([0, 0, 0, 0, 1, 1, 0, 0], bool), "hidden": np.array([0, 0, 0, 0, 0, 0, 1, 1], bool)}
+    out = grouped_metrics(scores, poisoned, parts)
+    assert out["parts"]["easy"]["auroc"] == 1.0 and out["parts"]["easy"]["n"] == 6
+    assert out["parts"]["hidden"]["auroc"] == pytest.approx(1 / 8)
+    assert out["auroc"] == pytest.approx(auroc(scores, poisoned))
+    json.dumps(out)  # plain numbers only
+
+
+def test_manifest_parts_follow_the_recorded_triggers(tmp_path):
+    from clipguard.data.csv_dataset import ImageCaptionData
+    from clipguard.detection.runner import manifest_masks
+
+    manifest = {"attack": "multi", "params": {}, "seed": 0, "target": {"index": 0}, "target_captions": [],
+                "poisoned_rows": [1, 4, 5], "poison_triggers": ["badnet", "sig", "badnet"], "mode": "replace",
+                "source_csv": "/elsewhere/train.csv", "source_sha256": "", "clipguard_version": "0", "n_rows": 6}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    data = ImageCaptionData(images=torch.zeros(6, 3, 2, 2, dtype=torch.uint8), captions=["c"] * 6,
+                            labels=torch.zeros(6, dtype=torch.long), paths=[""] * 6, rows=[2, 3, 4, 5, 6, 7],
+                            n_source_rows=6)
+    poisoned, parts, _ = manifest_masks(tmp_path / "manifest.json", data)
+    assert poisoned.tolist() == [False, True, False, False, True, True]
+    assert parts["badnet"].tolist() == [False, True, False, False, False, True]
+    assert parts["sig"].tolist() == [False, False, False, False, True, False]

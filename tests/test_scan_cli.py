@@ -1,0 +1,120 @@
+"""``clipguard scan`` end to end on a small poisoned Fashion-MNIST CSV with an untrained model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from clipguard.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N = 512 + 12  # BadNet injects its 12 poisons next to the 512 clean pairs
+DETECTORS = ["dao", "iforest", "kdist", "lid", "mixture", "similarity", "slof"]
+
+
+@pytest.fixture(scope="module")
+def poisoned(fm_dir, tmp_path_factory):
+    """A BadNet-poisoned copy (12 injected pairs) of the session's 512-pair CSV and a tiny untrained checkpoint."""
+    from clipguard import attacks
+    from clipguard.models.checkpoint import save_checkpoint
+    from clipguard.models.factory import create_model
+
+    root = tmp_path_factory.mktemp("scan")
+    attacks.poison_csv(fm_dir / "train.csv", "badnet", target="bag", count=12, seed=0, out=root / "p",
+                       eval_csv=fm_dir / "test.csv")
+    save_checkpoint(root / "ck", create_model("cg-nano", seed=0), state={"model": "cg-nano"})
+    return root
+
+
+def _scan(root, out, *extra):
+    return main(["scan", "--data", str(root / "p" / "train.csv"), "--checkpoint", str(root / "ck"),
+                 "--out", str(out), "--device", "cpu", "--quiet", *extra])
+
+
+def _rows(path, delimiter=","):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter=delimiter))
+
+
+def test_scan_writes_scores_kept_and_metrics(poisoned, tmp_path, capsys):
+    from clipguard.data.csv_dataset import CsvSpec, load_csv, read_rows
+
+    out = tmp_path / "scan"
+    manifest = poisoned / "p" / "manifest.json"
+    assert _scan(poisoned, out, "--attack-manifest", str(manifest), "--top", "20") == 0
+    assert "kept" in capsys.readouterr().out
+    summary = json.loads((out / "scan.json").read_text())
+    assert list(summary["detectors"]) == DETECTORS and summary["n_pairs"] == N
+    assert summary["n_poisoned"] == 12 and summary["keep"]["detector"] == "dao"
+    for rec in summary["detectors"].values():
+        assert {"auroc", "auprc", "tpr@1%fpr", "precision@k"} <= rec["metrics"].keys()
+        assert rec["pairs_per_s"] > 0 and rec["keep"]["kept"] > 0
+        assert 0.0 <= rec["metrics"]["auroc"] <= 1.0
+    # scores.csv: one row per pair, a score and a rank per detector, the truth from the manifest
+    scores = _rows(out / "scores.csv")
+    assert len(scores) == N
+    assert sum(int(r["poisoned"]) for r in scores) == 12
+    assert sorted(int(r["dao_rank"]) for r in scores) == list(range(1, N + 1))
+    bad_rows = json.loads(manifest.read_text())["poisoned_rows"]
+    assert {int(r["row"]) for r in scores if r["poisoned"] == "1"} == set(bad_rows)
+    # kept.csv: the input's columns and separator, loadable as it is, the keep rule's rows
+    kept = load_csv(out / "kept.csv")
+    assert read_rows(out / "kept.csv", CsvSpec())[0] == read_rows(poisoned / "p" / "train.csv", CsvSpec())[0]
+    assert len(kept) == summary["keep"]["kept"] == sum(int(r["kept"]) for r in scores)
+    kept_captions = [r["caption"] for r in scores if r["kept"] == "1"]
+    assert kept.captions == kept_captions
+    # suspicious.csv: the top rows by the keep detector's score, highest first
+    top = _rows(out / "suspicious.csv")
+    assert len(top) == 20 and [int(r["rank"]) for r in top] == list(range(1, 21))
+    by_rank = sorted(scores, key=lambda r: int(r["dao_rank"]))[:20]
+    assert [r["row"] for r in top] == [r["row"] for r in by_rank]
+    assert (out / "plots" / "score_hist.png").stat().st_size > 0 and (out / "plots" / "roc.png").is_file()
+
+
+def test_existing_scan_needs_overwrite_and_fraction_overrides_the_rule(poisoned, tmp_path, capsys):
+    from clipguard.detection import scan
+
+    out = tmp_path / "scan"
+    assert _scan(poisoned, out, "--detector", "similarity", "--attack-manifest",
+                 str(poisoned / "p" / "manifest.json")) == 0
+    assert (out / "plots" / "roc.png").is_file()
+    capsys.readouterr()
+    assert _scan(poisoned, out, "--detector", "kdist") == 2
+    err = capsys.readouterr().err
+    assert "scan.json exists" in err and "--overwrite" in err and "Traceback" not in err
+    # the Python function is the command: a fraction replaces the keep rule; old plots go
+    summary = scan(poisoned / "p" / "train.csv", poisoned / "ck", out, detectors=["kdist", "lid"],
+                   options={"kdist": {"k": "8"}}, keep_fraction=0.9, overwrite=True, device="cpu",
+                   progress=False)
+    assert list(summary["detectors"]) == ["kdist", "lid"] and summary["keep"]["detector"] == "kdist"
+    assert summary["keep"]["rule"] == "fraction" and summary["keep"]["kept"] == 471
+    assert summary["detectors"]["kdist"]["options"]["k"] == 8 and "metrics" not in summary["detectors"]["kdist"]
+    assert not (out / "plots" / "roc.png").exists()
+    assert len(_rows(out / "kept.csv", "\t")) == 471
+    assert json.loads((out / "scan.json").read_text())["keep"]["kept"] == 471
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--detector", "nope"], "unknown detector 'nope'; choose one of: dao, iforest"),
+    (["--detector-option", "dao.kk=3"], "detector 'dao' has no option 'kk' (did you mean 'k'?)"),
+    (["--detector-option", "dao.k=many"], "option 'k' must be an integer"),
+    (["--detector-option", "dao=3"], "expected DETECTOR.KEY=VALUE"),
+    (["--detector", "kdist", "--detector-option", "lid.k=3"], "'lid', which is not among the detectors run"),
+    (["--detector", "kdist", "--keep-detector", "dao"], "--keep-detector 'dao' is not among"),
+    (["--keep-fraction", "1.5"], "--keep-fraction must be in (0, 1]"),
+    (["--attack-manifest", "missing.json"], "missing.json: attack manifest not found"),
+])
+def test_bad_settings_are_one_line_errors(poisoned, tmp_path, capsys, args, message):
+    assert _scan(poisoned, tmp_path / "scan", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "scan").exists()
+
+
+def test_bad_data_file_names_the_file(poisoned, tmp_path, capsys):
+    rc = main(["scan", "--data", str(tmp_path / "none.csv"), "--checkpoint", str(poisoned / "ck"),
+               "--out", str(tmp_path / "scan"), "--device", "cpu", "--quiet"])
+    assert rc == 2 and "none.csv: file not found" in capsys.readouterr().err
