@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from clipguard import defenses
 from clipguard.data.csv_dataset import load_csv
-from clipguard.defenses.safeclip import shard_similarities
+from clipguard.defenses.pair_scores import shard_similarities
 from clipguard.training.trainer import TrainConfig, Trainer
 
 csv, out = sys.argv[1], Path(sys.argv[2])

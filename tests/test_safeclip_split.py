@@ -110,7 +110,7 @@ def test_relative_score_flags_an_image_that_prefers_other_captions():
     confusable class whose caption is about as good as its class peers'."""
     from types import SimpleNamespace
 
-    from clipguard.defenses.safeclip import shard_similarities
+    from clipguard.defenses.pair_scores import shard_similarities
     from clipguard.training.distributed import DistInfo
 
     e = torch.eye(4)
@@ -123,3 +123,45 @@ def test_relative_score_flags_an_image_that_prefers_other_captions():
     rel = shard_similarities(ctx, torch.arange(3), ref, top_k=1)
     assert torch.allclose(plain, torch.tensor([1.0, 0.0, 1.0]))
     assert rel[1] < -0.9 and rel[0] > -1e-6 and rel[2] > 0.2
+
+
+def test_joint_density_vetoes_pairs_that_join_an_image_of_one_kind_to_a_caption_of_another():
+    """Clean pairs come in look-alike groups (image of kind c with a caption of kind c); poisoned
+    pairs join images of many kinds to one target caption, so in the joint space each has few
+    look-alikes: its k-th neighbour is far, and the veto keeps it out of the safe set."""
+    from types import SimpleNamespace
+
+    from clipguard.defenses.pair_scores import dense_inliers, shard_pair_scores
+    from clipguard.defenses.safeclip import SafeClip, SafeClipOptions
+    from clipguard.training.distributed import DistInfo
+
+    g = torch.Generator().manual_seed(0)
+    kinds = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
+    src = torch.arange(600) % 6
+    img = kinds[src] + 0.05 * torch.randn(600, 16, generator=g)
+    txt = kinds[src] + 0.05 * torch.randn(600, 16, generator=g)
+    txt[590:] = kinds[0] + 0.05 * torch.randn(10, 16, generator=g)  # ten poisons, all "kind 0"
+    img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
+    ctx = SimpleNamespace(dist=DistInfo(), device=torch.device("cpu"), raw_model=None,
+                          encode_dataset=lambda indices: (img[indices], txt[indices]))
+    sims, log_kd = shard_pair_scores(ctx, torch.arange(600), density_k=16, density_reference=400, seed=1)
+    dense = dense_inliers(log_kd, 1.0)
+    poison = torch.zeros(600, dtype=torch.bool)
+    poison[590:] = True
+    poison[590:] &= src[590:] != 0  # a poison whose image is of kind 0 is a clean-looking pair
+    assert not dense[poison].any()
+    assert dense[~poison].float().mean() > 0.8
+    # poisons the model has learned look clean to the similarity (here: the highest scores), so
+    # a 90% safe set ranked by it holds them all; the veto removes them
+    sims[590:] = 2.0
+    s = SafeClip(SafeClipOptions(density_z=1.0, safe_size="schedule", min_initial_fraction=0.9,
+                                 max_initial_fraction=0.9))
+    s._sizer = s.opt.sizer(0.05)
+    for veto in (None, dense):
+        decision = s._decide(sims, veto)
+        safe = torch.zeros(600, dtype=torch.bool)
+        safe[decision["safe_idx"]] = True
+        if veto is None:
+            assert safe[poison].all()
+        else:
+            assert not (safe & poison).any() and decision["log"]["density_vetoed"] > 0

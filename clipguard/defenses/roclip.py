@@ -20,7 +20,7 @@ import torch
 from clipguard.data.augment import Views
 from clipguard.defenses import DEFENSES
 from clipguard.defenses.nn_pool import NNPool
-from clipguard.defenses.safeclip import embed_dim
+from clipguard.defenses.pair_scores import embed_dim
 from clipguard.options import Options, require
 from clipguard.tensors import normalize
 from clipguard.training.context import Batch, TrainContext, step_seed

@@ -12,7 +12,6 @@ The manifest is never seen here: diagnostics read ``pair_scores()``/``selected()
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -22,6 +21,7 @@ import torch
 from clipguard.data.augment import Views
 from clipguard.defenses import DEFENSES
 from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss
+from clipguard.defenses.pair_scores import dense_inliers, embed_dim, shard_pair_scores
 from clipguard.defenses.split import SafeSetSchedule, fit_gmm, top_fraction_mask
 from clipguard.errors import ConfigError
 from clipguard.options import Options, require
@@ -49,52 +49,6 @@ def inlier_fraction(scores: torch.Tensor, z: float) -> float:
     if float(mad) == 0.0:
         return float((x >= med).double().mean())
     return float((x >= med - z * mad).double().mean())
-
-
-def embed_dim(model: torch.nn.Module) -> int:
-    """Width of the joint embedding of an open_clip CLIP."""
-    dim = getattr(getattr(model, "visual", None), "output_dim", None)
-    if dim is None:
-        dim = model.text_projection.shape[1]
-    return int(dim)
-
-
-def shard_similarities(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
-                       top_k: int = 10) -> torch.Tensor:
-    """Cosine similarity of each clean (non-augmented) pair in ``indices``, computed by shards.
-
-    With ``reference`` (text features of a sample of captions), the score is relative: the
-    pair's similarity minus the mean of its image's ``top_k`` similarities to the sample. A pair
-    of a class the model still confuses keeps its own caption near its class's captions (score
-    near 0); a poisoned pair's image prefers other captions to its own (score well below 0).
-
-    Each rank encodes ``indices[rank::world]``; the parts are gathered (padded to equal length)
-    and put back in the order of ``indices``, so every rank ends with the same vector.
-    """
-    dist = ctx.dist
-    world, rank = dist.world_size, dist.rank
-    mine = indices[rank::world]
-    if len(mine):
-        img, txt = ctx.encode_dataset(indices=mine)
-        sims = (img * txt).sum(dim=1)
-        if reference is not None:
-            k = min(top_k, reference.shape[0])
-            best = torch.cat([(img[i:i + 4096] @ reference.t()).topk(k, dim=1).values.mean(1)
-                              for i in range(0, len(img), 4096)])
-            sims = sims - best
-    else:
-        sims = torch.empty(0)
-    if world == 1:
-        return sims.float()
-    per = math.ceil(len(indices) / world)
-    padded = torch.full((per,), float("nan"), device=ctx.device)
-    padded[: len(mine)] = sims.to(ctx.device)
-    allp = all_gather_nograd(padded, dist).cpu().view(world, per)
-    out = torch.empty(len(indices))
-    for r in range(world):
-        n_r = len(indices[r::world])
-        out[r::world] = allp[r, :n_r]
-    return out
 
 
 @dataclass
@@ -126,6 +80,12 @@ class SafeClipOptions(Options):
     rank_by: Literal["similarity", "p_clean", "relative"] = "relative"  # relative: see shard_similarities
     reference_captions: int = 1024    # relative: captions sampled (per epoch) to compare each image with
     reference_top_k: int = 10
+    # the joint-density veto: a pair whose joint (image, caption) embedding has its density_k-th
+    # nearest neighbour (among density_reference sampled pairs) more than density_z robust standard
+    # deviations farther than the median pair's stays out of the safe set (None: no veto)
+    density_z: float | None = None
+    density_k: int = 16
+    density_reference: int = 16384
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "none"  # the paper: simclr
@@ -150,6 +110,10 @@ class SafeClipOptions(Options):
         require(self.pool_size is None or self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
         require(self.reference_captions >= 1 and self.reference_top_k >= 1,
                 "reference_captions and reference_top_k must be >= 1")
+        require(self.density_z is None or self.density_z > 0,
+                f"density_z must be > 0 (or None: no density veto), got {self.density_z}")
+        require(self.density_k >= 1 and self.density_reference >= 2,
+                "density_k must be >= 1 and density_reference >= 2")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
@@ -190,6 +154,7 @@ class SafeClip(Strategy, PairSelector):
         self._m: float | None = None            # current safe fraction (None before the first split)
         self._safe: torch.Tensor | None = None  # bool (N,), the safe set of this epoch
         self._sims: torch.Tensor | None = None  # float (N,), latest clean-pair similarities
+        self._dense: torch.Tensor | None = None  # bool (N,), pairs the density veto lets through
 
     # ------------------------------------------------------------------ phases and lr
     def phase(self, epoch: int) -> str:
@@ -264,17 +229,26 @@ class SafeClip(Strategy, PairSelector):
         n = len(ctx.data)
         t0 = time.perf_counter()
         cand, full = self._candidates(n)
-        fresh = shard_similarities(ctx, cand, self._reference(epoch), self.opt.reference_top_k)
+        o = self.opt
+        fresh, log_kd = shard_pair_scores(
+            ctx, cand, self._reference(epoch), o.reference_top_k,
+            density_k=o.density_k if o.density_z is not None else 0,
+            density_reference=o.density_reference, seed=step_seed(ctx.seed, "safeclip-density", epoch))
         sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
         sims[cand] = fresh
+        dense = None
+        if log_kd is not None:
+            # pairs not re-scored this epoch keep their last verdict (they are outside the safe set)
+            dense = self._dense.clone() if self._dense is not None else torch.ones(n, dtype=torch.bool)
+            dense[cand] = dense_inliers(log_kd, o.density_z)
         t_sims = time.perf_counter() - t0
         decision = None
         if ctx.dist.is_main:
-            decision = self._decide(sims)
+            decision = self._decide(sims, dense)
         decision = broadcast_object(decision, ctx.dist)
         safe = torch.zeros(n, dtype=torch.bool)
         safe[torch.tensor(decision["safe_idx"], dtype=torch.long)] = True
-        self._safe, self._sims, self._m = safe, sims, decision["m"]
+        self._safe, self._sims, self._dense, self._m = safe, sims, dense, decision["m"]
         rec.update(decision["log"])
         rec.update({"safe_size": int(safe.sum()), "safe_fraction": round(float(safe.float().mean()), 6),
                     "evaluated_pairs": int(len(cand)), "full_evaluation": bool(full),
@@ -294,7 +268,7 @@ class SafeClip(Strategy, PairSelector):
         idx = torch.randperm(len(ctx.data), generator=g)[: self.opt.reference_captions]
         return encode_tokens(ctx.raw_model, ctx.tokens[idx.to(ctx.tokens.device)], ctx.device)
 
-    def _decide(self, sims: torch.Tensor) -> dict[str, Any]:
+    def _decide(self, sims: torch.Tensor, dense: torch.Tensor | None = None) -> dict[str, Any]:
         """Rank 0 only: the GMM split the first time, the grown top-m% afterwards.
 
         With ``safe_size`` ``outlier`` (or ``mixture``) m never exceeds a ceiling re-measured
@@ -327,6 +301,10 @@ class SafeClip(Strategy, PairSelector):
                 m, mask = ceiling, None
         if mask is None:
             mask = top_fraction_mask(scores, m)
+        if dense is not None:
+            # the veto only removes pairs: m keeps growing on the ranking, the set is its intersection
+            log["density_vetoed"] = int((mask & ~dense).sum())
+            mask = mask & dense
         log["m"] = round(m, 6)
         return {"safe_idx": torch.nonzero(mask).flatten().tolist(), "m": m, "log": log}
 
@@ -405,6 +383,8 @@ class SafeClip(Strategy, PairSelector):
             out["sims"] = self._sims.contiguous()
         if self._safe is not None:
             out["safe"] = self._safe.to(torch.uint8).contiguous()
+        if self._dense is not None:
+            out["dense"] = self._dense.to(torch.uint8).contiguous()
         return out
 
     def state_json(self) -> dict[str, Any]:
@@ -415,4 +395,5 @@ class SafeClip(Strategy, PairSelector):
         self._txt_pool.load_state(tensors, "txt_pool")
         self._sims = tensors["sims"].clone() if "sims" in tensors else None
         self._safe = tensors["safe"].bool().clone() if "safe" in tensors else None
+        self._dense = tensors["dense"].bool().clone() if "dense" in tensors else None
         self._m = meta.get("m")

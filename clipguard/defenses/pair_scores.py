@@ -1,0 +1,118 @@
+"""Per-pair scores for SafeCLIP's split, computed by shards across ranks.
+
+Two signals, both from clean (non-augmented) pairs:
+
+* the pair's similarity, optionally *relative*: minus the mean of its image's ``top_k``
+  similarities to a sample of captions. A poisoned pair's image prefers other captions to its
+  own; a pair of a class the model still confuses keeps its caption near its class's captions.
+* the pair's *joint density*: the log distance from its joint embedding (image and caption
+  features side by side) to its ``k``-th nearest neighbour among a sample of the pairs. A clean
+  pair has many pairs like it, with a similar image AND a similar caption; a poisoned pair joins
+  an image of one kind to a caption of another, a combination only the other poisons share.
+  This stays informative after the model has started to learn the poisons, when the similarity
+  of a learned poison already looks clean (docs/defenses.md, "How the defaults were chosen").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from clipguard.detection.knn import knn
+from clipguard.training.context import TrainContext
+from clipguard.training.distributed import all_gather_nograd, all_reduce_sum
+
+
+def embed_dim(model: torch.nn.Module) -> int:
+    """Width of the joint embedding of an open_clip CLIP."""
+    dim = getattr(getattr(model, "visual", None), "output_dim", None)
+    if dim is None:
+        dim = model.text_projection.shape[1]
+    return int(dim)
+
+
+def _gather_in_order(values: torch.Tensor, n: int, ctx: TrainContext) -> torch.Tensor:
+    """Put each rank's shard (rows ``rank::world`` of ``n``) back in order, on every rank."""
+    dist = ctx.dist
+    world = dist.world_size
+    if world == 1:
+        return values.float().cpu()
+    per = math.ceil(n / world)
+    padded = torch.full((per, values.shape[1]), float("nan"), device=ctx.device)
+    padded[: len(values)] = values.to(ctx.device)
+    allp = all_gather_nograd(padded, dist).cpu().view(world, per, values.shape[1])
+    out = torch.empty(n, values.shape[1])
+    for r in range(world):
+        out[r::world] = allp[r, : len(range(r, n, world))]
+    return out
+
+
+def _joint_log_kdist(ctx: TrainContext, joint: torch.Tensor, n: int, k: int, reference: int,
+                     seed: int) -> torch.Tensor:
+    """log distance of this rank's joint features to their k-th neighbour among a seeded sample
+    of ``reference`` of the ``n`` scored pairs (the pair itself excluded when sampled)."""
+    dist = ctx.dist
+    world, rank = dist.world_size, dist.rank
+    g = torch.Generator().manual_seed(seed)
+    ref_pos = torch.sort(torch.randperm(n, generator=g)[: min(reference, n)]).values
+    # every rank fills the sampled rows it encoded; a sum across ranks completes the sample
+    ref = torch.zeros(len(ref_pos), joint.shape[1], device=joint.device)
+    own = (ref_pos % world) == rank
+    ref[own] = joint[ref_pos[own] // world]
+    ref = all_reduce_sum(ref, dist)
+    kk = min(k, len(ref_pos) - 1)
+    if len(joint) == 0 or kk < 1:
+        return torch.zeros(len(joint))
+    d, ix = knn(joint, ref, kk + 1, metric="l2")
+    # the reference row that is this query itself (-1 when the query was not sampled)
+    self_ref = torch.full((n,), -1, dtype=torch.long)
+    self_ref[ref_pos] = torch.arange(len(ref_pos))
+    mine_self = self_ref[torch.arange(rank, n, world)].to(ix.device)
+    d = d.masked_fill(ix == mine_self[:, None], float("inf"))
+    kth = torch.sort(d, dim=1).values[:, kk - 1]
+    return kth.clamp_min(1e-12).log().cpu()
+
+
+@torch.no_grad()
+def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
+                      top_k: int = 10, density_k: int = 0, density_reference: int = 16384,
+                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(score, log k-distance or None) of each pair in ``indices``, the same on every rank.
+
+    Each rank encodes ``indices[rank::world]``. ``reference``: text features of a sample of
+    captions, for the relative score. ``density_k`` > 0 adds the joint density."""
+    world, rank = ctx.dist.world_size, ctx.dist.rank
+    mine = indices[rank::world]
+    cols = []
+    if len(mine):
+        img, txt = ctx.encode_dataset(indices=mine)
+    else:
+        img = txt = torch.empty(0, embed_dim(ctx.raw_model))
+    sims = (img * txt).sum(dim=1)
+    if reference is not None and len(mine):
+        k = min(top_k, reference.shape[0])
+        best = torch.cat([(img[i:i + 4096] @ reference.t()).topk(k, dim=1).values.mean(1)
+                          for i in range(0, len(img), 4096)])
+        sims = sims - best
+    cols.append(sims.float().cpu())
+    if density_k > 0:
+        joint = torch.nn.functional.normalize(torch.cat([img, txt], dim=1), dim=1).to(ctx.device)
+        cols.append(_joint_log_kdist(ctx, joint, len(indices), density_k, density_reference, seed))
+    out = _gather_in_order(torch.stack(cols, dim=1), len(indices), ctx)
+    return out[:, 0].contiguous(), (out[:, 1].contiguous() if density_k > 0 else None)
+
+
+def shard_similarities(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
+                       top_k: int = 10) -> torch.Tensor:
+    """The similarity (or relative) score alone; see ``shard_pair_scores``."""
+    return shard_pair_scores(ctx, indices, reference, top_k)[0]
+
+
+def dense_inliers(log_kdist: torch.Tensor, z: float) -> torch.Tensor:
+    """Pairs whose log k-distance is at most ``z`` robust standard deviations (1.4826 MAD) above
+    the median: those with enough look-alike pairs."""
+    x = log_kdist.double()
+    med = x.median()
+    mad = (x - med).abs().median() * 1.4826
+    return x <= med + z * mad
