@@ -84,7 +84,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, defen
              preset: str | Path | None = None, options: dict[str, Any] | None = None,
              eval_data: str | Path | None = None, resume: str | None = None, overwrite: bool = False,
              spec: CsvSpec | None = None, **settings: Any) -> dict[str, Any]:
-    """Clean a (possibly poisoned) model on clean ``data``: ft, cleanclip or cleanerclip."""
+    """Clean a (possibly poisoned) model on clean ``data``: ft, cleanclip, cleanerclip or par."""
     from clipguard.training.run import finetune_start, train_run
 
     weights, name = finetune_start(checkpoint, settings.pop("model", None))

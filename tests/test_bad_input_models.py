@@ -110,7 +110,8 @@ CASES = {
                                  "model.safetensors"),
     "pickle-as-safetensors": (lambda e, t: _folder_with(t, "c", pickle.dumps({"w": [1, 2]}, protocol=4)),
                               "Python pickle", "model.safetensors"),
-    "pt-file": (lambda e, t: _write(t / "weights.pt", _torch_zip()), "we never unpickle", "weights.pt"),
+    "pkl-file": (lambda e, t: _write(t / "weights.pkl", _torch_zip()), "weights are read from .safetensors",
+                 "weights.pkl"),  # .pt/.pth/.bin state dicts are read: tests/test_checkpoint_formats.py
     "only-bin-in-folder": (lambda e, t: _folder_with(t, "c", None, extra={"pytorch_model.bin": _torch_zip()}),
                            "only pickled weights", "pytorch_model.bin"),
     "corrupt-state": (lambda e, t: _folder_with(t, "c", e["weights"], state='{"model": "cg-na'),
@@ -263,7 +264,7 @@ def test_local_dir_with_pickled_weights_is_refused(tmp_path, env, capsys):
     d.mkdir()
     (d / "open_clip_config.json").write_text((env["good"] / "open_clip_config.json").read_text())
     (d / "open_clip_pytorch_model.bin").write_bytes(_torch_zip())
-    with pytest.raises(ConfigError, match="only pickled weights.*never unpickles"):
+    with pytest.raises(ConfigError, match="only pickled weights.*pass the file itself"):
         create_model(f"local-dir:{d}")
     (d / "open_clip_config.json").write_text('{"preprocess_cfg": {}}')
     with pytest.raises(DataError, match="open_clip_config.json.*model_cfg"):

@@ -10,7 +10,8 @@ from clipguard.commands.common import add_csv_args, csv_spec
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint; one JSON per run")
-    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or .safetensors")
+    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, .safetensors, or a "
+                   ".pt/.pth/.bin state dict (read with torch.load(weights_only=True))")
     p.add_argument("--data", required=True, help="labelled test CSV")
     p.add_argument("--classes", default=None, help="classes.json (default: beside --data)")
     p.add_argument("--model", default=None, help="model name if the checkpoint has no state.json")

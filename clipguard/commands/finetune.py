@@ -1,4 +1,4 @@
-"""``clipguard finetune``: clean a (possibly poisoned) model with ft / cleanclip / cleanerclip.
+"""``clipguard finetune``: clean a (possibly poisoned) model with ft / cleanclip / cleanerclip / par.
 
 The run starts from the checkpoint's weights only, with a fresh optimizer and schedule (the
 reference code wrongly restored the pre-training optimizer state). ``--resume latest`` resumes
@@ -14,7 +14,7 @@ from clipguard.commands.train import add_train_args, run_training
 
 def add_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a possibly poisoned model on clean data (ft, cleanclip, "
-                       "cleanerclip)")
+                       "cleanerclip, par)")
     add_train_args(p, finetune=True)
     p.set_defaults(func=run)
 

@@ -46,7 +46,8 @@ def add_train_args(p: argparse.ArgumentParser, *, finetune: bool = False) -> Non
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--quiet", action="store_true")
     if finetune:
-        p.add_argument("--checkpoint", required=True, help="the (possibly poisoned) model to clean")
+        p.add_argument("--checkpoint", required=True, help="the (possibly poisoned) model to clean: a run or "
+                       "checkpoint folder, .safetensors, or a .pt/.pth/.bin state dict (with --model)")
     add_csv_args(p)
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints as safetensors plus JSON: nothing is ever unpickled.
+"""Checkpoints as safetensors plus JSON; nothing is ever fully unpickled.
 
 A training checkpoint is a folder: ``model.safetensors`` (plain open_clip state dict, loadable by
 ``open_clip.create_model(name, pretrained='model.safetensors')``), ``optimizer.safetensors``
@@ -13,16 +13,28 @@ the folder opens in plain open_clip, without clipguard::
 (open_clip picks ``model.safetensors`` among the folder's weight files by name, so the weights
 are stored once.)
 
+Weights to start from (``finetune --checkpoint``, ``evaluate --checkpoint``, ``create_model``) may
+also be a ``torch.save`` file (``.pt``, ``.pth``, ``.bin``) as open_clip and OpenAI-style code write
+them: a plain state dict, or a dict holding one under ``state_dict`` (open_clip's training
+checkpoints), with or without DDP's ``module.`` prefix. Such a file is read ONLY with
+``torch.load(path, map_location="cpu", weights_only=True)``, PyTorch's restricted unpickler, which
+builds tensors and plain containers and refuses every other object; a TorchScript archive (OpenAI's
+JIT ``.pt``) is refused before torch sees it, since loading one runs its code.
+
 Faults are errors that name the file: a missing, empty, truncated or corrupt safetensors file, a
-pickle where safetensors are expected, a corrupt ``state.json``, weights of another architecture.
+pickle where safetensors are expected, a pickle that weights_only refuses, a TorchScript archive, a
+corrupt ``state.json``, weights of another architecture.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +51,21 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 # the safetensors names open_clip's local-dir loader prefers, in its order (ours is the last one)
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", MODEL_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# torch.save files read as weights (with torch.load(weights_only=True) only)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+# entries of OpenAI's CLIP state dict that are not weights of the model (open_clip drops them too)
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
 # temporaries of the atomic save before TMP_SUFFIX existed: '.epoch_003.k2j4_x9a', '.epoch_003.old'
 _LEGACY_TEMP = re.compile(r"^\.epoch_\d+\.([a-z0-9_]{8}|old)$|^\.latest\.tmp$")
 _EPOCH = re.compile(r"^epoch_(\d+)$")
 
-_CONVERT_HINT = ("clipguard never unpickles (a pickle can run code); convert it once, in a trusted "
-                 "environment, with safetensors.torch.save_file(torch.load(path, weights_only=True), "
-                 "'model.safetensors')")
+_CONVERT = ("convert it once, in a trusted environment, with safetensors.torch.save_file(torch.load(path, "
+            "weights_only=True), 'model.safetensors')")
+_CONVERT_HINT = f"clipguard never fully unpickles (a pickle can run code); {_CONVERT}"
+_TORCHSCRIPT_HINT = ("convert it once, in an environment you trust, to a plain state dict: python -c \"import "
+                     "torch; torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), 'model.pt')\" "
+                     "(or with open_clip.load_openai_model), then pass model.pt with --model <arch>-quickgelu")
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,12 +98,13 @@ def _refuse_tag(spec: str, what: str = "checkpoint") -> None:
                           f"and pass it as a local path (with .safetensors weights)")
     if os.sep not in spec and "/" not in spec and spec in _pretrained_tags():
         raise ConfigError(f"{what} '{spec}' is an open_clip pretrained tag: clipguard never downloads "
-                          f"weights; download them yourself as .safetensors and pass the file")
+                          f"weights; download them yourself (.safetensors, or a .pt/.bin state dict) and pass the file")
 
 
 def resolve_weights(path: str | Path) -> Path:
-    """The safetensors file of a checkpoint: a ``.safetensors`` file, a checkpoint folder, or a
-    ``local-dir:`` folder. Pickles, tags and hub names are refused with a clear error."""
+    """The weights file of a checkpoint: a ``.safetensors`` file, a ``torch.save`` file (``.pt``,
+    ``.pth``, ``.bin``; see :func:`read_torch_weights`), a checkpoint folder, or a ``local-dir:``
+    folder (its safetensors). Other pickles, tags and hub names are refused with a clear error."""
     spec = str(path)
     if spec.startswith(HF_HUB):
         _refuse_tag(spec)
@@ -97,16 +117,22 @@ def resolve_weights(path: str | Path) -> Path:
                 return path / name
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise ConfigError(f"{path}: only pickled weights here ({', '.join(pickles[:3])}); {_CONVERT_HINT}")
+            usable = [n for n in pickles if Path(n).suffix in TORCH_SUFFIXES]
+            how = (f"pass the file itself (--checkpoint {path / usable[0]}), which is read with "
+                   f"torch.load(weights_only=True), or {_CONVERT}"
+                   if usable else _CONVERT_HINT)
+            raise ConfigError(f"{path}: only pickled weights here ({', '.join(pickles[:3])}), and a folder is "
+                              f"read through its .safetensors only; {how}")
         raise ConfigError(f"{path}: no {MODEL_FILE} in this folder (not a finished checkpoint?)")
     if not path.is_file():
         _refuse_tag(spec)
         raise ConfigError(f"checkpoint not found: {path}")
-    if path.suffix != ".safetensors":
+    if path.suffix != ".safetensors" and path.suffix not in TORCH_SUFFIXES:
         kind = _sniff_pickle(path)
         what = f" it is {kind};" if kind else ""
-        raise ConfigError(f"{path}: only .safetensors checkpoints are read (we never unpickle);{what} "
-                          f"{_CONVERT_HINT}")
+        raise ConfigError(f"{path}: weights are read from .safetensors files and torch.save files named "
+                          f"{', '.join(TORCH_SUFFIXES)} (with torch.load(weights_only=True));{what} "
+                          f"rename a torch.save state dict to .pt, or {_CONVERT}")
     return path
 
 
@@ -129,6 +155,93 @@ def read_tensors(path: str | Path, what: str = "safetensors file") -> dict[str, 
         raise DataError(f"{what} is corrupt or truncated ({e})", file=str(path)) from None
     except OSError as e:
         raise DataError(f"cannot read {what}: {e.strerror or e}", file=str(path)) from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``: a zip with code/ and
+    constants.pkl), e.g. OpenAI's CLIP ``.pt`` files. Read from the zip's directory only."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in names)
+
+
+def _refusal(e: Exception) -> str:
+    """The one line of torch's weights_only refusal that says what it refused."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", str(e), re.DOTALL)
+    text = m.group(1) if m else str(e)
+    line = next((x.strip() for x in text.splitlines() if x.strip()), "")
+    return re.split(r"(?<=\S)\. (?=[A-Z])", line)[0].rstrip(".")[:200]
+
+
+def read_torch_weights(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """The state dict in a ``torch.save`` file, read ONLY with ``torch.load(path, map_location="cpu",
+    weights_only=True)`` (PyTorch's restricted unpickler: tensors and plain containers, nothing else).
+
+    Accepts a plain state dict or a dict with one under ``state_dict`` (open_clip's training
+    checkpoints: epoch, name, state_dict, optimizer), with or without DDP's ``module.`` prefix;
+    entries that are not tensors are ignored. A TorchScript archive (OpenAI's JIT ``.pt``) is refused
+    before torch opens it; a file weights_only refuses, or that holds no state dict, is a one-line
+    ConfigError naming the file; an empty, truncated or corrupt one a DataError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"cannot read {what}: {e.strerror or e}", file=str(path)) from None
+    if size == 0:
+        raise DataError(f"{what} is empty (0 bytes): an interrupted copy or save?", file=str(path))
+    if _is_torchscript(path):
+        raise ConfigError(f"{path}: a TorchScript archive (e.g. OpenAI's JIT CLIP .pt), which clipguard does "
+                          f"not load (loading it runs its code); {_TORCHSCRIPT_HINT.format(path=path)}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols and TorchScript
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = _refusal(e)
+        if _sniff_pickle(path) is None:  # neither a torch zip nor a pickle: damaged, or another format
+            raise DataError(f"{what} is corrupt or not a torch.save file ({why})", file=str(path)) from None
+        holds = ": it holds Python objects besides tensors" if "global" in why.lower() else ""
+        raise ConfigError(f"{path}: torch.load(weights_only=True) refused it ({why}){holds}; clipguard reads "
+                          f"only tensors and plain containers, never a full unpickle: save only the state dict "
+                          f"(torch.save(model.state_dict(), 'model.pt')) in an environment you trust") from None
+    except RuntimeError as e:
+        if "torchscript" in str(e).lower():
+            raise ConfigError(f"{path}: a TorchScript archive, which clipguard does not load; "
+                              f"{_TORCHSCRIPT_HINT.format(path=path)}") from None
+        raise DataError(f"{what} is corrupt or truncated ({_refusal(e)})", file=str(path)) from None
+    except (EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise DataError(f"{what} is corrupt or not a torch.save file ({type(e).__name__}: {e})"[:300],
+                        file=str(path)) from None
+    except OSError as e:
+        raise DataError(f"cannot read {what}: {e.strerror or e}", file=str(path)) from None
+    return _state_dict_of(obj, path)
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint: ``obj`` or ``obj['state_dict']``, ``module.`` stripped."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of tensors, or "
+                          f"a dict with one under 'state_dict')")
+    sd = {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
+    if not sd:
+        keys = _first([str(k) for k in obj])
+        raise ConfigError(f"{path}: no tensors in it (keys: {keys or 'none'}); expected a state dict, or a "
+                          f"dict with one under 'state_dict'")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def read_weights(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """A model's state dict from a safetensors file or, by its name, a torch.save file (.pt, .pth, .bin)."""
+    if Path(path).suffix in TORCH_SUFFIXES:
+        return read_torch_weights(path, what)
+    return read_tensors(path, what)
 
 
 def _first(items: list[str], n: int = 5) -> str:
@@ -168,7 +281,9 @@ def check_fits(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | 
 def load_weights(model: torch.nn.Module, path: str | Path, *, model_name: str | None = None) -> None:
     """Load a checkpoint's weights (file or folder) into ``model``, strictly."""
     f = resolve_weights(path)
-    sd = read_tensors(f, "weights file")
+    sd = read_weights(f, "weights file")
+    want = model.state_dict()
+    sd = {k: v for k, v in sd.items() if k in want or k not in OPENAI_EXTRA_KEYS}
     check_fits(model, sd, f, model_name)
     model.load_state_dict(sd, strict=True)
 

@@ -6,9 +6,10 @@ Our tiny CPU configurations are ordinary open_clip JSON configs, registered with
 ``local-dir:PATH`` (a folder with open_clip_config.json and .safetensors weights, e.g. one of our
 checkpoint folders).
 
-clipguard never downloads and never unpickles: ``hf-hub:`` names, pretrained tags ('openai',
+clipguard never downloads and never fully unpickles: ``hf-hub:`` names, pretrained tags ('openai',
 'laion2b_...') and architectures whose text tower or tokenizer open_clip fetches from the Hugging
-Face Hub are refused with a ConfigError; a local-dir folder is read only through its safetensors.
+Face Hub are refused with a ConfigError; a local-dir folder is read only through its safetensors,
+and a ``.pt``/``.bin`` weights file only with ``torch.load(weights_only=True)`` (see checkpoint.py).
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def create_model(name: str, *, checkpoint: str | Path | None = None,
                  device: str | torch.device = "cpu", seed: int | None = None,
                  pretrained: str | Path | None = None) -> torch.nn.Module:
     """Build an open_clip model by name; random init (seeded) or weights from a local
-    safetensors file or checkpoint folder (``checkpoint``; ``pretrained`` is an alias that refuses
+    safetensors file, torch.save state dict (.pt/.pth/.bin) or checkpoint folder (``checkpoint``;
+    ``pretrained`` is an alias that refuses
     open_clip's download tags). A ``local-dir:`` model loads its folder's weights by default."""
     model_config(name)
     if pretrained is not None:

@@ -1,0 +1,173 @@
+"""PAR, Perturb and Recover (Singh, Croce, Hein, arXiv:2412.00727): fine-tune a possibly poisoned
+model while pushing its embeddings away from those of the model it started from.
+
+Why it helps: a backdoor lives in the poisoned model's embedding geometry (trigger -> target). The
+CLIP loss on clean pairs *recovers* clean alignment, while the push term *perturbs* every embedding
+away from where the poisoned model put it, so the fine-tuned model cannot just sit in the poisoned
+solution. Once an embedding has moved far enough (beyond ``tau``) the push switches off and only
+the CLIP loss is left.
+
+Per step, on an augmented image x~ and its caption t (embeddings L2-normalised):
+
+    P_img = mean_i ||f(x~_i) - f0(x~_i)||^2        (squared L2 over dimensions, mean over the batch)
+    P_txt = mean_i ||f(t_i)  - f0(t_i)||^2
+    L     = CLIP(f(x~), f(t)) - push_weight * 1/2 [ P_img * 1(P_img <= tau) + P_txt * 1(P_txt <= tau) ]
+
+f0 is the model the run started from, kept frozen: a copy made in ``bind`` (which the trainer calls
+once the model exists and *before* ``--resume`` loads the run's own weights, so a resumed run
+pushes away from the same starting weights), with requires_grad off, in eval mode, on the model's
+device. It is an attribute of this strategy, not a submodule of the trained model, so it is never
+in a checkpoint. A fingerprint of its weights goes into the checkpoint's state, and a resume whose
+start weights differ is refused.
+
+A P term above tau is replaced by an exact zero (``torch.where``), so its gradient is zero too. As
+in the authors' code, P is a mean over the *global* batch: under DDP the per-sample distances are
+gathered (gradient on the local slice) and scaled by the world size like the CLIP loss, so the
+threshold decision and the update are those of one process holding the whole batch.
+
+Differences from the authors' code (nmndeep/PerturbAndRecover, losses.py / train.py), on purpose:
+the model's logit scale is trained as in every clipguard strategy (theirs passes ``logit_scale``
+as a detached float); the image views come from the project's batched augmentations (their code
+applied additive Gaussian noise and a small random erasing to the centre-cropped image).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from clipguard.data.augment import Views
+from clipguard.defenses import DEFENSES
+from clipguard.errors import ConfigError
+from clipguard.options import Options, require
+from clipguard.tensors import normalize
+from clipguard.training.context import Batch, TrainContext
+from clipguard.training.distributed import gather_with_local_grad
+from clipguard.training.losses import clip_loss
+from clipguard.training.strategy import Strategy
+
+MAX_SQ_DIST = 4.0  # the squared distance of two unit vectors is at most 4: a tau >= 4 never stops the push
+
+
+@dataclass
+class ParOptions(Options):
+    """PAR's threshold, push weight and views."""
+
+    kind: ClassVar[str] = "defense 'par'"
+    # 2.15: the default of --loss-thresh in the authors' train.py (nmndeep/PerturbAndRecover), which
+    # their training script trigger.sh does not override. On unit vectors ||a - b||^2 = 2 - 2 cos(a, b),
+    # so the push stops once the mean cosine to the starting model's embedding falls below about -0.075.
+    tau: float = 2.15
+    push_weight: float = 1.0            # L = CLIP - push_weight * 1/2 (P_img + P_txt); 0: plain CLIP
+    image_augment: Literal["simclr", "crop-flip", "none"] = "simclr"
+    crop_scale_min: float = 0.08        # smallest crop of the random resized crop (simclr, crop-flip)
+    push_text: bool = True              # False: drop the P_txt term (the text tower is only trained by CLIP)
+
+    def validate(self) -> None:
+        require(self.tau >= 0, f"tau must be >= 0, got {self.tau} (0: the push never acts, plain CLIP)")
+        require(self.push_weight >= 0, f"push_weight must be >= 0, got {self.push_weight}")
+        require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes), the same on every device."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+@DEFENSES.register("par")
+class Par(Strategy):
+    """CLIP minus a thresholded push away from the frozen starting model; push_weight = 0 or
+    tau = 0 is exactly the CLIP loss on the same views (and no frozen copy is made)."""
+
+    name = "par"
+    options_class = ParOptions
+
+    def __init__(self, options: ParOptions | None = None) -> None:
+        super().__init__(options)
+        self._views_of = Views(crop_scale_min=self.opt.crop_scale_min)
+        self.frozen: torch.nn.Module | None = None
+        self._start_fp: str | None = None
+
+    @property
+    def pushes(self) -> bool:
+        """Whether the push term can ever be non-zero (P >= 0, so tau = 0 switches it off)."""
+        return self.opt.push_weight > 0 and self.opt.tau > 0
+
+    def bind(self, ctx: TrainContext) -> None:
+        super().bind(ctx)
+        self.frozen, self._start_fp = None, None
+        if not self.pushes:
+            return
+        # the trainer binds right after building the model from the run's start weights
+        # (TrainConfig.checkpoint, which finetune_start resolved) and before --resume loads the
+        # run's own checkpoint: this copy is the starting model on a fresh and a resumed run alike
+        frozen = copy.deepcopy(ctx.raw_model)
+        frozen.requires_grad_(False)
+        frozen.eval()
+        self.frozen = frozen
+        self._start_fp = weights_fingerprint(frozen)
+
+    # ---- state: no tensors (the frozen copy is rebuilt from the start weights), one fingerprint
+    def state_json(self) -> dict[str, Any]:
+        return {"start_weights": self._start_fp} if self._start_fp else {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        saved = meta.get("start_weights")
+        if saved and self._start_fp and saved != self._start_fp:
+            raise ConfigError("--resume: the fine-tuning start weights (--checkpoint) are not the ones this run "
+                              f"started from (fingerprint {self._start_fp} != {saved}); PAR pushes away from the "
+                              "starting model, so resume with the original start weights or start a new --out")
+
+    # ---- the loss -----------------------------------------------------------------------------
+    def _augment(self, batch: Batch) -> torch.Tensor:
+        if self.opt.image_augment == "none":
+            return batch.pixels
+        return self._views_of.images(batch.pixels, batch.generator,
+                                     geometric_only=self.opt.image_augment == "crop-flip")
+
+    @torch.no_grad()
+    def _frozen_features(self, pixels: torch.Tensor, tokens: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """f0's normalised embeddings of the step's views (the same inputs the trained model sees)."""
+        assert self.frozen is not None
+        with self.ctx.autocast():
+            out = self.frozen(normalize(pixels), tokens)
+        img, txt = (out["image_features"], out["text_features"]) if isinstance(out, dict) else (out[0], out[1])
+        return img.float(), (txt.float() if txt is not None else None)
+
+    def _mean_sq_dist(self, f: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
+        """mean over the global batch of ||f - f0||^2 (gradient through this rank's rows)."""
+        d = (f - f0).pow(2).sum(dim=1)
+        return gather_with_local_grad(d, self.ctx.dist).mean()
+
+    def _thresholded(self, p: torch.Tensor) -> torch.Tensor:
+        """p while p <= tau, else an exact 0 (and a zero gradient)."""
+        return torch.where(p > self.opt.tau, torch.zeros_like(p), p)
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        pixels = self._augment(batch)
+        img, txt, scale = self.ctx.forward(pixels, batch.tokens)
+        l_clip = clip_loss(img, txt, scale, self.ctx.dist)
+        logs: dict[str, Any] = {"clip_loss": float(l_clip.detach())}
+        if not self.pushes:
+            return l_clip, logs
+        img0, txt0 = self._frozen_features(pixels, batch.tokens if self.opt.push_text else None)
+        p_img = self._mean_sq_dist(img, img0)
+        push = self._thresholded(p_img)
+        logs.update({"p_img": float(p_img.detach()), "p_img_active": float(p_img.detach() <= self.opt.tau)})
+        if txt0 is not None:
+            p_txt = self._mean_sq_dist(txt, txt0)
+            push = push + self._thresholded(p_txt)
+            logs.update({"p_txt": float(p_txt.detach()), "p_txt_active": float(p_txt.detach() <= self.opt.tau)})
+        # scaled by the world size like clip_loss, so DDP's gradient average is the global batch's
+        total = l_clip - self.opt.push_weight * 0.5 * push * self.ctx.dist.world_size
+        return total, logs
