@@ -42,9 +42,14 @@ def run_grid(config: str, out: str, *, overrides: list[str] | None = None, only:
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if plan:
-        cells = plan_cells(cfg)
+        wanted = [w for w in (only or "").split(",") if w]
+        cells = [c for c in plan_cells(cfg) if not wanted or any(w in c.id for w in wanted)]
         for c in cells:
-            print(f"{'done' if is_done(cfg, c, Path(out)) else 'todo'}  {c.id}")
+            try:
+                state = "done" if is_done(cfg, c, Path(out)) else "todo"
+            except ConfigError:
+                state = "stale"  # finished under another config: --redo retrains it
+            print(f"{state:5s} {c.id}")
         print(f"{len(cells)} cells")
         return 0
     if not report_only:
