@@ -29,3 +29,18 @@ def test_two_ranks_stay_identical_and_match_single_process(fm_dir, tmp_path):
     s = load_file(str(tmp_path / "single" / "rank0.safetensors"))
     for k in r0:
         assert torch.allclose(r0[k], s[k], atol=2e-5, rtol=1e-4), k
+
+
+def test_loss_values_and_gradients_match_one_process_including_the_logit_scale(tmp_path):
+    """Under DDP the loss is the global batch's on every rank; the features' gradient reaches
+    each rank through its own rows only, while the logit scale (or a learned temperature) is held
+    whole by every rank: after DDP's average its gradient must equal one process's, not the world
+    size times it."""
+    worker = Path(__file__).with_name("loss_grad_worker.py")
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+          str(worker), str(tmp_path / "ddp.safetensors")])
+    _run([sys.executable, str(worker), str(tmp_path / "single.safetensors")])
+    d = load_file(str(tmp_path / "ddp.safetensors"))
+    s = load_file(str(tmp_path / "single.safetensors"))
+    for k in s:
+        assert torch.allclose(d[k], s[k], atol=1e-6, rtol=1e-5), (k, d[k], s[k])

@@ -47,7 +47,7 @@ from clipguard.options import Options, require
 from clipguard.tensors import normalize
 from clipguard.training.context import Batch, TrainContext
 from clipguard.training.distributed import gather_with_local_grad
-from clipguard.training.losses import clip_loss
+from clipguard.training.losses import clip_loss, global_loss
 from clipguard.training.strategy import Strategy
 
 MAX_SQ_DIST = 4.0  # the squared distance of two unit vectors is at most 4: a tau >= 4 never stops the push
@@ -168,6 +168,6 @@ class Par(Strategy):
             p_txt = self._mean_sq_dist(txt, txt0)
             push = push + self._thresholded(p_txt)
             logs.update({"p_txt": float(p_txt.detach()), "p_txt_active": float(p_txt.detach() <= self.opt.tau)})
-        # scaled by the world size like clip_loss, so DDP's gradient average is the global batch's
-        total = l_clip - self.opt.push_weight * 0.5 * push * self.ctx.dist.world_size
+        # the global batch's value, with the gradient scaled like clip_loss's for DDP's average
+        total = l_clip - self.opt.push_weight * 0.5 * global_loss(push, self.ctx.dist)
         return total, logs

@@ -10,15 +10,47 @@ from clipguard.training.distributed import DistInfo, all_gather_nograd, gather_w
 MAX_LOGIT_SCALE = 4.605170185988092  # ln(100)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times ``factor`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.factor, None
+
+
+def _replicated(x: float | torch.Tensor, dist: DistInfo) -> float | torch.Tensor:
+    """A parameter every rank holds whole (the logit scale, a learned temperature): the loss is
+    the global batch's on every rank, so its gradient is already complete and must not be
+    multiplied by the world size like the features' local slices."""
+    if dist.world_size > 1 and isinstance(x, torch.Tensor) and x.requires_grad:
+        return _ScaleGrad.apply(x, 1.0 / dist.world_size)
+    return x
+
+
+def global_loss(loss: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    """The global batch's loss as its value, with world_size times its gradient: each rank's
+    features get gradient only through their own slice, so DDP's averaging over ranks then gives
+    exactly the gradient of one process holding the whole batch."""
+    w = dist.world_size
+    return loss if w == 1 else loss * w - loss.detach() * (w - 1)
+
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
               dist: DistInfo | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch; ``mask`` keeps a subset of rows (e.g. safe pairs).
 
     Features are L2-normalised open_clip outputs. Under DDP the features of all ranks are
     gathered (gradient for the local slice only) and the loss is scaled by the world size, so
-    the averaged gradient equals that of one process holding the whole batch.
+    the averaged gradient equals that of one process holding the whole batch. The value is the
+    global batch's loss, and the logit scale (held whole by every rank) gets its own gradient.
     """
     dist = dist or DistInfo()
+    logit_scale = _replicated(logit_scale, dist)
     if mask is None:
         mask = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
     img = gather_with_local_grad(image_features, dist)
@@ -30,7 +62,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     logits = logit_scale * img @ txt.t()
     labels = torch.arange(logits.shape[0], device=logits.device)
     loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-    return loss * dist.world_size
+    return global_loss(loss, dist)
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float | torch.Tensor,
@@ -44,6 +76,7 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float | tor
     needs the graph).
     """
     dist = dist or DistInfo()
+    temperature = _replicated(temperature, dist)
     q = gather_with_local_grad(queries, dist)
     k = gather_with_local_grad(keys, dist)
     if mask is not None:
@@ -53,4 +86,4 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float | tor
         q, k = q[keep], k[keep]
     logits = q @ k.t() / temperature
     labels = torch.arange(q.shape[0], device=q.device)
-    return F.cross_entropy(logits, labels) * dist.world_size
+    return global_loss(F.cross_entropy(logits, labels), dist)
