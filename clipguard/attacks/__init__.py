@@ -14,7 +14,7 @@ from clipguard.registry import Registry
 if TYPE_CHECKING:
     from clipguard.attacks.base import Attack
 
-_SKIP = {"base", "captions", "patch", "manifest", "writer", "pipeline"}  # helpers, not attacks
+_SKIP = {"base", "captions", "patch", "manifest", "writer", "pipeline", "structured"}  # helpers, not attacks
 ATTACKS: Registry[type["Attack"]] = Registry("attack", package=__name__, skip=_SKIP)
 
 
