@@ -1,8 +1,9 @@
 """A small reader of the WordNet 3.0 database files (no nltk, no downloads).
 
 Why our own: text augmentation (EDA) and counterfactual sub-captions need only part-of-speech
-look-ups, first-sense synonyms and co-hyponyms. The index files give the part of speech; the
-``data.*`` files are read lazily by byte offset, one synset at a time, so unit tests stay fast.
+look-ups, first-sense synonyms, co-hyponyms and lists of frequent words. The index files give the
+part of speech; the ``data.*`` files are read lazily by byte offset, one synset at a time, so unit
+tests stay fast; ``cntlist.rev`` (sense-tagged counts) ranks words from common to rare.
 First senses only: later senses are noisy (``dog`` -> ``cad``).
 """
 
@@ -39,6 +40,7 @@ class Synset:
     satellite: bool
     lemmas: tuple[str, ...]
     pointers: tuple[tuple[str, int, str], ...]
+    lexfile: int = -1   # lexicographer file: 5 noun.animal, 6 noun.artifact, 13 noun.food, ...
 
 
 def _norm(word: str) -> str:
@@ -66,6 +68,8 @@ class WordNet:
         self._exc: dict[str, dict[str, tuple[str, ...]]] = {}
         self._words: dict[str, list[str]] = {}
         self._synsets: dict[tuple[str, int], Synset] = {}
+        self._counts: dict[str, dict[str, int]] | None = None
+        self._rev: dict[tuple[str, str], dict[str, list[str]]] = {}
 
     # ---- index and morphology ---------------------------------------------------------
     def _idx(self, pos: str) -> dict[str, tuple[int, ...]]:
@@ -95,6 +99,18 @@ class WordNet:
                             table[parts[0]] = tuple(parts[1:])
             self._exc[pos] = table
         return self._exc[pos]
+
+    def irregular_forms(self, base: str, pos: str) -> list[str]:
+        """Inflected forms the exception list gives for ``base`` (``run`` -> ``ran``, ``running``;
+        ``man`` -> ``men``), in file order; empty for regular words."""
+        key = ("rev", pos)
+        if key not in self._rev:
+            rev: dict[str, list[str]] = {}
+            for form, bases in self._exceptions(pos).items():
+                for b in bases:
+                    rev.setdefault(b, []).append(form)
+            self._rev[key] = rev
+        return list(self._rev[key].get(_norm(base), []))
 
     def base_forms(self, word: str, pos: str) -> list[str]:
         """Lemmas in the index for ``word`` as ``pos`` (the word itself first, like morphy)."""
@@ -239,6 +255,62 @@ class WordNet:
         return rng.choice(self.words(pos))
 
 
+    # ---- frequencies and word lists ----------------------------------------------------------
+    def sense_counts(self, pos: str) -> dict[str, int]:
+        """How often each lemma of ``pos`` is tagged in WordNet's sense-tagged corpora (SemCor),
+        summed over its senses, from ``cntlist.rev``; empty when that file is missing."""
+        if self._counts is None:
+            counts: dict[str, dict[str, int]] = {p: {} for p in POS_FILES}
+            path = self.root / "cntlist.rev"
+            if path.is_file():
+                with open(path, encoding="latin-1") as fh:
+                    for line in fh:
+                        parts = line.split()
+                        if len(parts) != 3 or "%" not in parts[0]:
+                            continue
+                        lemma, key = parts[0].split("%", 1)
+                        p = _SS_TYPE.get(key[:1])
+                        if p is not None:
+                            counts[p][lemma] = counts[p].get(lemma, 0) + int(parts[2])
+            self._counts = counts
+        return self._counts[pos]
+
+    def frequent_words(self, pos: str, n: int, lexfiles: frozenset[int] | None = None,
+                       exclude: frozenset[str] = frozenset()) -> list[str]:
+        """Up to ``n`` single-word lemmas of ``pos``, most frequent first (common to rare).
+
+        Kept: alphabetic lemmas of three letters or more that the sense-tagged corpora use, and
+        use mostly as ``pos`` (``light`` is an adjective more than a noun), that are not an
+        inflection of another lemma (``cows``), and whose first sense lies in ``lexfiles`` when
+        given (e.g. concrete nouns only). Ties are ranked by the index's tagged-sense count, then
+        alphabetically, so the list is stable. Without ``cntlist.rev`` every lemma counts and
+        that index count alone ranks them.
+        """
+        if pos not in POS_FILES:
+            raise ConfigError(f"unknown part of speech {pos!r}; use one of {list(POS_FILES)}")
+        index = self._idx(pos)
+        freq = self.sense_counts(pos)
+        others = [self.sense_counts(p) for p in POS_ORDER if p != pos]
+        ranked = sorted(index, key=lambda w: (-freq.get(w, 0), -self._tagged[pos][w], w))
+        out: list[str] = []
+        for w in ranked:
+            if len(out) >= n:
+                break
+            if not w.isalpha() or w in exclude or len(w) < 3 or (freq and not freq.get(w)):
+                continue
+            if freq and freq.get(w, 0) < max((c.get(w, 0) for c in others), default=0):
+                continue
+            if len(self.base_forms(w, pos)) > 1:
+                continue
+            if lexfiles is not None and self.synset(pos, index[w][0]).lexfile not in lexfiles:
+                continue
+            out.append(w)
+        return out
+
+
+_SS_TYPE = {"1": "n", "2": "v", "3": "a", "4": "r", "5": "a"}  # sense keys' synset types
+
+
 def _parse_synset(line: str, pos: str) -> Synset:
     """Parse one ``data.*`` line: offset lex_filenum ss_type w_cnt(hex) word lex_id ... p_cnt ..."""
     parts = line.split(" | ")[0].split()
@@ -252,7 +324,7 @@ def _parse_synset(line: str, pos: str) -> Synset:
         sym, off, p = parts[k + 1 + 4 * i: k + 4 + 4 * i]
         pointers.append((sym, int(off), "a" if p == "s" else p))
     return Synset(offset, "a" if ss_type == "s" else ss_type, ss_type == "s", lemmas,
-                  tuple(pointers))
+                  tuple(pointers), int(parts[1]))
 
 
 def get_wordnet(root: str | None = None) -> WordNet:
