@@ -9,8 +9,8 @@ from clipguard.commands.common import add_csv_args, csv_spec
 
 def add_parser(sub) -> None:
     p = sub.add_parser("poison", help="poison an image-caption CSV (TDPA, backdoors) with a manifest",
-                       description="Attacks: tdpa, badnet, blended, wanet, sig, label_consistent, htba, "
-                                   "multi, badclip (see --list and docs/attacks.md).")
+                       description="Poison a dataset with a registered attack; `--list` shows every "
+                                   "attack and its options (docs/attacks.md explains them).")
     p.add_argument("--list", action="store_true", help="list the attacks and their options, then exit")
     p.add_argument("--data", help="clean training CSV")
     p.add_argument("--attack", help="attack name")
