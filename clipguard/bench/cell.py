@@ -19,7 +19,7 @@ import torch
 import clipguard
 from clipguard.bench.cache import BenchCache
 from clipguard.bench.config import AttackSpec, BenchConfig, DefenseSpec
-from clipguard.bench.plan import Cell, base_cell
+from clipguard.bench.plan import Cell, base_cell, detect_base_cell
 from clipguard.errors import ConfigError
 from clipguard.io import read_jsonl, write_json
 from clipguard.models import checkpoint as ckpt
@@ -44,16 +44,26 @@ def cell_spec(cfg: BenchConfig, cell: Cell) -> RunSpec:
 def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
     """Everything that determines the cell's result (and nothing that does not, e.g. --out): the
     resolved run, so writing a default out explicitly in the YAML keeps the cached result."""
+    from clipguard.bench import detect
+
     ds = asdict(cell.dataset)
     conf: dict[str, Any] = {
         "format": CELL_FORMAT,
         "dataset": ds, "attack": {"label": cell.attack.label, "parts": [asdict(p) for p in cell.attack.parts]},
-        "label": cell.defense.label, "seed": cell.seed, "run": cell_spec(cfg, cell).resolved(),
-        "split": cfg.split,
+        "label": cell.defense.label, "seed": cell.seed, "split": cfg.split,
     }
+    if cell.stage == "scan":  # nothing trains: the detectors and the base model decide the result
+        conf["scan"] = {**detect.scan_conf(cfg.scan), "base": {
+            "method": cell.base, "fingerprint": fingerprint(cell_config(cfg, base_cell(cfg, cell)))}}
+        return conf
+    conf["run"] = cell_spec(cfg, cell).resolved()
     if cell.stage == "finetune":
         conf["finetune_data"] = cfg.finetune.data
         conf["base"] = {"method": cell.base, "fingerprint": fingerprint(cell_config(cfg, base_cell(cfg, cell)))}
+    if cell.defense.detect is not None:
+        base = detect_base_cell(cfg, cell)
+        conf["detect"] = {**detect.detect_conf(cell.defense.detect), "base": {
+            "method": base.defense.label, "fingerprint": fingerprint(cell_config(cfg, base))}}
     return conf
 
 
@@ -167,23 +177,51 @@ def attack_columns(attack: AttackSpec) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- running
-def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False,
-                    bar_position: int | None = None):
-    """The cell's Trainer, its data and poison info; refuses a run folder from another config."""
-    from clipguard.evaluation.detection import poison_diagnostics
-    from clipguard.training.build import build_trainer
-
-    out = Path(out)
-    conf = cell_config(cfg, cell)
-    run_dir = cell.run_dir(out)
+def _check_marker(run_dir: Path, conf: dict[str, Any]) -> Path:
     marker = run_dir / "bench_cell.json"
     if marker.is_file():
         old = read_cell(marker) or {}
         if old.get("fingerprint") != fingerprint(conf):
             raise ConfigError(f"{run_dir}: holds a run of a different config (fingerprint "
                               f"{old.get('fingerprint')} != {fingerprint(conf)}); use a new --out, or --redo to retrain it")
+    return marker
+
+
+def _write_marker(marker: Path, cell: Cell, conf: dict[str, Any]) -> None:
+    if not marker.is_file():
+        with contextlib.suppress(OSError):  # several ranks may race to write the same content
+            write_json(marker, {"cell": cell.id, "fingerprint": fingerprint(conf), "config": conf})
+
+
+def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False,
+                    bar_position: int | None = None, detection: list | None = None):
+    """The cell's Trainer, its data and poison info; refuses a run folder from another config.
+
+    A detect-then-train cell first scores its data with its base model (or reads that from its
+    run folder) and trains on the kept pairs; the record is appended to ``detection``."""
+    from clipguard.evaluation.detection import poison_diagnostics
+    from clipguard.training.build import build_trainer
+
+    out = Path(out)
+    conf = cell_config(cfg, cell)
+    run_dir = cell.run_dir(out)
+    marker = _check_marker(run_dir, conf)
     data, poison = cache.train_data(cell.dataset, cell.attack, cell.seed)
     mask = poison.mask
+    masks = list(poison.masks)
+    if cell.defense.detect is not None:
+        from clipguard.bench import detect
+
+        _write_marker(marker, cell, conf)
+        rec = detect.detection_for(cfg, cell, detect_base_cell(cfg, cell), out, cache,
+                                   fingerprint=fingerprint(conf), base_fingerprint=conf["detect"]["base"]["fingerprint"],
+                                   quiet=quiet)
+        kept = torch.from_numpy(detect.kept_indices(rec, len(data)))
+        data = data.subset(kept)
+        mask = mask[kept] if mask is not None else None
+        masks = [m[kept] for m in masks]
+        if detection is not None:
+            detection.append(rec)
     spec = cell_spec(cfg, cell)
     settings: dict[str, Any] = {"keep_checkpoints": 1, "quiet": quiet, "bar_position": bar_position}
     if cell.stage == "finetune":
@@ -197,12 +235,10 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
         if cfg.finetune.data == "clean":
             data, mask = cache.finetune_clean(cell.dataset), None
     spec.train = spec.train.replace(**settings)
-    parts = ({f"{i}-{p.attack}": m for i, (p, m) in enumerate(zip(cell.attack.parts, poison.masks))}
-             if mask is not None and len(poison.masks) > 1 else None)
+    parts = ({f"{i}-{p.attack}": m for i, (p, m) in enumerate(zip(cell.attack.parts, masks))}
+             if mask is not None and len(masks) > 1 else None)
     diag = poison_diagnostics(mask, parts) if mask is not None else None
-    if not marker.is_file():
-        with contextlib.suppress(OSError):  # several ranks may race to write the same content
-            write_json(marker, {"cell": cell.id, "fingerprint": fingerprint(conf), "config": conf})
+    _write_marker(marker, cell, conf)
     return build_trainer(spec, data, run_dir, diagnostics=diag), data, poison
 
 
@@ -214,10 +250,14 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
     from clipguard.training.trainer import epochs_done
 
     out = Path(out)
+    if cell.stage == "scan":
+        return run_scan_cell(cfg, cell, out, cache, quiet=quiet) if evaluate else None
     conf = cell_config(cfg, cell)
     run_dir = cell.run_dir(out)
     t0 = time.perf_counter()
-    trainer, data, poison = prepare_trainer(cfg, cell, out, cache, quiet=quiet, bar_position=bar_position)
+    detection: list[dict[str, Any]] = []
+    trainer, data, poison = prepare_trainer(cfg, cell, out, cache, quiet=quiet, bar_position=bar_position,
+                                            detection=detection)
     t_data = time.perf_counter() - t0
     resumed = ckpt.resolve_latest(run_dir / "checkpoints")
     resumed_epoch = epochs_done(ckpt.read_state(resumed)) if resumed else 0
@@ -268,6 +308,42 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
                     "train_epochs_s": round(sum(float(r.get("seconds", 0)) + float(r.get("hook_seconds", 0))
                                                 for r in epochs), 3),
                     "eval_s": round(t_eval, 3), "resumed_from_epoch": resumed_epoch},
+        "run_dir": str(run_dir.relative_to(out)), "clipguard_version": clipguard.__version__,
+    }
+    if detection:
+        from clipguard.bench.detect import public
+
+        record["detection"] = public(detection[0])
+    write_json(cell.json_path(out), record)
+    return record
+
+
+def run_scan_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False
+                  ) -> dict[str, Any]:
+    """A scan-only cell: every detector of the grid's ``scan`` on the base cell's final model;
+    detection metrics only (no training, no ASR)."""
+    from clipguard.bench import detect
+
+    out = Path(out)
+    conf = cell_config(cfg, cell)
+    run_dir = cell.run_dir(out)
+    marker = _check_marker(run_dir, conf)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_marker(marker, cell, conf)
+    t0 = time.perf_counter()
+    data, poison = cache.train_data(cell.dataset, cell.attack, cell.seed)
+    t_data = time.perf_counter() - t0
+    rec = detect.run_detection(cfg, cell, base_cell(cfg, cell), out, cache,
+                               detectors=[(n, cfg.scan.options.get(n)) for n in cfg.scan.detectors],
+                               keep_fraction=None, fingerprint=fingerprint(conf),
+                               base_fingerprint=conf["scan"]["base"]["fingerprint"], keep_rows=False, quiet=quiet)
+    record = {
+        "format": CELL_FORMAT, "cell": cell.id, "fingerprint": fingerprint(conf),
+        "dataset": cell.dataset.label, "split": cfg.split, "attack": cell.attack.label, "stage": cell.stage,
+        "method": cell.method, "train_data": "poisoned", "defense": "scan", "base": cell.base, "seed": cell.seed,
+        "model": cfg.model, "config": conf, "train_pairs": len(data), "detection": detect.public(rec),
+        "timings": {"data_s": round(t_data, 3), "poison_s": poison.seconds, "encode_s": rec["encode_s"],
+                    "detect_s": rec["detect_s"]},
         "run_dir": str(run_dir.relative_to(out)), "clipguard_version": clipguard.__version__,
     }
     write_json(cell.json_path(out), record)

@@ -85,6 +85,18 @@ class AttackSpec:
 
 
 @dataclass
+class DetectSpec:
+    """Detect-then-train: score the poisoned training set with ``detector`` on the final model of
+    the pre-training entry ``base`` (same dataset, attack and seed), drop what the detector's keep
+    rule (or ``keep_fraction``) rejects, and train the entry's defence on the kept pairs."""
+
+    detector: str
+    base: str | None = None  # a pre-training label; None until parse_config fills in the default
+    options: dict[str, Any] = field(default_factory=dict)
+    keep_fraction: float | None = None  # keep this fraction of lowest scores instead of the rule
+
+
+@dataclass
 class DefenseSpec:
     """A grid entry: a defence by name or by preset, plus option and train overrides."""
 
@@ -93,6 +105,17 @@ class DefenseSpec:
     options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None  # a preset YAML (path relative to the grid file, or a name in configs/)
+    detect: DetectSpec | None = None  # pre-training only: train on the pairs a detector keeps
+
+
+@dataclass
+class ScanSpec:
+    """Scan-only: every detector on the final model of each ``bases`` entry, per dataset, poisoned
+    attack and seed; detection metrics only, nothing trains."""
+
+    bases: list[str] = field(default_factory=list)
+    detectors: list[str] = field(default_factory=list)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,6 +136,7 @@ class BenchConfig:
     attacks: list[AttackSpec]
     pretrain: StageSpec
     finetune: StageSpec | None
+    scan: ScanSpec | None = None  # scan-only cells (detection metrics of the base models)
     split: str = "test"  # evaluate on the test split, or on each dataset's held-out validation rows
     histogram_bins: int = 40
     histogram_max_pairs: int = 20000
@@ -293,22 +317,125 @@ def _attack(label: str, obj: Any, source: str) -> AttackSpec:
     return AttackSpec(label=label, parts=[_attack_part(obj, source, key)], **kw)
 
 
-def _defense(label: str, obj: Any, source: str, key: str, base_dir: Path | None) -> DefenseSpec:
+def _defense(label: str, obj: Any, source: str, key: str, base_dir: Path | None,
+             detect: bool = False) -> DefenseSpec:
     if isinstance(obj, str):
         return DefenseSpec(label=label, defense=obj)
     d = _mapping(obj, source, key)
-    _check_keys(d, {"defense", "preset", "options", "train"}, source, key)
+    _check_keys(d, {"defense", "preset", "options", "train"} | ({"detect"} if detect else set()), source, key)
     preset = _preset_path(d["preset"], base_dir, source, key) if d.get("preset") else None
+    det = _detect(d["detect"], source, f"{key}.detect") if d.get("detect") is not None else None
     defense = d.get("defense")
     if defense is None and preset is None:
-        defense = label
+        defense = "none" if det is not None else label
     if defense is None:
         from clipguard.training.spec import load_preset
 
         defense = load_preset(preset).get("defense") or label
     return DefenseSpec(label=label, defense=str(defense), preset=preset,
                        options=dict(_mapping(d.get("options"), source, f"{key}.options")),
-                       train=_train(d.get("train"), source, f"{key}.train"))
+                       train=_train(d.get("train"), source, f"{key}.train"), detect=det)
+
+
+def _detector_name(name: Any, source: str, key: str) -> str:
+    from clipguard.detection.base import get
+
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{source}: {key}: needs a detector name of `clipguard scan`, got {name!r}")
+    try:
+        get(name)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {key}: {e}") from None
+    return name
+
+
+def _detector_options(name: str, options: Any, source: str, key: str) -> dict[str, Any]:
+    """Check a detector's options now (a typo fails before any training)."""
+    from clipguard.detection.base import build
+
+    opts = dict(_mapping(options, source, key))
+    try:
+        build(name, opts, where=f"{source}: {key}")
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(source) else f"{source}: {key}: {msg}") from None
+    return opts
+
+
+def _detect(obj: Any, source: str, key: str) -> DetectSpec:
+    """``detect: {detector: dao, base: CLIP, options: {k: 16}, keep_fraction: null}``."""
+    d = _mapping(obj, source, key)
+    _check_keys(d, {"detector", "base", "options", "keep_fraction"}, source, key)
+    if d.get("detector") is None:
+        raise ConfigError(f"{source}: {key}: needs 'detector' (a detector name of `clipguard scan`)")
+    name = _detector_name(d["detector"], source, f"{key}.detector")
+    frac = d.get("keep_fraction")
+    if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float))
+                             or not 0.0 < float(frac) <= 1.0):
+        raise ConfigError(f"{source}: {key}.keep_fraction must be null or a number in (0, 1], got {frac!r}")
+    base = d.get("base")
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{source}: {key}.base must be a pre-training defence label, got {base!r}")
+    return DetectSpec(detector=name, base=base,
+                      options=_detector_options(name, d.get("options"), source, f"{key}.options"),
+                      keep_fraction=None if frac is None else float(frac))
+
+
+def _default_base(pretrain: StageSpec) -> str | None:
+    """The base a detector scans with when none is named: the first plain CLIP entry (the model
+    trained on the poisoned data itself, the protocol of the ICLR 2025 detection paper)."""
+    return next((d.label for d in pretrain.defenses
+                 if d.detect is None and d.defense == "none" and d.preset is None), None)
+
+
+def _check_base(base: str | None, pretrain: StageSpec, source: str, key: str) -> str:
+    labels = [d.label for d in pretrain.defenses]
+    if base is None:
+        base = _default_base(pretrain)
+        if base is None:
+            raise ConfigError(f"{source}: {key}: needs 'base' (the pre-training defence label whose model scores "
+                              f"the data); there is no plain CLIP entry (defense: none) to default to; "
+                              f"choose one of {labels}")
+    if base not in labels:
+        raise ConfigError(f"{source}: {key}: base {base!r} is not a pre-training defence label; choose one of {labels}")
+    entry = next(d for d in pretrain.defenses if d.label == base)
+    if entry.detect is not None:
+        raise ConfigError(f"{source}: {key}: base {base!r} is itself a detect-then-train entry; the base must "
+                          f"train on the poisoned data as it is")
+    return base
+
+
+def _scan(obj: Any, source: str, pretrain: StageSpec) -> ScanSpec:
+    """``scan: {base: CLIP, detectors: [dao, kdist], options: {dao: {k: 16}}}``."""
+    from clipguard.detection.base import names
+
+    s = _mapping(obj, source, "scan")
+    _check_keys(s, {"base", "detectors", "options"}, source, "scan")
+    raw_bases = s.get("base")
+    bases = raw_bases if isinstance(raw_bases, list) else [raw_bases]
+    if not bases or not all(b is None or isinstance(b, str) for b in bases):
+        raise ConfigError(f"{source}: scan.base must be a pre-training defence label or a list of them, "
+                          f"got {raw_bases!r}")
+    bases = [_check_base(b, pretrain, source, "scan.base") for b in bases]
+    if len(set(bases)) != len(bases):
+        raise ConfigError(f"{source}: scan.base has duplicates: {bases}")
+    dets = s.get("detectors")
+    if dets is None:
+        dets = names()
+    elif isinstance(dets, str):
+        dets = [x.strip() for x in dets.split(",") if x.strip()]
+    if not isinstance(dets, list) or not dets or not all(isinstance(x, str) for x in dets):
+        raise ConfigError(f"{source}: scan.detectors must be a non-empty list of detector names, got {dets!r}")
+    if len(set(dets)) != len(dets):
+        raise ConfigError(f"{source}: scan.detectors has duplicates: {dets}")
+    dets = [_detector_name(x, source, f"scan.detectors.{i}") for i, x in enumerate(dets)]
+    options = _mapping(s.get("options"), source, "scan.options")
+    extra = sorted(set(options) - set(dets))
+    if extra:
+        raise ConfigError(f"{source}: scan.options: {extra} are not among scan.detectors {dets}")
+    return ScanSpec(bases=bases, detectors=list(dets),
+                    options={n: _detector_options(n, options.get(n), source, f"scan.options.{n}")
+                             for n in dets})
 
 
 def _preset_path(name: Any, base_dir: Path | None, source: str, key: str) -> str:
@@ -332,7 +459,8 @@ def _stage(obj: Any, source: str, key: str, finetune: bool, base_dir: Path | Non
         raise ConfigError(f"{source}: '{key}.defenses' must list at least one defence")
     stage = StageSpec(train=_train(s.get("train"), source, f"{key}.train"),
                       defenses=[_defense(_label(k, source, f"{key}.defenses"), v, source,
-                                         f"{key}.defenses.{k}", base_dir) for k, v in defs.items()])
+                                         f"{key}.defenses.{k}", base_dir, detect=not finetune)
+                                for k, v in defs.items()])
     if finetune:
         stage.base = s.get("base")
         stage.data = s.get("data", "clean")
@@ -344,7 +472,7 @@ def _stage(obj: Any, source: str, key: str, finetune: bool, base_dir: Path | Non
 def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None) -> BenchConfig:
     raw = copy.deepcopy(raw)
     _check_keys(raw, {"name", "model", "device", "seeds", "datasets", "attacks", "pretrain", "finetune",
-                      "split", "histogram_bins", "histogram_max_pairs", "description"}, source, "top level")
+                      "split", "histogram_bins", "histogram_max_pairs", "description", "scan"}, source, "top level")
     for k in ("datasets", "attacks", "pretrain"):
         if not raw.get(k):
             raise ConfigError(f"{source}: missing '{k}'")
@@ -360,6 +488,14 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
         if unknown:
             raise ConfigError(f"{source}: attacks.{a.label}.defenses: {unknown} are not pretrain defence labels; "
                               f"choose from {[d.label for d in pretrain.defenses]}")
+    for d in pretrain.defenses:
+        if d.detect is not None:
+            d.detect.base = _check_base(d.detect.base, pretrain, source, f"pretrain.defenses.{d.label}.detect")
+            for a in attacks:
+                if a.runs(d.label) and not a.runs(d.detect.base):
+                    raise ConfigError(f"{source}: attacks.{a.label}.defenses lists {d.label!r} but not its "
+                                      f"detect.base {d.detect.base!r}, whose model it scans the data with")
+    scan = _scan(raw["scan"], source, pretrain) if raw.get("scan") is not None else None
     grid_seeds = _seeds(raw.get("seeds", [0]), source)
     for a in attacks:
         extra = sorted(set(a.seeds or []) - set(grid_seeds))
@@ -375,9 +511,12 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
         clash = {d.label for d in finetune.defenses} & set(labels)
         if clash:
             raise ConfigError(f"{source}: labels {sorted(clash)} are used by both pretrain and finetune")
+        if scan is not None and finetune.base in scan.bases and "scan" in {d.label for d in finetune.defenses}:
+            raise ConfigError(f"{source}: finetune.defenses.scan would be named '{finetune.base}+scan', "
+                              f"the method of the scan-only cells; choose another label")
     cfg = BenchConfig(name=str(raw.get("name") or Path(source).stem), model=str(raw.get("model", "cg-tiny")),
                       device=str(raw.get("device", "cpu")), seeds=grid_seeds,
-                      datasets=datasets, attacks=attacks, pretrain=pretrain, finetune=finetune,
+                      datasets=datasets, attacks=attacks, pretrain=pretrain, finetune=finetune, scan=scan,
                       split=_split(raw.get("split", "test"), source, datasets),
                       histogram_bins=int(raw.get("histogram_bins", 40)),
                       histogram_max_pairs=int(raw.get("histogram_max_pairs", 20000)), source=source, raw=raw)

@@ -1,5 +1,6 @@
-"""Cells of the grid and where their files live; the order guarantees a fine-tuning cell's base
-model (a pre-training cell of the same dataset, attack and seed) is trained before it."""
+"""Cells of the grid and where their files live; the order guarantees that a cell's base model (a
+pre-training cell of the same dataset, attack and seed) is trained before it: a fine-tuning cell's
+starting point, a detect-then-train cell's or a scan-only cell's scoring model."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ class Cell:
     attack: AttackSpec
     defense: DefenseSpec
     seed: int
-    stage: str  # "pretrain" | "finetune"
-    base: str | None = None  # fine-tuning: label of the pre-training defence it starts from
+    stage: str  # "pretrain" | "finetune" | "scan"
+    base: str | None = None  # fine-tuning / scan: label of the pre-training defence it starts from / scans with
 
     @property
     def method(self) -> str:
-        """Row label in the tables: the defence, or 'base+finetune-defence'."""
+        """Row label in the tables: the defence, 'base+finetune-defence', or 'base+scan'."""
         return self.defense.label if self.stage == "pretrain" else f"{self.base}+{self.defense.label}"
 
     @property
@@ -32,11 +33,15 @@ class Cell:
         return self.id.replace("/", "__") + ".json"
 
     def run_dir(self, out: Path) -> Path:
-        return Path(out) / "runs" / self.dataset.label / self.attack.label / f"seed{self.seed}" / \
-            f"{self.stage}-{self.defense.label}"
+        name = f"scan-{self.base}" if self.stage == "scan" else f"{self.stage}-{self.defense.label}"
+        return Path(out) / "runs" / self.dataset.label / self.attack.label / f"seed{self.seed}" / name
 
     def json_path(self, out: Path) -> Path:
         return Path(out) / "cells" / self.filename
+
+
+# the entry of every scan-only cell (its method is 'base+scan')
+SCAN_ENTRY = DefenseSpec(label="scan", defense="scan")
 
 
 def plan_cells(cfg: BenchConfig) -> list[Cell]:
@@ -46,9 +51,15 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
             for seed in cfg.seeds:
                 if not attack.runs_seed(seed):
                     continue
-                for d in cfg.pretrain.defenses:
+                # detect-then-train entries after the plain ones: their base must be trained first
+                for d in sorted(cfg.pretrain.defenses, key=lambda d: d.detect is not None):
                     if attack.runs(d.label):
                         cells.append(Cell(ds, attack, d, seed, "pretrain"))
+                # scan-only: detection metrics need poisons; the base must run on this attack
+                if cfg.scan is not None and not attack.clean:
+                    for b in cfg.scan.bases:
+                        if attack.runs(b):
+                            cells.append(Cell(ds, attack, SCAN_ENTRY, seed, "scan", base=b))
                 # a model trained on clean data has no backdoor for a fine-tuning defence to remove
                 if cfg.finetune is not None and not attack.clean and attack.runs(cfg.finetune.base):
                     for d in cfg.finetune.defenses:
@@ -57,6 +68,22 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
 
 
 def base_cell(cfg: BenchConfig, cell: Cell) -> Cell:
-    """The pre-training cell whose final model a fine-tuning cell starts from."""
+    """The pre-training cell whose final model a fine-tuning cell starts from (or a scan-only
+    cell scores the data with)."""
     base = next(d for d in cfg.pretrain.defenses if d.label == cell.base)
     return Cell(cell.dataset, cell.attack, base, cell.seed, "pretrain")
+
+
+def detect_base_cell(cfg: BenchConfig, cell: Cell) -> Cell:
+    """The pre-training cell whose final model a detect-then-train cell scores its data with."""
+    base = next(d for d in cfg.pretrain.defenses if d.label == cell.defense.detect.base)
+    return Cell(cell.dataset, cell.attack, base, cell.seed, "pretrain")
+
+
+def dependency(cfg: BenchConfig, cell: Cell) -> Cell | None:
+    """The cell that must be finished before ``cell`` can run, if any."""
+    if cell.stage in ("finetune", "scan"):
+        return base_cell(cfg, cell)
+    if cell.defense.detect is not None:
+        return detect_base_cell(cfg, cell)
+    return None

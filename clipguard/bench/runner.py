@@ -29,13 +29,28 @@ def plan_record(cfg: BenchConfig, cells: list[Cell]) -> dict[str, Any]:
         for c in cells]}
 
 
+def _detection_summary(det: dict[str, Any]) -> str:
+    values = {name: (d.get("metrics") or {}).get("auroc") for name, d in det["detectors"].items()}
+    aurocs = ", ".join(f"{name}={v:.3f}" for name, v in values.items() if v is not None)
+    text = f"AUROC {aurocs}" if aurocs else ""
+    keep = det.get("keep")
+    if keep:
+        text += (", " if text else "") + f"kept {keep['kept']}/{det['n_pairs']}"
+        if keep.get("poisons") is not None:
+            text += f" ({keep['poisons_kept']}/{keep['poisons']} poisons)"
+    return text
+
+
 def _summary(rec: dict[str, Any]) -> str:
+    if rec.get("stage") == "scan":
+        return f"[{rec['cell']}] {_detection_summary(rec['detection'])} ({rec['timings']['detect_s']:.0f}s scan)"
     m = rec["metrics"]
     asr = ", ".join(f"{a['column']}={a['headline']['value']:.3f}" for a in rec["asr"]
                     if a["headline"].get("value") is not None)
     return (f"[{rec['cell']}] zero-shot {m['zeroshot_top1']:.3f}"
             + (f", linear probe {m['linear_probe_top1']:.3f}" if "linear_probe_top1" in m else "")
             + (f", {'base rate' if rec.get('train_data') == 'clean' else 'ASR'} {asr}" if asr else "")
+            + (f", {_detection_summary(rec['detection'])}" if rec.get("detection") else "")
             + f" ({rec['timings']['train_wall_s']:.0f}s train)")
 
 
@@ -76,35 +91,35 @@ def _worker_cell(cfg: BenchConfig, out: str, cell_id: str, threads: int, quiet: 
 
 def _run_parallel(cfg: BenchConfig, out: Path, cells: list[Cell], jobs: int, bar, ran: list[str],
                   quiet: bool) -> None:
-    """Cells in ``jobs`` worker processes (each with cores/jobs threads); a fine-tuning cell starts
-    once its pre-trained base is finished. On a tiny model, processes use the cores better than
+    """Cells in ``jobs`` worker processes (each with cores/jobs threads); a fine-tuning, detect-then-
+    train or scan-only cell starts once its pre-trained base is finished. On a tiny model, processes use the cores better than
     threads (a step is many small ops), so ``--jobs 2`` is the faster way to fill 2 cores."""
     import multiprocessing as mp
     import os
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from clipguard.bench.plan import base_cell
+    from clipguard.bench.plan import dependency
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ids = {c.id for c in cells}
-    bases = {base_cell(cfg, c).id for c in cells if c.stage == "finetune"}
+    deps = {c.id: dependency(cfg, c) for c in cells}
+    bases = {d.id for d in deps.values() if d is not None}
 
     def priority(c: Cell) -> int:
-        """Bases of fine-tuning cells first (they unlock work), then defended pre-training, then
-        the other pre-training cells; the short fine-tuning cells fill the workers at the end."""
-        if c.stage == "finetune":
+        """Bases of other cells first (they unlock work), then defended pre-training (detect-then-
+        train included), then the other pre-training cells; the short fine-tuning and scan-only
+        cells fill the workers at the end."""
+        if c.stage in ("finetune", "scan"):
             return 3
         if c.id in bases:
             return 0
-        return 1 if c.defense.defense != "none" else 2
+        return 1 if c.defense.defense != "none" or c.defense.detect is not None else 2
 
     pending = sorted(cells, key=priority)  # stable: plan order within a priority
 
     def ready(c: Cell) -> bool:
-        if c.stage != "finetune":
-            return True
-        base = base_cell(cfg, c)
-        return base.id not in ids or is_done(cfg, base, out)
+        base = deps[c.id]
+        return base is None or base.id not in ids or is_done(cfg, base, out)
 
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,

@@ -15,6 +15,10 @@ BASE_COLUMNS = ["cell", "dataset", "attack", "stage", "method", "defense", "base
                 "zeroshot_top1", "zeroshot_top5", "linear_probe_top1", "linear_probe_top5", "train_data", "split"]
 TAIL_COLUMNS = ["final_safe_fraction", "final_safe_poison_recall", "train_epochs_s", "train_wall_s", "eval_s",
                 "resumed_from_epoch"]
+# detection.csv: one row per (cell, detector, ASR column) of every detect-then-train and scan-only cell
+DETECTION_COLUMNS = ["cell", "dataset", "attack", "column", "seed", "stage", "method", "base", "detector", "label",
+                     "auroc", "auprc", "tpr@1%fpr", "precision@k", "n", "n_poison", "rule_kept", "rule_poisons_kept",
+                     "base_fingerprint"]
 
 
 def load_cells(out: str | Path) -> list[dict[str, Any]]:
@@ -46,6 +50,7 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
         row[f"asr_n.{col}"] = h.get("n")
         row[f"asr_lp.{col}"] = (part.get("linear_probe") or {}).get("value")
         row[f"asr_base.{col}"] = part.get("base_rate")
+    _detect_columns(cell, row)
     last = next((r for r in reversed(cell.get("epochs", [])) if "safe_poison_recall" in r), {})
     row["final_safe_fraction"] = last.get("safe_fraction")
     row["final_safe_poison_recall"] = last.get("safe_poison_recall")
@@ -55,15 +60,79 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _detect_columns(cell: dict[str, Any], row: dict[str, Any]) -> None:
+    """A detect-then-train cell's filter: the keep detector, pairs kept, and per ASR column the
+    share of its poisons kept and the keep detector's AUROC and TPR@1%FPR."""
+    det = cell.get("detection") or {}
+    keep = det.get("keep")
+    if not keep:
+        return
+    row["detect_detector"] = keep.get("detector")
+    row["detect_kept"] = keep.get("kept")
+    row["detect_kept_fraction"] = keep.get("kept_fraction")
+    if keep.get("poisons"):
+        row["detect_poisons_kept_fraction"] = keep["poisons_kept"] / keep["poisons"]
+    for col, p in (keep.get("parts") or {}).items():
+        row[f"detect_poisons_kept.{col}"] = p["kept"] / p["poisons"] if p.get("poisons") else None
+    metrics = ((det.get("detectors") or {}).get(keep.get("detector")) or {}).get("metrics") or {}
+    for col, m in (metrics.get("parts") or {}).items():
+        row[f"detect_auroc.{col}"] = m.get("auroc")
+        row[f"detect_tpr@1%fpr.{col}"] = m.get("tpr@1%fpr")
+
+
 def merge_rows(cells: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     rows = [cell_row(c) for c in cells]
     asr_cols: list[str] = []
+    det_cols: list[str] = []
     for r in rows:
         for k in r:
             if k.startswith("asr") and k not in asr_cols:
                 asr_cols.append(k)
-    header = BASE_COLUMNS + asr_cols + TAIL_COLUMNS
+            elif k.startswith("detect_") and k not in det_cols:
+                det_cols.append(k)
+    header = BASE_COLUMNS + asr_cols + det_cols + TAIL_COLUMNS
     return header, rows
+
+
+def detection_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every detector's metrics per ASR column, from every cell that scanned its data (scan-only
+    cells first, then detect-then-train cells, each in cell order)."""
+    rows = []
+    for c in sorted(cells, key=lambda c: c.get("stage") != "scan"):
+        det = c.get("detection") or {}
+        for name, d in (det.get("detectors") or {}).items():
+            m = d.get("metrics")
+            if not m:
+                continue  # no poisons in this data (a clean attack)
+            keep = d.get("keep") or {}
+            per_col = m.get("parts") or {c["attack"]: m}
+            for col, pm in per_col.items():
+                rows.append({
+                    "cell": c["cell"], "dataset": c["dataset"], "attack": c["attack"], "column": col,
+                    "seed": c["seed"], "stage": c.get("stage"), "method": c.get("method"), "base": det.get("base"),
+                    "detector": name, "label": d.get("label", name), "auroc": pm.get("auroc"),
+                    "auprc": pm.get("auprc"), "tpr@1%fpr": pm.get("tpr@1%fpr"),
+                    "precision@k": pm.get("precision@k"), "n": pm.get("n"), "n_poison": pm.get("n_poison"),
+                    "rule_kept": keep.get("kept"),
+                    "rule_poisons_kept": (keep.get("poisons_kept_parts") or {}).get(col, keep.get("poisons_kept")),
+                    "base_fingerprint": det.get("base_fingerprint")})
+    return rows
+
+
+def write_detection_csv(out: str | Path, rows: list[dict[str, Any]]) -> Path | None:
+    """``out/detection.csv`` from ``detection_rows``; removed when the grid has none (a stale file
+    from an earlier grid in the same folder would otherwise outlive it)."""
+    path = Path(out) / "detection.csv"
+    if not rows:
+        path.unlink(missing_ok=True)
+        return None
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=DETECTION_COLUMNS, extrasaction="raise", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in DETECTION_COLUMNS})
+    write_text(path, buf.getvalue())
+    return path
 
 
 def write_results_csv(out: str | Path, cells: list[dict[str, Any]] | None = None) -> Path:

@@ -9,11 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from clipguard.io import atomic_path, write_text
-from clipguard.reporting.merge import load_cells, merge_rows, write_results_csv
+from clipguard.reporting.merge import (
+    detection_rows,
+    load_cells,
+    merge_rows,
+    write_detection_csv,
+    write_results_csv,
+)
 from clipguard.reporting.tables import (
     Table,
     accuracy_table,
     asr_table,
+    detect_filter_table,
+    detection_table,
     safe_set_table,
     to_html,
     to_markdown,
@@ -41,8 +49,16 @@ def method_order(out: Path, cells: list[dict[str, Any]]) -> list[str]:
     return order
 
 
+def trained(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cells that trained a model (scan-only cells have detection metrics only)."""
+    return [c for c in cells if c.get("stage") != "scan"]
+
+
 def build_tables(cells: list[dict[str, Any]], order: list[str]) -> list[Table]:
-    _, rows = merge_rows(cells)
+    scans = detection_table(detection_rows(cells))
+    _, rows = merge_rows(trained(cells))
+    if not rows:
+        return [scans] if scans is not None else []
     tables = [asr_table(rows, order)]
     if any(r.get(k) not in (None, "") for r in rows for k in r if k.startswith("asr_base.")):
         base = asr_table(rows, order, key="asr_base",
@@ -54,6 +70,9 @@ def build_tables(cells: list[dict[str, Any]], order: list[str]) -> list[Table]:
     safe = safe_set_table(rows, order)
     if safe is not None:
         tables.append(safe)
+    for extra in (detect_filter_table(rows, order), scans):
+        if extra is not None:
+            tables.append(extra)
     return tables
 
 
@@ -77,9 +96,11 @@ def write_report(out: str | Path) -> dict[str, Path]:
     out = Path(out)
     cells = load_cells(out)
     csv_path = write_results_csv(out, cells)
+    det_path = write_detection_csv(out, detection_rows(cells))
     order = method_order(out, cells)
     tables = build_tables(cells, order) if cells else []
-    figs = {**safe_set_plot(cells, order), **histogram_plot(cells, order)} if cells else {}
+    models = trained(cells)
+    figs = {**safe_set_plot(models, order), **histogram_plot(models, order)} if models else {}
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():
@@ -99,7 +120,8 @@ def write_report(out: str | Path) -> dict[str, Path]:
     if figs:
         md.append("## Figures\n")
         md += [f"![{n}](plots/{n}.png)\n" for n in figs]
-    md.append("Per-cell JSON: `cells/`; merged: `results.csv`.\n")
+    md.append("Per-cell JSON: `cells/`; merged: `results.csv`"
+              + ("; detection metrics per detector: `detection.csv`" if det_path else "") + ".\n")
     write_text(out / "report.md", "\n".join(md))
 
     e = html.escape
@@ -113,4 +135,7 @@ def write_report(out: str | Path) -> dict[str, Path]:
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     write_text(out / "report.html", page)
-    return {"results": csv_path, "markdown": out / "report.md", "html": out / "report.html"}
+    paths = {"results": csv_path, "markdown": out / "report.md", "html": out / "report.html"}
+    if det_path is not None:
+        paths["detection"] = det_path
+    return paths

@@ -186,6 +186,70 @@ def safe_set_table(rows: list[dict[str, Any]], method_order: list[str] | None = 
                                                 "only; the defence never sees the manifest)."])
 
 
+def detection_table(rows: list[dict[str, Any]]) -> Table | None:
+    """Rows = detector (with its non-default options) on a base model; column groups = dataset and
+    ASR column; AUROC and TPR@1%FPR, mean ± std over seeds. ``rows``: ``merge.detection_rows``.
+    A detector run twice on the same base model, data and seed (a scan-only cell and a
+    detect-then-train cell) counts once."""
+    seen: set[tuple] = set()
+    uniq = []
+    for r in rows:
+        key = (r["dataset"], r["column"], str(r["seed"]), r["label"], r["base"], r.get("base_fingerprint"))
+        if key not in seen:
+            seen.add(key)
+            uniq.append(r)
+    if not uniq:
+        return None
+    groups = _ordered([(r["dataset"], r["column"]) for r in uniq], None)
+    labels = _ordered([f"{r['label']} on {r['base']}" for r in uniq], None)
+    ns = n_seeds(uniq)
+    tasks = [("auroc", "AUROC"), ("tpr@1%fpr", "TPR@1%FPR")]
+    header0 = ["Data (attack)"] + [f"{d} ({c})" for d, c in groups]
+    spans = [1] + [len(tasks)] * len(groups)
+    header1 = ["Detector"] + [t for _ in groups for _, t in tasks]
+    body = []
+    for lab in labels:
+        line = [lab]
+        for d, c in groups:
+            sel = [r for r in uniq if r["dataset"] == d and r["column"] == c and f"{r['label']} on {r['base']}" == lab]
+            for key, _ in tasks:
+                line.append(fmt([r.get(key) for r in sel], expect_n=ns))
+        body.append(line)
+    notes = [f"In %, mean ± std over {ns} seed(s); '(n=k)': k seeds. Each detector scores the poisoned training "
+             "set with the final model of the pre-training method after 'on', trained on that very data; "
+             "positives: the column's poisoned pairs, negatives: the clean pairs.",
+             "TPR@1%FPR: the share of the poisons flagged by a threshold that flags at most 1% of the clean pairs."]
+    return Table("Detection: AUROC and TPR at 1% FPR (%, higher is better)", [header0, header1], body, spans, notes)
+
+
+def detect_filter_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table | None:
+    """Detect-then-train methods: % of the training pairs kept / % of each column's poisons kept."""
+    rows = [r for r in rows if r.get("detect_kept_fraction") not in (None, "")]
+    if not rows:
+        return None
+    methods = _ordered([r["method"] for r in rows], method_order)
+    prefix = "detect_poisons_kept."
+    groups = []
+    for r in rows:
+        for k in r:
+            if k.startswith(prefix) and (r["dataset"], k[len(prefix):]) not in groups:
+                groups.append((r["dataset"], k[len(prefix):]))
+    ns = n_seeds(rows)
+    body = []
+    for m in methods:
+        line = [m]
+        for d, col in groups:
+            sel = [r for r in rows if r["method"] == m and r["dataset"] == d
+                   and r.get(f"detect_poisons_kept.{col}") not in (None, "")]
+            line.append(f"{fmt([r['detect_kept_fraction'] for r in sel], expect_n=ns)} / "
+                        f"{fmt([r[f'detect_poisons_kept.{col}'] for r in sel], expect_n=ns)}" if sel else "-")
+        body.append(line)
+    return Table("Detect-then-train: % of the training pairs kept / % of the column's poisons kept",
+                 [["Method"] + [f"{d} ({c})" for d, c in groups]], body, [],
+                 [f"Mean ± std over {ns} seed(s). The detector's keep rule (or keep_fraction) decided; the "
+                  "manifest only counts the poisons kept (the detector never sees it)."])
+
+
 # ---------------------------------------------------------------------------- rendering
 def to_markdown(t: Table) -> str:
     lines = [f"**{t.title}**", ""]

@@ -1,0 +1,197 @@
+"""Detection in a grid: detect-then-train cells and scan-only cells.
+
+Both encode the poisoned training set of one (dataset, attack, seed) with the final model of a
+base pre-training cell and score every pair with ``clipguard.detection`` (the code of
+``clipguard scan``). A detect-then-train cell then trains its defence on the pairs the detector
+keeps; a scan-only cell runs several detectors and records their metrics, and trains nothing.
+
+The poison masks the bench builds for its diagnostics give the detection metrics (AUROC, AUPRC,
+TPR@1%FPR, precision@k, overall and per ASR column) and the count of poisons kept; they never
+reach a score or a keep decision.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from clipguard.bench.cache import BenchCache, PoisonedSet
+from clipguard.bench.config import BenchConfig, DetectSpec, ScanSpec
+from clipguard.bench.plan import Cell
+from clipguard.errors import ConfigError
+from clipguard.io import write_json
+
+DETECT_FORMAT = 1
+DETECTION_FILE = "detection.json"  # in the cell's run folder: the record, and the dropped rows
+SCORES_FILE = "scores.csv"         # in the cell's run folder: every pair's score and rank per detector
+
+
+# ---------------------------------------------------------------------------- config
+def resolved_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Every option of the detector with the defaults filled in (the cache key: writing a default
+    out keeps a finished cell)."""
+    from clipguard.detection.base import build
+
+    return build(name, dict(options or {})).opt.to_dict()
+
+
+def detect_conf(spec: DetectSpec) -> dict[str, Any]:
+    """What decides a detect-then-train cell's kept pairs, besides its base model."""
+    return {"format": DETECT_FORMAT, "detector": spec.detector,
+            "options": resolved_options(spec.detector, spec.options), "keep_fraction": spec.keep_fraction}
+
+
+def scan_conf(scan: ScanSpec) -> dict[str, Any]:
+    return {"format": DETECT_FORMAT,
+            "detectors": [{"name": n, "options": resolved_options(n, scan.options.get(n))} for n in scan.detectors]}
+
+
+def detector_label(name: str, options: dict[str, Any]) -> str:
+    """The detector and the options it was given that differ from its defaults: 'dao',
+    'dao (k=32)'. The detection table's row label."""
+    default = resolved_options(name, None)
+    diff = [f"{k}={v}" for k, v in options.items() if default.get(k) != v]
+    return name + (f" ({', '.join(diff)})" if diff else "")
+
+
+# ---------------------------------------------------------------------------- running
+def base_checkpoint(base: Cell, cell: Cell, out: Path) -> Path:
+    from clipguard.models import checkpoint as ckpt
+
+    if not base.json_path(out).is_file():
+        raise ConfigError(f"{cell.id}: base model {base.id} is not finished")
+    latest = ckpt.resolve_latest(base.run_dir(out) / "checkpoints")
+    if latest is None:
+        raise ConfigError(f"{cell.id}: base run {base.run_dir(out)} has no checkpoint")
+    return latest
+
+
+def column_masks(cell: Cell, poison: PoisonedSet) -> dict[str, np.ndarray]:
+    """One poison mask per ASR column of the cell's attack (one per attack part)."""
+    from clipguard.bench.cell import attack_columns
+
+    return {col: m.numpy().astype(bool) for col, m in zip(attack_columns(cell.attack), poison.masks)}
+
+
+def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: BenchCache, *,
+                  detectors: Sequence[tuple[str, dict[str, Any]]], keep_fraction: float | None,
+                  fingerprint: str, base_fingerprint: str, keep_rows: bool, quiet: bool = False) -> dict[str, Any]:
+    """Encode the cell's training data with ``base``'s final model, score it with each detector,
+    keep by the first detector's rule (or ``keep_fraction``), write ``scores.csv`` and
+    ``detection.json`` into the cell's run folder, and return the record.
+
+    ``keep_rows``: record the dropped rows (a detect-then-train cell trains on the rest)."""
+    from clipguard.detection import outputs
+    from clipguard.detection.base import build
+    from clipguard.detection.runner import encode_pairs, scan_features
+    from clipguard.evaluation.runner import load_model
+    from clipguard.models.device import resolve_device
+    from clipguard.models.factory import get_tokenizer
+
+    out = Path(out)
+    run_dir = cell.run_dir(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data, poison = cache.train_data(cell.dataset, cell.attack, cell.seed)
+    checkpoint = base_checkpoint(base, cell, out)
+    dets = [build(name, opts) for name, opts in detectors]
+    dev = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    net, model_name = load_model(checkpoint, cfg.model, str(dev))
+    features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet)
+    encode_s = time.perf_counter() - t0
+    del net
+    mask = poison.mask.numpy().astype(bool) if poison.mask is not None else None
+    parts = column_masks(cell, poison) if mask is not None else {}
+    t1 = time.perf_counter()
+    result = scan_features(features, dets, keep_detector=dets[0].name, keep_fraction=keep_fraction,
+                           poisoned=mask, parts=parts or None, progress=not quiet)
+    detect_s = time.perf_counter() - t1
+    outputs.write_scores(run_dir / SCORES_FILE, data, result, outputs.row_ids(data, "csv"))
+
+    n = len(data)
+    summaries: dict[str, Any] = {}
+    for r in result.runs:
+        s = r.summary(n, mask)
+        s["label"] = detector_label(r.name, s["options"])
+        if parts:
+            s["keep"]["poisons_kept_parts"] = {col: int((r.keep.mask & m).sum()) for col, m in parts.items()}
+        summaries[r.name] = s
+    rec: dict[str, Any] = {
+        "format": DETECT_FORMAT, "fingerprint": fingerprint, "base": base.defense.label, "base_cell": base.id,
+        "base_fingerprint": base_fingerprint, "checkpoint": str(checkpoint.relative_to(out)),
+        "n_pairs": n, "n_poisoned": int(mask.sum()) if mask is not None else None,
+        "columns": {col: int(m.sum()) for col, m in parts.items()},
+        "encode_s": round(encode_s, 3), "detect_s": round(detect_s, 3), "detectors": summaries,
+    }
+    if keep_rows:
+        keep = result.keep.mask
+        k = int(keep.sum())
+        rec["keep"] = {"detector": result.keep_detector, **result.keep.rule, "kept": k, "dropped": n - k,
+                       "kept_fraction": k / n if n else None}
+        if mask is not None:
+            rec["keep"]["poisons"] = int(mask.sum())
+            rec["keep"]["poisons_kept"] = int((keep & mask).sum())
+            rec["keep"]["parts"] = {col: {"poisons": int(m.sum()), "kept": int((keep & m).sum())}
+                                    for col, m in parts.items()}
+        rec["dropped_rows"] = np.flatnonzero(~keep).tolist()
+    write_json(run_dir / DETECTION_FILE, rec)
+    return rec
+
+
+def _rank_zero_first(make, read):
+    """Under torchrun, rank 0 makes the detection and the other ranks read it after a barrier."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rec = make() if dist.get_rank() == 0 else None
+        dist.barrier()
+        return rec if rec is not None else read()
+    return make()
+
+
+def read_detection(cell: Cell, out: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The cell's detection.json when it was made with this config, else None."""
+    from clipguard.bench.cell import read_cell
+
+    rec = read_cell(cell.run_dir(out) / DETECTION_FILE)
+    return rec if rec is not None and rec.get("fingerprint") == fingerprint else None
+
+
+def detection_for(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: BenchCache, *,
+                  fingerprint: str, base_fingerprint: str, quiet: bool = False) -> dict[str, Any]:
+    """A detect-then-train cell's detection: read from its run folder when made with this config
+    (a resumed cell trains on exactly the pairs it started with), else made now."""
+    spec = cell.defense.detect
+
+    def make() -> dict[str, Any]:
+        rec = read_detection(cell, out, fingerprint)
+        if rec is not None:
+            return rec
+        return run_detection(cfg, cell, base, out, cache, detectors=[(spec.detector, spec.options)],
+                             keep_fraction=spec.keep_fraction, fingerprint=fingerprint,
+                             base_fingerprint=base_fingerprint, keep_rows=True, quiet=quiet)
+
+    def read() -> dict[str, Any]:
+        rec = read_detection(cell, out, fingerprint)
+        if rec is None:
+            raise RuntimeError(f"{cell.id}: rank 0 wrote no {DETECTION_FILE}")
+        return rec
+
+    return _rank_zero_first(make, read)
+
+
+def kept_indices(rec: dict[str, Any], n: int) -> np.ndarray:
+    if rec.get("n_pairs") != n:
+        raise ConfigError(f"{DETECTION_FILE} describes {rec.get('n_pairs')} pairs, the training data has {n}; "
+                          f"use --redo")
+    keep = np.ones(n, dtype=bool)
+    keep[np.asarray(rec.get("dropped_rows", []), dtype=np.int64)] = False
+    return np.flatnonzero(keep)
+
+
+def public(rec: dict[str, Any]) -> dict[str, Any]:
+    """The record for the cell JSON: everything but the list of dropped rows (in detection.json)."""
+    return {k: v for k, v in rec.items() if k not in ("dropped_rows", "fingerprint")}

@@ -1,0 +1,290 @@
+"""Detection in the bench: detect-then-train entries and scan-only cells (config, cache key, plan,
+a tiny grid end to end, the detection table)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipguard.bench.cell import cell_config
+from clipguard.bench.config import load_config, parse_config, validate_names
+from clipguard.bench.plan import dependency, plan_cells
+from clipguard.errors import ConfigError
+from clipguard.training.spec import fingerprint
+
+GRID = {
+    "name": "t",
+    "seeds": [0, 1],
+    "datasets": {"fm": {"builtin": "fashion-mnist", "train_size": 200, "test_size": 100}},
+    "attacks": {"clean": {"attack": "none", "defenses": ["CLIP"]},
+                "badnet": {"attack": "badnet", "target": "bag", "rate": 0.05}},
+    "pretrain": {"train": {"epochs": 1}, "defenses": {
+        "DAO-then-CLIP": {"detect": {"detector": "dao", "options": {"k": 8}}},
+        "CLIP": "none",
+    }},
+    "scan": {"base": "CLIP", "detectors": ["dao", "similarity"]},
+}
+
+
+def _fp(cfg, method: str, seed: int = 0, attack: str = "badnet") -> str:
+    cell = next(c for c in plan_cells(cfg) if c.method == method and c.seed == seed and c.attack.label == attack)
+    return fingerprint(cell_config(cfg, cell))
+
+
+def test_detect_entry_and_scan_plan_after_their_base():
+    cfg = parse_config(GRID)
+    entry = next(d for d in cfg.pretrain.defenses if d.label == "DAO-then-CLIP")
+    assert entry.defense == "none"  # plain CLIP trains on the kept pairs unless told otherwise
+    assert entry.detect.base == "CLIP"  # default: the plain CLIP entry, trained on the poisoned data
+    assert entry.detect.keep_fraction is None
+    cells = plan_cells(cfg)
+    ids = [c.id for c in cells]
+    # the detect entry is listed first in the YAML but planned after its base
+    assert ids.index("fm/badnet/CLIP/seed0") < ids.index("fm/badnet/DAO-then-CLIP/seed0")
+    assert ids.index("fm/badnet/CLIP/seed0") < ids.index("fm/badnet/CLIP+scan/seed0")
+    # scan-only cells need poisons; the clean attack runs CLIP only
+    assert sorted(c.method for c in cells if c.attack.clean) == ["CLIP", "CLIP"]
+    scans = [c for c in cells if c.stage == "scan"]
+    assert [c.id for c in scans] == ["fm/badnet/CLIP+scan/seed0", "fm/badnet/CLIP+scan/seed1"]
+    for c in cells:
+        dep = dependency(cfg, c)
+        if c.stage == "scan" or c.defense.detect is not None:
+            assert dep.id == f"fm/{c.attack.label}/CLIP/seed{c.seed}"
+        else:
+            assert dep is None
+    assert scans[0].run_dir(Path("o")).name == "scan-CLIP"
+    validate_names(cfg)
+
+
+def test_a_named_defence_trains_on_the_kept_pairs():
+    g = copy.deepcopy(GRID)
+    g["pretrain"]["defenses"]["DAO-then-RoCLIP"] = {
+        "defense": "roclip", "options": {"match_every": 3}, "train": {"epochs": 2},
+        "detect": {"detector": "dao", "base": "CLIP", "keep_fraction": 0.95}}
+    cfg = parse_config(g)
+    validate_names(cfg)
+    entry = next(d for d in cfg.pretrain.defenses if d.label == "DAO-then-RoCLIP")
+    assert entry.defense == "roclip" and entry.detect.keep_fraction == 0.95
+    cell = next(c for c in plan_cells(cfg) if c.method == "DAO-then-RoCLIP")
+    conf = cell_config(cfg, cell)
+    assert conf["run"]["defense"] == "roclip" and conf["run"]["train"]["epochs"] == 2
+    assert conf["detect"]["keep_fraction"] == 0.95 and conf["detect"]["base"]["method"] == "CLIP"
+    g["pretrain"]["defenses"]["DAO-then-RoCLIP"]["options"] = {"match_evry": 3}
+    with pytest.raises(ConfigError, match="DAO-then-RoCLIP.*match_evry"):
+        validate_names(parse_config(g))
+
+
+def _bad(mutate):
+    g = copy.deepcopy(GRID)
+    mutate(g)
+    return g
+
+
+def _detect(g):
+    return g["pretrain"]["defenses"]["DAO-then-CLIP"]["detect"]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda g: _detect(g).update(detector="daoo"),
+     r"pretrain.defenses.DAO-then-CLIP.detect.detector: unknown detector 'daoo'; choose one of"),
+    (lambda g: _detect(g).pop("detector"), r"DAO-then-CLIP.detect: needs 'detector'"),
+    (lambda g: _detect(g).update(options={"kk": 3}), r"detect.options: detector 'dao' has no option 'kk'"),
+    (lambda g: _detect(g).update(options={"space": "audio"}), r"DAO-then-CLIP.detect.options"),
+    (lambda g: _detect(g).update(base="SafeCLIP"), r"detect: base 'SafeCLIP' is not a pre-training defence label"),
+    (lambda g: _detect(g).update(base="DAO-then-CLIP"), r"is itself a detect-then-train entry"),
+    (lambda g: _detect(g).update(keep_fraction=1.5), r"detect.keep_fraction must be null or a number in \(0, 1\]"),
+    (lambda g: _detect(g).update(threshold=3), r"DAO-then-CLIP.detect' has unknown key"),
+    (lambda g: g["pretrain"]["defenses"].update(CLIP="safeclip"),
+     r"DAO-then-CLIP.detect: needs 'base' .*no plain CLIP entry"),
+    (lambda g: g.update(finetune={"defenses": {"F": {"defense": "ft", "detect": {"detector": "dao"}}}}),
+     r"finetune.defenses.F' has unknown key"),
+    (lambda g: g["attacks"]["badnet"].update(defenses=["DAO-then-CLIP"]), r"not its detect.base 'CLIP'"),
+    (lambda g: g["scan"].update(detectors=["dao", "nope"]), r"scan.detectors.1: unknown detector 'nope'"),
+    (lambda g: g["scan"].update(options={"kdist": {"k": 4}}), r"scan.options: \['kdist'\] are not among"),
+    (lambda g: g["scan"].update(options={"dao": {"k": 0}}), r"scan.options.dao"),
+    (lambda g: g["scan"].update(base="Nope"), r"scan.base: base 'Nope' is not a pre-training defence label"),
+    (lambda g: g["scan"].update(bogus=1), r"'scan' has unknown key"),
+])
+def test_bad_detect_and_scan_entries_name_the_key(mutate, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_bad(mutate), source="grid.yaml")
+
+
+def test_scan_defaults_and_explicit_bases():
+    from clipguard.detection import names
+
+    g = copy.deepcopy(GRID)
+    g["scan"] = None  # --set scan=null: no scan-only cells
+    assert parse_config(g).scan is None
+    assert not any(c.stage == "scan" for c in plan_cells(parse_config(g)))
+    g["scan"] = {}  # every detector on the plain CLIP entry's model
+    cfg = parse_config(g)
+    assert cfg.scan.bases == ["CLIP"] and cfg.scan.detectors == names()
+    g["scan"] = {"detectors": "dao,kdist", "base": ["CLIP"]}
+    cfg = parse_config(g)
+    assert cfg.scan.bases == ["CLIP"] and cfg.scan.detectors == ["dao", "kdist"]
+
+
+def test_cache_key_covers_detector_options_keep_rule_and_base():
+    base = parse_config(GRID)
+    fp = _fp(base, "DAO-then-CLIP")
+    clip_fp = _fp(base, "CLIP")
+    scan_fp = _fp(base, "CLIP+scan")
+
+    def variant(mutate):
+        g = copy.deepcopy(GRID)
+        mutate(g)
+        return parse_config(g)
+
+    # a detector option, the detector, the keep rule: a new key; the base is untouched
+    for mutate in (lambda g: _detect(g).update(options={"k": 12}),
+                   lambda g: _detect(g).update(options={"k": 8, "z": 2.5}),
+                   lambda g: _detect(g).update(detector="slof", options={}),
+                   lambda g: _detect(g).update(keep_fraction=0.9)):
+        cfg = variant(mutate)
+        assert _fp(cfg, "DAO-then-CLIP") != fp
+        assert _fp(cfg, "CLIP") == clip_fp and _fp(cfg, "CLIP+scan") == scan_fp
+    # writing a default out keeps the key (the options are resolved)
+    assert _fp(variant(lambda g: _detect(g).update(options={"k": 8, "space": "image", "metric": "l2"})),
+               "DAO-then-CLIP") == fp
+    # the base cell's config is part of the key of the cells that read its model
+    cfg = variant(lambda g: g["pretrain"]["defenses"].update(CLIP={"defense": "none", "train": {"lr": 5e-4}}))
+    assert _fp(cfg, "CLIP") != clip_fp
+    assert _fp(cfg, "DAO-then-CLIP") != fp and _fp(cfg, "CLIP+scan") != scan_fp
+    # what trains on the kept pairs, too
+    assert _fp(variant(lambda g: g["pretrain"]["defenses"]["DAO-then-CLIP"].update(train={"epochs": 2})),
+               "DAO-then-CLIP") != fp
+    # the scan's detectors and their options
+    assert _fp(variant(lambda g: g["scan"].update(options={"dao": {"k": 32}})), "CLIP+scan") != scan_fp
+    assert _fp(variant(lambda g: g["scan"].update(detectors=["dao"])), "CLIP+scan") != scan_fp
+
+
+def test_shipped_detect_config_plans(tmp_path):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "detect-fmnist.yaml")
+    validate_names(cfg)
+    cells = plan_cells(cfg)
+    attacks = [a.label for a in cfg.attacks if not a.clean]
+    assert attacks == ["TDPA", "BadNet", "Blended", "SIG", "WaNet"]
+    assert all(len(a.parts) == 1 and a.parts[0].count == 100 for a in cfg.attacks if not a.clean)
+    assert {c.method for c in cells} == {"CLIP", "DAO-then-CLIP", "SLOF-then-CLIP", "CLIP+scan"}
+    assert len([c for c in cells if c.stage == "scan"]) == 5 * 3
+    assert sorted(cfg.scan.detectors) == ["dao", "iforest", "kdist", "lid", "mixture", "similarity", "slof"]
+    assert len(cells) == 1 + 5 * 3 * 4
+
+
+# ---------------------------------------------------------------------------- reporting
+def _det_cell(seed: int, stage: str, method: str, aurocs: dict[str, float], label_opts: str = "") -> dict:
+    return {"cell": f"fm/bad/{method}/seed{seed}", "dataset": "fm", "attack": "bad", "seed": seed, "stage": stage,
+            "method": method, "detection": {"base": "CLIP", "base_fingerprint": f"b{seed}", "detectors": {
+                name: {"label": name + label_opts, "keep": {"kept": 90, "poisons_kept_parts": {"bad": 1}},
+                       "metrics": {"auroc": v, "tpr@1%fpr": v / 2, "n": 100, "n_poison": 10,
+                                   "parts": {"bad": {"auroc": v, "tpr@1%fpr": v / 2, "n": 100, "n_poison": 10}}}}
+                for name, v in aurocs.items()}}}
+
+
+def test_detection_table_means_over_seeds_and_counts_a_repeat_once():
+    from clipguard.reporting.merge import detection_rows
+    from clipguard.reporting.tables import detection_table, to_markdown
+
+    cells = [_det_cell(0, "scan", "CLIP+scan", {"dao": 0.9, "similarity": 0.5}),
+             _det_cell(1, "scan", "CLIP+scan", {"dao": 0.8}),
+             # the same detector on the same base model and seed, from a detect-then-train cell
+             _det_cell(0, "pretrain", "DAO-then-CLIP", {"dao": 0.9}),
+             _det_cell(0, "pretrain", "DAO32-then-CLIP", {"dao": 0.7}, label_opts=" (k=32)")]
+    rows = detection_rows(cells)
+    assert len(rows) == 5 and {r["column"] for r in rows} == {"bad"}
+    t = detection_table(rows)
+    body = {r[0]: r[1:] for r in t.rows}
+    assert list(body) == ["dao on CLIP", "similarity on CLIP", "dao (k=32) on CLIP"]
+    assert body["dao on CLIP"] == ["85.0 ± 7.1", "42.5 ± 3.5"]
+    assert body["similarity on CLIP"][0] == "50.0 (n=1)"
+    assert body["dao (k=32) on CLIP"][0] == "70.0 (n=1)"
+    assert t.header[0] == ["Data (attack)", "fm (bad)"]
+    assert "Detection" in to_markdown(t)
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
+    from clipguard.bench.runner import run_bench
+    from clipguard.reporting.merge import read_results_csv
+
+    grid = {
+        "name": "tiny-detect", "seeds": [0], "model": "cg-nano",
+        "datasets": {"fm": {"train": str(fm_dir / "train.csv"), "test": str(fm_dir / "test.csv"),
+                            "probe_size": 100, "finetune_size": 0}},
+        "attacks": {"badnet": {"attack": "badnet", "target": "bag", "count": 26}},
+        "pretrain": {"train": {"epochs": 1, "batch_size": 64, "warmup": 2}, "defenses": {
+            "CLIP": "none",
+            "DAO-then-CLIP": {"detect": {"detector": "dao", "base": "CLIP", "options": {"k": 8}}},
+            "KD90-then-CLIP": {"detect": {"detector": "kdist", "keep_fraction": 0.9}},
+        }},
+        "scan": {"base": "CLIP", "detectors": ["dao", "similarity", "kdist"], "options": {"dao": {"k": 8}}},
+    }
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid))
+    cfg = load_config(config)
+    out = tmp_path / "bench"
+    meta = run_bench(cfg, out, quiet=True)
+    assert meta["cells_run"] == 4
+
+    def cell(name: str) -> dict:
+        return json.loads((out / "cells" / f"fm__badnet__{name}__seed0.json").read_text())
+
+    n = 512 + 26
+    dao = cell("DAO-then-CLIP")
+    det = dao["detection"]
+    assert det["base"] == "CLIP" and det["base_cell"] == "fm/badnet/CLIP/seed0" and det["n_pairs"] == n
+    assert det["checkpoint"].startswith("runs/fm/badnet/seed0/pretrain-CLIP/checkpoints/")
+    m = det["detectors"]["dao"]["metrics"]
+    for key in ("auroc", "auprc", "tpr@1%fpr", "precision@k"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["n_poison"] == 26 and m["parts"]["badnet"]["n_poison"] == 26
+    keep = det["keep"]
+    assert keep["detector"] == "dao" and keep["rule"] == "robust_z"
+    assert keep["kept"] + keep["dropped"] == n and keep["poisons"] == 26
+    assert keep["parts"] == {"badnet": {"poisons": 26, "kept": keep["poisons_kept"]}}
+    assert dao["train_pairs"] == keep["kept"]  # trained on the kept pairs only
+    assert "dropped_rows" not in det  # kept in the run folder's detection.json
+    stored = json.loads((out / dao["run_dir"] / "detection.json").read_text())
+    assert len(stored["dropped_rows"]) == keep["dropped"]
+    assert (out / dao["run_dir"] / "scores.csv").is_file()
+    assert dao["metrics"]["zeroshot_top1"] is not None and dao["asr"][0]["column"] == "badnet"
+    assert dao["config"]["detect"]["options"] == {"z": 3.0, "k": 8, "space": "image", "metric": "l2"}
+
+    kd = cell("KD90-then-CLIP")["detection"]["keep"]
+    assert kd["rule"] == "fraction" and abs(kd["kept"] - 0.9 * n) <= 1
+
+    scan = cell("CLIP+scan")
+    assert scan["stage"] == "scan" and "asr" not in scan and "metrics" not in scan
+    assert list(scan["detection"]["detectors"]) == ["dao", "similarity", "kdist"]
+    assert "keep" not in scan["detection"]
+    # the same detector, options, base model and data as DAO-then-CLIP's: the same scores
+    assert scan["detection"]["detectors"]["dao"]["metrics"]["auroc"] == pytest.approx(m["auroc"])
+    assert scan["detection"]["detectors"]["dao"]["label"] == "dao (k=8)"
+
+    md = (out / "report.md").read_text()
+    table = md.split("Detection: AUROC")[1]
+    for label in ("dao (k=8) on CLIP", "similarity on CLIP", "kdist on CLIP"):
+        assert label in table
+    assert table.count("dao (k=8) on CLIP") == 1  # the detect cell's repeat counts once
+    assert "Detect-then-train: % of the training pairs kept" in md
+    table1 = md.split("Table 1:")[1].split("Table 2")[0]
+    assert "CLIP+scan" not in table1 and "DAO-then-CLIP" in table1
+    rows = read_results_csv(out / "results.csv")
+    assert {r["method"] for r in rows} == {"CLIP", "DAO-then-CLIP", "KD90-then-CLIP", "CLIP+scan"}
+    dao_row = next(r for r in rows if r["method"] == "DAO-then-CLIP")
+    assert int(dao_row["detect_kept"]) == keep["kept"] and dao_row["detect_auroc.badnet"] != ""
+    det_rows = read_results_csv(out / "detection.csv")
+    assert {r["label"] for r in det_rows} == {"dao (k=8)", "similarity", "kdist"}
+
+    # nothing to redo; a changed detector option is a stale cell, not a silent reuse
+    assert run_bench(cfg, out, quiet=True, report=False)["cells_run"] == 0
+    grid["pretrain"]["defenses"]["DAO-then-CLIP"]["detect"]["options"]["k"] = 6
+    config.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError, match="different config"):
+        run_bench(load_config(config), out, quiet=True, report=False, only="DAO-then-CLIP")
