@@ -84,6 +84,10 @@ class SafeClipOptions(Options):
     # nearest neighbour (among density_reference sampled pairs) more than density_z robust standard
     # deviations farther than the median pair's stays out of the safe set (None: no veto)
     density_z: float | None = None
+    # a pair vetoed in a mixed epoch after the first stays vetoed: once the model has begun to
+    # learn a poison, the poison gains look-alikes and a high score, so a later verdict is worth
+    # less than an earlier one (the first split's, made by a barely aligned model, is not kept)
+    density_memory: bool = False
     density_k: int = 16
     density_reference: int = 16384
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
@@ -155,6 +159,7 @@ class SafeClip(Strategy, PairSelector):
         self._safe: torch.Tensor | None = None  # bool (N,), the safe set of this epoch
         self._sims: torch.Tensor | None = None  # float (N,), latest clean-pair similarities
         self._dense: torch.Tensor | None = None  # bool (N,), pairs the density veto lets through
+        self._dense_rounds = 0                   # splits made with the density veto so far
 
     # ------------------------------------------------------------------ phases and lr
     def phase(self, epoch: int) -> str:
@@ -240,7 +245,11 @@ class SafeClip(Strategy, PairSelector):
         if log_kd is not None:
             # pairs not re-scored this epoch keep their last verdict (they are outside the safe set)
             dense = self._dense.clone() if self._dense is not None else torch.ones(n, dtype=torch.bool)
-            dense[cand] = dense_inliers(log_kd, o.density_z)
+            verdict = dense_inliers(log_kd, o.density_z)
+            if o.density_memory and self._dense_rounds >= 2:
+                verdict &= dense[cand]
+            dense[cand] = verdict
+            self._dense_rounds += 1
         t_sims = time.perf_counter() - t0
         decision = None
         if ctx.dist.is_main:
@@ -388,7 +397,7 @@ class SafeClip(Strategy, PairSelector):
         return out
 
     def state_json(self) -> dict[str, Any]:
-        return {"m": self._m}
+        return {"m": self._m, "dense_rounds": self._dense_rounds}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self._img_pool.load_state(tensors, "img_pool")
@@ -397,3 +406,4 @@ class SafeClip(Strategy, PairSelector):
         self._safe = tensors["safe"].bool().clone() if "safe" in tensors else None
         self._dense = tensors["dense"].bool().clone() if "dense" in tensors else None
         self._m = meta.get("m")
+        self._dense_rounds = int(meta.get("dense_rounds", 0))
