@@ -51,17 +51,38 @@ class LazyImages:
 
     def __getitem__(self, idx) -> torch.Tensor:
         if isinstance(idx, slice):
-            ids = list(range(len(self)))[idx]
-        elif isinstance(idx, int):
+            return self.take(list(range(len(self)))[idx])
+        if isinstance(idx, int):
             return torch.from_numpy(self._decode(idx))
-        else:
-            ids = torch.as_tensor(idx).reshape(-1).tolist()
+        return self.take(idx)
+
+    def take(self, idx, pin_memory: bool = False) -> torch.Tensor:
+        """The images at ``idx`` (indices, a tensor of them), decoded in the thread pool straight into
+        one uint8 batch; ``pin_memory`` (needs CUDA) allocates that batch in pinned host memory, so
+        the trainer's copy to the GPU is asynchronous and no second host copy is made."""
+        ids = torch.as_tensor(idx).reshape(-1).tolist() if not isinstance(idx, list) else idx
+        s = self.image_size
+        out = torch.empty((len(ids), 3, s, s), dtype=torch.uint8, pin_memory=pin_memory)
+        if not ids:
+            return out
+        buf = out.numpy()
+
+        def fill(k: int) -> None:
+            buf[k] = self._decode(ids[k])
+
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers)
-        arrays = list(self._pool.map(self._decode, ids))
-        if not arrays:
-            return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.uint8)
-        return torch.from_numpy(np.stack(arrays))
+        for _ in self._pool.map(fill, range(len(ids))):
+            pass
+        return out
+
+    def set_workers(self, workers: int) -> None:
+        """Decode with ``workers`` threads from now on (the trainer's ``workers`` setting)."""
+        if workers != self.workers:
+            self.workers = workers
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.shutdown(wait=False)
 
     def select(self, ids: Sequence[int]) -> "LazyImages":
         return type(self)(self.root, [self.paths[i] for i in ids],

@@ -48,6 +48,7 @@ class TrainContext:
     seed: int
     base_lr: float
     autocast: Callable[[], Any] = field(default=lambda: torch.autocast("cpu", enabled=False))
+    channels_last: bool = False     # the model's weights are NHWC: feed its pixels the same way
     epoch: int = 0
     step: int = 0
 
@@ -59,8 +60,11 @@ class TrainContext:
         Returns L2-normalised image features, text features (either None when not given) and the
         clamped logit scale exp(s).
         """
+        x = normalize(pixels) if pixels is not None else None
+        if x is not None and self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            out = self.model(normalize(pixels) if pixels is not None else None, tokens)
+            out = self.model(x, tokens)
         if isinstance(out, dict):
             img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
         else:

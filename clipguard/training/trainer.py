@@ -1,7 +1,9 @@
 """The one training loop. Defences plug in as strategies; this file never learns their names.
 
 DDP-ready (torchrun, gloo or NCCL), AMP on GPUs, gradient accumulation, gradient clipping,
-logit-scale clamp, an atomic checkpoint every epoch and an exact ``resume``.
+logit-scale clamp, an atomic checkpoint every epoch and an exact ``resume``. GPU speed options
+(``compile``, ``channels_last``, ``workers``, ``pin_memory``) change how fast a step runs, never
+what it computes, and do nothing on the CPU unless asked for.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ EpochCallback = Callable[[torch.nn.Module, int], dict[str, Any]]
 DiagnosticsCallback = Callable[[Strategy, int, Path], dict[str, Any]]
 
 
-RUNTIME_KEYS = ("quiet", "bar_position", "tensorboard", "keep_checkpoints", "stop_after", "eval_every")
+# settings that decide neither the trained weights (up to kernel-level float differences on a GPU) nor
+# a run's fingerprint: a resume or a bench cell may change them, and adding one keeps old runs valid
+RUNTIME_KEYS = ("quiet", "bar_position", "tensorboard", "keep_checkpoints", "stop_after", "eval_every",
+                "compile", "channels_last", "workers", "pin_memory")
 
 
 @dataclass
@@ -70,6 +75,11 @@ class TrainConfig(Options):
     tensorboard: bool = False
     quiet: bool = False
     bar_position: int | None = None  # terminal line of the epoch bar (bench workers: one each)
+    # speed only (see RUNTIME_KEYS); the defaults change nothing
+    compile: bool = False         # torch.compile the step's forward; checkpoints stay plain open_clip
+    channels_last: bool = False   # NHWC weights and pixels (helps convolutional towers, e.g. RN50, on GPUs)
+    workers: int | None = None    # threads decoding on-demand (--lazy-images, shards) images; None: 8
+    pin_memory: bool = True       # CUDA only: host batches are pinned, prefetched and copied asynchronously
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -86,6 +96,7 @@ class TrainConfig(Options):
         require(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         require(self.stop_after is None or self.stop_after >= 1, f"stop_after must be >= 1, got {self.stop_after}")
         require(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
+        require(self.workers is None or self.workers >= 1, f"workers must be >= 1, got {self.workers}")
         try:
             resolve_device(self.device)  # the one device check: a typo or a missing GPU fails here
         except ConfigError as e:
@@ -130,11 +141,20 @@ class Trainer:
         if tuple(self.data.images.shape[-2:]) != (size, size):
             raise ConfigError(f"images are {tuple(self.data.images.shape[-2:])} but model '{cfg.model}' "
                               f"expects {size}x{size}; load the CSV with image_size={size}")
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # 4-D weights only; state dicts are unchanged
+        if self.data.lazy and cfg.workers is not None and hasattr(self.data.images, "set_workers"):
+            self.data.images.set_workers(cfg.workers)
         self.ddp = None
         if dist.enabled:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
                 find_unused_parameters=True)
+        # ``self.model`` stays the plain open_clip module: checkpoints, the optimizer, the logit-scale
+        # clamp and the strategies' eager encoders use it, so no '_orig_mod.' key reaches a checkpoint
+        forward_module = self.ddp or self.model
+        if cfg.compile:
+            forward_module = torch.compile(forward_module)  # the wrapper shares self.model's parameters
         self.tokenizer = get_tokenizer(cfg.model)
         tokens = self.tokenizer(self.data.captions)
         per_step = cfg.batch_size * dist.world_size * cfg.accum_steps
@@ -148,10 +168,10 @@ class Trainer:
             tokens = tokens.to(dist.device)
         self.images, self.tokens = images, tokens
         self.ctx = TrainContext(
-            model=self.ddp or self.model, raw_model=self.model, data=self.data, tokens=tokens,
+            model=forward_module, raw_model=self.model, data=self.data, tokens=tokens,
             tokenizer=self.tokenizer, dist=dist, device=dist.device, epochs=cfg.epochs,
             steps_per_epoch=spe, batch_size=cfg.batch_size, seed=cfg.seed, base_lr=cfg.lr,
-            autocast=self._autocast(dist.device))
+            autocast=self._autocast(dist.device), channels_last=cfg.channels_last)
         self.strategy.bind(self.ctx)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.schedule = self.strategy.schedule(self.ctx, cfg.warmup, cfg.min_lr)
@@ -166,6 +186,22 @@ class Trainer:
 
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
         return self.images[idx] if self.data.lazy else self.images[idx.to(self.images.device)]
+
+    def _host_batches(self, dist: DistInfo) -> tuple[bool, bool]:
+        """(prefetch, pin): decode or gather the next micro-batch in a background thread when the
+        images live on the host (on-demand data always; in-memory data that stayed on the host on a
+        GPU run), pinned on CUDA so the copy to the GPU is asynchronous. In-memory data on the CPU,
+        or already on the GPU, is indexed in place as before."""
+        on_host = self.data.lazy or self.images.device.type != dist.device.type
+        pin = bool(self.cfg.pin_memory) and dist.device.type == "cuda" and on_host
+        return self.data.lazy or pin, pin
+
+    def _host_images(self, idx: torch.Tensor, pin: bool) -> torch.Tensor:
+        if not pin:
+            return self._images(idx)
+        if self.data.lazy and hasattr(self.images, "take"):
+            return self.images.take(idx, pin_memory=True)  # decoded straight into pinned memory
+        return self._images(idx).pin_memory()
 
     def _batch(self, idx: torch.Tensor, epoch: int, step: int, micro: int, dist: DistInfo,
                images_u8: torch.Tensor | None = None) -> Batch:
@@ -204,6 +240,8 @@ class Trainer:
         ckpt.load_weights(self.model, folder)
         ckpt.optimizer_from_tensors(self.optimizer, ckpt.load_tensors(folder, "optimizer"),
                                     state["optimizer"])
+        if self.cfg.channels_last:
+            _match_param_layout(self.optimizer)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.strategy.load_state(ckpt.load_tensors(folder, "strategy"), state.get("strategy_state", {}))
@@ -309,10 +347,12 @@ class Trainer:
         spe, b, acc = ctx.steps_per_epoch, cfg.batch_size, cfg.accum_steps
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        # lazy (on-disk) data: decode the next micro-batch in the background while this one trains
-        prefetch = ThreadPoolExecutor(1) if self.data.lazy else None
+        # host-side data (on disk, or in host memory on a GPU run): the next micro-batch is decoded or
+        # gathered (and pinned) in the background while this one trains
+        use_prefetch, pin = self._host_batches(dist)
+        prefetch = ThreadPoolExecutor(1) if use_prefetch else None
         slices = [perm[i * b:(i + 1) * b] for i in range(spe * acc)]
-        pending = prefetch.submit(self._images, slices[0]) if prefetch else None
+        pending = prefetch.submit(self._host_images, slices[0], pin) if prefetch else None
         bar = tqdm(range(spe), desc=f"epoch {epoch + 1}/{cfg.epochs} [{self.strategy.name}]",
                    disable=cfg.quiet or not dist.is_main, leave=False, dynamic_ncols=True,
                    position=cfg.bar_position)
@@ -328,7 +368,8 @@ class Trainer:
                     images_u8 = None
                     if pending is not None:
                         images_u8 = pending.result()
-                        pending = prefetch.submit(self._images, slices[k + 1]) if k + 1 < len(slices) else None
+                        pending = (prefetch.submit(self._host_images, slices[k + 1], pin)
+                                   if k + 1 < len(slices) else None)
                     batch = self._batch(slices[k], epoch, step, micro, dist, images_u8)
                     sync = self.ddp is not None and micro < acc - 1
                     with self.ddp.no_sync() if sync else contextlib.nullcontext():
@@ -388,6 +429,15 @@ class Trainer:
         except ImportError as e:
             raise ConfigError("--tensorboard needs `pip install clipguard[tensorboard]`") from e
         return SummaryWriter(str(self.out / "tensorboard"))
+
+
+def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded optimizer moments their parameter's memory layout (checkpoints store them
+    contiguous; a channels_last run's fused AdamW wants them laid out like the weights)."""
+    for p, st in optimizer.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def epochs_done(state: dict[str, Any]) -> int:
