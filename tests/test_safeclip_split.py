@@ -165,3 +165,27 @@ def test_joint_density_vetoes_pairs_that_join_an_image_of_one_kind_to_a_caption_
             assert safe[poison].all()
         else:
             assert not (safe & poison).any() and decision["log"]["density_vetoed"] > 0
+
+
+def test_density_memory_keeps_a_vetoed_pair_out_from_the_second_split_on():
+    """The first split's verdicts (a barely aligned model) are forgotten; from the second split on
+    a vetoed pair stays vetoed even when it later looks dense (a poison being learned)."""
+    from clipguard.defenses.safeclip import SafeClip, SafeClipOptions
+
+    def far(i: int) -> torch.Tensor:  # pair i far from the others, the rest alike
+        x = torch.zeros(200)
+        x[i] = 10.0
+        return x + torch.linspace(0, 0.01, 200)
+
+    everyone = torch.arange(200)
+    for memory in (False, True):
+        s = SafeClip(SafeClipOptions(density_z=1.0, density_memory=memory))
+        first = s._veto(200, everyone, far(0))            # split 1: pair 0 vetoed, then forgotten
+        s._dense = first
+        second = s._veto(200, everyone, far(1))           # split 2: pair 1 vetoed
+        s._dense = second
+        third = s._veto(200, everyone, far(2))            # split 3: pair 2 vetoed; pair 1 looks fine
+        assert not first[0] and second[0] and third[0]
+        assert not second[1] and not third[2]
+        assert bool(third[1]) is (not memory)
+    assert s.state_json()["dense_rounds"] == 3

@@ -241,15 +241,7 @@ class SafeClip(Strategy, PairSelector):
             density_reference=o.density_reference, seed=step_seed(ctx.seed, "safeclip-density", epoch))
         sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
         sims[cand] = fresh
-        dense = None
-        if log_kd is not None:
-            # pairs not re-scored this epoch keep their last verdict (they are outside the safe set)
-            dense = self._dense.clone() if self._dense is not None else torch.ones(n, dtype=torch.bool)
-            verdict = dense_inliers(log_kd, o.density_z)
-            if o.density_memory and self._dense_rounds >= 2:
-                verdict &= dense[cand]
-            dense[cand] = verdict
-            self._dense_rounds += 1
+        dense = self._veto(n, cand, log_kd) if log_kd is not None else None
         t_sims = time.perf_counter() - t0
         decision = None
         if ctx.dist.is_main:
@@ -264,6 +256,19 @@ class SafeClip(Strategy, PairSelector):
                     "similarity_seconds": round(t_sims, 4),
                     "split_seconds": round(time.perf_counter() - t0, 4)})
         return rec
+
+    def _veto(self, n: int, cand: torch.Tensor, log_kd: torch.Tensor) -> torch.Tensor:
+        """Which pairs the density veto lets through, after this epoch's scores of ``cand``.
+
+        Pairs not re-scored keep their last verdict (they are outside the safe set anyway); with
+        ``density_memory`` a verdict from the second split on is final."""
+        dense = self._dense.clone() if self._dense is not None else torch.ones(n, dtype=torch.bool)
+        verdict = dense_inliers(log_kd, self.opt.density_z)
+        if self.opt.density_memory and self._dense_rounds >= 2:
+            verdict &= dense[cand]
+        dense[cand] = verdict
+        self._dense_rounds += 1
+        return dense
 
     @torch.no_grad()
     def _reference(self, epoch: int) -> torch.Tensor | None:
