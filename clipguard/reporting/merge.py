@@ -13,8 +13,9 @@ from clipguard.io import write_text
 
 BASE_COLUMNS = ["cell", "dataset", "attack", "stage", "method", "defense", "base", "seed", "train_pairs",
                 "zeroshot_top1", "zeroshot_top5", "linear_probe_top1", "linear_probe_top5", "train_data", "split"]
-TAIL_COLUMNS = ["final_safe_fraction", "final_safe_poison_recall", "train_epochs_s", "train_wall_s", "eval_s",
-                "resumed_from_epoch"]
+TAIL_COLUMNS = ["final_safe_fraction", "final_safe_poison_recall", "first_split_epoch", "first_split_auroc",
+                "first_split_safe_fraction", "train_epochs_s", "train_wall_s", "eval_s", "resumed_from_epoch"]
+FIRST_SPLIT_PREFIX = "first_split_poisons."  # per ASR column: share of its poisons in the first safe set
 # detection.csv: one row per (cell, detector, ASR column) of every detect-then-train and scan-only cell
 DETECTION_COLUMNS = ["cell", "dataset", "attack", "column", "seed", "stage", "method", "base", "detector", "label",
                      "auroc", "auprc", "tpr@1%fpr", "precision@k", "n", "n_poison", "rule_kept", "rule_poisons_kept",
@@ -54,10 +55,40 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
     last = next((r for r in reversed(cell.get("epochs", [])) if "safe_poison_recall" in r), {})
     row["final_safe_fraction"] = last.get("safe_fraction")
     row["final_safe_poison_recall"] = last.get("safe_poison_recall")
+    _first_split_columns(cell, row)
     t = cell.get("timings", {})
     for k in ("train_epochs_s", "train_wall_s", "eval_s", "resumed_from_epoch"):
         row[k] = t.get(k)
     return row
+
+
+def first_split(cell: dict[str, Any]) -> dict[str, Any] | None:
+    """The first epoch record with pair scores: a pair-selecting defence's first split, after its
+    warm-up (SafeCLIP: the first mixed epoch), the split an attacker who knows the defence targets."""
+    return next((r for r in cell.get("epochs", []) if "similarity_auroc" in r), None)
+
+
+def _first_split_columns(cell: dict[str, Any], row: dict[str, Any]) -> None:
+    """At the first split: the epoch, the pair score's AUROC as a poison detector, the safe set's
+    share of the data and, per ASR column, the share of that column's poisons inside it."""
+    first = first_split(cell)
+    if first is None:
+        return
+    row["first_split_epoch"] = first.get("epoch")
+    row["first_split_auroc"] = first.get("similarity_auroc")
+    row["first_split_safe_fraction"] = first.get("safe_fraction")
+    if not first.get("poison_total"):
+        return  # clean data: no poisons to count
+    parts = [p for p in cell.get("asr", []) if not p.get("reference")]
+    per_part = first.get("safe_poison_in")  # "k/n" per "<part>-<attack>", when several parts share the data
+    for p in parts:
+        col = p.get("column") or p.get("attack")
+        if per_part:
+            k_n = next((v for k, v in per_part.items() if k.split("-", 1)[0] == str(p.get("part"))), None)
+            k, n = (int(x) for x in k_n.split("/")) if k_n else (0, 0)
+            row[FIRST_SPLIT_PREFIX + col] = k / n if n else None
+        elif len(parts) == 1:
+            row[FIRST_SPLIT_PREFIX + col] = first.get("safe_poison_recall")
 
 
 def _detect_columns(cell: dict[str, Any], row: dict[str, Any]) -> None:
@@ -84,13 +115,16 @@ def merge_rows(cells: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, A
     rows = [cell_row(c) for c in cells]
     asr_cols: list[str] = []
     det_cols: list[str] = []
+    split_cols: list[str] = []
     for r in rows:
         for k in r:
             if k.startswith("asr") and k not in asr_cols:
                 asr_cols.append(k)
             elif k.startswith("detect_") and k not in det_cols:
                 det_cols.append(k)
-    header = BASE_COLUMNS + asr_cols + det_cols + TAIL_COLUMNS
+            elif k.startswith(FIRST_SPLIT_PREFIX) and k not in split_cols:
+                split_cols.append(k)
+    header = BASE_COLUMNS + asr_cols + det_cols + split_cols + TAIL_COLUMNS
     return header, rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -96,4 +97,24 @@ def histogram_plot(cells: list[dict[str, Any]], method_order: list[str]) -> dict
             ax.legend(fontsize=6)
         fig.suptitle(f"{d} / {a}: pair similarity after training (seed {seed0}, normalised)", fontsize=10)
         figs[f"similarity__{d}__{a}"] = _png(fig)
+    return figs
+
+
+def first_split_histograms(out: Path | str, cells: list[dict[str, Any]], method_order: list[str]) -> dict[str, bytes]:
+    """Per (dataset, attack) and pair-selecting defence: the clean-vs-poisoned histogram of its pair
+    scores at the first split after the warm-up (SafeCLIP: the first mixed epoch), lowest seed. These
+    are the PNGs the run's diagnostics already wrote (``similarity_hist_epochNN.png`` in the run
+    folder), taken as they are; a cell whose run folder no longer has it is skipped."""
+    from clipguard.reporting.merge import first_split
+
+    figs: dict[str, bytes] = {}
+    for d, a in _groups(cells):
+        sel = [c for c in cells if c["dataset"] == d and c["attack"] == a]
+        for m in [m for m in method_order if any(c["method"] == m for c in sel)]:
+            for c in sorted((c for c in sel if c["method"] == m), key=lambda c: c["seed"]):
+                name = (first_split(c) or {}).get("similarity_hist")
+                path = Path(out) / c.get("run_dir", "") / str(name)
+                if name and Path(name).name == name and c.get("run_dir") and path.is_file():
+                    figs[f"first_split__{d}__{a}__{m}"] = path.read_bytes()
+                    break
     return figs

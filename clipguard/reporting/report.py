@@ -22,6 +22,7 @@ from clipguard.reporting.tables import (
     asr_table,
     detect_filter_table,
     detection_table,
+    first_split_table,
     safe_set_table,
     to_html,
     to_markdown,
@@ -32,6 +33,13 @@ CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222
 table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:center}
 th{background:#eee}td:first-child{text-align:left;font-weight:bold}.note{color:#555;font-size:90%}
 img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}"""
+
+
+FIRST_SPLIT_NOTE = ("The first_split figures, one per attack and pair-selecting defence: the defence's pair "
+                    "scores at its first split after the warm-up (SafeCLIP: the first mixed epoch), clean against "
+                    "poisoned pairs, lowest seed, as the run wrote them (similarity_hist_epochNN.png in its run "
+                    "folder). The x-axis is the defence's ranking score (SafeCLIP's rank_by; by default the "
+                    "relative score, not the raw cosine similarity); the dashed line is the cut of the first safe set.")
 
 
 def method_order(out: Path, cells: list[dict[str, Any]]) -> list[str]:
@@ -67,10 +75,8 @@ def build_tables(cells: list[dict[str, Any]], order: list[str]) -> list[Table]:
         base.notes = [base.notes[0].replace("Attack success rate", "Base rate")]
         tables.append(base)
     tables.append(accuracy_table(rows, order))
-    safe = safe_set_table(rows, order)
-    if safe is not None:
-        tables.append(safe)
-    for extra in (detect_filter_table(rows, order), scans):
+    for extra in (safe_set_table(rows, order), first_split_table(rows, order), detect_filter_table(rows, order),
+                  scans):
         if extra is not None:
             tables.append(extra)
     return tables
@@ -91,7 +97,7 @@ def _meta(out: Path) -> dict[str, Any]:
 
 def write_report(out: str | Path) -> dict[str, Path]:
     """Re-derive everything from ``out/cells/*.json``: results.csv, plots, report.md, report.html."""
-    from clipguard.reporting.plots import histogram_plot, safe_set_plot
+    from clipguard.reporting.plots import first_split_histograms, histogram_plot, safe_set_plot
 
     out = Path(out)
     cells = load_cells(out)
@@ -100,7 +106,8 @@ def write_report(out: str | Path) -> dict[str, Path]:
     order = method_order(out, cells)
     tables = build_tables(cells, order) if cells else []
     models = trained(cells)
-    figs = {**safe_set_plot(models, order), **histogram_plot(models, order)} if models else {}
+    figs = ({**safe_set_plot(models, order), **histogram_plot(models, order),
+             **first_split_histograms(out, models, order)} if models else {})
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():
@@ -117,8 +124,10 @@ def write_report(out: str | Path) -> dict[str, Path]:
                      f"({meta.get('cells_run', '?')} cell(s) run, {meta.get('cells_skipped', '?')} reused).")
     md = [f"# {title}", ""] + [f"{line}  " for line in intro] + [""]
     md += [to_markdown(t) for t in tables]
+    notes = [FIRST_SPLIT_NOTE] if any(n.startswith("first_split__") for n in figs) else []
     if figs:
         md.append("## Figures\n")
+        md += [f"{n}\n" for n in notes]
         md += [f"![{n}](plots/{n}.png)\n" for n in figs]
     md.append("Per-cell JSON: `cells/`; merged: `results.csv`"
               + ("; detection metrics per detector: `detection.csv`" if det_path else "") + ".\n")
@@ -129,6 +138,7 @@ def write_report(out: str | Path) -> dict[str, Path]:
     body += [to_html(t) for t in tables]
     if figs:
         body.append("<h2>Figures</h2>")
+        body += [f"<p class=note>{e(n)}</p>" for n in notes]
         for n, png in figs.items():
             body.append(f'<figure><img alt="{e(n)}" src="data:image/png;base64,'
                         f'{base64.b64encode(png).decode()}"><figcaption>{e(n)}</figcaption></figure>')

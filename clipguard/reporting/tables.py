@@ -186,6 +186,39 @@ def safe_set_table(rows: list[dict[str, Any]], method_order: list[str] | None = 
                                                 "only; the defence never sees the manifest)."])
 
 
+def first_split_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table | None:
+    """Pair-selecting defences (SafeCLIP) at their first split after the warm-up: the AUROC of the
+    pair score as a poison detector / % of each ASR column's poisons admitted to the first safe set."""
+    prefix = "first_split_poisons."
+    rows = [r for r in rows if any(k.startswith(prefix) and r[k] not in (None, "") for k in r)]
+    if not rows:
+        return None
+    methods = _ordered([r["method"] for r in rows], method_order)
+    groups = _ordered([(r["dataset"], k[len(prefix):]) for r in rows for k in r
+                       if k.startswith(prefix) and r[k] not in (None, "")], None)
+    ns = n_seeds(rows)
+    body = []
+    for m in methods:
+        line = [m]
+        for d, col in groups:
+            sel = [r for r in rows if r["method"] == m and r["dataset"] == d
+                   and r.get(prefix + col) not in (None, "")]
+            line.append(f"{fmt([r.get('first_split_auroc') for r in sel], expect_n=ns)} / "
+                        f"{fmt([r[prefix + col] for r in sel], expect_n=ns)}" if sel else "-")
+        body.append(line)
+    epochs = sorted({str(r.get("first_split_epoch")) for r in rows})
+    return Table("First split after the warm-up: AUROC of the pair score as a poison detector / % of the "
+                 "column's poisons in the first safe set",
+                 [["Method"] + [f"{d} ({c})" for d, c in groups]], body, [],
+                 [f"In %, mean ± std over {ns} seed(s); first split at epoch {', '.join(epochs)}. The score is the "
+                  "defence's own ranking score (SafeCLIP: rank_by, by default the pair's similarity minus its "
+                  "image's mean similarity to its 10 best sampled captions); AUROC over all the poisons of the "
+                  "attack's data (SafeCLIP's density veto, density_z, shows in the admissions, not in the AUROC). An "
+                  "AUROC near 50 means the score no longer tells the poisons apart.",
+                  "From the diagnostics only (the defence never sees the manifest); the first_split figures show "
+                  "the same scores as histograms (lowest seed)."])
+
+
 def detection_table(rows: list[dict[str, Any]]) -> Table | None:
     """Rows = detector (with its non-default options) on a base model; column groups = dataset and
     ASR column; AUROC and TPR@1%FPR, mean ± std over seeds. ``rows``: ``merge.detection_rows``.
