@@ -98,39 +98,19 @@ def _run_parallel(cfg: BenchConfig, out: Path, cells: list[Cell], jobs: int, bar
     import os
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from clipguard.bench.plan import dependency
+    from clipguard.bench.schedule import CellQueue
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    ids = {c.id for c in cells}
-    deps = {c.id: dependency(cfg, c) for c in cells}
-    bases = {d.id for d in deps.values() if d is not None}
-
-    def priority(c: Cell) -> int:
-        """Bases of other cells first (they unlock work), then defended pre-training (detect-then-
-        train included), then the other pre-training cells; the short fine-tuning and scan-only
-        cells fill the workers at the end."""
-        if c.stage in ("finetune", "scan"):
-            return 3
-        if c.id in bases:
-            return 0
-        return 1 if c.defense.defense != "none" or c.defense.detect is not None else 2
-
-    pending = sorted(cells, key=priority)  # stable: plan order within a priority
-
-    def ready(c: Cell) -> bool:
-        base = deps[c.id]
-        return base is None or base.id not in ids or is_done(cfg, base, out)
-
+    queue = CellQueue(cfg, out, cells)  # bases first; a cell starts once its base is finished
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                              initargs=(os.getpid(), ctx.Value("i", 0))) as pool:
         running: dict[Any, Cell] = {}
-        while pending or running:
-            for c in [c for c in pending if ready(c)][: jobs - len(running)]:
-                pending.remove(c)
+        while queue or running:
+            for c in queue.take(jobs - len(running)):
                 running[pool.submit(_worker_cell, cfg, str(out), c.id, threads, quiet)] = c
             if not running:
-                raise RuntimeError(f"bench: cells wait for a base that will not run: {[c.id for c in pending]}")
+                raise RuntimeError(f"bench: cells wait for a base that will not run: {[c.id for c in queue.pending]}")
             try:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
             except BaseException:  # Ctrl-C: stop the workers now, not after their cells
@@ -157,19 +137,26 @@ def _stop(pool) -> None:
 
 def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: bool = False,
               report: bool = True, only: str | None = None, command: str | None = None,
-              jobs: int = 1) -> dict[str, Any]:
+              jobs: int = 1, submit=None) -> dict[str, Any]:
     """Run every unfinished cell in order, then write results.csv and the reports.
 
     ``only``: comma-separated substrings; a cell runs when its id contains one of them. ``redo``: forget the selected
     cells' results: a run folder made with the same config resumes (so only evaluation is redone),
     one made with a different config is deleted and retrained. ``jobs``: cells run at once, in
-    worker processes (not under torchrun)."""
+    worker processes (not under torchrun). ``submit``: a ``clipguard.bench.submit.SubmitOptions``:
+    every cell runs as a submitit job, on SLURM or as a local process (failed cells are listed in
+    the result's ``cells_failed`` and ``cells_not_run`` instead of stopping the grid)."""
     from clipguard.training.distributed import barrier, init_distributed
 
     out = Path(out)
     validate_names(cfg)
     dist = init_distributed(cfg.device)  # under torchrun: every rank trains, rank 0 prepares and evaluates
     main = dist.is_main
+    backend = None
+    if submit is not None:  # before any work: a missing submitit or srun stops here
+        from clipguard.bench.submit import SubmititBackend
+
+        backend = SubmititBackend.for_bench(submit, cfg, out, dist.world_size)
     cells = plan_cells(cfg)
     wanted = [w for w in (only or "").split(",") if w]
     todo = [c for c in cells if not wanted or any(w in c.id for w in wanted)]
@@ -200,14 +187,20 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
     ran: list[str] = []
     meta = {"name": cfg.name, "config": cfg.source, "model": cfg.model, "seeds": cfg.seeds,
             "n_cells": len(cells), "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-            "world_size": dist.world_size, "jobs": jobs}
+            "world_size": dist.world_size, "jobs": jobs, "executor": "pool" if submit is None else submit.executor,
+            **({"submit": submit.record()} if submit is not None else {})}
     bar = tqdm(total=len(todo), desc=f"bench {cfg.name}", position=0, dynamic_ncols=True,
                disable=quiet or not main, initial=len(done_before))
     try:
-        if jobs > 1 and dist.world_size == 1:
+        if backend is not None:
+            from clipguard.bench.submit import run_submitted
+
+            left = [c for c in todo if c not in done_before and not is_done(cfg, c, out)]
+            meta.update(run_submitted(cfg, out, left, backend, bar=bar, ran=ran, quiet=quiet))
+        elif jobs > 1 and dist.world_size == 1:
             left = [c for c in todo if c not in done_before and not is_done(cfg, c, out)]
             _run_parallel(cfg, out, left, jobs, bar, ran, quiet)
-        for cell in todo:
+        for cell in todo if backend is None else []:
             if cell in done_before or is_done(cfg, cell, out):
                 continue
             bar.set_postfix_str(cell.id)
