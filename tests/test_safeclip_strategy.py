@@ -20,7 +20,7 @@ def _cfg(**kw):
 
 def _small(**kw):
     opts = dict(warmup_epochs=1, clip_warmup_epochs=1, lr_low_factor=0.1, min_initial_fraction=0.3,
-                step=0.2, pool_size=128)
+                step=0.2, pool_size=128, density_z=None)
     opts.update(kw)
     return defenses.build("safeclip", opts)
 
@@ -169,6 +169,19 @@ def test_mixed_epoch_splits_and_safe_and_risky_are_disjoint(fm_train, tmp_path):
     safe = strat.selected()
     assert safe.dtype == torch.bool and safe.shape == (256,)
     assert int(safe.sum()) == recs[3]["safe_size"]
+
+
+def test_the_density_veto_removes_pairs_from_the_ranked_safe_set(fm_train, tmp_path):
+    """With the default veto the safe set is the top m by score minus the vetoed pairs, and the
+    veto state survives in the checkpoint."""
+    data = fm_train.subset(range(256))
+    strat = _small(density_z=1.0, density_k=8)
+    Trainer(_cfg(epochs=5), data, tmp_path, strategy=strat).fit()
+    recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    for r in recs[2:]:
+        ranked = int(round(r["m"] * 256))
+        assert r["density_vetoed"] >= 1 and r["safe_size"] == pytest.approx(ranked - r["density_vetoed"], abs=1)
+    assert strat.state_json()["dense_rounds"] == 3 and "dense" in strat.state_tensors()
 
 
 def test_too_few_epochs_is_a_clear_error(fm_train, tmp_path):

@@ -73,7 +73,7 @@ class SafeClipOptions(Options):
     mixture_margin: float = 0.05
     max_safe_fraction: float = 1.0
     min_initial_fraction: float = 0.2  # the first safe set holds at least this share
-    max_initial_fraction: float = 1.0
+    max_initial_fraction: float = 0.3  # the first safe set holds at most this share (the paper: 1)
     efficient_update: bool = True     # re-score only the top pairs by previous score
     update_fraction: float = 0.3
     update_margin: float = 0.1
@@ -83,11 +83,11 @@ class SafeClipOptions(Options):
     # the joint-density veto: a pair whose joint (image, caption) embedding has its density_k-th
     # nearest neighbour (among density_reference sampled pairs) more than density_z robust standard
     # deviations farther than the median pair's stays out of the safe set (None: no veto)
-    density_z: float | None = None
+    density_z: float | None = 1.0
     # a pair vetoed in a mixed epoch after the first stays vetoed: once the model has begun to
     # learn a poison, the poison gains look-alikes and a high score, so a later verdict is worth
     # less than an earlier one (the first split's, made by a barely aligned model, is not kept)
-    density_memory: bool = False
+    density_memory: bool = True
     density_k: int = 16
     density_reference: int = 16384
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
