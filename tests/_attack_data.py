@@ -1,14 +1,18 @@
-"""A tiny synthetic labelled image-caption dataset for the attack tests (seconds, no downloads)."""
+"""A tiny synthetic labelled image-caption dataset for the attack tests (seconds, no downloads),
+and an in-memory poisoning context, set-up attacks and pixels for the trigger tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from clipguard import attacks
+from clipguard.attacks.base import PoisonContext
 from clipguard.data.classes import ClassInfo
-from clipguard.data.csv_dataset import write_csv
+from clipguard.data.csv_dataset import ImageCaptionData, write_csv
 
 CLASSES = ["circle", "square", "star"]
 
@@ -36,3 +40,21 @@ def make_dataset(root: Path, *, per_class: int = 20, test_per_class: int = 6, si
     test = make_split(root, "test", test_per_class, size, seed + 1)
     ClassInfo(classes=list(CLASSES), synonyms={"star": ["asterisk"]}).save(root / "classes.json")
     return train, test
+
+
+def ctx_for(h: int = 28, w: int = 28, n: int = 4, seed: int = 0) -> PoisonContext:
+    g = torch.Generator().manual_seed(123)
+    data = ImageCaptionData(images=torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8),
+                            captions=[f"c{i}" for i in range(n)], labels=torch.zeros(n, dtype=torch.long),
+                            paths=[f"{i}.png" for i in range(n)])
+    return PoisonContext(data=data, target=1, seed=seed, trigger_seed=seed)
+
+
+def setup(name: str, ctx: PoisonContext | None = None, **opts):
+    a = attacks.build(name, opts)
+    a.setup(ctx or ctx_for())
+    return a
+
+
+def pixels(n: int = 3, h: int = 28, w: int = 28, seed: int = 5) -> torch.Tensor:
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))

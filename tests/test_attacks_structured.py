@@ -7,30 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _attack_data import make_dataset
+from _attack_data import ctx_for, make_dataset, pixels, setup
 
 from clipguard import attacks
-from clipguard.attacks.base import PoisonContext
-from clipguard.data.csv_dataset import ImageCaptionData, load_csv
+from clipguard.data.csv_dataset import load_csv
 from clipguard.errors import ConfigError
-
-
-def ctx_for(h: int = 28, w: int = 28, n: int = 4, seed: int = 0) -> PoisonContext:
-    g = torch.Generator().manual_seed(123)
-    data = ImageCaptionData(images=torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8),
-                            captions=[f"c{i}" for i in range(n)], labels=torch.zeros(n, dtype=torch.long),
-                            paths=[f"{i}.png" for i in range(n)])
-    return PoisonContext(data=data, target=1, seed=seed, trigger_seed=seed)
-
-
-def setup(name: str, ctx: PoisonContext | None = None, **opts):
-    a = attacks.build(name, opts)
-    a.setup(ctx or ctx_for())
-    return a
-
-
-def pixels(n: int = 3, h: int = 28, w: int = 28, seed: int = 5) -> torch.Tensor:
-    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 def only_changed_in(y: torch.Tensor, x: torch.Tensor, rows: slice, cols: slice) -> bool:

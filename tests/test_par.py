@@ -4,11 +4,11 @@ frozen starting model (never trained, never saved, the same after a resume)."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _training import make_batch, make_ctx
 from safetensors.torch import load_file
 
 from clipguard import defenses
@@ -16,29 +16,12 @@ from clipguard.cli import main
 from clipguard.data.augment import Views
 from clipguard.errors import ConfigError
 from clipguard.models import save_checkpoint
-from clipguard.models.factory import create_model, get_tokenizer
+from clipguard.models.factory import create_model
 from clipguard.tensors import normalize
-from clipguard.training.context import Batch, TrainContext, to_pixels
-from clipguard.training.distributed import DistInfo
 from clipguard.training.strategy import ClipStrategy
 from clipguard.training.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def make_ctx(data, seed: int = 0) -> TrainContext:
-    model = create_model("cg-tiny", seed=seed)
-    tok = get_tokenizer("cg-tiny")
-    return TrainContext(model=model, raw_model=model, data=data, tokens=tok(data.captions), tokenizer=tok,
-                        dist=DistInfo(), device=torch.device("cpu"), epochs=1, steps_per_epoch=1,
-                        batch_size=len(data), seed=seed, base_lr=1e-3)
-
-
-def make_batch(ctx: TrainContext, seed: int) -> Batch:
-    idx = torch.arange(len(ctx.data))
-    return Batch(pixels=to_pixels(ctx.data.images[idx], ctx.device), tokens=ctx.tokens[idx],
-                 captions=[ctx.data.captions[i] for i in idx.tolist()], indices=idx,
-                 generator=torch.Generator().manual_seed(seed), rng=random.Random(seed))
 
 
 def _perturb(model, visual: float, text: float, seed: int = 0) -> None:

@@ -35,7 +35,7 @@ from clipguard.attacks.base import (
     PoisonPlan,
     seeded_random,
 )
-from clipguard.attacks.tdpa import TDPA
+from clipguard.attacks.tdpa import TDPA, captions_per_target
 from clipguard.errors import ConfigError
 
 TRIGGERS = ("badnet", "blended", "sig", "wanet", "htba", "stripes", "triangles", "text-trigger", "none")
@@ -185,10 +185,7 @@ class CaptionBlend(Attack):
     def _plan_targeted(self, ctx: PoisonContext, count: int) -> PoisonPlan:
         assert self.tdpa is not None
         chosen = self.tdpa.choose_targets(ctx)
-        if count < len(chosen):
-            raise ConfigError(f"caption-blend: {count} poisoned pairs cannot cover {len(chosen)} targets "
-                              "(at least one caption each); raise the rate/count or lower targets")
-        per = [count // len(chosen) + (1 if j < count % len(chosen) else 0) for j in range(len(chosen))]
+        per = captions_per_target(count, chosen, "caption-blend")
         ev = ctx.eval_data
         assert ev is not None
         rng = seeded_random("captions", self.name, ctx.seed)

@@ -34,38 +34,54 @@ def check_location(location: str, position: str, attack: str) -> None:
         raise ConfigError(f"attack '{attack}': position must be one of {POSITIONS}, not {position!r}")
 
 
-def fixed_offset(position: str, size: int, h: int, w: int, margin: int = 0) -> tuple[int, int]:
-    m_h, m_w = min(margin, h - size), min(margin, w - size)
+def box_offset(position: str, bh: int, bw: int, h: int, w: int, margin: int = 0) -> tuple[int, int]:
+    """Top-left corner of a bh x bw box at a named position in an h x w image."""
+    m_h, m_w = min(margin, h - bh), min(margin, w - bw)
     if position == "bottom-right":
-        return h - size - m_h, w - size - m_w
+        return h - bh - m_h, w - bw - m_w
     if position == "bottom-left":
-        return h - size - m_h, m_w
+        return h - bh - m_h, m_w
     if position == "top-left":
         return m_h, m_w
     if position == "top-right":
-        return m_h, w - size - m_w
-    return (h - size) // 2, (w - size) // 2
+        return m_h, w - bw - m_w
+    return (h - bh) // 2, (w - bw) // 2
+
+
+def fixed_offset(position: str, size: int, h: int, w: int, margin: int = 0) -> tuple[int, int]:
+    return box_offset(position, size, size, h, w, margin)
+
+
+def content_box_offset(image: torch.Tensor, bh: int, bw: int, seed: int) -> tuple[int, int]:
+    """A 'random' place for a bh x bw box that is a deterministic function of (image content, seed)."""
+    u8 = image.clamp(0, 1).mul(255).round().to(torch.uint8).contiguous()
+    d = hashlib.sha256(str(seed).encode() + u8.numpy().tobytes()).digest()
+    H, W = image.shape[-2:]
+    top = int.from_bytes(d[:4], "little") % (H - bh + 1)
+    left = int.from_bytes(d[4:8], "little") % (W - bw + 1)
+    return top, left
 
 
 def content_offset(image: torch.Tensor, size: int, seed: int) -> tuple[int, int]:
     """A 'random' location that is a deterministic function of (image content, seed)."""
-    u8 = image.clamp(0, 1).mul(255).round().to(torch.uint8).contiguous()
-    h = hashlib.sha256(str(seed).encode() + u8.numpy().tobytes()).digest()
+    return content_box_offset(image, size, size, seed)
+
+
+def box_offsets(image: torch.Tensor, location: str, position: str, bh: int, bw: int, seed: int,
+                margin: int = 0) -> list[tuple[int, int]]:
+    """Top-left corners of a bh x bw box in ``image`` for a location (fixed, corners or random)."""
     H, W = image.shape[-2:]
-    top = int.from_bytes(h[:4], "little") % (H - size + 1)
-    left = int.from_bytes(h[4:8], "little") % (W - size + 1)
-    return top, left
+    if location == "fixed":
+        return [box_offset(position, bh, bw, H, W, margin)]
+    if location == "corners":
+        return [box_offset(p, bh, bw, H, W, margin)
+                for p in ("top-left", "top-right", "bottom-left", "bottom-right")]
+    return [content_box_offset(image, bh, bw, seed)]
 
 
 def offsets(image: torch.Tensor, location: str, position: str, size: int, seed: int,
             margin: int = 0) -> list[tuple[int, int]]:
-    H, W = image.shape[-2:]
-    if location == "fixed":
-        return [fixed_offset(position, size, H, W, margin)]
-    if location == "corners":
-        return [fixed_offset(p, size, H, W, margin)
-                for p in ("top-left", "top-right", "bottom-left", "bottom-right")]
-    return [content_offset(image, size, seed)]
+    return box_offsets(image, location, position, size, size, seed, margin)
 
 
 def paste(pixels: torch.Tensor, patch: torch.Tensor, location: str, position: str, seed: int,

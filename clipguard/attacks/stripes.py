@@ -19,7 +19,6 @@ import torch
 
 from clipguard.attacks import ATTACKS
 from clipguard.attacks.base import PoisonContext, seeded_generator
-from clipguard.attacks.patch import resolve_size
 from clipguard.attacks.structured import StructuredTrigger, check_px, scaled_px
 from clipguard.errors import ConfigError
 
@@ -43,12 +42,7 @@ class Stripes(StructuredTrigger):
     def make_pattern(self, ctx: PoisonContext) -> tuple[torch.Tensor, torch.Tensor]:
         shape = ctx.image_shape
         _, H, W = shape
-        if self.mode == "patch":
-            self.patch_px = resolve_size(self.size, self.size_frac, shape, self.name)
-            h = w = self.patch_px
-        else:
-            self.patch_px = None
-            h, w = H, W
+        h, w = self.pattern_hw(shape)
         self.width_px = scaled_px(self.width, self.width_frac, min(H, W), minimum=1, what="stripe width",
                                   attack=self.name, shape=shape)
         across = w if self.orientation == "vertical" else h

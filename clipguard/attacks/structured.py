@@ -18,7 +18,7 @@ import hashlib
 import torch
 
 from clipguard.attacks.base import Attack, PoisonContext
-from clipguard.attacks.patch import check_location
+from clipguard.attacks.patch import box_offsets, check_location, resolve_size
 from clipguard.errors import ConfigError
 
 MODES = ("blend", "patch")
@@ -71,39 +71,6 @@ def scaled_px(value, frac, side: int, *, minimum: int, what: str, attack: str,
     return px
 
 
-def box_offset(position: str, bh: int, bw: int, h: int, w: int, margin: int = 0) -> tuple[int, int]:
-    """Top-left corner of a bh x bw box at a named position (patch.fixed_offset for rectangles)."""
-    mh, mw = min(margin, h - bh), min(margin, w - bw)
-    if position == "bottom-right":
-        return h - bh - mh, w - bw - mw
-    if position == "bottom-left":
-        return h - bh - mh, mw
-    if position == "top-left":
-        return mh, mw
-    if position == "top-right":
-        return mh, w - bw - mw
-    return (h - bh) // 2, (w - bw) // 2
-
-
-def content_box_offset(image: torch.Tensor, bh: int, bw: int, seed: int) -> tuple[int, int]:
-    """A 'random' place that is a function of (image pixels, seed): patch.content_offset's hash."""
-    u8 = image.clamp(0, 1).mul(255).round().to(torch.uint8).contiguous()
-    d = hashlib.sha256(str(seed).encode() + u8.numpy().tobytes()).digest()
-    h, w = image.shape[-2:]
-    return int.from_bytes(d[:4], "little") % (h - bh + 1), int.from_bytes(d[4:8], "little") % (w - bw + 1)
-
-
-def box_offsets(image: torch.Tensor, location: str, position: str, bh: int, bw: int, seed: int,
-                margin: int = 0) -> list[tuple[int, int]]:
-    h, w = image.shape[-2:]
-    if location == "fixed":
-        return [box_offset(position, bh, bw, h, w, margin)]
-    if location == "corners":
-        return [box_offset(p, bh, bw, h, w, margin)
-                for p in ("top-left", "top-right", "bottom-left", "bottom-right")]
-    return [content_box_offset(image, bh, bw, seed)]
-
-
 class StructuredTrigger(Attack):
     """A pattern ``P`` (3, h, w) and mask ``M`` (1, h, w) from ``make_pattern``, blended or pasted.
 
@@ -131,6 +98,16 @@ class StructuredTrigger(Attack):
     # ------------------------------------------------------------------ pattern
     def make_pattern(self, ctx: PoisonContext) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def pattern_hw(self, shape: tuple[int, int, int]) -> tuple[int, int]:
+        """(h, w) of a full-image pattern: a ``size`` x ``size`` patch in patch mode (its side kept
+        in ``patch_px``), else the whole image (``patch_px`` None)."""
+        _, H, W = shape
+        if self.mode == "patch":
+            self.patch_px = resolve_size(self.size, self.size_frac, shape, self.name)
+            return self.patch_px, self.patch_px
+        self.patch_px = None
+        return H, W
 
     @property
     def covers_image(self) -> bool:

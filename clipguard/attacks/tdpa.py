@@ -14,7 +14,17 @@ import torch
 from clipguard.attacks import ATTACKS
 from clipguard.attacks.base import TARGETED, Attack, EvalSet, PoisonContext, PoisonPlan, seeded_random
 from clipguard.attacks.captions import target_captions
+from clipguard.data.csv_dataset import ImageCaptionData
 from clipguard.errors import ConfigError
+
+
+def captions_per_target(count: int, chosen: list[int], attack: str) -> list[int]:
+    """``count`` poisoned pairs spread over the ``chosen`` targets, the first ones one more when it
+    does not divide; at least one each."""
+    if count < len(chosen):
+        raise ConfigError(f"{attack}: {count} poisoned pairs cannot cover {len(chosen)} targets "
+                          "(at least one caption each); raise the rate/count or lower targets")
+    return [count // len(chosen) + (1 if j < count % len(chosen) else 0) for j in range(len(chosen))]
 
 
 @ATTACKS.register("tdpa")
@@ -35,12 +45,17 @@ class TDPA(Attack):
     def trigger_names(self) -> list[str]:
         return []
 
-    def choose_targets(self, ctx: PoisonContext) -> list[int]:
+    def labelled_eval_data(self, ctx: PoisonContext) -> ImageCaptionData:
+        """The held-out split the target images come from; it must be there and labelled."""
         ev = ctx.eval_data
         if ev is None:
-            raise ConfigError("tdpa takes its target images from the held-out split: pass --eval-data")
+            raise ConfigError(f"{self.name} takes its target images from the held-out split: pass --eval-data")
         if not bool((ev.labels >= 0).all()):
-            raise ConfigError("tdpa needs a labelled held-out split (a 'label' column in --eval-data)")
+            raise ConfigError(f"{self.name} needs a labelled held-out split (a 'label' column in --eval-data)")
+        return ev
+
+    def choose_targets(self, ctx: PoisonContext) -> list[int]:
+        ev = self.labelled_eval_data(ctx)
         src = None
         if self.source_class is not None:
             src = ctx.classes.index(self.source_class) if ctx.classes else int(self.source_class)
@@ -54,10 +69,7 @@ class TDPA(Attack):
 
     def plan(self, ctx: PoisonContext, count: int) -> PoisonPlan:
         chosen = self.choose_targets(ctx)
-        if count < len(chosen):
-            raise ConfigError(f"tdpa: {count} poisoned pairs cannot cover {len(chosen)} targets "
-                              "(at least one caption each); raise the rate/count or lower targets")
-        per = [count // len(chosen) + (1 if j < count % len(chosen) else 0) for j in range(len(chosen))]
+        per = captions_per_target(count, chosen, "tdpa")
         ev = ctx.eval_data
         assert ev is not None
         caps, info = target_captions(ctx, ctx.target, count, seeded_random("captions", self.name, ctx.seed))

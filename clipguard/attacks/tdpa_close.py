@@ -149,11 +149,7 @@ class TDPAClose(TDPA):
 
     # ------------------------------------------------------------------ targets
     def choose_targets(self, ctx: PoisonContext) -> list[int]:
-        ev = ctx.eval_data
-        if ev is None:
-            raise ConfigError("tdpa-close takes its target images from the held-out split: pass --eval-data")
-        if not bool((ev.labels >= 0).all()):
-            raise ConfigError("tdpa-close needs a labelled held-out split (a 'label' column in --eval-data)")
+        ev = self.labelled_eval_data(ctx)
         close = self.resolve_close(ctx) if self.close is None else self.close
         pool = [i for i in range(len(ev)) if int(ev.labels[i]) == close]
         if len(pool) < self.targets:

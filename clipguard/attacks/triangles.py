@@ -19,7 +19,6 @@ import torch
 
 from clipguard.attacks import ATTACKS
 from clipguard.attacks.base import PoisonContext, seeded_generator
-from clipguard.attacks.patch import resolve_size
 from clipguard.attacks.structured import StructuredTrigger, as_float, check_px, on_u8_grid, scaled_px
 from clipguard.errors import ConfigError
 
@@ -46,12 +45,7 @@ class Triangles(StructuredTrigger):
     def make_pattern(self, ctx: PoisonContext) -> tuple[torch.Tensor, torch.Tensor]:
         shape = ctx.image_shape
         _, H, W = shape
-        if self.mode == "patch":
-            self.patch_px = resolve_size(self.size, self.size_frac, shape, self.name)
-            h = w = self.patch_px
-        else:
-            self.patch_px = None
-            h, w = H, W
+        h, w = self.pattern_hw(shape)
         # a cell given explicitly may be as small as 2 px; the derived default is at least 4 px
         self.cell_px = scaled_px(self.cell, self.cell_frac, min(H, W), minimum=2 if self.cell is not None else 4,
                                  what="triangle cell", attack=self.name, shape=shape)

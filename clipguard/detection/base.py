@@ -8,6 +8,7 @@ one module under ``clipguard/detection/detectors/`` with one ``@DETECTORS.regist
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -173,11 +174,21 @@ class DetectorOptions(Options):
 
 
 class Detector:
-    """Base class. Subclasses set ``options_class`` and define ``score``."""
+    """Base class. Subclasses set ``name`` and define ``score``.
+
+    A detector with options of its own sets ``options_class`` (a ``DetectorOptions`` dataclass
+    whose ``kind`` names it); one that only takes its base's options leaves it out and gets an
+    empty subclass of them, named after it (``KDistDetector`` -> ``KDistOptions``, kind
+    ``detector 'kdist'``), so its errors and ``build``'s type check name that detector."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for --list and the docs
     options_class: ClassVar[type[DetectorOptions]] = DetectorOptions
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name and "options_class" not in cls.__dict__:
+            cls.options_class = _named_options(cls)
 
     def __init__(self, options: DetectorOptions | None = None) -> None:
         self.opt = options if options is not None else self.options_class()
@@ -193,6 +204,16 @@ class Detector:
     def keep_rule(self, scores: np.ndarray) -> KeepDecision:
         """The pairs to keep when the user gives no ``--keep-fraction``."""
         return robust_keep(scores, self.opt.z)
+
+
+def _named_options(cls: type[Detector]) -> type[DetectorOptions]:
+    """``cls``'s inherited options as a dataclass of their own, kind ``detector '<name>'``, set in
+    the detector's module under its name (so it imports and pickles like a written one)."""
+    title = cls.__name__.removesuffix("Detector") + "Options"
+    body = {"kind": f"detector '{cls.name}'", "__module__": cls.__module__, "__qualname__": title}
+    opts = dataclass(type(title, (cls.options_class,), body))
+    setattr(sys.modules[cls.__module__], title, opts)
+    return opts
 
 
 DETECTORS: Registry[type[Detector]] = Registry("detector", package="clipguard.detection.detectors")

@@ -1,36 +1,23 @@
 """Figures of a scan with a manifest: score histograms (clean vs poisoned) and ROC curves.
 
-Matplotlib with the Agg backend; each figure comes back as PNG bytes (no timestamp in the
-metadata, so equal scans give equal files) for the caller to write atomically.
+Matplotlib with the Agg backend, set up as the report's figures are (reporting/plots.py); each
+figure comes back as PNG bytes (no timestamp in the metadata, so equal scans give equal files)
+for the caller to write atomically.
 """
 
 from __future__ import annotations
 
-import io
 from typing import Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+from clipguard.reporting.plots import panel_grid, plt, png_bytes
 
 
 def score_histograms(names: Sequence[str], scores: Sequence[np.ndarray], poisoned: np.ndarray,
                      aurocs: Sequence[float | None]) -> bytes:
     """One panel per detector: densities of clean and poisoned pairs' scores (each normalised)."""
-    n = len(names)
-    cols = min(n, 4)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = panel_grid(len(names), 2.6)
     p = np.asarray(poisoned, dtype=bool)
     for ax, name, s, auc in zip(axes.flat, names, scores, aurocs):
         s = np.asarray(s, dtype=np.float64)
@@ -44,9 +31,7 @@ def score_histograms(names: Sequence[str], scores: Sequence[np.ndarray], poisone
         ax.set_xlabel("score (higher: more suspicious)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def roc_plot(names: Sequence[str], scores: Sequence[np.ndarray], poisoned: np.ndarray,
@@ -66,4 +51,4 @@ def roc_plot(names: Sequence[str], scores: Sequence[np.ndarray], poisoned: np.nd
     ax.set_ylim(0, 1.01)
     ax.set_title(f"poison detection ({int(y.sum())} poisoned of {y.size} pairs)", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
+    return png_bytes(fig)

@@ -136,9 +136,8 @@ def resolve_weights(path: str | Path) -> Path:
     return path
 
 
-def read_tensors(path: str | Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; a DataError naming the file if it is empty, truncated,
-    corrupt or a pickle."""
+def _non_empty(path: str | Path, what: str) -> Path:
+    """``path`` as a Path; a DataError naming the file if it cannot be stat'ed or is empty."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -146,6 +145,13 @@ def read_tensors(path: str | Path, what: str = "safetensors file") -> dict[str, 
         raise DataError(f"cannot read {what}: {e.strerror or e}", file=str(path)) from None
     if size == 0:
         raise DataError(f"{what} is empty (0 bytes): an interrupted copy or save?", file=str(path))
+    return path
+
+
+def read_tensors(path: str | Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a DataError naming the file if it is empty, truncated,
+    corrupt or a pickle."""
+    path = _non_empty(path, what)
     try:
         return load_file(str(path))
     except SafetensorError as e:
@@ -185,13 +191,7 @@ def read_torch_weights(path: str | Path, what: str = "weights file") -> dict[str
     entries that are not tensors are ignored. A TorchScript archive (OpenAI's JIT ``.pt``) is refused
     before torch opens it; a file weights_only refuses, or that holds no state dict, is a one-line
     ConfigError naming the file; an empty, truncated or corrupt one a DataError."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise DataError(f"cannot read {what}: {e.strerror or e}", file=str(path)) from None
-    if size == 0:
-        raise DataError(f"{what} is empty (0 bytes): an interrupted copy or save?", file=str(path))
+    path = _non_empty(path, what)
     if _is_torchscript(path):
         raise ConfigError(f"{path}: a TorchScript archive (e.g. OpenAI's JIT CLIP .pt), which clipguard does "
                           f"not load (loading it runs its code); {_TORCHSCRIPT_HINT.format(path=path)}")

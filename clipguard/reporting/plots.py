@@ -13,11 +13,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """``fig`` as PNG bytes (no timestamp or software in the metadata: equal figures, equal files);
+    closes it. Used by the report's figures and by the detection scan's (detection/plots.py)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return buf.getvalue()
+
+
+def panel_grid(n: int, panel_height: float):
+    """A figure of ``n`` panels, at most 4 a row (3.2 wide, ``panel_height`` high each); the
+    axes left over in the last row are switched off. Returns (fig, axes) with axes a 2-D array."""
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, panel_height * rows), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes
 
 
 def _groups(cells: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -58,7 +72,7 @@ def safe_set_plot(cells: list[dict[str, Any]], method_order: list[str]) -> dict[
         ax.set_ylim(-2, 102)
         ax.set_title(f"{d} / {a}: safe set over epochs")
         ax.legend(fontsize=7)
-        figs[f"safe_set__{d}__{a}"] = _png(fig)
+        figs[f"safe_set__{d}__{a}"] = png_bytes(fig)
     return figs
 
 
@@ -73,13 +87,7 @@ def histogram_plot(cells: list[dict[str, Any]], method_order: list[str]) -> dict
         seed0 = min(c["seed"] for c in sel)
         sel = [c for c in sel if c["seed"] == seed0]
         methods = [m for m in method_order if any(c["method"] == m for c in sel)]
-        n = len(methods)
-        cols = min(n, 4)
-        rows = (n + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.7 * rows), squeeze=False,
-                                 constrained_layout=True)
-        for ax in axes.flat[n:]:
-            ax.axis("off")
+        fig, axes = panel_grid(len(methods), 2.7)
         for ax, m in zip(axes.flat, methods):
             h = next(c for c in sel if c["method"] == m)["similarity_histogram"]
             edges = h["edges"]
@@ -96,7 +104,7 @@ def histogram_plot(cells: list[dict[str, Any]], method_order: list[str]) -> dict
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
         fig.suptitle(f"{d} / {a}: pair similarity after training (seed {seed0}, normalised)", fontsize=10)
-        figs[f"similarity__{d}__{a}"] = _png(fig)
+        figs[f"similarity__{d}__{a}"] = png_bytes(fig)
     return figs
 
 

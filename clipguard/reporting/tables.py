@@ -186,6 +186,22 @@ def safe_set_table(rows: list[dict[str, Any]], method_order: list[str] | None = 
                                                 "only; the defence never sees the manifest)."])
 
 
+def _pair_cells(rows: list[dict[str, Any]], methods: list[str], groups: list[tuple[str, str]], left: str,
+                prefix: str, ns: int) -> list[list[str]]:
+    """One line per method; per (dataset, column) group, "left / prefix+column" (mean ± std over the
+    method's rows of that dataset that have a value for the column), or "-" when none has."""
+    body = []
+    for m in methods:
+        line = [m]
+        for d, col in groups:
+            sel = [r for r in rows if r["method"] == m and r["dataset"] == d
+                   and r.get(prefix + col) not in (None, "")]
+            line.append(f"{fmt([r.get(left) for r in sel], expect_n=ns)} / "
+                        f"{fmt([r[prefix + col] for r in sel], expect_n=ns)}" if sel else "-")
+        body.append(line)
+    return body
+
+
 def first_split_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table | None:
     """Pair-selecting defences (SafeCLIP) at their first split after the warm-up: the AUROC of the
     pair score as a poison detector / % of each ASR column's poisons admitted to the first safe set."""
@@ -197,15 +213,7 @@ def first_split_table(rows: list[dict[str, Any]], method_order: list[str] | None
     groups = _ordered([(r["dataset"], k[len(prefix):]) for r in rows for k in r
                        if k.startswith(prefix) and r[k] not in (None, "")], None)
     ns = n_seeds(rows)
-    body = []
-    for m in methods:
-        line = [m]
-        for d, col in groups:
-            sel = [r for r in rows if r["method"] == m and r["dataset"] == d
-                   and r.get(prefix + col) not in (None, "")]
-            line.append(f"{fmt([r.get('first_split_auroc') for r in sel], expect_n=ns)} / "
-                        f"{fmt([r[prefix + col] for r in sel], expect_n=ns)}" if sel else "-")
-        body.append(line)
+    body = _pair_cells(rows, methods, groups, "first_split_auroc", prefix, ns)
     epochs = sorted({str(r.get("first_split_epoch")) for r in rows})
     return Table("First split after the warm-up: AUROC of the pair score as a poison detector / % of the "
                  "column's poisons in the first safe set",
@@ -268,15 +276,7 @@ def detect_filter_table(rows: list[dict[str, Any]], method_order: list[str] | No
             if k.startswith(prefix) and (r["dataset"], k[len(prefix):]) not in groups:
                 groups.append((r["dataset"], k[len(prefix):]))
     ns = n_seeds(rows)
-    body = []
-    for m in methods:
-        line = [m]
-        for d, col in groups:
-            sel = [r for r in rows if r["method"] == m and r["dataset"] == d
-                   and r.get(f"detect_poisons_kept.{col}") not in (None, "")]
-            line.append(f"{fmt([r['detect_kept_fraction'] for r in sel], expect_n=ns)} / "
-                        f"{fmt([r[f'detect_poisons_kept.{col}'] for r in sel], expect_n=ns)}" if sel else "-")
-        body.append(line)
+    body = _pair_cells(rows, methods, groups, "detect_kept_fraction", prefix, ns)
     return Table("Detect-then-train: % of the training pairs kept / % of the column's poisons kept",
                  [["Method"] + [f"{d} ({c})" for d, c in groups]], body, [],
                  [f"Mean ± std over {ns} seed(s). The detector's keep rule (or keep_fraction) decided; the "

@@ -7,25 +7,16 @@ sparse spot counts more where the data are locally high-dimensional."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 
 from clipguard.detection.base import DETECTORS
-from clipguard.detection.density import EPS, DensityDetector, DensityOptions, lid_mle
-
-
-@dataclass
-class DaoOptions(DensityOptions):
-    kind: ClassVar[str] = "detector 'dao'"
+from clipguard.detection.density import EPS, DensityDetector, lid_mle
 
 
 @DETECTORS.register("dao")
 class DaoDetector(DensityDetector):
     name = "dao"
     summary = "dimensionality-aware outlier: mean over neighbours o of LID(o) * log(d_k(x) / d_k(o))"
-    options_class = DaoOptions
 
     def local_score(self, distances: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         dk = distances[:, -1].clamp_min(EPS)

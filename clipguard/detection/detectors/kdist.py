@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 
 from clipguard.detection.base import DETECTORS
-from clipguard.detection.density import DensityDetector, DensityOptions
-
-
-@dataclass
-class KDistOptions(DensityOptions):
-    kind: ClassVar[str] = "detector 'kdist'"
+from clipguard.detection.density import DensityDetector
 
 
 @DETECTORS.register("kdist")
 class KDistDetector(DensityDetector):
     name = "kdist"
     summary = "distance to the k-th nearest neighbour (sparse neighbourhoods are suspicious)"
-    options_class = KDistOptions
 
     def local_score(self, distances: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return distances[:, -1]

@@ -6,24 +6,15 @@ has learnt the poison (a backdoored model aligns the trigger with the target cap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import numpy as np
 
-from clipguard.detection.base import DETECTORS, Detector, DetectorOptions, PairFeatures, finite_scores
-
-
-@dataclass
-class SimilarityOptions(DetectorOptions):
-    kind: ClassVar[str] = "detector 'similarity'"
+from clipguard.detection.base import DETECTORS, Detector, PairFeatures, finite_scores
 
 
 @DETECTORS.register("similarity")
 class SimilarityDetector(Detector):
     name = "similarity"
     summary = "1 - cosine similarity of image and caption (a low CLIP score is suspicious)"
-    options_class = SimilarityOptions
 
     def score(self, features: PairFeatures) -> np.ndarray:
         return finite_scores(1.0 - features.similarity.double())

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 
 from clipguard.detection.base import DETECTORS
-from clipguard.detection.density import EPS, DensityDetector, DensityOptions
-
-
-@dataclass
-class SlofOptions(DensityOptions):
-    kind: ClassVar[str] = "detector 'slof'"
+from clipguard.detection.density import EPS, DensityDetector
 
 
 @DETECTORS.register("slof")
 class SlofDetector(DensityDetector):
     name = "slof"
     summary = "simplified LOF: mean over neighbours o of d_k(x) / d_k(o)"
-    options_class = SlofOptions
 
     def local_score(self, distances: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         dk = distances[:, -1].clamp_min(EPS)
