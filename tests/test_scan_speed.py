@@ -1,0 +1,39 @@
+"""benchmarks/scan_speed.py at 500 pairs: the scan runs end to end and the JSON has its keys.
+
+The 60,000-pair figure comes from running the same script at full size (docs/scan.md, "Speed")."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scan_speed.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("scan_speed", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scan_speed_runs_small_and_writes_its_json(tmp_path, capsys):
+    out = tmp_path / "scan_speed.json"
+    _load().main(["--pairs", "500", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "total (end to end)" in printed and "random init" in printed
+    res = json.loads(out.read_text())
+    for key in ("date", "cpu", "threads", "device", "torch", "clipguard", "argv", "model", "weights", "pairs",
+                "poisoned", "detectors", "phases", "total_seconds", "pairs_per_s", "target_seconds",
+                "within_target", "auroc"):
+        assert key in res, key
+    assert (res["pairs"], res["poisoned"], res["model"]) == (500, 5, "cg-tiny")
+    assert res["detectors"] == ["dao", "iforest", "kdist", "lid", "mixture", "similarity", "slof"]
+    phases = res["phases"]
+    assert {"load (model + data)", "encode", "neighbour search (image, l2)", "write outputs"} <= phases.keys()
+    assert all(f"detector {d}" in phases for d in res["detectors"])
+    assert all(s >= 0 for s in phases.values())
+    assert sum(phases.values()) == pytest.approx(res["total_seconds"], rel=1e-6)
+    assert res["pairs_per_s"] > 0 and (tmp_path / "work" / "scan" / "scan.json").is_file()
