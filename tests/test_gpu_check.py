@@ -2,26 +2,17 @@
 
 The GPU figures come from running the same script on a GPU (docs/scale.md, "Checking a GPU")."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from _benchmarks import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_gpu_check_runs_on_the_cpu_and_writes_its_json(tmp_path, capsys):
     out = tmp_path / "gpu_check.json"
-    _load().main(["--model", "cg-nano", "--device", "cpu", "--steps", "2", "--warmup-steps", "1",
+    load_benchmark("gpu_check").main(["--model", "cg-nano", "--device", "cpu", "--steps", "2", "--warmup-steps", "1",
                   "--batch-size", "16", "--workers", "2", "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["complete"] is True
@@ -51,7 +42,7 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_json(tmp_path, capsys):
 def test_gpu_check_refuses_unknown_defences_and_cpu_fp16(tmp_path):
     from clipguard.errors import ConfigError
 
-    mod = _load()
+    mod = load_benchmark("gpu_check")
     with pytest.raises(ConfigError, match="unknown defense .safeclp."):
         mod.main(["--model", "cg-nano", "--device", "cpu", "--defenses", "safeclp", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):

@@ -2,26 +2,17 @@
 
 The 60,000-pair figure comes from running the same script at full size (docs/scan.md, "Speed")."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from _benchmarks import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scan_speed.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("scan_speed", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_scan_speed_runs_small_and_writes_its_json(tmp_path, capsys):
     out = tmp_path / "scan_speed.json"
-    _load().main(["--pairs", "500", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    load_benchmark("scan_speed").main(["--pairs", "500", "--workdir", str(tmp_path / "work"), "--out", str(out)])
     printed = capsys.readouterr().out
     assert "total (end to end)" in printed and "random init" in printed
     res = json.loads(out.read_text())
