@@ -39,3 +39,14 @@ def one_thread():
 def toy(fm_train):
     """32 real Fashion-MNIST pairs for loss-level tests."""
     return fm_train.subset(range(32))
+
+
+@pytest.fixture
+def free_port() -> str:
+    """A TCP port nothing listens on now, for a torchrun rendezvous: a fixed port can still be
+    held by an earlier run's socket (or another program), which fails the run at random."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])

@@ -18,9 +18,9 @@ def _run(args, env_extra=None):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def test_two_ranks_stay_identical_and_match_single_process(fm_dir, tmp_path):
+def test_two_ranks_stay_identical_and_match_single_process(fm_dir, tmp_path, free_port):
     csv = str(fm_dir / "train.csv")
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port,
           str(WORKER), csv, str(tmp_path / "ddp"), "32"])
     r0 = load_file(str(tmp_path / "ddp" / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "ddp" / "rank1.safetensors"))
@@ -31,13 +31,13 @@ def test_two_ranks_stay_identical_and_match_single_process(fm_dir, tmp_path):
         assert torch.allclose(r0[k], s[k], atol=2e-5, rtol=1e-4), k
 
 
-def test_loss_values_and_gradients_match_one_process_including_the_logit_scale(tmp_path):
+def test_loss_values_and_gradients_match_one_process_including_the_logit_scale(tmp_path, free_port):
     """Under DDP the loss is the global batch's on every rank; the features' gradient reaches
     each rank through its own rows only, while the logit scale (or a learned temperature) is held
     whole by every rank: after DDP's average its gradient must equal one process's, not the world
     size times it."""
     worker = Path(__file__).with_name("loss_grad_worker.py")
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port,
           str(worker), str(tmp_path / "ddp.safetensors")])
     _run([sys.executable, str(worker), str(tmp_path / "single.safetensors")])
     d = load_file(str(tmp_path / "ddp.safetensors"))

@@ -13,10 +13,10 @@ WORKER = Path(__file__).with_name("safeclip_ddp_worker.py")
 
 
 @pytest.mark.slow
-def test_split_is_made_once_and_identical_on_all_ranks(fm_dir, tmp_path):
+def test_split_is_made_once_and_identical_on_all_ranks(fm_dir, tmp_path, free_port):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29547", str(WORKER), str(fm_dir / "train.csv"), str(tmp_path)],
+                        "--master_port", free_port, str(WORKER), str(fm_dir / "train.csv"), str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
