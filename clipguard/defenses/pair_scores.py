@@ -109,10 +109,26 @@ def shard_similarities(ctx: TrainContext, indices: torch.Tensor, reference: torc
     return shard_pair_scores(ctx, indices, reference, top_k)[0]
 
 
-def dense_inliers(log_kdist: torch.Tensor, z: float) -> torch.Tensor:
-    """Pairs whose log k-distance is at most ``z`` robust standard deviations (1.4826 MAD) above
-    the median: those with enough look-alike pairs."""
-    x = log_kdist.double()
+def _median_and_spread(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The median and the robust standard deviation (1.4826 MAD) of ``x``, in float64."""
+    x = x.double()
     med = x.median()
-    mad = (x - med).abs().median() * 1.4826
-    return x <= med + z * mad
+    return med, (x - med).abs().median() * 1.4826
+
+
+def inlier_fraction(scores: torch.Tensor, z: float) -> float:
+    """Share of pairs whose score is at most ``z`` robust standard deviations below the median:
+    the clean pairs form the bulk, poisoned pairs a long low tail."""
+    x = scores.double()
+    med, spread = _median_and_spread(x)
+    if float(spread) == 0.0:
+        return float((x >= med).double().mean())
+    return float((x >= med - z * spread).double().mean())
+
+
+def dense_inliers(log_kdist: torch.Tensor, z: float) -> torch.Tensor:
+    """Pairs whose log k-distance is at most ``z`` robust standard deviations above the median:
+    those with enough look-alike pairs."""
+    x = log_kdist.double()
+    med, spread = _median_and_spread(x)
+    return x <= med + z * spread

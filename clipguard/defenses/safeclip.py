@@ -21,7 +21,7 @@ import torch
 from clipguard.data.augment import Views
 from clipguard.defenses import DEFENSES
 from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss
-from clipguard.defenses.pair_scores import dense_inliers, embed_dim, shard_pair_scores
+from clipguard.defenses.pair_scores import dense_inliers, embed_dim, inlier_fraction, shard_pair_scores
 from clipguard.defenses.split import SafeSetSchedule, fit_gmm, top_fraction_mask
 from clipguard.errors import ConfigError
 from clipguard.options import Options, require
@@ -38,17 +38,6 @@ PHASES = ("unimodal", "clip_low", "mixed")
 # How Eq. 4's two parts are added in a step (loss_weighting). "terms": each averaged over its own
 # rows and summed (a risky pair then weighs safe/risky times a safe pair: ~9x at a 90% safe
 # set). "pairs": each term weighted by its share of the global batch, so every pair counts the same.
-
-
-def inlier_fraction(scores: torch.Tensor, z: float) -> float:
-    """Share of pairs whose score is at most ``z`` robust standard deviations (1.4826 MAD) below
-    the median: the clean pairs form the bulk, poisoned pairs a long low tail."""
-    x = scores.double()
-    med = x.median()
-    mad = (x - med).abs().median() * 1.4826
-    if float(mad) == 0.0:
-        return float((x >= med).double().mean())
-    return float((x >= med - z * mad).double().mean())
 
 
 @dataclass
