@@ -14,6 +14,7 @@ from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import ImageCaptionData, write_csv
 from clipguard.errors import DataError
 from clipguard.evaluation.asr import asr_for_model, asr_ks, hits_at_k
+from clipguard.evaluation.intervals import wilson_ci95
 from clipguard.tensors import OPENAI_MEAN, OPENAI_STD
 
 CLASSES = ["zero", "one", "two", "three", "four", "five"]
@@ -107,6 +108,7 @@ def test_backdoor_asr_is_exact_and_excludes_the_target_class(tmp_path):
     assert r["asr@1"] == 0.25 and r["asr@3"] == 0.5 and r["asr@5"] == 0.75
     assert r["clean_rate@1"] == 0.0 and r["clean_rate@3"] == 0.0 and r["clean_rate@5"] == 0.25
     assert r["triggered_accuracy@1"] == 0.75 and r["clean_accuracy@1"] == 1.0
+    assert r["n"] == 4 and r["n_success@1"] == 1 and r["asr@1_ci95"] == wilson_ci95(1, 4)
     p = r["protocol"]
     assert p["n_images"] == 4 and p["ks"] == [1, 3, 5] and p["kind"] == "backdoor"
     assert p["excluded_class"] == [{"index": 2, "name": "two"}] and p["triggers"] == ["badnet"]
@@ -128,6 +130,8 @@ def test_linear_probe_asr_uses_a_probe_fit_on_clean_features(tmp_path):
     lp = r["linear_probe"]
     assert lp["asr@1"] == 0.25 and lp["clean_rate@1"] == 0.0
     assert lp["protocol"]["n_images"] == 4 and "logistic regression" in lp["protocol"]["classifier"]
+    assert "chosen on a" in lp["protocol"]["classifier"]  # C from the probe's validation split
+    assert lp["n"] == 4 and lp["asr@1_ci95"] == wilson_ci95(1, 4)
 
 
 def test_tdpa_asr_is_top1_of_the_target_images(tmp_path):
@@ -137,6 +141,7 @@ def test_tdpa_asr_is_top1_of_the_target_images(tmp_path):
     m = write_set(tmp_path, rows, "tdpa")
     r = asr_for_model(HandBuiltCLIP(), "hand", m, tokenizer=tokenizer)["zeroshot"]
     assert r["asr@1"] == pytest.approx(2 / 3, abs=1e-6) and r["n_success"] == 2
+    assert r["n"] == 3 and r["asr@1_ci95"] == wilson_ci95(2, 3)
     assert [t["predicted"] for t in r["per_target"]] == ["two", "one", "two"]
     assert r["protocol"]["ks"] == [1] and r["protocol"]["n_images"] == 3
 

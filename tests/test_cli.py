@@ -19,6 +19,8 @@ def test_train_then_evaluate_cli(fm_dir, tmp_path, capsys):
     assert res["model"] == "cg-tiny" and m["zeroshot"]["n_images"] == 200
     assert 0 <= m["zeroshot"]["acc1"] <= m["zeroshot"]["acc5"] <= 1
     assert "acc1" in m["linear_probe"] and "image_retrieval_recall@10" in m["retrieval"]
+    assert m["linear_probe"]["C_source"] == "validation" and m["linear_probe"]["C"] > 0
+    assert 0 <= m["linear_probe"]["val_acc1"] <= 1 and m["linear_probe"]["n_val"] > 0
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

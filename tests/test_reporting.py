@@ -61,7 +61,9 @@ def test_tables_layout_and_values(bench_dir):
     t1 = asr_table(rows, order)
     assert t1.header[0] == ["Dataset", "fm"] and t1.header[1] == ["Method", "badnet"]
     assert [r[0] for r in t1.rows] == order
-    assert t1.rows[0][1] == "95.0 ± 7.1" and t1.rows[1][1] == "1.0 ± 1.4"
+    # CLIP: 81 + 90 of 90 + 90 images pooled; SafeCLIP's 0.02 of 90 is no whole count: no interval
+    assert t1.rows[0][1] == "95.0 ± 7.1 [90.8–97.3]" and t1.rows[1][1] == "1.0 ± 1.4"
+    assert any("Wilson" in n for n in t1.notes)
     t2 = accuracy_table(rows, order)
     assert t2.header[1] == ["Method", "0-shot", "lin-prb", "0-shot", "lin-prb"]
     assert t2.rows[0][1] == "65.0 ± 7.1" and t2.rows[0][2] == "75.0 ± 7.1"
@@ -78,7 +80,8 @@ def test_write_report_csv_md_html(bench_dir):
     assert float(by["fm/badnet/SafeCLIP/seed1"]["final_safe_poison_recall"]) == 0.0
     assert float(by["fm/badnet/SafeCLIP/seed1"]["asr_lp.badnet"]) == pytest.approx(0.01)
     md = paths["markdown"].read_text()
-    assert "| CLIP | 95.0 ± 7.1 |" in md
+    assert "| CLIP | 95.0 ± 7.1 [90.8–97.3] |" in md
+    assert by["fm/badnet/CLIP/seed0"]["asr_hits.badnet"] == "81"  # derived from the rate and n for old cells
     html = paths["html"].read_text()
     assert html.count("data:image/png;base64,") == 2  # safe-set curve + similarity histograms
     assert "src=\"plots/" not in html  # self-contained
@@ -109,3 +112,40 @@ def test_tdpa_cells_state_targets_taken_out_of_targets_tried():
     assert _target_count(rows, "tdpa") == " (2/16)"
     backdoor = [{"asr.badnet": 0.5, "asr_n.badnet": 900, "asr_metric.badnet": "zeroshot backdoor ASR@1"}]
     assert _target_count(backdoor, "badnet") == ""
+
+
+def test_asr_intervals_travel_from_the_cells_to_the_csv_and_tables(tmp_path):
+    """Cells that record successes and the Wilson interval: CSV columns per cell, and Table 1 shows
+    the interval of the rate pooled over the seeds (here 54/90 + 63/90 = 117/180)."""
+    from clipguard.evaluation.intervals import wilson_ci95, wilson_interval
+    from clipguard.reporting.tables import pooled_ci, to_html, to_markdown
+
+    cells = []
+    for seed, k in ((0, 54), (1, 63)):
+        c = _cell("CLIP", "pretrain", seed, 0.6, k / 90)
+        c["asr"][0]["headline"].update(hits=k, ci95=wilson_ci95(k, 90))
+        c["asr"][0]["linear_probe"] = {"value": round(k / 2 / 90, 6), "n": 90, "hits": k // 2,
+                                       "ci95": wilson_ci95(k // 2, 90)}
+        c["metrics"]["linear_probe_C"] = 10.0
+        cells.append(c)
+    header, rows = merge_rows(cells)
+    for col in ("asr_hits.badnet", "asr_ci95_lo.badnet", "asr_ci95_hi.badnet", "asr_lp_hits.badnet",
+                "asr_lp_ci95_lo.badnet", "asr_lp_ci95_hi.badnet", "linear_probe_C"):
+        assert col in header
+    assert rows[0]["asr_hits.badnet"] == 54 and rows[1]["asr_lp_hits.badnet"] == 31
+    assert [rows[0]["asr_ci95_lo.badnet"], rows[0]["asr_ci95_hi.badnet"]] == wilson_ci95(54, 90)
+    assert rows[0]["linear_probe_C"] == 10.0
+    lo, hi = wilson_interval(117, 180)
+    assert pooled_ci(rows, "asr", "badnet") == (117, 180, lo, hi)
+    t1 = asr_table(rows)
+    assert t1.rows[0][1] == f"65.0 ± 7.1 [{lo * 100:.1f}–{hi * 100:.1f}]" == "65.0 ± 7.1 [57.8–71.6]"
+    assert "[57.8–71.6]" in to_markdown(t1) and "[57.8–71.6]" in to_html(t1)
+    assert "Wilson" in to_markdown(t1) and "pooled over the seeds" in to_html(t1)
+    lp = asr_table(rows, key="asr_lp")
+    lo, hi = wilson_interval(58, 180)
+    assert lp.rows[0][1].endswith(f"[{lo * 100:.1f}–{hi * 100:.1f}]")
+    base = asr_table(rows, key="asr_base")  # the base rate is shown without an interval
+    assert not any("Wilson" in n for n in base.notes)
+    # a seed without a count leaves the cell without an interval (no partial pooling)
+    del rows[1]["asr_hits.badnet"]
+    assert pooled_ci(rows, "asr", "badnet") is None and "[" not in asr_table(rows).rows[0][1]

@@ -282,7 +282,9 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
     if "linear_probe" in clean:
         metrics.update({"linear_probe_top1": clean["linear_probe"]["acc1"],
                         "linear_probe_top5": clean["linear_probe"].get("acc5"),
-                        "n_probe_train": clean["linear_probe"]["n_train"]})
+                        "n_probe_train": clean["linear_probe"]["n_train"],
+                        "linear_probe_C": clean["linear_probe"].get("C"),
+                        "linear_probe_val_acc1": clean["linear_probe"].get("val_acc1")})
     if cell.attack.clean:
         asr = reference_asr(cfg, cell, cache, model, device, probe)
     else:

@@ -5,8 +5,10 @@ images were written by ``clipguard poison --eval-data``); ASR@k = fraction whose
 predictions contain the target. Rows whose label equals their target are dropped again here, so a
 hand-made evaluation CSV cannot smuggle target-class images in (a bug of the BadCLIP code).
 TDPA: fraction of the target images whose top-1 prediction is the adversarial class.
-Linear probe: the same with a logistic-regression probe fitted on clean training features.
-The same model on the untriggered images gives ``clean_rate@k``, the base rate beside the ASR.
+Linear probe: the same with a logistic-regression probe fitted on clean training features (its
+C chosen on a validation split of them). Each ASR@1 carries its number of images ``n`` and the
+95% Wilson score interval of the rate, ``asr@1_ci95``. The same model on the untriggered images
+gives ``clean_rate@k``, the base rate beside the ASR.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData, load_csv
 from clipguard.errors import DataError
 from clipguard.evaluation.features import encode_images
+from clipguard.evaluation.intervals import wilson_ci95
 from clipguard.evaluation.linear_probe import LinearProbe, fit_probe
 from clipguard.evaluation.zeroshot import zeroshot_classifier
 
@@ -40,6 +43,12 @@ def hits_at_k(scores: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tens
 
 def _rates(scores: torch.Tensor, targets: torch.Tensor, ks: list[int], prefix: str) -> dict[str, float]:
     return {f"{prefix}@{k}": round(float(hits_at_k(scores, targets, k).float().mean()), 6) for k in ks}
+
+
+def _asr1_interval(hits: torch.Tensor) -> dict[str, Any]:
+    """Beside an ASR@1: its images ``n``, the successes and the 95% Wilson interval of the rate."""
+    k, n = int(hits.sum()), len(hits)
+    return {"asr@1_ci95": wilson_ci95(k, n), "n": n}
 
 
 class AsrSet:
@@ -105,7 +114,7 @@ def _score_block(scores_trig: torch.Tensor, scores_clean: torch.Tensor | None, a
     if is_targeted(aset.kind):
         pred = st.argmax(1)
         out: dict[str, Any] = {"asr@1": round(float((pred == tg).float().mean()), 6),
-                               "n_success": int((pred == tg).sum())}
+                               "n_success": int((pred == tg).sum()), **_asr1_interval(pred == tg)}
         out["per_target"] = [{"eval_row": aset.eval_rows[i], "label": classes.classes[int(lab[j])],
                               "predicted": classes.classes[int(pred[j])]}
                              for j, i in enumerate(keep.nonzero().flatten().tolist())]
@@ -113,6 +122,8 @@ def _score_block(scores_trig: torch.Tensor, scores_clean: torch.Tensor | None, a
         out["protocol"]["definition"] = "fraction of target images whose top-1 prediction is the adversarial class"
         return out
     out = _rates(st, tg, ks, "asr")
+    hits1 = hits_at_k(st, tg, 1)
+    out.update({"n_success@1": int(hits1.sum()), **_asr1_interval(hits1)})
     out["triggered_accuracy@1"] = round(float((st.argmax(1) == lab).float().mean()), 6)
     if scores_clean is not None:
         out.update(_rates(scores_clean[keep], tg, ks, "clean_rate"))
@@ -122,7 +133,8 @@ def _score_block(scores_trig: torch.Tensor, scores_clean: torch.Tensor | None, a
         out["per_trigger"] = {}
         for t in sorted(set(trig)):
             sel = torch.tensor([x == t for x in trig])
-            out["per_trigger"][t] = {**_rates(st[sel], tg[sel], ks, "asr"), "n_images": int(sel.sum())}
+            out["per_trigger"][t] = {**_rates(st[sel], tg[sel], ks, "asr"), "n_images": int(sel.sum()),
+                                     "asr@1_ci95": _asr1_interval(hits1[sel])["asr@1_ci95"]}
     out["protocol"] = _protocol(aset, classes, int(keep.sum()), ks, excluded, manifest, classifier)
     out["protocol"]["definition"] = ("fraction of triggered held-out images of non-target classes whose "
                                      "top-k predictions contain the target class")
@@ -193,7 +205,8 @@ def asr_for_model(model: torch.nn.Module, model_name: str, manifest: dict[str, A
             full_c = torch.full((len(feats_c), n_classes), float("-inf"), dtype=torch.float64)
             full_c[:, cls_ids] = torch.from_numpy(probe.clf.predict_proba(feats_c.numpy())).double()
         lp = _score_block(full, full_c, aset, keep, ks, classes, manifest,
-                          f"logistic regression on clean features of {probe.source} ({probe.n_train} images)")
+                          f"logistic regression on clean features of {probe.source} ({probe.n_train} images), "
+                          f"{probe.describe()}")
         result["linear_probe"] = lp
     result["attack"] = manifest["attack"]
     result["kind"] = aset.kind

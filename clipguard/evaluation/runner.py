@@ -97,7 +97,8 @@ def evaluate_model(model, model_name: str, data: ImageCaptionData, classes: Clas
         if probe is None:
             probe = fit_probe(model, probe_data, device, seed)
         feats = encode_images(model, data.images, device)
-        metrics["linear_probe"] = {**probe.score(feats, data.labels), "n_train": len(probe_data)}
+        metrics["linear_probe"] = {**probe.score(feats, data.labels), "n_train": len(probe_data),
+                                   **probe.selection()}
     if retrieval:
         img = encode_images(model, data.images, device)
         txt = encode_tokens(model, tokenizer(data.captions), device)

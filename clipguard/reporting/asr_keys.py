@@ -3,8 +3,9 @@
 That result holds a ``zeroshot`` block (and ``linear_probe`` with a probe set), each with
 ``asr@1`` (for TDPA: fraction of target images predicted as the adversarial class; for backdoors:
 fraction of triggered non-target-class images predicted as the target) and a ``protocol`` with
-``n_images``. Table 1 shows zero-shot ASR@1, like SafeCLIP; the metric's name and sample size
-travel with the value so no table number is without its protocol.
+``n_images``, the successes (``n_success@1``; TDPA: ``n_success``) and the 95% Wilson interval
+``asr@1_ci95``. Table 1 shows zero-shot ASR@1, like SafeCLIP; the metric's name, sample size,
+successes and interval travel with the value so no table number is without its protocol.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ def _block(raw: dict[str, Any], name: str, kind: str) -> dict[str, Any]:
     value = block.get("asr@1")
     proto = block.get("protocol") or {}
     what = "TDPA success (top-1 = adversarial class)" if is_targeted(kind) else "backdoor ASR@1"
+    hits = block.get("n_success@1", block.get("n_success"))
     return {"value": float(value) if isinstance(value, (int, float)) else None,
-            "metric": f"{name} {what}", "n": proto.get("n_images")}
+            "metric": f"{name} {what}", "n": proto.get("n_images"),
+            "hits": hits if isinstance(hits, int) else None, "ci95": block.get("asr@1_ci95")}
 
 
 def pick_headline(raw: dict[str, Any], kind: str) -> dict[str, Any]:

@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from clipguard.errors import DataError
+from clipguard.evaluation.intervals import wilson_ci95
 from clipguard.io import write_text
 
 BASE_COLUMNS = ["cell", "dataset", "attack", "stage", "method", "defense", "base", "seed", "train_pairs",
-                "zeroshot_top1", "zeroshot_top5", "linear_probe_top1", "linear_probe_top5", "train_data", "split"]
+                "zeroshot_top1", "zeroshot_top5", "linear_probe_top1", "linear_probe_top5", "linear_probe_C",
+                "train_data", "split"]
+METRIC_COLUMNS = ["zeroshot_top1", "zeroshot_top5", "linear_probe_top1", "linear_probe_top5", "linear_probe_C"]
 TAIL_COLUMNS = ["final_safe_fraction", "final_safe_poison_recall", "first_split_epoch", "first_split_auroc",
                 "first_split_safe_fraction", "train_epochs_s", "train_wall_s", "eval_s", "resumed_from_epoch"]
 FIRST_SPLIT_PREFIX = "first_split_poisons."  # per ASR column: share of its poisons in the first safe set
@@ -38,7 +41,7 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
     """The flat row of one cell: clean metrics, one ``asr.<column>`` per attack part, timings."""
     m = cell.get("metrics", {})
     row: dict[str, Any] = {k: cell.get(k) for k in BASE_COLUMNS[:9]}
-    for k in BASE_COLUMNS[9:13]:
+    for k in METRIC_COLUMNS:
         row[k] = m.get(k)
     parts = ((cell.get("config") or {}).get("attack") or {}).get("parts")
     row["train_data"] = cell.get("train_data") or ("clean" if parts == [] else "poisoned")
@@ -49,7 +52,10 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
         row[f"asr.{col}"] = h.get("value")
         row[f"asr_metric.{col}"] = h.get("metric")
         row[f"asr_n.{col}"] = h.get("n")
-        row[f"asr_lp.{col}"] = (part.get("linear_probe") or {}).get("value")
+        _ci_columns(row, "asr", col, h, h.get("n"))
+        lp = part.get("linear_probe") or {}
+        row[f"asr_lp.{col}"] = lp.get("value")
+        _ci_columns(row, "asr_lp", col, lp, lp.get("n", h.get("n")))  # the same images as the zero-shot ASR
         row[f"asr_base.{col}"] = part.get("base_rate")
     _detect_columns(cell, row)
     last = next((r for r in reversed(cell.get("epochs", [])) if "safe_poison_recall" in r), {})
@@ -60,6 +66,23 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
     for k in ("train_epochs_s", "train_wall_s", "eval_s", "resumed_from_epoch"):
         row[k] = t.get(k)
     return row
+
+
+def _ci_columns(row: dict[str, Any], key: str, col: str, block: dict[str, Any], n: Any) -> None:
+    """``<key>_hits.<col>`` (successes) and the 95% Wilson interval ``<key>_ci95_lo/_hi.<col>`` of
+    one ASR@1 over ``n`` images. A cell written before they were recorded gets them from the rate
+    and ``n`` (rates are stored to 6 decimals, exact for any realistic ``n``)."""
+    hits, ci, value = block.get("hits"), block.get("ci95"), block.get("value")
+    if hits is None and isinstance(value, (int, float)) and isinstance(n, int) and n > 0:
+        k = round(value * n)
+        hits = k if abs(value * n - k) < 0.01 else None
+    if hits is None:
+        return
+    row[f"{key}_hits.{col}"] = hits
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2) and isinstance(n, int) and 0 <= hits <= n:
+        ci = wilson_ci95(hits, n)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        row[f"{key}_ci95_lo.{col}"], row[f"{key}_ci95_hi.{col}"] = ci
 
 
 def first_split(cell: dict[str, Any]) -> dict[str, Any] | None:

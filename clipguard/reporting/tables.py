@@ -2,6 +2,7 @@
 
 Every number is the mean over seeds, +- the sample standard deviation (ddof=1) when there are
 two or more seeds; ``n=`` says how many seeds went into a cell when it differs from the grid's.
+ASR cells add ``[low–high]``, the 95% Wilson interval of the rate pooled over the seeds.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import html
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from clipguard.evaluation.intervals import wilson_interval
 
 
 @dataclass
@@ -90,11 +93,37 @@ def _target_count(rows: list[dict[str, Any]], col: str) -> str:
     return f" ({sum(ks)}/{sum(ns)})"
 
 
+def pooled_ci(rows: list[dict[str, Any]], key: str, col: str) -> tuple[int, int, float, float] | None:
+    """(successes, images, low, high): the 95% Wilson interval of the rate pooled over ``rows`` (the
+    seeds of one table cell), from ``<key>_hits.<col>`` and ``asr_n.<col>``; None when a row lacks them."""
+    try:
+        ks = [int(float(r[f"{key}_hits.{col}"])) for r in rows]
+        ns = [int(float(r[f"asr_n.{col}"])) for r in rows]
+    except (KeyError, TypeError, ValueError):
+        return None
+    k, n = sum(ks), sum(ns)
+    if not rows or n <= 0 or not 0 <= k <= n:
+        return None
+    lo, hi = wilson_interval(k, n)
+    return k, n, lo, hi
+
+
+def _ci_text(rows: list[dict[str, Any]], key: str, col: str) -> str:
+    ci = pooled_ci(rows, key, col)
+    return f" [{ci[2] * 100:.1f}–{ci[3] * 100:.1f}]" if ci is not None else ""
+
+
+CI_NOTE = ("[low–high]: 95% Wilson score interval of the rate pooled over the seeds (successes and images "
+           "summed); it covers the finite number of evaluation images, not the seed-to-seed spread that ± shows.")
+
+
 def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None, *, key: str = "asr",
-              title: str = "Table 1: attack success rate (ASR, %, lower is better)") -> Table:
+              title: str = "Table 1: attack success rate (ASR, %, lower is better)", ci: bool = True) -> Table:
     """Rows = methods; column groups = datasets; columns = attacks (like SafeCLIP Table 1).
     ``key`` picks the per-attack number: ``asr`` (zero-shot), ``asr_lp`` (linear probe) or
-    ``asr_base`` (the untriggered images' rate of the target class)."""
+    ``asr_base`` (the untriggered images' rate of the target class). ``ci``: an ASR cell also
+    shows the 95% Wilson interval of its rate pooled over the seeds (``pooled_ci``)."""
+    ci = ci and key in ("asr", "asr_lp")
     datasets = _ordered([r["dataset"] for r in rows], None)
     labels = {id(r): row_label(r) for r in rows}
     order = [lab for m in (method_order or []) for lab in (clean_label(m), m)]
@@ -113,13 +142,16 @@ def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None,
                 sel = [r for r in rows if r["dataset"] == d and labels[id(r)] == m
                        and r.get(f"{key}.{c}") not in (None, "")]
                 vals = [r.get(f"{key}.{c}") for r in sel]
-                line.append(fmt(vals, expect_n=ns) + (_target_count(sel, c) if key == "asr" else ""))
+                text = fmt(vals, expect_n=ns) + (_target_count(sel, c) if key == "asr" else "")
+                line.append(text + (_ci_text(sel, key, c) if ci and sel else ""))
         body.append(line)
     metrics = sorted({str(r.get(k)) for r in rows for k in r if k.startswith("asr_metric.") and r.get(k)})
     on_val = any(r.get("split") == "val" for r in rows)
     notes = [f"Attack success rate in %, mean ± std over {ns} seed(s)"
              + (", on triggered images from the validation rows (split: val)." if on_val else "."),
              "Protocols: " + "; ".join(metrics) if metrics else "No attack in the grid."]
+    if ci and any(pooled_ci([r], key, c) for r in rows for _, cols in groups for c in cols):
+        notes.append(CI_NOTE)
     if any(lab.endswith(CLEAN_SUFFIX) for lab in methods):
         notes.append(f"'{CLEAN_SUFFIX.strip()}' rows: the same method trained on the clean data, measured with "
                      "the same triggered images: the base rate an ASR is read against.")
