@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss
+from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss, nn_target_loss
 from clipguard.training.losses import info_nce
 
 
@@ -66,3 +66,19 @@ def test_masked_nce_ignores_masked_rows_and_neighbours_get_no_gradient():
     assert z1.grad is not None and z2.grad is not None
     assert torch.all(z1.grad[~mask] == 0) and torch.all(z2.grad[~mask] == 0)
     assert not pool.bank.requires_grad
+
+
+def test_target_loss_sends_gradient_to_the_first_view_only():
+    mask = torch.tensor([1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    pool = NNPool(size=16, dim=4)
+    pool.push(_unit(16, 4, 4))
+    z1 = _unit(6, 4, 5).requires_grad_(True)
+    z2 = _unit(6, 4, 6).requires_grad_(True)
+    loss = nn_target_loss(z1, z2, pool, mask, 0.1)
+    loss.backward()
+    assert z2.grad is None  # the second view is a constant target: no backward pass needed for it
+    assert z1.grad is not None and float(z1.grad[mask].abs().sum()) > 0
+    assert torch.all(z1.grad[~mask] == 0)
+    # the target is the second view's pool neighbour, the keys the first views
+    ref = F.cross_entropy(pool.nearest(z2)[mask] @ z1[mask].t() / 0.1, torch.arange(4))
+    assert torch.allclose(loss, ref)

@@ -57,3 +57,25 @@ def test_matched_captions_come_from_the_pool(fm_train, tmp_path):
     # the pool is FIFO: the 32 oldest slots now hold this batch's augmented captions
     assert torch.equal(s._pool.payload[32:], before[32:])
     assert not torch.equal(s._pool.payload[:32], before[:32])
+
+
+def test_a_pool_step_encodes_each_image_once_and_matches_on_it(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(256)), {"match_every": 1, "pool_fraction": 0.25}, tmp_path)
+    s, model = t.strategy, t.model
+    s.on_epoch_start(0)
+    calls, seen = [], {}
+    enc = model.encode_image
+
+    def counted(x, normalize=False):
+        out = enc(x, normalize=normalize)
+        calls.append(len(x))
+        seen["img"] = out.detach()
+        return out
+
+    model.encode_image = counted
+    bank = s._pool.bank.clone()
+    _, logs = s.loss(_batch(t, range(32)))
+    assert calls == [32]  # no probe forward: the images of the step's forward pick their captions
+    picked = (seen["img"] @ bank.t()).argmax(1)
+    expect = float((picked.unsqueeze(1) == picked.unsqueeze(0)).float().sum(1).eq(1).float().mean())
+    assert logs["unique_match_fraction"] == pytest.approx(expect)

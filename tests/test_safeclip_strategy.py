@@ -240,3 +240,22 @@ def test_pairs_weighting_counts_every_pair_once(fm_train, tmp_path):
     assert lp == pytest.approx(0.75 * terms["clip_loss"] + 0.25 * uni, rel=1e-5)
     with pytest.raises(Exception, match="loss_weighting"):
         _small(loss_weighting="equal")
+
+
+@pytest.mark.parametrize("second_view_grad", [False, True])
+def test_second_views_are_encoded_without_gradient_by_default(fm_train, tmp_path, second_view_grad):
+    t = _built(fm_train.subset(range(256)), _small(second_view_grad=second_view_grad), tmp_path)
+    rows = {}
+    fwd, enc = t.ctx.forward, t.ctx.encode_views
+    t.ctx.forward = lambda px, tk: (rows.__setitem__("grad", len(px)), fwd(px, tk))[1]
+    t.ctx.encode_views = lambda px, tk: (rows.__setitem__("nograd", len(px)), enc(px, tk))[1]
+    safe = torch.zeros(32, dtype=torch.bool)
+    safe[:8] = True  # 24 risky pairs need a second view
+    terms = t.strategy.loss_terms(_batch(t, range(32)), safe)
+    if second_view_grad:
+        assert rows == {"grad": 32 + 24}  # both views in the one forward with gradient (NNCLR)
+    else:
+        assert rows == {"grad": 32, "nograd": 24}  # only the first views get a backward pass
+    visual = [p for n, p in t.model.named_parameters() if n.startswith("visual.")]
+    g = torch.autograd.grad(terms["unimodal_image"], visual, allow_unused=True)
+    assert any(x is not None and float(x.abs().sum()) > 0 for x in g)

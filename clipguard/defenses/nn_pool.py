@@ -119,3 +119,10 @@ def nn_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, pool: NNPool, mask: 
     a = info_nce(pool.nearest(z1), z2, temperature, dist, mask=mask)
     b = info_nce(pool.nearest(z2), z1, temperature, dist, mask=mask)
     return 0.5 * (a + b)
+
+
+def nn_target_loss(z1: torch.Tensor, z2: torch.Tensor, pool: NNPool, mask: torch.Tensor,
+                   temperature: float, dist: DistInfo | None = None) -> torch.Tensor:
+    """Eq. 2 with the second view as a constant target: NN(z2, P) must pick z1 among the batch's
+    first views. The gradient reaches only z1, so z2 can be encoded without a backward pass."""
+    return info_nce(pool.nearest(z2.detach()), z1, temperature, dist, mask=mask)

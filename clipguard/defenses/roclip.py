@@ -22,7 +22,6 @@ from clipguard.defenses import DEFENSES
 from clipguard.defenses.nn_pool import NNPool
 from clipguard.defenses.pair_scores import embed_dim
 from clipguard.options import Options, require
-from clipguard.tensors import normalize
 from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd
 from clipguard.training.losses import clip_loss
@@ -111,24 +110,14 @@ class RoClip(Strategy):
         pixels = self._images(batch)
         caps = self._texts(batch.captions, batch.rng)
         tokens = ctx.tokenize(caps)
-        b = len(batch.indices)
         if not self.is_pool_epoch(ctx.epoch):
             img, txt, scale = ctx.forward(pixels, tokens)
             loss = clip_loss(img, txt, scale, ctx.dist)
             self._push(txt, tokens)
             return loss, {"clip_loss": float(loss.detach())}
         if self.opt.text_gradient:
-            with torch.no_grad():
-                was = ctx.raw_model.training
-                ctx.raw_model.eval()
-                seen = pixels if self.opt.match_on == "augmented" else batch.pixels
-                with ctx.autocast():
-                    probe = ctx.raw_model.encode_image(normalize(seen), normalize=True).float()
-                ctx.raw_model.train(was)
-            nn_idx = self._pool.nearest_index(probe)
-            matched_tokens = self._pool.payload[nn_idx].to(tokens.device)
-            img, txt, scale = ctx.forward(pixels, torch.cat([tokens, matched_tokens]))
-            own, matched = txt[:b], txt[b:]
+            img, matched, scale, nn_idx = self._pool_forward(batch, pixels)
+            own = self._encode_own(tokens)
         else:
             img, own, scale = ctx.forward(pixels, tokens)
             nn_idx = self._pool.nearest_index(img)
@@ -137,6 +126,36 @@ class RoClip(Strategy):
         self._push(own, tokens)
         kept = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
         return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": kept}
+
+    def _pool_forward(self, batch: Batch, pixels: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A pool step's one forward, in stages: encode the images, let each pick its nearest
+        pooled caption by the pool's stored embedding, then encode the picked captions' tokens
+        with the current text tower (so it gets gradient). With ``match_on: original`` the pick
+        uses the un-augmented image, which needs an extra forward without gradient first."""
+        ctx, pool = self.ctx, self._pool
+        probe_idx = None
+        if self.opt.match_on == "original":
+            with torch.no_grad(), ctx.autocast():
+                probe = ctx.raw_model.encode_image(ctx.prepare_pixels(batch.pixels), normalize=True).float()
+            probe_idx = pool.nearest_index(probe)
+        picked: dict[str, torch.Tensor] = {}
+
+        def plan(clip: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            img = clip.encode_image(ctx.prepare_pixels(pixels), normalize=True)
+            idx = probe_idx if probe_idx is not None else pool.nearest_index(img.detach().float())
+            picked["idx"] = idx
+            txt = clip.encode_text(pool.payload[idx].to(ctx.device), normalize=True)
+            return img, txt, clip.logit_scale.exp()
+
+        img, txt, scale = ctx.forward_plan(plan)
+        return img.float(), txt.float(), scale.float(), picked["idx"]
+
+    def _encode_own(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This batch's own (augmented) captions, for the pool only: no gradient needed."""
+        ctx = self.ctx
+        with torch.no_grad(), ctx.autocast():
+            return ctx.raw_model.encode_text(tokens, normalize=True).float()
 
     def _push(self, txt: torch.Tensor, tokens: torch.Tensor) -> None:
         """Append this (global) batch's augmented-caption embeddings, dropping the oldest."""

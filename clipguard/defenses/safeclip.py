@@ -20,7 +20,7 @@ import torch
 
 from clipguard.data.augment import Views
 from clipguard.defenses import DEFENSES
-from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss
+from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss, nn_target_loss
 from clipguard.defenses.pair_scores import dense_inliers, embed_dim, inlier_fraction, shard_pair_scores
 from clipguard.defenses.split import SafeSetSchedule, fit_gmm, top_fraction_mask
 from clipguard.errors import ConfigError
@@ -81,6 +81,10 @@ class SafeClipOptions(Options):
     density_reference: int = 16384
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
+    # the unimodal loss's second view: encoded without gradient, as the target whose pool
+    # neighbour the first view must pick (False), or with gradient and the loss symmetrised as in
+    # NNCLR (True: a second backward pass for every risky pair)
+    second_view_grad: bool = False
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "none"  # the paper: simclr
     safe_text_augment: Literal["eda", "none"] = "none"                   # the paper: eda
     loss_weighting: Literal["terms", "pairs"] = "pairs"                  # the paper: terms
@@ -335,41 +339,68 @@ class SafeClip(Strategy, PairSelector):
         return loss, logs
 
     def loss_terms(self, batch: Batch, safe: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The three terms of Eq. 4 from ONE forward: [view1 of every pair, view2 of risky pairs].
+        """The three terms of Eq. 4 from ONE forward with gradient (view 1 of every pair).
 
-        View 1 is the augmented pair used by CLIP for safe pairs and the first unimodal view for
-        risky ones; the second views are computed only for risky pairs and scattered back into
-        batch-sized tensors, so shapes match across ranks and masks pick the valid rows.
+        View 1 is the pair CLIP trains on for a safe pair and the first unimodal view of a risky
+        one; only the rows that use an augmented view are augmented. The second views exist only
+        for risky pairs. With ``second_view_grad`` off (the default) they are encoded without
+        gradient, as the target side of the nearest-neighbour loss: a step then costs one forward
+        more than CLIP's for the risky rows, not a forward and a backward. Second-view features
+        are scattered back into batch-sized tensors, so shapes match across ranks and masks pick
+        the valid rows.
         """
         ctx = self.ctx
         b = len(batch.indices)
         risky = ~safe
         ridx = torch.nonzero(risky).flatten()
-        pixels = batch.pixels
-        views = self._views
-        v1 = views.images(pixels, batch.generator)
-        if self.opt.safe_image_augment != "simclr":
-            own = pixels if self.opt.safe_image_augment == "none" else views.images(
-                pixels, batch.generator, geometric_only=True)
-            v1 = torch.where(safe.view(-1, 1, 1, 1), own, v1)
+        pixels, caps = batch.pixels, batch.captions
+        views, o = self._views, self.opt
+        v1 = self._view1_images(pixels, safe, ridx, batch.generator)
         v2 = views.images(pixels[ridx], batch.generator)
-        caps = batch.captions
-        t1 = views.texts(caps, batch.rng)
-        if self.opt.safe_text_augment == "none":
-            t1 = [c if s else a for c, a, s in zip(caps, t1, safe.tolist())]
+        if o.safe_text_augment == "eda":
+            t1 = views.texts(caps, batch.rng)
+        else:
+            t1 = list(caps)
+            for i, c in zip(ridx.tolist(), views.texts([caps[i] for i in ridx.tolist()], batch.rng)):
+                t1[i] = c
         t2 = views.texts([caps[i] for i in ridx.tolist()], batch.rng)
-        tokens = ctx.tokenize(t1 + t2)
-        img, txt, scale = ctx.forward(torch.cat([v1, v2]), tokens)
-        img1, txt1 = img[:b], txt[:b]
-        img2 = torch.zeros_like(img1).index_copy(0, ridx, img[b:])
-        txt2 = torch.zeros_like(txt1).index_copy(0, ridx, txt[b:])
+        if o.second_view_grad:
+            img, txt, scale = ctx.forward(torch.cat([v1, v2]), ctx.tokenize(t1 + t2))
+            img1, txt1, img2r, txt2r = img[:b], txt[:b], img[b:], txt[b:]
+        else:
+            img2r, txt2r = ctx.encode_views(v2, ctx.tokenize(t2)) if len(ridx) else (None, None)
+            img1, txt1, scale = ctx.forward(v1, ctx.tokenize(t1))
+        if img2r is None:
+            img2, txt2 = img1.detach(), txt1.detach()  # no risky row: the masked losses ignore them
+        else:
+            img2 = torch.zeros_like(img1).index_copy(0, ridx, img2r.to(img1.dtype))
+            txt2 = torch.zeros_like(txt1).index_copy(0, ridx, txt2r.to(txt1.dtype))
         clip = clip_loss(img1, txt1, scale, ctx.dist, mask=safe)
-        uni_img = nn_contrastive_loss(img1, img2, self._img_pool, risky, self.opt.temperature, ctx.dist)
-        uni_txt = nn_contrastive_loss(txt1, txt2, self._txt_pool, risky, self.opt.temperature, ctx.dist)
+        t = o.temperature
+        if o.second_view_grad:
+            uni_img = nn_contrastive_loss(img1, img2, self._img_pool, risky, t, ctx.dist)
+            uni_txt = nn_contrastive_loss(txt1, txt2, self._txt_pool, risky, t, ctx.dist)
+        else:
+            uni_img = nn_target_loss(img1, img2, self._img_pool, risky, t, ctx.dist)
+            uni_txt = nn_target_loss(txt1, txt2, self._txt_pool, risky, t, ctx.dist)
         # the pools hold the first views of the whole (global) batch, oldest displaced first
         self._img_pool.push(all_gather_nograd(img1.detach().contiguous(), ctx.dist))
         self._txt_pool.push(all_gather_nograd(txt1.detach().contiguous(), ctx.dist))
         return {"clip": clip, "unimodal_image": uni_img, "unimodal_text": uni_txt}
+
+    def _view1_images(self, pixels: torch.Tensor, safe: torch.Tensor, ridx: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+        """Risky rows: a SimCLR view; safe rows: what ``safe_image_augment`` says."""
+        how = self.opt.safe_image_augment
+        if how == "simclr":
+            return self._views.images(pixels, generator)
+        v1 = pixels.clone()
+        if len(ridx):
+            v1[ridx] = self._views.images(pixels[ridx], generator)
+        sidx = torch.nonzero(safe).flatten()
+        if how == "crop-flip" and len(sidx):
+            v1[sidx] = self._views.images(pixels[sidx], generator, geometric_only=True)
+        return v1
 
     # ------------------------------------------------------------------ diagnostics and state
     def pair_scores(self) -> torch.Tensor | None:

@@ -21,6 +21,23 @@ def step_seed(*parts: Any) -> int:
     return int.from_bytes(h[:7], "little")
 
 
+class StepModule(torch.nn.Module):
+    """What DDP wraps: the open_clip model, called either as open_clip calls it or with a *plan*,
+    a function of the model that encodes in stages (images first, then the captions the images
+    chose). A plan runs inside the one wrapped forward of the step, so DDP still sees one forward
+    and one backward, and a strategy never needs a probe forward to decide what to encode."""
+
+    def __init__(self, clip: torch.nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                plan: Callable[[torch.nn.Module], Any] | None = None) -> Any:
+        if plan is not None:
+            return plan(self.clip)
+        return self.clip(image, text)
+
+
 @dataclass
 class Batch:
     """One micro-batch: pixels in [0,1] on the device, tokens, raw captions and dataset indices."""
@@ -49,6 +66,7 @@ class TrainContext:
     base_lr: float
     autocast: Callable[[], Any] = field(default=lambda: torch.autocast("cpu", enabled=False))
     channels_last: bool = False     # the model's weights are NHWC: feed its pixels the same way
+    step_module: torch.nn.Module | None = None  # the (possibly DDP-wrapped) StepModule, for forward_plan
     epoch: int = 0
     step: int = 0
 
@@ -60,9 +78,7 @@ class TrainContext:
         Returns L2-normalised image features, text features (either None when not given) and the
         clamped logit scale exp(s).
         """
-        x = normalize(pixels) if pixels is not None else None
-        if x is not None and self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.prepare_pixels(pixels) if pixels is not None else None
         with self.autocast():
             out = self.model(x, tokens)
         if isinstance(out, dict):
@@ -72,6 +88,30 @@ class TrainContext:
         img = img.float() if img is not None else None
         txt = txt.float() if txt is not None else None
         return img, txt, scale.float()
+
+    def forward_plan(self, plan: Callable[[torch.nn.Module], Any]) -> Any:
+        """The step's one forward as a staged ``plan(model)`` (see ``StepModule``); never compiled.
+
+        The plan receives the plain open_clip model and returns what the loss needs; pixels it
+        encodes must go through ``prepare_pixels`` and it runs under the step's autocast."""
+        module = self.step_module if self.step_module is not None else StepModule(self.raw_model)
+        with self.autocast():
+            return module(plan=plan)
+
+    def prepare_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0,1] pixels as the model takes them (normalised, in the weights' memory format)."""
+        x = normalize(pixels)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @torch.no_grad()
+    def encode_views(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of extra views that need no gradient (targets of an in-modal loss), in the
+        training mode and precision of the step's forward but outside it: no backward pass, and
+        DDP never sees them."""
+        with self.autocast():
+            img = self.raw_model.encode_image(self.prepare_pixels(pixels), normalize=True)
+            txt = self.raw_model.encode_text(tokens, normalize=True)
+        return img.float(), txt.float()
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions).to(self.device)

@@ -32,7 +32,7 @@ from clipguard.models.factory import create_model, get_tokenizer, image_size
 from clipguard.options import Options, require
 from clipguard.tensors import to_pixels
 from clipguard.training import run_dir
-from clipguard.training.context import Batch, TrainContext, step_seed
+from clipguard.training.context import Batch, StepModule, TrainContext, step_seed
 from clipguard.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from clipguard.training.losses import MAX_LOGIT_SCALE
 from clipguard.training.optim import make_optimizer
@@ -146,9 +146,10 @@ class Trainer:
         if self.data.lazy and cfg.workers is not None and hasattr(self.data.images, "set_workers"):
             self.data.images.set_workers(cfg.workers)
         self.ddp = None
+        step_module: torch.nn.Module = StepModule(self.model)
         if dist.enabled:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            self.ddp = step_module = torch.nn.parallel.DistributedDataParallel(
+                step_module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
                 find_unused_parameters=True)
         # ``self.model`` stays the plain open_clip module: checkpoints, the optimizer, the logit-scale
         # clamp and the strategies' eager encoders use it, so no '_orig_mod.' key reaches a checkpoint
@@ -171,7 +172,7 @@ class Trainer:
             model=forward_module, raw_model=self.model, data=self.data, tokens=tokens,
             tokenizer=self.tokenizer, dist=dist, device=dist.device, epochs=cfg.epochs,
             steps_per_epoch=spe, batch_size=cfg.batch_size, seed=cfg.seed, base_lr=cfg.lr,
-            autocast=self._autocast(dist.device), channels_last=cfg.channels_last)
+            autocast=self._autocast(dist.device), channels_last=cfg.channels_last, step_module=step_module)
         self.strategy.bind(self.ctx)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.schedule = self.strategy.schedule(self.ctx, cfg.warmup, cfg.min_lr)

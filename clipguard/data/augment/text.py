@@ -25,6 +25,8 @@ would you your yours yourself yourselves
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 
+_CACHE_WORDS = 500_000  # distinct words remembered by one EDA before its synonym cache starts over
+
 OPERATIONS = ("synonym", "insert", "swap", "delete")
 
 
@@ -45,6 +47,9 @@ class EDA:
         self.alpha, self.p_delete = alpha, p_delete
         self.operations = tuple(operations)
         self._wordnet = wordnet
+        # word -> its synonyms: a pure function of the word, asked for every word of every caption
+        # on every step, and WordNet's morphology is the slow part of EDA (a caption vocabulary is small)
+        self._synonym_cache: dict[str, tuple[str, ...]] = {}
 
     @property
     def wordnet(self) -> WordNet:
@@ -52,7 +57,15 @@ class EDA:
             self._wordnet = get_wordnet()
         return self._wordnet
 
-    def _synonyms(self, word: str) -> list[str]:
+    def _synonyms(self, word: str) -> tuple[str, ...]:
+        hit = self._synonym_cache.get(word)
+        if hit is None:
+            if len(self._synonym_cache) >= _CACHE_WORDS:
+                self._synonym_cache.clear()
+            hit = self._synonym_cache[word] = tuple(self._lookup_synonyms(word))
+        return hit
+
+    def _lookup_synonyms(self, word: str) -> list[str]:
         m = _WORD.fullmatch(word.strip(".,;:!?\"()"))
         if not m or m.group(0).lower() in STOPWORDS:
             return []
