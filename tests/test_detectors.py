@@ -42,10 +42,12 @@ def planted():
 
 
 def test_every_detector_is_registered():
-    assert set(DETECTORS.names()) == {"similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest"}
+    assert set(DETECTORS.names()) == {"similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
+                                      "caption-agreement"}
 
 
-@pytest.mark.parametrize("name", ["similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest"])
+@pytest.mark.parametrize("name", ["similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
+                                  "caption-agreement"])
 def test_detector_scores_the_planted_pairs_highest(planted, name):
     image, text, labels = planted
     det = build(name)
@@ -55,6 +57,24 @@ def test_detector_scores_the_planted_pairs_highest(planted, name):
     keep = det.keep_rule(scores)
     assert keep.mask.dtype == bool and keep.mask.shape == scores.shape
     assert keep.mask[~labels].mean() > 0.5  # the default rule keeps most clean pairs
+
+
+def test_caption_agreement_finds_mislabelled_pairs_inside_dense_clusters():
+    """Poisons whose images sit INSIDE a dense class cluster (no density signal) but carry another
+    class's caption: only the captions of their image neighbours give them away."""
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(5, DIM, generator=g) * 3
+    cls = torch.arange(400) % 5
+    image = centres[cls] + 0.3 * torch.randn(400, DIM, generator=g)
+    caption_cls = cls.clone()
+    poison = torch.zeros(400, dtype=torch.bool)
+    poison[:20] = True
+    caption_cls[:20] = (cls[:20] + 1) % 5  # an image of class c captioned as class c + 1
+    text = centres[caption_cls] + 0.3 * torch.randn(400, DIM, generator=g)
+    feats = PairFeatures(image, text, similarity=torch.zeros(400))  # no CLIP-score signal either
+    labels = poison.numpy()
+    assert auroc(build("caption-agreement").score(feats), labels) > 0.99
+    assert auroc(build("kdist").score(feats), labels) < 0.8  # the density sees nothing unusual
 
 
 @pytest.mark.parametrize("space", ["text", "joint"])
@@ -162,7 +182,7 @@ def test_mixture_keeps_its_split(planted):
 
 
 def test_bad_detector_and_options_are_one_line_errors():
-    with pytest.raises(ConfigError, match="unknown detector 'nope'; choose one of: dao"):
+    with pytest.raises(ConfigError, match="unknown detector .nope.; choose one of: caption-agreement, dao"):
         build("nope")
     with pytest.raises(ConfigError, match=r"detector 'dao' has no option 'kk' \(did you mean 'k'\?\)"):
         build("dao", {"kk": 3})

@@ -81,10 +81,11 @@ class SafeClipOptions(Options):
     density_reference: int = 16384
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
-    # the unimodal loss's second view: encoded without gradient, as the target whose pool
-    # neighbour the first view must pick (False), or with gradient and the loss symmetrised as in
-    # NNCLR (True: a second backward pass for every risky pair)
-    second_view_grad: bool = False
+    # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
+    # or encoded without gradient, as the target whose pool neighbour the first view must pick
+    # (False: about a third less compute per risky pair; on validation it cost 1.4 points of
+    # zero-shot at 20 epochs and let more BadNet through at 10, docs/defenses.md)
+    second_view_grad: bool = True
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "none"  # the paper: simclr
     safe_text_augment: Literal["eda", "none"] = "none"                   # the paper: eda
     loss_weighting: Literal["terms", "pairs"] = "pairs"                  # the paper: terms
@@ -339,15 +340,15 @@ class SafeClip(Strategy, PairSelector):
         return loss, logs
 
     def loss_terms(self, batch: Batch, safe: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The three terms of Eq. 4 from ONE forward with gradient (view 1 of every pair).
+        """The three terms of Eq. 4 from ONE forward with gradient.
 
         View 1 is the pair CLIP trains on for a safe pair and the first unimodal view of a risky
-        one; only the rows that use an augmented view are augmented. The second views exist only
-        for risky pairs. With ``second_view_grad`` off (the default) they are encoded without
-        gradient, as the target side of the nearest-neighbour loss: a step then costs one forward
-        more than CLIP's for the risky rows, not a forward and a backward. Second-view features
-        are scattered back into batch-sized tensors, so shapes match across ranks and masks pick
-        the valid rows.
+        one; second views exist only for risky pairs. With ``second_view_grad`` (the default, as
+        NNCLR) both views are in the one forward and the loss is symmetrised; without it the
+        second views are encoded without gradient, as the target side of the nearest-neighbour
+        loss, so a risky pair costs one forward more than a CLIP pair instead of a forward and a
+        backward. Second-view features are scattered back into batch-sized tensors, so shapes
+        match across ranks and masks pick the valid rows.
         """
         ctx = self.ctx
         b = len(batch.indices)
@@ -355,14 +356,18 @@ class SafeClip(Strategy, PairSelector):
         ridx = torch.nonzero(risky).flatten()
         pixels, caps = batch.pixels, batch.captions
         views, o = self._views, self.opt
-        v1 = self._view1_images(pixels, safe, ridx, batch.generator)
+        # every row draws a view 1 (a safe row then takes its own image or caption back as the
+        # safe_* options say): the draws do not depend on the split, so a run is the same
+        # sequence of random numbers whatever the safe set, and costs a few ms per batch
+        v1 = views.images(pixels, batch.generator)
+        if o.safe_image_augment != "simclr":
+            own = pixels if o.safe_image_augment == "none" else views.images(
+                pixels, batch.generator, geometric_only=True)
+            v1 = torch.where(safe.view(-1, 1, 1, 1), own, v1)
         v2 = views.images(pixels[ridx], batch.generator)
-        if o.safe_text_augment == "eda":
-            t1 = views.texts(caps, batch.rng)
-        else:
-            t1 = list(caps)
-            for i, c in zip(ridx.tolist(), views.texts([caps[i] for i in ridx.tolist()], batch.rng)):
-                t1[i] = c
+        t1 = views.texts(caps, batch.rng)
+        if o.safe_text_augment == "none":
+            t1 = [c if s else a for c, a, s in zip(caps, t1, safe.tolist())]
         t2 = views.texts([caps[i] for i in ridx.tolist()], batch.rng)
         if o.second_view_grad:
             img, txt, scale = ctx.forward(torch.cat([v1, v2]), ctx.tokenize(t1 + t2))
@@ -387,20 +392,6 @@ class SafeClip(Strategy, PairSelector):
         self._img_pool.push(all_gather_nograd(img1.detach().contiguous(), ctx.dist))
         self._txt_pool.push(all_gather_nograd(txt1.detach().contiguous(), ctx.dist))
         return {"clip": clip, "unimodal_image": uni_img, "unimodal_text": uni_txt}
-
-    def _view1_images(self, pixels: torch.Tensor, safe: torch.Tensor, ridx: torch.Tensor,
-                      generator: torch.Generator) -> torch.Tensor:
-        """Risky rows: a SimCLR view; safe rows: what ``safe_image_augment`` says."""
-        how = self.opt.safe_image_augment
-        if how == "simclr":
-            return self._views.images(pixels, generator)
-        v1 = pixels.clone()
-        if len(ridx):
-            v1[ridx] = self._views.images(pixels[ridx], generator)
-        sidx = torch.nonzero(safe).flatten()
-        if how == "crop-flip" and len(sidx):
-            v1[sidx] = self._views.images(pixels[sidx], generator, geometric_only=True)
-        return v1
 
     # ------------------------------------------------------------------ diagnostics and state
     def pair_scores(self) -> torch.Tensor | None:
