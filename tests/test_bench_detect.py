@@ -288,3 +288,60 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
     config.write_text(yaml.safe_dump(grid))
     with pytest.raises(ConfigError, match="different config"):
         run_bench(load_config(config), out, quiet=True, report=False, only="DAO-then-CLIP")
+
+
+# ---------------------------------------------------------------------------- held-aside (trusted) models
+def _trusted_grid() -> dict:
+    g = copy.deepcopy(GRID)
+    g["datasets"]["fm"]["finetune_size"] = 40
+    g["pretrain"]["defenses"] = {
+        "CLIP": "none",
+        "Trusted": {"defense": "none", "data": "held-aside", "train": {"epochs": 3}},
+        "CA-then-CLIP": {"detect": {"detector": "caption-agreement", "base": "Trusted"}},
+    }
+    g["scan"] = {"base": "Trusted", "detectors": ["caption-agreement", "similarity"]}
+    return g
+
+
+def test_a_held_aside_entry_is_a_scan_and_detect_base():
+    cfg = parse_config(_trusted_grid())
+    validate_names(cfg)
+    entry = next(d for d in cfg.pretrain.defenses if d.label == "Trusted")
+    assert entry.data == "held-aside" and next(d for d in cfg.pretrain.defenses if d.label == "CLIP").data == "train"
+    conf = cell_config(cfg, next(c for c in plan_cells(cfg) if c.method == "Trusted"))
+    assert conf["train_data"] == "held-aside"
+    assert "train_data" not in cell_config(cfg, next(c for c in plan_cells(cfg) if c.method == "CLIP"))
+    for c in plan_cells(cfg):
+        if c.stage == "scan" or c.defense.detect is not None:
+            assert dependency(cfg, c).method == "Trusted"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda g: g["pretrain"]["defenses"]["Trusted"].update(data="trusted"), r"Trusted.data must be one of train, held-aside"),
+    (lambda g: g["pretrain"]["defenses"]["CA-then-CLIP"].update(data="held-aside"), r"do not combine"),
+])
+def test_bad_held_aside_entries_name_the_key(mutate, message):
+    g = _trusted_grid()
+    mutate(g)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(g)
+
+
+def test_a_held_aside_entry_trains_on_the_held_aside_clean_rows(fm_dir, tmp_path):
+    from clipguard.bench.cache import BenchCache
+    from clipguard.bench.cell import prepare_trainer
+
+    g = _trusted_grid()
+    g["datasets"]["fm"] = {"train": str(fm_dir / "train.csv"), "test": str(fm_dir / "test.csv"),
+                           "probe_size": 0, "finetune_size": 40}
+    g["model"] = "cg-nano"
+    cfg = parse_config(g)
+    out = tmp_path / "bench"
+    cache = BenchCache(cfg, out)
+    cell = next(c for c in plan_cells(cfg) if c.method == "Trusted" and c.attack.label == "badnet")
+    _, data, _ = prepare_trainer(cfg, cell, out, cache, quiet=True)
+    held = cache.finetune_clean(cell.dataset)
+    assert len(data) == 40 and data.captions == held.captions
+    clip = next(c for c in plan_cells(cfg) if c.method == "CLIP" and c.attack.label == "badnet")
+    _, poisoned, _ = prepare_trainer(cfg, clip, out, cache, quiet=True)
+    assert len(poisoned) > 500

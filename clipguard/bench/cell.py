@@ -57,6 +57,8 @@ def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
             "method": cell.base, "fingerprint": fingerprint(cell_config(cfg, base_cell(cfg, cell)))}}
         return conf
     conf["run"] = cell_spec(cfg, cell).resolved()
+    if cell.defense.data != "train":
+        conf["train_data"] = cell.defense.data
     if cell.stage == "finetune":
         conf["finetune_data"] = cfg.finetune.data
         conf["base"] = {"method": cell.base, "fingerprint": fingerprint(cell_config(cfg, base_cell(cfg, cell)))}
@@ -222,6 +224,8 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
         masks = [m[kept] for m in masks]
         if detection is not None:
             detection.append(rec)
+    if cell.stage == "pretrain" and cell.defense.data == "held-aside":
+        data, mask, masks = cache.finetune_clean(cell.dataset), None, []
     spec = cell_spec(cfg, cell)
     settings: dict[str, Any] = {"keep_checkpoints": 1, "quiet": quiet, "bar_position": bar_position}
     if cell.stage == "finetune":
@@ -240,6 +244,13 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
     diag = poison_diagnostics(mask, parts) if mask is not None else None
     _write_marker(marker, cell, conf)
     return build_trainer(spec, data, run_dir, diagnostics=diag), data, poison
+
+
+def train_data_label(cell: Cell) -> str:
+    """What the cell's model trained on, for the result JSON and the tables."""
+    if cell.defense.data == "held-aside":
+        return "held-aside clean"
+    return "clean" if cell.attack.clean else "poisoned"
 
 
 def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quiet: bool = False,
@@ -302,7 +313,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
         "format": CELL_FORMAT, "cell": cell.id, "fingerprint": fingerprint(conf),
         "dataset": ds.label, "split": cfg.split, "attack": cell.attack.label, "stage": cell.stage,
         "method": cell.method,
-        "train_data": "clean" if cell.attack.clean else "poisoned", "defense": cell.defense.defense, "base": cell.base, "seed": cell.seed, "model": cfg.model,
+        "train_data": train_data_label(cell), "defense": cell.defense.defense, "base": cell.base, "seed": cell.seed, "model": cfg.model,
         "config": conf, "train_config": params.get("train"), "strategy_config": params.get("strategy"),
         "train_pairs": len(data), "metrics": metrics, "asr": asr, "epochs": epochs,
         "similarity_histogram": hist,

@@ -96,6 +96,9 @@ class DetectSpec:
     keep_fraction: float | None = None  # keep this fraction of lowest scores instead of the rule
 
 
+TRAIN_DATA = ("train", "held-aside")
+
+
 @dataclass
 class DefenseSpec:
     """A grid entry: a defence by name or by preset, plus option and train overrides."""
@@ -106,6 +109,10 @@ class DefenseSpec:
     train: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None  # a preset YAML (path relative to the grid file, or a name in configs/)
     detect: DetectSpec | None = None  # pre-training only: train on the pairs a detector keeps
+    # pre-training only: what the entry trains on. "train": the grid's (poisoned) training set;
+    # "held-aside": the dataset's held-aside clean rows (finetune_size of them), a defender's small
+    # trusted set: a model to scan the data with (scan/detect base), not a defence of its own
+    data: str = "train"
 
 
 @dataclass
@@ -322,7 +329,13 @@ def _defense(label: str, obj: Any, source: str, key: str, base_dir: Path | None,
     if isinstance(obj, str):
         return DefenseSpec(label=label, defense=obj)
     d = _mapping(obj, source, key)
-    _check_keys(d, {"defense", "preset", "options", "train"} | ({"detect"} if detect else set()), source, key)
+    _check_keys(d, {"defense", "preset", "options", "train"} | ({"detect", "data"} if detect else set()), source, key)
+    data = str(d.get("data", "train"))
+    if data not in TRAIN_DATA:
+        raise ConfigError(f"{source}: {key}.data must be one of {', '.join(TRAIN_DATA)}, got {data!r}")
+    if data != "train" and d.get("detect") is not None:
+        raise ConfigError(f"{source}: {key}: 'data: {data}' and 'detect' do not combine (detect-then-train "
+                          f"drops pairs of the training set)")
     preset = _preset_path(d["preset"], base_dir, source, key) if d.get("preset") else None
     det = _detect(d["detect"], source, f"{key}.detect") if d.get("detect") is not None else None
     defense = d.get("defense")
@@ -334,7 +347,7 @@ def _defense(label: str, obj: Any, source: str, key: str, base_dir: Path | None,
         defense = load_preset(preset).get("defense") or label
     return DefenseSpec(label=label, defense=str(defense), preset=preset,
                        options=dict(_mapping(d.get("options"), source, f"{key}.options")),
-                       train=_train(d.get("train"), source, f"{key}.train"), detect=det)
+                       train=_train(d.get("train"), source, f"{key}.train"), detect=det, data=data)
 
 
 def _detector_name(name: Any, source: str, key: str) -> str:
