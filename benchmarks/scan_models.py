@@ -101,7 +101,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cache = BenchCache(cfg, out)
     cells = [c for c in plan_cells(cfg)
-             if c.attack.label == args.attack and c.stage == "pretrain" and c.defense.defense == "none"]
+             if c.attack.label == args.attack and c.stage == "pretrain" and c.defense.defense == "none"
+             and c.defense.detect is None and c.defense.data == "train" and c.defense.preset is None]
     if not cells:
         raise SystemExit(f"no plain-CLIP pre-training cell of attack '{args.attack}' in {args.config}")
     train_kw = {"model": cfg.model, "batch_size": 128, "lr": 1e-3, "warmup": 50, "device": "cpu", "quiet": True}
