@@ -12,24 +12,20 @@ target caption, and the signal fades (docs/scan.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 
-from clipguard.detection.base import DETECTORS, Detector, DetectorOptions, PairFeatures, finite_scores
-from clipguard.options import require
+from clipguard.detection.base import DETECTORS, Detector, PairFeatures, finite_scores
+from clipguard.detection.density import DensityOptions
 
 
 @dataclass
-class CaptionAgreementOptions(DetectorOptions):
-    kind: ClassVar[str] = "detector 'caption-agreement'"
-    k: int = 16                                  # image neighbours whose captions vote
-    space: Literal["image", "text", "joint"] = "image"  # where neighbours are found
-    metric: Literal["l2", "cosine"] = "l2"
+class CaptionAgreementOptions(DensityOptions):
+    """Neighbours per pair (``k``), the space they are found in and its distance, as the density
+    detectors; ``k`` should exceed the copies of one poisoned image (docs/scan.md)."""
 
-    def validate(self) -> None:
-        super().validate()
-        require(self.k >= 1, f"option 'k' must be >= 1, got {self.k}")
+    kind: ClassVar[str] = "detector 'caption-agreement'"
 
 
 @DETECTORS.register("caption-agreement")
