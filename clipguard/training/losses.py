@@ -51,14 +51,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     """
     dist = dist or DistInfo()
     logit_scale = _replicated(logit_scale, dist)
-    if mask is None:
-        mask = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
     img = gather_with_local_grad(image_features, dist)
     txt = gather_with_local_grad(text_features, dist)
-    keep = all_gather_nograd(mask.to(torch.uint8), dist).bool()
-    if int(keep.sum()) == 0:
-        return image_features.sum() * 0.0 + text_features.sum() * 0.0
-    img, txt = img[keep], txt[keep]
+    if mask is not None:  # (no mask: every row, with no host sync and no copy)
+        keep = all_gather_nograd(mask.to(torch.uint8), dist).bool()
+        if int(keep.sum()) == 0:
+            return image_features.sum() * 0.0 + text_features.sum() * 0.0
+        img, txt = img[keep], txt[keep]
     logits = logit_scale * img @ txt.t()
     labels = torch.arange(logits.shape[0], device=logits.device)
     loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
