@@ -289,7 +289,8 @@ def detection_table(rows: list[dict[str, Any]]) -> Table | None:
                 line.append(fmt([r.get(key) for r in sel], expect_n=ns))
         body.append(line)
     notes = [f"In %, mean ± std over {ns} seed(s); '(n=k)': k seeds. Each detector scores the poisoned training "
-             "set with the final model of the pre-training method after 'on', trained on that very data; "
+             "set with the final model of the pre-training method after 'on' (trained on that very data, or on "
+             "the held-aside clean rows for a 'data: held-aside' entry); "
              "positives: the column's poisoned pairs, negatives: the clean pairs.",
              "TPR@1%FPR: the share of the poisons flagged by a threshold that flags at most 1% of the clean pairs."]
     return Table("Detection: AUROC and TPR at 1% FPR (%, higher is better)", [header0, header1], body, spans, notes)
