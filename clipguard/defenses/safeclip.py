@@ -83,8 +83,8 @@ class SafeClipOptions(Options):
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
     # or encoded without gradient, as the target whose pool neighbour the first view must pick
-    # (False: about a third less compute per risky pair; on validation it cost 1.4 points of
-    # zero-shot at 20 epochs and let more BadNet through at 10, docs/defenses.md)
+    # (False: about a third less compute per risky pair; on validation it cost 2-3 points of
+    # zero-shot and let BadNet back in on some seeds, docs/defenses.md)
     second_view_grad: bool = True
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "none"  # the paper: simclr
     safe_text_augment: Literal["eda", "none"] = "none"                   # the paper: eda
