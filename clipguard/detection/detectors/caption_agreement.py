@@ -23,9 +23,12 @@ from clipguard.detection.density import DensityOptions
 @dataclass
 class CaptionAgreementOptions(DensityOptions):
     """Neighbours per pair (``k``), the space they are found in and its distance, as the density
-    detectors; ``k`` should exceed the copies of one poisoned image (docs/scan.md)."""
+    detectors; ``k`` should exceed the copies of one poisoned image."""
 
     kind: ClassVar[str] = "detector 'caption-agreement'"
+    # 64, not the density detectors' 16: chosen on validation (docs/scan.md#which-model-scores),
+    # where 20 copies of a TDPA image outvoted their class at k = 16
+    k: int = 64
 
 
 @DETECTORS.register("caption-agreement")
