@@ -117,7 +117,7 @@ class RoClip(Strategy):
             return loss, {"clip_loss": float(loss.detach())}
         if self.opt.text_gradient:
             img, matched, scale, nn_idx = self._pool_forward(batch, pixels)
-            own = self._encode_own(tokens)
+            own = ctx.encode_views(tokens=tokens)[1]  # for the pool only: no gradient needed
         else:
             img, own, scale = ctx.forward(pixels, tokens)
             nn_idx = self._pool.nearest_index(img)
@@ -136,9 +136,7 @@ class RoClip(Strategy):
         ctx, pool = self.ctx, self._pool
         probe_idx = None
         if self.opt.match_on == "original":
-            with torch.no_grad(), ctx.autocast():
-                probe = ctx.raw_model.encode_image(ctx.prepare_pixels(batch.pixels), normalize=True).float()
-            probe_idx = pool.nearest_index(probe)
+            probe_idx = pool.nearest_index(ctx.encode_views(pixels=batch.pixels)[0])
         picked: dict[str, torch.Tensor] = {}
 
         def plan(clip: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,12 +148,6 @@ class RoClip(Strategy):
 
         img, txt, scale = ctx.forward_plan(plan)
         return img.float(), txt.float(), scale.float(), picked["idx"]
-
-    def _encode_own(self, tokens: torch.Tensor) -> torch.Tensor:
-        """This batch's own (augmented) captions, for the pool only: no gradient needed."""
-        ctx = self.ctx
-        with torch.no_grad(), ctx.autocast():
-            return ctx.raw_model.encode_text(tokens, normalize=True).float()
 
     def _push(self, txt: torch.Tensor, tokens: torch.Tensor) -> None:
         """Append this (global) batch's augmented-caption embeddings, dropping the oldest."""

@@ -104,14 +104,18 @@ class TrainContext:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.no_grad()
-    def encode_views(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of extra views that need no gradient (targets of an in-modal loss), in the
-        training mode and precision of the step's forward but outside it: no backward pass, and
-        DDP never sees them."""
+    def encode_views(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Features of extra views that need no gradient (targets of an in-modal loss, a pool's
+        entries, a probe), in the training mode and precision of the step's forward but outside
+        it: no backward pass, and DDP never sees them. Either modality may be left out (None)."""
+        img = txt = None
         with self.autocast():
-            img = self.raw_model.encode_image(self.prepare_pixels(pixels), normalize=True)
-            txt = self.raw_model.encode_text(tokens, normalize=True)
-        return img.float(), txt.float()
+            if pixels is not None:
+                img = self.raw_model.encode_image(self.prepare_pixels(pixels), normalize=True).float()
+            if tokens is not None:
+                txt = self.raw_model.encode_text(tokens, normalize=True).float()
+        return img, txt
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions).to(self.device)
