@@ -29,12 +29,8 @@ from typing import Any
 import numpy as np
 
 DETECTORS: list[tuple[str, dict[str, Any]]] = [
-    ("similarity", {}), ("caption-agreement", {}), ("caption-agreement", {"k": 64}), ("kdist", {}),
+    ("similarity", {}), ("caption-agreement", {"k": 16}), ("caption-agreement", {"k": 64}), ("kdist", {}),
     ("kdist", {"space": "joint"}), ("lid", {}), ("dao", {}), ("iforest", {})]
-
-
-def label(name: str, opts: dict[str, Any]) -> str:
-    return name + ("(" + ",".join(f"{k}={v}" for k, v in opts.items()) + ")" if opts else "")
 
 
 def trusted_csv(grid_train: Path, size: int, data_seed: int, work: Path) -> Path:
@@ -85,11 +81,11 @@ def main() -> None:
 
     from clipguard.bench.cache import BenchCache
     from clipguard.bench.config import load_config
-    from clipguard.bench.detect import column_masks
+    from clipguard.bench.detect import column_masks, detector_label, resolved_options
     from clipguard.bench.plan import plan_cells
     from clipguard.data.csv_dataset import load_csv
     from clipguard.detection.base import build
-    from clipguard.detection.metrics import auroc
+    from clipguard.detection.metrics import grouped_metrics
     from clipguard.detection.runner import encode_pairs
     from clipguard.evaluation.runner import load_model
     from clipguard.io import write_json
@@ -125,16 +121,16 @@ def main() -> None:
         if (poisoned / "checkpoints").is_dir():
             models = {"poisoned": poisoned, **models}
         parts = column_masks(cell, poison)
-        clean = ~poison.mask.numpy().astype(bool)
         for model_name, run in models.items():
             net, arch = load_model(str(run), cfg.model, "cpu")
             feats = encode_pairs(net, get_tokenizer(arch), data, device="cpu", progress=False)
             for name, opts in DETECTORS:
                 scores = build(name, opts).score(feats)
-                for col, m in parts.items():
-                    sel = clean | m
-                    results.setdefault(model_name, {}).setdefault(label(name, opts), {}).setdefault(
-                        col, []).append(float(auroc(scores[sel], m[sel])))
+                per_part = grouped_metrics(scores, poison.mask.numpy(), parts)["parts"]
+                row = results.setdefault(model_name, {}).setdefault(
+                    detector_label(name, resolved_options(name, opts)), {})
+                for col, m in per_part.items():
+                    row.setdefault(col, []).append(float(m["auroc"]))
 
     seeds = [c.seed for c in cells]
     print(f"AUROC (%) per attack part, mean ± std over seeds {seeds}; {args.attack} of {cfg.name}")
