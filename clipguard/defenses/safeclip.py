@@ -381,13 +381,9 @@ class SafeClip(Strategy, PairSelector):
             img2 = torch.zeros_like(img1).index_copy(0, ridx, img2r.to(img1.dtype))
             txt2 = torch.zeros_like(txt1).index_copy(0, ridx, txt2r.to(txt1.dtype))
         clip = clip_loss(img1, txt1, scale, ctx.dist, mask=safe)
-        t = o.temperature
-        if o.second_view_grad:
-            uni_img = nn_contrastive_loss(img1, img2, self._img_pool, risky, t, ctx.dist)
-            uni_txt = nn_contrastive_loss(txt1, txt2, self._txt_pool, risky, t, ctx.dist)
-        else:
-            uni_img = nn_target_loss(img1, img2, self._img_pool, risky, t, ctx.dist)
-            uni_txt = nn_target_loss(txt1, txt2, self._txt_pool, risky, t, ctx.dist)
+        nn_loss = nn_contrastive_loss if o.second_view_grad else nn_target_loss
+        uni_img = nn_loss(img1, img2, self._img_pool, risky, o.temperature, ctx.dist)
+        uni_txt = nn_loss(txt1, txt2, self._txt_pool, risky, o.temperature, ctx.dist)
         # the pools hold the first views of the whole (global) batch, oldest displaced first
         self._img_pool.push(all_gather_nograd(img1.detach().contiguous(), ctx.dist))
         self._txt_pool.push(all_gather_nograd(txt1.detach().contiguous(), ctx.dist))
