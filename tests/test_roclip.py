@@ -79,3 +79,39 @@ def test_a_pool_step_encodes_each_image_once_and_matches_on_it(fm_train, tmp_pat
     picked = (seen["img"] @ bank.t()).argmax(1)
     expect = float((picked.unsqueeze(1) == picked.unsqueeze(0)).float().sum(1).eq(1).float().mean())
     assert logs["unique_match_fraction"] == pytest.approx(expect)
+
+
+def test_keep_own_keeps_the_own_caption_only_where_the_pick_agrees(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(256)), {"match_every": 1, "pool_fraction": 0.25, "keep_own": 0.1},
+               tmp_path)
+    s = t.strategy
+    s.on_epoch_start(0)
+    n = len(s._pool)
+    own = s._pool.bank[:4].clone()  # captions identical to pool entries 0-3
+    # entry i is its own nearest (rank 0): agrees; the entry farthest from it: rank n-1, disagrees
+    far = (own @ s._pool.bank.t()).argmin(1)
+    assert s._agrees(own, torch.arange(4)).all()
+    assert not s._agrees(own, far).any()
+    assert int(0.1 * n) >= 1
+    # the step encodes the own tokens for agreeing rows and the pooled tokens for the rest
+    seen = {}
+    enc = t.model.encode_text
+
+    def spy(tokens, normalize=False):
+        seen["tokens"] = tokens.clone()
+        return enc(tokens, normalize=normalize)
+
+    t.model.encode_text = spy
+    b = _batch(t, range(32))
+    _, logs = s.loss(b)
+    rows_own = [torch.equal(seen["tokens"][i], t.ctx.tokenize(s._texts(b.captions, random.Random(5)))[i])
+                for i in range(32)]
+    assert 0.0 <= logs["kept_own_fraction"] <= 1.0
+    assert sum(rows_own) == round(logs["kept_own_fraction"] * 32)
+
+
+def test_keep_own_is_validated():
+    with pytest.raises(Exception, match="keep_own"):
+        defenses.build("roclip", {"keep_own": 1.0})
+    with pytest.raises(Exception, match="text_gradient"):
+        defenses.build("roclip", {"keep_own": 0.1, "text_gradient": False})

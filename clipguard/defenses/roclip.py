@@ -39,6 +39,9 @@ class RoClipOptions(Options):
     augment: bool = True              # SimCLR images and EDA captions
     text_gradient: bool = True        # False: the reference code's frozen text tower in pool epochs
     match_on: Literal["augmented", "original"] = "augmented"  # which view of an image picks its caption
+    # In pool epochs a pair keeps its own caption when the image's pooled caption is among this
+    # fraction of the pool nearest to that own caption (they agree); 0 = the paper, always pooled.
+    keep_own: float = 0.0
     crop_scale_min: float = 0.08
     eda_alpha: float = 0.1
     eda_p_delete: float = 0.1
@@ -50,6 +53,9 @@ class RoClipOptions(Options):
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
                 "eda_alpha and eda_p_delete must be in [0, 1]")
+        require(0.0 <= self.keep_own < 1.0, f"keep_own must be in [0, 1), got {self.keep_own}")
+        require(self.keep_own == 0.0 or self.text_gradient,
+                "keep_own needs text_gradient: true (the kept own captions are encoded in the step)")
 
 
 @DEFENSES.register("roclip")
@@ -115,24 +121,38 @@ class RoClip(Strategy):
             loss = clip_loss(img, txt, scale, ctx.dist)
             self._push(txt, tokens)
             return loss, {"clip_loss": float(loss.detach())}
+        stats: dict[str, float] = {}
         if self.opt.text_gradient:
-            img, matched, scale, nn_idx = self._pool_forward(batch, pixels)
-            own = ctx.encode_views(tokens=tokens)[1]  # for the pool only: no gradient needed
+            own = ctx.encode_views(tokens=tokens)[1]  # for the pool (and the agreement test): no gradient
+            img, matched, scale, nn_idx, kept = self._pool_forward(batch, pixels, tokens, own)
+            if self.opt.keep_own > 0:
+                stats["kept_own_fraction"] = float(kept.float().mean())
         else:
             img, own, scale = ctx.forward(pixels, tokens)
             nn_idx = self._pool.nearest_index(img)
             matched = self._pool.bank[nn_idx].to(img.dtype)
         loss = clip_loss(img, matched, scale, ctx.dist)
         self._push(own, tokens)
-        kept = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
-        return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": kept}
+        unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
+        return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": unique, **stats}
 
-    def _pool_forward(self, batch: Batch, pixels: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _agrees(self, own: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Whether each image's pooled caption ``idx`` ranks within the ``keep_own`` fraction of
+        the pool nearest to the pair's own caption ``own`` (stored pool embeddings, no gradient).
+        A clean pair's image picks a caption like its own; a poisoned image picks one of its
+        true content, far from the caption it was paired with."""
+        valid = self._pool.bank[:len(self._pool)]
+        sims = own.to(valid.dtype) @ valid.t()
+        rank = (sims > sims.gather(1, idx.unsqueeze(1))).sum(1)
+        return rank < max(1, int(self.opt.keep_own * valid.shape[0]))
+
+    def _pool_forward(self, batch: Batch, pixels: torch.Tensor, tokens: torch.Tensor, own: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A pool step's one forward, in stages: encode the images, let each pick its nearest
         pooled caption by the pool's stored embedding, then encode the picked captions' tokens
-        with the current text tower (so it gets gradient). With ``match_on: original`` the pick
-        uses the un-augmented image, which needs an extra forward without gradient first."""
+        with the current text tower (so it gets gradient). With ``keep_own`` a pair whose pick
+        agrees with its own caption encodes that own caption instead. With ``match_on: original``
+        the pick uses the un-augmented image, which needs an extra forward without gradient first."""
         ctx, pool = self.ctx, self._pool
         probe_idx = None
         if self.opt.match_on == "original":
@@ -143,11 +163,17 @@ class RoClip(Strategy):
             img = clip.encode_image(ctx.prepare_pixels(pixels), normalize=True)
             idx = probe_idx if probe_idx is not None else pool.nearest_index(img.detach().float())
             picked["idx"] = idx
-            txt = clip.encode_text(pool.payload[idx].to(ctx.device), normalize=True)
+            text_tokens = pool.payload[idx].to(ctx.device)
+            keep = torch.zeros_like(idx, dtype=torch.bool)
+            if self.opt.keep_own > 0:
+                keep = self._agrees(own, idx).to(ctx.device)
+                text_tokens = torch.where(keep.unsqueeze(1), tokens.to(ctx.device), text_tokens)
+            picked["keep"] = keep
+            txt = clip.encode_text(text_tokens, normalize=True)
             return img, txt, clip.logit_scale.exp()
 
         img, txt, scale = ctx.forward_plan(plan)
-        return img.float(), txt.float(), scale.float(), picked["idx"]
+        return img.float(), txt.float(), scale.float(), picked["idx"], picked["keep"]
 
     def _push(self, txt: torch.Tensor, tokens: torch.Tensor) -> None:
         """Append this (global) batch's augmented-caption embeddings, dropping the oldest."""
