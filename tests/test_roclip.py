@@ -115,3 +115,26 @@ def test_keep_own_is_validated():
         defenses.build("roclip", {"keep_own": 1.0})
     with pytest.raises(Exception, match="text_gradient"):
         defenses.build("roclip", {"keep_own": 0.1, "text_gradient": False})
+
+
+def test_the_diagnostics_see_the_latest_pool_epochs_matching(fm_train, tmp_path):
+    from clipguard.evaluation.detection import poison_diagnostics
+
+    t = _built(fm_train.subset(range(256)), {"match_every": 1, "pool_fraction": 0.25, "keep_own": 0.1},
+               tmp_path)
+    s = t.strategy
+    t.ctx.epoch = 0
+    s.on_epoch_start(0)
+    assert s.pair_scores() is None and s.selected() is None  # nothing matched yet
+    _, logs = s.loss(_batch(t, range(32)))
+    assert s.pair_scores() is None  # the pool epoch is not finished
+    t.ctx.epoch = 1
+    scores, kept = s.pair_scores(), s.selected()
+    assert scores.shape == (256,) and not scores.isnan().any() and ((scores >= 0) & (scores <= 1)).all()
+    assert int(kept[:32].sum()) == round(logs["kept_own_fraction"] * 32) and not kept[32:].any()
+    poisoned = torch.zeros(256, dtype=torch.bool)
+    poisoned[:8] = True
+    rec = poison_diagnostics(poisoned, histograms=False)(s, 1, tmp_path)
+    assert rec["similarity_auroc"] is not None and rec["safe_poison_count"] == int(kept[:8].sum())
+    s.loss(_batch(t, range(32, 64)))  # the next pool epoch starts its records afresh
+    assert not s._kept[:32].any() and s._agreement[:32].isnan().all()

@@ -25,7 +25,7 @@ from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd
 from clipguard.training.losses import clip_loss
-from clipguard.training.strategy import Strategy
+from clipguard.training.strategy import PairSelector, Strategy
 
 
 @dataclass
@@ -59,8 +59,13 @@ class RoClipOptions(Options):
 
 
 @DEFENSES.register("roclip")
-class RoClip(Strategy):
-    """CLIP with augmentations; in pool epochs the positives come from a caption pool."""
+class RoClip(Strategy, PairSelector):
+    """CLIP with augmentations; in pool epochs the positives come from a caption pool.
+
+    As a PairSelector it reports the matching of its latest finished pool epoch to the
+    diagnostics: each pair's agreement (1 - the rank of the image's pooled caption among the pool
+    sorted by similarity to the pair's own caption, as a fraction) and, with ``keep_own``, the
+    pairs that kept their own caption."""
 
     name = "roclip"
     options_class = RoClipOptions
@@ -80,6 +85,9 @@ class RoClip(Strategy):
         self._resolved_pool_size = size
         if not hasattr(self, "_pool"):
             self._pool = NNPool(size, embed_dim(ctx.raw_model), payload_shape=(ctx.tokens.shape[1],)).to(ctx.device)
+        self._match_epoch: int | None = None  # the pool epoch the match records below belong to
+        self._agreement = torch.full((len(ctx.data),), float("nan"))
+        self._kept = torch.zeros(len(ctx.data), dtype=torch.bool)
 
     # ------------------------------------------------------------------ augmentation
     def _images(self, batch: Batch) -> torch.Tensor:
@@ -131,20 +139,56 @@ class RoClip(Strategy):
             img, own, scale = ctx.forward(pixels, tokens)
             nn_idx = self._pool.nearest_index(img)
             matched = self._pool.bank[nn_idx].to(img.dtype)
+            kept = torch.zeros_like(nn_idx, dtype=torch.bool)
         loss = clip_loss(img, matched, scale, ctx.dist)
+        self._record(batch.indices, self._pick_rank(own.detach(), nn_idx), kept)
         self._push(own, tokens)
         unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
         return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": unique, **stats}
 
+    def _pick_rank(self, own: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rank of each image's pooled caption ``idx`` among the pool's stored embeddings sorted
+        by similarity to the pair's own caption ``own`` (0 = the entry nearest to it)."""
+        valid = self._pool.bank[:len(self._pool)]
+        sims = own.to(valid.device, valid.dtype) @ valid.t()
+        return (sims > sims.gather(1, idx.to(valid.device).unsqueeze(1))).sum(1)
+
     def _agrees(self, own: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Whether each image's pooled caption ``idx`` ranks within the ``keep_own`` fraction of
-        the pool nearest to the pair's own caption ``own`` (stored pool embeddings, no gradient).
-        A clean pair's image picks a caption like its own; a poisoned image picks one of its
-        true content, far from the caption it was paired with."""
-        valid = self._pool.bank[:len(self._pool)]
-        sims = own.to(valid.dtype) @ valid.t()
-        rank = (sims > sims.gather(1, idx.unsqueeze(1))).sum(1)
-        return rank < max(1, int(self.opt.keep_own * valid.shape[0]))
+        the pool nearest to the pair's own caption ``own`` (no gradient). A clean pair's image
+        picks a caption like its own; a poisoned image picks one of its true content, far from
+        the caption it was paired with."""
+        return self._pick_rank(own, idx) < max(1, int(self.opt.keep_own * len(self._pool)))
+
+    @torch.no_grad()
+    def _record(self, indices: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor) -> None:
+        """Keep this (global) batch's match for the diagnostics; a new pool epoch starts afresh."""
+        if self._match_epoch != self.ctx.epoch:
+            self._match_epoch = self.ctx.epoch
+            self._agreement.fill_(float("nan"))
+            self._kept.zero_()
+        d = self.ctx.dist
+        idx = all_gather_nograd(indices.to(self.ctx.device).long(), d).cpu()
+        score = 1.0 - rank.float() / max(1, len(self._pool) - 1)
+        self._agreement[idx] = all_gather_nograd(score.to(self.ctx.device), d).cpu()
+        self._kept[idx] = all_gather_nograd(kept.to(self.ctx.device), d).cpu()
+
+    # ------------------------------------------------------------------ diagnostics
+    def pair_scores(self) -> torch.Tensor | None:
+        """Agreement of each pair's pooled caption with its own in the latest finished pool epoch
+        (pairs that epoch did not reach get the median); None before the first one."""
+        if self._match_epoch is None or self._match_epoch >= self.ctx.epoch:
+            return None
+        a = self._agreement.clone()
+        seen = ~a.isnan()
+        a[~seen] = a[seen].median() if bool(seen.any()) else 0.0
+        return a
+
+    def selected(self) -> torch.Tensor | None:
+        """With ``keep_own``: the pairs that kept their own caption in the latest pool epoch."""
+        if self.opt.keep_own <= 0 or self._match_epoch is None or self._match_epoch >= self.ctx.epoch:
+            return None
+        return self._kept.clone()
 
     def _pool_forward(self, batch: Batch, pixels: torch.Tensor, tokens: torch.Tensor, own: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
