@@ -144,7 +144,7 @@ def test_joint_density_vetoes_pairs_that_join_an_image_of_one_kind_to_a_caption_
     img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
     ctx = SimpleNamespace(dist=DistInfo(), device=torch.device("cpu"), raw_model=None,
                           encode_dataset=lambda indices: (img[indices], txt[indices]))
-    sims, log_kd = shard_pair_scores(ctx, torch.arange(600), density_k=16, density_reference=400, seed=1)
+    sims, log_kd, _ = shard_pair_scores(ctx, torch.arange(600), density_k=16, density_reference=400, seed=1)
     dense = dense_inliers(log_kd, 1.0)
     poison = torch.zeros(600, dtype=torch.bool)
     poison[590:] = True
@@ -189,3 +189,40 @@ def test_density_memory_keeps_a_vetoed_pair_out_from_the_second_split_on():
         assert not second[1] and not third[2]
         assert bool(third[1]) is (not memory)
     assert s.state_json()["dense_rounds"] == 3
+
+
+def test_repeated_image_veto_flags_copies_of_one_image_and_no_clean_pair():
+    """Targeted poisoning repeats one target image under many captions: its copies' image
+    embeddings coincide, far closer than any two clean images, so the lower tail of the image
+    k-distance flags exactly them."""
+    from types import SimpleNamespace
+
+    from clipguard.defenses.pair_scores import repeated_images, shard_pair_scores
+    from clipguard.defenses.safeclip import SafeClip, SafeClipOptions
+    from clipguard.training.distributed import DistInfo
+
+    g = torch.Generator().manual_seed(0)
+    kinds = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
+    src = torch.arange(600) % 6
+    img = torch.nn.functional.normalize(kinds[src] + 0.1 * torch.randn(600, 16, generator=g), dim=1)
+    img[580:] = img[580]  # twenty copies of one image (under other captions)
+    txt = torch.nn.functional.normalize(kinds[src] + 0.1 * torch.randn(600, 16, generator=g), dim=1)
+    ctx = SimpleNamespace(dist=DistInfo(), device=torch.device("cpu"), raw_model=None,
+                          encode_dataset=lambda indices: (img[indices], txt[indices]))
+    _, log_kd, log_rd = shard_pair_scores(ctx, torch.arange(600), repeat_k=4, density_reference=600, seed=1)
+    assert log_kd is None
+    flagged = repeated_images(log_rd, 4.0)
+    assert flagged[580:].all() and not flagged[:580].any()
+    s = SafeClip(SafeClipOptions(repeat_z=4.0, density_z=None))
+    s._dense, s._dense_rounds = None, 0
+    verdict = s._veto(600, torch.arange(600), None, log_rd)
+    assert torch.equal(verdict, ~flagged) and s._log_repeated == 20
+
+
+def test_repeat_options_are_validated():
+    from clipguard.defenses.safeclip import SafeClipOptions
+
+    with pytest.raises(Exception, match="repeat_z"):
+        SafeClipOptions(repeat_z=0.0)
+    with pytest.raises(Exception, match="repeat_k"):
+        SafeClipOptions(repeat_k=0)

@@ -11,6 +11,9 @@ Two signals, both from clean (non-augmented) pairs:
   an image of one kind to a caption of another, a combination only the other poisons share.
   This stays informative after the model has started to learn the poisons, when the similarity
   of a learned poison already looks clean (docs/defenses.md, "How the defaults were chosen").
+* the pair's *image repetition*: the log distance from its image embedding to its ``k``-th
+  nearest image among the same sample. Targeted poisoning repeats one target image under many
+  captions; near-identical copies sit far closer to each other than any two clean images do.
 """
 
 from __future__ import annotations
@@ -77,11 +80,14 @@ def _joint_log_kdist(ctx: TrainContext, joint: torch.Tensor, n: int, k: int, ref
 @torch.no_grad()
 def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
                       top_k: int = 10, density_k: int = 0, density_reference: int = 16384,
-                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(score, log k-distance or None) of each pair in ``indices``, the same on every rank.
+                      seed: int = 0, repeat_k: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(score, joint log k-distance or None, image log k-distance or None) of each pair in
+    ``indices``, the same on every rank.
 
     Each rank encodes ``indices[rank::world]``. ``reference``: text features of a sample of
-    captions, for the relative score. ``density_k`` > 0 adds the joint density."""
+    captions, for the relative score. ``density_k`` > 0 adds the joint density, ``repeat_k`` > 0
+    the image repetition (both against one seeded sample of ``density_reference`` pairs)."""
     world, rank = ctx.dist.world_size, ctx.dist.rank
     mine = indices[rank::world]
     cols = []
@@ -99,8 +105,13 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
     if density_k > 0:
         joint = torch.nn.functional.normalize(torch.cat([img, txt], dim=1), dim=1).to(ctx.device)
         cols.append(_joint_log_kdist(ctx, joint, len(indices), density_k, density_reference, seed))
+    if repeat_k > 0:
+        cols.append(_joint_log_kdist(ctx, img.float().to(ctx.device), len(indices), repeat_k,
+                                     density_reference, seed))
     out = _gather_in_order(torch.stack(cols, dim=1), len(indices), ctx)
-    return out[:, 0].contiguous(), (out[:, 1].contiguous() if density_k > 0 else None)
+    log_kd = out[:, 1].contiguous() if density_k > 0 else None
+    log_rd = out[:, -1].contiguous() if repeat_k > 0 else None
+    return out[:, 0].contiguous(), log_kd, log_rd
 
 
 def shard_similarities(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
@@ -132,3 +143,11 @@ def dense_inliers(log_kdist: torch.Tensor, z: float) -> torch.Tensor:
     x = log_kdist.double()
     med, spread = _median_and_spread(x)
     return x <= med + z * spread
+
+
+def repeated_images(log_kdist: torch.Tensor, z: float) -> torch.Tensor:
+    """Pairs whose image's log k-distance is more than ``z`` robust standard deviations below the
+    median: images with k near-identical copies (an exact copy's distance is 0, log -27.6)."""
+    x = log_kdist.double()
+    med, spread = _median_and_spread(x)
+    return x < med - z * spread

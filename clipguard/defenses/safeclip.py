@@ -21,7 +21,13 @@ import torch
 from clipguard.data.augment import Views
 from clipguard.defenses import DEFENSES
 from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss, nn_target_loss
-from clipguard.defenses.pair_scores import dense_inliers, embed_dim, inlier_fraction, shard_pair_scores
+from clipguard.defenses.pair_scores import (
+    dense_inliers,
+    embed_dim,
+    inlier_fraction,
+    repeated_images,
+    shard_pair_scores,
+)
 from clipguard.defenses.split import SafeSetSchedule, fit_gmm, top_fraction_mask
 from clipguard.errors import ConfigError
 from clipguard.options import Options, require
@@ -79,6 +85,13 @@ class SafeClipOptions(Options):
     density_memory: bool = True
     density_k: int = 16
     density_reference: int = 16384
+    # the repeated-image veto: a pair whose image has repeat_k near-identical copies (the log
+    # distance to its repeat_k-th nearest image, among the density_reference sample, more than
+    # repeat_z robust standard deviations below the median) stays out of the safe set, as
+    # targeted poisoning repeats its target image under many captions (None: no veto); with
+    # density_memory, a verdict from the second split on is final, as the density veto's
+    repeat_z: float | None = None
+    repeat_k: int = 4
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
@@ -112,6 +125,9 @@ class SafeClipOptions(Options):
                 f"density_z must be > 0 (or None: no density veto), got {self.density_z}")
         require(self.density_k >= 1 and self.density_reference >= 2,
                 "density_k must be >= 1 and density_reference >= 2")
+        require(self.repeat_z is None or self.repeat_z > 0,
+                f"repeat_z must be > 0 (or None: no repeated-image veto), got {self.repeat_z}")
+        require(self.repeat_k >= 1, f"repeat_k must be >= 1, got {self.repeat_k}")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
@@ -229,13 +245,14 @@ class SafeClip(Strategy, PairSelector):
         t0 = time.perf_counter()
         cand, full = self._candidates(n)
         o = self.opt
-        fresh, log_kd = shard_pair_scores(
+        fresh, log_kd, log_rd = shard_pair_scores(
             ctx, cand, self._reference(epoch), o.reference_top_k,
             density_k=o.density_k if o.density_z is not None else 0,
-            density_reference=o.density_reference, seed=step_seed(ctx.seed, "safeclip-density", epoch))
+            density_reference=o.density_reference, seed=step_seed(ctx.seed, "safeclip-density", epoch),
+            repeat_k=o.repeat_k if o.repeat_z is not None else 0)
         sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
         sims[cand] = fresh
-        dense = self._veto(n, cand, log_kd) if log_kd is not None else None
+        dense = self._veto(n, cand, log_kd, log_rd) if (log_kd is not None or log_rd is not None) else None
         t_sims = time.perf_counter() - t0
         decision = None
         if ctx.dist.is_main:
@@ -245,19 +262,29 @@ class SafeClip(Strategy, PairSelector):
         safe[torch.tensor(decision["safe_idx"], dtype=torch.long)] = True
         self._safe, self._sims, self._dense, self._m = safe, sims, dense, decision["m"]
         rec.update(decision["log"])
+        if log_rd is not None:
+            rec["repeated_images"] = self._log_repeated  # pairs of this epoch's scoring flagged as copies
         rec.update({"safe_size": int(safe.sum()), "safe_fraction": round(float(safe.float().mean()), 6),
                     "evaluated_pairs": int(len(cand)), "full_evaluation": bool(full),
                     "similarity_seconds": round(t_sims, 4),
                     "split_seconds": round(time.perf_counter() - t0, 4)})
         return rec
 
-    def _veto(self, n: int, cand: torch.Tensor, log_kd: torch.Tensor) -> torch.Tensor:
-        """Which pairs the density veto lets through, after this epoch's scores of ``cand``.
+    def _veto(self, n: int, cand: torch.Tensor, log_kd: torch.Tensor | None,
+              log_rd: torch.Tensor | None = None) -> torch.Tensor:
+        """Which pairs the density and repeated-image vetoes let through, after this epoch's
+        scores of ``cand``.
 
         Pairs not re-scored keep their last verdict (they are outside the safe set anyway); with
         ``density_memory`` a verdict from the second split on is final."""
         dense = self._dense.clone() if self._dense is not None else torch.ones(n, dtype=torch.bool)
-        verdict = dense_inliers(log_kd, self.opt.density_z)
+        verdict = torch.ones(len(cand), dtype=torch.bool)
+        if log_kd is not None:
+            verdict &= dense_inliers(log_kd, self.opt.density_z)
+        if log_rd is not None:
+            repeated = repeated_images(log_rd, self.opt.repeat_z)
+            self._log_repeated = int(repeated.sum())
+            verdict &= ~repeated
         if self.opt.density_memory and self._dense_rounds >= 2:
             verdict &= dense[cand]
         dense[cand] = verdict
