@@ -114,7 +114,25 @@ def test_tdpa_close_is_reproducible(fm, tmp_path):
     assert files(tmp_path / "a") == files(tmp_path / "b")
 
 
+@pytest.mark.parametrize("attack", ["tdpa", "tdpa-close"])
+def test_jitter_makes_every_copy_of_a_target_differ_within_its_bound(fm, tmp_path, attack):
+    train, test = fm
+    kw = dict(target="coat", count=6, seed=2, eval_csv=test)
+    m = attacks.poison_csv(train, attack, out=tmp_path / "j", options={"targets": 2, "jitter": 8}, **kw)
+    ev, out = load_csv(test), load_csv(tmp_path / "j" / "train.csv")
+    copies = out.images[m["poisoned_rows"]].to(torch.int16)
+    for j in range(len(m["poisoned_rows"])):
+        clean = ev.images[m["eval"]["target_eval_rows"][m["info"]["target_of_poison"][j]]].to(torch.int16)
+        assert int((copies[j] - clean).abs().max()) <= 8
+    assert len({c.numpy().tobytes() for c in copies}) == 6  # no two copies identical
+    assert m["params"]["jitter"] == 8
+    attacks.poison_csv(train, attack, out=tmp_path / "k", options={"targets": 2, "jitter": 8}, **kw)
+    assert files(tmp_path / "j") == files(tmp_path / "k")  # seeded
+
+
 @pytest.mark.parametrize("target,opts,exc,msg", [
+    ("coat", {"jitter": 300}, ConfigError, "jitter must be a whole number"),
+    ("coat", {"jitter": 1.5}, ConfigError, "jitter must be a whole number"),
     ("bag", {}, ConfigError, "no look-alike class known for the adversarial class 'bag'"),
     ("trouser", {}, ConfigError, "give --opt source_class"),
     ("coat", {"source_class": "coat"}, ConfigError, "must differ"),

@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 
 from clipguard.attacks import ATTACKS
-from clipguard.attacks.base import TARGETED, Attack, EvalSet, PoisonContext, PoisonPlan, seeded_random
+from clipguard.attacks.base import (
+    TARGETED,
+    Attack,
+    EvalSet,
+    PoisonContext,
+    PoisonPlan,
+    seeded_generator,
+    seeded_random,
+)
 from clipguard.attacks.captions import target_captions
 from clipguard.data.csv_dataset import ImageCaptionData
 from clipguard.errors import ConfigError
@@ -33,11 +41,23 @@ class TDPA(Attack):
     kind = TARGETED
     needs_eval_data = True
 
-    def __init__(self, targets: int = 4, source_class: str | int | None = None):
+    def __init__(self, targets: int = 4, source_class: str | int | None = None, jitter: int = 0):
         super().__init__()
         if int(targets) < 1:
             raise ConfigError("attack 'tdpa': targets must be at least 1")
-        self.targets, self.source_class = int(targets), source_class
+        if isinstance(jitter, bool) or not isinstance(jitter, int) or not 0 <= jitter <= 255:
+            raise ConfigError(f"attack '{self.name}': jitter must be a whole number of grey levels in "
+                              f"[0, 255], not {jitter!r}")
+        self.targets, self.source_class, self.jitter = int(targets), source_class, int(jitter)
+
+    def _jittered(self, imgs: torch.Tensor, ctx: PoisonContext) -> torch.Tensor:
+        """Each copy of a target image with its own seeded uniform noise of +-``jitter`` grey
+        levels, so no two copies are identical (an attacker evading de-duplication)."""
+        if self.jitter == 0:
+            return imgs.clone()
+        g = seeded_generator(self.name, "jitter", ctx.seed)
+        noise = torch.randint(-self.jitter, self.jitter + 1, imgs.shape, generator=g)
+        return (imgs.to(torch.int16) + noise).clamp(0, 255).to(imgs.dtype)
 
     def trigger(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels.clone()  # no trigger: the target images themselves are the poison
@@ -81,7 +101,7 @@ class TDPA(Attack):
                      "target_of_poison": which,
                      "target_paths": [ev.paths[i] for i in chosen]})
         self._chosen = chosen
-        return PoisonPlan(images=imgs.clone(), captions=caps, labels=labels, sources=[-1] * count,
+        return PoisonPlan(images=self._jittered(imgs, ctx), captions=caps, labels=labels, sources=[-1] * count,
                           triggers=[""] * count, replace_rows=replace, info=info)
 
     def eval_set(self, ctx: PoisonContext) -> EvalSet:

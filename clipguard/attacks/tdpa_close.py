@@ -49,10 +49,10 @@ class TDPAClose(TDPA):
     name = "tdpa-close"
 
     def __init__(self, targets: int = 4, source_class: str | int | None = None,
-                 similarity: str | dict | None = None):
+                 similarity: str | dict | None = None, jitter: int = 0):
         if isinstance(targets, bool) or not isinstance(targets, int):
             raise ConfigError(f"attack 'tdpa-close': targets must be a whole number >= 1, not {targets!r}")
-        super().__init__(targets, source_class)
+        super().__init__(targets, source_class, jitter)
         if similarity is not None and not isinstance(similarity, (str, dict)):
             raise ConfigError("attack 'tdpa-close': similarity must be a JSON file or a mapping with "
                               "'matrix' or 'lookalikes'")
