@@ -138,3 +138,25 @@ def test_the_diagnostics_see_the_latest_pool_epochs_matching(fm_train, tmp_path)
     assert rec["similarity_auroc"] is not None and rec["safe_poison_count"] == int(kept[:8].sum())
     s.loss(_batch(t, range(32, 64)))  # the next pool epoch starts its records afresh
     assert not s._kept[:32].any() and s._agreement[:32].isnan().all()
+
+
+def test_balanced_assignment_spreads_a_hub_and_keeps_a_clear_match():
+    from clipguard.defenses.roclip import balanced_assignment
+
+    g = torch.Generator().manual_seed(0)
+    sims = 0.05 * torch.randn(64, 64, generator=g)
+    sims[:, 0] += 0.3  # one hub caption every image prefers
+    assert sims.argmax(1).eq(0).all()
+    picked = balanced_assignment(sims)
+    assert picked.eq(0).sum() <= 4 and picked.unique().numel() > 32
+    clear = torch.eye(16) + 0.01 * torch.randn(16, 16, generator=g)
+    assert torch.equal(balanced_assignment(clear), torch.arange(16))
+
+
+def test_a_balanced_pool_step_runs_and_picks_from_the_pool(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(256)), {"match_every": 1, "pool_fraction": 0.25,
+                                            "assignment": "balanced"}, tmp_path)
+    s = t.strategy
+    s.on_epoch_start(0)
+    loss, logs = s.loss(_batch(t, range(32)))
+    assert torch.isfinite(loss) and logs["unique_match_fraction"] > 0.5

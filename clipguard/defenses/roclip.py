@@ -42,6 +42,10 @@ class RoClipOptions(Options):
     # In pool epochs a pair keeps its own caption when the image's pooled caption is among this
     # fraction of the pool nearest to that own caption (they agree); 0 = the paper, always pooled.
     keep_own: float = 0.0
+    # how images pick pooled captions: each its nearest (the paper), or a balanced assignment
+    # (Sinkhorn-Knopp, as SwAV's equipartition) in which every pooled caption is picked about
+    # equally often within a batch, so a few hub captions cannot take most of the images
+    assignment: Literal["nearest", "balanced"] = "nearest"
     crop_scale_min: float = 0.08
     eda_alpha: float = 0.1
     eda_p_delete: float = 0.1
@@ -54,8 +58,24 @@ class RoClipOptions(Options):
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
                 "eda_alpha and eda_p_delete must be in [0, 1]")
         require(0.0 <= self.keep_own < 1.0, f"keep_own must be in [0, 1), got {self.keep_own}")
+        require(self.assignment in ("nearest", "balanced"),
+                f"assignment must be 'nearest' or 'balanced', got {self.assignment!r}")
         require(self.keep_own == 0.0 or self.text_gradient,
                 "keep_own needs text_gradient: true (the kept own captions are encoded in the step)")
+
+
+@torch.no_grad()
+def balanced_assignment(sims: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Each row's column under an (approximately) equipartitioned assignment: Sinkhorn-Knopp on
+    exp(sims / epsilon) with every row weighing 1 and every column rows/columns, then each row's
+    largest entry. Rows that the plain argmax would pile onto one column spread over its
+    neighbours instead."""
+    q = ((sims.double() - sims.max()) / epsilon).exp()
+    rows, cols = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(0, keepdim=True).clamp_min(1e-300) * (rows / cols)
+        q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
+    return q.argmax(1)
 
 
 @DEFENSES.register("roclip")
@@ -137,7 +157,7 @@ class RoClip(Strategy, PairSelector):
                 stats["kept_own_fraction"] = float(kept.float().mean())
         else:
             img, own, scale = ctx.forward(pixels, tokens)
-            nn_idx = self._pool.nearest_index(img)
+            nn_idx = self._pick(img.detach().float())
             matched = self._pool.bank[nn_idx].to(img.dtype)
             kept = torch.zeros_like(nn_idx, dtype=torch.bool)
         loss = clip_loss(img, matched, scale, ctx.dist)
@@ -145,6 +165,13 @@ class RoClip(Strategy, PairSelector):
         self._push(own, tokens)
         unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
         return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": unique, **stats}
+
+    @torch.no_grad()
+    def _pick(self, img: torch.Tensor) -> torch.Tensor:
+        """The pooled caption each image is paired with (index into the pool's bank)."""
+        if self.opt.assignment == "nearest":
+            return self._pool.nearest_index(img)
+        return balanced_assignment(img.to(self._pool.bank.device) @ self._pool.bank[:len(self._pool)].t())
 
     def _pick_rank(self, own: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Rank of each image's pooled caption ``idx`` among the pool's stored embeddings sorted
@@ -200,12 +227,12 @@ class RoClip(Strategy, PairSelector):
         ctx, pool = self.ctx, self._pool
         probe_idx = None
         if self.opt.match_on == "original":
-            probe_idx = pool.nearest_index(ctx.encode_views(pixels=batch.pixels)[0])
+            probe_idx = self._pick(ctx.encode_views(pixels=batch.pixels)[0])
         picked: dict[str, torch.Tensor] = {}
 
         def plan(clip: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             img = clip.encode_image(ctx.prepare_pixels(pixels), normalize=True)
-            idx = probe_idx if probe_idx is not None else pool.nearest_index(img.detach().float())
+            idx = probe_idx if probe_idx is not None else self._pick(img.detach().float())
             picked["idx"] = idx
             text_tokens = pool.payload[idx].to(ctx.device)
             keep = torch.zeros_like(idx, dtype=torch.bool)
