@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 DETECTORS: list[tuple[str, dict[str, Any]]] = [
-    ("similarity", {}), ("caption-agreement", {"k": 16}), ("caption-agreement", {"k": 64}), ("kdist", {}),
+    ("similarity", {}), ("caption-agreement", {"k": 16}), ("caption-agreement", {"k": 64}), ("repeat", {}), ("kdist", {}),
     ("kdist", {"space": "joint"}), ("lid", {}), ("dao", {}), ("iforest", {})]
 
 

@@ -43,7 +43,7 @@ def planted():
 
 def test_every_detector_is_registered():
     assert set(DETECTORS.names()) == {"similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
-                                      "caption-agreement"}
+                                      "caption-agreement", "repeat"}
 
 
 @pytest.mark.parametrize("name", ["similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
@@ -75,6 +75,23 @@ def test_caption_agreement_finds_mislabelled_pairs_inside_dense_clusters():
     labels = poison.numpy()
     assert auroc(build("caption-agreement").score(feats), labels) > 0.99
     assert auroc(build("kdist").score(feats), labels) < 0.8  # the density sees nothing unusual
+
+
+def test_repeat_flags_the_copies_of_a_repeated_image_that_density_finds_normal():
+    """A TDPA target repeated under 12 captions: its copies are each other's nearest neighbours
+    at distance 0, the densest neighbourhood in the data, so k-distance calls them the most
+    normal pairs; repeat scores them highest and its keep rule drops them."""
+    g = torch.Generator().manual_seed(2)
+    image = torch.randn(300, DIM, generator=g)
+    image[288:] = image[288]  # one image, 12 copies
+    text = torch.randn(300, DIM, generator=g)
+    feats = PairFeatures(image, text)
+    labels = np.r_[np.zeros(288, dtype=bool), np.ones(12, dtype=bool)]
+    scores = build("repeat").score(feats)
+    assert auroc(scores, labels) == 1.0
+    assert auroc(build("kdist").score(feats), labels) < 0.1  # copies look the least sparse
+    keep = build("repeat").keep_rule(scores).mask
+    assert not keep[labels].any() and keep[~labels].mean() > 0.95
 
 
 @pytest.mark.parametrize("space", ["text", "joint"])

@@ -12,7 +12,7 @@ from clipguard.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 512 + 12  # BadNet injects its 12 poisons next to the 512 clean pairs
-DETECTORS = ["caption-agreement", "dao", "iforest", "kdist", "lid", "mixture", "similarity", "slof"]
+DETECTORS = ["caption-agreement", "dao", "iforest", "kdist", "lid", "mixture", "repeat", "similarity", "slof"]
 
 
 @pytest.fixture(scope="module")
