@@ -7,6 +7,11 @@ re-encoded by the current text tower inside the step's single forward, so the lo
 text tower towards the images that chose those captions. The reference code used the stale
 embeddings directly in the loss: the text tower then got no gradient at all in 1/K of the
 epochs (a known bug of the reference code). ``text_gradient=False`` restores that behaviour.
+
+Two departures from the paper, both options: ``keep_own`` lets a pair whose image picks a
+pooled caption like its own keep its own caption in pool epochs (training only on the model's
+own guesses cost most of the accuracy at small scale), and ``assignment: balanced`` spreads a
+batch's picks over the pool instead of letting a few hub captions take most images.
 """
 
 from __future__ import annotations
