@@ -35,23 +35,24 @@ from clipguard.training.strategy import PairSelector, Strategy
 
 @dataclass
 class RoClipOptions(Options):
-    """RoCLIP's settings; the defaults are the paper's (Alg. 1)."""
+    """RoCLIP's settings: the paper's (Alg. 1), except ``keep_own`` and ``crop_scale_min``, chosen on
+    validation data (docs/defenses.md); ``configs/roclip.yaml`` is the paper's as published."""
 
     kind: ClassVar[str] = "defense 'roclip'"
     match_every: int = 2              # K: every K-th epoch pairs images with pooled captions
     pool_fraction: float = 0.02       # pool size as a fraction of the data (the paper: 2%)
     pool_size: int | None = None      # an absolute pool size instead of pool_fraction
     augment: bool = True              # SimCLR images and EDA captions
-    text_gradient: bool = True        # False: the reference code's frozen text tower in pool epochs
+    text_gradient: bool = True        # False: pooled captions enter as stored embeddings (the reference code)
     match_on: Literal["augmented", "original"] = "augmented"  # which view of an image picks its caption
     # In pool epochs a pair keeps its own caption when the image's pooled caption is among this
-    # fraction of the pool nearest to that own caption (they agree); 0 = the paper, always pooled.
-    keep_own: float = 0.0
+    # fraction of the pool nearest to that own caption (they agree); 0 = the paper, always pooled
+    keep_own: float = 0.1
     # how images pick pooled captions: each its nearest (the paper), or a balanced assignment
     # (Sinkhorn-Knopp, as SwAV's equipartition) in which every pooled caption is picked about
     # equally often within a batch, so a few hub captions cannot take most of the images
     assignment: Literal["nearest", "balanced"] = "nearest"
-    crop_scale_min: float = 0.08
+    crop_scale_min: float = 0.5       # the paper (SimCLR): 0.08
     eda_alpha: float = 0.1
     eda_p_delete: float = 0.1
 
@@ -65,8 +66,6 @@ class RoClipOptions(Options):
         require(0.0 <= self.keep_own < 1.0, f"keep_own must be in [0, 1), got {self.keep_own}")
         require(self.assignment in ("nearest", "balanced"),
                 f"assignment must be 'nearest' or 'balanced', got {self.assignment!r}")
-        require(self.keep_own == 0.0 or self.text_gradient,
-                "keep_own needs text_gradient: true (the kept own captions are encoded in the step)")
 
 
 @torch.no_grad()
@@ -165,6 +164,10 @@ class RoClip(Strategy, PairSelector):
             nn_idx = self._pick(img.detach().float())
             matched = self._pool.bank[nn_idx].to(img.dtype)
             kept = torch.zeros_like(nn_idx, dtype=torch.bool)
+            if self.opt.keep_own > 0:  # kept pairs use their own caption, encoded in the step
+                kept = self._agrees(own.detach(), nn_idx).to(img.device)
+                matched = torch.where(kept.unsqueeze(1), own, matched)
+                stats["kept_own_fraction"] = float(kept.float().mean())
         loss = clip_loss(img, matched, scale, ctx.dist)
         self._record(batch.indices, self._pick_rank(own.detach(), nn_idx), kept)
         self._push(own, tokens)
