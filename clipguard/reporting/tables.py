@@ -252,7 +252,9 @@ def first_split_table(rows: list[dict[str, Any]], method_order: list[str] | None
                  [["Method"] + [f"{d} ({c})" for d, c in groups]], body, [],
                  [f"In %, mean ± std over {ns} seed(s); first split at epoch {', '.join(epochs)}. The score is the "
                   "defence's own ranking score (SafeCLIP: rank_by, by default the pair's similarity minus its "
-                  "image's mean similarity to its 10 best sampled captions); AUROC over all the poisons of the "
+                  "image's mean similarity to its 10 best sampled captions; RoCLIP: its first pool epoch's "
+                  "agreement of each image's pooled caption with its own caption, and the poisons that kept "
+                  "their own caption); AUROC over all the poisons of the "
                   "attack's data (SafeCLIP's density veto, density_z, shows in the admissions, not in the AUROC). An "
                   "AUROC near 50 means the score no longer tells the poisons apart.",
                   "From the diagnostics only (the defence never sees the manifest); the first_split figures show "
