@@ -112,7 +112,7 @@ def similarity_histogram(path: str | Path, scores: torch.Tensor, poisoned: torch
     if selected is not None and bool(selected.any()):
         cut = float(s[selected.cpu().numpy().astype(bool)].min())
         ax.axvline(cut, color="k", ls="--", lw=1, label="safe-set cut")
-    ax.set_xlabel("pair score of the clean (non-augmented) pair (similarity, or relative score)")
+    ax.set_xlabel("pair score (SafeCLIP: similarity or relative score; RoCLIP: pooled-caption agreement)")
     ax.set_ylabel("density (each group normalised)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
