@@ -51,23 +51,24 @@ def _gather_in_order(values: torch.Tensor, n: int, ctx: TrainContext) -> torch.T
     return out
 
 
-def _joint_log_kdist(ctx: TrainContext, joint: torch.Tensor, n: int, k: int, reference: int,
-                     seed: int) -> torch.Tensor:
-    """log distance of this rank's joint features to their k-th neighbour among a seeded sample
-    of ``reference`` of the ``n`` scored pairs (the pair itself excluded when sampled)."""
+def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference: int,
+               seed: int) -> torch.Tensor:
+    """log distance of this rank's features (joint, or image only) to their k-th neighbour among
+    a seeded sample of ``reference`` of the ``n`` scored pairs (the pair itself excluded when
+    sampled)."""
     dist = ctx.dist
     world, rank = dist.world_size, dist.rank
     g = torch.Generator().manual_seed(seed)
     ref_pos = torch.sort(torch.randperm(n, generator=g)[: min(reference, n)]).values
     # every rank fills the sampled rows it encoded; a sum across ranks completes the sample
-    ref = torch.zeros(len(ref_pos), joint.shape[1], device=joint.device)
+    ref = torch.zeros(len(ref_pos), feats.shape[1], device=feats.device)
     own = (ref_pos % world) == rank
-    ref[own] = joint[ref_pos[own] // world]
+    ref[own] = feats[ref_pos[own] // world]
     ref = all_reduce_sum(ref, dist)
     kk = min(k, len(ref_pos) - 1)
-    if len(joint) == 0 or kk < 1:
-        return torch.zeros(len(joint))
-    d, ix = knn(joint, ref, kk + 1, metric="l2")
+    if len(feats) == 0 or kk < 1:
+        return torch.zeros(len(feats))
+    d, ix = knn(feats, ref, kk + 1, metric="l2")
     # the reference row that is this query itself (-1 when the query was not sampled)
     self_ref = torch.full((n,), -1, dtype=torch.long)
     self_ref[ref_pos] = torch.arange(len(ref_pos))
@@ -104,9 +105,9 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
     cols.append(sims.float().cpu())
     if density_k > 0:
         joint = torch.nn.functional.normalize(torch.cat([img, txt], dim=1), dim=1).to(ctx.device)
-        cols.append(_joint_log_kdist(ctx, joint, len(indices), density_k, density_reference, seed))
+        cols.append(_log_kdist(ctx, joint, len(indices), density_k, density_reference, seed))
     if repeat_k > 0:
-        cols.append(_joint_log_kdist(ctx, img.float().to(ctx.device), len(indices), repeat_k,
+        cols.append(_log_kdist(ctx, img.float().to(ctx.device), len(indices), repeat_k,
                                      density_reference, seed))
     out = _gather_in_order(torch.stack(cols, dim=1), len(indices), ctx)
     log_kd = out[:, 1].contiguous() if density_k > 0 else None

@@ -156,20 +156,18 @@ class RoClip(Strategy, PairSelector):
         stats: dict[str, float] = {}
         if self.opt.text_gradient:
             own = ctx.encode_views(tokens=tokens)[1]  # for the pool (and the agreement test): no gradient
-            img, matched, scale, nn_idx, kept = self._pool_forward(batch, pixels, tokens, own)
-            if self.opt.keep_own > 0:
-                stats["kept_own_fraction"] = float(kept.float().mean())
+            img, matched, scale, nn_idx, rank, kept = self._pool_forward(batch, pixels, tokens, own)
         else:
             img, own, scale = ctx.forward(pixels, tokens)
             nn_idx = self._pick(img.detach().float())
-            matched = self._pool.bank[nn_idx].to(img.dtype)
-            kept = torch.zeros_like(nn_idx, dtype=torch.bool)
-            if self.opt.keep_own > 0:  # kept pairs use their own caption, encoded in the step
-                kept = self._agrees(own.detach(), nn_idx).to(img.device)
-                matched = torch.where(kept.unsqueeze(1), own, matched)
-                stats["kept_own_fraction"] = float(kept.float().mean())
+            rank = self._pick_rank(own.detach(), nn_idx)
+            kept = self._kept_rows(rank).to(img.device)
+            # kept pairs use their own caption, encoded in the step; the others the stored embedding
+            matched = torch.where(kept.unsqueeze(1), own, self._pool.bank[nn_idx].to(img.dtype))
+        if self.opt.keep_own > 0:
+            stats["kept_own_fraction"] = float(kept.float().mean())
         loss = clip_loss(img, matched, scale, ctx.dist)
-        self._record(batch.indices, self._pick_rank(own.detach(), nn_idx), kept)
+        self._record(batch.indices, rank, kept)
         self._push(own, tokens)
         unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
         return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": unique, **stats}
@@ -193,7 +191,13 @@ class RoClip(Strategy, PairSelector):
         the pool nearest to the pair's own caption ``own`` (no gradient). A clean pair's image
         picks a caption like its own; a poisoned image picks one of its true content, far from
         the caption it was paired with."""
-        return self._pick_rank(own, idx) < max(1, int(self.opt.keep_own * len(self._pool)))
+        return self._kept_rows(self._pick_rank(own, idx))
+
+    def _kept_rows(self, rank: torch.Tensor) -> torch.Tensor:
+        """The pairs that keep their own caption, from their picks' ranks (none at keep_own 0)."""
+        if self.opt.keep_own <= 0:
+            return torch.zeros_like(rank, dtype=torch.bool)
+        return rank < max(1, int(self.opt.keep_own * len(self._pool)))
 
     @torch.no_grad()
     def _record(self, indices: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor) -> None:
@@ -202,11 +206,14 @@ class RoClip(Strategy, PairSelector):
             self._match_epoch = self.ctx.epoch
             self._agreement.fill_(float("nan"))
             self._kept.zero_()
-        d = self.ctx.dist
-        idx = all_gather_nograd(indices.to(self.ctx.device).long(), d).cpu()
         score = 1.0 - rank.float() / max(1, len(self._pool) - 1)
-        self._agreement[idx] = all_gather_nograd(score.to(self.ctx.device), d).cpu()
-        self._kept[idx] = all_gather_nograd(kept.to(self.ctx.device), d).cpu()
+        # one gather for the three columns (float64 holds the indices exactly)
+        rows = torch.stack([indices.to(self.ctx.device).double(), score.to(self.ctx.device).double(),
+                            kept.to(self.ctx.device).double()], dim=1)
+        rows = all_gather_nograd(rows, self.ctx.dist).cpu()
+        idx = rows[:, 0].long()
+        self._agreement[idx] = rows[:, 1].float()
+        self._kept[idx] = rows[:, 2].bool()
 
     # ------------------------------------------------------------------ diagnostics
     def pair_scores(self) -> torch.Tensor | None:
@@ -226,12 +233,13 @@ class RoClip(Strategy, PairSelector):
         return self._kept.clone()
 
     def _pool_forward(self, batch: Batch, pixels: torch.Tensor, tokens: torch.Tensor, own: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, ...]:
         """A pool step's one forward, in stages: encode the images, let each pick its nearest
         pooled caption by the pool's stored embedding, then encode the picked captions' tokens
         with the current text tower (so it gets gradient). With ``keep_own`` a pair whose pick
         agrees with its own caption encodes that own caption instead. With ``match_on: original``
-        the pick uses the un-augmented image, which needs an extra forward without gradient first."""
+        the pick uses the un-augmented image, which needs an extra forward without gradient first.
+        Returns the features and scale, and each image's pick, its rank and whether it kept its own."""
         ctx, pool = self.ctx, self._pool
         probe_idx = None
         if self.opt.match_on == "original":
@@ -241,18 +249,15 @@ class RoClip(Strategy, PairSelector):
         def plan(clip: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             img = clip.encode_image(ctx.prepare_pixels(pixels), normalize=True)
             idx = probe_idx if probe_idx is not None else self._pick(img.detach().float())
-            picked["idx"] = idx
-            text_tokens = pool.payload[idx].to(ctx.device)
-            keep = torch.zeros_like(idx, dtype=torch.bool)
-            if self.opt.keep_own > 0:
-                keep = self._agrees(own, idx).to(ctx.device)
-                text_tokens = torch.where(keep.unsqueeze(1), tokens.to(ctx.device), text_tokens)
-            picked["keep"] = keep
+            rank = self._pick_rank(own, idx)
+            keep = self._kept_rows(rank).to(ctx.device)
+            picked.update(idx=idx, rank=rank, keep=keep)
+            text_tokens = torch.where(keep.unsqueeze(1), tokens.to(ctx.device), pool.payload[idx].to(ctx.device))
             txt = clip.encode_text(text_tokens, normalize=True)
             return img, txt, clip.logit_scale.exp()
 
         img, txt, scale = ctx.forward_plan(plan)
-        return img.float(), txt.float(), scale.float(), picked["idx"], picked["keep"]
+        return img.float(), txt.float(), scale.float(), picked["idx"], picked["rank"], picked["keep"]
 
     def _push(self, txt: torch.Tensor, tokens: torch.Tensor) -> None:
         """Append this (global) batch's augmented-caption embeddings, dropping the oldest."""
