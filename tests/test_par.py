@@ -54,6 +54,7 @@ def _f(t: torch.Tensor) -> float:
 
 def test_registered_options_validated_and_reachable_from_a_bench_entry():
     from clipguard.bench.config import parse_config, validate_names
+    from clipguard.training.recipes import SMALL_LR
     from clipguard.training.spec import resolve_spec
 
     assert "par" in defenses.names()
@@ -68,7 +69,7 @@ def test_registered_options_validated_and_reachable_from_a_bench_entry():
     with pytest.raises(ConfigError, match="did you mean 'tau'"):
         defenses.build("par", {"tua": 1})
     spec = resolve_spec(stage="finetune", defense="par", options={"tau": 1.0})
-    assert spec.train.lr == 1e-5 and spec.build_strategy().opt.tau == 1.0   # the fine-tuning defaults
+    assert spec.train.lr == SMALL_LR["par"] and spec.build_strategy().opt.tau == 1.0  # cg-tiny's recipe for PAR
     grid = {"name": "t", "seeds": [0],
             "datasets": {"fm": {"builtin": "fashion-mnist", "train_size": 200, "test_size": 100}},
             "attacks": {"badnet": {"attack": "badnet", "target": "bag", "rate": 0.05}},
@@ -111,6 +112,26 @@ def test_loss_equals_the_hand_computation(toy, augment):
     for n, p in ctx.model.named_parameters():
         if p.grad is not None:
             assert torch.allclose(g_got[n], p.grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_clip_on_originals_recovers_on_the_images_and_pushes_on_the_views(toy):
+    ctx = make_ctx(toy, seed=0)
+    s = defenses.build("par", {"tau": 3.9, "image_augment": "simclr", "clip_on": "originals"})
+    s.bind(ctx)
+    _perturb(ctx.model, visual=0.05, text=0.05)
+    batch = make_batch(ctx, seed=7)
+    got, logs = s.loss(batch)
+    views = Views(crop_scale_min=0.08).images(batch.pixels, torch.Generator().manual_seed(7))
+    img, txt, scale = _features(ctx.model, batch.pixels, batch.tokens)
+    img_v, _, _ = _features(ctx.model, views, batch.tokens)
+    with torch.no_grad():
+        img0, txt0, _ = _features(s.frozen, views, batch.tokens)
+    want = _clip(img, txt, scale) - 0.5 * (_sq(img_v, img0) + _sq(txt, txt0))
+    assert _f(got) == pytest.approx(_f(want), rel=1e-5, abs=1e-6)
+    assert logs["clip_loss"] == pytest.approx(_f(_clip(img, txt, scale)), rel=1e-5)
+    assert logs["p_img"] == pytest.approx(_f(_sq(img_v, img0)), rel=1e-5)
+    with pytest.raises(ConfigError, match="clip_on"):
+        defenses.build("par", {"clip_on": "both"})
 
 
 def test_a_term_above_tau_is_zeroed_with_its_gradient(toy):

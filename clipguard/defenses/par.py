@@ -13,6 +13,9 @@ Per step, on an augmented image x~ and its caption t (embeddings L2-normalised):
     P_txt = mean_i ||f(t_i)  - f0(t_i)||^2
     L     = CLIP(f(x~), f(t)) - push_weight * 1/2 [ P_img * 1(P_img <= tau) + P_txt * 1(P_txt <= tau) ]
 
+(with ``clip_on: originals`` the CLIP term sees the original images x instead of x~, while the push
+still acts on the views).
+
 f0 is the model the run started from, kept frozen: a copy made in ``bind`` (which the trainer calls
 once the model exists and *before* ``--resume`` loads the run's own weights, so a resumed run
 pushes away from the same starting weights), with requires_grad off, in eval mode, on the model's
@@ -66,6 +69,9 @@ class ParOptions(Options):
     image_augment: Literal["simclr", "crop-flip", "none"] = "simclr"
     crop_scale_min: float = 0.08        # smallest crop of the random resized crop (simclr, crop-flip)
     push_text: bool = True              # False: drop the P_txt term (the text tower is only trained by CLIP)
+    # what the CLIP (recover) term sees: the augmented views, as in the authors' code, or the
+    # original images (the push still acts on the views; one forward encodes both, B more images)
+    clip_on: Literal["views", "originals"] = "views"
 
     def validate(self) -> None:
         require(self.tau >= 0, f"tau must be >= 0, got {self.tau} (0: the push never acts, plain CLIP)")
@@ -155,8 +161,14 @@ class Par(Strategy):
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         pixels = self._augment(batch)
-        img, txt, scale = self.ctx.forward(pixels, batch.tokens)
-        l_clip = clip_loss(img, txt, scale, self.ctx.dist)
+        if self.opt.clip_on == "originals" and self.opt.image_augment != "none":
+            both, txt, scale = self.ctx.forward(torch.cat([batch.pixels, pixels]), batch.tokens)
+            n = batch.pixels.shape[0]
+            l_clip = clip_loss(both[:n], txt, scale, self.ctx.dist)
+            img = both[n:]
+        else:
+            img, txt, scale = self.ctx.forward(pixels, batch.tokens)
+            l_clip = clip_loss(img, txt, scale, self.ctx.dist)
         logs: dict[str, Any] = {"clip_loss": float(l_clip.detach())}
         if not self.pushes:
             return l_clip, logs
