@@ -68,6 +68,17 @@ class Options:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
+    def identity(self) -> dict[str, Any]:
+        """What a run's fingerprint hashes: every option, except one declared with
+        ``field(default=..., metadata={"neutral": V})`` while it holds V, the value at which it
+        does nothing. An option added later declares the value that reproduces the runs made before
+        it existed, so adding it leaves every finished run (and cached bench cell) valid."""
+        out = self.to_dict()
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if "neutral" in f.metadata and out.get(f.name) == f.metadata["neutral"]:
+                del out[f.name]
+        return out
+
     def replace(self: OptionsT, **changes: Any) -> OptionsT:
         return type(self).from_dict({**self.to_dict(), **changes})
 

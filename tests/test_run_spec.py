@@ -15,7 +15,8 @@ from clipguard.bench.config import parse_config
 from clipguard.bench.plan import plan_cells
 from clipguard.cli import main
 from clipguard.errors import ConfigError
-from clipguard.training.spec import FINETUNE_DEFAULTS, load_preset, parse_options, resolve_spec
+from clipguard.training.recipes import PAPER_FINETUNE, SMALL_FINETUNE, SMALL_LR
+from clipguard.training.spec import load_preset, parse_options, resolve_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "configs" / "safeclip-small.yaml"
@@ -33,11 +34,19 @@ def test_precedence_defaults_preset_flags():
     assert flags.train.lr == preset["train"]["lr"]  # an unset flag (None) leaves the preset's value
 
 
-def test_finetune_stage_defaults_live_in_the_library():
-    spec = resolve_spec(stage="finetune")
+def test_finetune_recipe_follows_the_model():
+    spec = resolve_spec(stage="finetune")  # the trainer's default model, cg-tiny
     assert spec.defense == "ft"
-    assert {k: getattr(spec.train, k if k != "wd" else "weight_decay") for k in FINETUNE_DEFAULTS} == FINETUNE_DEFAULTS
-    assert resolve_spec(stage="finetune", train={"lr": 1e-3}).train.lr == 1e-3
+    assert {k: getattr(spec.train, k) for k in SMALL_FINETUNE} == SMALL_FINETUNE
+    assert spec.train.lr == SMALL_LR["ft"]
+    for name, lr in SMALL_LR.items():  # each defence has its own learning rate on the small models
+        assert resolve_spec(stage="finetune", defense=name).train.lr == lr
+    big = resolve_spec(stage="finetune", defense="cleanerclip", train={"model": "ViT-B-32"})
+    assert {k: getattr(big.train, k) for k in PAPER_FINETUNE} == PAPER_FINETUNE
+    # the model can come from any layer, the last one naming it wins
+    assert resolve_spec(stage="finetune", base={"model": "ViT-B-32"}, train={"model": "cg-nano"}).train.lr == SMALL_LR["ft"]
+    assert resolve_spec(stage="finetune", train={"lr": 3e-4}).train.lr == 3e-4  # a set value wins
+    assert resolve_spec(stage="pretrain", train={"model": "cg-nano"}).train.epochs != SMALL_FINETUNE["epochs"]
 
 
 def test_writing_a_default_out_keeps_the_fingerprint():
@@ -154,3 +163,11 @@ def test_every_defence_has_a_validating_options_class():
         assert cls().to_dict() == cls.from_dict({}).to_dict()
         s = defenses.build(name)
         assert s.config() == cls().to_dict()
+
+
+def test_an_option_at_its_neutral_value_leaves_the_fingerprint_alone():
+    # PAR's clip_on was added after PAR runs existed: at "views" it is the loss those runs used
+    a = resolve_spec(stage="finetune", defense="par")
+    assert "clip_on" not in a.resolved()["options"] and a.options.to_dict()["clip_on"] == "views"
+    b = resolve_spec(stage="finetune", defense="par", options={"clip_on": "originals"})
+    assert b.resolved()["options"]["clip_on"] == "originals" and b.fingerprint() != a.fingerprint()

@@ -79,6 +79,12 @@ def run_training(args: argparse.Namespace, *, stage: str = "pretrain", checkpoin
     from clipguard.training.run import train_run
 
     spec = spec_from_args(args, stage=stage, checkpoint=checkpoint)
+    if stage == "finetune" and not args.quiet:
+        from clipguard.training.recipes import recipe_name
+
+        t = spec.train
+        print(f"fine-tuning {t.model}: {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, warm-up {t.warmup} "
+              f"(unset values from {recipe_name(t.model)}; docs/finetuning.md#settings)")
     return train_run(spec, args.data, args.out, data_spec=csv_spec(args), dataset_type=args.dataset_type,
                      lazy_images=args.lazy_images, limit=args.limit, skip_bad_rows=args.skip_bad_rows,
                      eval_data=args.eval_data, classes=args.classes, attack_manifest=args.attack_manifest,

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -71,7 +71,7 @@ class ParOptions(Options):
     push_text: bool = True              # False: drop the P_txt term (the text tower is only trained by CLIP)
     # what the CLIP (recover) term sees: the augmented views, as in the authors' code, or the
     # original images (the push still acts on the views; one forward encodes both, B more images)
-    clip_on: Literal["views", "originals"] = "views"
+    clip_on: Literal["views", "originals"] = field(default="views", metadata={"neutral": "views"})
 
     def validate(self) -> None:
         require(self.tau >= 0, f"tau must be >= 0, got {self.tau} (0: the push never acts, plain CLIP)")

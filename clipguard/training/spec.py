@@ -3,11 +3,11 @@
 ``clipguard train``/``finetune`` flags, ``--preset`` YAML files and bench entries all resolve
 into a :class:`RunSpec` through :func:`resolve_spec`, with one precedence rule:
 
-    library defaults < stage defaults (fine-tuning) < base < preset < each later layer
+    library defaults < the model's fine-tuning recipe (fine-tuning) < base < preset < each later layer
 
-so a default lives in one place (the options dataclasses and :data:`FINETUNE_DEFAULTS`), and
-the fingerprint of a run hashes the *resolved* settings: writing a default out explicitly does
-not change it.
+so a default lives in one place (the options dataclasses, and for fine-tuning
+:mod:`clipguard.training.recipes`), and the fingerprint of a run hashes the *resolved* settings:
+writing a default out explicitly does not change it.
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import yaml
 
 from clipguard.errors import ConfigError
 from clipguard.options import Options
+from clipguard.training.recipes import finetune_recipe
 from clipguard.training.trainer import TrainConfig
 
 Stage = Literal["pretrain", "finetune"]
 STAGES: tuple[str, ...] = ("pretrain", "finetune")
-# CleanCLIP's reference fine-tuning recipe (arXiv 2303.03323): what `clipguard finetune` starts from.
-FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 10, "batch_size": 64, "lr": 1e-5, "warmup": 50, "weight_decay": 0.1}
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {"pretrain": {}, "finetune": FINETUNE_DEFAULTS}
 DEFAULT_DEFENSE: dict[str, str] = {"pretrain": "none", "finetune": "ft"}
 PRESET_KEYS = ("defense", "options", "train", "description")
 
@@ -50,7 +48,7 @@ class RunSpec:
 
     def resolved(self) -> dict[str, Any]:
         """Everything that decides the trained weights, defaults filled in."""
-        return {"stage": self.stage, "defense": self.defense, "options": self.options.to_dict(),
+        return {"stage": self.stage, "defense": self.defense, "options": self.options.identity(),
                 "train": self.train.result_settings()}
 
     def fingerprint(self) -> str:
@@ -131,8 +129,12 @@ def resolve_spec(*, stage: str = "pretrain", defense: str | None = None,
     where_opt = where or (f"preset {preset_name}" if preset_name else "")
     merged_options = {**(preset.get("options") or {}), **(options or {})}
     opts = defenses.resolve_options(name, merged_options, where=where_opt)
-    layers = [STAGE_DEFAULTS[stage], base or {}, preset.get("train") or {}]
+    layers = [base or {}, preset.get("train") or {}]
     layers += [train] if isinstance(train, dict) else list(train or [])
+    if stage == "finetune":  # the recipe depends on the model, which any layer may name
+        model = next((layer["model"] for layer in reversed(layers) if layer.get("model") is not None),
+                     TrainConfig.model)
+        layers.insert(0, finetune_recipe(model, name))
     values: dict[str, Any] = {}
     for layer in layers:
         values.update({k: v for k, v in layer.items() if v is not None})

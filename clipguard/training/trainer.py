@@ -259,7 +259,7 @@ class Trainer:
 
     def run_settings(self) -> dict[str, Any]:
         """What decides the weights: a resume must match the run it continues."""
-        return {"defense": self.strategy.name, "options": self.strategy.config(),
+        return {"defense": self.strategy.name, "options": self.strategy.opt.identity(),
                 "train": self.cfg.result_settings()}
 
     def _write_params(self, start: int) -> None:

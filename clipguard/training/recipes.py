@@ -1,0 +1,42 @@
+"""Fine-tuning recipes per model: what ``clipguard finetune --defense X`` runs when nothing else is set.
+
+A fine-tuning defence removes a backdoor only if it moves the model far enough, and how far a
+learning rate moves a model depends on the model: CleanCLIP's published recipe (lr 1e-5, for a
+ResNet-50 CLIP pre-trained on millions of pairs) leaves a tiny model trained from scratch at lr
+1e-3 exactly as poisoned as it was. So the recipe is looked up by model name:
+
+- clipguard's small ``cg-*`` models get :data:`SMALL_FINETUNE`, chosen on validation data by a
+  rule a defender can apply without knowing the trigger: of the candidates that keep clean
+  validation zero-shot accuracy within 3 points of the model they start from, the one that moves
+  the clean validation images farthest (configs/finetune-select.yaml, round 2; docs/finetuning.md).
+- every other (open_clip) architecture gets the published recipe, :data:`PAPER_FINETUNE`.
+
+Anything a preset, a bench entry or a flag sets wins over the recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# CleanCLIP's reference fine-tuning recipe (arXiv 2303.03323).
+PAPER_FINETUNE: dict[str, Any] = {"epochs": 10, "batch_size": 64, "lr": 1e-5, "warmup": 50, "weight_decay": 0.1}
+# clipguard's cg-* models (pre-trained from scratch at lr 1e-3): chosen on validation, see above.
+# The learning rate is the defence's own: the in-modal and factual/counterfactual terms keep clean
+# accuracy at rates where plain fine-tuning loses it, so each defence can be pushed as far as its
+# own accuracy allows.
+SMALL_FINETUNE: dict[str, Any] = {"epochs": 20, "batch_size": 64, "warmup": 20, "weight_decay": 0.1}
+SMALL_LR: dict[str, float] = {"ft": 3e-4, "cleanclip": 5e-4, "cleanerclip": 3e-3, "par": 5e-4}
+SMALL_MODELS: tuple[str, ...] = ("cg-nano", "cg-tiny", "cg-tiny-224", "cg-small")
+
+
+def finetune_recipe(model: str | None, defense: str = "ft") -> dict[str, Any]:
+    """The trainer settings fine-tuning starts from for ``model`` and ``defense`` (a new dict)."""
+    if model not in SMALL_MODELS:
+        return dict(PAPER_FINETUNE)
+    return {**SMALL_FINETUNE, "lr": SMALL_LR.get(defense, SMALL_LR["ft"])}
+
+
+def recipe_name(model: str | None) -> str:
+    """Which recipe ``finetune_recipe`` gives, in words (printed by ``clipguard finetune``)."""
+    return ("clipguard's validated recipe for its small models" if model in SMALL_MODELS
+            else "CleanCLIP's published recipe")
