@@ -192,7 +192,7 @@ def test_tau_zero_or_weight_zero_is_exactly_clip(toy, opts):
 
 def test_views_are_seeded_and_one_forward_of_the_trained_model(toy):
     ctx = make_ctx(toy)
-    s = defenses.build("par", {})
+    s = defenses.build("par", {"image_augment": "simclr"})
     s.bind(ctx)
     _perturb(ctx.model, 0.05, 0.05)
     calls = []

@@ -25,7 +25,7 @@ PAPER_FINETUNE: dict[str, Any] = {"epochs": 10, "batch_size": 64, "lr": 1e-5, "w
 # accuracy at rates where plain fine-tuning loses it, so each defence can be pushed as far as its
 # own accuracy allows.
 SMALL_FINETUNE: dict[str, Any] = {"epochs": 20, "batch_size": 64, "warmup": 20, "weight_decay": 0.1}
-SMALL_LR: dict[str, float] = {"ft": 3e-4, "cleanclip": 5e-4, "cleanerclip": 3e-3, "par": 5e-4}
+SMALL_LR: dict[str, float] = {"ft": 3e-4, "cleanclip": 5e-4, "cleanerclip": 3e-3, "par": 1e-3}
 SMALL_MODELS: tuple[str, ...] = ("cg-nano", "cg-tiny", "cg-tiny-224", "cg-small")
 
 
