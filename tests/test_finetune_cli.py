@@ -70,3 +70,16 @@ def test_finetune_bad_checkpoint_is_clear(fm_dir, tmp_path, capsys):
                "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_a_torch_save_state_dict_with_ddp_prefixes_evaluates_like_its_run_folder(fm_dir, pretrained, tmp_path):
+    """The acceptance check of 'any open_clip checkpoint in': the same weights, saved as open_clip's
+    training code saves them under DDP, give exactly the run folder's zero-shot figures."""
+    import clipguard
+
+    sd = load_file(str(_latest(pretrained) / "model.safetensors"))
+    pt = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()}}, pt)
+    a = clipguard.evaluate(pretrained, fm_dir / "test.csv")["metrics"]["zeroshot"]
+    b = clipguard.evaluate(pt, fm_dir / "test.csv", model="cg-tiny")["metrics"]["zeroshot"]
+    assert a == b and a["n_images"] == 200
