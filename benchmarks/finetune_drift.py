@@ -1,5 +1,8 @@
 """How far did each fine-tuning defence move the model? A measure a defender can take without a trigger.
 
+(:func:`clipguard.evaluation.drift.embedding_drift`, the quantity ``clipguard finetune --lr-search``
+uses, over every fine-tuning cell of a bench grid.)
+
 For every fine-tuning cell of a bench output folder, the clean validation images (the rows
 ``split: val`` holds out of training, or ``--data CSV``) are encoded by the model the cell started
 from and by the model it ended with, and the mean squared distance of the L2-normalised
@@ -42,6 +45,13 @@ def _encode(checkpoint: str | Path, model_name: str, images) -> torch.Tensor:
     return encode_images(net, images, "cpu")
 
 
+def _drift(start: torch.Tensor, checkpoint: str | Path, model_name: str, images) -> float:
+    from clipguard.api import load_model
+    from clipguard.evaluation.drift import embedding_drift
+
+    return embedding_drift(start, load_model(checkpoint, model=model_name)[0], images)
+
+
 def drift_table(out: Path, data: Path | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """One row per fine-tuning cell: method, seed, drift, zero-shot and the start's zero-shot."""
     from clipguard.api import load_data
@@ -65,8 +75,7 @@ def drift_table(out: Path, data: Path | None = None, limit: int | None = None) -
         key = (start_ckpt, str(csv))
         if key not in starts:
             starts[key] = _encode(start_ckpt, c["model"], images[csv])
-        end = _encode(out / c["run_dir"], c["model"], images[csv])
-        drift = float((end - starts[key]).pow(2).sum(1).mean())
+        drift = _drift(starts[key], out / c["run_dir"], c["model"], images[csv])
         base_id = c["cell"].replace(c["method"], c["base"])
         base = by_id.get(base_id, {})
         rows.append({"method": c["method"], "seed": c["seed"], "drift": drift,

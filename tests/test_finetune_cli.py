@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipguard.cli import main
+from clipguard.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -83,3 +84,47 @@ def test_a_torch_save_state_dict_with_ddp_prefixes_evaluates_like_its_run_folder
     a = clipguard.evaluate(pretrained, fm_dir / "test.csv")["metrics"]["zeroshot"]
     b = clipguard.evaluate(pt, fm_dir / "test.csv", model="cg-tiny")["metrics"]["zeroshot"]
     assert a == b and a["n_images"] == 200
+
+
+def test_lr_search_rule_prefers_the_farthest_run_within_the_budget():
+    from clipguard.training.lr_search import Candidate, choose, parse_lrs
+
+    c = [Candidate(1e-4, "a", 80.0, 0.2), Candidate(1e-3, "b", 78.5, 0.5), Candidate(3e-3, "c", 76.0, 0.9)]
+    assert choose(c, start_zeroshot=80.5, budget=3)[0].lr == 1e-3        # c moves most but costs 4.5
+    assert choose(c, start_zeroshot=80.5, budget=5)[0].lr == 3e-3
+    best, why = choose(c, start_zeroshot=90.0, budget=3)                   # none within: the most accurate
+    assert best.lr == 1e-4 and "none within" in why
+    assert parse_lrs("3e-3, 1e-4,1e-4") == [1e-4, 3e-3]
+    for bad in ("", "fast", "0,1e-3", "-1e-3"):
+        with pytest.raises(ConfigError, match="--lr-search"):
+            parse_lrs(bad)
+
+
+def test_lr_search_runs_each_rate_and_leaves_the_chosen_run_in_out(fm_dir, pretrained, tmp_path, capsys):
+    import clipguard
+
+    out = tmp_path / "search"
+    args = ["finetune", "--checkpoint", str(pretrained), "--data", str(fm_dir / "train.csv"), "--defense", "ft",
+            "--out", str(out), "--epochs", "1", "--batch-size", "32", "--limit", "64", "--device", "cpu", "--quiet",
+            "--eval-data", str(fm_dir / "test.csv"), "--lr-search", "1e-6,5e-3"]
+    assert main(args + ["--budget", "100"]) == 0
+    res = json.loads((out / "lr-search.json").read_text())
+    assert [c["lr"] for c in res["candidates"]] == [1e-6, 5e-3]
+    assert all((out / c["folder"] / "results.jsonl").is_file() for c in res["candidates"])
+    assert res["candidates"][1]["drift"] > res["candidates"][0]["drift"] >= 0
+    assert res["chosen"]["lr"] == 5e-3                       # any cost is within a 100-point budget
+    # OUT is now that run: same weights, and `evaluate` reads it like any run folder
+    chosen = load_file(str(_latest(out / res["chosen"]["folder"]) / "model.safetensors"))
+    here = load_file(str(_latest(out) / "model.safetensors"))
+    assert all(torch.equal(chosen[k], here[k]) for k in chosen)
+    assert clipguard.evaluate(out, fm_dir / "test.csv")["metrics"]["zeroshot"]["n_images"] == 200
+    assert "<- chosen" in capsys.readouterr().out
+    # a finished search is never silently redone; --resume returns it, --overwrite runs it again
+    assert main(args) == 2 and "already holds a finished learning-rate search" in capsys.readouterr().err
+    assert main(args + ["--resume", "latest"]) == 0
+    assert main(args + ["--overwrite", "--budget", "0"]) == 0
+    assert json.loads((out / "lr-search.json").read_text())["budget"] == 0
+    # a search needs clean validation data, and sets the learning rate itself
+    no_eval = [a for a in args if a not in ("--eval-data", str(fm_dir / "test.csv"))]
+    assert main(no_eval[:-2] + ["--out", str(tmp_path / "x"), "--lr-search", "1e-3"]) == 2
+    assert main(args + ["--out", str(tmp_path / "y"), "--lr", "1e-3"]) == 2

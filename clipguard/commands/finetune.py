@@ -16,6 +16,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a possibly poisoned model on clean data (ft, cleanclip, "
                        "cleanerclip, par)")
     add_train_args(p, finetune=True)
+    p.add_argument("--lr-search", metavar="LR,LR,...",
+                   help="choose the learning rate by the defender's rule: one run per rate, the one that moves the "
+                        "clean --eval-data images farthest while its zero-shot stays within --budget points of the "
+                        "start (docs/finetuning.md#choosing-the-learning-rate-on-your-own-model)")
+    p.add_argument("--budget", type=float, default=3.0,
+                   help="zero-shot points the fine-tuning may cost on --eval-data, for --lr-search (default 3)")
     p.set_defaults(func=run)
 
 
@@ -24,7 +30,35 @@ def run(args: argparse.Namespace) -> int:
 
     weights, name = finetune_start(args.checkpoint, args.model)
     args.model = name
+    if args.lr_search:
+        return _search(args, weights)
     last = run_training(args, stage="finetune", checkpoint=weights)
     shown = ", ".join(f"{k}={v}" for k, v in last.items() if k in ("epoch", "loss", "zeroshot_top1"))
     print(f"finished: {args.out} ({shown}); started from {weights}")
+    return 0
+
+
+def _search(args: argparse.Namespace, weights: str) -> int:
+    from clipguard.commands.common import csv_spec
+    from clipguard.commands.train import spec_from_args
+    from clipguard.errors import ConfigError
+    from clipguard.training.lr_search import lr_search, parse_lrs
+
+    if args.lr is not None:
+        raise ConfigError("--lr and --lr-search exclude each other: the search sets the learning rate")
+    lrs = parse_lrs(args.lr_search)
+    spec = spec_from_args(args, stage="finetune", checkpoint=weights)
+    res = lr_search(spec, lrs, args.budget, args.data, args.out, eval_data=args.eval_data, classes=args.classes,
+                    resume=args.resume, overwrite=args.overwrite, data_spec=csv_spec(args),
+                    dataset_type=args.dataset_type, lazy_images=args.lazy_images, limit=args.limit,
+                    skip_bad_rows=args.skip_bad_rows, attack_manifest=args.attack_manifest)
+    if not res.get("finished"):
+        print(f"stopped: {args.out} (continue with --resume latest)")
+        return 0
+    for c in res["candidates"]:
+        mark = " <- chosen" if c["lr"] == res["chosen"]["lr"] else ""
+        print(f"lr {c['lr']:g}: zero-shot {c['zeroshot']:.1f} ({c['zeroshot'] - res['start_zeroshot']:+.1f}), "
+              f"drift {c['drift']:.3f}{mark}")
+    print(f"finished: {args.out} is the run at lr {res['chosen']['lr']:g} ({res['why']}); "
+          f"start zero-shot {res['start_zeroshot']:.1f}, budget {res['budget']:g} points")
     return 0
