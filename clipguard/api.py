@@ -98,8 +98,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, defen
         from clipguard.training.lr_search import lr_search as search
         from clipguard.training.lr_search import parse_lrs
 
-        lrs = parse_lrs(",".join(str(x) for x in lr_search))
-        return search(run, lrs, budget, data, out, eval_data=eval_data, resume=resume, overwrite=overwrite,
+        return search(run, parse_lrs(lr_search), budget, data, out, eval_data=eval_data, resume=resume, overwrite=overwrite,
                       data_spec=spec)
     return train_run(run, data, out, data_spec=spec, eval_data=eval_data, resume=resume, overwrite=overwrite)
 

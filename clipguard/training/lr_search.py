@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,11 @@ def choose(candidates: list[Candidate], start_zeroshot: float, budget: float) ->
     return max(candidates, key=lambda c: (c.zeroshot, -c.lr)), "none within the budget: the most accurate"
 
 
-def parse_lrs(text: str) -> list[float]:
-    """``"3e-4,1e-3,3e-3"`` -> sorted distinct positive floats (a clear error otherwise)."""
+def parse_lrs(text: str | Sequence[float]) -> list[float]:
+    """``"3e-4,1e-3,3e-3"`` (or a list) -> sorted distinct positive floats (a clear error otherwise)."""
+    items = str(text).split(",") if isinstance(text, str) else list(text)
     try:
-        lrs = sorted({float(x) for x in str(text).split(",") if x.strip()})
+        lrs = sorted({float(x) for x in items if str(x).strip()})
     except ValueError:
         raise ConfigError(f"--lr-search {text!r}: give learning rates separated by commas, e.g. 3e-4,1e-3,3e-3") from None
     if not lrs or any(lr <= 0 for lr in lrs):
@@ -64,13 +66,11 @@ def parse_lrs(text: str) -> list[float]:
     return lrs
 
 
-def _finished(folder: Path, epochs: int) -> dict[str, Any] | None:
-    """The last epoch record of a finished run in ``folder``, else None."""
+def _finished(folder: Path, epochs: int) -> bool:
+    """Whether ``folder`` holds a run that trained all its ``epochs``."""
     results = folder / "results.jsonl"
-    if not results.is_file():
-        return None
-    records = [r for r in read_jsonl(results) if "epoch" in r]
-    return records[-1] if records and records[-1]["epoch"] >= epochs else None
+    records = [r for r in read_jsonl(results) if "epoch" in r] if results.is_file() else []
+    return bool(records) and records[-1]["epoch"] >= epochs
 
 
 def _link_run(src: Path, out: Path) -> None:
@@ -104,7 +104,7 @@ def lr_search(spec, lrs: list[float], budget: float, data: str | Path, out: str 
     from clipguard.evaluation.features import encode_images
     from clipguard.models.factory import model_image_size
     from clipguard.training import run_dir
-    from clipguard.training.run import epoch_zeroshot, train_run
+    from clipguard.training.run import epoch_zeroshot, eval_classes, train_run
 
     out = Path(out)
     if eval_data is None:
@@ -121,19 +121,14 @@ def lr_search(spec, lrs: list[float], budget: float, data: str | Path, out: str 
         return read_json_object(done_file, SEARCH_FILE)
     if overwrite and (out / SEARCH_DIR).is_dir():
         shutil.rmtree(out / SEARCH_DIR)
-    if overwrite:
-        run_dir.prepare(out, resume=None, overwrite=True)
-    elif resume is None and run_dir.has_run(out):
-        run_dir.prepare(out, resume=None, overwrite=False)  # refuses, naming the options
+    run_dir.prepare(out, resume=resume, overwrite=overwrite)  # a run already in OUT: refused or removed
 
     size = model_image_size(spec.train.model)
     test = load_csv(eval_data, train_kwargs.get("data_spec"), image_size=size)
     require_labels(test, "--lr-search (--eval-data)")
-    classes_path = Path(classes) if classes else Path(eval_data).parent / "classes.json"
-    if not classes_path.is_file():
-        raise ConfigError(f"--eval-data needs classes.json: {classes_path} not found (pass --classes)")
+    zeroshot = epoch_zeroshot(spec.train.model, test, ClassInfo.load(eval_classes(eval_data, classes)))
     start_model, _ = load_model(spec.train.checkpoint, model=spec.train.model)
-    start_zs = 100 * epoch_zeroshot(spec.train.model, test, ClassInfo.load(classes_path))(start_model, 0)["zeroshot_top1"]
+    start_zs = 100 * zeroshot(start_model, 0)["zeroshot_top1"]  # start and end: one measurement
     start_features = encode_images(start_model, test.images, "cpu")
 
     candidates = []
@@ -141,17 +136,15 @@ def lr_search(spec, lrs: list[float], budget: float, data: str | Path, out: str 
         folder = out / SEARCH_DIR / f"lr-{lr:g}"
         c_spec = type(spec)(stage=spec.stage, defense=spec.defense, options=spec.options,
                             train=spec.train.replace(lr=lr), preset=spec.preset)
-        last = _finished(folder, c_spec.train.epochs)
-        if last is None:
+        if not _finished(folder, c_spec.train.epochs):
             print(f"lr-search: lr {lr:g} -> {folder}")
             train_run(c_spec, data, folder, eval_data=eval_data, classes=classes,
                       resume="latest" if run_dir.has_run(folder) else None, **train_kwargs)
-            last = _finished(folder, c_spec.train.epochs)
-            if last is None:  # --stop-after: come back with --resume latest
+            if not _finished(folder, c_spec.train.epochs):  # --stop-after: come back with --resume latest
                 return {"finished": False}
         end_model, _ = load_model(folder, model=spec.train.model)
         candidates.append(Candidate(lr=lr, folder=str(folder.relative_to(out)),
-                                    zeroshot=round(100 * float(last["zeroshot_top1"]), 2),
+                                    zeroshot=round(100 * zeroshot(end_model, 0)["zeroshot_top1"], 2),
                                     drift=round(embedding_drift(start_features, end_model, test.images), 4)))
     chosen, why = choose(candidates, start_zs, budget)
     _link_run(out / chosen.folder, out)

@@ -42,9 +42,7 @@ def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: Cs
         print(f"skipped {train.skipped} bad rows of {data}")
     evaluate = None
     if eval_data is not None:
-        classes_path = Path(classes) if classes else Path(eval_data).parent / "classes.json"
-        if not classes_path.is_file():
-            raise ConfigError(f"--eval-data needs classes.json: {classes_path} not found (pass --classes)")
+        classes_path = eval_classes(eval_data, classes)
         test = load_csv(eval_data, data_spec, image_size=size, skip_bad_rows=skip_bad_rows)
         require_labels(test, "zero-shot evaluation (--eval-data)")
         evaluate = epoch_zeroshot(spec.train.model, test, ClassInfo.load(classes_path))
@@ -55,6 +53,14 @@ def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: Cs
         diagnostics = make_diagnostics(attack_manifest, train)
     trainer = build_trainer(spec, train, out, evaluate=evaluate, diagnostics=diagnostics)
     return trainer.fit(resume=resume, overwrite=overwrite)
+
+
+def eval_classes(eval_data: str | Path, classes: str | Path | None) -> Path:
+    """The classes.json for ``--eval-data``: ``--classes``, else the one beside the CSV."""
+    path = Path(classes) if classes else Path(eval_data).parent / "classes.json"
+    if not path.is_file():
+        raise ConfigError(f"--eval-data needs classes.json: {path} not found (pass --classes)")
+    return path
 
 
 def epoch_zeroshot(model_name: str, eval_data, classes):

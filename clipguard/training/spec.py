@@ -131,12 +131,10 @@ def resolve_spec(*, stage: str = "pretrain", defense: str | None = None,
     opts = defenses.resolve_options(name, merged_options, where=where_opt)
     layers = [base or {}, preset.get("train") or {}]
     layers += [train] if isinstance(train, dict) else list(train or [])
-    if stage == "finetune":  # the recipe depends on the model, which any layer may name
-        model = next((layer["model"] for layer in reversed(layers) if layer.get("model") is not None),
-                     TrainConfig.model)
-        layers.insert(0, finetune_recipe(model, name))
     values: dict[str, Any] = {}
     for layer in layers:
         values.update({k: v for k, v in layer.items() if v is not None})
+    if stage == "finetune":  # the lowest layer; it depends on the model, which any layer may name
+        values = {**finetune_recipe(values.get("model", TrainConfig.model), name), **values}
     cfg = TrainConfig.from_dict(values, where=where)
     return RunSpec(stage=stage, defense=name, options=opts, train=cfg, preset=preset_name)
