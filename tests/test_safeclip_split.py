@@ -226,3 +226,61 @@ def test_repeat_options_are_validated():
         SafeClipOptions(repeat_z=0.0)
     with pytest.raises(Exception, match="repeat_k"):
         SafeClipOptions(repeat_k=0)
+    with pytest.raises(Exception, match="repeat_space"):
+        SafeClipOptions(repeat_space="joint")
+    with pytest.raises(Exception, match="repeat_grid"):
+        SafeClipOptions(repeat_grid=0)
+
+
+def _noisy_copies_dataset(jitter: int):
+    """600 random 28 px images, the last 20 copies of one image, each with its own uniform noise
+    of +-jitter grey levels (the attacker's answer to the embedding veto)."""
+    g = torch.Generator().manual_seed(3)
+    smooth = torch.nn.functional.interpolate(torch.rand(600, 1, 7, 7, generator=g), size=28,
+                                             mode="bilinear", align_corners=False)
+    imgs = (smooth * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).clone()
+    imgs[580:] = imgs[580]
+    noise = torch.randint(-jitter, jitter + 1, imgs[580:].shape, generator=g)
+    imgs[580:] = (imgs[580:].to(torch.int16) + noise).clamp(0, 255).to(torch.uint8)
+    return imgs
+
+
+def test_pixel_signatures_average_away_each_copys_noise():
+    """Copies with their own noise stay each other's nearest images in the coarse signature,
+    nearer than any two different images; a brightness shift of a whole image does not move it."""
+    from clipguard.data.signatures import pixel_signatures
+
+    imgs = _noisy_copies_dataset(jitter=32)
+    sig = pixel_signatures(imgs, grid=8, batch_size=64)
+    assert sig.shape == (600, 64)
+    d = torch.cdist(sig, sig)
+    d.fill_diagonal_(float("inf"))
+    copies_apart = d[580:, 580:].masked_fill(torch.eye(20, dtype=torch.bool), 0).max()
+    assert copies_apart < d[:580, :580].min()
+    dim = imgs[:5] // 2
+    assert torch.allclose(pixel_signatures(dim + 20), pixel_signatures(dim), atol=1e-5)
+    picked = pixel_signatures(imgs, indices=torch.tensor([3, 590]), grid=8)
+    assert torch.equal(picked, sig[[3, 590]])
+
+
+def test_repeat_veto_in_pixel_space_flags_noisy_copies_the_embedding_misses():
+    """With noise on every copy the embeddings no longer coincide; the pixel signatures still
+    put the 20 copies far below every clean image's k-distance, and flag no clean one."""
+    from types import SimpleNamespace
+
+    from clipguard.defenses.pair_scores import repeated_images, shard_pair_scores
+    from clipguard.training.distributed import DistInfo
+
+    imgs = _noisy_copies_dataset(jitter=32)
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(600, 16, generator=g), dim=1)  # noise scatters them
+    txt = torch.nn.functional.normalize(torch.randn(600, 16, generator=g), dim=1)
+    ctx = SimpleNamespace(dist=DistInfo(), device=torch.device("cpu"), raw_model=None,
+                          data=SimpleNamespace(images=imgs),
+                          encode_dataset=lambda indices: (img[indices], txt[indices]))
+    _, _, in_embedding = shard_pair_scores(ctx, torch.arange(600), repeat_k=4, density_reference=600, seed=1)
+    _, _, in_pixels = shard_pair_scores(ctx, torch.arange(600), repeat_k=4, density_reference=600, seed=1,
+                                        repeat_grid=8)
+    assert not repeated_images(in_embedding, 4.0)[580:].any()
+    flagged = repeated_images(in_pixels, 4.0)
+    assert flagged[580:].all() and not flagged[:580].any()

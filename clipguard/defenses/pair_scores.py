@@ -11,9 +11,10 @@ Two signals, both from clean (non-augmented) pairs:
   an image of one kind to a caption of another, a combination only the other poisons share.
   This stays informative after the model has started to learn the poisons, when the similarity
   of a learned poison already looks clean (docs/defenses.md, "How the defaults were chosen").
-* the pair's *image repetition*: the log distance from its image embedding to its ``k``-th
-  nearest image among the same sample. Targeted poisoning repeats one target image under many
-  captions; near-identical copies sit far closer to each other than any two clean images do.
+* the pair's *image repetition*: the log distance from its image embedding (or its coarse pixel
+  signature, ``clipguard.data.signatures``) to its ``k``-th nearest image among the same sample.
+  Targeted poisoning repeats one target image under many captions; near-identical copies sit far
+  closer to each other than any two clean images do.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 
 import torch
 
+from clipguard.data.signatures import pixel_signatures
 from clipguard.detection.knn import knn
 from clipguard.training.context import TrainContext
 from clipguard.training.distributed import all_gather_nograd, all_reduce_sum
@@ -81,14 +83,15 @@ def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference
 @torch.no_grad()
 def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
                       top_k: int = 10, density_k: int = 0, density_reference: int = 16384,
-                      seed: int = 0, repeat_k: int = 0
+                      seed: int = 0, repeat_k: int = 0, repeat_grid: int = 0
                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(score, joint log k-distance or None, image log k-distance or None) of each pair in
     ``indices``, the same on every rank.
 
     Each rank encodes ``indices[rank::world]``. ``reference``: text features of a sample of
     captions, for the relative score. ``density_k`` > 0 adds the joint density, ``repeat_k`` > 0
-    the image repetition (both against one seeded sample of ``density_reference`` pairs)."""
+    the image repetition (both against one seeded sample of ``density_reference`` pairs), in the
+    image embedding or, with ``repeat_grid`` > 0, in coarse pixel signatures of that grid."""
     world, rank = ctx.dist.world_size, ctx.dist.rank
     mine = indices[rank::world]
     cols = []
@@ -107,8 +110,9 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
         joint = torch.nn.functional.normalize(torch.cat([img, txt], dim=1), dim=1).to(ctx.device)
         cols.append(_log_kdist(ctx, joint, len(indices), density_k, density_reference, seed))
     if repeat_k > 0:
-        cols.append(_log_kdist(ctx, img.float().to(ctx.device), len(indices), repeat_k,
-                                     density_reference, seed))
+        feats = pixel_signatures(ctx.data.images, mine, repeat_grid) if repeat_grid > 0 else img.float()
+        cols.append(_log_kdist(ctx, feats.to(ctx.device), len(indices), repeat_k,
+                               density_reference, seed))
     out = _gather_in_order(torch.stack(cols, dim=1), len(indices), ctx)
     log_kd = out[:, 1].contiguous() if density_k > 0 else None
     log_rd = out[:, -1].contiguous() if repeat_k > 0 else None

@@ -13,7 +13,7 @@ The manifest is never seen here: diagnostics read ``pair_scores()``/``selected()
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -92,6 +92,12 @@ class SafeClipOptions(Options):
     # density_memory, a verdict from the second split on is final, as the density veto's
     repeat_z: float | None = None
     repeat_k: int = 4
+    # where the repeated-image veto looks for copies: the model's image embedding, or coarse
+    # pixel signatures (each image averaged over repeat_grid x repeat_grid blocks, minus its mean
+    # grey level), which copies with their own added noise cannot leave (docs/threat-model.md)
+    repeat_space: Literal["embedding", "pixels"] = field(default="embedding",
+                                                         metadata={"neutral": "embedding"})
+    repeat_grid: int = field(default=8, metadata={"neutral": 8})
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
@@ -128,6 +134,9 @@ class SafeClipOptions(Options):
         require(self.repeat_z is None or self.repeat_z > 0,
                 f"repeat_z must be > 0 (or None: no repeated-image veto), got {self.repeat_z}")
         require(self.repeat_k >= 1, f"repeat_k must be >= 1, got {self.repeat_k}")
+        require(self.repeat_space in ("embedding", "pixels"),
+                f"repeat_space must be 'embedding' or 'pixels', got {self.repeat_space!r}")
+        require(self.repeat_grid >= 1, f"repeat_grid must be >= 1, got {self.repeat_grid}")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
@@ -249,7 +258,8 @@ class SafeClip(Strategy, PairSelector):
             ctx, cand, self._reference(epoch), o.reference_top_k,
             density_k=o.density_k if o.density_z is not None else 0,
             density_reference=o.density_reference, seed=step_seed(ctx.seed, "safeclip-density", epoch),
-            repeat_k=o.repeat_k if o.repeat_z is not None else 0)
+            repeat_k=o.repeat_k if o.repeat_z is not None else 0,
+            repeat_grid=o.repeat_grid if o.repeat_space == "pixels" else 0)
         sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
         sims[cand] = fresh
         dense = self._veto(n, cand, log_kd, log_rd) if (log_kd is not None or log_rd is not None) else None
