@@ -138,6 +138,31 @@ def test_clean_cell_measures_the_base_rate_of_every_attack(fm_dir, tmp_path):
     assert "CLIP (clean data)" in text.split("Table 2")[0]
 
 
+def test_a_column_added_later_gets_its_base_rate_from_the_saved_clean_model(fm_dir, tmp_path):
+    """A clean-data cell finished before a column existed is not retrained: its final checkpoint
+    measures the new column, with the same figures the run itself writes."""
+    config = _grid(fm_dir, tmp_path)
+    cfg = load_config(config, ["attacks.tdpa=none"])
+    out = tmp_path / "bench"
+    run_bench(cfg, out, quiet=True, only="fm/tdpa/CLIP/")
+    path = out / "cells" / "fm__tdpa__CLIP__seed0.json"
+    rec = json.loads(path.read_text())
+    measured = rec["asr"][0]
+    rec["asr"] = []  # as if the cell had finished before the badnet column was in the config
+    path.write_text(json.dumps(rec))
+    meta = run_bench(cfg, out, quiet=True, only="fm/tdpa/CLIP/")
+    assert meta["cells_run"] == 0 and meta["base_rates_added"] == ["fm/tdpa/CLIP/seed0"]
+    again = json.loads(path.read_text())
+    assert again["base_rates_added"] == ["badnet"] and again["fingerprint"] == rec["fingerprint"]
+    (added,) = again["asr"]
+    assert added["column"] == "badnet" and added["reference"] is True
+    assert added["headline"] == measured["headline"] and added["linear_probe"] == measured["linear_probe"]
+    assert added["base_rate"] == measured["base_rate"]
+    # nothing missing: a further run leaves the JSON alone
+    assert run_bench(cfg, out, quiet=True, only="fm/tdpa/CLIP/")["base_rates_added"] == []
+    assert json.loads(path.read_text()) == again
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for status in Path("/proc").glob("[0-9]*/status"):

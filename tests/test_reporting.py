@@ -149,3 +149,43 @@ def test_asr_intervals_travel_from_the_cells_to_the_csv_and_tables(tmp_path):
     # a seed without a count leaves the cell without an interval (no partial pooling)
     del rows[1]["asr_hits.badnet"]
     assert pooled_ci(rows, "asr", "badnet") is None and "[" not in asr_table(rows).rows[0][1]
+
+
+def _row(method: str, seed: int, asr: dict[str, float], *, defense: str = "none", train_data: str = "poisoned",
+         detect: str | None = None) -> dict:
+    r = {"dataset": "fm", "method": method, "defense": defense, "base": None, "seed": seed,
+         "train_data": train_data, "detect_detector": detect}
+    for col, v in asr.items():
+        r[f"asr.{col}"] = v
+        r[f"asr_metric.{col}"] = "zeroshot TDPA success" if col.startswith("tdpa") else "zeroshot backdoor ASR@1"
+    return r
+
+
+def test_verdict_reads_each_defence_against_the_base_rate_and_the_undefended_model():
+    """holds within the tolerance of the clean model's rate (2 points for a backdoor, one target in
+    eight for targeted poisoning), breaks beyond it, and a column the undefended model itself does
+    not exceed is an attack that did not take."""
+    from clipguard.reporting.verdict import verdict_table
+
+    rows = []
+    for s in (0, 1):
+        rows += [_row("CLIP", s, {"badnet": 0.01, "tdpa": 0.0, "weak": 0.01}, train_data="clean"),
+                 _row("CLIP", s, {"badnet": 0.95, "tdpa": 0.75, "weak": 0.02}),
+                 _row("Safe", s, {"badnet": 0.025, "tdpa": 0.25, "weak": 0.01}, defense="safeclip"),
+                 _row("DAO", s, {"badnet": 0.20, "tdpa": 0.10, "weak": 0.01}, detect="dao")]
+    t = verdict_table(rows, ["CLIP", "DAO", "Safe"])
+    assert t is not None and t.header[1] == ["Method", "badnet", "tdpa", "weak"]
+    body = {line[0]: line[1:] for line in t.rows}
+    assert list(body) == ["DAO", "Safe"]  # the undefended model is the reference, not a row
+    assert body["Safe"][0].startswith("holds: 2.5 (undefended 95.0, base 1.0)")
+    assert body["Safe"][1].startswith("breaks: 25.0")
+    assert body["DAO"][0].startswith("breaks: 20.0") and body["DAO"][1].startswith("holds: 10.0")
+    assert all(cell.startswith("did not take") for cell in (body["Safe"][2], body["DAO"][2]))
+    # without a clean-data row the untriggered rate of the undefended model is the base
+    poisoned = [r for r in rows if r["train_data"] == "poisoned"]
+    for r in poisoned:
+        r["asr_base.badnet"] = 0.01
+    t2 = verdict_table(poisoned)
+    assert dict((line[0], line[1]) for line in t2.rows)["Safe"].startswith("holds")
+    assert all(line[2] == "-" for line in t2.rows)  # no base rate for tdpa: no verdict
+    assert verdict_table([r for r in rows if r["method"] == "CLIP"]) is None

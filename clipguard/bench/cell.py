@@ -153,11 +153,12 @@ def asr_metrics(model, model_name: str, manifests: list[Path], device, probe, se
     return out
 
 
-def reference_asr(cfg: BenchConfig, cell: Cell, cache: BenchCache, model, device, probe) -> list[dict[str, Any]]:
+def reference_asr(cfg: BenchConfig, cell: Cell, cache: BenchCache, model, device, probe,
+                  attacks: list[AttackSpec] | None = None) -> list[dict[str, Any]]:
     """A model trained on CLEAN data, measured with every poisoned attack's trigger set of the same
-    dataset and seed: the rate at which an unpoisoned model already sends those images to the
-    target class, i.e. the floor an ASR is read against (the attacks issue's "base rate")."""
-    attacks = [a for a in cfg.attacks if not a.clean]
+    dataset and seed (or those of ``attacks``): the rate at which an unpoisoned model already sends
+    those images to the target class, i.e. the floor an ASR is read against ("base rate")."""
+    attacks = [a for a in cfg.attacks if not a.clean] if attacks is None else attacks
     manifests = [m for a in attacks for m in cache.poisoned(cell.dataset, a, cell.seed).manifests]
     out = asr_metrics(model, cfg.model, manifests, device, probe, seed=cell.seed)
     for rec, col in zip(out, [c for a in attacks for c in attack_columns(a)]):

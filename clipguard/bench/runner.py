@@ -210,6 +210,14 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
             bar.update(1)
             if rec is not None and not quiet:
                 tqdm.write(_summary(rec))
+        if main:  # clean-data cells finished before a column was added: its base rate, no retraining
+            from clipguard.bench.base_rates import top_up_base_rates
+
+            clean_done = [c for c in todo if c.attack.clean and is_done(cfg, c, out)]
+            meta["base_rates_added"] = top_up_base_rates(cfg, out, cache, clean_done)
+            if meta["base_rates_added"] and not quiet:
+                tqdm.write(f"base rates of new columns measured on {len(meta['base_rates_added'])} clean-data model(s)")
+        barrier(dist)
     finally:
         bar.close()
         meta.update({"wall_s": round(time.perf_counter() - t0, 1), "cells_run": len(ran),

@@ -28,6 +28,7 @@ from clipguard.reporting.tables import (
     to_markdown,
     to_text,
 )
+from clipguard.reporting.verdict import verdict_table
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:center}
@@ -74,6 +75,9 @@ def build_tables(cells: list[dict[str, Any]], order: list[str]) -> list[Table]:
                                "the target (%); an ASR near it means the backdoor did not take")
         base.notes = [base.notes[0].replace("Attack success rate", "Base rate")]
         tables.append(base)
+    verdict = verdict_table(rows, order)
+    if verdict is not None:
+        tables.append(verdict)
     tables.append(accuracy_table(rows, order))
     for extra in (safe_set_table(rows, order), first_split_table(rows, order), detect_filter_table(rows, order),
                   scans):

@@ -1,0 +1,84 @@
+"""Which defence holds against which attack: each defended method's ASR read against the base rate
+and against the undefended model, by one stated rule.
+
+A defence "holds" on a column when its mean ASR is at most ``tolerance`` above the base rate (the
+clean-data model's ASR on the same triggered images, or, without a clean-data row, the undefended
+model's rate on the same images without the trigger). A column where the undefended model itself
+stays within the tolerance is an attack that did not take at that dose: nothing there to hold
+against. Tolerances: 2 points for a backdoor (ASR over hundreds of triggered images) and 12.5
+points, one target in eight, for targeted poisoning (a handful of target images per seed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clipguard.reporting.tables import Table, _asr_columns, _ordered, mean_std
+
+BACKDOOR_TOLERANCE = 0.02
+TARGETED_TOLERANCE = 0.125
+
+
+def _undefended(r: dict[str, Any]) -> bool:
+    return (r.get("defense") in (None, "", "none") and not r.get("detect_detector")
+            and not r.get("base") and r.get("train_data") == "poisoned")
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    m, _, n = mean_std([r.get(key) if r.get(key) not in ("", None) else None for r in rows])
+    return m if n else None
+
+
+def tolerance(rows: list[dict[str, Any]], col: str) -> float:
+    targeted = any("TDPA" in str(r.get(f"asr_metric.{col}") or "") for r in rows)
+    return TARGETED_TOLERANCE if targeted else BACKDOOR_TOLERANCE
+
+
+def verdict_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table | None:
+    """Rows = defended methods, columns = (dataset, attack column); None when the grid has no
+    undefended model or no defended one to compare."""
+    body_methods = _ordered([r["method"] for r in rows if r.get("train_data") == "poisoned"
+                             and not _undefended(r)], method_order)
+    if not body_methods or not any(_undefended(r) for r in rows):
+        return None
+    datasets = _ordered([r["dataset"] for r in rows], None)
+    groups = [(d, _asr_columns(rows, d)) for d in datasets]
+    groups = [(d, cols) for d, cols in groups if cols]
+    header0 = ["Dataset"] + [d for d, _ in groups]
+    spans = [1] + [len(cols) for _, cols in groups]
+    header1 = ["Method"] + [c for _, cols in groups for c in cols]
+    refs: dict[tuple[str, str], tuple[float | None, float | None, float]] = {}
+    for d, cols in groups:
+        for c in cols:
+            here = [r for r in rows if r["dataset"] == d and r.get(f"asr.{c}") not in (None, "")]
+            und = [r for r in here if _undefended(r)]
+            clean = [r for r in here if r.get("train_data") == "clean"]
+            base = _mean(clean, f"asr.{c}") if clean else _mean(und, f"asr_base.{c}")
+            refs[(d, c)] = (_mean(und, f"asr.{c}"), base, tolerance(here, c))
+    body = []
+    for m in body_methods:
+        line = [m]
+        for d, cols in groups:
+            for c in cols:
+                line.append(_cell(rows, d, c, m, *refs[(d, c)]))
+        body.append(line)
+    notes = ["'holds': the method's mean ASR is within the tolerance of the base rate; 'breaks': it is not "
+             "(the undefended model's ASR in brackets); 'did not take': the undefended model itself stays "
+             "within the tolerance, so the column says nothing about the defence.",
+             f"Tolerance: {BACKDOOR_TOLERANCE * 100:g} points for a backdoor, {TARGETED_TOLERANCE * 100:g} "
+             "points (one target in eight) for targeted poisoning. Base rate: the clean-data model's ASR on the "
+             "same images, else the undefended model's rate on them without the trigger.",
+             "ASR only: a method that holds by losing accuracy shows it in Table 2."]
+    return Table("Which defence holds: ASR@1 against the base rate (%)", [header0, header1], body, spans, notes)
+
+
+def _cell(rows: list[dict[str, Any]], d: str, c: str, m: str, undefended: float | None,
+          base: float | None, tol: float) -> str:
+    mine = [r for r in rows if r["dataset"] == d and r["method"] == m and r.get("train_data") == "poisoned"]
+    asr = _mean(mine, f"asr.{c}")
+    if asr is None or undefended is None or base is None:
+        return "-"
+    if undefended - base <= tol:
+        return f"did not take (undefended {undefended * 100:.1f}, base {base * 100:.1f})"
+    verdict = "holds" if asr - base <= tol else "breaks"
+    return f"{verdict}: {asr * 100:.1f} (undefended {undefended * 100:.1f}, base {base * 100:.1f})"
