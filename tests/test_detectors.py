@@ -94,6 +94,34 @@ def test_repeat_flags_the_copies_of_a_repeated_image_that_density_finds_normal()
     assert not keep[labels].any() and keep[~labels].mean() > 0.95
 
 
+def test_repeat_in_pixel_space_flags_copies_whose_noise_scatters_their_embeddings():
+    """Each copy with its own noise: in the embedding they are scattered like any other image, in
+    the coarse pixel signatures they stay each other's nearest; without signatures the space is
+    a clear error."""
+    from clipguard.data.signatures import pixel_signatures
+
+    g = torch.Generator().manual_seed(4)
+    smooth = torch.nn.functional.interpolate(torch.rand(300, 1, 7, 7, generator=g), size=28, mode="bilinear",
+                                             align_corners=False)
+    imgs = (smooth * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).clone()
+    imgs[288:] = imgs[288]
+    noise = torch.randint(-32, 33, imgs[288:].shape, generator=g)
+    imgs[288:] = (imgs[288:].to(torch.int16) + noise).clamp(0, 255).to(torch.uint8)
+    image, text = torch.randn(300, DIM, generator=g), torch.randn(300, DIM, generator=g)
+    labels = np.r_[np.zeros(288, dtype=bool), np.ones(12, dtype=bool)]
+    feats = PairFeatures(image, text, pixels=pixel_signatures(imgs))
+    assert auroc(build("repeat").score(feats), labels) < 0.8
+    det = build("repeat", {"space": "pixels", "z": 4.0})
+    scores = det.score(feats)
+    assert auroc(scores, labels) == 1.0
+    keep = det.keep_rule(scores).mask
+    assert not keep[labels].any() and keep[~labels].all()
+    with pytest.raises(ConfigError, match="pixel signatures"):
+        det.score(PairFeatures(image, text))
+    with pytest.raises(ConfigError, match="metric 'l2'"):
+        build("repeat", {"space": "pixels", "metric": "cosine"})
+
+
 @pytest.mark.parametrize("space", ["text", "joint"])
 def test_density_detectors_work_in_every_space(planted, space):
     image, text, labels = planted
@@ -263,3 +291,16 @@ def test_manifest_parts_follow_the_recorded_triggers(tmp_path):
     assert poisoned.tolist() == [False, True, False, False, True, True]
     assert parts["badnet"].tolist() == [False, True, False, False, False, True]
     assert parts["sig"].tolist() == [False, False, False, False, True, False]
+
+
+def test_euclidean_knn_measures_vectors_as_they_are():
+    """Unnormalised vectors (pixel signatures): the same neighbours and distances as torch.cdist,
+    across query and reference chunks."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(70, 6, generator=g) * torch.rand(70, 1, generator=g) * 3
+    d, i = knn(x, x, 5, metric="euclidean", exclude_self=True, chunk=16, ref_chunk=24)
+    full = torch.cdist(x.double(), x.double())
+    full.fill_diagonal_(float("inf"))
+    want_d, want_i = full.topk(5, dim=1, largest=False)
+    assert torch.equal(i, want_i)
+    assert torch.allclose(d.double(), want_d, atol=1e-4)

@@ -118,3 +118,20 @@ def test_bad_data_file_names_the_file(poisoned, tmp_path, capsys):
     rc = main(["scan", "--data", str(tmp_path / "none.csv"), "--checkpoint", str(poisoned / "ck"),
                "--out", str(tmp_path / "scan"), "--device", "cpu", "--quiet"])
     assert rc == 2 and "none.csv: file not found" in capsys.readouterr().err
+
+
+def test_scan_in_pixel_space_finds_targeted_copies_with_noise(fm_dir, poisoned, tmp_path):
+    """TDPA copies each with their own noise, scanned with repeat in the pixel signatures: every
+    copy ranks above every clean pair, with an untrained model (the signatures need none)."""
+    from clipguard import attacks
+
+    attacks.poison_csv(fm_dir / "train.csv", "tdpa", target="bag", count=12, seed=0, out=tmp_path / "t",
+                       eval_csv=fm_dir / "test.csv", options={"targets": 2, "jitter": 32})
+    out = tmp_path / "scan"
+    assert main(["scan", "--data", str(tmp_path / "t" / "train.csv"), "--checkpoint", str(poisoned / "ck"),
+                 "--out", str(out), "--device", "cpu", "--quiet", "--detector", "repeat",
+                 "--detector-option", "repeat.space=pixels", "--attack-manifest",
+                 str(tmp_path / "t" / "manifest.json")]) == 0
+    rec = json.loads((out / "scan.json").read_text())["detectors"]["repeat"]
+    assert rec["options"]["space"] == "pixels" and rec["metrics"]["auroc"] == 1.0
+    assert rec["keep"]["poisons_kept"] == 0

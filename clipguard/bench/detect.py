@@ -86,7 +86,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
     ``keep_rows``: record the dropped rows (a detect-then-train cell trains on the rest)."""
     from clipguard.detection import outputs
     from clipguard.detection.base import build
-    from clipguard.detection.runner import encode_pairs, scan_features
+    from clipguard.detection.runner import encode_pairs, needs_pixels, scan_features
     from clipguard.evaluation.runner import load_model
     from clipguard.models.device import resolve_device
     from clipguard.models.factory import get_tokenizer
@@ -100,7 +100,8 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
     dev = resolve_device(cfg.device)
     t0 = time.perf_counter()
     net, model_name = load_model(checkpoint, cfg.model, str(dev))
-    features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet)
+    features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet,
+                            pixels=needs_pixels(dets))
     encode_s = time.perf_counter() - t0
     del net
     mask = poison.mask.numpy().astype(bool) if poison.mask is not None else None

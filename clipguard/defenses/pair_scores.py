@@ -54,7 +54,7 @@ def _gather_in_order(values: torch.Tensor, n: int, ctx: TrainContext) -> torch.T
 
 
 def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference: int,
-               seed: int) -> torch.Tensor:
+               seed: int, metric: str = "l2") -> torch.Tensor:
     """log distance of this rank's features (joint, or image only) to their k-th neighbour among
     a seeded sample of ``reference`` of the ``n`` scored pairs (the pair itself excluded when
     sampled)."""
@@ -70,7 +70,7 @@ def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference
     kk = min(k, len(ref_pos) - 1)
     if len(feats) == 0 or kk < 1:
         return torch.zeros(len(feats))
-    d, ix = knn(feats, ref, kk + 1, metric="l2")
+    d, ix = knn(feats, ref, kk + 1, metric=metric)
     # the reference row that is this query itself (-1 when the query was not sampled)
     self_ref = torch.full((n,), -1, dtype=torch.long)
     self_ref[ref_pos] = torch.arange(len(ref_pos))
@@ -111,8 +111,8 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
         cols.append(_log_kdist(ctx, joint, len(indices), density_k, density_reference, seed))
     if repeat_k > 0:
         feats = pixel_signatures(ctx.data.images, mine, repeat_grid) if repeat_grid > 0 else img.float()
-        cols.append(_log_kdist(ctx, feats.to(ctx.device), len(indices), repeat_k,
-                               density_reference, seed))
+        cols.append(_log_kdist(ctx, feats.to(ctx.device), len(indices), repeat_k, density_reference, seed,
+                               metric="euclidean" if repeat_grid > 0 else "l2"))
     out = _gather_in_order(torch.stack(cols, dim=1), len(indices), ctx)
     log_kd = out[:, 1].contiguous() if density_k > 0 else None
     log_rd = out[:, -1].contiguous() if repeat_k > 0 else None

@@ -20,7 +20,7 @@ from clipguard.errors import ConfigError
 from clipguard.options import Options, require
 from clipguard.registry import Registry
 
-SPACES = ("image", "text", "joint")
+SPACES = ("image", "text", "joint", "pixels")
 MAD_TO_STD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 
 
@@ -50,6 +50,7 @@ class PairFeatures:
     similarity: torch.Tensor | None = None
     device: str | torch.device = "cpu"
     chunk: int = 4096
+    pixels: torch.Tensor | None = None  # coarse pixel signatures (clipguard.data.signatures), when asked for
     _cache: dict[tuple[str, str], Neighbours] = field(default_factory=dict, init=False, repr=False)
     _joint: torch.Tensor | None = field(default=None, init=False, repr=False)
     _spent: float = field(default=0.0, init=False, repr=False)
@@ -73,7 +74,8 @@ class PairFeatures:
 
     def space(self, name: str) -> torch.Tensor:
         """The embedding a density detector works in: image, text, or both (concatenated and
-        renormalised, so each modality weighs the same)."""
+        renormalised, so each modality weighs the same); or, for near-copies, the images' coarse
+        pixel signatures, which need no model at all."""
         if name == "image":
             return self.image
         if name == "text":
@@ -82,6 +84,11 @@ class PairFeatures:
             if self._joint is None:
                 self._joint = torch.nn.functional.normalize(torch.cat([self.image, self.text], dim=1), dim=1)
             return self._joint
+        if name == "pixels":
+            if self.pixels is None:
+                raise ConfigError("space 'pixels' needs the images' pixel signatures, which these features "
+                                  "were encoded without")
+            return self.pixels
         raise ConfigError(f"unknown feature space '{name}'; choose one of: {', '.join(SPACES)}")
 
     def search_seconds(self) -> float:
@@ -108,8 +115,9 @@ class PairFeatures:
             raise ConfigError(f"k = {k} neighbours needs more than {k} pairs; the data has {len(self)}")
         x = self.space(space)
         t0 = time.perf_counter()
-        d, i = knn(x, x, k, metric=metric, exclude_self=True, chunk=self.chunk, device=self.device,
-                   normalize=False)
+        # pixel signatures are not normalised: their L2 distance is measured as it is
+        d, i = knn(x, x, k, metric="euclidean" if space == "pixels" else metric, exclude_self=True,
+                   chunk=self.chunk, device=self.device, normalize=False)
         if torch.device(self.device).type == "cuda":
             torch.cuda.synchronize(self.device)
         found = Neighbours(d.float().cpu(), i.cpu(), time.perf_counter() - t0)

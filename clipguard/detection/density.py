@@ -35,12 +35,16 @@ class DensityOptions(DetectorOptions):
 
     kind: ClassVar[str] = "density detector"
     k: int = 16                                          # neighbours per pair
-    space: Literal["image", "text", "joint"] = "image"   # joint: image and text concatenated
+    # joint: image and text concatenated; pixels: the images' coarse pixel signatures
+    # (clipguard.data.signatures), where copies with their own noise stay together
+    space: Literal["image", "text", "joint", "pixels"] = "image"
     metric: Literal["l2", "cosine"] = "l2"               # of the L2-normalised embeddings
 
     def validate(self) -> None:
         super().validate()
         require(self.k >= 2, f"option 'k' must be >= 2, got {self.k}")
+        require(self.space != "pixels" or self.metric == "l2",
+                "space 'pixels' is searched with metric 'l2' (signatures are not normalised)")
 
 
 def lid_mle(distances: torch.Tensor) -> torch.Tensor:

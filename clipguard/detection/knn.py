@@ -8,7 +8,9 @@ block products (on the GPU when the tensors are there, or when ``device`` says s
 
 Distances of unit vectors follow from their dot product s: cosine distance ``1 - s`` and L2
 distance ``sqrt(2 - 2 s)``. Both order neighbours the same way; they differ in the values the
-density detectors take ratios and logarithms of.
+density detectors take ratios and logarithms of. ``euclidean`` is the plain L2 distance of
+vectors that are not normalised (pixel signatures): the blocks rank ``a.b - |b|^2 / 2``, which
+orders neighbours as ``|a - b|`` does, and ``|a - b| = sqrt(|a|^2 - 2 (a.b - |b|^2 / 2))``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Literal
 
 import torch
 
-Metric = Literal["cosine", "l2"]
-METRICS = ("cosine", "l2")
+Metric = Literal["cosine", "l2", "euclidean"]
+METRICS = ("cosine", "l2", "euclidean")
 
 
 def similarity_to_distance(sim: torch.Tensor, metric: str) -> torch.Tensor:
@@ -40,7 +42,7 @@ def knn(query: torch.Tensor, reference: torch.Tensor, k: int, *, metric: str = "
 
     ``exclude_self``: the query IS the reference (row i of both is the same item), and an item is
     not its own neighbour. ``normalize``: L2-normalise both sides first (a no-op for CLIP
-    features, which are). The products run on ``device`` (default: the query's device) in
+    features, which are; ignored by ``euclidean``, which measures the vectors as they are). The products run on ``device`` (default: the query's device) in
     float32; results come back on the query's device.
     Among equally distant neighbours, which index is returned is unspecified.
     """
@@ -60,28 +62,38 @@ def knn(query: torch.Tensor, reference: torch.Tensor, k: int, *, metric: str = "
         raise ValueError(f"chunk sizes must be >= 1, got {chunk} and {ref_chunk}")
     out_device = query.device
     dev = torch.device(device) if device is not None else query.device
+    euclidean = metric == "euclidean"
+    normalize = normalize and not euclidean
     ref = reference.to(dev, torch.float32)
     if normalize:
         ref = torch.nn.functional.normalize(ref, dim=1)
+    bias = -0.5 * ref.pow(2).sum(dim=1) if euclidean else None
     dists, idxs = [], []
     for qs in range(0, n, chunk):
         q = query[qs:qs + chunk].to(dev, torch.float32)
         if normalize:
             q = torch.nn.functional.normalize(q, dim=1)
-        best_s, best_i = _block_topk(q, ref, k, qs if exclude_self else None, ref_chunk)
-        dists.append(similarity_to_distance(best_s, metric).to(out_device))
+        best_s, best_i = _block_topk(q, ref, k, qs if exclude_self else None, ref_chunk, bias)
+        if euclidean:
+            d = (q.pow(2).sum(dim=1, keepdim=True) - 2.0 * best_s).clamp_min(0.0).sqrt()
+        else:
+            d = similarity_to_distance(best_s, metric)
+        dists.append(d.to(out_device))
         idxs.append(best_i.to(out_device))
     return torch.cat(dists), torch.cat(idxs)
 
 
 def _block_topk(q: torch.Tensor, ref: torch.Tensor, k: int, self_offset: int | None,
-                ref_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-k (largest similarity) of one query block over the reference blocks."""
+                ref_chunk: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-k (largest similarity, plus ``bias`` of each reference row) of one query block
+    over the reference blocks."""
     rows = torch.arange(q.shape[0], device=q.device)
     best_s = torch.full((q.shape[0], 0), float("-inf"), device=q.device)
     best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
     for rs in range(0, ref.shape[0], ref_chunk):
         sim = q @ ref[rs:rs + ref_chunk].T
+        if bias is not None:
+            sim += bias[rs:rs + ref_chunk]
         if self_offset is not None:
             cols = rows + self_offset - rs  # the item's own column inside this block, if there
             inside = (cols >= 0) & (cols < sim.shape[1])

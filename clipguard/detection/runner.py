@@ -79,23 +79,38 @@ def default_keep_detector(detectors: Sequence[Detector], explicit: bool) -> str:
 # ---------------------------------------------------------------------------- encoding
 @torch.no_grad()
 def encode_pairs(model: torch.nn.Module, tokenizer, data, *, device: str | torch.device = "cpu",
-                 batch_size: int = 256, progress: bool = True, chunk: int = 4096) -> PairFeatures:
+                 batch_size: int = 256, progress: bool = True, chunk: int = 4096,
+                 pixels: bool = False) -> PairFeatures:
     """Normalised image and caption embeddings of every pair (one pass, batch by batch, so lazy
-    images and captions are never held all at once in model input form)."""
+    images and captions are never held all at once in model input form); with ``pixels``, the
+    images' coarse pixel signatures too, from the same decoded batch."""
     from tqdm.auto import tqdm
 
+    from clipguard.data.signatures import pixel_signatures
     from clipguard.evaluation.features import encode_images, encode_tokens
 
     dev = torch.device(device)
     n = len(data)
-    img, txt = [], []
+    img, txt, sig = [], [], []
     with tqdm(total=n, desc="encode", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, n, batch_size):
             idx = torch.arange(i, min(n, i + batch_size))
-            img.append(encode_images(model, data.images, dev, batch_size=batch_size, indices=idx))
+            batch = data.images[idx]
+            img.append(encode_images(model, batch, dev, batch_size=batch_size))
             txt.append(encode_tokens(model, tokenizer(data.captions[i:i + batch_size]), dev, batch_size))
+            if pixels:
+                sig.append(pixel_signatures(batch, grid=PIXEL_GRID))
             bar.update(len(idx))
-    return PairFeatures(torch.cat(img), torch.cat(txt), device=dev, chunk=chunk)
+    return PairFeatures(torch.cat(img), torch.cat(txt), device=dev, chunk=chunk,
+                        pixels=torch.cat(sig) if pixels else None)
+
+
+PIXEL_GRID = 8  # blocks per side of a pixel signature (space 'pixels')
+
+
+def needs_pixels(detectors: Sequence[Detector]) -> bool:
+    """Whether a detector searches the pixel signatures (only then are they computed)."""
+    return any(getattr(d.opt, "space", None) == "pixels" for d in detectors)
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -265,7 +280,7 @@ def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: st
                                  else (None, {}, None))
     t0 = time.perf_counter()
     features = encode_pairs(net, get_tokenizer(model_name), pairs, device=dev, batch_size=batch_size,
-                            progress=progress, chunk=chunk)
+                            progress=progress, chunk=chunk, pixels=needs_pixels(dets))
     encode_s = time.perf_counter() - t0
     del net
     result = scan_features(features, dets, keep_detector=keep_name, keep_fraction=keep_fraction,
