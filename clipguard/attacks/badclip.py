@@ -2,6 +2,11 @@
 that patched images move towards the target captions (contrastive loss) and towards target-class
 images and away from their own clean embedding (triplet loss, weight 500, margin 1).
 
+``content_weight`` > 0 (with ``triplet_weight: 0``) turns it into a content-preserving trigger
+against filters: the patched image is also pulled towards its OWN clean embedding (weight times
+one minus their cosine), so it agrees with the target captions while staying among the images
+of its class, where a density detector finds nothing unusual (docs/threat-model.md).
+
 The optimised patch is quantised to uint8 and stored in the manifest, so the trigger is fixed
 afterwards like any other patch; it runs on the CPU with a tiny model in seconds.
 """
@@ -27,10 +32,13 @@ class BadCLIP(PatchAttack):
                  lr: float = 0.05, batch_size: int = 64, triplet_weight: float = 500.0,
                  triplet_margin: float = 1.0, size: int | None = None, size_frac: float = 1 / 7,
                  location: str = "fixed", position: str = "bottom-right", margin: int = 0,
-                 device: str = "cpu"):
+                 device: str = "cpu", content_weight: float = 0.0):
         super().__init__(size, size_frac, location, position, margin)
         if int(steps) < 0:
             raise ConfigError("attack 'badclip': steps must be >= 0")
+        if float(content_weight) < 0 or float(triplet_weight) < 0:
+            raise ConfigError("attack 'badclip': content_weight and triplet_weight must be >= 0")
+        self.content_weight = float(content_weight)
         self.checkpoint, self.model, self.steps, self.lr = checkpoint, model, int(steps), float(lr)
         self.batch_size, self.triplet_weight = int(batch_size), float(triplet_weight)
         self.triplet_margin, self.device = float(triplet_margin), device
@@ -96,7 +104,8 @@ class BadCLIP(PatchAttack):
             contrastive = (torch.logsumexp(logits, 1) - torch.logsumexp(logits[:, :m], 1)).mean()
             triplet = F.relu((f_p - pos).norm(dim=1) - (f_p - f_clean).norm(dim=1)
                              + self.triplet_margin).mean()
-            loss = contrastive + self.triplet_weight * triplet
+            content = (1.0 - (f_p * f_clean).sum(dim=1)).mean()
+            loss = contrastive + self.triplet_weight * triplet + self.content_weight * content
             opt.zero_grad()
             loss.backward()
             opt.step()
