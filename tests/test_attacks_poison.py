@@ -204,10 +204,12 @@ def test_badclip_optimises_a_patch_against_a_tiny_model(fm_dir, tmp_path):
     out = load_csv(tmp_path / "a" / "train.csv")
     row = m1["poisoned_rows"][0]
     assert torch.equal(out.images[row, :, -4:, -4:].long(), p)
-    # the content-preserving variant optimises another loss, so another patch
-    kw["options"].update(triplet_weight=0.0, content_weight=5.0)
+    # the content term changes what is optimised: without the triplet push, with and without it
+    kw["options"].update(triplet_weight=0.0)
     m3 = attacks.poison_csv(fm_dir / "train.csv", "badclip", out=tmp_path / "c", **kw)
-    assert m3["params"]["patch"] != m1["params"]["patch"]
+    kw["options"].update(content_weight=5.0)
+    m4 = attacks.poison_csv(fm_dir / "train.csv", "badclip", out=tmp_path / "e", **kw)
+    assert m4["params"]["patch"] != m3["params"]["patch"] and m4["params"]["content_weight"] == 5.0
     kw["options"]["content_weight"] = -1.0
     with pytest.raises(ConfigError, match="content_weight"):
         attacks.poison_csv(fm_dir / "train.csv", "badclip", out=tmp_path / "d", **kw)

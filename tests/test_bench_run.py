@@ -150,8 +150,8 @@ def test_a_column_added_later_gets_its_base_rate_from_the_saved_clean_model(fm_d
     measured = rec["asr"][0]
     rec["asr"] = []  # as if the cell had finished before the badnet column was in the config
     path.write_text(json.dumps(rec))
-    meta = run_bench(cfg, out, quiet=True, only="fm/tdpa/CLIP/")
-    assert meta["cells_run"] == 0 and meta["base_rates_added"] == ["fm/tdpa/CLIP/seed0"]
+    meta = run_bench(cfg, out, quiet=True, only="fm/badnet/")  # a selection on the same data and seed
+    assert meta["base_rates_added"] == ["fm/tdpa/CLIP/seed0"] and meta["base_rates_skipped"] == []
     again = json.loads(path.read_text())
     assert again["base_rates_added"] == ["badnet"] and again["fingerprint"] == rec["fingerprint"]
     (added,) = again["asr"]
@@ -161,6 +161,22 @@ def test_a_column_added_later_gets_its_base_rate_from_the_saved_clean_model(fm_d
     # nothing missing: a further run leaves the JSON alone
     assert run_bench(cfg, out, quiet=True, only="fm/tdpa/CLIP/")["base_rates_added"] == []
     assert json.loads(path.read_text()) == again
+    # a column measured on another poisoned set than the grid's is measured again
+    again["asr"][0]["manifest"] = str(tmp_path / "elsewhere" / "manifest.json")
+    path.write_text(json.dumps(again))
+    assert run_bench(cfg, out, quiet=True, only="fm/tdpa/CLIP/")["base_rates_added"] == ["fm/tdpa/CLIP/seed0"]
+    assert json.loads(path.read_text())["asr"] == [measured]
+    # without the final checkpoint nothing is written, and the run says why
+    rec = json.loads(path.read_text())
+    rec["asr"] = []
+    path.write_text(json.dumps(rec))
+    import shutil
+
+    shutil.rmtree(out / rec["run_dir"] / "checkpoints")
+    with pytest.warns(UserWarning, match="not measured"):
+        meta = run_bench(cfg, out, quiet=True, only="fm/tdpa/CLIP/")
+    assert meta["base_rates_added"] == [] and "no checkpoint" in meta["base_rates_skipped"][0]
+    assert json.loads(path.read_text()) == rec
 
 
 def _children(pid: int) -> list[int]:

@@ -230,6 +230,14 @@ def test_repeat_options_are_validated():
         SafeClipOptions(repeat_space="joint")
     with pytest.raises(Exception, match="repeat_grid"):
         SafeClipOptions(repeat_grid=0)
+    with pytest.raises(Exception, match="needs the repeated-image veto"):
+        SafeClipOptions(repeat_space="pixels")
+    with pytest.raises(Exception, match="repeat_grid applies"):
+        SafeClipOptions(repeat_z=4.0, repeat_grid=4)
+    # at their neutral values the new fields leave a run's identity (and cached results) as it was
+    base = SafeClipOptions(repeat_z=4.0).identity()
+    assert "repeat_space" not in base and "repeat_grid" not in base
+    assert SafeClipOptions(repeat_z=4.0, repeat_space="pixels").identity()["repeat_space"] == "pixels"
 
 
 def _noisy_copies_dataset(jitter: int):

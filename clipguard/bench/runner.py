@@ -210,13 +210,18 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
             bar.update(1)
             if rec is not None and not quiet:
                 tqdm.write(_summary(rec))
-        if main:  # clean-data cells finished before a column was added: its base rate, no retraining
+        if main and backend is None:
+            # clean-data cells finished before a column was added: its base rate, no retraining
+            # (every clean cell of a dataset and seed the selection touches)
             from clipguard.bench.base_rates import top_up_base_rates
 
-            clean_done = [c for c in todo if c.attack.clean and is_done(cfg, c, out)]
-            meta["base_rates_added"] = top_up_base_rates(cfg, out, cache, clean_done)
-            if meta["base_rates_added"] and not quiet:
-                tqdm.write(f"base rates of new columns measured on {len(meta['base_rates_added'])} clean-data model(s)")
+            touched = {(c.dataset.label, c.seed) for c in todo}
+            clean_done = [c for c in cells if c.attack.clean and (c.dataset.label, c.seed) in touched
+                          and is_done(cfg, c, out)]
+            top = top_up_base_rates(cfg, out, cache, clean_done)
+            meta["base_rates_added"], meta["base_rates_skipped"] = top["added"], top["skipped"]
+            if top["added"] and not quiet:
+                tqdm.write(f"base rates of new columns measured on {len(top['added'])} clean-data model(s)")
         barrier(dist)
     finally:
         bar.close()

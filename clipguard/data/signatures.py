@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def pixel_signatures(images_u8, indices: torch.Tensor | None = None, grid: int = 8,
-                     batch_size: int = 4096) -> torch.Tensor:
+                     batch_size: int = 512) -> torch.Tensor:
     """(N, grid * grid) float32 signatures, in grey levels / 255, of uint8 (N, C, H, W) images.
 
     ``images_u8`` is a tensor or LazyImages; ``indices`` selects rows, read batch by batch so

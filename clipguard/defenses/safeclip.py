@@ -137,6 +137,10 @@ class SafeClipOptions(Options):
         require(self.repeat_space in ("embedding", "pixels"),
                 f"repeat_space must be 'embedding' or 'pixels', got {self.repeat_space!r}")
         require(self.repeat_grid >= 1, f"repeat_grid must be >= 1, got {self.repeat_grid}")
+        require(self.repeat_space == "embedding" or self.repeat_z is not None,
+                "repeat_space: pixels needs the repeated-image veto on (repeat_z)")
+        require(self.repeat_grid == 8 or self.repeat_space == "pixels",
+                "repeat_grid applies to repeat_space: pixels only")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,

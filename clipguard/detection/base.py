@@ -68,6 +68,11 @@ class PairFeatures:
         self.similarity = self.similarity.detach().float().cpu().reshape(-1)
         if len(self.similarity) != len(self.image):
             raise ValueError(f"{len(self.similarity)} similarities for {len(self.image)} pairs")
+        if self.pixels is not None:
+            self.pixels = self.pixels.detach().float().cpu()
+            if self.pixels.ndim != 2 or len(self.pixels) != len(self.image):
+                raise ValueError(f"pixel signatures must be (N, d) for {len(self.image)} pairs, got "
+                                 f"{tuple(self.pixels.shape)}")
 
     def __len__(self) -> int:
         return len(self.image)

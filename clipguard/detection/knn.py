@@ -10,7 +10,8 @@ Distances of unit vectors follow from their dot product s: cosine distance ``1 -
 distance ``sqrt(2 - 2 s)``. Both order neighbours the same way; they differ in the values the
 density detectors take ratios and logarithms of. ``euclidean`` is the plain L2 distance of
 vectors that are not normalised (pixel signatures): the blocks rank ``a.b - |b|^2 / 2``, which
-orders neighbours as ``|a - b|`` does, and ``|a - b| = sqrt(|a|^2 - 2 (a.b - |b|^2 / 2))``.
+orders neighbours as ``|a - b|`` does, and the k found are measured again as ``|a - b|`` (the
+expanded form loses near-copies' distances to rounding).
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ def knn(query: torch.Tensor, reference: torch.Tensor, k: int, *, metric: str = "
         if normalize:
             q = torch.nn.functional.normalize(q, dim=1)
         best_s, best_i = _block_topk(q, ref, k, qs if exclude_self else None, ref_chunk, bias)
-        if euclidean:
-            d = (q.pow(2).sum(dim=1, keepdim=True) - 2.0 * best_s).clamp_min(0.0).sqrt()
+        if euclidean:  # measured again from the vectors: |q|^2 - 2 s cancels for near-copies
+            d = (q[:, None, :] - ref[best_i]).norm(dim=2)
+            d, order = d.sort(dim=1)
+            best_i = best_i.gather(1, order)
         else:
             d = similarity_to_distance(best_s, metric)
         dists.append(d.to(out_device))

@@ -2,8 +2,8 @@
 and against the undefended model, by one stated rule.
 
 A defence "holds" on a column when its mean ASR is at most ``tolerance`` above the base rate (the
-clean-data model's ASR on the same triggered images, or, without a clean-data row, the undefended
-model's rate on the same images without the trigger). A column where the undefended model itself
+undefended model trained on clean data, measured on the same triggered images, or, without such a
+row, the undefended model's rate on the same images without the trigger). A column where the undefended model itself
 stays within the tolerance is an attack that did not take at that dose: nothing there to hold
 against. Tolerances: 2 points for a backdoor (ASR over hundreds of triggered images) and 12.5
 points, one target in eight, for targeted poisoning (a handful of target images per seed).
@@ -52,7 +52,8 @@ def verdict_table(rows: list[dict[str, Any]], method_order: list[str] | None = N
         for c in cols:
             here = [r for r in rows if r["dataset"] == d and r.get(f"asr.{c}") not in (None, "")]
             und = [r for r in here if _undefended(r)]
-            clean = [r for r in here if r.get("train_data") == "clean"]
+            clean = [r for r in here if r.get("train_data") == "clean" and r.get("defense") in (None, "", "none")
+                     and not r.get("base")]
             base = _mean(clean, f"asr.{c}") if clean else _mean(und, f"asr_base.{c}")
             refs[(d, c)] = (_mean(und, f"asr.{c}"), base, tolerance(here, c))
     body = []
@@ -68,7 +69,7 @@ def verdict_table(rows: list[dict[str, Any]], method_order: list[str] | None = N
              f"Tolerance: {BACKDOOR_TOLERANCE * 100:g} points for a backdoor, {TARGETED_TOLERANCE * 100:g} "
              "points (one target in eight) for targeted poisoning. Base rate: the clean-data model's ASR on the "
              "same images, else the undefended model's rate on them without the trigger.",
-             "ASR only: a method that holds by losing accuracy shows it in Table 2."]
+             "ASR only: a method that holds by losing accuracy shows it in the accuracy table."]
     return Table("Which defence holds: ASR@1 against the base rate (%)", [header0, header1], body, spans, notes)
 
 
