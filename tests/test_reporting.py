@@ -189,3 +189,11 @@ def test_verdict_reads_each_defence_against_the_base_rate_and_the_undefended_mod
     assert dict((line[0], line[1]) for line in t2.rows)["Safe"].startswith("holds")
     assert all(line[2] == "-" for line in t2.rows)  # no base rate for tdpa: no verdict
     assert verdict_table([r for r in rows if r["method"] == "CLIP"]) is None
+    # a defence trained on clean data is its own base rate: it may confuse the targets by itself
+    own = rows + [_row("Safe", s, {"badnet": 0.01, "tdpa": 0.25, "weak": 0.02}, defense="safeclip",
+                       train_data="clean") for s in (0, 1)]
+    body = {line[0]: line[1:] for line in verdict_table(own).rows}
+    assert body["Safe"][1].startswith("holds: 25.0 (undefended 75.0, base 25.0)")
+    assert body["DAO"][1].startswith("holds: 10.0 (undefended 75.0, base 0.0)")
+    # whether the attack took is read against the undefended model's own base, not the method's
+    assert body["Safe"][2] == "did not take (undefended 2.0, base 1.0)"

@@ -1,9 +1,11 @@
 """Which defence holds against which attack: each defended method's ASR read against the base rate
 and against the undefended model, by one stated rule.
 
-A defence "holds" on a column when its mean ASR is at most ``tolerance`` above the base rate (the
-undefended model trained on clean data, measured on the same triggered images, or, without such a
-row, the undefended model's rate on the same images without the trigger). A column where the undefended model itself
+A defence "holds" on a column when its mean ASR is at most ``tolerance`` above the base rate: the
+same method trained on clean data and measured on the same triggered images when the grid has it
+(a defence that costs accuracy may confuse look-alike classes more than plain CLIP does, which is
+not a poisoning), else the undefended model trained on clean data, else the undefended model's
+rate on the same images without the trigger. A column where the undefended model itself
 stays within the tolerance is an attack that did not take at that dose: nothing there to hold
 against. Tolerances: 2 points for a backdoor (ASR over hundreds of triggered images) and 12.5
 points, one target in eight, for targeted poisoning (a handful of target images per seed).
@@ -47,39 +49,40 @@ def verdict_table(rows: list[dict[str, Any]], method_order: list[str] | None = N
     header0 = ["Dataset"] + [d for d, _ in groups]
     spans = [1] + [len(cols) for _, cols in groups]
     header1 = ["Method"] + [c for _, cols in groups for c in cols]
-    refs: dict[tuple[str, str], tuple[float | None, float | None, float]] = {}
-    for d, cols in groups:
-        for c in cols:
-            here = [r for r in rows if r["dataset"] == d and r.get(f"asr.{c}") not in (None, "")]
-            und = [r for r in here if _undefended(r)]
-            clean = [r for r in here if r.get("train_data") == "clean" and r.get("defense") in (None, "", "none")
-                     and not r.get("base")]
-            base = _mean(clean, f"asr.{c}") if clean else _mean(und, f"asr_base.{c}")
-            refs[(d, c)] = (_mean(und, f"asr.{c}"), base, tolerance(here, c))
     body = []
     for m in body_methods:
         line = [m]
         for d, cols in groups:
             for c in cols:
-                line.append(_cell(rows, d, c, m, *refs[(d, c)]))
+                here = [r for r in rows if r["dataset"] == d and r.get(f"asr.{c}") not in (None, "")]
+                und = [r for r in here if _undefended(r)]
+                own = [r for r in here if r.get("train_data") == "clean" and r["method"] == m]
+                clean = [r for r in here if r.get("train_data") == "clean"
+                         and r.get("defense") in (None, "", "none") and not r.get("base")]
+                und_base = _mean(clean, f"asr.{c}") if clean else _mean(und, f"asr_base.{c}")
+                base = _mean(own, f"asr.{c}") if own else und_base
+                line.append(_cell(rows, d, c, m, _mean(und, f"asr.{c}"), und_base, base, tolerance(here, c)))
         body.append(line)
     notes = ["'holds': the method's mean ASR is within the tolerance of the base rate; 'breaks': it is not "
              "(the undefended model's ASR in brackets); 'did not take': the undefended model itself stays "
              "within the tolerance, so the column says nothing about the defence.",
              f"Tolerance: {BACKDOOR_TOLERANCE * 100:g} points for a backdoor, {TARGETED_TOLERANCE * 100:g} "
-             "points (one target in eight) for targeted poisoning. Base rate: the clean-data model's ASR on the "
-             "same images, else the undefended model's rate on them without the trigger.",
+             "points (one target in eight) for targeted poisoning. Base rate: the same method trained on the "
+             "clean data, measured on the same images, else the undefended model trained on it, else the "
+             "undefended model's rate on the images without the trigger.",
              "ASR only: a method that holds by losing accuracy shows it in the accuracy table."]
     return Table("Which defence holds: ASR@1 against the base rate (%)", [header0, header1], body, spans, notes)
 
 
 def _cell(rows: list[dict[str, Any]], d: str, c: str, m: str, undefended: float | None,
-          base: float | None, tol: float) -> str:
+          undefended_base: float | None, base: float | None, tol: float) -> str:
+    """``undefended_base`` decides whether the attack took at all; ``base`` (the method's own
+    clean-data rate when measured) whether the method held."""
     mine = [r for r in rows if r["dataset"] == d and r["method"] == m and r.get("train_data") == "poisoned"]
     asr = _mean(mine, f"asr.{c}")
-    if asr is None or undefended is None or base is None:
+    if asr is None or undefended is None or base is None or undefended_base is None:
         return "-"
-    if undefended - base <= tol:
-        return f"did not take (undefended {undefended * 100:.1f}, base {base * 100:.1f})"
+    if undefended - undefended_base <= tol:
+        return f"did not take (undefended {undefended * 100:.1f}, base {undefended_base * 100:.1f})"
     verdict = "holds" if asr - base <= tol else "breaks"
     return f"{verdict}: {asr * 100:.1f} (undefended {undefended * 100:.1f}, base {base * 100:.1f})"
