@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+GRID = 8  # blocks per side: about 3.5 px of a 28 px image, 28 px of a 224 px one
+
 
 @torch.no_grad()
-def pixel_signatures(images_u8, indices: torch.Tensor | None = None, grid: int = 8,
+def pixel_signatures(images_u8, indices: torch.Tensor | None = None, grid: int = GRID,
                      batch_size: int = 512) -> torch.Tensor:
     """(N, grid * grid) float32 signatures, in grey levels / 255, of uint8 (N, C, H, W) images.
 

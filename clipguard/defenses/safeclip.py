@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from clipguard.data.augment import Views
+from clipguard.data.signatures import GRID
 from clipguard.defenses import DEFENSES
 from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss, nn_target_loss
 from clipguard.defenses.pair_scores import (
@@ -97,7 +98,7 @@ class SafeClipOptions(Options):
     # grey level), which copies with their own added noise cannot leave (docs/threat-model.md)
     repeat_space: Literal["embedding", "pixels"] = field(default="embedding",
                                                          metadata={"neutral": "embedding"})
-    repeat_grid: int = field(default=8, metadata={"neutral": 8})
+    repeat_grid: int = field(default=GRID, metadata={"neutral": GRID})
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
@@ -139,7 +140,7 @@ class SafeClipOptions(Options):
         require(self.repeat_grid >= 1, f"repeat_grid must be >= 1, got {self.repeat_grid}")
         require(self.repeat_space == "embedding" or self.repeat_z is not None,
                 "repeat_space: pixels needs the repeated-image veto on (repeat_z)")
-        require(self.repeat_grid == 8 or self.repeat_space == "pixels",
+        require(self.repeat_grid == GRID or self.repeat_space == "pixels",
                 "repeat_grid applies to repeat_space: pixels only")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")

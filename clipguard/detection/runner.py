@@ -99,13 +99,10 @@ def encode_pairs(model: torch.nn.Module, tokenizer, data, *, device: str | torch
             img.append(encode_images(model, batch, dev, batch_size=batch_size))
             txt.append(encode_tokens(model, tokenizer(data.captions[i:i + batch_size]), dev, batch_size))
             if pixels:
-                sig.append(pixel_signatures(batch, grid=PIXEL_GRID))
+                sig.append(pixel_signatures(batch))
             bar.update(len(idx))
     return PairFeatures(torch.cat(img), torch.cat(txt), device=dev, chunk=chunk,
                         pixels=torch.cat(sig) if pixels else None)
-
-
-PIXEL_GRID = 8  # blocks per side of a pixel signature (space 'pixels')
 
 
 def needs_pixels(detectors: Sequence[Detector]) -> bool:

@@ -65,6 +65,16 @@ def _asr_columns(rows: list[dict[str, Any]], dataset: str) -> list[str]:
     return cols
 
 
+def asr_column_groups(rows: list[dict[str, Any]]) -> tuple[list[tuple[str, list[str]]], list[list[str]], list[int]]:
+    """Table 1's layout: (dataset, its ASR columns) groups, the two header rows (datasets over
+    columns) and the datasets' column spans; datasets without an ASR column are left out."""
+    datasets = _ordered([r["dataset"] for r in rows], None)
+    groups = [(d, _asr_columns(rows, d)) for d in datasets]
+    groups = [(d, cols) for d, cols in groups if cols]
+    header = [["Dataset"] + [d for d, _ in groups], ["Method"] + [c for _, cols in groups for c in cols]]
+    return groups, header, [1] + [len(cols) for _, cols in groups]
+
+
 CLEAN_SUFFIX = " (clean data)"
 
 
@@ -124,16 +134,11 @@ def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None,
     ``asr_base`` (the untriggered images' rate of the target class). ``ci``: an ASR cell also
     shows the 95% Wilson interval of its rate pooled over the seeds (``pooled_ci``)."""
     ci = ci and key in ("asr", "asr_lp")
-    datasets = _ordered([r["dataset"] for r in rows], None)
     labels = {id(r): row_label(r) for r in rows}
     order = [lab for m in (method_order or []) for lab in (clean_label(m), m)]
     methods = _ordered([labels[id(r)] for r in rows], order)
     ns = n_seeds(rows)
-    groups = [(d, _asr_columns(rows, d)) for d in datasets]
-    groups = [(d, cols) for d, cols in groups if cols]
-    header0 = ["Dataset"] + [d for d, _ in groups]
-    spans = [1] + [len(cols) for _, cols in groups]
-    header1 = ["Method"] + [c for _, cols in groups for c in cols]
+    groups, header, spans = asr_column_groups(rows)
     body = []
     for m in methods:
         line = [m]
@@ -155,7 +160,7 @@ def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None,
     if any(lab.endswith(CLEAN_SUFFIX) for lab in methods):
         notes.append(f"'{CLEAN_SUFFIX.strip()}' rows: the same method trained on the clean data, measured with "
                      "the same triggered images: the base rate an ASR is read against.")
-    return Table(title, [header0, header1], body, spans, notes)
+    return Table(title, header, body, spans, notes)
 
 
 def accuracy_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clipguard.reporting.tables import Table, _asr_columns, _ordered, mean_std
+from clipguard.reporting.tables import Table, _ordered, asr_column_groups, mean_std
 
 BACKDOOR_TOLERANCE = 0.02
 TARGETED_TOLERANCE = 0.125
@@ -43,25 +43,27 @@ def verdict_table(rows: list[dict[str, Any]], method_order: list[str] | None = N
                              and not _undefended(r)], method_order)
     if not body_methods or not any(_undefended(r) for r in rows):
         return None
-    datasets = _ordered([r["dataset"] for r in rows], None)
-    groups = [(d, _asr_columns(rows, d)) for d in datasets]
-    groups = [(d, cols) for d, cols in groups if cols]
-    header0 = ["Dataset"] + [d for d, _ in groups]
-    spans = [1] + [len(cols) for _, cols in groups]
-    header1 = ["Method"] + [c for _, cols in groups for c in cols]
+    groups, header, spans = asr_column_groups(rows)
+    # per column, what every method is read against: the undefended model's ASR, its base rate
+    # and the tolerance; per method only its own clean-data rate differs
+    refs: dict[tuple[str, str], tuple[list[dict[str, Any]], float | None, float | None, float]] = {}
+    for d, cols in groups:
+        for c in cols:
+            here = [r for r in rows if r["dataset"] == d and r.get(f"asr.{c}") not in (None, "")]
+            und = [r for r in here if _undefended(r)]
+            clean = [r for r in here if r.get("train_data") == "clean"
+                     and r.get("defense") in (None, "", "none") and not r.get("base")]
+            und_base = _mean(clean, f"asr.{c}") if clean else _mean(und, f"asr_base.{c}")
+            refs[(d, c)] = (here, _mean(und, f"asr.{c}"), und_base, tolerance(here, c))
     body = []
     for m in body_methods:
         line = [m]
         for d, cols in groups:
             for c in cols:
-                here = [r for r in rows if r["dataset"] == d and r.get(f"asr.{c}") not in (None, "")]
-                und = [r for r in here if _undefended(r)]
+                here, undefended, und_base, tol = refs[(d, c)]
                 own = [r for r in here if r.get("train_data") == "clean" and r["method"] == m]
-                clean = [r for r in here if r.get("train_data") == "clean"
-                         and r.get("defense") in (None, "", "none") and not r.get("base")]
-                und_base = _mean(clean, f"asr.{c}") if clean else _mean(und, f"asr_base.{c}")
                 base = _mean(own, f"asr.{c}") if own else und_base
-                line.append(_cell(rows, d, c, m, _mean(und, f"asr.{c}"), und_base, base, tolerance(here, c)))
+                line.append(_cell(rows, d, c, m, undefended, und_base, base, tol))
         body.append(line)
     notes = ["'holds': the method's mean ASR is within the tolerance of the base rate; 'breaks': it is not "
              "(the undefended model's ASR in brackets); 'did not take': the undefended model itself stays "
@@ -71,7 +73,7 @@ def verdict_table(rows: list[dict[str, Any]], method_order: list[str] | None = N
              "clean data, measured on the same images, else the undefended model trained on it, else the "
              "undefended model's rate on the images without the trigger.",
              "ASR only: a method that holds by losing accuracy shows it in the accuracy table."]
-    return Table("Which defence holds: ASR@1 against the base rate (%)", [header0, header1], body, spans, notes)
+    return Table("Which defence holds: ASR@1 against the base rate (%)", header, body, spans, notes)
 
 
 def _cell(rows: list[dict[str, Any]], d: str, c: str, m: str, undefended: float | None,
