@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from clipguard.io import write_json
+from clipguard.reporting.asr_keys import TARGETED_METRIC
 from clipguard.reporting.merge import load_cells, merge_rows, read_results_csv
 from clipguard.reporting.report import terminal_tables, write_report
 from clipguard.reporting.tables import accuracy_table, asr_table, fmt, mean_std
@@ -157,7 +158,8 @@ def _row(method: str, seed: int, asr: dict[str, float], *, defense: str = "none"
          "train_data": train_data, "detect_detector": detect}
     for col, v in asr.items():
         r[f"asr.{col}"] = v
-        r[f"asr_metric.{col}"] = "zeroshot TDPA success" if col.startswith("tdpa") else "zeroshot backdoor ASR@1"
+        r[f"asr_metric.{col}"] = (f"zeroshot {TARGETED_METRIC}" if col.startswith("tdpa")
+                                  else "zeroshot backdoor ASR@1")
     return r
 
 

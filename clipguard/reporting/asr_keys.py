@@ -14,12 +14,20 @@ from typing import Any
 
 from clipguard.attacks.base import is_targeted
 
+TARGETED_METRIC = "TDPA success (top-1 = adversarial class)"
+
+
+def is_targeted_column(rows: list[dict[str, Any]], col: str) -> bool:
+    """Whether result rows' column ``col`` measures targeted poisoning (targets taken, not images):
+    its metric name is the one ``_block`` writes for a targeted attack."""
+    return any(TARGETED_METRIC in str(r.get(f"asr_metric.{col}") or "") for r in rows)
+
 
 def _block(raw: dict[str, Any], name: str, kind: str) -> dict[str, Any]:
     block = raw.get(name) or {}
     value = block.get("asr@1")
     proto = block.get("protocol") or {}
-    what = "TDPA success (top-1 = adversarial class)" if is_targeted(kind) else "backdoor ASR@1"
+    what = TARGETED_METRIC if is_targeted(kind) else "backdoor ASR@1"
     hits = block.get("n_success@1", block.get("n_success"))
     return {"value": float(value) if isinstance(value, (int, float)) else None,
             "metric": f"{name} {what}", "n": proto.get("n_images"),

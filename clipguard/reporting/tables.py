@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clipguard.evaluation.intervals import wilson_interval
+from clipguard.reporting.asr_keys import is_targeted_column
 
 
 @dataclass
@@ -93,7 +94,7 @@ def n_seeds(rows: list[dict[str, Any]]) -> int:
 
 def _target_count(rows: list[dict[str, Any]], col: str) -> str:
     """' (k/n)' for a targeted-poisoning column: targets taken out of targets tried, all seeds."""
-    if not rows or "TDPA" not in str(rows[0].get(f"asr_metric.{col}") or ""):
+    if not is_targeted_column(rows, col):
         return ""
     try:
         ns = [int(float(r[f"asr_n.{col}"])) for r in rows]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from clipguard.reporting.asr_keys import is_targeted_column
 from clipguard.reporting.tables import Table, _ordered, asr_column_groups, mean_std
 
 BACKDOOR_TOLERANCE = 0.02
@@ -32,8 +33,7 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
 
 
 def tolerance(rows: list[dict[str, Any]], col: str) -> float:
-    targeted = any("TDPA" in str(r.get(f"asr_metric.{col}") or "") for r in rows)
-    return TARGETED_TOLERANCE if targeted else BACKDOOR_TOLERANCE
+    return TARGETED_TOLERANCE if is_targeted_column(rows, col) else BACKDOOR_TOLERANCE
 
 
 def verdict_table(rows: list[dict[str, Any]], method_order: list[str] | None = None) -> Table | None:
