@@ -66,18 +66,23 @@ def train(data: str | Path, out: str | Path, *, defense: str | None = None, pres
           classes: str | Path | None = None, attack_manifest: str | Path | None = None,
           resume: str | None = None, overwrite: bool = False, spec: CsvSpec | None = None,
           lazy_images: bool = False, limit: int | None = None, skip_bad_rows: bool = False,
+          retrain_keep: float | None = None, retrain_detector: str | None = None,
           **settings: Any) -> dict[str, Any]:
     """Pre-train CLIP on ``data`` into the run folder ``out``, optionally with a defence.
 
     ``settings`` are TrainConfig fields (model, epochs, batch_size, lr, seed, device, ...);
-    returns the last epoch's record (as in results.jsonl).
+    returns the last epoch's record (as in results.jsonl). ``retrain_keep``: screen, then retrain
+    (as ``clipguard train --retrain-keep``): the defended run goes to ``out/screen`` and plain CLIP
+    retrains on the pairs its final model keeps; the record then has the screen under ``"screen"``.
     """
     from clipguard.training.run import train_run
+    from clipguard.training.screen import ScreenOptions
 
     run = run_spec(defense=defense, preset=preset, options=options, **settings)
+    retrain = ScreenOptions.from_flags(retrain_keep, retrain_detector)
     return train_run(run, data, out, data_spec=spec, lazy_images=lazy_images, limit=limit,
                      skip_bad_rows=skip_bad_rows, eval_data=eval_data, classes=classes,
-                     attack_manifest=attack_manifest, resume=resume, overwrite=overwrite)
+                     attack_manifest=attack_manifest, resume=resume, overwrite=overwrite, retrain=retrain)
 
 
 def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, defense: str = "ft",

@@ -142,17 +142,6 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
     return rec
 
 
-def _rank_zero_first(make, read):
-    """Under torchrun, rank 0 makes the detection and the other ranks read it after a barrier."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        rec = make() if dist.get_rank() == 0 else None
-        dist.barrier()
-        return rec if rec is not None else read()
-    return make()
-
-
 def read_detection(cell: Cell, out: Path, fingerprint: str) -> dict[str, Any] | None:
     """The cell's detection.json when it was made with this config, else None."""
     from clipguard.bench.cell import read_cell
@@ -181,7 +170,9 @@ def detection_for(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
             raise RuntimeError(f"{cell.id}: rank 0 wrote no {DETECTION_FILE}")
         return rec
 
-    return _rank_zero_first(make, read)
+    from clipguard.training.distributed import rank_zero_first
+
+    return rank_zero_first(make, read)
 
 
 def kept_indices(rec: dict[str, Any], n: int) -> np.ndarray:

@@ -45,6 +45,14 @@ def add_train_args(p: argparse.ArgumentParser, *, finetune: bool = False) -> Non
     p.add_argument("--keep-checkpoints", type=int, default=None)
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    if not finetune:
+        p.add_argument("--retrain-keep", type=float, default=None, metavar="F",
+                       help="screen, then retrain: after training, score every pair with the final model, "
+                            "drop all but the F share least suspicious and train plain CLIP from scratch on "
+                            "them into --out (the first run goes to OUT/screen, the scan to OUT/scan); "
+                            "0.7 was chosen on validation (docs/defenses.md#screen-then-retrain)")
+        p.add_argument("--retrain-detector", default=None, metavar="NAME",
+                       help="detector of the screen (default: caption-agreement; see `clipguard scan`)")
     if finetune:
         p.add_argument("--checkpoint", required=True, help="the (possibly poisoned) model to clean: a run or "
                        "checkpoint folder, .safetensors, or a .pt/.pth/.bin state dict (with --model)")
@@ -88,10 +96,22 @@ def run_training(args: argparse.Namespace, *, stage: str = "pretrain", checkpoin
     return train_run(spec, args.data, args.out, data_spec=csv_spec(args), dataset_type=args.dataset_type,
                      lazy_images=args.lazy_images, limit=args.limit, skip_bad_rows=args.skip_bad_rows,
                      eval_data=args.eval_data, classes=args.classes, attack_manifest=args.attack_manifest,
-                     resume=args.resume, overwrite=args.overwrite)
+                     resume=args.resume, overwrite=args.overwrite, retrain=retrain_options(args))
+
+
+def retrain_options(args: argparse.Namespace):
+    """``--retrain-keep`` / ``--retrain-detector`` as ScreenOptions (None: train once)."""
+    from clipguard.training.screen import ScreenOptions
+
+    return ScreenOptions.from_flags(getattr(args, "retrain_keep", None), getattr(args, "retrain_detector", None))
 
 
 def run(args: argparse.Namespace) -> int:
     last = run_training(args)
     print(f"finished: {args.out} ({', '.join(f'{k}={v}' for k, v in last.items() if k in ('epoch', 'loss', 'zeroshot_top1'))})")
+    if "screen" in last:
+        s = last["screen"]
+        poisons = f", {s['poisons_kept']} of {s['n_poisoned']} poisoned pairs kept" if s.get("n_poisoned") else ""
+        print(f"retrained on {s['kept']} of {s['n_pairs']} pairs{poisons}; the screening run is in "
+              f"{args.out}/screen, its scan in {args.out}/scan")
     return 0

@@ -235,13 +235,12 @@ def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: st
     (returned) and, with ``attack_manifest``, detection metrics and plots. Everything is checked
     before the model runs; an existing ``out/scan.json`` needs ``overwrite``.
     """
-    import clipguard
     from clipguard.data.csv_dataset import CsvSpec, check_limit
     from clipguard.data.registry import infer_type, load_dataset
     from clipguard.detection import outputs
     from clipguard.evaluation.runner import load_model
     from clipguard.models.device import resolve_device
-    from clipguard.models.factory import get_tokenizer, image_size
+    from clipguard.models.factory import image_size
 
     # ---- every setting first: a typo costs nothing
     dets = resolve_detectors(detectors, options)
@@ -273,6 +272,25 @@ def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: st
     net, model_name = load_model(checkpoint, model, str(dev))
     pairs = load_dataset(str(data), kind, spec=spec, image_size=image_size(net), skip_bad_rows=skip_bad_rows,
                          limit=limit, lazy=lazy_images)
+    summary, _ = scan_pairs(pairs, net, model_name, out, dets, keep_detector=keep_name, keep_fraction=keep_fraction,
+                            attack_manifest=attack_manifest, kind=kind, spec=spec, top=top, device=dev,
+                            batch_size=batch_size, chunk=chunk, progress=progress,
+                            sources={"data": str(data), "checkpoint": str(checkpoint)})
+    return summary
+
+
+def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Sequence[Detector], *,
+               keep_detector: str, keep_fraction: float | None, attack_manifest: str | Path | None, kind: str,
+               spec, top: int, device: torch.device, batch_size: int = 256, chunk: int = 4096,
+               progress: bool = True, sources: dict[str, str]) -> tuple[dict[str, Any], ScanResult]:
+    """The part of ``scan`` after loading: encode ``pairs`` with ``net``, score, write ``out``
+    (checked beforehand by the caller), and return scan.json's record with the full result (its
+    keep mask is what a retraining step trains on)."""
+    import clipguard
+    from clipguard.detection import outputs
+    from clipguard.models.factory import get_tokenizer
+
+    dev = device
     poisoned, parts, manifest = (manifest_masks(attack_manifest, pairs) if attack_manifest is not None
                                  else (None, {}, None))
     t0 = time.perf_counter()
@@ -280,14 +298,14 @@ def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: st
                             progress=progress, chunk=chunk, pixels=needs_pixels(dets))
     encode_s = time.perf_counter() - t0
     del net
-    result = scan_features(features, dets, keep_detector=keep_name, keep_fraction=keep_fraction,
+    result = scan_features(features, dets, keep_detector=keep_detector, keep_fraction=keep_fraction,
                            poisoned=poisoned, parts=parts, progress=progress)
 
     # ---- outputs (scan.json last: it marks a finished scan)
     n = len(pairs)
     files = outputs.write_all(out, pairs, result, kind=kind, spec=spec, top=top)
     summary: dict[str, Any] = {
-        "data": str(data), "dataset_type": kind, "checkpoint": str(checkpoint), "model": model_name,
+        **sources, "dataset_type": kind, "model": model_name,
         "device": str(dev), "n_pairs": n, "skipped_rows": pairs.skipped,
         "encode": {"seconds": encode_s, "pairs_per_s": n / encode_s if encode_s > 0 else None,
                    "batch_size": batch_size},
@@ -304,4 +322,4 @@ def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: st
     summary["files"] = files
     summary["clipguard_version"] = clipguard.__version__
     outputs.write_summary(out, summary)
-    return summary
+    return summary, result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -78,6 +78,17 @@ def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def rank_zero_first(make: Callable[[], Any], read: Callable[[], Any]) -> Any:
+    """Under torchrun, rank 0 makes a decision that is written to disk (a detection, a screen) and
+    the other ranks read it after a barrier, so every rank trains on the same pairs; in one
+    process, ``make()``."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rec = make() if dist.get_rank() == 0 else None
+        dist.barrier()
+        return rec if rec is not None else read()
+    return make()
 
 
 def barrier(info: DistInfo) -> None:

@@ -20,8 +20,12 @@ def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: Cs
               dataset_type: str = "auto", lazy_images: bool = False, limit: int | None = None,
               skip_bad_rows: bool = False, eval_data: str | Path | None = None,
               classes: str | Path | None = None, attack_manifest: str | Path | None = None,
-              resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Train ``spec`` on the dataset at ``data`` into ``out``; returns the last epoch's record."""
+              resume: str | None = None, overwrite: bool = False, retrain=None) -> dict[str, Any]:
+    """Train ``spec`` on the dataset at ``data`` into ``out``; returns the last epoch's record.
+
+    ``retrain`` (a ``screen.ScreenOptions``): screen, then retrain. The run goes to ``out/screen``,
+    its final model scores every pair, and plain CLIP trains from scratch on the pairs kept, into
+    ``out`` (clipguard.training.screen)."""
     from clipguard.data.classes import ClassInfo
     from clipguard.data.csv_dataset import check_limit, load_csv, require_labels
     from clipguard.data.registry import load_dataset
@@ -30,6 +34,10 @@ def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: Cs
 
     out = Path(out)
     check_limit(limit)  # up front, before the output folder is checked
+    if retrain is not None:
+        retrain.validate()
+        if spec.stage != "pretrain":
+            raise ConfigError("--retrain-keep is a pre-training step (screen, then retrain from scratch)")
     run_dir.check_out_path(out)
     if resume is None and not overwrite:
         run_dir.prepare(out, resume=None, overwrite=False)  # refuses a finished run before data is loaded
@@ -46,13 +54,24 @@ def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: Cs
         test = load_csv(eval_data, data_spec, image_size=size, skip_bad_rows=skip_bad_rows)
         require_labels(test, "zero-shot evaluation (--eval-data)")
         evaluate = epoch_zeroshot(spec.train.model, test, ClassInfo.load(classes_path))
-    diagnostics = None
-    if attack_manifest is not None:
-        from clipguard.evaluation.detection import make_diagnostics
 
-        diagnostics = make_diagnostics(attack_manifest, train)
-    trainer = build_trainer(spec, train, out, evaluate=evaluate, diagnostics=diagnostics)
-    return trainer.fit(resume=resume, overwrite=overwrite)
+    def make_trainer(run: RunSpec, pairs, folder: Path, diagnose: bool):
+        diagnostics = None
+        if diagnose and attack_manifest is not None:
+            from clipguard.evaluation.detection import make_diagnostics
+
+            diagnostics = make_diagnostics(attack_manifest, pairs)
+        return build_trainer(run, pairs, folder, evaluate=evaluate, diagnostics=diagnostics)
+
+    if retrain is not None:
+        from clipguard.data.registry import infer_type
+        from clipguard.training.screen import screen_and_retrain
+
+        return screen_and_retrain(spec, train, out, screen=retrain, make_trainer=make_trainer, data_label=str(data),
+                                  kind=infer_type(str(data)) if dataset_type == "auto" else dataset_type,
+                                  data_spec=data_spec or CsvSpec(), attack_manifest=attack_manifest,
+                                  resume=resume, overwrite=overwrite, quiet=spec.train.quiet)
+    return make_trainer(spec, train, out, True).fit(resume=resume, overwrite=overwrite)
 
 
 def eval_classes(eval_data: str | Path, classes: str | Path | None) -> Path:
