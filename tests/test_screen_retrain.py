@@ -78,6 +78,16 @@ def test_screen_then_retrain_never_redoes_a_finished_step_silently(fm_dir, tmp_p
     assert main(_args(fm_dir, fresh)) == 2 and "already holds a run" in capsys.readouterr().err
 
 
+def test_a_screening_run_stopped_early_is_finished_before_anything_is_scanned(fm_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _args(fm_dir, out, "--epochs", "2")
+    assert main(args + ["--stop-after", "1"]) == 0
+    assert "stopped before its last epoch" in capsys.readouterr().out
+    assert (out / "screen" / "checkpoints").is_dir() and not (out / "scan").exists() and not (out / "checkpoints").exists()
+    assert main(args + ["--resume", "latest"]) == 0
+    assert "retrained on 140 of 200 pairs" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--retrain-keep", "1.0"], "--retrain-keep must be in (0, 1)"),
     (["--retrain-keep", "nan"], "--retrain-keep must be in (0, 1)"),

@@ -109,7 +109,10 @@ def retrain_options(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     last = run_training(args)
     print(f"finished: {args.out} ({', '.join(f'{k}={v}' for k, v in last.items() if k in ('epoch', 'loss', 'zeroshot_top1'))})")
-    if "screen" in last:
+    if last.get("screen", {}).get("stopped"):
+        print(f"the screening run in {args.out}/screen stopped before its last epoch; --resume latest finishes "
+              f"it, then scans and retrains")
+    elif "screen" in last:
         s = last["screen"]
         poisons = f", {s['poisons_kept']} of {s['n_poisoned']} poisoned pairs kept" if s.get("n_poisoned") else ""
         print(f"retrained on {s['kept']} of {s['n_pairs']} pairs{poisons}; the screening run is in "

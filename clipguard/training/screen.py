@@ -88,6 +88,13 @@ def _read_screen(path: Path, screen: ScreenOptions, n: int) -> dict[str, Any] | 
     return rec
 
 
+def _finished(folder: Path, epochs: int) -> bool:
+    from clipguard.io import read_jsonl
+
+    path = folder / "results.jsonl"
+    return path.is_file() and any(r.get("epoch") == epochs for r in read_jsonl(path))
+
+
 def screen_and_retrain(spec: RunSpec, train_data, out: str | Path, *, screen: ScreenOptions,
                        make_trainer, data_label: str, kind: str, data_spec, attack_manifest: str | Path | None = None,
                        resume: str | None = None, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -113,8 +120,10 @@ def screen_and_retrain(spec: RunSpec, train_data, out: str | Path, *, screen: Sc
 
     # 1. the screening run (skipped when it already finished: resume on a finished run trains nothing)
     screen_trainer = make_trainer(spec, train_data, screen_dir, True)
-    screen_trainer.fit(resume="latest" if resume is not None and run_dir.has_run(screen_dir) else None,
-                       overwrite=overwrite)
+    last = screen_trainer.fit(resume="latest" if resume is not None and run_dir.has_run(screen_dir) else None,
+                              overwrite=overwrite)
+    if not _finished(screen_dir, spec.train.epochs):  # --stop-after: the screen needs the final model
+        return {**last, "screen": {"stopped": True, "screen_run": SCREEN_DIR}}
 
     # 2. the scan by its final model: made once (rank 0 under torchrun) and kept on disk, so a resumed
     #    retraining uses exactly the pairs it started with
