@@ -75,15 +75,25 @@ def retrain_spec(spec: RunSpec) -> RunSpec:
     return replace(spec, defense=plain.defense, options=plain.options, preset=None)
 
 
-def _read_screen(path: Path, screen: ScreenOptions, n: int) -> dict[str, Any] | None:
-    """A previous screen of the same data with the same settings, else None."""
+def _screen_weights(screen_dir: Path) -> str:
+    """sha256 of the screening run's final weights: a scan is reused only for the model that made it."""
+    from clipguard.io import sha256_file
+    from clipguard.models.checkpoint import resolve_latest
+
+    folder = resolve_latest(screen_dir / "checkpoints")
+    return sha256_file(folder / "model.safetensors") if folder is not None else ""
+
+
+def _read_screen(path: Path, screen: ScreenOptions, n: int, weights: str) -> dict[str, Any] | None:
+    """A previous screen of the same data, settings and screening model, else None."""
     if not path.is_file():
         return None
     try:
         rec = read_json_object(path, "screen record")
     except DataError:  # written atomically, so only a hand edit breaks it: scan again
         return None
-    if rec.get("format") != SCREEN_FORMAT or rec.get("settings") != screen.identity() or rec.get("n_pairs") != n:
+    if (rec.get("format") != SCREEN_FORMAT or rec.get("settings") != screen.identity() or rec.get("n_pairs") != n
+            or rec.get("screen_weights_sha256") != weights):
         return None
     return rec
 
@@ -128,10 +138,11 @@ def screen_and_retrain(spec: RunSpec, train_data, out: str | Path, *, screen: Sc
     # 2. the scan by its final model: made once (rank 0 under torchrun) and kept on disk, so a resumed
     #    retraining uses exactly the pairs it started with
     path = scan_dir / SCREEN_FILE
+    weights = _screen_weights(screen_dir)
 
     def make() -> dict[str, Any]:
         if not overwrite:
-            rec = _read_screen(path, screen, n)
+            rec = _read_screen(path, screen, n, weights)
             if rec is not None:
                 return rec
         dev = resolve_device(spec.train.device)
@@ -144,14 +155,14 @@ def screen_and_retrain(spec: RunSpec, train_data, out: str | Path, *, screen: Sc
                                      sources={"data": data_label, "checkpoint": str(screen_dir)})
         keep = result.keep.mask
         rec = {"format": SCREEN_FORMAT, "settings": screen.identity(), "n_pairs": n, "kept": int(keep.sum()),
-               "dropped": int(n - keep.sum()), "screen_run": SCREEN_DIR,
+               "dropped": int(n - keep.sum()), "screen_run": SCREEN_DIR, "screen_weights_sha256": weights,
                "poisons_kept": summary["keep"].get("poisons_kept"), "n_poisoned": summary.get("n_poisoned"),
                "dropped_rows": np.flatnonzero(~keep).tolist()}
         write_json(path, rec)
         return rec
 
     def read() -> dict[str, Any]:
-        rec = _read_screen(path, screen, n)
+        rec = _read_screen(path, screen, n, weights)
         if rec is None:
             raise RuntimeError(f"rank 0 wrote no {path}")
         return rec
@@ -164,5 +175,5 @@ def screen_and_retrain(spec: RunSpec, train_data, out: str | Path, *, screen: Sc
     # 3. plain CLIP from scratch on the kept pairs, into OUT
     trainer = make_trainer(final, kept_data, out, attack_manifest is not None)
     last = trainer.fit(resume="latest" if resume is not None and run_dir.has_run(out) else None, overwrite=overwrite)
-    summary = {k: v for k, v in rec.items() if k != "dropped_rows"}
+    summary = {k: v for k, v in rec.items() if k not in ("dropped_rows", "screen_weights_sha256")}
     return {**last, "screen": summary}
