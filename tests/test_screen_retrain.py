@@ -67,6 +67,7 @@ def test_screen_then_retrain_never_redoes_a_finished_step_silently(fm_dir, tmp_p
     # --resume latest on a finished pipeline trains nothing and scans nothing again
     assert main(args + ["--resume", "latest"]) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
+    assert "nothing left to train" in capsys.readouterr().out
     # a scan is reused only for the screening model that made it
     rec = json.loads((out / "scan" / "screen.json").read_text())
     (out / "scan" / "screen.json").write_text(json.dumps({**rec, "screen_weights_sha256": "another model"}))

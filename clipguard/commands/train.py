@@ -108,7 +108,8 @@ def retrain_options(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     last = run_training(args)
-    print(f"finished: {args.out} ({', '.join(f'{k}={v}' for k, v in last.items() if k in ('epoch', 'loss', 'zeroshot_top1'))})")
+    shown = ", ".join(f"{k}={v}" for k, v in last.items() if k in ("epoch", "loss", "zeroshot_top1"))
+    print(f"finished: {args.out} ({shown})" if shown else f"finished: {args.out} (nothing left to train)")
     if last.get("screen", {}).get("stopped"):
         print(f"the screening run in {args.out}/screen stopped before its last epoch; --resume latest finishes "
               f"it, then scans and retrains")
