@@ -290,11 +290,10 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
     from clipguard.detection import outputs
     from clipguard.models.factory import get_tokenizer
 
-    dev = device
     poisoned, parts, manifest = (manifest_masks(attack_manifest, pairs) if attack_manifest is not None
                                  else (None, {}, None))
     t0 = time.perf_counter()
-    features = encode_pairs(net, get_tokenizer(model_name), pairs, device=dev, batch_size=batch_size,
+    features = encode_pairs(net, get_tokenizer(model_name), pairs, device=device, batch_size=batch_size,
                             progress=progress, chunk=chunk, pixels=needs_pixels(dets))
     encode_s = time.perf_counter() - t0
     del net
@@ -306,7 +305,7 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
     files = outputs.write_all(out, pairs, result, kind=kind, spec=spec, top=top)
     summary: dict[str, Any] = {
         **sources, "dataset_type": kind, "model": model_name,
-        "device": str(dev), "n_pairs": n, "skipped_rows": pairs.skipped,
+        "device": str(device), "n_pairs": n, "skipped_rows": pairs.skipped,
         "encode": {"seconds": encode_s, "pairs_per_s": n / encode_s if encode_s > 0 else None,
                    "batch_size": batch_size},
         "detectors": {r.name: r.summary(n, poisoned) for r in result.runs},

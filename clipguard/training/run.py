@@ -41,6 +41,10 @@ def train_run(spec: RunSpec, data: str | Path, out: str | Path, *, data_spec: Cs
     run_dir.check_out_path(out)
     if resume is None and not overwrite:
         run_dir.prepare(out, resume=None, overwrite=False)  # refuses a finished run before data is loaded
+        if retrain is not None:  # and a screening run left in out/screen
+            from clipguard.training.screen import SCREEN_DIR
+
+            run_dir.prepare(out / SCREEN_DIR, resume=None, overwrite=False)
     if classes is not None and eval_data is None:
         raise ConfigError("--classes is used with --eval-data (zero-shot after each epoch); pass --eval-data too")
     size = model_image_size(spec.train.model)

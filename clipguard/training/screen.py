@@ -112,19 +112,17 @@ def screen_and_retrain(spec: RunSpec, train_data, out: str | Path, *, screen: Sc
     screen's summary under ``"screen"``.
 
     ``make_trainer(spec, data, folder, diagnostics)`` builds a trainer (the caller's evaluation
-    hook and settings); ``train_data`` is the loaded training set, scanned and subset in memory."""
+    hook and settings); ``train_data`` is the loaded training set, scanned and subset in memory.
+    The caller (``run.train_run``) has validated ``screen`` and refused folders holding a run
+    before the data was loaded."""
     from clipguard.detection.base import build
     from clipguard.detection.runner import scan_pairs
     from clipguard.evaluation.runner import load_model
     from clipguard.models.device import resolve_device
     from clipguard.training.distributed import rank_zero_first
 
-    screen.validate()
     out = Path(out)
     screen_dir, scan_dir = out / SCREEN_DIR, out / SCAN_DIR
-    if resume is None and not overwrite:  # refuse before any work, for each step's folder
-        run_dir.prepare(out, resume=None, overwrite=False)
-        run_dir.prepare(screen_dir, resume=None, overwrite=False)
     final = retrain_spec(spec)
     n = len(train_data)
 
