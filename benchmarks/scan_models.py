@@ -101,6 +101,10 @@ def main() -> None:
              and c.defense.detect is None and c.defense.data == "train" and c.defense.preset is None]
     if not cells:
         raise SystemExit(f"no plain-CLIP pre-training cell of attack '{args.attack}' in {args.config}")
+    other = sorted({c.dataset.label for c in cells if c.dataset.builtin != "fashion-mnist"})
+    if other:  # the trusted rows are drawn from the Fashion-MNIST pool (its CSV layout is known)
+        raise SystemExit(f"datasets {other} are not the builtin fashion-mnist; this benchmark draws its "
+                         "trusted rows from that pool only")
     train_kw = {"model": cfg.model, "batch_size": 128, "lr": 1e-3, "warmup": 50, "device": "cpu", "quiet": True}
     size = image_size(_create(cfg.model))
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
