@@ -171,3 +171,16 @@ def test_an_option_at_its_neutral_value_leaves_the_fingerprint_alone():
     assert "clip_on" not in a.resolved()["options"] and a.options.to_dict()["clip_on"] == "views"
     b = resolve_spec(stage="finetune", defense="par", options={"clip_on": "originals"})
     assert b.resolved()["options"]["clip_on"] == "originals" and b.fingerprint() != a.fingerprint()
+
+
+def test_shipped_presets_resolve():
+    """Every preset in configs/ (a file without a grid's `datasets:`) resolves for its stage."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    presets = [p for p in sorted(root.glob("*.yaml")) if not re.search(r"^datasets:", p.read_text(), re.M)]
+    assert {"safeclip-paper.yaml", "roclip.yaml", "cleanclip.yaml"} <= {p.name for p in presets}
+    for p in presets:
+        for stage in ("pretrain", "finetune"):  # a preset names no stage; its options must resolve in both
+            spec = resolve_spec(stage=stage, preset=p)
+            assert spec.defense == load_preset(p).get("defense") and spec.preset == str(p)
