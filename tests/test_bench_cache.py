@@ -134,3 +134,36 @@ def test_validation_split_is_made_again_when_its_training_csv_changes(fm_dir, tm
     lines = (src / "train.csv").read_text().splitlines(keepends=True)
     (src / "train.csv").write_text("".join(lines[:301]))  # header + 300 rows
     assert len(BenchCache(cfg, tmp_path / "b").clean_train(ds)) == 300 - 50
+
+
+def test_poisoned_sets_made_in_parallel_equal_the_serial_ones(fm_dir, tmp_path):
+    """`--jobs` makes the poisoned sets in worker processes; the files must be exactly those one
+    process writes, whatever order the workers finish in."""
+    from clipguard.bench.runner import _poison_parallel
+
+    cfg = _cfg(fm_dir, [{"attack": "badnet", "target": "bag", "count": 8},
+                        {"attack": "tdpa", "target": "trouser", "count": 6, "options": {"targets": 2}}])
+    cfg.seeds = [0, 1]
+    ds, attack = cfg.datasets[0], cfg.attacks[0]
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    for seed in (0, 1):
+        BenchCache(cfg, serial).write_poisoned(ds, attack, seed)
+    cache = BenchCache(cfg, parallel)
+    _poison_parallel(cfg, parallel, cache, [(ds, attack, 0), (ds, attack, 1)], jobs=2)
+
+    def files(root: Path) -> dict[str, bytes]:
+        base = root / "poison"
+        return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*"))
+                if p.is_file() and p.name != "timing.json"}
+
+    got, want = files(parallel), files(serial)
+    assert set(got) == set(want) and len(want) > 2 * (512 + 14)  # both seeds, every image of both parts
+    # the manifests name their own folder: compare them with the out folder taken out
+    for k, v in want.items():
+        if k.endswith((".json", ".csv")):
+            assert got[k].replace(str(parallel).encode(), b"OUT") == v.replace(str(serial).encode(), b"OUT"), k
+        else:
+            assert got[k] == v, k
+    # the sets load and locate their poisons as if made in this process
+    data, ps = cache.train_data(ds, attack, 1)
+    assert [int(m.sum()) for m in ps.masks] == [8, 6]

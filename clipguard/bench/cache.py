@@ -210,6 +210,17 @@ class BenchCache:
         if attack.clean:
             self._poison[key] = PoisonedSet(csv=None)
             return self._poison[key]
+        src, manifests, seconds = self.write_poisoned(ds, attack, seed)
+        final = self.load(src, ds)
+        masks = self._masks(ds, attack, manifests, final)
+        self._poison[key] = PoisonedSet(csv=src, manifests=manifests, masks=masks, seconds=seconds)
+        return self._poison[key]
+
+    def write_poisoned(self, ds: DatasetSpec, attack: AttackSpec, seed: int) -> tuple[Path, list[Path], float]:
+        """Write the poisoned set's folders (each part's, unless already there) without loading it:
+        (final training CSV, each part's manifest, seconds the poisoning took). Sets of different
+        (dataset, attack, seed) write to separate folders, so they can be made in parallel once the
+        dataset itself exists."""
         from clipguard import attacks
 
         train_csv, test_csv, classes = self.split_paths(ds)
@@ -237,10 +248,7 @@ class BenchCache:
         if made:
             write_json(timing, {"seconds": round(time.perf_counter() - t0, 3)})
         seconds = float(json.loads(timing.read_text()).get("seconds", 0.0)) if timing.is_file() else 0.0
-        final = self.load(src, ds)
-        masks = self._masks(ds, attack, manifests, final)
-        self._poison[key] = PoisonedSet(csv=src, manifests=manifests, masks=masks, seconds=seconds)
-        return self._poison[key]
+        return src, manifests, seconds
 
     def _masks(self, ds: DatasetSpec, attack: AttackSpec, manifests: list[Path],
                final: ImageCaptionData) -> list[torch.Tensor]:

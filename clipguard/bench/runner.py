@@ -129,6 +129,47 @@ def _run_parallel(cfg: BenchConfig, out: Path, cells: list[Cell], jobs: int, bar
                     tqdm.write(_summary(rec))
 
 
+def _worker_poison(cfg: BenchConfig, out: str, dataset: str, attack: str, seed: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    ds = next(d for d in cfg.datasets if d.label == dataset)
+    spec = next(a for a in cfg.attacks if a.label == attack)
+    BenchCache(cfg, Path(out)).write_poisoned(ds, spec, seed)
+
+
+def _poison_parallel(cfg: BenchConfig, out: Path, cache: BenchCache, needed: list, jobs: int) -> None:
+    """Make the poisoned sets in ``jobs`` worker processes before any cell starts: poisoning is
+    single-threaded work (decoding and writing images), and a 60,000-pair set with five chained
+    parts takes about a minute, so a grid of many sets would otherwise hold every core but one
+    idle. Each set goes to its own folder and depends only on (dataset, attack, seed), so the
+    files are the same in any order. The datasets themselves are made first, here: every set
+    reads them."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    for ds in {d.label: d for d, _, _ in needed}.values():
+        cache.split_paths(ds)
+    todo = [(d, a, s) for d, a, s in needed if not a.clean]
+    if len(todo) < 2:
+        for d, a, s in todo:
+            cache.write_poisoned(d, a, s)
+        return
+    workers = min(jobs, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(os.getpid(), ctx.Value("i", 0))) as pool:
+        futures = [pool.submit(_worker_poison, cfg, str(out), d.label, a.label, s, threads) for d, a, s in todo]
+        try:
+            for fut in as_completed(futures):
+                fut.result()
+        except BaseException:
+            _stop(pool)
+            raise
+
+
 def _stop(pool) -> None:
     for p in list(getattr(pool, "_processes", {}).values()):
         p.terminate()
@@ -181,8 +222,11 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, quiet: bool = False, redo: b
                 continue
             for a in ([x for x in cfg.attacks if not x.clean] if c.attack.clean else []) + [c.attack]:
                 needed.setdefault((c.dataset.label, a.label, c.seed), (c.dataset, a, c.seed))
-        for ds, attack, seed in needed.values():
-            cache.poisoned(ds, attack, seed)
+        if jobs > 1 and dist.world_size == 1 and backend is None:
+            _poison_parallel(cfg, out, cache, list(needed.values()), jobs)
+        else:
+            for ds, attack, seed in needed.values():
+                cache.poisoned(ds, attack, seed)
     barrier(dist)
     ran: list[str] = []
     meta = {"name": cfg.name, "config": cfg.source, "model": cfg.model, "seeds": cfg.seeds,
