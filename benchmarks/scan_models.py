@@ -124,7 +124,7 @@ def main() -> None:
         poisoned = cell.run_dir(out)
         if (poisoned / "checkpoints").is_dir():
             models = {"poisoned": poisoned, **models}
-        parts = column_masks(cell, poison)
+        parts = column_masks(cfg, cell, poison)
         for model_name, run in models.items():
             net, arch = load_model(str(run), cfg.model, "cpu")
             feats = encode_pairs(net, get_tokenizer(arch), data, device="cpu", progress=False)

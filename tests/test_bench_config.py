@@ -158,3 +158,25 @@ def test_finished_cell_with_other_config_is_refused(tmp_path):
     ft = next(c for c in plan_cells(cfg) if c.stage == "finetune")
     ft2 = next(c for c in plan_cells(cfg2) if c.stage == "finetune")
     assert ft.id == ft2.id and fingerprint(cell_config(cfg, ft)) != fingerprint(cell_config(cfg2, ft2))
+
+
+def test_asr_columns_stay_apart_when_two_attacks_share_part_names():
+    """The same attacks at two doses: each dose keeps its own columns (they used to pool into one)."""
+    from clipguard.bench.cell import attack_columns
+
+    parts = lambda n: [{"attack": "badnet", "target": "bag", "count": n},  # noqa: E731
+                       {"attack": "tdpa", "target": "trouser", "count": n, "options": {"targets": 2}}]
+    g = {"seeds": [0], "datasets": {"fm": {"train": "/d/train.csv", "test": "/d/test.csv"}},
+         "attacks": {"low": {"parts": parts(4)}, "high": {"parts": parts(40)},
+                     "mix": {"parts": [{"attack": "sig", "target": "bag", "count": 4},
+                                       {"attack": "blended", "target": "bag", "count": 4}]},
+                     "badnet": {"attack": "badnet", "target": "bag", "count": 4}},
+         "pretrain": {"defenses": {"CLIP": "none"}}}
+    cfg = parse_config(g)
+    cols = {a.label: attack_columns(a, cfg.attacks) for a in cfg.attacks}
+    assert cols["low"] == ["low:badnet", "low:tdpa"] and cols["high"] == ["high:badnet", "high:tdpa"]
+    assert cols["mix"] == ["sig", "blended"]  # names no other attack uses stay as they were
+    assert cols["badnet"] == ["badnet"]  # a single-part attack's column is its label
+    all_cols = [c for v in cols.values() for c in v]
+    assert len(all_cols) == len(set(all_cols))
+    assert attack_columns(cfg.attacks[0]) == ["badnet", "tdpa"]  # without the grid: the part names

@@ -30,7 +30,7 @@ def stale_columns(cfg: BenchConfig, cell: Cell, cache: BenchCache, record: dict[
     for a in cfg.attacks:
         if a.clean:
             continue
-        cols = attack_columns(a)
+        cols = attack_columns(a, cfg.attacks)
         if any(c not in have for c in cols):
             out.append(a)
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -161,22 +162,22 @@ def reference_asr(cfg: BenchConfig, cell: Cell, cache: BenchCache, model, device
     attacks = [a for a in cfg.attacks if not a.clean] if attacks is None else attacks
     manifests = [m for a in attacks for m in cache.poisoned(cell.dataset, a, cell.seed).manifests]
     out = asr_metrics(model, cfg.model, manifests, device, probe, seed=cell.seed)
-    for rec, col in zip(out, [c for a in attacks for c in attack_columns(a)]):
+    for rec, col in zip(out, [c for a in attacks for c in attack_columns(a, cfg.attacks)]):
         rec["column"] = col
         rec["reference"] = True  # an unpoisoned model: its "ASR" is the base rate
     return out
 
 
-def asr_columns(cell: Cell) -> list[str]:
-    return attack_columns(cell.attack)
-
-
-def attack_columns(attack: AttackSpec) -> list[str]:
+def attack_columns(attack: AttackSpec, grid: Sequence[AttackSpec] = ()) -> list[str]:
     """One ASR column per attack part: the attack's label, or the part's attack name when several
-    attacks share one poisoned dataset."""
+    attacks share one poisoned dataset. A part name that another attack of the ``grid`` also
+    uses (the same attacks at two doses, say) becomes ``LABEL:NAME``, so the tables never pool
+    two poisoned sets into one column."""
     if len(attack.parts) == 1:
         return [attack.label]
-    return [p.attack for p in attack.parts]
+    taken = {a.label for a in grid if a.label != attack.label}
+    taken |= {p.attack for a in grid if a.label != attack.label and len(a.parts) > 1 for p in a.parts}
+    return [f"{attack.label}:{p.attack}" if p.attack in taken else p.attack for p in attack.parts]
 
 
 # ---------------------------------------------------------------------------- running
@@ -301,7 +302,7 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
         asr = reference_asr(cfg, cell, cache, model, device, probe)
     else:
         asr = asr_metrics(model, cfg.model, poison.manifests, device, probe, seed=cell.seed)
-        for rec, col in zip(asr, asr_columns(cell)):
+        for rec, col in zip(asr, attack_columns(cell.attack, cfg.attacks)):
             rec["column"] = col
     train_data, _ = cache.train_data(cell.dataset, cell.attack, cell.seed)
     hist = similarity_histogram(model, cfg.model, train_data, poison.mask, device, cfg.histogram_bins,

@@ -69,11 +69,11 @@ def base_checkpoint(base: Cell, cell: Cell, out: Path) -> Path:
     return latest
 
 
-def column_masks(cell: Cell, poison: PoisonedSet) -> dict[str, np.ndarray]:
+def column_masks(cfg: BenchConfig, cell: Cell, poison: PoisonedSet) -> dict[str, np.ndarray]:
     """One poison mask per ASR column of the cell's attack (one per attack part)."""
     from clipguard.bench.cell import attack_columns
 
-    return {col: m.numpy().astype(bool) for col, m in zip(attack_columns(cell.attack), poison.masks)}
+    return {col: m.numpy().astype(bool) for col, m in zip(attack_columns(cell.attack, cfg.attacks), poison.masks)}
 
 
 def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: BenchCache, *,
@@ -105,7 +105,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
     encode_s = time.perf_counter() - t0
     del net
     mask = poison.mask.numpy().astype(bool) if poison.mask is not None else None
-    parts = column_masks(cell, poison) if mask is not None else {}
+    parts = column_masks(cfg, cell, poison) if mask is not None else {}
     t1 = time.perf_counter()
     result = scan_features(features, dets, keep_detector=dets[0].name, keep_fraction=keep_fraction,
                            poisoned=mask, parts=parts or None, progress=not quiet)
