@@ -167,6 +167,40 @@ def test_joint_density_vetoes_pairs_that_join_an_image_of_one_kind_to_a_caption_
             assert not (safe & poison).any() and decision["log"]["density_vetoed"] > 0
 
 
+def test_local_density_keeps_a_diverse_class_the_global_veto_drops_whole():
+    """A class of diverse images (noise 0.25 around its centre, the others 0.05) is sparse
+    everywhere: the global veto (log k-distance against every pair's) keeps none of it, so it would
+    never get the CLIP loss. The local score (against the pair's own neighbours') keeps most of it
+    and still vetoes every poison."""
+    from types import SimpleNamespace
+
+    from clipguard.defenses.pair_scores import dense_inliers, shard_pair_scores
+    from clipguard.training.distributed import DistInfo
+
+    g = torch.Generator().manual_seed(0)
+    kinds = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
+    src = torch.arange(600) % 6
+    spread = torch.where(src == 5, 0.25, 0.05)[:, None]
+    img = kinds[src] + spread * torch.randn(600, 16, generator=g)
+    txt = kinds[src] + 0.05 * torch.randn(600, 16, generator=g)
+    txt[590:] = kinds[0] + 0.05 * torch.randn(10, 16, generator=g)  # ten poisons, all "kind 0"
+    img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
+    ctx = SimpleNamespace(dist=DistInfo(), device=torch.device("cpu"), raw_model=None,
+                          encode_dataset=lambda indices: (img[indices], txt[indices]))
+    poison = torch.zeros(600, dtype=torch.bool)
+    poison[590:] = True
+    poison &= src != 0
+    diverse = (src == 5) & ~poison
+    kept = {}
+    for local in (False, True):
+        _, log_kd, _ = shard_pair_scores(ctx, torch.arange(600), density_k=16, density_reference=400, seed=1,
+                                         density_local=local)
+        kept[local] = dense_inliers(log_kd, 1.0)
+        assert not kept[local][poison].any()
+    assert kept[False][diverse].float().mean() < 0.05
+    assert kept[True][diverse].float().mean() > 0.7 and kept[True][~poison].float().mean() > 0.75
+
+
 def test_density_memory_keeps_a_vetoed_pair_out_from_the_second_split_on():
     """The first split's verdicts (a barely aligned model) are forgotten; from the second split on
     a vetoed pair stays vetoed even when it later looks dense (a poison being learned)."""

@@ -171,11 +171,12 @@ def test_mixed_epoch_splits_and_safe_and_risky_are_disjoint(fm_train, tmp_path):
     assert int(safe.sum()) == recs[3]["safe_size"]
 
 
-def test_the_density_veto_removes_pairs_from_the_ranked_safe_set(fm_train, tmp_path):
-    """With the default veto the safe set is the top m by score minus the vetoed pairs, and the
-    veto state survives in the checkpoint."""
+@pytest.mark.parametrize("score", ["global", "local"])
+def test_the_density_veto_removes_pairs_from_the_ranked_safe_set(fm_train, tmp_path, score):
+    """With the default veto (and with the local density score) the safe set is the top m by score
+    minus the vetoed pairs, and the veto state survives in the checkpoint."""
     data = fm_train.subset(range(256))
-    strat = _small(density_z=1.0, density_k=8)
+    strat = _small(density_z=1.0, density_k=8, density_score=score)
     Trainer(_cfg(epochs=5), data, tmp_path, strategy=strat).fit()
     recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     for r in recs[2:]:

@@ -54,10 +54,15 @@ def _gather_in_order(values: torch.Tensor, n: int, ctx: TrainContext) -> torch.T
 
 
 def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference: int,
-               seed: int, metric: str = "l2") -> torch.Tensor:
+               seed: int, metric: str = "l2", local: bool = False) -> torch.Tensor:
     """log distance of this rank's features (joint, or image only) to their k-th neighbour among
     a seeded sample of ``reference`` of the ``n`` scored pairs (the pair itself excluded when
-    sampled)."""
+    sampled).
+
+    ``local``: minus the mean of the same quantity for those k neighbours (each sampled pair
+    against the rest of the sample), i.e. the log of a local density ratio as in SLOF. A pair
+    is then sparse only relative to its own neighbourhood: a class of diverse images, sparse
+    everywhere, is not read as a class of outliers."""
     dist = ctx.dist
     world, rank = dist.world_size, dist.rank
     g = torch.Generator().manual_seed(seed)
@@ -76,14 +81,21 @@ def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference
     self_ref[ref_pos] = torch.arange(len(ref_pos))
     mine_self = self_ref[torch.arange(rank, n, world)].to(ix.device)
     d = d.masked_fill(ix == mine_self[:, None], float("inf"))
-    kth = torch.sort(d, dim=1).values[:, kk - 1]
-    return kth.clamp_min(1e-12).log().cpu()
+    order = torch.sort(d, dim=1)
+    log_kd = order.values[:, kk - 1].clamp_min(1e-12).log()
+    if not local:
+        return log_kd.cpu()
+    dr, ir = knn(ref, ref, kk + 1, metric=metric)
+    dr = dr.masked_fill(ir == torch.arange(len(ref), device=ir.device)[:, None], float("inf"))
+    ref_log = torch.sort(dr, dim=1).values[:, kk - 1].clamp_min(1e-12).log()
+    neighbours = ix.gather(1, order.indices[:, :kk])  # the pair itself sorted last (inf)
+    return (log_kd - ref_log.to(log_kd.device)[neighbours].mean(dim=1)).cpu()
 
 
 @torch.no_grad()
 def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
                       top_k: int = 10, density_k: int = 0, density_reference: int = 16384,
-                      seed: int = 0, repeat_k: int = 0, repeat_grid: int = 0
+                      seed: int = 0, repeat_k: int = 0, repeat_grid: int = 0, density_local: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(score, joint log k-distance or None, image log k-distance or None) of each pair in
     ``indices``, the same on every rank.
@@ -91,7 +103,8 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
     Each rank encodes ``indices[rank::world]``. ``reference``: text features of a sample of
     captions, for the relative score. ``density_k`` > 0 adds the joint density, ``repeat_k`` > 0
     the image repetition (both against one seeded sample of ``density_reference`` pairs), in the
-    image embedding or, with ``repeat_grid`` > 0, in coarse pixel signatures of that grid."""
+    image embedding or, with ``repeat_grid`` > 0, in coarse pixel signatures of that grid.
+    ``density_local``: the joint density relative to the pair's neighbours' (see ``_log_kdist``)."""
     world, rank = ctx.dist.world_size, ctx.dist.rank
     mine = indices[rank::world]
     cols = []
@@ -108,7 +121,8 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
     cols.append(sims.float().cpu())
     if density_k > 0:
         joint = torch.nn.functional.normalize(torch.cat([img, txt], dim=1), dim=1).to(ctx.device)
-        cols.append(_log_kdist(ctx, joint, len(indices), density_k, density_reference, seed))
+        cols.append(_log_kdist(ctx, joint, len(indices), density_k, density_reference, seed,
+                               local=density_local))
     if repeat_k > 0:
         feats = pixel_signatures(ctx.data.images, mine, repeat_grid) if repeat_grid > 0 else img.float()
         cols.append(_log_kdist(ctx, feats.to(ctx.device), len(indices), repeat_k, density_reference, seed,

@@ -86,6 +86,11 @@ class SafeClipOptions(Options):
     density_memory: bool = True
     density_k: int = 16
     density_reference: int = 16384
+    # what the veto compares: "global", the pair's log k-distance against every pair's, or
+    # "local", against its own k neighbours' (a local density ratio, as SLOF): with "global" a
+    # class of diverse images (Fashion-MNIST's shirts) is sparse everywhere and can be vetoed
+    # whole, and a class that never gets the CLIP loss costs zero-shot accuracy
+    density_score: Literal["global", "local"] = field(default="global", metadata={"neutral": "global"})
     # the repeated-image veto: a pair whose image has repeat_k near-identical copies (the log
     # distance to its repeat_k-th nearest image, among the density_reference sample, more than
     # repeat_z robust standard deviations below the median) stays out of the safe set, as
@@ -135,6 +140,8 @@ class SafeClipOptions(Options):
         require(self.repeat_z is None or self.repeat_z > 0,
                 f"repeat_z must be > 0 (or None: no repeated-image veto), got {self.repeat_z}")
         require(self.repeat_k >= 1, f"repeat_k must be >= 1, got {self.repeat_k}")
+        require(self.density_score in ("global", "local"),
+                f"density_score must be 'global' or 'local', got {self.density_score!r}")
         require(self.repeat_space in ("embedding", "pixels"),
                 f"repeat_space must be 'embedding' or 'pixels', got {self.repeat_space!r}")
         require(self.repeat_grid >= 1, f"repeat_grid must be >= 1, got {self.repeat_grid}")
@@ -264,7 +271,8 @@ class SafeClip(Strategy, PairSelector):
             density_k=o.density_k if o.density_z is not None else 0,
             density_reference=o.density_reference, seed=step_seed(ctx.seed, "safeclip-density", epoch),
             repeat_k=o.repeat_k if o.repeat_z is not None else 0,
-            repeat_grid=o.repeat_grid if o.repeat_space == "pixels" else 0)
+            repeat_grid=o.repeat_grid if o.repeat_space == "pixels" else 0,
+            density_local=o.density_score == "local")
         sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
         sims[cand] = fresh
         dense = self._veto(n, cand, log_kd, log_rd) if (log_kd is not None or log_rd is not None) else None
