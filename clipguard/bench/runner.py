@@ -89,22 +89,31 @@ def _worker_cell(cfg: BenchConfig, out: str, cell_id: str, threads: int, quiet: 
     return run_cell(cfg, cell, Path(out), cache, quiet=quiet, evaluate=True, bar_position=1 + _WORKER_SLOT)
 
 
+def _worker_pool(workers: int):
+    """(a pool of ``workers`` spawned processes that exit with this one, the threads each gets:
+    cores / workers), for the cells and for the poisoned sets alike."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(os.getpid(), ctx.Value("i", 0)))
+    return pool, max(1, (os.cpu_count() or 1) // workers)
+
+
 def _run_parallel(cfg: BenchConfig, out: Path, cells: list[Cell], jobs: int, bar, ran: list[str],
                   quiet: bool) -> None:
     """Cells in ``jobs`` worker processes (each with cores/jobs threads); a fine-tuning, detect-then-
     train or scan-only cell starts once its pre-trained base is finished. On a tiny model, processes use the cores better than
     threads (a step is many small ops), so ``--jobs 2`` is the faster way to fill 2 cores."""
-    import multiprocessing as mp
-    import os
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     from clipguard.bench.schedule import CellQueue
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     queue = CellQueue(cfg, out, cells)  # bases first; a cell starts once its base is finished
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                             initargs=(os.getpid(), ctx.Value("i", 0))) as pool:
+    pool, threads = _worker_pool(jobs)
+    with pool:
         running: dict[Any, Cell] = {}
         while queue or running:
             for c in queue.take(jobs - len(running)):
@@ -145,9 +154,7 @@ def _poison_parallel(cfg: BenchConfig, out: Path, cache: BenchCache, needed: lis
     idle. Each set goes to its own folder and depends only on (dataset, attack, seed), so the
     files are the same in any order. The datasets themselves are made first, here: every set
     reads them."""
-    import multiprocessing as mp
-    import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
 
     for ds in {d.label: d for d, _, _ in needed}.values():
         cache.split_paths(ds)
@@ -156,11 +163,8 @@ def _poison_parallel(cfg: BenchConfig, out: Path, cache: BenchCache, needed: lis
         for d, a, s in todo:
             cache.write_poisoned(d, a, s)
         return
-    workers = min(jobs, len(todo))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(os.getpid(), ctx.Value("i", 0))) as pool:
+    pool, threads = _worker_pool(min(jobs, len(todo)))
+    with pool:
         futures = [pool.submit(_worker_poison, cfg, str(out), d.label, a.label, s, threads) for d, a, s in todo]
         try:
             for fut in as_completed(futures):
