@@ -225,6 +225,60 @@ def test_density_memory_keeps_a_vetoed_pair_out_from_the_second_split_on():
     assert s.state_json()["dense_rounds"] == 3
 
 
+def test_density_strikes_two_forgive_one_veto_and_exclude_for_good_from_the_second():
+    """With density_strikes 2 a pair vetoed once (from the second split on) misses only that
+    epoch; a second veto excludes it for good, also from epochs that do not re-score it, and the
+    count survives a save and load."""
+    from clipguard.defenses.nn_pool import NNPool
+    from clipguard.defenses.safeclip import SafeClip, SafeClipOptions
+
+    def far(*idx: int) -> torch.Tensor:
+        x = torch.linspace(0, 0.01, 200)
+        x[list(idx)] = 10.0
+        return x
+
+    everyone = torch.arange(200)
+    s = SafeClip(SafeClipOptions(density_z=1.0, density_strikes=2))
+    s._dense = s._veto(200, everyone, far(0))          # split 1: not counted
+    s._dense = s._veto(200, everyone, far(1, 2))       # split 2: pairs 1 and 2 get a strike
+    assert not s._dense[1] and not s._dense[2] and s._dense[0]
+    s._dense = s._veto(200, everyone, far(2))          # split 3: pair 1 forgiven, pair 2 out
+    assert s._dense[1] and not s._dense[2]
+    s._img_pool, s._txt_pool = NNPool(4, 8), NNPool(4, 8)
+    tensors, meta = s.state_tensors(), s.state_json()
+    r = SafeClip(SafeClipOptions(density_z=1.0, density_strikes=2))
+    r._img_pool, r._txt_pool = s._img_pool, s._txt_pool
+    r.load_state(tensors, meta)
+    r._dense = r._veto(200, everyone[100:], far(50)[100:])  # split 4 re-scores only pairs 100-199
+    assert not r._dense[2] and r._dense[1]
+    r._dense = r._veto(200, everyone, far(1))               # split 5: pair 1's second strike
+    assert not r._dense[1] and not r._dense[2] and r._dense[0]
+    assert r._strikes[2] == 2 and r._strikes[1] == 2 and r._strikes[0] == 0
+
+
+def test_density_strikes_one_is_the_union_of_every_verdict():
+    """density_strikes 1 (the default) is the memory as it always was: any veto from the second
+    split on is final; a state written before strikes were counted resumes the same way."""
+    from clipguard.defenses.nn_pool import NNPool
+    from clipguard.defenses.safeclip import SafeClip, SafeClipOptions
+
+    x = torch.linspace(0, 0.01, 200)
+    v = [x.clone() for _ in range(3)]
+    for i, t in enumerate(v):
+        t[i + 3] = 10.0
+    s = SafeClip(SafeClipOptions(density_z=1.0))
+    for t in v[:2]:
+        s._dense = s._veto(200, torch.arange(200), t)
+    s._img_pool, s._txt_pool = NNPool(4, 8), NNPool(4, 8)
+    legacy = {k: t for k, t in s.state_tensors().items() if k != "strikes"}
+    r = SafeClip(SafeClipOptions(density_z=1.0))
+    r._img_pool, r._txt_pool = NNPool(4, 8), NNPool(4, 8)
+    r.load_state(legacy, s.state_json())
+    for m in (s, r):
+        m._dense = m._veto(200, torch.arange(200), v[2])
+        assert m._dense[3] and not m._dense[4] and not m._dense[5]
+
+
 def test_repeated_image_veto_flags_copies_of_one_image_and_no_clean_pair():
     """Targeted poisoning repeats one target image under many captions: its copies' image
     embeddings coincide, far closer than any two clean images, so the lower tail of the image

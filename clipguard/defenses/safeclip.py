@@ -84,6 +84,11 @@ class SafeClipOptions(Options):
     # learn a poison, the poison gains look-alikes and a high score, so a later verdict is worth
     # less than an earlier one (the first split's, made by a barely aligned model, is not kept)
     density_memory: bool = True
+    # how many vetoes (from the second split on) make a pair's exclusion final under
+    # density_memory: 1, every pair vetoed once stays out (the union of every epoch's verdicts);
+    # 2, a pair vetoed once misses only that epoch and stays out from its second veto on, so a
+    # verdict that flickers with the sampled reference does not exclude a pair for good
+    density_strikes: int = field(default=1, metadata={"neutral": 1})
     density_k: int = 16
     density_reference: int = 16384
     # what the veto compares: "global", the pair's log k-distance against every pair's, or
@@ -135,6 +140,7 @@ class SafeClipOptions(Options):
                 "reference_captions and reference_top_k must be >= 1")
         require(self.density_z is None or self.density_z > 0,
                 f"density_z must be > 0 (or None: no density veto), got {self.density_z}")
+        require(self.density_strikes >= 1, f"density_strikes must be >= 1, got {self.density_strikes}")
         require(self.density_k >= 1 and self.density_reference >= 2,
                 "density_k must be >= 1 and density_reference >= 2")
         require(self.repeat_z is None or self.repeat_z > 0,
@@ -191,6 +197,7 @@ class SafeClip(Strategy, PairSelector):
         self._sims: torch.Tensor | None = None  # float (N,), latest clean-pair similarities
         self._dense: torch.Tensor | None = None  # bool (N,), pairs the density veto lets through
         self._dense_rounds = 0                   # splits made with the density veto so far
+        self._strikes: torch.Tensor | None = None  # uint8 (N,), vetoes from the second split on
 
     # ------------------------------------------------------------------ phases and lr
     def phase(self, epoch: int) -> str:
@@ -287,6 +294,8 @@ class SafeClip(Strategy, PairSelector):
         rec.update(decision["log"])
         if log_rd is not None:
             rec["repeated_images"] = self._log_repeated  # pairs of this epoch's scoring flagged as copies
+        if self._strikes is not None:  # pairs the density memory keeps out for good
+            rec["density_out_for_good"] = int((self._strikes >= o.density_strikes).sum())
         rec.update({"safe_size": int(safe.sum()), "safe_fraction": round(float(safe.float().mean()), 6),
                     "evaluated_pairs": int(len(cand)), "full_evaluation": bool(full),
                     "similarity_seconds": round(t_sims, 4),
@@ -298,8 +307,10 @@ class SafeClip(Strategy, PairSelector):
         """Which pairs the density and repeated-image vetoes let through, after this epoch's
         scores of ``cand``.
 
-        Pairs not re-scored keep their last verdict (they are outside the safe set anyway); with
-        ``density_memory`` a verdict from the second split on is final."""
+        Pairs not re-scored keep their last verdict (they are outside the safe set anyway). With
+        ``density_memory`` the vetoes from the second split on are counted per pair, and a pair
+        with ``density_strikes`` of them stays out for good (the first split's verdict, made by a
+        barely aligned model, is not counted)."""
         dense = self._dense.clone() if self._dense is not None else torch.ones(n, dtype=torch.bool)
         verdict = torch.ones(len(cand), dtype=torch.bool)
         if log_kd is not None:
@@ -308,8 +319,15 @@ class SafeClip(Strategy, PairSelector):
             repeated = repeated_images(log_rd, self.opt.repeat_z)
             self._log_repeated = int(repeated.sum())
             verdict &= ~repeated
-        if self.opt.density_memory and self._dense_rounds >= 2:
-            verdict &= dense[cand]
+        if self.opt.density_memory and self._dense_rounds >= 1:
+            if self._strikes is None:
+                self._strikes = torch.zeros(n, dtype=torch.uint8)
+            strikes = self._strikes[cand].to(torch.int16) + (~verdict).to(torch.int16)
+            self._strikes[cand] = strikes.clamp(max=255).to(torch.uint8)
+            out_for_good = self._strikes >= self.opt.density_strikes
+            verdict &= ~out_for_good[cand]
+            # a pair out for good stays out even when this epoch does not re-score it
+            dense &= ~out_for_good
         dense[cand] = verdict
         self._dense_rounds += 1
         return dense
@@ -456,6 +474,8 @@ class SafeClip(Strategy, PairSelector):
             out["safe"] = self._safe.to(torch.uint8).contiguous()
         if self._dense is not None:
             out["dense"] = self._dense.to(torch.uint8).contiguous()
+        if self._strikes is not None:
+            out["strikes"] = self._strikes.contiguous()
         return out
 
     def state_json(self) -> dict[str, Any]:
@@ -469,3 +489,7 @@ class SafeClip(Strategy, PairSelector):
         self._dense = tensors["dense"].bool().clone() if "dense" in tensors else None
         self._m = meta.get("m")
         self._dense_rounds = int(meta.get("dense_rounds", 0))
+        self._strikes = tensors["strikes"].to(torch.uint8).clone() if "strikes" in tensors else None
+        if self._strikes is None and self._dense is not None and self._dense_rounds >= 2:
+            # a state written before vetoes were counted: every vetoed pair had its one strike
+            self._strikes = (~self._dense).to(torch.uint8)
