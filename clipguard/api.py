@@ -20,7 +20,7 @@ the same settings write the same files and the same numbers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from clipguard.data.csv_dataset import CsvSpec, ImageCaptionData
 
@@ -67,19 +67,21 @@ def train(data: str | Path, out: str | Path, *, defense: str | None = None, pres
           resume: str | None = None, overwrite: bool = False, spec: CsvSpec | None = None,
           lazy_images: bool = False, limit: int | None = None, skip_bad_rows: bool = False,
           retrain_keep: float | None = None, retrain_detector: str | None = None,
+          retrain_veto: Sequence[str] | None = None,
           **settings: Any) -> dict[str, Any]:
     """Pre-train CLIP on ``data`` into the run folder ``out``, optionally with a defence.
 
     ``settings`` are TrainConfig fields (model, epochs, batch_size, lr, seed, device, ...);
     returns the last epoch's record (as in results.jsonl). ``retrain_keep``: screen, then retrain
     (as ``clipguard train --retrain-keep``): the defended run goes to ``out/screen`` and plain CLIP
-    retrains on the pairs its final model keeps; the record then has the screen under ``"screen"``.
+    retrains on the pairs its final model keeps (``retrain_veto``: detectors whose own rule drops
+    pairs too); the record then has the screen under ``"screen"``.
     """
     from clipguard.training.run import train_run
     from clipguard.training.screen import ScreenOptions
 
     run = run_spec(defense=defense, preset=preset, options=options, **settings)
-    retrain = ScreenOptions.from_flags(retrain_keep, retrain_detector)
+    retrain = ScreenOptions.from_flags(retrain_keep, retrain_detector, retrain_veto)
     return train_run(run, data, out, data_spec=spec, lazy_images=lazy_images, limit=limit,
                      skip_bad_rows=skip_bad_rows, eval_data=eval_data, classes=classes,
                      attack_manifest=attack_manifest, resume=resume, overwrite=overwrite, retrain=retrain)

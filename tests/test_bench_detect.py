@@ -98,6 +98,9 @@ def _detect(g):
     (lambda g: _detect(g).update(base="DAO-then-CLIP"), r"is itself a detect-then-train entry"),
     (lambda g: _detect(g).update(keep_fraction=1.5), r"detect.keep_fraction must be null or a number in \(0, 1\]"),
     (lambda g: _detect(g).update(threshold=3), r"DAO-then-CLIP.detect' has unknown key"),
+    (lambda g: _detect(g).update(veto=["dao"]), r"DAO-then-CLIP.detect.veto: 'dao' is the entry's detector"),
+    (lambda g: _detect(g).update(veto=["nope"]), r"DAO-then-CLIP.detect.veto: unknown detector 'nope'"),
+    (lambda g: _detect(g).update(veto={"repeat": {"zz": 4}}), r"detect.veto.repeat: detector 'repeat' has no option 'zz'"),
     (lambda g: g["pretrain"]["defenses"].update(CLIP="safeclip"),
      r"DAO-then-CLIP.detect: needs 'base' .*no plain CLIP entry"),
     (lambda g: g.update(finetune={"defenses": {"F": {"defense": "ft", "detect": {"detector": "dao"}}}}),
@@ -144,10 +147,16 @@ def test_cache_key_covers_detector_options_keep_rule_and_base():
     for mutate in (lambda g: _detect(g).update(options={"k": 12}),
                    lambda g: _detect(g).update(options={"k": 8, "z": 2.5}),
                    lambda g: _detect(g).update(detector="slof", options={}),
-                   lambda g: _detect(g).update(keep_fraction=0.9)):
+                   lambda g: _detect(g).update(keep_fraction=0.9),
+                   lambda g: _detect(g).update(veto=["repeat"])):
         cfg = variant(mutate)
         assert _fp(cfg, "DAO-then-CLIP") != fp
         assert _fp(cfg, "CLIP") == clip_fp and _fp(cfg, "CLIP+scan") == scan_fp
+    # a veto's options are resolved too: a list of names is the mapping with no options
+    assert _fp(variant(lambda g: _detect(g).update(veto=["repeat"])), "DAO-then-CLIP") == \
+        _fp(variant(lambda g: _detect(g).update(veto={"repeat": {"k": 4}})), "DAO-then-CLIP") != \
+        _fp(variant(lambda g: _detect(g).update(veto={"repeat": {"z": 4}})), "DAO-then-CLIP")
+    assert _fp(variant(lambda g: _detect(g).update(veto=[])), "DAO-then-CLIP") == fp
     # writing a default out keeps the key (the options are resolved)
     assert _fp(variant(lambda g: _detect(g).update(options={"k": 8, "space": "image", "metric": "l2"})),
                "DAO-then-CLIP") == fp
@@ -221,7 +230,8 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
         "pretrain": {"train": {"epochs": 1, "batch_size": 64, "warmup": 2}, "defenses": {
             "CLIP": "none",
             "DAO-then-CLIP": {"detect": {"detector": "dao", "base": "CLIP", "options": {"k": 8}}},
-            "KD90-then-CLIP": {"detect": {"detector": "kdist", "keep_fraction": 0.9}},
+            "KD90-then-CLIP": {"detect": {"detector": "kdist", "keep_fraction": 0.9,
+                                          "veto": {"repeat": {"z": 0.5}}}},
         }},
         "scan": {"base": "CLIP", "detectors": ["dao", "similarity", "kdist"], "options": {"dao": {"k": 8}}},
     }
@@ -256,8 +266,12 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
     assert dao["metrics"]["zeroshot_top1"] is not None and dao["asr"][0]["column"] == "badnet"
     assert dao["config"]["detect"]["options"] == {"z": 3.0, "k": 8, "space": "image", "metric": "l2"}
 
-    kd = cell("KD90-then-CLIP")["detection"]["keep"]
-    assert kd["rule"] == "fraction" and abs(kd["kept"] - 0.9 * n) <= 1
+    kd_cell = cell("KD90-then-CLIP")
+    kd = kd_cell["detection"]["keep"]
+    veto = kd["vetoes"][0]
+    assert kd["rule"] == "fraction" and veto["detector"] == "repeat" and veto["dropped_by_it_alone"] > 0
+    assert abs(kd["kept"] + veto["dropped_by_it_alone"] - 0.9 * n) <= 1  # the fraction, then the veto
+    assert kd_cell["train_pairs"] == kd["kept"] and list(kd_cell["detection"]["detectors"]) == ["kdist", "repeat"]
 
     scan = cell("CLIP+scan")
     assert scan["stage"] == "scan" and "asr" not in scan and "metrics" not in scan
@@ -280,7 +294,7 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
     dao_row = next(r for r in rows if r["method"] == "DAO-then-CLIP")
     assert int(dao_row["detect_kept"]) == keep["kept"] and dao_row["detect_auroc.badnet"] != ""
     det_rows = read_results_csv(out / "detection.csv")
-    assert {r["label"] for r in det_rows} == {"dao (k=8)", "similarity", "kdist"}
+    assert {r["label"] for r in det_rows} == {"dao (k=8)", "similarity", "kdist", "repeat (z=0.5)"}
 
     # nothing to redo; a changed detector option is a stale cell, not a silent reuse
     assert run_bench(cfg, out, quiet=True, report=False)["cells_run"] == 0

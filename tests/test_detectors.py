@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clipguard.detection import DETECTORS, PairFeatures, build, knn
-from clipguard.detection.base import fraction_keep, robust_keep
+from clipguard.detection.base import fraction_keep, robust_keep, veto_keep
 from clipguard.detection.density import lid_mle
 from clipguard.detection.metrics import (
     auprc,
@@ -92,6 +92,50 @@ def test_repeat_flags_the_copies_of_a_repeated_image_that_density_finds_normal()
     assert auroc(build("kdist").score(feats), labels) < 0.1  # copies look the least sparse
     keep = build("repeat").keep_rule(scores).mask
     assert not keep[labels].any() and keep[~labels].mean() > 0.95
+
+
+def test_a_repeat_veto_drops_the_copies_a_general_ranking_keeps():
+    """Copies of one image captioned as another class: caption agreement with a k below the
+    number of copies sees them agree with each other and keeps them; a repeat veto added to its
+    keep rule drops every copy, and the record says how many it alone removed."""
+    from clipguard.detection.runner import scan_features
+
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(4, DIM, generator=g) * 3
+    cls = torch.arange(320) % 4
+    image = centres[cls] + 0.4 * torch.randn(320, DIM, generator=g)
+    image[300:] = image[300]  # one image of class 0 (row 300 is class 0), 20 copies
+    text_cls = cls.clone()
+    text_cls[300:] = 1        # ... each captioned as class 1
+    text = centres[text_cls] + 0.4 * torch.randn(320, DIM, generator=g)
+    labels = np.r_[np.zeros(300, dtype=bool), np.ones(20, dtype=bool)]
+    dets = [build("caption-agreement", {"k": 8}), build("repeat")]
+    plain = scan_features(PairFeatures(image, text), dets, keep_detector="caption-agreement",
+                          keep_fraction=0.9, progress=False)
+    vetoed = scan_features(PairFeatures(image, text), dets, keep_detector="caption-agreement",
+                           keep_fraction=0.9, veto_detectors=["repeat"], progress=False)
+    assert plain.keep.mask[labels].sum() >= 10          # the ranking alone keeps most copies
+    assert not vetoed.keep.mask[labels].any()            # the veto drops them all
+    assert (vetoed.keep.mask == (plain.keep.mask & vetoed.run("repeat").keep.mask)).all()
+    info = vetoed.keep.rule["vetoes"][0]
+    assert vetoed.keep.rule["rule"] == "fraction" and info["detector"] == "repeat"
+    assert info["dropped_by_it_alone"] == int(plain.keep.mask.sum() - vetoed.keep.mask.sum())
+    with pytest.raises(ConfigError, match="--veto-detector 'repeat' is the keep detector"):
+        scan_features(PairFeatures(image, text), dets, keep_detector="repeat", veto_detectors=["repeat"],
+                      progress=False)
+    with pytest.raises(ConfigError, match="--veto-detector 'dao' is not among the detectors run"):
+        scan_features(PairFeatures(image, text), dets, veto_detectors=["dao"], progress=False)
+
+
+def test_veto_keep_intersects_and_records_each_veto():
+    primary = fraction_keep(np.arange(10.0), 0.8)           # drops rows 8, 9
+    a = robust_keep(np.r_[np.zeros(9), 100.0], 3.0)          # rejects row 9
+    b = robust_keep(np.r_[100.0, np.zeros(9)], 3.0)          # rejects row 0
+    out = veto_keep(primary, {"a": a, "b": b})
+    assert out.mask.tolist() == [False] + [True] * 7 + [False, False]
+    assert [(v["detector"], v["rejected"], v["dropped_by_it_alone"]) for v in out.rule["vetoes"]] == \
+        [("a", 1, 0), ("b", 1, 1)]
+    assert primary.mask.sum() == 8  # the primary decision is untouched
 
 
 def test_repeat_in_pixel_space_flags_copies_whose_noise_scatters_their_embeddings():

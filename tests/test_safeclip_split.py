@@ -279,6 +279,27 @@ def test_density_strikes_one_is_the_union_of_every_verdict():
         assert m._dense[3] and not m._dense[4] and not m._dense[5]
 
 
+def test_a_first_veto_the_second_split_does_not_rescore_counts_as_one_strike():
+    """With the efficient update the second split re-scores only the top pairs; a pair it skips
+    keeps the first split's verdict, which then counts as one strike: final with one strike (the
+    memory as it always was), forgiven with two."""
+    from clipguard.defenses.safeclip import SafeClip, SafeClipOptions
+
+    def far(i: int) -> torch.Tensor:
+        x = torch.linspace(0, 0.01, 200)
+        x[i] = 10.0
+        return x
+
+    everyone, top = torch.arange(200), torch.arange(100, 200)
+    for strikes, back in ((1, False), (2, True)):
+        s = SafeClip(SafeClipOptions(density_z=1.0, density_strikes=strikes))
+        s._dense = s._veto(200, everyone, far(5))         # split 1: pair 5 vetoed
+        s._dense = s._veto(200, top, far(150)[100:])      # split 2: pair 5 not re-scored
+        assert not s._dense[5] and not s._dense[150]
+        s._dense = s._veto(200, everyone, far(0))         # split 3: pair 5 looks fine
+        assert bool(s._dense[5]) is back and bool(s._dense[150]) is back
+
+
 def test_repeated_image_veto_flags_copies_of_one_image_and_no_clean_pair():
     """Targeted poisoning repeats one target image under many captions: its copies' image
     embeddings coincide, far closer than any two clean images, so the lower tail of the image

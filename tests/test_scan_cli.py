@@ -105,6 +105,8 @@ def test_existing_scan_needs_overwrite_and_fraction_overrides_the_rule(poisoned,
     (["--detector", "kdist", "--detector-option", "lid.k=3"], "'lid', which is not among the detectors run"),
     (["--detector", "kdist", "--keep-detector", "dao"], "--keep-detector 'dao' is not among"),
     (["--keep-fraction", "1.5"], "--keep-fraction must be in (0, 1]"),
+    (["--detector", "kdist", "--veto-detector", "kdist"], "--veto-detector 'kdist' is the keep detector"),
+    (["--veto-detector", "nope"], "unknown detector 'nope'"),
     (["--attack-manifest", "missing.json"], "missing.json: attack manifest not found"),
 ])
 def test_bad_settings_are_one_line_errors(poisoned, tmp_path, capsys, args, message):
@@ -112,6 +114,24 @@ def test_bad_settings_are_one_line_errors(poisoned, tmp_path, capsys, args, mess
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
     assert not (tmp_path / "scan").exists()
+
+
+def test_a_veto_detector_runs_and_drops_what_its_rule_rejects(poisoned, tmp_path, capsys):
+    out = tmp_path / "scan"
+    assert _scan(poisoned, out, "--detector", "similarity", "--veto-detector", "repeat",
+                 "--detector-option", "repeat.z=0.5", "--keep-fraction", "0.95") == 0
+    assert "+ repeat veto" in capsys.readouterr().out
+    summary = json.loads((out / "scan.json").read_text())
+    assert list(summary["detectors"]) == ["similarity", "repeat"]
+    keep = summary["keep"]
+    veto = keep["vetoes"][0]
+    assert keep["detector"] == "similarity" and veto["detector"] == "repeat" and veto["z"] == 0.5
+    rows = _rows(out / "scores.csv")
+    assert keep["kept"] == sum(int(r["kept"]) for r in rows)
+    rejected = {r["row"] for r in rows if float(r["repeat_score"]) > veto["threshold"]}
+    assert len(rejected) == veto["rejected"] >= veto["dropped_by_it_alone"] > 0
+    assert not rejected & {r["row"] for r in rows if r["kept"] == "1"}
+    assert keep["kept"] + veto["dropped_by_it_alone"] in (int(0.95 * N), int(0.95 * N) + 1)
 
 
 def test_bad_data_file_names_the_file(poisoned, tmp_path, capsys):

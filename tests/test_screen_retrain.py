@@ -99,6 +99,8 @@ def test_a_screening_run_stopped_early_is_finished_before_anything_is_scanned(fm
     (["--retrain-keep", "1.0"], "--retrain-keep must be in (0, 1)"),
     (["--retrain-keep", "nan"], "--retrain-keep must be in (0, 1)"),
     (["--retrain-detector", "nope"], "'nope' is not a detector"),
+    (["--retrain-veto", "nope"], "--retrain-veto 'nope' is not a detector"),
+    (["--retrain-veto", "caption-agreement"], "is the screen's detector"),
 ])
 def test_screen_settings_are_checked_before_any_work(fm_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
@@ -113,6 +115,21 @@ def test_a_screen_detector_without_a_keep_share_is_refused():
     with pytest.raises(ConfigError, match="needs --retrain-keep"):
         ScreenOptions.from_flags(None, "dao")
     assert ScreenOptions.from_flags(0.5, "dao").identity() == {"keep": 0.5, "detector": "dao", "options": {}}
+    with pytest.raises(ConfigError, match="--retrain-veto needs --retrain-keep"):
+        ScreenOptions.from_flags(None, None, ["repeat"])
+    assert ScreenOptions.from_flags(0.5, None, ["repeat", "repeat"]).identity()["veto"] == ["repeat"]
+
+
+def test_a_screen_veto_drops_what_its_detector_rejects_besides_the_keep_share(fm_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(fm_dir, out, "--retrain-veto", "repeat")) == 0
+    rec = json.loads((out / "scan" / "screen.json").read_text())
+    assert rec["settings"]["veto"] == ["repeat"]
+    keep = json.loads((out / "scan" / "scan.json").read_text())["keep"]
+    veto = keep["vetoes"][0]
+    assert keep["detector"] == "caption-agreement" and veto["detector"] == "repeat"
+    assert rec["kept"] == keep["kept"] == 140 - veto["dropped_by_it_alone"]
+    assert f"retrained on {rec['kept']} of 200 pairs" in capsys.readouterr().out
 
 
 def test_the_python_api_screens_and_retrains_like_the_command(fm_dir, tmp_path):

@@ -94,6 +94,8 @@ class DetectSpec:
     base: str | None = None  # a pre-training label; None until parse_config fills in the default
     options: dict[str, Any] = field(default_factory=dict)
     keep_fraction: float | None = None  # keep this fraction of lowest scores instead of the rule
+    # veto detectors (name -> options): the pairs each one's own rule rejects are dropped too
+    veto: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 TRAIN_DATA = ("train", "held-aside")
@@ -376,9 +378,10 @@ def _detector_options(name: str, options: Any, source: str, key: str) -> dict[st
 
 
 def _detect(obj: Any, source: str, key: str) -> DetectSpec:
-    """``detect: {detector: dao, base: CLIP, options: {k: 16}, keep_fraction: null}``."""
+    """``detect: {detector: dao, base: CLIP, options: {k: 16}, keep_fraction: null,
+    veto: {repeat: {z: 4}}}`` (``veto`` may also be a list of names)."""
     d = _mapping(obj, source, key)
-    _check_keys(d, {"detector", "base", "options", "keep_fraction"}, source, key)
+    _check_keys(d, {"detector", "base", "options", "keep_fraction", "veto"}, source, key)
     if d.get("detector") is None:
         raise ConfigError(f"{source}: {key}: needs 'detector' (a detector name of `clipguard scan`)")
     name = _detector_name(d["detector"], source, f"{key}.detector")
@@ -389,9 +392,19 @@ def _detect(obj: Any, source: str, key: str) -> DetectSpec:
     base = d.get("base")
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{source}: {key}.base must be a pre-training defence label, got {base!r}")
+    raw = d.get("veto") or {}
+    if isinstance(raw, list):
+        raw = {v: {} for v in raw}
+    raw = _mapping(raw, source, f"{key}.veto")
+    veto: dict[str, dict[str, Any]] = {}
+    for v, opts in raw.items():
+        vname = _detector_name(v, source, f"{key}.veto")
+        if vname == name:
+            raise ConfigError(f"{source}: {key}.veto: '{vname}' is the entry's detector; a veto must be another")
+        veto[vname] = _detector_options(vname, opts, source, f"{key}.veto.{vname}")
     return DetectSpec(detector=name, base=base,
                       options=_detector_options(name, d.get("options"), source, f"{key}.options"),
-                      keep_fraction=None if frac is None else float(frac))
+                      keep_fraction=None if frac is None else float(frac), veto=veto)
 
 
 def _default_base(pretrain: StageSpec) -> str | None:

@@ -40,8 +40,11 @@ def resolved_options(name: str, options: dict[str, Any] | None) -> dict[str, Any
 
 def detect_conf(spec: DetectSpec) -> dict[str, Any]:
     """What decides a detect-then-train cell's kept pairs, besides its base model."""
-    return {"format": DETECT_FORMAT, "detector": spec.detector,
+    conf = {"format": DETECT_FORMAT, "detector": spec.detector,
             "options": resolved_options(spec.detector, spec.options), "keep_fraction": spec.keep_fraction}
+    if spec.veto:  # only when given: entries without one keep their finished cells
+        conf["veto"] = {n: resolved_options(n, o) for n, o in spec.veto.items()}
+    return conf
 
 
 def scan_conf(scan: ScanSpec) -> dict[str, Any]:
@@ -78,9 +81,10 @@ def column_masks(cfg: BenchConfig, cell: Cell, poison: PoisonedSet) -> dict[str,
 
 def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: BenchCache, *,
                   detectors: Sequence[tuple[str, dict[str, Any]]], keep_fraction: float | None,
-                  fingerprint: str, base_fingerprint: str, keep_rows: bool, quiet: bool = False) -> dict[str, Any]:
+                  fingerprint: str, veto_detectors: Sequence[str] = (), base_fingerprint: str, keep_rows: bool, quiet: bool = False) -> dict[str, Any]:
     """Encode the cell's training data with ``base``'s final model, score it with each detector,
-    keep by the first detector's rule (or ``keep_fraction``), write ``scores.csv`` and
+    keep by the first detector's rule (or ``keep_fraction``) minus what each of
+    ``veto_detectors`` (among ``detectors``) rejects, write ``scores.csv`` and
     ``detection.json`` into the cell's run folder, and return the record.
 
     ``keep_rows``: record the dropped rows (a detect-then-train cell trains on the rest)."""
@@ -108,7 +112,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
     parts = column_masks(cfg, cell, poison) if mask is not None else {}
     t1 = time.perf_counter()
     result = scan_features(features, dets, keep_detector=dets[0].name, keep_fraction=keep_fraction,
-                           poisoned=mask, parts=parts or None, progress=not quiet)
+                           veto_detectors=veto_detectors, poisoned=mask, parts=parts or None, progress=not quiet)
     detect_s = time.perf_counter() - t1
     outputs.write_scores(run_dir / SCORES_FILE, data, result, outputs.row_ids(data, "csv"))
 
@@ -160,8 +164,9 @@ def detection_for(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
         rec = read_detection(cell, out, fingerprint)
         if rec is not None:
             return rec
-        return run_detection(cfg, cell, base, out, cache, detectors=[(spec.detector, spec.options)],
-                             keep_fraction=spec.keep_fraction, fingerprint=fingerprint,
+        return run_detection(cfg, cell, base, out, cache,
+                             detectors=[(spec.detector, spec.options), *spec.veto.items()],
+                             keep_fraction=spec.keep_fraction, veto_detectors=list(spec.veto), fingerprint=fingerprint,
                              base_fingerprint=base_fingerprint, keep_rows=True, quiet=quiet)
 
     def read() -> dict[str, Any]:

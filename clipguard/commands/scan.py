@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
                    help="detector whose rule writes kept.csv (default: the first --detector, or dao)")
     p.add_argument("--keep-fraction", type=float, default=None,
                    help="keep this fraction of pairs with the lowest scores instead of the detector's rule")
+    p.add_argument("--veto-detector", action="extend", nargs="+", default=[], metavar="NAME",
+                   help="also drop the pairs this detector's own rule rejects (repeatable; run even when "
+                        "not in --detector), e.g. repeat, which flags the copies targeted poisoning makes")
     p.add_argument("--top", type=int, default=100, help="rows in suspicious.csv (default 100)")
     p.add_argument("--overwrite", action="store_true", help="replace a scan already in --out")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -46,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
     summary = scan(args.data, args.checkpoint, args.out, model=args.model, detectors=args.detector,
                    options=parse_detector_options(args.detector_option), attack_manifest=args.attack_manifest,
-                   keep_fraction=args.keep_fraction, keep_detector=args.keep_detector, top=args.top,
+                   keep_fraction=args.keep_fraction, keep_detector=args.keep_detector,
+                   veto_detectors=[n.strip() for v in args.veto_detector for n in v.split(",") if n.strip()],
+                   top=args.top,
                    overwrite=args.overwrite, device=args.device, batch_size=args.batch_size,
                    spec=csv_spec(args), dataset_type=args.dataset_type, lazy_images=args.lazy_images,
                    limit=args.limit, skip_bad_rows=args.skip_bad_rows, chunk=args.chunk,
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:>10}: keeps {rec['keep']['kept']}/{n}  {rec['pairs_per_s'] or 0:.0f} pairs/s{auc}")
     keep = summary["keep"]
     extra = f", {keep['poisons_kept']} of {summary['n_poisoned']} poisons" if "poisons_kept" in keep else ""
-    print(f"kept {keep['kept']} of {n} pairs by {keep['detector']} ({keep['rule']}{extra}): "
+    vetoes = "".join(f" + {v['detector']} veto" for v in keep.get("vetoes", []))
+    print(f"kept {keep['kept']} of {n} pairs by {keep['detector']} ({keep['rule']}{vetoes}{extra}): "
           f"{args.out}/{keep['file']}")
     return 0

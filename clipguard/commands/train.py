@@ -53,6 +53,9 @@ def add_train_args(p: argparse.ArgumentParser, *, finetune: bool = False) -> Non
                             "0.7 was chosen on validation (docs/defenses.md#screen-then-retrain)")
         p.add_argument("--retrain-detector", default=None, metavar="NAME",
                        help="detector of the screen (default: caption-agreement; see `clipguard scan`)")
+        p.add_argument("--retrain-veto", action="extend", nargs="+", default=None, metavar="NAME",
+                       help="also drop the pairs this detector's own rule rejects, e.g. repeat (the copies "
+                            "targeted poisoning makes; see `clipguard scan --veto-detector`)")
     if finetune:
         p.add_argument("--checkpoint", required=True, help="the (possibly poisoned) model to clean: a run or "
                        "checkpoint folder, .safetensors, or a .pt/.pth/.bin state dict (with --model)")
@@ -100,10 +103,12 @@ def run_training(args: argparse.Namespace, *, stage: str = "pretrain", checkpoin
 
 
 def retrain_options(args: argparse.Namespace):
-    """``--retrain-keep`` / ``--retrain-detector`` as ScreenOptions (None: train once)."""
+    """``--retrain-keep`` / ``--retrain-detector`` / ``--retrain-veto`` as ScreenOptions (None: train once)."""
     from clipguard.training.screen import ScreenOptions
 
-    return ScreenOptions.from_flags(getattr(args, "retrain_keep", None), getattr(args, "retrain_detector", None))
+    veto = [n.strip() for v in getattr(args, "retrain_veto", None) or [] for n in v.split(",") if n.strip()]
+    return ScreenOptions.from_flags(getattr(args, "retrain_keep", None), getattr(args, "retrain_detector", None),
+                                    veto)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -310,7 +310,8 @@ class SafeClip(Strategy, PairSelector):
         Pairs not re-scored keep their last verdict (they are outside the safe set anyway). With
         ``density_memory`` the vetoes from the second split on are counted per pair, and a pair
         with ``density_strikes`` of them stays out for good (the first split's verdict, made by a
-        barely aligned model, is not counted)."""
+        barely aligned model, is not counted, except for a pair the second split does not
+        re-score: its first verdict is its last one)."""
         dense = self._dense.clone() if self._dense is not None else torch.ones(n, dtype=torch.bool)
         verdict = torch.ones(len(cand), dtype=torch.bool)
         if log_kd is not None:
@@ -321,7 +322,10 @@ class SafeClip(Strategy, PairSelector):
             verdict &= ~repeated
         if self.opt.density_memory and self._dense_rounds >= 1:
             if self._strikes is None:
-                self._strikes = torch.zeros(n, dtype=torch.uint8)
+                # the first counted split: a pair it does not re-score carries the first split's
+                # veto as one strike (as the memory always did: its last verdict stands)
+                self._strikes = (~dense).to(torch.uint8)
+                self._strikes[cand] = 0
             strikes = self._strikes[cand].to(torch.int16) + (~verdict).to(torch.int16)
             self._strikes[cand] = strikes.clamp(max=255).to(torch.uint8)
             out_for_good = self._strikes >= self.opt.density_strikes

@@ -174,6 +174,21 @@ def fraction_keep(scores: np.ndarray, fraction: float) -> KeepDecision:
                                "threshold": float(kept.max()) if len(kept) else None})
 
 
+def veto_keep(primary: KeepDecision, vetoes: dict[str, KeepDecision]) -> KeepDecision:
+    """``primary``'s kept pairs minus every pair a veto detector's own rule rejects.
+
+    One detector rarely sees every kind of poison: a general one (caption agreement, density)
+    misses groups of copies larger than its neighbourhood, which ``repeat`` flags exactly. A veto
+    adds such a narrow detector's verdict without replacing the main ranking."""
+    mask = primary.mask.copy()
+    info = []
+    for name, d in vetoes.items():
+        info.append({"detector": name, **d.rule, "rejected": int((~d.mask).sum()),
+                     "dropped_by_it_alone": int((mask & ~d.mask).sum())})
+        mask &= d.mask
+    return KeepDecision(mask, {**primary.rule, "vetoes": info})
+
+
 # ---------------------------------------------------------------------------- detectors
 @dataclass
 class DetectorOptions(Options):

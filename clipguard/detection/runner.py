@@ -26,6 +26,7 @@ from clipguard.detection.base import (
     fraction_keep,
     get,
     names,
+    veto_keep,
 )
 from clipguard.errors import ConfigError, DataError
 
@@ -46,13 +47,15 @@ def parse_detector_options(items: Iterable[str] | None) -> dict[str, dict[str, s
 
 
 def resolve_detectors(detectors: str | Sequence[str] | None = None,
-                      options: dict[str, dict[str, Any] | DetectorOptions] | None = None) -> list[Detector]:
-    """Built detectors, in the order given (default: every registered one); options are checked
-    against each detector's dataclass, and options for a detector not run are refused."""
+                      options: dict[str, dict[str, Any] | DetectorOptions] | None = None,
+                      also: Sequence[str] = ()) -> list[Detector]:
+    """Built detectors, in the order given (default: every registered one), then any of ``also``
+    (veto detectors) not among them; options are checked against each detector's dataclass, and
+    options for a detector not run are refused."""
     if isinstance(detectors, str):
         detectors = [detectors]
     chosen: list[str] = []
-    for entry in detectors or names():
+    for entry in [*(detectors or names()), *also]:
         for name in str(entry).split(","):
             name = name.strip()
             if name and name not in chosen:
@@ -159,12 +162,27 @@ class ScanResult:
         return next(r for r in self.runs if r.name == name)
 
 
+def check_vetoes(vetoes: Sequence[str], keep_detector: str, run: Sequence[str]) -> list[str]:
+    """The veto detectors' names, checked: each is run and none is the keep detector."""
+    out = []
+    for name in vetoes:
+        if name == keep_detector:
+            raise ConfigError(f"--veto-detector '{name}' is the keep detector; a veto must be another detector")
+        if name not in run:
+            raise ConfigError(f"--veto-detector '{name}' is not among the detectors run ({', '.join(run)})")
+        if name not in out:
+            out.append(name)
+    return out
+
+
 def scan_features(features: PairFeatures, detectors: Sequence[Detector], *, keep_detector: str | None = None,
-                  keep_fraction: float | None = None, poisoned: np.ndarray | torch.Tensor | None = None,
+                  keep_fraction: float | None = None, veto_detectors: Sequence[str] = (),
+                  poisoned: np.ndarray | torch.Tensor | None = None,
                   parts: dict[str, Any] | None = None, progress: bool = True) -> ScanResult:
     """Score ``features`` with each detector; keep by ``keep_detector``'s rule (or the
-    ``keep_fraction`` of lowest scores); with ``poisoned`` (a mask), detection metrics overall
-    and per ``parts`` (name -> mask of that part's poisons)."""
+    ``keep_fraction`` of lowest scores), minus the pairs each of ``veto_detectors`` rejects by its
+    own rule; with ``poisoned`` (a mask), detection metrics overall and per ``parts`` (name ->
+    mask of that part's poisons)."""
     from tqdm.auto import tqdm
 
     from clipguard.detection.metrics import grouped_metrics
@@ -173,6 +191,7 @@ def scan_features(features: PairFeatures, detectors: Sequence[Detector], *, keep
     if keep_detector not in [d.name for d in detectors]:
         raise ConfigError(f"--keep-detector '{keep_detector}' is not among the detectors run "
                           f"({', '.join(d.name for d in detectors)})")
+    vetoes = check_vetoes(veto_detectors, keep_detector, [d.name for d in detectors])
     if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
         raise ConfigError(f"--keep-fraction must be in (0, 1], got {keep_fraction}")
     n = len(features)
@@ -195,6 +214,8 @@ def scan_features(features: PairFeatures, detectors: Sequence[Detector], *, keep
         runs.append(run)
     chosen = next(r for r in runs if r.name == keep_detector)
     keep = fraction_keep(chosen.scores, keep_fraction) if keep_fraction is not None else chosen.keep
+    if vetoes:
+        keep = veto_keep(keep, {name: next(r for r in runs if r.name == name).keep for name in vetoes})
     return ScanResult(runs, keep_detector, keep, mask, part_masks)
 
 
@@ -223,7 +244,7 @@ def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: st
          detectors: str | Sequence[str] | None = None,
          options: dict[str, dict[str, Any] | DetectorOptions] | None = None,
          attack_manifest: str | Path | None = None, keep_fraction: float | None = None,
-         keep_detector: str | None = None, top: int = 100, overwrite: bool = False, device: str = "auto",
+         keep_detector: str | None = None, veto_detectors: Sequence[str] = (), top: int = 100, overwrite: bool = False, device: str = "auto",
          batch_size: int = 256, spec=None, dataset_type: str = "auto", lazy_images: bool = False,
          limit: int | None = None, skip_bad_rows: bool = False, chunk: int = 4096,
          progress: bool = True) -> dict[str, Any]:
@@ -243,11 +264,12 @@ def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: st
     from clipguard.models.factory import image_size
 
     # ---- every setting first: a typo costs nothing
-    dets = resolve_detectors(detectors, options)
+    dets = resolve_detectors(detectors, options, also=veto_detectors)
     keep_name = keep_detector or default_keep_detector(dets, explicit=detectors is not None)
     if keep_name not in [d.name for d in dets]:
         raise ConfigError(f"--keep-detector '{keep_name}' is not among the detectors run "
                           f"({', '.join(d.name for d in dets)})")
+    vetoes = check_vetoes(veto_detectors, keep_name, [d.name for d in dets])
     if keep_fraction is not None and not (math.isfinite(keep_fraction) and 0.0 < keep_fraction <= 1.0):
         raise ConfigError(f"--keep-fraction must be in (0, 1], got {keep_fraction}")
     if top < 0:
@@ -273,6 +295,7 @@ def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: st
     pairs = load_dataset(str(data), kind, spec=spec, image_size=image_size(net), skip_bad_rows=skip_bad_rows,
                          limit=limit, lazy=lazy_images)
     summary, _ = scan_pairs(pairs, net, model_name, out, dets, keep_detector=keep_name, keep_fraction=keep_fraction,
+                            veto_detectors=vetoes,
                             attack_manifest=attack_manifest, kind=kind, spec=spec, top=top, device=dev,
                             batch_size=batch_size, chunk=chunk, progress=progress,
                             sources={"data": str(data), "checkpoint": str(checkpoint)})
@@ -281,6 +304,7 @@ def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: st
 
 def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Sequence[Detector], *,
                keep_detector: str, keep_fraction: float | None, attack_manifest: str | Path | None, kind: str,
+               veto_detectors: Sequence[str] = (),
                spec, top: int, device: torch.device, batch_size: int = 256, chunk: int = 4096,
                progress: bool = True, sources: dict[str, str]) -> tuple[dict[str, Any], ScanResult]:
     """The part of ``scan`` after loading: encode ``pairs`` with ``net``, score, write ``out``
@@ -298,7 +322,7 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
     encode_s = time.perf_counter() - t0
     del net
     result = scan_features(features, dets, keep_detector=keep_detector, keep_fraction=keep_fraction,
-                           poisoned=poisoned, parts=parts, progress=progress)
+                           veto_detectors=veto_detectors, poisoned=poisoned, parts=parts, progress=progress)
 
     # ---- outputs (scan.json last: it marks a finished scan)
     n = len(pairs)

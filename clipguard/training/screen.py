@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -44,6 +44,7 @@ class ScreenOptions:
     keep: float = 0.7
     detector: str = "caption-agreement"
     options: dict[str, Any] = field(default_factory=dict)
+    veto: tuple[str, ...] = ()  # detectors whose own rule drops pairs too (``repeat``: targeted copies)
 
     def validate(self) -> None:
         from clipguard.detection.base import names
@@ -53,18 +54,29 @@ class ScreenOptions:
         if self.detector not in names():
             raise ConfigError(f"--retrain-detector '{self.detector}' is not a detector "
                               f"(choose from: {', '.join(names())})")
+        for v in self.veto:
+            if v not in names():
+                raise ConfigError(f"--retrain-veto '{v}' is not a detector (choose from: {', '.join(names())})")
+            if v == self.detector:
+                raise ConfigError(f"--retrain-veto '{v}' is the screen's detector; a veto must be another")
 
     @classmethod
-    def from_flags(cls, keep: float | None, detector: str | None) -> ScreenOptions | None:
-        """``--retrain-keep`` / ``--retrain-detector`` (or the API's arguments); None: train once."""
-        if keep is None and detector is None:
+    def from_flags(cls, keep: float | None, detector: str | None,
+                   veto: Sequence[str] | None = None) -> ScreenOptions | None:
+        """``--retrain-keep`` / ``--retrain-detector`` / ``--retrain-veto`` (or the API's
+        arguments); None: train once."""
+        if keep is None and detector is None and not veto:
             return None
         if keep is None:
-            raise ConfigError("--retrain-detector needs --retrain-keep (the share of pairs to retrain on)")
-        return cls(keep=keep, **({"detector": detector} if detector else {}))
+            flag = "--retrain-detector" if detector is not None else "--retrain-veto"
+            raise ConfigError(f"{flag} needs --retrain-keep (the share of pairs to retrain on)")
+        return cls(keep=keep, **({"detector": detector} if detector else {}), veto=tuple(dict.fromkeys(veto or ())))
 
     def identity(self) -> dict[str, Any]:
-        return {"keep": float(self.keep), "detector": self.detector, "options": dict(sorted(self.options.items()))}
+        out = {"keep": float(self.keep), "detector": self.detector, "options": dict(sorted(self.options.items()))}
+        if self.veto:  # only when given: a screen made before vetoes existed stays valid
+            out["veto"] = list(self.veto)
+        return out
 
 
 def retrain_spec(spec: RunSpec) -> RunSpec:
@@ -145,10 +157,10 @@ def screen_and_retrain(spec: RunSpec, train_data, out: str | Path, *, screen: Sc
                 return rec
         dev = resolve_device(spec.train.device)
         net, model_name = load_model(str(screen_dir), spec.train.model, str(dev))
-        det = build(screen.detector, screen.options)
+        dets = [build(screen.detector, screen.options), *(build(v) for v in screen.veto)]
         scan_dir.mkdir(parents=True, exist_ok=True)
-        summary, result = scan_pairs(train_data, net, model_name, scan_dir, [det], keep_detector=det.name,
-                                     keep_fraction=screen.keep, attack_manifest=attack_manifest, kind=kind,
+        summary, result = scan_pairs(train_data, net, model_name, scan_dir, dets, keep_detector=screen.detector,
+                                     keep_fraction=screen.keep, veto_detectors=screen.veto, attack_manifest=attack_manifest, kind=kind,
                                      spec=data_spec, top=100, device=dev, progress=not quiet,
                                      sources={"data": data_label, "checkpoint": str(screen_dir)})
         keep = result.keep.mask
