@@ -95,7 +95,10 @@ def _detect(g):
     (lambda g: _detect(g).update(options={"kk": 3}), r"detect.options: detector 'dao' has no option 'kk'"),
     (lambda g: _detect(g).update(options={"space": "audio"}), r"DAO-then-CLIP.detect.options"),
     (lambda g: _detect(g).update(base="SafeCLIP"), r"detect: base 'SafeCLIP' is not a pre-training defence label"),
-    (lambda g: _detect(g).update(base="DAO-then-CLIP"), r"is itself a detect-then-train entry"),
+    (lambda g: _detect(g).update(base="DAO-then-CLIP"), r"detect bases form a cycle: DAO-then-CLIP -> DAO-then-CLIP"),
+    (lambda g: (g["pretrain"]["defenses"].update(B={"detect": {"detector": "dao", "base": "DAO-then-CLIP"}}),
+                _detect(g).update(base="B")), r"detect bases form a cycle: DAO-then-CLIP -> B -> DAO-then-CLIP"),
+    (lambda g: g["scan"].update(base="DAO-then-CLIP"), r"scan.base: base 'DAO-then-CLIP' is itself a detect-then-train"),
     (lambda g: _detect(g).update(keep_fraction=1.5), r"detect.keep_fraction must be null or a number in \(0, 1\]"),
     (lambda g: _detect(g).update(threshold=3), r"DAO-then-CLIP.detect' has unknown key"),
     (lambda g: _detect(g).update(veto=["dao"]), r"DAO-then-CLIP.detect.veto: 'dao' is the entry's detector"),
@@ -115,6 +118,26 @@ def _detect(g):
 def test_bad_detect_and_scan_entries_name_the_key(mutate, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(_bad(mutate), source="grid.yaml")
+
+
+def test_a_detect_entry_can_scan_with_a_model_an_earlier_detection_cleaned():
+    """Detect twice: the second entry scores the full poisoned set with the model trained on what
+    the first kept. It plans after its base, whatever the YAML order, and its cache key follows the
+    whole chain."""
+    g = copy.deepcopy(GRID)
+    g["pretrain"]["defenses"] = {
+        "Twice": {"detect": {"detector": "dao", "base": "DAO-then-CLIP", "keep_fraction": 0.9}},
+        **g["pretrain"]["defenses"]}
+    cfg = parse_config(g)
+    ids = [c.id for c in plan_cells(cfg)]
+    assert ids.index("fm/badnet/CLIP/seed0") < ids.index("fm/badnet/DAO-then-CLIP/seed0") < \
+        ids.index("fm/badnet/Twice/seed0")
+    twice = next(c for c in plan_cells(cfg) if c.id == "fm/badnet/Twice/seed0")
+    assert dependency(cfg, twice).id == "fm/badnet/DAO-then-CLIP/seed0"
+    fp = _fp(cfg, "Twice")
+    g2 = copy.deepcopy(g)
+    g2["pretrain"]["defenses"]["DAO-then-CLIP"]["detect"]["options"]["k"] = 6  # the first detection
+    assert _fp(parse_config(g2), "Twice") != fp
 
 
 def test_scan_defaults_and_explicit_bases():
@@ -232,6 +255,7 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
             "DAO-then-CLIP": {"detect": {"detector": "dao", "base": "CLIP", "options": {"k": 8}}},
             "KD90-then-CLIP": {"detect": {"detector": "kdist", "keep_fraction": 0.9,
                                           "veto": {"repeat": {"z": 0.5}}}},
+            "Twice": {"detect": {"detector": "similarity", "base": "DAO-then-CLIP", "keep_fraction": 0.95}},
         }},
         "scan": {"base": "CLIP", "detectors": ["dao", "similarity", "kdist"], "options": {"dao": {"k": 8}}},
     }
@@ -240,7 +264,7 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
     cfg = load_config(config)
     out = tmp_path / "bench"
     meta = run_bench(cfg, out, quiet=True)
-    assert meta["cells_run"] == 4
+    assert meta["cells_run"] == 5
 
     def cell(name: str) -> dict:
         return json.loads((out / "cells" / f"fm__badnet__{name}__seed0.json").read_text())
@@ -273,6 +297,10 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
     assert abs(kd["kept"] + veto["dropped_by_it_alone"] - 0.9 * n) <= 1  # the fraction, then the veto
     assert kd_cell["train_pairs"] == kd["kept"] and list(kd_cell["detection"]["detectors"]) == ["kdist", "repeat"]
 
+    twice = cell("Twice")
+    assert twice["detection"]["base_cell"] == "fm/badnet/DAO-then-CLIP/seed0" and twice["detection"]["n_pairs"] == n
+    assert abs(twice["train_pairs"] - 0.95 * n) <= 1
+
     scan = cell("CLIP+scan")
     assert scan["stage"] == "scan" and "asr" not in scan and "metrics" not in scan
     assert list(scan["detection"]["detectors"]) == ["dao", "similarity", "kdist"]
@@ -290,7 +318,7 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
     table1 = md.split("Table 1:")[1].split("Table 2")[0]
     assert "CLIP+scan" not in table1 and "DAO-then-CLIP" in table1
     rows = read_results_csv(out / "results.csv")
-    assert {r["method"] for r in rows} == {"CLIP", "DAO-then-CLIP", "KD90-then-CLIP", "CLIP+scan"}
+    assert {r["method"] for r in rows} == {"CLIP", "DAO-then-CLIP", "KD90-then-CLIP", "Twice", "CLIP+scan"}
     dao_row = next(r for r in rows if r["method"] == "DAO-then-CLIP")
     assert int(dao_row["detect_kept"]) == keep["kept"] and dao_row["detect_auroc.badnet"] != ""
     det_rows = read_results_csv(out / "detection.csv")

@@ -414,7 +414,10 @@ def _default_base(pretrain: StageSpec) -> str | None:
                  if d.detect is None and d.defense == "none" and d.preset is None), None)
 
 
-def _check_base(base: str | None, pretrain: StageSpec, source: str, key: str) -> str:
+def _check_base(base: str | None, pretrain: StageSpec, source: str, key: str, chain: bool = False) -> str:
+    """``base`` (or the default) checked against the pre-training labels. ``chain``: the base may
+    itself be a detect-then-train entry (a detect entry scanning with a model trained on pairs an
+    earlier detection kept)."""
     labels = [d.label for d in pretrain.defenses]
     if base is None:
         base = _default_base(pretrain)
@@ -425,10 +428,24 @@ def _check_base(base: str | None, pretrain: StageSpec, source: str, key: str) ->
     if base not in labels:
         raise ConfigError(f"{source}: {key}: base {base!r} is not a pre-training defence label; choose one of {labels}")
     entry = next(d for d in pretrain.defenses if d.label == base)
-    if entry.detect is not None:
+    if entry.detect is not None and not chain:
         raise ConfigError(f"{source}: {key}: base {base!r} is itself a detect-then-train entry; the base must "
                           f"train on the poisoned data as it is")
     return base
+
+
+def detect_depth(defenses: list[DefenseSpec], label: str, source: str = "config") -> int:
+    """How many detect-then-train entries lead to ``label``'s model: 0 for an entry that trains on
+    the data as it is, 1 for one whose base is such an entry, and so on (a cycle is an error)."""
+    by_label = {d.label: d for d in defenses}
+    seen: list[str] = []
+    while by_label[label].detect is not None:
+        if label in seen:
+            chain = " -> ".join([*seen[seen.index(label):], label])
+            raise ConfigError(f"{source}: detect bases form a cycle: {chain}")
+        seen.append(label)
+        label = by_label[label].detect.base
+    return len(seen)
 
 
 def _scan(obj: Any, source: str, pretrain: StageSpec) -> ScanSpec:
@@ -516,11 +533,14 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
                               f"choose from {[d.label for d in pretrain.defenses]}")
     for d in pretrain.defenses:
         if d.detect is not None:
-            d.detect.base = _check_base(d.detect.base, pretrain, source, f"pretrain.defenses.{d.label}.detect")
+            d.detect.base = _check_base(d.detect.base, pretrain, source, f"pretrain.defenses.{d.label}.detect",
+                                        chain=True)
             for a in attacks:
                 if a.runs(d.label) and not a.runs(d.detect.base):
                     raise ConfigError(f"{source}: attacks.{a.label}.defenses lists {d.label!r} but not its "
                                       f"detect.base {d.detect.base!r}, whose model it scans the data with")
+    for d in pretrain.defenses:
+        detect_depth(pretrain.defenses, d.label, source)  # a chain of detect bases must end
     scan = _scan(raw["scan"], source, pretrain) if raw.get("scan") is not None else None
     grid_seeds = _seeds(raw.get("seeds", [0]), source)
     for a in attacks:

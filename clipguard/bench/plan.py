@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipguard.bench.config import AttackSpec, BenchConfig, DatasetSpec, DefenseSpec
+from clipguard.bench.config import AttackSpec, BenchConfig, DatasetSpec, DefenseSpec, detect_depth
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
             for seed in cfg.seeds:
                 if not attack.runs_seed(seed):
                     continue
-                # detect-then-train entries after the plain ones: their base must be trained first
-                for d in sorted(cfg.pretrain.defenses, key=lambda d: d.detect is not None):
+                # detect-then-train entries after their bases: a base must be trained first
+                for d in sorted(cfg.pretrain.defenses, key=lambda d: detect_depth(cfg.pretrain.defenses, d.label)):
                     if attack.runs(d.label):
                         cells.append(Cell(ds, attack, d, seed, "pretrain"))
                 # scan-only: detection metrics need poisons; the base must run on this attack
