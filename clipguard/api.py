@@ -138,6 +138,24 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, classes: str | Path | 
     return result
 
 
+def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *,
+         detectors: str | Sequence[str] | None = None, options: dict[str, dict[str, Any]] | None = None,
+         attack_manifest: str | Path | None = None, keep_detector: str | None = None,
+         keep_fraction: float | None = None, veto_detectors: Sequence[str] = (), model: str | None = None,
+         device: str = "auto", spec: CsvSpec | None = None, overwrite: bool = False, progress: bool = False,
+         **settings: Any) -> dict[str, Any]:
+    """Score every pair of ``data`` with ``checkpoint``'s embeddings, as ``clipguard scan``: writes
+    ``out/scores.csv``, ``out/kept.csv``, ``out/suspicious.csv`` and ``out/scan.json`` and returns
+    scan.json's record. ``settings``: the command's other options (``top``, ``batch_size``,
+    ``chunk``, ``limit``, ``lazy_images``, ``skip_bad_rows``, ``dataset_type``)."""
+    from clipguard.detection.runner import scan as _scan
+
+    return _scan(data, checkpoint, out, model=model, detectors=detectors, options=options,
+                 attack_manifest=attack_manifest, keep_fraction=keep_fraction, keep_detector=keep_detector,
+                 veto_detectors=veto_detectors, overwrite=overwrite, device=device, spec=spec,
+                 progress=progress, **settings)
+
+
 def load_model(checkpoint: str | Path, *, model: str | None = None, device: str = "cpu"):
     """(model, tokenizer) from a run folder, a checkpoint folder or a .safetensors file."""
     from clipguard.evaluation.runner import load_model as _load

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from clipguard.cli import main
+from clipguard.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,6 +133,21 @@ def test_a_veto_detector_runs_and_drops_what_its_rule_rejects(poisoned, tmp_path
     assert len(rejected) == veto["rejected"] >= veto["dropped_by_it_alone"] > 0
     assert not rejected & {r["row"] for r in rows if r["kept"] == "1"}
     assert keep["kept"] + veto["dropped_by_it_alone"] in (int(0.95 * N), int(0.95 * N) + 1)
+
+
+def test_the_python_api_scans_like_the_command(poisoned, tmp_path):
+    import clipguard
+
+    summary = clipguard.scan(poisoned / "p" / "train.csv", poisoned / "ck", tmp_path / "api", detectors=["similarity"],
+                             keep_fraction=0.9, veto_detectors=["repeat"], device="cpu", top=5)
+    assert _scan(poisoned, tmp_path / "cli", "--detector", "similarity", "--keep-fraction", "0.9",
+                 "--veto-detector", "repeat", "--top", "5") == 0
+    cli, api = (json.loads((tmp_path / d / "scan.json").read_text()) for d in ("cli", "api"))
+    assert summary["keep"]["kept"] == cli["keep"]["kept"] and api["keep"]["vetoes"] == cli["keep"]["vetoes"]
+    assert len(_rows(tmp_path / "api" / "suspicious.csv")) == 5
+    with pytest.raises(ConfigError, match="--veto-detector 'similarity' is the keep detector"):
+        clipguard.scan(poisoned / "p" / "train.csv", poisoned / "ck", tmp_path / "bad", detectors=["similarity"],
+                       veto_detectors=["similarity"], device="cpu")
 
 
 def test_bad_data_file_names_the_file(poisoned, tmp_path, capsys):
