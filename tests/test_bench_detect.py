@@ -98,7 +98,6 @@ def _detect(g):
     (lambda g: _detect(g).update(base="DAO-then-CLIP"), r"detect bases form a cycle: DAO-then-CLIP -> DAO-then-CLIP"),
     (lambda g: (g["pretrain"]["defenses"].update(B={"detect": {"detector": "dao", "base": "DAO-then-CLIP"}}),
                 _detect(g).update(base="B")), r"detect bases form a cycle: DAO-then-CLIP -> B -> DAO-then-CLIP"),
-    (lambda g: g["scan"].update(base="DAO-then-CLIP"), r"scan.base: base 'DAO-then-CLIP' is itself a detect-then-train"),
     (lambda g: _detect(g).update(keep_fraction=1.5), r"detect.keep_fraction must be null or a number in \(0, 1\]"),
     (lambda g: _detect(g).update(threshold=3), r"DAO-then-CLIP.detect' has unknown key"),
     (lambda g: _detect(g).update(veto=["dao"]), r"DAO-then-CLIP.detect.veto: 'dao' is the entry's detector"),
@@ -135,6 +134,14 @@ def test_a_detect_entry_can_scan_with_a_model_an_earlier_detection_cleaned():
     twice = next(c for c in plan_cells(cfg) if c.id == "fm/badnet/Twice/seed0")
     assert dependency(cfg, twice).id == "fm/badnet/DAO-then-CLIP/seed0"
     fp = _fp(cfg, "Twice")
+    # a scan-only cell may score with such a model too (which model scores: one trained on kept pairs)
+    g3 = copy.deepcopy(g)
+    g3["scan"]["base"] = ["CLIP", "DAO-then-CLIP"]
+    cells = plan_cells(parse_config(g3))
+    ids = [c.id for c in cells]
+    assert ids.index("fm/badnet/DAO-then-CLIP/seed0") < ids.index("fm/badnet/DAO-then-CLIP+scan/seed0")
+    scan = next(c for c in cells if c.id == "fm/badnet/DAO-then-CLIP+scan/seed0")
+    assert dependency(parse_config(g3), scan).id == "fm/badnet/DAO-then-CLIP/seed0"
     g2 = copy.deepcopy(g)
     g2["pretrain"]["defenses"]["DAO-then-CLIP"]["detect"]["options"]["k"] = 6  # the first detection
     assert _fp(parse_config(g2), "Twice") != fp

@@ -459,7 +459,7 @@ def _scan(obj: Any, source: str, pretrain: StageSpec) -> ScanSpec:
     if not bases or not all(b is None or isinstance(b, str) for b in bases):
         raise ConfigError(f"{source}: scan.base must be a pre-training defence label or a list of them, "
                           f"got {raw_bases!r}")
-    bases = [_check_base(b, pretrain, source, "scan.base") for b in bases]
+    bases = [_check_base(b, pretrain, source, "scan.base", chain=True) for b in bases]
     if len(set(bases)) != len(bases):
         raise ConfigError(f"{source}: scan.base has duplicates: {bases}")
     dets = s.get("detectors")
