@@ -81,7 +81,8 @@ def column_masks(cfg: BenchConfig, cell: Cell, poison: PoisonedSet) -> dict[str,
 
 def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: BenchCache, *,
                   detectors: Sequence[tuple[str, dict[str, Any]]], keep_fraction: float | None,
-                  fingerprint: str, veto_detectors: Sequence[str] = (), base_fingerprint: str, keep_rows: bool, quiet: bool = False) -> dict[str, Any]:
+                  veto_detectors: Sequence[str] = (), fingerprint: str, base_fingerprint: str, keep_rows: bool,
+                  quiet: bool = False) -> dict[str, Any]:
     """Encode the cell's training data with ``base``'s final model, score it with each detector,
     keep by the first detector's rule (or ``keep_fraction``) minus what each of
     ``veto_detectors`` (among ``detectors``) rejects, write ``scores.csv`` and

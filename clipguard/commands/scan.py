@@ -50,9 +50,7 @@ def run(args: argparse.Namespace) -> int:
     summary = scan(args.data, args.checkpoint, args.out, model=args.model, detectors=args.detector,
                    options=parse_detector_options(args.detector_option), attack_manifest=args.attack_manifest,
                    keep_fraction=args.keep_fraction, keep_detector=args.keep_detector,
-                   veto_detectors=[n.strip() for v in args.veto_detector for n in v.split(",") if n.strip()],
-                   top=args.top,
-                   overwrite=args.overwrite, device=args.device, batch_size=args.batch_size,
+                   veto_detectors=args.veto_detector, top=args.top, overwrite=args.overwrite, device=args.device, batch_size=args.batch_size,
                    spec=csv_spec(args), dataset_type=args.dataset_type, lazy_images=args.lazy_images,
                    limit=args.limit, skip_bad_rows=args.skip_bad_rows, chunk=args.chunk,
                    progress=not args.quiet)

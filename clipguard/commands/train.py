@@ -106,9 +106,8 @@ def retrain_options(args: argparse.Namespace):
     """``--retrain-keep`` / ``--retrain-detector`` / ``--retrain-veto`` as ScreenOptions (None: train once)."""
     from clipguard.training.screen import ScreenOptions
 
-    veto = [n.strip() for v in getattr(args, "retrain_veto", None) or [] for n in v.split(",") if n.strip()]
     return ScreenOptions.from_flags(getattr(args, "retrain_keep", None), getattr(args, "retrain_detector", None),
-                                    veto)
+                                    getattr(args, "retrain_veto", None))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -328,11 +328,9 @@ class SafeClip(Strategy, PairSelector):
                 self._strikes[cand] = 0
             strikes = self._strikes[cand].to(torch.int16) + (~verdict).to(torch.int16)
             self._strikes[cand] = strikes.clamp(max=255).to(torch.uint8)
-            out_for_good = self._strikes >= self.opt.density_strikes
-            verdict &= ~out_for_good[cand]
-            # a pair out for good stays out even when this epoch does not re-score it
-            dense &= ~out_for_good
         dense[cand] = verdict
+        if self.opt.density_memory and self._strikes is not None:  # out for good, re-scored or not
+            dense &= self._strikes < self.opt.density_strikes
         self._dense_rounds += 1
         return dense
 

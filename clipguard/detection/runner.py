@@ -46,20 +46,26 @@ def parse_detector_options(items: Iterable[str] | None) -> dict[str, dict[str, s
     return out
 
 
+def detector_names(entries: str | Sequence[str] | None) -> list[str]:
+    """Detector names from repeatable, comma-separated flag values, in order, each once."""
+    if isinstance(entries, str):
+        entries = [entries]
+    out: list[str] = []
+    for entry in entries or ():
+        for name in str(entry).split(","):
+            name = name.strip()
+            if name and name not in out:
+                out.append(name)
+    return out
+
+
 def resolve_detectors(detectors: str | Sequence[str] | None = None,
                       options: dict[str, dict[str, Any] | DetectorOptions] | None = None,
                       also: Sequence[str] = ()) -> list[Detector]:
     """Built detectors, in the order given (default: every registered one), then any of ``also``
     (veto detectors) not among them; options are checked against each detector's dataclass, and
     options for a detector not run are refused."""
-    if isinstance(detectors, str):
-        detectors = [detectors]
-    chosen: list[str] = []
-    for entry in [*(detectors or names()), *also]:
-        for name in str(entry).split(","):
-            name = name.strip()
-            if name and name not in chosen:
-                chosen.append(name)
+    chosen = detector_names([*(detector_names(detectors) or names()), *detector_names(also)])
     if not chosen:
         raise ConfigError("no detector given")
     options = dict(options or {})
@@ -162,16 +168,15 @@ class ScanResult:
         return next(r for r in self.runs if r.name == name)
 
 
-def check_vetoes(vetoes: Sequence[str], keep_detector: str, run: Sequence[str]) -> list[str]:
-    """The veto detectors' names, checked: each is run and none is the keep detector."""
-    out = []
-    for name in vetoes:
+def check_vetoes(vetoes: str | Sequence[str], keep_detector: str, run: Sequence[str]) -> list[str]:
+    """The veto detectors' names (flag values, as ``detector_names`` reads them), checked: each is
+    run and none is the keep detector."""
+    out = detector_names(vetoes)
+    for name in out:
         if name == keep_detector:
             raise ConfigError(f"--veto-detector '{name}' is the keep detector; a veto must be another detector")
         if name not in run:
             raise ConfigError(f"--veto-detector '{name}' is not among the detectors run ({', '.join(run)})")
-        if name not in out:
-            out.append(name)
     return out
 
 
@@ -212,10 +217,11 @@ def scan_features(features: PairFeatures, detectors: Sequence[Detector], *, keep
         if mask is not None:
             run.metrics = grouped_metrics(scores, mask, part_masks or None)
         runs.append(run)
-    chosen = next(r for r in runs if r.name == keep_detector)
+    by_name = {r.name: r for r in runs}
+    chosen = by_name[keep_detector]
     keep = fraction_keep(chosen.scores, keep_fraction) if keep_fraction is not None else chosen.keep
     if vetoes:
-        keep = veto_keep(keep, {name: next(r for r in runs if r.name == name).keep for name in vetoes})
+        keep = veto_keep(keep, {name: by_name[name].keep for name in vetoes})
     return ScanResult(runs, keep_detector, keep, mask, part_masks)
 
 

@@ -62,15 +62,17 @@ class ScreenOptions:
 
     @classmethod
     def from_flags(cls, keep: float | None, detector: str | None,
-                   veto: Sequence[str] | None = None) -> ScreenOptions | None:
+                   veto: str | Sequence[str] | None = None) -> ScreenOptions | None:
         """``--retrain-keep`` / ``--retrain-detector`` / ``--retrain-veto`` (or the API's
         arguments); None: train once."""
+        from clipguard.detection.runner import detector_names
+
         if keep is None and detector is None and not veto:
             return None
         if keep is None:
             flag = "--retrain-detector" if detector is not None else "--retrain-veto"
             raise ConfigError(f"{flag} needs --retrain-keep (the share of pairs to retrain on)")
-        return cls(keep=keep, **({"detector": detector} if detector else {}), veto=tuple(dict.fromkeys(veto or ())))
+        return cls(keep=keep, **({"detector": detector} if detector else {}), veto=tuple(detector_names(veto)))
 
     def identity(self) -> dict[str, Any]:
         out = {"keep": float(self.keep), "detector": self.detector, "options": dict(sorted(self.options.items()))}
