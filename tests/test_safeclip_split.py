@@ -167,11 +167,12 @@ def test_joint_density_vetoes_pairs_that_join_an_image_of_one_kind_to_a_caption_
             assert not (safe & poison).any() and decision["log"]["density_vetoed"] > 0
 
 
-def test_local_density_keeps_a_diverse_class_the_global_veto_drops_whole():
+def test_local_and_caption_density_keep_a_diverse_class_the_global_veto_drops_whole():
     """A class of diverse images (noise 0.25 around its centre, the others 0.05) is sparse
     everywhere: the global veto (log k-distance against every pair's) keeps none of it, so it would
-    never get the CLIP loss. The local score (against the pair's own neighbours') keeps most of it
-    and still vetoes every poison."""
+    never get the CLIP loss. The local score (against the pair's own neighbours') and the caption
+    score (against the pairs with captions like its own) keep most of it and still veto every
+    poison."""
     from types import SimpleNamespace
 
     from clipguard.defenses.pair_scores import dense_inliers, shard_pair_scores
@@ -192,13 +193,14 @@ def test_local_density_keeps_a_diverse_class_the_global_veto_drops_whole():
     poison &= src != 0
     diverse = (src == 5) & ~poison
     kept = {}
-    for local in (False, True):
+    for relative_to in ("all", "neighbours", "captions"):
         _, log_kd, _ = shard_pair_scores(ctx, torch.arange(600), density_k=16, density_reference=400, seed=1,
-                                         density_local=local)
-        kept[local] = dense_inliers(log_kd, 1.0)
-        assert not kept[local][poison].any()
-    assert kept[False][diverse].float().mean() < 0.05
-    assert kept[True][diverse].float().mean() > 0.7 and kept[True][~poison].float().mean() > 0.75
+                                         density_relative_to=relative_to, density_caption_k=32)
+        kept[relative_to] = dense_inliers(log_kd, 1.0)
+        assert not kept[relative_to][poison].any()
+    assert kept["all"][diverse].float().mean() < 0.05
+    for relative_to in ("neighbours", "captions"):
+        assert kept[relative_to][diverse].float().mean() > 0.7 and kept[relative_to][~poison].float().mean() > 0.75
 
 
 def test_density_memory_keeps_a_vetoed_pair_out_from_the_second_split_on():

@@ -171,7 +171,7 @@ def test_mixed_epoch_splits_and_safe_and_risky_are_disjoint(fm_train, tmp_path):
     assert int(safe.sum()) == recs[3]["safe_size"]
 
 
-@pytest.mark.parametrize("score", ["global", "local"])
+@pytest.mark.parametrize("score", ["global", "local", "caption"])
 def test_the_density_veto_removes_pairs_from_the_ranked_safe_set(fm_train, tmp_path, score):
     """With the default veto (and with the local density score) the safe set is the top m by score
     minus the vetoed pairs, and the veto state survives in the checkpoint."""

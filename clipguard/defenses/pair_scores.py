@@ -54,15 +54,20 @@ def _gather_in_order(values: torch.Tensor, n: int, ctx: TrainContext) -> torch.T
 
 
 def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference: int,
-               seed: int, metric: str = "l2", local: bool = False) -> torch.Tensor:
+               seed: int, metric: str = "l2", relative_to: str = "all", caption_from: int = 0,
+               caption_k: int = 64) -> torch.Tensor:
     """log distance of this rank's features (joint, or image only) to their k-th neighbour among
     a seeded sample of ``reference`` of the ``n`` scored pairs (the pair itself excluded when
     sampled).
 
-    ``local``: minus the mean of the same quantity for those k neighbours (each sampled pair
-    against the rest of the sample), i.e. the log of a local density ratio as in SLOF. A pair
-    is then sparse only relative to its own neighbourhood: a class of diverse images, sparse
-    everywhere, is not read as a class of outliers."""
+    ``relative_to``: ``all``, the log k-distance as it is (compared with every pair's by the
+    caller); ``neighbours``, minus the mean of the same quantity for those k neighbours (each
+    sampled pair against the rest of the sample), the log of a local density ratio as in SLOF;
+    ``captions``, minus the median of that quantity over the ``caption_k`` sampled pairs whose
+    captions are nearest the pair's own (the features from column ``caption_from`` on are the
+    caption's). With either of the last two a class of diverse images, sparse everywhere, is not
+    read as a class of outliers; ``captions`` measures a poison against the clean pairs of the
+    caption it carries, not against the other poisons that are its joint neighbours."""
     dist = ctx.dist
     world, rank = dist.world_size, dist.rank
     g = torch.Generator().manual_seed(seed)
@@ -83,20 +88,26 @@ def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference
     d = d.masked_fill(ix == mine_self[:, None], float("inf"))
     order = torch.sort(d, dim=1)
     log_kd = order.values[:, kk - 1].clamp_min(1e-12).log()
-    if not local:
+    if relative_to == "all":
         return log_kd.cpu()
     dr, ir = knn(ref, ref, kk + 1, metric=metric)
     dr = dr.masked_fill(ir == torch.arange(len(ref), device=ir.device)[:, None], float("inf"))
-    ref_log = torch.sort(dr, dim=1).values[:, kk - 1].clamp_min(1e-12).log()
-    neighbours = ix.gather(1, order.indices[:, :kk])  # the pair itself sorted last (inf)
-    return (log_kd - ref_log.to(log_kd.device)[neighbours].mean(dim=1)).cpu()
+    ref_log = torch.sort(dr, dim=1).values[:, kk - 1].clamp_min(1e-12).log().to(log_kd.device)
+    if relative_to == "neighbours":
+        neighbours = ix.gather(1, order.indices[:, :kk])  # the pair itself sorted last (inf)
+        return (log_kd - ref_log[neighbours].mean(dim=1)).cpu()
+    kc = min(caption_k, len(ref_pos) - 1)
+    dc, ic = knn(feats[:, caption_from:], ref[:, caption_from:], kc + 1, metric="cosine")
+    dc = dc.masked_fill(ic == mine_self[:, None], float("inf"))  # not the pair's own caption
+    same_caption = ic.gather(1, torch.sort(dc, dim=1).indices[:, :kc])
+    return (log_kd - ref_log[same_caption].median(dim=1).values).cpu()
 
 
 @torch.no_grad()
 def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
                       top_k: int = 10, density_k: int = 0, density_reference: int = 16384,
-                      seed: int = 0, repeat_k: int = 0, repeat_grid: int = 0, density_local: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                      seed: int = 0, repeat_k: int = 0, repeat_grid: int = 0, density_relative_to: str = "all",
+                      density_caption_k: int = 64) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(score, joint log k-distance or None, image log k-distance or None) of each pair in
     ``indices``, the same on every rank.
 
@@ -104,7 +115,9 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
     captions, for the relative score. ``density_k`` > 0 adds the joint density, ``repeat_k`` > 0
     the image repetition (both against one seeded sample of ``density_reference`` pairs), in the
     image embedding or, with ``repeat_grid`` > 0, in coarse pixel signatures of that grid.
-    ``density_local``: the joint density relative to the pair's neighbours' (see ``_log_kdist``)."""
+    ``density_relative_to``: the joint density as it is (``all``), relative to the pair's
+    neighbours' or to the pairs' of its nearest captions (``neighbours``, ``captions``: see
+    ``_log_kdist``)."""
     world, rank = ctx.dist.world_size, ctx.dist.rank
     mine = indices[rank::world]
     cols = []
@@ -122,7 +135,8 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
     if density_k > 0:
         joint = torch.nn.functional.normalize(torch.cat([img, txt], dim=1), dim=1).to(ctx.device)
         cols.append(_log_kdist(ctx, joint, len(indices), density_k, density_reference, seed,
-                               local=density_local))
+                               relative_to=density_relative_to, caption_from=img.shape[1],
+                               caption_k=density_caption_k))
     if repeat_k > 0:
         feats = pixel_signatures(ctx.data.images, mine, repeat_grid) if repeat_grid > 0 else img.float()
         cols.append(_log_kdist(ctx, feats.to(ctx.device), len(indices), repeat_k, density_reference, seed,

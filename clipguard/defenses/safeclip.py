@@ -39,6 +39,8 @@ from clipguard.training.schedule import Schedule, Segment
 from clipguard.training.strategy import PairSelector, Strategy
 
 PHASES = ("unimodal", "clip_low", "mixed")
+# density_score -> what a pair's log k-distance is measured against (pair_scores._log_kdist)
+DENSITY_RELATIVE_TO = {"global": "all", "local": "neighbours", "caption": "captions"}
 # What the CLIP loss sees of a safe pair (safe_image_augment / safe_text_augment). The paper:
 # SimCLR views and EDA captions. "crop-flip" keeps only SimCLR's geometric part; "none", the
 # pair itself. Risky pairs' unimodal views always use SimCLR + EDA: that loss needs strong views.
@@ -91,11 +93,14 @@ class SafeClipOptions(Options):
     density_strikes: int = field(default=1, metadata={"neutral": 1})
     density_k: int = 16
     density_reference: int = 16384
-    # what the veto compares: "global", the pair's log k-distance against every pair's, or
-    # "local", against its own k neighbours' (a local density ratio, as SLOF): with "global" a
+    # what the veto compares: "global", the pair's log k-distance against every pair's;
+    # "local", against its own k neighbours' (a local density ratio, as SLOF); "caption", against
+    # the median of the density_caption_k sampled pairs whose captions are nearest its own (a
+    # poison is measured against the clean pairs of the caption it carries). With "global" a
     # class of diverse images (Fashion-MNIST's shirts) is sparse everywhere and can be vetoed
     # whole, and a class that never gets the CLIP loss costs zero-shot accuracy
-    density_score: Literal["global", "local"] = field(default="global", metadata={"neutral": "global"})
+    density_score: Literal["global", "local", "caption"] = field(default="global", metadata={"neutral": "global"})
+    density_caption_k: int = field(default=64, metadata={"neutral": 64})
     # the repeated-image veto: a pair whose image has repeat_k near-identical copies (the log
     # distance to its repeat_k-th nearest image, among the density_reference sample, more than
     # repeat_z robust standard deviations below the median) stays out of the safe set, as
@@ -146,8 +151,9 @@ class SafeClipOptions(Options):
         require(self.repeat_z is None or self.repeat_z > 0,
                 f"repeat_z must be > 0 (or None: no repeated-image veto), got {self.repeat_z}")
         require(self.repeat_k >= 1, f"repeat_k must be >= 1, got {self.repeat_k}")
-        require(self.density_score in ("global", "local"),
-                f"density_score must be 'global' or 'local', got {self.density_score!r}")
+        require(self.density_score in DENSITY_RELATIVE_TO,
+                f"density_score must be one of {', '.join(DENSITY_RELATIVE_TO)}, got {self.density_score!r}")
+        require(self.density_caption_k >= 1, f"density_caption_k must be >= 1, got {self.density_caption_k}")
         require(self.repeat_space in ("embedding", "pixels"),
                 f"repeat_space must be 'embedding' or 'pixels', got {self.repeat_space!r}")
         require(self.repeat_grid >= 1, f"repeat_grid must be >= 1, got {self.repeat_grid}")
@@ -279,7 +285,7 @@ class SafeClip(Strategy, PairSelector):
             density_reference=o.density_reference, seed=step_seed(ctx.seed, "safeclip-density", epoch),
             repeat_k=o.repeat_k if o.repeat_z is not None else 0,
             repeat_grid=o.repeat_grid if o.repeat_space == "pixels" else 0,
-            density_local=o.density_score == "local")
+            density_relative_to=DENSITY_RELATIVE_TO[o.density_score], density_caption_k=o.density_caption_k)
         sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
         sims[cand] = fresh
         dense = self._veto(n, cand, log_kd, log_rd) if (log_kd is not None or log_rd is not None) else None
