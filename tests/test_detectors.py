@@ -348,3 +348,29 @@ def test_euclidean_knn_measures_vectors_as_they_are():
     want_d, want_i = full.topk(5, dim=1, largest=False)
     assert torch.equal(i, want_i)
     assert torch.allclose(d.double(), want_d, atol=1e-4)
+
+
+def test_caption_relative_scores_stop_a_hard_class_outranking_the_poisons():
+    """Three kinds of pairs; the clean pairs of kind 2 agree poorly with their captions (noisy
+    images), worse than ten poisons (kind-1 images captioned as kind 0). Scored as they are, that
+    whole class outranks the poisons and a keep share drops it; scored against the pairs with
+    the nearest captions (``relative_to: caption``), the poisons rank first and kind 2 stays."""
+    g = torch.Generator().manual_seed(0)
+    kinds = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=1)
+    src = torch.arange(300) % 3
+    text = kinds[src] + 0.05 * torch.randn(300, 16, generator=g)
+    image = kinds[src] + torch.where(src == 2, 1.2, 0.1)[:, None] * torch.randn(300, 16, generator=g)
+    poison = torch.zeros(300, dtype=torch.bool)
+    poison[[i for i in range(300) if i % 3 == 1][:10]] = True
+    text[poison] = kinds[0] + 0.05 * torch.randn(10, 16, generator=g)
+    image[poison] = kinds[1] + 0.5 * kinds[0] + 0.1 * torch.randn(10, 16, generator=g)
+    labels, hard = poison.numpy(), (src == 2).numpy() & ~poison.numpy()
+    plain = build("similarity").scores(PairFeatures(image, text))
+    relative = build("similarity", {"relative_to": "caption", "caption_k": 32}).scores(PairFeatures(image, text))
+    assert auroc(plain, labels) < 0.8 and auroc(relative, labels) > 0.95
+    assert fraction_keep(plain, 0.8).mask[hard].mean() < 0.5
+    assert fraction_keep(relative, 0.8).mask[hard].mean() > 0.6
+    with pytest.raises(ConfigError, match="relative_to"):
+        build("similarity", {"relative_to": "class"})
+    with pytest.raises(ConfigError, match="caption_k = 400"):
+        build("similarity", {"relative_to": "caption", "caption_k": 400}).scores(PairFeatures(image, text))

@@ -32,10 +32,11 @@ SCORES_FILE = "scores.csv"         # in the cell's run folder: every pair's scor
 # ---------------------------------------------------------------------------- config
 def resolved_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """Every option of the detector with the defaults filled in (the cache key: writing a default
-    out keeps a finished cell)."""
+    out keeps a finished cell), less those at their neutral value (an option added later keeps
+    the cells made before it)."""
     from clipguard.detection.base import build
 
-    return build(name, dict(options or {})).opt.to_dict()
+    return build(name, dict(options or {})).opt.identity()
 
 
 def detect_conf(spec: DetectSpec) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -196,9 +196,18 @@ class DetectorOptions(Options):
 
     kind: ClassVar[str] = "detector"
     z: float = 3.0  # keep score <= median + z * 1.4826 * MAD when no --keep-fraction is given
+    # what a pair's score is measured against: "all", as it is (every pair against every pair);
+    # "caption", minus the median score of the caption_k pairs whose captions are nearest its own.
+    # A class whose clean pairs all score high (diverse or easily confused images) is then not
+    # dropped whole, and a poison is measured against the clean pairs of the caption it carries
+    relative_to: Literal["all", "caption"] = field(default="all", metadata={"neutral": "all"})
+    caption_k: int = field(default=64, metadata={"neutral": 64})
 
     def validate(self) -> None:
         require(self.z > 0, f"option 'z' must be > 0, got {self.z}")
+        require(self.relative_to in ("all", "caption"),
+                f"option 'relative_to' must be 'all' or 'caption', got {self.relative_to!r}")
+        require(self.caption_k >= 1, f"option 'caption_k' must be >= 1, got {self.caption_k}")
 
 
 class Detector:
@@ -229,9 +238,27 @@ class Detector:
         """(N,) float64 scores; higher means more likely poisoned."""
         raise NotImplementedError
 
+    def scores(self, features: PairFeatures) -> np.ndarray:
+        """``score``, made relative to the pairs with the nearest captions when the options ask
+        (``relative_to: caption``). What the scan runs."""
+        s = self.score(features)
+        if self.opt.relative_to == "caption":
+            s = caption_relative(s, features, self.opt.caption_k)
+        return s
+
     def keep_rule(self, scores: np.ndarray) -> KeepDecision:
         """The pairs to keep when the user gives no ``--keep-fraction``."""
         return robust_keep(scores, self.opt.z)
+
+
+def caption_relative(scores: np.ndarray, features: PairFeatures, k: int) -> np.ndarray:
+    """Each score minus the median score of the ``k`` other pairs whose captions are nearest its
+    own (text space, the search shared with text-space detectors)."""
+    if k >= len(features):
+        raise ConfigError(f"caption_k = {k} needs more than {k} pairs; the data has {len(features)}")
+    _, idx = features.neighbours("text", k, "l2").first(k)
+    s = np.asarray(scores, dtype=np.float64)
+    return s - np.median(s[idx.numpy()], axis=1)
 
 
 def _named_options(cls: type[Detector]) -> type[DetectorOptions]:

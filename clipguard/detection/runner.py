@@ -207,7 +207,7 @@ def scan_features(features: PairFeatures, detectors: Sequence[Detector], *, keep
         key = det.neighbour_key()
         before = features.search_seconds()
         t0 = time.perf_counter()
-        scores = det.score(features)
+        scores = det.scores(features)
         wall = time.perf_counter() - t0
         searched = features.search_seconds() - before
         if len(scores) != n:
