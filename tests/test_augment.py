@@ -106,3 +106,21 @@ def test_simclr_bad_shape():
     with pytest.raises(ValueError):
         simclr_augment(torch.rand(2, 1, 8, 8), torch.Generator())
     assert simclr_augment(torch.rand(0, 3, 8, 8), torch.Generator()).shape[0] == 0
+
+
+@pytest.mark.parametrize("geometric_only", [False, True])
+def test_simclr_views_of_some_rows_are_those_of_the_whole_batch(geometric_only):
+    """``rows`` transforms only those samples but draws for the whole batch: the views equal the
+    full call's rows bit for bit, and the generator ends in the same state (so a later draw, and
+    a run, does not depend on which rows were asked for); no rows still consumes the draws."""
+    from clipguard.data.augment import Views
+
+    views = Views(crop_scale_min=0.08)
+    px = torch.rand(48, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    for rows in (torch.tensor([0, 5, 6, 47]), torch.arange(48), torch.tensor([], dtype=torch.long)):
+        g_all, g_some = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        full = views.images(px, g_all, geometric_only=geometric_only)
+        some = views.images(px, g_some, geometric_only=geometric_only, rows=rows)
+        assert some.shape == (len(rows), 3, 28, 28)
+        assert torch.equal(full[rows], some)
+        assert torch.equal(g_all.get_state(), g_some.get_state())

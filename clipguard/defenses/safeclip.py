@@ -434,12 +434,16 @@ class SafeClip(Strategy, PairSelector):
         views, o = self._views, self.opt
         # every row draws a view 1 (a safe row then takes its own image or caption back as the
         # safe_* options say): the draws do not depend on the split, so a run is the same
-        # sequence of random numbers whatever the safe set, and costs a few ms per batch
-        v1 = views.images(pixels, batch.generator)
-        if o.safe_image_augment != "simclr":
-            own = pixels if o.safe_image_augment == "none" else views.images(
-                pixels, batch.generator, geometric_only=True)
-            v1 = torch.where(safe.view(-1, 1, 1, 1), own, v1)
+        # sequence of random numbers whatever the safe set. Only the rows that use a view are
+        # transformed (``rows``: the same views, the same draws)
+        if o.safe_image_augment == "simclr":
+            v1 = views.images(pixels, batch.generator)
+        else:
+            sidx = torch.nonzero(safe).flatten()
+            v1 = pixels.clone()
+            v1[ridx] = views.images(pixels, batch.generator, rows=ridx.cpu())
+            if o.safe_image_augment == "crop-flip":
+                v1[sidx] = views.images(pixels, batch.generator, geometric_only=True, rows=sidx.cpu())
         v2 = views.images(pixels[ridx], batch.generator)
         t1 = views.texts(caps, batch.rng)
         if o.safe_text_augment == "none":

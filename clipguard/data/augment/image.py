@@ -49,9 +49,9 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def _crop_flip(x: torch.Tensor, g: torch.Generator, scale: tuple[float, float],
-               ratio: tuple[float, float], flip_p: float) -> torch.Tensor:
-    """Random resized crop + horizontal flip as one affine resampling per sample."""
-    n = x.shape[0]
+               ratio: tuple[float, float], flip_p: float, n: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """Random resized crop + horizontal flip as one affine resampling per sample. The draws are
+    made for all ``n`` samples of the batch; ``x`` holds the ``rows`` among them (all if None)."""
     area = _uniform(n, scale[0], scale[1], g)
     log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), g)
     r = torch.exp(log_r)
@@ -65,15 +65,19 @@ def _crop_flip(x: torch.Tensor, g: torch.Generator, scale: tuple[float, float],
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
+    if rows is not None:
+        theta = theta[rows]
+    if x.shape[0] == 0:
+        return x
     theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _color_jitter(x: torch.Tensor, g: torch.Generator, jitter: tuple[float, float, float, float],
-                  p: float) -> torch.Tensor:
-    """Brightness, contrast, saturation, hue with per-sample factors, in a per-batch random order."""
-    n = x.shape[0]
+                  p: float, n: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue with per-sample factors, in a per-batch random order
+    (drawn for all ``n`` samples; ``x`` holds the ``rows`` among them)."""
     b, c, s, hue = jitter
     fb = _uniform(n, max(0.0, 1 - b), 1 + b, g)
     fc = _uniform(n, max(0.0, 1 - c), 1 + c, g)
@@ -81,15 +85,20 @@ def _color_jitter(x: torch.Tensor, g: torch.Generator, jitter: tuple[float, floa
     fh = _uniform(n, -hue, hue, g)
     apply = torch.rand(n, generator=g) < p
     order = torch.randperm(4, generator=g).tolist()
+    if rows is not None:
+        fb, fc, fs, fh, apply = (t[rows] for t in (fb, fc, fs, fh, apply))
+    m = x.shape[0]
+    if m == 0:
+        return x
     dev = dict(device=x.device, dtype=x.dtype)
-    fb, fc, fs, fh = (t.to(**dev).view(n, 1, 1, 1) for t in (fb, fc, fs, fh))
+    fb, fc, fs, fh = (t.to(**dev).view(m, 1, 1, 1) for t in (fb, fc, fs, fh))
     y = x
     for op in order:
         if op == 0 and b > 0:
             y = (y * fb).clamp(0, 1)
         elif op == 1 and c > 0:
-            m = _gray(y).mean(dim=(2, 3), keepdim=True)
-            y = ((y - m) * fc + m).clamp(0, 1)
+            mean = _gray(y).mean(dim=(2, 3), keepdim=True)
+            y = ((y - mean) * fc + mean).clamp(0, 1)
         elif op == 2 and s > 0:
             gr = _gray(y)
             y = ((y - gr) * fs + gr).clamp(0, 1)
@@ -97,7 +106,7 @@ def _color_jitter(x: torch.Tensor, g: torch.Generator, jitter: tuple[float, floa
             hsv = _rgb_to_hsv(y)
             hsv = torch.cat([(hsv[:, :1] + fh) % 1.0, hsv[:, 1:]], 1)
             y = _hsv_to_rgb(hsv).clamp(0, 1)
-    return torch.where(apply.to(x.device).view(n, 1, 1, 1), y, x)
+    return torch.where(apply.to(x.device).view(m, 1, 1, 1), y, x)
 
 
 def simclr_augment(pixels: torch.Tensor, generator: torch.Generator, *,
@@ -106,20 +115,32 @@ def simclr_augment(pixels: torch.Tensor, generator: torch.Generator, *,
                    flip_p: float = 0.5,
                    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
                    jitter_p: float = 0.8,
-                   gray_p: float = 0.2) -> torch.Tensor:
+                   gray_p: float = 0.2,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """SimCLR view of a batch: (B,3,H,W) floats in [0,1] -> same shape, in [0,1].
 
     Randomness comes only from ``generator`` (a CPU generator; draws are moved to the pixels'
     device), so the same generator state gives the same views on every device.
+
+    ``rows`` (indices into the batch): only those samples' views, (len(rows),3,H,W), exactly
+    those of the full call, which draws the same random numbers for every sample of the batch
+    and leaves the generator in the same state. A caller that needs views of part of a batch
+    (SafeCLIP's risky pairs) pays for the transforms of that part only, and its sequence of
+    random numbers does not depend on which part.
     """
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"simclr_augment expects (B,3,H,W) pixels, got {tuple(pixels.shape)}")
-    if pixels.shape[0] == 0:
+    n = pixels.shape[0]
+    if n == 0:
         return pixels.clone()
-    x = pixels.float()
-    x = _crop_flip(x, generator, scale, ratio, flip_p)
-    x = _color_jitter(x, generator, jitter, jitter_p)
-    n = x.shape[0]
-    gray = (torch.rand(n, generator=generator) < gray_p).to(x.device).view(n, 1, 1, 1)
-    x = torch.where(gray, _gray(x).expand_as(x), x)
+    if rows is not None:
+        rows = torch.as_tensor(rows, dtype=torch.long).cpu()
+    x = (pixels if rows is None else pixels[rows.to(pixels.device)]).float()
+    x = _crop_flip(x, generator, scale, ratio, flip_p, n, rows)
+    x = _color_jitter(x, generator, jitter, jitter_p, n, rows)
+    gray = torch.rand(n, generator=generator) < gray_p
+    if rows is not None:
+        gray = gray[rows]
+    gray = gray.to(x.device).view(-1, 1, 1, 1)
+    x = torch.where(gray, _gray(x).expand_as(x), x) if x.shape[0] else x
     return x.clamp(0, 1).to(pixels.dtype)

@@ -23,10 +23,12 @@ class Views:
         self.eda_alpha, self.eda_p_delete = float(eda_alpha), float(eda_p_delete)
         self._eda: EDA | None = None
 
-    def images(self, pixels: torch.Tensor, generator: torch.Generator, *, geometric_only: bool = False) -> torch.Tensor:
-        """A SimCLR view; ``geometric_only`` keeps the crop and flip and drops colour jitter and grey."""
+    def images(self, pixels: torch.Tensor, generator: torch.Generator, *, geometric_only: bool = False,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """A SimCLR view; ``geometric_only`` keeps the crop and flip and drops colour jitter and grey.
+        ``rows``: the views of those samples only, exactly as the full batch's (``simclr_augment``)."""
         extra = {"jitter_p": 0.0, "gray_p": 0.0} if geometric_only else {}
-        return simclr_augment(pixels, generator, scale=(self.crop_scale_min, 1.0), **extra)
+        return simclr_augment(pixels, generator, scale=(self.crop_scale_min, 1.0), rows=rows, **extra)
 
     def texts(self, captions: list[str], rng: random.Random) -> list[str]:
         """An EDA view of each caption."""
