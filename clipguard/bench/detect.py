@@ -56,7 +56,9 @@ def scan_conf(scan: ScanSpec) -> dict[str, Any]:
 def detector_label(name: str, options: dict[str, Any]) -> str:
     """The detector and the options it was given that differ from its defaults: 'dao',
     'dao (k=32)'. The detection table's row label."""
-    default = resolved_options(name, None)
+    from clipguard.detection.base import build
+
+    default = build(name).opt.to_dict()
     diff = [f"{k}={v}" for k, v in options.items() if default.get(k) != v]
     return name + (f" ({', '.join(diff)})" if diff else "")
 
