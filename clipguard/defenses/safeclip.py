@@ -439,10 +439,10 @@ class SafeClip(Strategy, PairSelector):
         if o.safe_image_augment == "simclr":
             v1 = views.images(pixels, batch.generator)
         else:
-            sidx = torch.nonzero(safe).flatten()
             v1 = pixels.clone()
             v1[ridx] = views.images(pixels, batch.generator, rows=ridx.cpu())
             if o.safe_image_augment == "crop-flip":
+                sidx = torch.nonzero(safe).flatten()
                 v1[sidx] = views.images(pixels, batch.generator, geometric_only=True, rows=sidx.cpu())
         v2 = views.images(pixels[ridx], batch.generator)
         t1 = views.texts(caps, batch.rng)

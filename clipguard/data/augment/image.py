@@ -67,7 +67,7 @@ def _crop_flip(x: torch.Tensor, g: torch.Generator, scale: tuple[float, float],
     theta[:, 1, 2] = cy
     if rows is not None:
         theta = theta[rows]
-    if x.shape[0] == 0:
+    if x.shape[0] == 0:  # grid_sample refuses an empty batch; the draws above are made all the same
         return x
     theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -88,8 +88,6 @@ def _color_jitter(x: torch.Tensor, g: torch.Generator, jitter: tuple[float, floa
     if rows is not None:
         fb, fc, fs, fh, apply = (t[rows] for t in (fb, fc, fs, fh, apply))
     m = x.shape[0]
-    if m == 0:
-        return x
     dev = dict(device=x.device, dtype=x.dtype)
     fb, fc, fs, fh = (t.to(**dev).view(m, 1, 1, 1) for t in (fb, fc, fs, fh))
     y = x
@@ -142,5 +140,5 @@ def simclr_augment(pixels: torch.Tensor, generator: torch.Generator, *,
     if rows is not None:
         gray = gray[rows]
     gray = gray.to(x.device).view(-1, 1, 1, 1)
-    x = torch.where(gray, _gray(x).expand_as(x), x) if x.shape[0] else x
+    x = torch.where(gray, _gray(x).expand_as(x), x)
     return x.clamp(0, 1).to(pixels.dtype)
