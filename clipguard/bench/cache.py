@@ -124,10 +124,10 @@ class BenchCache:
         stamp = folder / "bench_dataset.json"
         fresh = stamp.is_file() and json.loads(stamp.read_text()) == made_with
         if not fresh:  # first use, or the config now asks for another size/seed: (re)materialise
-            from clipguard.data.fashion_mnist import materialise
+            from clipguard.data import builtin
 
-            materialise(folder, train_size=ds.train_size, test_size=ds.test_size, seed=ds.data_seed,
-                        overwrite=True)  # the bench's own data folder: only files it wrote are replaced
+            builtin.materialise(builtin.get(ds.builtin), folder, train_size=ds.train_size, test_size=ds.test_size,
+                                seed=ds.data_seed, overwrite=True)  # the bench's own data folder: only files it wrote are replaced
             write_json(stamp, made_with)
         return folder / "train.csv", folder / "test.csv", folder / "classes.json"
 

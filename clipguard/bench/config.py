@@ -17,7 +17,6 @@ import yaml
 
 from clipguard.errors import ConfigError
 
-BUILTIN_DATASETS = ("fashion-mnist",)
 # a grid's stages and entries may set these TrainConfig fields (model, device and seed are the
 # grid's; checkpoint: pre-training that starts from given weights)
 TRAIN_KEYS = {"epochs", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
@@ -261,9 +260,11 @@ def _dataset(label: str, obj: Any, source: str, base_dir: Path | None) -> Datase
         if d.get(k):
             setattr(spec, k, _resolve(d[k], base_dir))
     if spec.builtin is not None:
-        if spec.builtin not in BUILTIN_DATASETS:
+        from clipguard.data import builtin
+
+        if spec.builtin not in builtin.names():
             raise ConfigError(f"{source}: {key}.builtin: unknown dataset {spec.builtin!r}; "
-                              f"built in: {list(BUILTIN_DATASETS)}")
+                              f"built in: {builtin.names()}")
         if any(d.get(k) for k in ("train", "test")):
             raise ConfigError(f"{source}: {key}: give either 'builtin' or 'train'/'test' CSVs, not both")
     else:
