@@ -81,7 +81,7 @@ def test_fashion_mnist_captions_unchanged():
     ours, ref = random.Random("0-train"), random.Random("0-train")
     caps = [make_caption(i % 10, ours) for i in range(300)]
     assert caps == [make_caption_reference(i % 10, ref) for i in range(300)]
-    assert any(c.startswith("an ") and not c[3] in "aeiou" for c in caps)  # the historical quirk, kept
+    assert any(c.startswith("an ") and c[3] not in "aeiou" for c in caps)  # the historical quirk, kept
 
 
 def make_caption_reference(label, rng):
