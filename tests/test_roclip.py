@@ -174,3 +174,49 @@ def test_frozen_pool_captions_with_keep_own_train_the_text_tower_only_through_ke
     text = [p for n, p in t.model.named_parameters() if n.startswith("transformer.")]
     moved = any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in text)
     assert moved == (logs["kept_own_fraction"] > 0)
+
+
+def test_grouped_clip_loss_is_clip_loss_without_shared_captions():
+    from clipguard.training.losses import clip_loss, grouped_clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(8, 6, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(8, 6, generator=g), dim=1)
+    scale = torch.tensor(10.0)
+    assert torch.equal(grouped_clip_loss(img, txt, scale, torch.arange(8) * 3), clip_loss(img, txt, scale))
+
+
+def test_grouped_clip_loss_classifies_among_distinct_captions():
+    """Rows 0, 2 and 3 share one caption: it is one class, not a negative of its own images."""
+    from clipguard.training.losses import grouped_clip_loss
+
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=1).requires_grad_()
+    caps = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=1)
+    groups = torch.tensor([7, 1, 7, 7, 4])
+    txt = caps[torch.tensor([0, 1, 0, 0, 2])].clone().requires_grad_()
+    scale = torch.tensor(5.0)
+    loss = grouped_clip_loss(img, txt, scale, groups)
+    # by hand: distinct captions in sorted id order (1, 4, 7) -> caps 1, 2, 0
+    distinct = caps[torch.tensor([1, 2, 0])]
+    target = torch.tensor([2, 0, 2, 2, 1])
+    logits = scale * img.detach() @ distinct.t()
+    i2t = torch.nn.functional.cross_entropy(logits, target)
+    members = torch.tensor([[0, 1, 0, 0, 0], [0, 0, 0, 0, 1], [1, 0, 1, 1, 0]], dtype=torch.float32)
+    t2i = -(members / members.sum(1, keepdim=True) * logits.t().log_softmax(1)).sum(1).mean()
+    assert loss.item() == pytest.approx(float(0.5 * (i2t + t2i)), rel=1e-6)
+    loss.backward()
+    assert all(float(txt.grad[i].abs().sum()) > 0 for i in range(5))  # every copy of a caption learns
+
+
+def test_pool_duplicates_merge_runs_a_pool_step_and_is_validated(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(256)), {"match_every": 1, "pool_fraction": 0.05,
+                                            "pool_duplicates": "merge"}, tmp_path)
+    t.strategy.on_epoch_start(0)
+    loss, logs = t.strategy.loss(_batch(t, range(64)))
+    assert torch.isfinite(loss) and logs["unique_match_fraction"] < 1.0  # 13 pooled captions, 64 images
+    loss.backward()
+    from clipguard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'pool_duplicates' must be one of 'separate', 'merge'"):
+        defenses.build("roclip", {"pool_duplicates": "both"})

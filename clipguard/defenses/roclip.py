@@ -29,7 +29,7 @@ from clipguard.defenses.pair_scores import embed_dim
 from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd
-from clipguard.training.losses import clip_loss
+from clipguard.training.losses import clip_loss, grouped_clip_loss
 from clipguard.training.strategy import PairSelector, Strategy
 
 
@@ -52,6 +52,10 @@ class RoClipOptions(Options):
     # (Sinkhorn-Knopp, as SwAV's equipartition) in which every pooled caption is picked about
     # equally often within a batch, so a few hub captions cannot take most of the images
     assignment: Literal["nearest", "balanced"] = "nearest"
+    # images of a batch paired with the same pooled caption: "separate", each row its own class as
+    # in the paper (the shared caption is also a negative of its own images); "merge", the distinct
+    # captions are the classes (training.losses.grouped_clip_loss)
+    pool_duplicates: Literal["separate", "merge"] = "separate"
     crop_scale_min: float = 0.5       # the paper (SimCLR): 0.08
     eda_alpha: float = 0.1
     eda_p_delete: float = 0.1
@@ -66,6 +70,8 @@ class RoClipOptions(Options):
         require(0.0 <= self.keep_own < 1.0, f"keep_own must be in [0, 1), got {self.keep_own}")
         require(self.assignment in ("nearest", "balanced"),
                 f"assignment must be 'nearest' or 'balanced', got {self.assignment!r}")
+        require(self.pool_duplicates in ("separate", "merge"),
+                f"pool_duplicates must be 'separate' or 'merge', got {self.pool_duplicates!r}")
 
 
 @torch.no_grad()
@@ -166,7 +172,12 @@ class RoClip(Strategy, PairSelector):
             matched = torch.where(kept.unsqueeze(1), own, self._pool.bank[nn_idx].to(img.dtype))
         if self.opt.keep_own > 0:
             stats["kept_own_fraction"] = float(kept.float().mean())
-        loss = clip_loss(img, matched, scale, ctx.dist)
+        if self.opt.pool_duplicates == "merge":
+            # a pooled caption's id is its pool slot; a pair that kept its own caption is its own group
+            groups = torch.where(kept.to(nn_idx.device), len(self._pool) + batch.indices.to(nn_idx.device), nn_idx)
+            loss = grouped_clip_loss(img, matched, scale, groups, ctx.dist)
+        else:
+            loss = clip_loss(img, matched, scale, ctx.dist)
         self._record(batch.indices, rank, kept)
         self._push(own, tokens)
         unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())

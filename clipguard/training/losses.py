@@ -64,6 +64,31 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return global_loss(loss, dist)
 
 
+def grouped_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                      groups: torch.Tensor, dist: DistInfo | None = None) -> torch.Tensor:
+    """CLIP's loss when several rows may share one caption (equal ``groups`` ids: the same caption).
+
+    Plain InfoNCE makes a shared caption a negative of its own images: an image paired with
+    caption c also sees c, as another row's caption, among its negatives, and c's rows pull and
+    push the same image. Here the captions are the distinct groups (the mean of a group's text
+    rows): each image is classified among the distinct captions, and each caption spreads its
+    target evenly over its images. With every id distinct this is ``clip_loss`` (it is called)."""
+    dist = dist or DistInfo()
+    g = all_gather_nograd(groups.to(image_features.device).long().contiguous(), dist)
+    uniq, inverse = torch.unique(g, return_inverse=True)
+    if len(uniq) == len(g):
+        return clip_loss(image_features, text_features, logit_scale, dist)
+    logit_scale = _replicated(logit_scale, dist)
+    img = gather_with_local_grad(image_features, dist)
+    txt = gather_with_local_grad(text_features, dist)
+    members = F.one_hot(inverse, len(uniq)).t().to(txt.dtype)  # (U, N)
+    members = members / members.sum(dim=1, keepdim=True)
+    captions = members @ txt  # each distinct caption: the mean of its rows (identical rows: itself)
+    logits = logit_scale * img @ captions.t()  # (N, U)
+    loss = 0.5 * (F.cross_entropy(logits, inverse) + F.cross_entropy(logits.t(), members))
+    return global_loss(loss, dist)
+
+
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float | torch.Tensor,
              dist: DistInfo | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One-directional InfoNCE: row i of ``queries`` should match row i of ``keys``.
