@@ -107,7 +107,7 @@ def read_idx(path: Path, offset: int, ds: BuiltinDataset) -> np.ndarray:
                     return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
             except (OSError, ValueError, EOFError) as e:
                 raise DataError(f"unreadable {ds.title} idx file ({e})", file=str(p)) from None
-    raise DataError(f"{ds.title} not found: {ds.missing}", file=str(path))
+    raise DataError(f"{ds.title} not found: {ds.missing}", file=f"{plain}[.gz]")
 
 
 def load_split(ds: BuiltinDataset, split: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
