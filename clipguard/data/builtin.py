@@ -48,6 +48,7 @@ class BuiltinDataset:
     templates: list[str]            # caption templates, one "{}" for the (adjective +) noun
     root: Callable[[], Path]        # where the idx files are when no root is given
     missing: str                    # how to get the files, for the error when they are absent
+    summary: str = ""               # one line for `clipguard data --help`
     zeroshot_templates: list[str] = field(default_factory=lambda: list(DEFAULT_ZEROSHOT_TEMPLATES))
     # "noun": "a" before the phrase becomes "an" when the phrase starts with a vowel sound.
     # "first": Fashion-MNIST's historical rule (the caption's first "a", whatever follows it),

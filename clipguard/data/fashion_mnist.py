@@ -53,7 +53,8 @@ CAPTION_TEMPLATES = [
 FASHION_MNIST = builtin.register(builtin.BuiltinDataset(
     name="fashion-mnist", title="Fashion-MNIST", classes=CLASSES, synonyms=SYNONYMS, adjectives=ADJECTIVES,
     templates=CAPTION_TEMPLATES, root=lambda: DEBIAN_DIR, article="first",
-    missing="install the Debian package dataset-fashion-mnist (`make setup` does it)"))
+    missing="install the Debian package dataset-fashion-mnist (`make setup` does it)",
+    summary="Debian's Fashion-MNIST with seeded, varied captions (the default dataset)"))
 
 
 def load_split(split: str, root: Path = DEBIAN_DIR) -> tuple[np.ndarray, np.ndarray]:

