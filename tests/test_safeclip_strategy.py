@@ -260,3 +260,68 @@ def test_second_views_are_encoded_without_gradient_by_default(fm_train, tmp_path
     visual = [p for n, p in t.model.named_parameters() if n.startswith("visual.")]
     g = torch.autograd.grad(terms["unimodal_image"], visual, allow_unused=True)
     assert any(x is not None and float(x.abs().sum()) > 0 for x in g)
+
+
+def test_risky_images_enter_the_clip_loss_with_their_safe_neighbours_captions(fm_train, tmp_path):
+    """risky_clip: neighbours. A risky pair's own caption gets no gradient from the CLIP term, its
+    image is contrasted with the mean caption embedding of its k nearest pooled safe images, and
+    only safe pairs enter the pool."""
+    import torch.nn.functional as F
+
+    t = _built(fm_train.subset(range(256)), _small(risky_clip="neighbours", risky_clip_k=2), tmp_path)
+    s = t.strategy
+    t.ctx.epoch = 2  # mixed
+    s._safe = torch.zeros(256, dtype=torch.bool)
+    s._safe[:16] = True
+    pool = s._safe_pool
+    b = _batch(t, range(32))
+    s.loss_terms(b, s._safe[:32], borrow=True)  # empty pool: the CLIP term holds the safe pairs only
+    assert not s._borrowing and len(pool) == 16
+    with torch.no_grad():
+        img, txt = t.ctx.encode_views(b.pixels[:16], b.tokens[:16])
+    assert torch.allclose(pool.entries(), img, atol=1e-5) and torch.allclose(pool.payload[:16], txt, atol=1e-5)
+
+    # the pool now decides every risky image's caption: pairs with a known nearest pair
+    safe = torch.zeros(32, dtype=torch.bool)
+    safe[:16] = True
+    captured = {}
+    import clipguard.defenses.safeclip as sc
+    real = sc.clip_loss
+
+    def spy(i, tx, scale, dist=None, mask=None):
+        captured.update(txt=tx, mask=mask)
+        return real(i, tx, scale, dist, mask)
+
+    sc.clip_loss = spy
+    try:
+        terms = s.loss_terms(b, safe, borrow=True)
+    finally:
+        sc.clip_loss = real
+    assert s._borrowing and captured["mask"] is None
+    probe, _ = t.ctx.encode_views(b.pixels[16:])
+    near = (probe @ pool.entries()[:16].t()).topk(2, dim=1).indices
+    want = F.normalize(pool.payload[near].mean(1), dim=-1)
+    assert torch.allclose(captured["txt"][16:], want, atol=1e-5)
+    assert len(pool) == 32  # the second batch's safe rows were pushed
+    textual = [p for n, p in t.model.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
+    t.model.zero_grad()
+    captured["txt"][16:].sum().backward() if captured["txt"].requires_grad else None
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in textual), \
+        "a risky pair's borrowed caption must not train the text tower"
+    assert torch.isfinite(terms["clip"])
+    with pytest.raises(Exception, match="risky_clip"):
+        _small(risky_clip="own")
+    with pytest.raises(Exception, match="risky_clip_k"):
+        _small(risky_clip_k=0)
+
+
+def test_risky_clip_trains_and_resumes(fm_train, tmp_path):
+    data = fm_train.subset(range(256))
+    strat = _small(risky_clip="neighbours")
+    Trainer(_cfg(epochs=4), data, tmp_path, strategy=strat).fit()
+    state = strat.state_tensors()
+    assert "safe_pool.bank" in state and int(state["safe_pool.filled"]) > 0
+    other = _small(risky_clip="neighbours")
+    _built(data, other, tmp_path / "b")
+    other.load_state(state, strat.state_json())
+    assert torch.equal(other._safe_pool.bank, strat._safe_pool.bank)

@@ -80,6 +80,16 @@ class NNPool(torch.nn.Module):
         return sims.argmax(dim=1)
 
     @torch.no_grad()
+    def nearest_k_index(self, z: torch.Tensor, k: int) -> torch.Tensor:
+        """(n, min(k, len)) indices into ``bank`` of each row's k nearest valid entries."""
+        n = int(self.filled)
+        if n == 0:
+            raise RuntimeError("nearest neighbours asked of an empty pool")
+        valid = self.bank[:n] if n < self.size else self.bank
+        sims = z.detach().to(valid.device, valid.dtype) @ valid.t()
+        return sims.topk(min(int(k), n), dim=1).indices
+
+    @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """NN(z, P) of Eq. 3 (a constant: no gradient flows into the pool).
 

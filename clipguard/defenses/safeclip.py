@@ -114,6 +114,13 @@ class SafeClipOptions(Options):
     repeat_space: Literal["embedding", "pixels"] = field(default="embedding",
                                                          metadata={"neutral": "embedding"})
     repeat_grid: int = field(default=GRID, metadata={"neutral": GRID})
+    # what the CLIP loss gets of a risky pair: nothing ("none", the paper), or its image with the
+    # mean caption embedding of the risky_clip_k nearest safe images ("neighbours": from a pool of
+    # recent safe pairs, looked up with the un-augmented image; the pair's own caption is never
+    # used). A clean risky pair then still aligns its image with captions of what it shows, and a
+    # poisoned one is pulled towards those captions instead of the attacker's
+    risky_clip: Literal["none", "neighbours"] = field(default="none", metadata={"neutral": "none"})
+    risky_clip_k: int = field(default=8, metadata={"neutral": 8})
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
@@ -161,6 +168,7 @@ class SafeClipOptions(Options):
                 "repeat_space: pixels needs the repeated-image veto on (repeat_z)")
         require(self.repeat_grid == GRID or self.repeat_space == "pixels",
                 "repeat_grid applies to repeat_space: pixels only")
+        require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
@@ -204,6 +212,8 @@ class SafeClip(Strategy, PairSelector):
         self._dense: torch.Tensor | None = None  # bool (N,), pairs the density veto lets through
         self._dense_rounds = 0                   # splits made with the density veto so far
         self._strikes: torch.Tensor | None = None  # uint8 (N,), vetoes from the second split on
+        self._safe_pool: NNPool | None = None      # risky_clip: neighbours (made in bind)
+        self._borrowing = False                    # this step's CLIP term holds the risky pairs
 
     # ------------------------------------------------------------------ phases and lr
     def phase(self, epoch: int) -> str:
@@ -237,6 +247,9 @@ class SafeClip(Strategy, PairSelector):
             size = min(size, len(ctx.data))
             self._img_pool = NNPool(size, dim).to(ctx.device)
             self._txt_pool = NNPool(size, dim).to(ctx.device)
+            # safe pairs' image embeddings with their caption embeddings (risky_clip: neighbours)
+            self._safe_pool = (NNPool(size, dim, payload_shape=(dim,), payload_dtype=torch.float32).to(ctx.device)
+                               if self.opt.risky_clip == "neighbours" else None)
 
     def schedule(self, ctx: TrainContext, warmup: int, min_lr: float) -> Schedule:
         """Unimodal epochs: warm-up then constant base lr; CLIP warm-up: constant lr_low;
@@ -405,17 +418,19 @@ class SafeClip(Strategy, PairSelector):
             if self._safe is None:
                 raise RuntimeError("safeclip: mixed epoch without a split (on_epoch_start not called)")
             safe = self._safe[batch.indices.cpu()].to(batch.pixels.device)
-        terms = self.loss_terms(batch, safe)
+        terms = self.loss_terms(batch, safe, borrow=ph == "mixed")
         w_clip = w_uni = 1.0
         if self.opt.loss_weighting == "pairs" and ph == "mixed":
             w_clip = float(all_gather_nograd(safe.float(), self.ctx.dist).mean())
             w_uni = 1.0 - w_clip
+            if self._borrowing:  # every pair is in the CLIP term
+                w_clip = 1.0
         loss = w_clip * terms["clip"] + w_uni * (terms["unimodal_image"] + terms["unimodal_text"])
         logs = {f"{k}_loss": float(v.detach()) for k, v in terms.items()}
         logs["batch_safe_fraction"] = float(safe.float().mean())
         return loss, logs
 
-    def loss_terms(self, batch: Batch, safe: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss_terms(self, batch: Batch, safe: torch.Tensor, borrow: bool = False) -> dict[str, torch.Tensor]:
         """The three terms of Eq. 4 from ONE forward with gradient.
 
         View 1 is the pair CLIP trains on for a safe pair and the first unimodal view of a risky
@@ -460,7 +475,25 @@ class SafeClip(Strategy, PairSelector):
         else:
             img2 = torch.zeros_like(img1).index_copy(0, ridx, img2r.to(img1.dtype))
             txt2 = torch.zeros_like(txt1).index_copy(0, ridx, txt2r.to(txt1.dtype))
-        clip = clip_loss(img1, txt1, scale, ctx.dist, mask=safe)
+        self._borrowing = False
+        pool = self._safe_pool
+        if borrow and pool is not None and len(pool) >= o.risky_clip_k:
+            # every rank sees the same pool, so every rank takes this branch together
+            self._borrowing = True
+            target = torch.zeros_like(txt1)
+            if len(ridx):
+                with torch.no_grad():
+                    probe, _ = ctx.encode_views(pixels[ridx])
+                    near = pool.payload[pool.nearest_k_index(probe, o.risky_clip_k)].mean(dim=1)
+                target = target.index_copy(0, ridx, torch.nn.functional.normalize(near, dim=-1).to(txt1.dtype))
+            clip = clip_loss(img1, torch.where(risky[:, None], target, txt1), scale, ctx.dist)
+        else:
+            clip = clip_loss(img1, txt1, scale, ctx.dist, mask=safe)
+        if pool is not None and borrow:
+            keep = all_gather_nograd(safe.to(torch.uint8), ctx.dist).bool()
+            if bool(keep.any()):
+                pool.push(all_gather_nograd(img1.detach().contiguous(), ctx.dist)[keep],
+                          all_gather_nograd(txt1.detach().contiguous(), ctx.dist)[keep])
         nn_loss = nn_contrastive_loss if o.second_view_grad else nn_target_loss
         uni_img = nn_loss(img1, img2, self._img_pool, risky, o.temperature, ctx.dist)
         uni_txt = nn_loss(txt1, txt2, self._txt_pool, risky, o.temperature, ctx.dist)
@@ -480,6 +513,8 @@ class SafeClip(Strategy, PairSelector):
         out: dict[str, torch.Tensor] = {}
         out.update(self._img_pool.state_tensors("img_pool"))
         out.update(self._txt_pool.state_tensors("txt_pool"))
+        if self._safe_pool is not None:
+            out.update(self._safe_pool.state_tensors("safe_pool"))
         if self._sims is not None:
             out["sims"] = self._sims.contiguous()
         if self._safe is not None:
@@ -496,6 +531,8 @@ class SafeClip(Strategy, PairSelector):
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self._img_pool.load_state(tensors, "img_pool")
         self._txt_pool.load_state(tensors, "txt_pool")
+        if self._safe_pool is not None:
+            self._safe_pool.load_state(tensors, "safe_pool")
         self._sims = tensors["sims"].clone() if "sims" in tensors else None
         self._safe = tensors["safe"].bool().clone() if "safe" in tensors else None
         self._dense = tensors["dense"].bool().clone() if "dense" in tensors else None
