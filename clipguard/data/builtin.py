@@ -31,7 +31,6 @@ from clipguard.registry import Registry
 
 STAMP = ".clipguard-data.json"
 _OUR_PNG = re.compile(r"^(train|test)/\d{5}\.png$")
-_MODULES = ("clipguard.data.fashion_mnist", "clipguard.data.mnist")  # each registers one dataset
 
 
 @dataclass(frozen=True)
@@ -73,24 +72,18 @@ class BuiltinDataset:
         return template.format(phrase)
 
 
-BUILTINS: Registry[BuiltinDataset] = Registry("built-in dataset")
+# each module registers one dataset; they live in clipguard.data beside the readers, so the
+# registry names them instead of importing the whole package
+BUILTINS: Registry[BuiltinDataset] = Registry(
+    "built-in dataset", modules=("clipguard.data.fashion_mnist", "clipguard.data.mnist"))
 
 
 def get(name: str) -> BuiltinDataset:
-    _load()
     return BUILTINS.get(name)
 
 
 def names() -> list[str]:
-    _load()
     return BUILTINS.names()
-
-
-def _load() -> None:
-    import importlib
-
-    for mod in _MODULES:
-        importlib.import_module(mod)
 
 
 def register(ds: BuiltinDataset) -> BuiltinDataset:
