@@ -124,3 +124,36 @@ def test_simclr_views_of_some_rows_are_those_of_the_whole_batch(geometric_only):
         assert some.shape == (len(rows), 3, 28, 28)
         assert torch.equal(full[rows], some)
         assert torch.equal(g_all.get_state(), g_some.get_state())
+
+
+def test_simclr_blur_smooths_noise_keeps_the_mean_and_changes_nothing_at_zero():
+    """``blur_p`` 1 low-passes every view (a noise pattern loses most of its pixel-to-pixel
+    variation, the mean stays); ``blur_p`` 0 draws nothing, so views and generator state equal the
+    call without it; ``rows`` gives the full call's blurred views."""
+    from clipguard.data.augment import Views
+
+    noise = torch.rand(6, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    ident = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0)
+    y = simclr_augment(noise, torch.Generator().manual_seed(0), blur_p=1.0, blur_sigma=(1.0, 1.0), **ident)
+
+    def roughness(t):
+        return float((t[..., 1:] - t[..., :-1]).abs().mean())
+
+    assert roughness(y) < 0.6 * roughness(noise)
+    assert abs(float(y.mean()) - float(noise.mean())) < 0.02
+    g0, g1 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    assert torch.equal(simclr_augment(noise, g0), simclr_augment(noise, g1, blur_p=0.0))
+    assert torch.equal(g0.get_state(), g1.get_state())
+    views = Views(crop_scale_min=0.5, blur_p=0.5)
+    rows = torch.tensor([1, 4])
+    full = views.images(noise, torch.Generator().manual_seed(9))
+    some = views.images(noise, torch.Generator().manual_seed(9), rows=rows)
+    assert torch.equal(full[rows], some)
+
+
+def test_roclip_blur_option_is_checked():
+    from clipguard import defenses
+
+    assert defenses.build("roclip", {"blur_p": 0.5}).opt.blur_p == 0.5
+    with pytest.raises(Exception, match="blur_p"):
+        defenses.build("roclip", {"blur_p": 1.5})

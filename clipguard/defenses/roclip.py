@@ -17,7 +17,7 @@ batch's picks over the pool instead of letting a few hub captions take most imag
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -59,8 +59,12 @@ class RoClipOptions(Options):
     crop_scale_min: float = 0.5       # the paper (SimCLR): 0.08
     eda_alpha: float = 0.1
     eda_p_delete: float = 0.1
+    # the share of image views also Gaussian-blurred (SimCLR's blur, absent from its 28 px recipe):
+    # a blur washes out a high-frequency trigger such as Blended's noise pattern
+    blur_p: float = field(default=0.0, metadata={"neutral": 0.0})
 
     def validate(self) -> None:
+        require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
         require(self.match_every >= 1, f"match_every (K) must be >= 1, got {self.match_every}")
         require(0.0 < self.pool_fraction <= 1.0, f"pool_fraction must be in (0, 1], got {self.pool_fraction}")
         require(self.pool_size is None or self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
@@ -103,7 +107,8 @@ class RoClip(Strategy, PairSelector):
     def __init__(self, options: RoClipOptions | None = None):
         super().__init__(options)
         o = self.opt
-        self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete)
+        self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete,
+                            blur_p=o.blur_p)
 
     def is_pool_epoch(self, epoch: int) -> bool:
         """Alg. 1 counts epochs from 1 and matches when epoch % K == 0."""

@@ -114,6 +114,8 @@ def simclr_augment(pixels: torch.Tensor, generator: torch.Generator, *,
                    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
                    jitter_p: float = 0.8,
                    gray_p: float = 0.2,
+                   blur_p: float = 0.0,
+                   blur_sigma: tuple[float, float] = (0.1, 2.0),
                    rows: torch.Tensor | None = None) -> torch.Tensor:
     """SimCLR view of a batch: (B,3,H,W) floats in [0,1] -> same shape, in [0,1].
 
@@ -125,6 +127,10 @@ def simclr_augment(pixels: torch.Tensor, generator: torch.Generator, *,
     and leaves the generator in the same state. A caller that needs views of part of a batch
     (SafeCLIP's risky pairs) pays for the transforms of that part only, and its sequence of
     random numbers does not depend on which part.
+
+    ``blur_p``: the share of views also blurred (SimCLR's Gaussian blur: sigma uniform in
+    ``blur_sigma``, a kernel a tenth of the image side, at least 3). At 0 (the default) nothing is
+    drawn for it, so the views and the generator's state are those of the call without it.
     """
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"simclr_augment expects (B,3,H,W) pixels, got {tuple(pixels.shape)}")
@@ -141,4 +147,28 @@ def simclr_augment(pixels: torch.Tensor, generator: torch.Generator, *,
         gray = gray[rows]
     gray = gray.to(x.device).view(-1, 1, 1, 1)
     x = torch.where(gray, _gray(x).expand_as(x), x)
+    if blur_p > 0:
+        x = _blur(x, generator, blur_p, blur_sigma, n, rows)
     return x.clamp(0, 1).to(pixels.dtype)
+
+
+def _blur(x: torch.Tensor, generator: torch.Generator, p: float, sigma: tuple[float, float], n: int,
+          rows: torch.Tensor | None) -> torch.Tensor:
+    """A separable Gaussian blur on a random ``p`` share of the views (draws for all ``n``)."""
+    apply = torch.rand(n, generator=generator) < p
+    sig = torch.empty(n).uniform_(sigma[0], sigma[1], generator=generator)
+    if rows is not None:
+        apply, sig = apply[rows], sig[rows]
+    if not bool(apply.any()):
+        return x
+    size = max(3, int(round(0.1 * x.shape[-1])) | 1)
+    r = torch.arange(size, dtype=torch.float32) - size // 2
+    k = torch.exp(-(r.view(1, -1) ** 2) / (2 * sig.view(-1, 1) ** 2))
+    k = (k / k.sum(1, keepdim=True)).to(x.device, x.dtype)  # (m, size): one kernel per view
+    m, c, h, w = x.shape
+    pad = size // 2
+    y = torch.nn.functional.pad(x.reshape(1, m * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    kc = k.repeat_interleave(c, 0)  # (m*c, size)
+    y = torch.nn.functional.conv2d(y, kc.view(m * c, 1, 1, size), groups=m * c)
+    y = torch.nn.functional.conv2d(y, kc.view(m * c, 1, size, 1), groups=m * c).view(m, c, h, w)
+    return torch.where(apply.to(x.device).view(m, 1, 1, 1), y, x)
