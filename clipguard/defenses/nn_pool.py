@@ -70,24 +70,24 @@ class NNPool(torch.nn.Module):
         self.filled.fill_(min(self.size, int(self.filled) + n))
 
     @torch.no_grad()
-    def nearest_index(self, z: torch.Tensor) -> torch.Tensor:
-        """Index into ``bank`` of each row's nearest valid entry (pool must not be empty)."""
+    def _similarities(self, z: torch.Tensor) -> torch.Tensor:
+        """Cosine of each row of ``z`` with every valid entry, (rows, len); the pool must not be empty."""
         n = int(self.filled)
         if n == 0:
             raise RuntimeError("nearest neighbour asked of an empty pool")
         valid = self.bank[:n] if n < self.size else self.bank
-        sims = z.detach().to(valid.device, valid.dtype) @ valid.t()
-        return sims.argmax(dim=1)
+        return z.detach().to(valid.device, valid.dtype) @ valid.t()
+
+    @torch.no_grad()
+    def nearest_index(self, z: torch.Tensor) -> torch.Tensor:
+        """Index into ``bank`` of each row's nearest valid entry (pool must not be empty)."""
+        return self._similarities(z).argmax(dim=1)
 
     @torch.no_grad()
     def nearest_k_index(self, z: torch.Tensor, k: int) -> torch.Tensor:
         """(n, min(k, len)) indices into ``bank`` of each row's k nearest valid entries."""
-        n = int(self.filled)
-        if n == 0:
-            raise RuntimeError("nearest neighbours asked of an empty pool")
-        valid = self.bank[:n] if n < self.size else self.bank
-        sims = z.detach().to(valid.device, valid.dtype) @ valid.t()
-        return sims.topk(min(int(k), n), dim=1).indices
+        sims = self._similarities(z)
+        return sims.topk(min(int(k), sims.shape[1]), dim=1).indices
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
