@@ -30,11 +30,22 @@ from typing import Any
 import torch
 
 
-def _val_csv(out: Path, cell: dict[str, Any]) -> Path:
+def val_csv(out: Path, cell: dict[str, Any]) -> Path:
+    """The validation rows a ``split: val`` cell of bench folder ``out`` was evaluated on."""
     ds = cell["config"]["dataset"]
     if cell.get("split") == "val":
         return out / "data" / ds["label"] / f"val{ds['val_size']}-seed{ds['data_seed']}" / "val.csv"
     raise SystemExit(f"{cell['cell']}: a test-split grid; pass --data with clean validation rows instead")
+
+
+def csv_spec(cell: dict[str, Any], allow_outside_root: bool = True):
+    """The CSV keys and separator of the cell's dataset (the bench's validation rows point at images
+    outside their own folder)."""
+    from clipguard.data.csv_dataset import CsvSpec
+
+    ds = cell["config"]["dataset"]
+    return CsvSpec(img_key=ds["img_key"], caption_key=ds["caption_key"], label_key=ds["label_key"],
+                   separator=ds["separator"], allow_outside_root=allow_outside_root)
 
 
 def _encode(checkpoint: str | Path, model_name: str, images) -> torch.Tensor:
@@ -55,7 +66,6 @@ def _drift(start: torch.Tensor, checkpoint: str | Path, model_name: str, images)
 def drift_table(out: Path, data: Path | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """One row per fine-tuning cell: method, seed, drift, zero-shot and the start's zero-shot."""
     from clipguard.api import load_data
-    from clipguard.data.csv_dataset import CsvSpec
 
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     by_id = {c["cell"]: c for c in cells}
@@ -65,12 +75,10 @@ def drift_table(out: Path, data: Path | None = None, limit: int | None = None) -
     for c in cells:
         if c.get("stage") != "finetune":
             continue
-        csv = data or _val_csv(out, c)
+        csv = data or val_csv(out, c)
         if csv not in images:
-            ds = c["config"]["dataset"]
-            spec = CsvSpec(img_key=ds["img_key"], caption_key=ds["caption_key"], label_key=ds["label_key"],
-                           separator=ds["separator"], allow_outside_root=data is None)
-            images[csv] = load_data(csv, model=c["model"], spec=spec, limit=limit).images
+            images[csv] = load_data(csv, model=c["model"], spec=csv_spec(c, allow_outside_root=data is None),
+                                    limit=limit).images
         start_ckpt = c["train_config"]["checkpoint"]
         key = (start_ckpt, str(csv))
         if key not in starts:
