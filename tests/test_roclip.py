@@ -220,3 +220,51 @@ def test_pool_duplicates_merge_runs_a_pool_step_and_is_validated(fm_train, tmp_p
 
     with pytest.raises(ConfigError, match="'pool_duplicates' must be one of 'separate', 'merge'"):
         defenses.build("roclip", {"pool_duplicates": "both"})
+
+
+def test_unmatched_drop_trains_a_pool_step_on_the_agreeing_pairs_only(fm_train, tmp_path):
+    from clipguard.training.losses import clip_loss
+
+    t = _built(fm_train.subset(range(256)), {"match_every": 1, "pool_fraction": 0.25, "keep_own": 0.5,
+                                            "unmatched": "drop"}, tmp_path)
+    s, model = t.strategy, t.model
+    s.on_epoch_start(0)
+    seen = {}
+    enc_i, enc_t = model.encode_image, model.encode_text
+
+    def spy_i(x, normalize=False):
+        seen["img"] = enc_i(x, normalize=normalize)
+        return seen["img"]
+
+    def spy_t(tokens, normalize=False):
+        seen["txt"] = enc_t(tokens, normalize=normalize)
+        return seen["txt"]
+
+    model.encode_image, model.encode_text = spy_i, spy_t
+    loss, logs = s.loss(_batch(t, range(32)))
+    kept = s._kept[:32]
+    assert 0 < int(kept.sum()) < 32  # some pairs agree, some do not
+    expect = clip_loss(seen["img"].float()[kept], seen["txt"].float()[kept], model.logit_scale.exp().float())
+    assert float(loss.detach()) == pytest.approx(float(expect), rel=1e-5)
+    assert logs["kept_own_fraction"] == pytest.approx(float(kept.float().mean()))
+
+
+def test_unmatched_drop_and_flip_p_are_validated():
+    from clipguard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs keep_own > 0"):
+        defenses.build("roclip", {"unmatched": "drop", "keep_own": 0.0})
+    with pytest.raises(ConfigError, match="pool_duplicates must stay 'separate'"):
+        defenses.build("roclip", {"unmatched": "drop", "pool_duplicates": "merge"})
+    with pytest.raises(ConfigError, match="flip_p"):
+        defenses.build("roclip", {"flip_p": 1.5})
+
+
+def test_flip_p_zero_never_mirrors_a_view():
+    from clipguard.data.augment.views import Views
+
+    x = torch.rand(16, 3, 8, 8)
+    a = Views(crop_scale_min=1.0, flip_p=0.0).images(x, torch.Generator().manual_seed(0), geometric_only=True)
+    b = Views(crop_scale_min=1.0, flip_p=1.0).images(x, torch.Generator().manual_seed(0), geometric_only=True)
+    # a full-size crop (up to the aspect-ratio draw) either keeps the orientation or mirrors every row
+    assert (a - x).abs().mean() < 0.5 * (b - x).abs().mean()

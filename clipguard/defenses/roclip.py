@@ -8,9 +8,10 @@ text tower towards the images that chose those captions. The reference code used
 embeddings directly in the loss: the text tower then got no gradient at all in 1/K of the
 epochs (a known bug of the reference code). ``text_gradient=False`` restores that behaviour.
 
-Two departures from the paper, both options: ``keep_own`` lets a pair whose image picks a
-pooled caption like its own keep its own caption in pool epochs (training only on the model's
-own guesses cost most of the accuracy at small scale), and ``assignment: balanced`` spreads a
+Departures from the paper, all options: ``keep_own`` lets a pair whose image picks a pooled
+caption like its own keep its own caption in pool epochs (training only on the model's own
+guesses cost most of the accuracy at small scale), ``unmatched: drop`` leaves the other pairs out
+of that step instead of training them on their picks, and ``assignment: balanced`` spreads a
 batch's picks over the pool instead of letting a few hub captions take most images.
 """
 
@@ -62,9 +63,20 @@ class RoClipOptions(Options):
     # the share of image views also Gaussian-blurred (SimCLR's blur, absent from its 28 px recipe):
     # a blur washes out a high-frequency trigger such as Blended's noise pattern
     blur_p: float = field(default=0.0, metadata={"neutral": 0.0})
+    # the share of image views mirrored left-right (SimCLR: 0.5; open_clip's training transform: 0)
+    flip_p: float = field(default=0.5, metadata={"neutral": 0.5})
+    # in pool epochs, the pairs whose pick disagrees with their own caption (needs keep_own > 0):
+    # "pooled", trained on the picked caption (the paper); "drop", left out of that step's loss, so
+    # no pair is trained on a caption the model chose for it
+    unmatched: Literal["pooled", "drop"] = field(default="pooled", metadata={"neutral": "pooled"})
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
+        require(0.0 <= self.flip_p <= 1.0, f"flip_p must be in [0, 1], got {self.flip_p}")
+        require(self.unmatched == "pooled" or self.keep_own > 0,
+                "unmatched: drop needs keep_own > 0 (with keep_own 0 every pair of a pool epoch would be dropped)")
+        require(self.unmatched == "pooled" or self.pool_duplicates == "separate",
+                "unmatched: drop trains only on own captions, so pool_duplicates must stay 'separate'")
         require(self.match_every >= 1, f"match_every (K) must be >= 1, got {self.match_every}")
         require(0.0 < self.pool_fraction <= 1.0, f"pool_fraction must be in (0, 1], got {self.pool_fraction}")
         require(self.pool_size is None or self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
@@ -72,10 +84,6 @@ class RoClipOptions(Options):
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
                 "eda_alpha and eda_p_delete must be in [0, 1]")
         require(0.0 <= self.keep_own < 1.0, f"keep_own must be in [0, 1), got {self.keep_own}")
-        require(self.assignment in ("nearest", "balanced"),
-                f"assignment must be 'nearest' or 'balanced', got {self.assignment!r}")
-        require(self.pool_duplicates in ("separate", "merge"),
-                f"pool_duplicates must be 'separate' or 'merge', got {self.pool_duplicates!r}")
 
 
 @torch.no_grad()
@@ -108,7 +116,7 @@ class RoClip(Strategy, PairSelector):
         super().__init__(options)
         o = self.opt
         self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete,
-                            blur_p=o.blur_p)
+                            blur_p=o.blur_p, flip_p=o.flip_p)
 
     def is_pool_epoch(self, epoch: int) -> bool:
         """Alg. 1 counts epochs from 1 and matches when epoch % K == 0."""
@@ -177,7 +185,9 @@ class RoClip(Strategy, PairSelector):
             matched = torch.where(kept.unsqueeze(1), own, self._pool.bank[nn_idx].to(img.dtype))
         if self.opt.keep_own > 0:
             stats["kept_own_fraction"] = float(kept.float().mean())
-        if self.opt.pool_duplicates == "merge":
+        if self.opt.unmatched == "drop":
+            loss = clip_loss(img, matched, scale, ctx.dist, mask=kept.to(img.device))
+        elif self.opt.pool_duplicates == "merge":
             # a pooled caption's id is its pool slot; a pair that kept its own caption is its own group
             groups = torch.where(kept.to(nn_idx.device), len(self._pool) + batch.indices.to(nn_idx.device), nn_idx)
             loss = grouped_clip_loss(img, matched, scale, groups, ctx.dist)
