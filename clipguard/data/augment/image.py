@@ -163,12 +163,17 @@ def _blur(x: torch.Tensor, generator: torch.Generator, p: float, sigma: tuple[fl
         return x
     size = max(3, int(round(0.1 * x.shape[-1])) | 1)
     r = torch.arange(size, dtype=torch.float32) - size // 2
-    k = torch.exp(-(r.view(1, -1) ** 2) / (2 * sig.view(-1, 1) ** 2))
-    k = (k / k.sum(1, keepdim=True)).to(x.device, x.dtype)  # (m, size): one kernel per view
-    m, c, h, w = x.shape
+    sel = apply.nonzero().squeeze(1)  # only the chosen views are convolved
+    k = torch.exp(-(r.view(1, -1) ** 2) / (2 * sig[sel].view(-1, 1) ** 2))
+    k = (k / k.sum(1, keepdim=True)).to(x.device, x.dtype)  # (m, size): one kernel per blurred view
+    sel = sel.to(x.device)
+    _, c, h, w = x.shape
+    m = len(sel)
     pad = size // 2
-    y = torch.nn.functional.pad(x.reshape(1, m * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = torch.nn.functional.pad(x[sel].reshape(1, m * c, h, w), (pad, pad, pad, pad), mode="reflect")
     kc = k.repeat_interleave(c, 0)  # (m*c, size)
     y = torch.nn.functional.conv2d(y, kc.view(m * c, 1, 1, size), groups=m * c)
     y = torch.nn.functional.conv2d(y, kc.view(m * c, 1, size, 1), groups=m * c).view(m, c, h, w)
-    return torch.where(apply.to(x.device).view(m, 1, 1, 1), y, x)
+    out = x.clone()
+    out[sel] = y
+    return out
