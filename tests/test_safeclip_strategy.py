@@ -275,8 +275,9 @@ def test_risky_images_enter_the_clip_loss_with_their_safe_neighbours_captions(fm
     s._safe[:16] = True
     pool = s._safe_pool
     b = _batch(t, range(32))
-    s.loss_terms(b, s._safe[:32], borrow=True)  # empty pool: the CLIP term holds the safe pairs only
-    assert not s._borrowing and len(pool) == 16
+    assert not s._borrows(True)  # empty pool: the CLIP term holds the safe pairs only
+    s.loss_terms(b, s._safe[:32], borrow=True)
+    assert len(pool) == 16 and s._borrows(True) and not s._borrows(False)
     with torch.no_grad():
         img, txt = t.ctx.encode_views(b.pixels[:16], b.tokens[:16])
     assert torch.allclose(pool.entries(), img, atol=1e-5) and torch.allclose(pool.payload[:16], txt, atol=1e-5)
@@ -297,7 +298,7 @@ def test_risky_images_enter_the_clip_loss_with_their_safe_neighbours_captions(fm
         terms = s.loss_terms(b, safe, borrow=True)
     finally:
         sc.clip_loss = real
-    assert s._borrowing and captured["mask"] is None
+    assert captured["mask"] is None
     probe, _ = t.ctx.encode_views(b.pixels[16:])
     near = (probe @ pool.entries()[:16].t()).topk(2, dim=1).indices
     want = F.normalize(pool.payload[near].mean(1), dim=-1)

@@ -213,7 +213,6 @@ class SafeClip(Strategy, PairSelector):
         self._dense_rounds = 0                   # splits made with the density veto so far
         self._strikes: torch.Tensor | None = None  # uint8 (N,), vetoes from the second split on
         self._safe_pool: NNPool | None = None      # risky_clip: neighbours (made in bind)
-        self._borrowing = False                    # this step's CLIP term holds the risky pairs
 
     # ------------------------------------------------------------------ phases and lr
     def phase(self, epoch: int) -> str:
@@ -418,17 +417,24 @@ class SafeClip(Strategy, PairSelector):
             if self._safe is None:
                 raise RuntimeError("safeclip: mixed epoch without a split (on_epoch_start not called)")
             safe = self._safe[batch.indices.cpu()].to(batch.pixels.device)
+        borrowing = self._borrows(ph == "mixed")  # asked before loss_terms pushes to the safe pool
         terms = self.loss_terms(batch, safe, borrow=ph == "mixed")
         w_clip = w_uni = 1.0
         if self.opt.loss_weighting == "pairs" and ph == "mixed":
             w_clip = float(all_gather_nograd(safe.float(), self.ctx.dist).mean())
             w_uni = 1.0 - w_clip
-            if self._borrowing:  # every pair is in the CLIP term
+            if borrowing:  # every pair is in the CLIP term
                 w_clip = 1.0
         loss = w_clip * terms["clip"] + w_uni * (terms["unimodal_image"] + terms["unimodal_text"])
         logs = {f"{k}_loss": float(v.detach()) for k, v in terms.items()}
         logs["batch_safe_fraction"] = float(safe.float().mean())
         return loss, logs
+
+    def _borrows(self, mixed: bool) -> bool:
+        """Whether a mixed step's CLIP term holds the risky pairs too, with borrowed captions
+        (``risky_clip: neighbours``, once the safe pool holds ``risky_clip_k`` pairs)."""
+        pool = self._safe_pool
+        return mixed and pool is not None and len(pool) >= self.opt.risky_clip_k
 
     def loss_terms(self, batch: Batch, safe: torch.Tensor, borrow: bool = False) -> dict[str, torch.Tensor]:
         """The three terms of Eq. 4 from ONE forward with gradient.
@@ -475,11 +481,9 @@ class SafeClip(Strategy, PairSelector):
         else:
             img2 = torch.zeros_like(img1).index_copy(0, ridx, img2r.to(img1.dtype))
             txt2 = torch.zeros_like(txt1).index_copy(0, ridx, txt2r.to(txt1.dtype))
-        self._borrowing = False
         pool = self._safe_pool
-        if borrow and pool is not None and len(pool) >= o.risky_clip_k:
+        if self._borrows(borrow):
             # every rank sees the same pool, so every rank takes this branch together
-            self._borrowing = True
             target = torch.zeros_like(txt1)
             if len(ridx):
                 with torch.no_grad():
