@@ -268,3 +268,13 @@ def test_flip_p_zero_never_mirrors_a_view():
     b = Views(crop_scale_min=1.0, flip_p=1.0).images(x, torch.Generator().manual_seed(0), geometric_only=True)
     # a full-size crop (up to the aspect-ratio draw) either keeps the orientation or mirrors every row
     assert (a - x).abs().mean() < 0.5 * (b - x).abs().mean()
+
+
+def test_pool_start_delays_the_first_pool_epoch_by_a_share_of_the_budget(fm_train, tmp_path):
+    t = Trainer(TrainConfig(model="cg-tiny", epochs=10, batch_size=32, seed=0, device="cpu", quiet=True),
+                fm_train.subset(range(200)), tmp_path, strategy=defenses.build("roclip", {"pool_start": 0.3}))
+    t.setup()
+    # 3 plain epochs, then every 2nd: epochs 5, 7, 9 (counted from 1)
+    assert [e + 1 for e in range(10) if t.strategy.is_pool_epoch(e)] == [5, 7, 9]
+    with pytest.raises(Exception, match="pool_start"):
+        defenses.build("roclip", {"pool_start": 1.0})

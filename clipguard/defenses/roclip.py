@@ -41,6 +41,10 @@ class RoClipOptions(Options):
 
     kind: ClassVar[str] = "defense 'roclip'"
     match_every: int = 2              # K: every K-th epoch pairs images with pooled captions
+    # the share of the epoch budget trained as plain (augmented) CLIP before the K-epoch cycle of
+    # pool epochs starts; 0 = the paper (the first pool epoch is epoch K). A model that has not yet
+    # left chance picks the same few captions for every image, and pool epochs then collapse it
+    pool_start: float = field(default=0.0, metadata={"neutral": 0.0})
     pool_fraction: float = 0.02       # pool size as a fraction of the data (the paper: 2%)
     pool_size: int | None = None      # an absolute pool size instead of pool_fraction
     augment: bool = True              # SimCLR images and EDA captions
@@ -78,6 +82,7 @@ class RoClipOptions(Options):
         require(self.unmatched == "pooled" or self.pool_duplicates == "separate",
                 "unmatched: drop trains only on own captions, so pool_duplicates must stay 'separate'")
         require(self.match_every >= 1, f"match_every (K) must be >= 1, got {self.match_every}")
+        require(0.0 <= self.pool_start < 1.0, f"pool_start must be in [0, 1), got {self.pool_start}")
         require(0.0 < self.pool_fraction <= 1.0, f"pool_fraction must be in (0, 1], got {self.pool_fraction}")
         require(self.pool_size is None or self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
@@ -119,8 +124,11 @@ class RoClip(Strategy, PairSelector):
                             blur_p=o.blur_p, flip_p=o.flip_p)
 
     def is_pool_epoch(self, epoch: int) -> bool:
-        """Alg. 1 counts epochs from 1 and matches when epoch % K == 0."""
-        return (epoch + 1) % self.opt.match_every == 0
+        """Alg. 1 counts epochs from 1 and matches when epoch % K == 0; with ``pool_start`` the
+        count starts after the first round(pool_start x epochs) epochs."""
+        start = int(round(self.opt.pool_start * self.ctx.epochs)) if self.opt.pool_start > 0 else 0
+        e = epoch + 1 - start
+        return e >= 1 and e % self.opt.match_every == 0
 
     def bind(self, ctx: TrainContext) -> None:
         super().bind(ctx)
