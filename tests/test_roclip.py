@@ -245,7 +245,7 @@ def test_unmatched_drop_trains_a_pool_step_on_the_agreeing_pairs_only(fm_train, 
     kept = s._kept[:32]
     assert 0 < int(kept.sum()) < 32  # some pairs agree, some do not
     expect = clip_loss(seen["img"].float()[kept], seen["txt"].float()[kept], model.logit_scale.exp().float())
-    assert float(loss.detach()) == pytest.approx(float(expect), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expect.detach()), rel=1e-5)
     assert logs["kept_own_fraction"] == pytest.approx(float(kept.float().mean()))
 
 
