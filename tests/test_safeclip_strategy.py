@@ -90,7 +90,7 @@ def test_views_are_seeded_and_drawn_fresh(fm_train, tmp_path):
     assert float(la["unimodal_image"].detach()) == float(lb["unimodal_image"].detach())
     c = _built(data, _small(), tmp_path / "c")
     lc = c.strategy.loss_terms(_batch(c, range(32), seed=4), safe)
-    assert float(lc["unimodal_text"]) != float(la["unimodal_text"])
+    assert float(lc["unimodal_text"].detach()) != float(la["unimodal_text"].detach())
 
 
 def _views(t, safe, seed=5, pixels=None):
