@@ -49,7 +49,8 @@ def _quiet_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    logging.getLogger("root").setLevel(logging.ERROR)
+    logging.getLogger("root").setLevel(logging.ERROR)  # open_clip's "no pretrained weights" and the like
+    logging.getLogger("clipguard").setLevel(logging.WARNING)  # our own warnings stay visible
     args = build_parser().parse_args(argv)
     prog = f"clipguard {args.command}"
     try:

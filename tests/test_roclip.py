@@ -278,3 +278,34 @@ def test_pool_start_delays_the_first_pool_epoch_by_a_share_of_the_budget(fm_trai
     assert [e + 1 for e in range(10) if t.strategy.is_pool_epoch(e)] == [5, 7, 9]
     with pytest.raises(Exception, match="pool_start"):
         defenses.build("roclip", {"pool_start": 1.0})
+
+
+def test_a_pool_epoch_after_a_plain_epoch_at_chance_is_reported_and_warned_once(fm_train, tmp_path, caplog):
+    import logging
+    import math
+
+    t = _built(fm_train.subset(range(256)), {"match_every": 2}, tmp_path)
+    s = t.strategy
+    chance = math.log(32)
+    s.on_epoch_start(0)
+    s._plain_loss = [2 * chance, 2]  # a plain epoch at chance
+    with caplog.at_level(logging.WARNING, logger="clipguard"):
+        rec = s.on_epoch_start(1)
+        assert rec["pool_epoch"] and rec["plain_loss_vs_chance"] == pytest.approx(1.0)
+        s._plain_loss = [2 * 0.99 * chance, 2]
+        assert s.on_epoch_start(3)["plain_loss_vs_chance"] == pytest.approx(0.99, abs=1e-3)
+    assert sum("near chance" in r.message for r in caplog.records) == 1  # once per run
+    s._plain_loss = [1.0, 1]
+    assert "plain_loss_vs_chance" not in s.on_epoch_start(2)  # a plain epoch: nothing to check
+
+
+def test_a_pool_epoch_after_a_model_that_learnt_is_not_warned(fm_train, tmp_path, caplog):
+    import logging
+    import math
+
+    t = _built(fm_train.subset(range(256)), {"match_every": 2}, tmp_path)
+    s = t.strategy
+    s._plain_loss = [0.5 * math.log(32), 1]
+    with caplog.at_level(logging.WARNING, logger="clipguard"):
+        assert s.on_epoch_start(1)["plain_loss_vs_chance"] == pytest.approx(0.5)
+    assert not any("near chance" in r.message for r in caplog.records)
