@@ -288,15 +288,17 @@ def test_a_pool_epoch_after_a_plain_epoch_at_chance_is_reported_and_warned_once(
     s = t.strategy
     chance = math.log(32)
     s.on_epoch_start(0)
-    s._plain_loss = [2 * chance, 2]  # a plain epoch at chance
+    s._plain.add(chance)
+    s._plain.add(chance)  # a plain epoch at chance
     with caplog.at_level(logging.WARNING, logger="clipguard"):
         rec = s.on_epoch_start(1)
         assert rec["pool_epoch"] and rec["plain_loss_vs_chance"] == pytest.approx(1.0)
-        s._plain_loss = [2 * 0.99 * chance, 2]
+        s._plain.add(0.99 * chance)
         assert s.on_epoch_start(3)["plain_loss_vs_chance"] == pytest.approx(0.99, abs=1e-3)
-    assert sum("near chance" in r.message for r in caplog.records) == 1  # once per run
-    s._plain_loss = [1.0, 1]
+    assert sum("near chance" in r.getMessage() for r in caplog.records) == 1  # once per run
+    s._plain.add(1.0)
     assert "plain_loss_vs_chance" not in s.on_epoch_start(2)  # a plain epoch: nothing to check
+    assert "plain_loss_vs_chance" not in s.on_epoch_start(3)  # its loss was measured afresh: none yet
 
 
 def test_a_pool_epoch_after_a_model_that_learnt_is_not_warned(fm_train, tmp_path, caplog):
@@ -305,7 +307,7 @@ def test_a_pool_epoch_after_a_model_that_learnt_is_not_warned(fm_train, tmp_path
 
     t = _built(fm_train.subset(range(256)), {"match_every": 2}, tmp_path)
     s = t.strategy
-    s._plain_loss = [0.5 * math.log(32), 1]
+    s._plain.add(0.5 * math.log(32))
     with caplog.at_level(logging.WARNING, logger="clipguard"):
         assert s.on_epoch_start(1)["plain_loss_vs_chance"] == pytest.approx(0.5)
-    assert not any("near chance" in r.message for r in caplog.records)
+    assert not any("near chance" in r.getMessage() for r in caplog.records)

@@ -326,3 +326,27 @@ def test_risky_clip_trains_and_resumes(fm_train, tmp_path):
     _built(data, other, tmp_path / "b")
     other.load_state(state, strat.state_json())
     assert torch.equal(other._safe_pool.bank, strat._safe_pool.bank)
+
+
+def test_a_first_split_after_a_clip_epoch_at_chance_is_reported_and_warned(fm_train, tmp_path, caplog):
+    """The first split is only as good as the model after the slow CLIP epoch: its loss against
+    chance is recorded, and a split made at chance is warned about, once per run."""
+    import logging
+    import math
+
+    t = _built(fm_train.subset(range(256)), _small(), tmp_path)
+    s = t.strategy
+    chance = math.log(t.ctx.batch_size)
+    assert s.phase(1) == "clip_low" and s.phase(2) == "mixed"
+    t.ctx.epoch = 1
+    s.on_epoch_start(1)
+    s.loss(_batch(t, range(32)))  # a slow CLIP step feeds the monitor
+    assert s._aligned.steps == 1
+    s._aligned.reset()
+    s._aligned.add(chance)
+    with caplog.at_level(logging.WARNING, logger="clipguard"):
+        t.ctx.epoch = 2
+        rec = s.on_epoch_start(2)
+        assert rec["clip_loss_vs_chance"] == pytest.approx(1.0)
+        assert "clip_loss_vs_chance" not in s.on_epoch_start(3)  # later splits: no slow CLIP epoch before them
+    assert sum("first split" in r.getMessage() for r in caplog.records) == 1

@@ -17,8 +17,6 @@ batch's picks over the pool instead of letting a few hub captions take most imag
 
 from __future__ import annotations
 
-import logging
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -27,6 +25,7 @@ import torch
 
 from clipguard.data.augment import Views
 from clipguard.defenses import DEFENSES
+from clipguard.defenses.alignment import ChanceMonitor
 from clipguard.defenses.nn_pool import NNPool
 from clipguard.defenses.pair_scores import embed_dim
 from clipguard.options import Options, require
@@ -34,13 +33,6 @@ from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd
 from clipguard.training.losses import clip_loss, grouped_clip_loss
 from clipguard.training.strategy import PairSelector, Strategy
-
-log = logging.getLogger("clipguard")
-
-# a plain epoch whose mean CLIP loss is above this share of chance (log of the global batch) has not
-# taught the model to match images to captions: a pool epoch after it gathers the images on a few
-# captions (docs/defenses.md, RoCLIP's seventh to eleventh rounds)
-NEAR_CHANCE = 0.97
 
 
 @dataclass
@@ -148,8 +140,7 @@ class RoClip(Strategy, PairSelector):
         self._match_epoch: int | None = None  # the pool epoch the match records below belong to
         self._agreement = torch.full((len(ctx.data),), float("nan"))
         self._kept = torch.zeros(len(ctx.data), dtype=torch.bool)
-        self._plain_loss = [0.0, 0]      # this epoch's plain CLIP steps: loss sum, count
-        self._warned = False
+        self._plain = ChanceMonitor()    # the CLIP loss of the latest epoch, when it was a plain one
 
     # ------------------------------------------------------------------ augmentation
     def _images(self, batch: Batch) -> torch.Tensor:
@@ -162,27 +153,19 @@ class RoClip(Strategy, PairSelector):
     def on_epoch_start(self, epoch: int) -> dict[str, Any]:
         pool_epoch = self.is_pool_epoch(epoch)
         record: dict[str, Any] = {"pool_epoch": pool_epoch, "pool_size": self._pool.size}
-        total, steps = self._plain_loss
-        if pool_epoch and steps:
-            record["plain_loss_vs_chance"] = self._check_alignment(epoch, total / steps)
-        self._plain_loss = [0.0, 0]
+        if pool_epoch:
+            ratio = self._plain.check(
+                self.ctx, f"roclip: pool epoch {epoch + 1}",
+                "the model cannot match images to captions yet, so the pool epochs will pair most images "
+                "with a few captions and may collapse it. Plain epochs first help: --opt pool_start=0.5 "
+                "--opt match_every=1 (docs/defenses.md, RoCLIP)")
+            if ratio is not None:
+                record["plain_loss_vs_chance"] = ratio
+        else:
+            self._plain.reset()
         if pool_epoch and len(self._pool) < self._pool.size:
             self._fill_pool(epoch)
         return record
-
-    def _check_alignment(self, epoch: int, plain_loss: float) -> float:
-        """The previous plain epoch's mean CLIP loss as a share of chance; warns once when a pool
-        epoch follows a model that has not left chance."""
-        chance = math.log(self.ctx.batch_size * self.ctx.dist.world_size)
-        ratio = plain_loss / chance
-        if ratio > NEAR_CHANCE and not self._warned and self.ctx.dist.is_main:
-            self._warned = True
-            log.warning(
-                "roclip: pool epoch %d follows a plain epoch whose CLIP loss (%.2f) is near chance (%.2f): "
-                "the model cannot match images to captions yet, so the pool epochs will pair most images with "
-                "a few captions and may collapse it. Plain epochs first help: --opt pool_start=0.5 "
-                "--opt match_every=1 (docs/defenses.md, RoCLIP)", epoch + 1, plain_loss, chance)
-        return round(ratio, 4)
 
     @torch.no_grad()
     def _fill_pool(self, epoch: int) -> None:
@@ -210,8 +193,7 @@ class RoClip(Strategy, PairSelector):
             loss = clip_loss(img, txt, scale, ctx.dist)
             self._push(txt, tokens)
             value = float(loss.detach())
-            self._plain_loss[0] += value
-            self._plain_loss[1] += 1
+            self._plain.add(value)
             return loss, {"clip_loss": value}
         stats: dict[str, float] = {}
         if self.opt.text_gradient:

@@ -21,6 +21,7 @@ import torch
 from clipguard.data.augment import Views
 from clipguard.data.signatures import GRID
 from clipguard.defenses import DEFENSES
+from clipguard.defenses.alignment import ChanceMonitor
 from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss, nn_target_loss
 from clipguard.defenses.pair_scores import (
     dense_inliers,
@@ -213,6 +214,7 @@ class SafeClip(Strategy, PairSelector):
         self._dense_rounds = 0                   # splits made with the density veto so far
         self._strikes: torch.Tensor | None = None  # uint8 (N,), vetoes from the second split on
         self._safe_pool: NNPool | None = None      # risky_clip: neighbours (made in bind)
+        self._aligned = ChanceMonitor()            # the CLIP loss of the last slow CLIP epoch
 
     # ------------------------------------------------------------------ phases and lr
     def phase(self, epoch: int) -> str:
@@ -233,6 +235,7 @@ class SafeClip(Strategy, PairSelector):
 
     def bind(self, ctx: TrainContext) -> None:
         super().bind(ctx)
+        self._aligned = ChanceMonitor()
         r, c, step = self._plan = self.opt.plan(ctx.epochs)
         self._sizer = self.opt.sizer(step)
         if ctx.epochs <= r + c:
@@ -285,7 +288,16 @@ class SafeClip(Strategy, PairSelector):
         rec: dict[str, Any] = {"phase": ph}
         if ph != "mixed":
             self._safe = None
+            self._aligned.reset()
             return rec
+        ratio = self._aligned.check(
+            self.ctx, f"safeclip: the first split (epoch {epoch + 1})",
+            "its pair scores cannot tell poisoned pairs from clean ones yet, and the first safe set is close "
+            "to a random draw (docs/results.md, MNIST). More slow CLIP epochs (--opt clip_warmup_epochs=N) "
+            "give the split more to go on; detect-then-train with a small trusted model held where "
+            "SafeCLIP did not (docs/scan.md)")
+        if ratio is not None:
+            rec["clip_loss_vs_chance"] = ratio
         ctx = self.ctx
         n = len(ctx.data)
         t0 = time.perf_counter()
@@ -410,7 +422,9 @@ class SafeClip(Strategy, PairSelector):
         if ph == "clip_low":
             img, txt, scale = self.ctx.forward(batch.pixels, batch.tokens)
             loss = clip_loss(img, txt, scale, self.ctx.dist)
-            return loss, {"clip_loss": float(loss.detach())}
+            value = float(loss.detach())
+            self._aligned.add(value)
+            return loss, {"clip_loss": value}
         if ph == "unimodal":
             safe = torch.zeros(len(batch.indices), dtype=torch.bool, device=batch.pixels.device)
         else:

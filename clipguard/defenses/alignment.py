@@ -1,0 +1,47 @@
+"""Is the model aligned yet? A defence that matches or splits pairs by the model's judgement gets
+noise when the model has not left chance: RoCLIP's first pool epochs then gather every image on a
+few captions, SafeCLIP's first split is a random draw (docs/results.md, MNIST). This module watches
+the mean CLIP loss of the epoch before such a decision and warns, once per run, when it is still
+near chance."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from clipguard.training.context import TrainContext
+
+log = logging.getLogger("clipguard")
+
+# an epoch whose mean CLIP loss is above this share of chance (log of the global batch) has not
+# taught the model to match images to captions
+NEAR_CHANCE = 0.97
+
+
+class ChanceMonitor:
+    """The running mean of one epoch's CLIP loss, compared with chance when a decision follows."""
+
+    def __init__(self) -> None:
+        self.total, self.steps, self.warned = 0.0, 0, False
+
+    def add(self, loss: float) -> None:
+        self.total += loss
+        self.steps += 1
+
+    def reset(self) -> None:
+        self.total, self.steps = 0.0, 0
+
+    def check(self, ctx: TrainContext, what: str, advice: str) -> float | None:
+        """The mean loss since the last reset as a share of chance (None without steps); warns
+        once per run, on the main rank, when it is above ``NEAR_CHANCE``. Resets the mean."""
+        if not self.steps:
+            return None
+        mean = self.total / self.steps
+        chance = math.log(ctx.batch_size * ctx.dist.world_size)
+        self.reset()
+        ratio = mean / chance
+        if ratio > NEAR_CHANCE and not self.warned and ctx.dist.is_main:
+            self.warned = True
+            log.warning("%s follows an epoch whose CLIP loss (%.2f) is near chance (%.2f): %s",
+                        what, mean, chance, advice)
+        return round(ratio, 4)
