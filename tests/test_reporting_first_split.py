@@ -53,7 +53,7 @@ def bench_dir(tmp_path: Path) -> Path:
         _cell(tmp_path, "close", "SafeCLIP", 0, {"similarity_auroc": 0.5, "safe_fraction": 0.3,
                                                  "safe_poison_recall": 0.4}, ["close"]),
         _cell(tmp_path, "close", "SafeCLIP", 1, {"similarity_auroc": 0.7, "safe_fraction": 0.3,
-                                                 "safe_poison_recall": 0.2}, ["close"]),
+                                                 "safe_poison_recall": 0.2, "clip_loss_vs_chance": 0.98}, ["close"]),
         # two attacks in one poisoned set: the per-part counts of the first safe set
         _cell(tmp_path, "mix", "SafeCLIP", 0, {"similarity_auroc": 0.9, "safe_fraction": 0.25,
                                                "safe_poison_recall": 0.1,
@@ -81,6 +81,9 @@ def test_rows_and_table(bench_dir):
     assert by["fm/mix/SafeCLIP/seed0"]["first_split_poisons.badnet"] == pytest.approx(1 / 6)
     assert by["fm/mix/SafeCLIP/seed0"]["first_split_poisons.tdpa"] == 0.0
     assert "first_split_poisons.close" not in by["fm/close/CLIP/seed0"]
+    # how near chance the model was at the defence's first decision, where the defence recorded it
+    assert by["fm/close/SafeCLIP/seed1"]["first_decision_loss_vs_chance"] == pytest.approx(0.98)
+    assert by["fm/close/SafeCLIP/seed0"]["first_decision_loss_vs_chance"] is None
 
     t = first_split_table(rows, ["CLIP", "SafeCLIP"])
     assert t.header == [["Method", "fm (close)", "fm (tdpa)", "fm (badnet)"]]

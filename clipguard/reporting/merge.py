@@ -62,6 +62,8 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
     row["final_safe_fraction"] = last.get("safe_fraction")
     row["final_safe_poison_recall"] = last.get("safe_poison_recall")
     _first_split_columns(cell, row)
+    row["first_decision_loss_vs_chance"] = next(
+        (r[k] for r in cell.get("epochs", []) for k in CHANCE_KEYS if r.get(k) is not None), None)
     t = cell.get("timings", {})
     for k in ("train_epochs_s", "train_wall_s", "eval_s", "resumed_from_epoch"):
         row[k] = t.get(k)
@@ -83,6 +85,11 @@ def _ci_columns(row: dict[str, Any], key: str, col: str, block: dict[str, Any], 
         ci = wilson_ci95(hits, n)
     if isinstance(ci, (list, tuple)) and len(ci) == 2:
         row[f"{key}_ci95_lo.{col}"], row[f"{key}_ci95_hi.{col}"] = ci
+
+
+# the epoch records in which a defence says how near chance the model was at its first decision
+# (defenses.alignment): SafeCLIP at its first split, RoCLIP at a pool epoch after a plain one
+CHANCE_KEYS = ("clip_loss_vs_chance", "plain_loss_vs_chance")
 
 
 def first_split(cell: dict[str, Any]) -> dict[str, Any] | None:
