@@ -77,6 +77,15 @@ def one_repeat(clip: tuple[float, list[dict]], safe: tuple[float, list[dict]],
     }
 
 
+def training_csv(data: str | None, tmp: Path, pairs: int, seed: int) -> Path:
+    """``--data`` as given, or ``pairs`` Fashion-MNIST training pairs materialised under ``tmp``."""
+    if data:
+        return Path(data)
+    from clipguard.data.fashion_mnist import materialise
+
+    return materialise(tmp / "fm", train_size=pairs, test_size=100, seed=seed) / "train.csv"
+
+
 def summarise(runs: dict[str, list[tuple[float, list[dict]]]], pairs: int, args) -> dict:
     """The median over repeats of every per-repeat figure."""
     per_repeat = [one_repeat(*(runs[k][i] for k in KINDS)) for i in range(len(runs["none"]))]
@@ -119,12 +128,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.data:
-            csv = Path(args.data)
-        else:
-            from clipguard.data.fashion_mnist import materialise
-
-            csv = materialise(tmp / "fm", train_size=args.pairs, test_size=100, seed=args.seed) / "train.csv"
+        csv = training_csv(args.data, tmp, args.pairs, args.seed)
         data = load_csv(csv, image_size=28 if args.model.startswith("cg-tiny") else None, limit=args.pairs)
         warm_up(data, tmp, args)
         fits = [("none", {}), ("safeclip", {"warmup_epochs": args.warmup_epochs}), ("roclip", {})]

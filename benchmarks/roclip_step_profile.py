@@ -38,6 +38,8 @@ def mean_ms(fn: Callable[[int], object], steps: int) -> float:
 
 
 def main() -> None:
+    from defense_overhead import training_csv  # the sibling script (benchmarks/ is sys.path[0])
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="training CSV (default: Fashion-MNIST, materialised)")
     p.add_argument("--pairs", type=int, default=2000)
@@ -48,13 +50,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        if args.data:
-            csv = Path(args.data)
-        else:
-            from clipguard.data.fashion_mnist import materialise
-
-            csv = materialise(tmp / "fm", train_size=args.pairs, test_size=100, seed=args.seed) / "train.csv"
-        data = load_csv(csv, limit=args.pairs)
+        data = load_csv(training_csv(args.data, tmp, args.pairs, args.seed), limit=args.pairs)
         trainer = Trainer(TrainConfig(model=args.model, epochs=1, batch_size=args.batch_size, seed=args.seed,
                                       device="cpu", quiet=True),
                           data, tmp / "run", strategy=defenses.build("roclip", {"match_every": 1}))
