@@ -127,8 +127,7 @@ class RoClip(Strategy, PairSelector):
     def is_pool_epoch(self, epoch: int) -> bool:
         """Alg. 1 counts epochs from 1 and matches when epoch % K == 0; with ``pool_start`` the
         count starts after the first round(pool_start x epochs) epochs."""
-        start = int(round(self.opt.pool_start * self.ctx.epochs)) if self.opt.pool_start > 0 else 0
-        e = epoch + 1 - start
+        e = epoch + 1 - round(self.opt.pool_start * self.ctx.epochs)
         return e >= 1 and e % self.opt.match_every == 0
 
     def bind(self, ctx: TrainContext) -> None:

@@ -214,7 +214,6 @@ class SafeClip(Strategy, PairSelector):
         self._dense_rounds = 0                   # splits made with the density veto so far
         self._strikes: torch.Tensor | None = None  # uint8 (N,), vetoes from the second split on
         self._safe_pool: NNPool | None = None      # risky_clip: neighbours (made in bind)
-        self._aligned = ChanceMonitor()            # the CLIP loss of the last slow CLIP epoch
 
     # ------------------------------------------------------------------ phases and lr
     def phase(self, epoch: int) -> str:
@@ -235,7 +234,7 @@ class SafeClip(Strategy, PairSelector):
 
     def bind(self, ctx: TrainContext) -> None:
         super().bind(ctx)
-        self._aligned = ChanceMonitor()
+        self._aligned = ChanceMonitor()  # the CLIP loss of the last slow CLIP epoch, fresh for each run
         r, c, step = self._plan = self.opt.plan(ctx.epochs)
         self._sizer = self.opt.sizer(step)
         if ctx.epochs <= r + c:
