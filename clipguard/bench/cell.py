@@ -245,7 +245,12 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
              if mask is not None and len(masks) > 1 else None)
     diag = poison_diagnostics(mask, parts) if mask is not None else None
     _write_marker(marker, cell, conf)
-    return build_trainer(spec, data, run_dir, diagnostics=diag), data, poison
+    evaluate = None
+    if cfg.epoch_zeroshot:
+        from clipguard.training.run import epoch_zeroshot
+
+        evaluate = epoch_zeroshot(cfg.model, cache.test_data(cell.dataset), cache.classes(cell.dataset))
+    return build_trainer(spec, data, run_dir, evaluate=evaluate, diagnostics=diag), data, poison
 
 
 def train_data_label(cell: Cell) -> str:

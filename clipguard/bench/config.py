@@ -148,6 +148,9 @@ class BenchConfig:
     split: str = "test"  # evaluate on the test split, or on each dataset's held-out validation rows
     histogram_bins: int = 40
     histogram_max_pairs: int = 20000
+    # zero-shot on the grid's evaluation rows after every training epoch (results.jsonl): how a run
+    # gets where it ends; it does not change what a cell trains, so it is not in the fingerprint
+    epoch_zeroshot: bool = False
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -516,7 +519,8 @@ def _stage(obj: Any, source: str, key: str, finetune: bool, base_dir: Path | Non
 def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None) -> BenchConfig:
     raw = copy.deepcopy(raw)
     _check_keys(raw, {"name", "model", "device", "seeds", "datasets", "attacks", "pretrain", "finetune",
-                      "split", "histogram_bins", "histogram_max_pairs", "description", "scan"}, source, "top level")
+                      "split", "histogram_bins", "histogram_max_pairs", "description", "scan", "epoch_zeroshot"},
+                source, "top level")
     for k in ("datasets", "attacks", "pretrain"):
         if not raw.get(k):
             raise ConfigError(f"{source}: missing '{k}'")
@@ -566,8 +570,16 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
                       datasets=datasets, attacks=attacks, pretrain=pretrain, finetune=finetune, scan=scan,
                       split=_split(raw.get("split", "test"), source, datasets),
                       histogram_bins=int(raw.get("histogram_bins", 40)),
-                      histogram_max_pairs=int(raw.get("histogram_max_pairs", 20000)), source=source, raw=raw)
+                      histogram_max_pairs=int(raw.get("histogram_max_pairs", 20000)),
+                      epoch_zeroshot=_flag(raw.get("epoch_zeroshot", False), source, "epoch_zeroshot"),
+                      source=source, raw=raw)
     return cfg
+
+
+def _flag(value: Any, source: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    return value
 
 
 def _split(value: Any, source: str, datasets: list[DatasetSpec]) -> str:
