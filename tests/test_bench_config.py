@@ -80,6 +80,7 @@ def test_an_attack_can_restrict_the_seeds_it_runs_with():
     (lambda g: g["attacks"].update(clean={"attack": "none", "defenses": "CLIP"}), "non-empty list"),
     (lambda g: g["attacks"].update(clean={"attack": "none", "seeds": [7]}), "not among the grid's seeds"),
     (lambda g: g["attacks"].update(clean={"attack": "none", "seeds": "0"}), "attacks.clean: 'seeds' must be"),
+    (lambda g: g.update(epoch_zeroshot="yes"), "'epoch_zeroshot' must be true or false"),
 ])
 def test_bad_configs_name_the_key(mutate, message):
     import copy

@@ -120,6 +120,26 @@ def test_interrupted_cell_resumes_from_checkpoint(fm_dir, tmp_path):
     assert "safe_fraction" not in hist[0]  # plain CLIP selects nothing
 
 
+def test_epoch_zeroshot_records_every_epoch_without_changing_the_cell(fm_dir, tmp_path):
+    """``epoch_zeroshot: true`` adds the evaluation rows' zero-shot to each epoch of results.jsonl;
+    the last epoch's figure is the cell's, and the cell's fingerprint (what it trains) is unchanged."""
+    from clipguard.bench.cell import cell_config
+
+    config = _grid(fm_dir, tmp_path, epochs=2)
+    plain = load_config(config, ["attacks.tdpa=none", "finetune=null"])
+    cfg = load_config(config, ["attacks.tdpa=none", "finetune=null", "epoch_zeroshot=true"])
+    assert cfg.epoch_zeroshot and not plain.epoch_zeroshot
+    cell = next(c for c in plan_cells(cfg) if c.attack.label == "badnet")
+    assert cell_config(cfg, cell) == cell_config(plain, cell)
+    out = tmp_path / "bench"
+    run_bench(cfg, out, quiet=True, only=cell.id)
+    hist = read_jsonl(cell.run_dir(out) / "results.jsonl")
+    assert [r["epoch"] for r in hist] == [1, 2]
+    assert all(0.0 <= r["zeroshot_top1"] <= 100.0 for r in hist)
+    rec = json.loads(cell.json_path(out).read_text())
+    assert hist[-1]["zeroshot_top1"] == pytest.approx(rec["metrics"]["zeroshot_top1"], abs=1e-3)
+
+
 def test_clean_cell_measures_the_base_rate_of_every_attack(fm_dir, tmp_path):
     """A model trained on clean data is measured with the poisoned attacks' trigger sets: Table 1
     shows it as its own '(clean data)' row, the floor an ASR is read against."""

@@ -37,6 +37,11 @@ which who whom whose what where when why how""".split())
 FRAME_NOUNS = frozenset("""photo photograph picture pic image snapshot shot close-up closeup
 view drawing painting illustration rendering render sketch still""".split())
 
+# Cardinals: a quantifier before a noun ("two dogs"), the thing itself otherwise ("a bold 7", "the
+# digit two", "a 0 written in ink"), where they are the caption's subject and must stay in it.
+NUMBER_WORDS = frozenset("""zero one two three four five six seven eight nine ten eleven twelve thirteen
+fourteen fifteen sixteen seventeen eighteen nineteen twenty""".split())
+
 _PLAIN = re.compile(r"[a-z][a-z-]*(?: [a-z][a-z-]*)?")  # usable replacements: 1-2 plain words
 _TOKEN = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 
@@ -141,8 +146,20 @@ class SubcaptionGenerator:
             else:
                 tag = "content"
             toks.append(_Token(w, tag, self.wn.pos_of(w) if tag == "content" else set()))
+        self._tag_numbers(toks)
         self._tag_verbs(toks)
         return toks
+
+    @staticmethod
+    def _tag_numbers(toks: list[_Token]) -> None:
+        """A cardinal that does not quantify a following noun is a noun ("a slanted 7", "digit two")."""
+        for i, t in enumerate(toks):
+            if not (t.word.isdigit() or t.word in NUMBER_WORDS):
+                continue
+            nxt = toks[i + 1] if i + 1 < len(toks) else None
+            if nxt is not None and nxt.tag == "content" and "n" in nxt.cands:
+                continue  # "two dogs", "3 cats": a quantifier, left out as before
+            t.tag, t.cands = "content", {"n"}
 
     def _tag_verbs(self, toks: list[_Token]) -> None:
         """Content words that act as verbs or adverbs, by position and WordNet's usual sense."""
