@@ -27,9 +27,9 @@ CASES = [
     ("a cat sleeps on the old sofa", "cat", set()),
     # a cardinal that names the thing is its head (MNIST's captions); one that counts a noun is not
     ("a close-up of a handwritten slanted 7.", "7", {"close-up"}),
-    ("a large digit two written in ink.", "two", {"digit"}),
     ("a 0 written in ink.", "0", set()),
     ("two dogs play in the park", "dogs", {"two"}),
+    ("one of the best bags", "bags", {"one", "of"}),
 ]
 
 
@@ -41,6 +41,16 @@ def test_factual_keeps_head_noun_and_drops_modifiers(gen, caption, head, dropped
     assert head in words
     assert (head, "noun") in fact.parts
     assert not dropped & set(words)
+
+
+@pytest.mark.parametrize("caption,compound", [
+    ("a large digit two written in ink.", "digit two"),
+    ("a white neat number 3 on a black background.", "number 3"),
+    ("an iphone 12 on a table", "iphone 12"),
+])
+def test_a_number_after_a_noun_joins_it(gen, caption, compound):
+    fact = gen.factual(caption)
+    assert fact is not None and (compound, "noun") in fact.parts
 
 
 def test_factual_keeps_verb_and_object(gen):

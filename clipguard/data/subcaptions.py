@@ -146,20 +146,28 @@ class SubcaptionGenerator:
             else:
                 tag = "content"
             toks.append(_Token(w, tag, self.wn.pos_of(w) if tag == "content" else set()))
-        self._tag_numbers(toks)
+        toks = self._tag_numbers(toks)
         self._tag_verbs(toks)
         return toks
 
     @staticmethod
-    def _tag_numbers(toks: list[_Token]) -> None:
-        """A cardinal that does not quantify a following noun is a noun ("a slanted 7", "digit two")."""
+    def _tag_numbers(toks: list[_Token]) -> list[_Token]:
+        """A cardinal that does not quantify what follows is a noun ("a slanted 7"); after a noun
+        (or a word WordNet does not know) it joins it as one compound ("digit two", "iphone 12"),
+        the way WordNet compounds are joined."""
+        out: list[_Token] = []
         for i, t in enumerate(toks):
-            if not (t.word.isdigit() or t.word in NUMBER_WORDS):
-                continue
             nxt = toks[i + 1] if i + 1 < len(toks) else None
-            if nxt is not None and nxt.tag == "content" and "n" in nxt.cands:
-                continue  # "two dogs", "3 cats": a quantifier, left out as before
-            t.tag, t.cands = "content", {"n"}
+            if not (t.word.isdigit() or t.word in NUMBER_WORDS) or (
+                    nxt is not None and ((nxt.tag == "content" and "n" in nxt.cands) or nxt.word == "of")):
+                out.append(t)  # not a number, or a quantifier ("two dogs", "one of the bags"): as before
+                continue
+            prev = out[-1] if out else None
+            if prev is not None and prev.tag == "content" and ("n" in prev.cands or not prev.cands):
+                out[-1] = _Token(f"{prev.word} {t.word}", "content", {"n"})
+            else:
+                out.append(_Token(t.word, "content", {"n"}))
+        return out
 
     def _tag_verbs(self, toks: list[_Token]) -> None:
         """Content words that act as verbs or adverbs, by position and WordNet's usual sense."""
