@@ -120,3 +120,18 @@ def test_cli_prints_subcaptions(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["factual"] == "man riding brown horse" and len(out["counterfactual"]) == 2
     assert main(["subcaptions"]) == 2   # nothing to do is a clear error
+
+
+def test_cli_summary_counts_the_factuals(capsys):
+    from clipguard.cli import main
+
+    caps = ["a slanted 7", "a bold 7", "a large digit two", "an old photo of", "a red bag"]
+    args = ["subcaptions", "--summary", "--json"] + [x for c in caps for x in ("--caption", c)]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["captions"] == 5 and out["with_factual"] + out["no_noun"] == 5
+    facts = {c["factual"]: c["count"] for c in out["commonest"]}
+    assert facts["large digit two"] == 1 and facts["red bag"] == 1 and out["no_noun"] == 1
+    assert sum(facts.values()) == out["with_factual"] and out["distinct_factuals"] == len(facts)
+    assert main(["subcaptions", "--summary", "--caption", "a slanted 7"]) == 0
+    assert "distinct factuals: 1" in capsys.readouterr().out

@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slots", default="adj,verb,noun", help="slot kinds to replace (comma list)")
     p.add_argument("--json", action="store_true", help="one JSON object per caption")
+    p.add_argument("--summary", action="store_true",
+                   help="instead of each caption: how many have a factual, how many distinct factuals, the "
+                        "commonest ones (a check that the factuals keep what your captions are about)")
     p.add_argument("--csv-img-key", default="filepath")
     p.add_argument("--csv-caption-key", default="title")
     p.add_argument("--csv-separator", default="\t")
@@ -41,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
         gen = SubcaptionGenerator(kinds=tuple(k.strip() for k in args.slots.split(",") if k.strip()))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if args.summary:
+        _summary(gen, captions, args.json)
+        return 0
     rng = random.Random(args.seed)
     for cap in captions:
         fact = gen.factual(cap)
@@ -56,3 +62,26 @@ def run(args: argparse.Namespace) -> int:
                 print(f"counterfactual: {c.text}")
         print()
     return 0
+
+
+def _summary(gen, captions: list[str], as_json: bool, top: int = 10) -> None:
+    """What the factual term will see: its sub-captions should carry what tells the pairs apart
+    (a class, an object); a few generic phrases for many captions mean it trains on nothing."""
+    from collections import Counter
+
+    facts = [gen.factual(c) for c in captions]
+    counts = Counter(f.text for f in facts if f is not None)
+    parsed = sum(counts.values())
+    out = {"captions": len(captions), "distinct_captions": len(set(captions)), "with_factual": parsed,
+           "no_noun": len(captions) - parsed, "distinct_factuals": len(counts),
+           "commonest": [{"factual": t, "count": n, "share": round(n / max(parsed, 1), 4)}
+                         for t, n in counts.most_common(top)]}
+    if as_json:
+        print(json.dumps(out))
+        return
+    print(f"captions:          {out['captions']} ({out['distinct_captions']} distinct)")
+    print(f"with a factual:    {parsed} (no noun found in {out['no_noun']}: those take part in CLIP and in-modal only)")
+    print(f"distinct factuals: {out['distinct_factuals']}")
+    print("commonest factuals:")
+    for c in out["commonest"]:
+        print(f"  {c['count']:>7}  {100 * c['share']:5.1f}%  {c['factual']}")
