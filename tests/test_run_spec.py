@@ -15,7 +15,7 @@ from clipguard.bench.config import parse_config
 from clipguard.bench.plan import plan_cells
 from clipguard.cli import main
 from clipguard.errors import ConfigError
-from clipguard.training.recipes import PAPER_FINETUNE, SMALL_FINETUNE, SMALL_LR
+from clipguard.training.recipes import PAPER_FINETUNE, SMALL_FINETUNE, SMALL_LR, SMALL_WARMUP
 from clipguard.training.spec import load_preset, parse_options, resolve_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +41,10 @@ def test_finetune_recipe_follows_the_model():
     assert spec.train.lr == SMALL_LR["ft"]
     for name, lr in SMALL_LR.items():  # each defence has its own learning rate on the small models
         assert resolve_spec(stage="finetune", defense=name).train.lr == lr
+        warm = SMALL_WARMUP.get(name, SMALL_FINETUNE["warmup"])  # and CleanerCLIP its own warm-up
+        assert resolve_spec(stage="finetune", defense=name).train.warmup == warm
+    assert resolve_spec(stage="finetune", defense="cleanerclip").train.warmup == 62
+    assert resolve_spec(stage="finetune", defense="cleanerclip", train={"warmup": 5}).train.warmup == 5
     big = resolve_spec(stage="finetune", defense="cleanerclip", train={"model": "ViT-B-32"})
     assert {k: getattr(big.train, k) for k in PAPER_FINETUNE} == PAPER_FINETUNE
     # the model can come from any layer, the last one naming it wins

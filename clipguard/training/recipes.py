@@ -8,7 +8,7 @@ ResNet-50 CLIP pre-trained on millions of pairs) leaves a tiny model trained fro
 - clipguard's small ``cg-*`` models get :data:`SMALL_FINETUNE`, chosen on validation data by a
   rule a defender can apply without knowing the trigger: of the candidates that keep clean
   validation zero-shot accuracy within 3 points of the model they start from, the one that moves
-  the clean validation images farthest (configs/finetune-select.yaml, round 2; docs/finetuning.md).
+  the clean validation images farthest (configs/finetune-select.yaml, rounds 2-5; docs/finetuning.md).
 - every other (open_clip) architecture gets the published recipe, :data:`PAPER_FINETUNE`.
 
 Anything a preset, a bench entry or a flag sets wins over the recipe.
@@ -26,6 +26,10 @@ PAPER_FINETUNE: dict[str, Any] = {"epochs": 10, "batch_size": 64, "lr": 1e-5, "w
 # own accuracy allows.
 SMALL_FINETUNE: dict[str, Any] = {"epochs": 20, "batch_size": 64, "warmup": 20, "weight_decay": 0.1}
 SMALL_LR: dict[str, float] = {"ft": 3e-4, "cleanclip": 5e-4, "cleanerclip": 3e-3, "par": 1e-3}
+# warm-up steps where a defence's differ from SMALL_FINETUNE's: CleanerCLIP at lr 3e-3 over 62
+# steps (two epochs of 2,000 pairs at batch 64), chosen by the same rule (round 5 of
+# configs/finetune-select.yaml: it moved the images farther than 20 steps, at less accuracy cost)
+SMALL_WARMUP: dict[str, int] = {"cleanerclip": 62}
 SMALL_MODELS: tuple[str, ...] = ("cg-nano", "cg-tiny", "cg-tiny-224", "cg-small")
 
 
@@ -33,7 +37,8 @@ def finetune_recipe(model: str | None, defense: str = "ft") -> dict[str, Any]:
     """The trainer settings fine-tuning starts from for ``model`` and ``defense`` (a new dict)."""
     if model not in SMALL_MODELS:
         return dict(PAPER_FINETUNE)
-    return {**SMALL_FINETUNE, "lr": SMALL_LR.get(defense, SMALL_LR["ft"])}
+    return {**SMALL_FINETUNE, "lr": SMALL_LR.get(defense, SMALL_LR["ft"]),
+            "warmup": SMALL_WARMUP.get(defense, SMALL_FINETUNE["warmup"])}
 
 
 def recipe_name(model: str | None) -> str:
