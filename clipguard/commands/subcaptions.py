@@ -74,7 +74,7 @@ def _summary(gen, captions: list[str], as_json: bool, top: int = 10) -> None:
     parsed = sum(counts.values())
     out = {"captions": len(captions), "distinct_captions": len(set(captions)), "with_factual": parsed,
            "no_noun": len(captions) - parsed, "distinct_factuals": len(counts),
-           "commonest": [{"factual": t, "count": n, "share": round(n / max(parsed, 1), 4)}
+           "commonest": [{"factual": t, "count": n, "share": round(n / parsed, 4)}
                          for t, n in counts.most_common(top)]}
     if as_json:
         print(json.dumps(out))
