@@ -403,3 +403,33 @@ def test_repeat_veto_in_pixel_space_flags_noisy_copies_the_embedding_misses():
     assert not repeated_images(in_embedding, 4.0)[580:].any()
     flagged = repeated_images(in_pixels, 4.0)
     assert flagged[580:].all() and not flagged[:580].any()
+
+
+def test_density_memory_splits_makes_only_the_early_verdicts_final():
+    """With density_memory_splits 1 only the second split's vetoes are final; a pair vetoed at
+    the third split misses that epoch only, and one vetoed at the second stays out."""
+    from clipguard.defenses.safeclip import SafeClip, SafeClipOptions
+
+    def far(*idx: int) -> torch.Tensor:
+        x = torch.linspace(0, 0.01, 200)
+        x[list(idx)] = 10.0
+        return x
+
+    everyone = torch.arange(200)
+    for window, back in ((1, True), (None, False)):
+        s = SafeClip(SafeClipOptions(density_z=1.0, density_memory_splits=window))
+        s._dense = s._veto(200, everyone, far(0))      # split 1: not counted
+        s._dense = s._veto(200, everyone, far(1))      # split 2: counted either way
+        s._dense = s._veto(200, everyone, far(2))      # split 3: counted only without a window
+        assert not s._dense[1] and not s._dense[2] and s._dense[0]
+        s._dense = s._veto(200, everyone, far(3))      # split 4: pair 2 back with the window
+        assert not s._dense[1] and not s._dense[3]
+        assert bool(s._dense[2]) is back
+
+
+def test_density_memory_splits_is_checked():
+    from clipguard.defenses.safeclip import SafeClipOptions
+    from clipguard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="density_memory_splits must be >= 1"):
+        SafeClipOptions(density_memory_splits=0)
