@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from clipguard import defenses
 from clipguard.training.context import Batch, to_pixels
+from clipguard.training.losses import clip_loss
 from clipguard.training.trainer import TrainConfig, Trainer
 
 
@@ -350,3 +351,22 @@ def test_a_first_split_after_a_clip_epoch_at_chance_is_reported_and_warned(fm_tr
         assert rec["clip_loss_vs_chance"] == pytest.approx(1.0)
         assert "clip_loss_vs_chance" not in s.on_epoch_start(3)  # later splits: no slow CLIP epoch before them
     assert sum("first split" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_safe_views_last_only_the_first_safe_augment_epochs(fm_train, tmp_path):
+    """With safe_augment_epochs 1 the first mixed epoch trains the safe pairs on the views and the
+    next ones on the pairs as they are: the same safe batch then gives the plain CLIP loss."""
+    t = _built(fm_train.subset(range(256)), _small(safe_image_augment="simclr", safe_text_augment="eda",
+                                                  safe_augment_epochs=1), tmp_path, epochs=5)
+    s = t.strategy
+    everyone = torch.ones(32, dtype=torch.bool)
+    t.ctx.epoch = 2  # the first mixed epoch
+    assert s._safe_views() == ("simclr", "eda")
+    t.ctx.epoch = 3
+    assert s._safe_views() == ("none", "none")
+    batch = _batch(t, range(32))
+    with torch.no_grad():
+        terms = s.loss_terms(batch, everyone)
+        img, txt, scale = t.ctx.forward(batch.pixels, batch.tokens)
+        plain = clip_loss(img, txt, scale, t.ctx.dist)
+    assert torch.allclose(terms["clip"], plain, atol=1e-5)

@@ -137,6 +137,11 @@ class SafeClipOptions(Options):
     second_view_grad: bool = True
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "none"  # the paper: simclr
     safe_text_augment: Literal["eda", "none"] = "none"                   # the paper: eda
+    # how many mixed epochs, from the first split on, train the safe pairs on the views above (None:
+    # every mixed epoch); later ones train them as they are. The first splits are made by a barely
+    # aligned model and admit poisons; views slow down how fast a trigger is learnt, so the
+    # density veto of the next splits still sees an admitted poison as an outlier
+    safe_augment_epochs: int | None = field(default=None, metadata={"neutral": None})
     loss_weighting: Literal["terms", "pairs"] = "pairs"                  # the paper: terms
     crop_scale_min: float = 0.08
     eda_alpha: float = 0.1
@@ -177,6 +182,8 @@ class SafeClipOptions(Options):
                 "repeat_space: pixels needs the repeated-image veto on (repeat_z)")
         require(self.repeat_grid == GRID or self.repeat_space == "pixels",
                 "repeat_grid applies to repeat_space: pixels only")
+        require(self.safe_augment_epochs is None or self.safe_augment_epochs >= 1,
+                f"safe_augment_epochs must be >= 1 (or None: every mixed epoch), got {self.safe_augment_epochs}")
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
@@ -454,6 +461,16 @@ class SafeClip(Strategy, PairSelector):
         logs["batch_safe_fraction"] = float(safe.float().mean())
         return loss, logs
 
+    def _safe_views(self) -> tuple[str, str]:
+        """(image, text) views of the safe pairs this epoch: the options', or none once the first
+        ``safe_augment_epochs`` mixed epochs are over."""
+        o = self.opt
+        if o.safe_augment_epochs is not None and self.phase(self.ctx.epoch) == "mixed":
+            r, c, _ = self._require_plan()
+            if self.ctx.epoch - r - c >= o.safe_augment_epochs:
+                return "none", "none"
+        return o.safe_image_augment, o.safe_text_augment
+
     def _borrows(self, mixed: bool) -> bool:
         """Whether a mixed step's CLIP term holds the risky pairs too, with borrowed captions
         (``risky_clip: neighbours``, once the safe pool holds ``risky_clip_k`` pairs)."""
@@ -477,21 +494,22 @@ class SafeClip(Strategy, PairSelector):
         ridx = torch.nonzero(risky).flatten()
         pixels, caps = batch.pixels, batch.captions
         views, o = self._views, self.opt
+        image_aug, text_aug = self._safe_views()
         # every row draws a view 1 (a safe row then takes its own image or caption back as the
         # safe_* options say): the draws do not depend on the split, so a run is the same
         # sequence of random numbers whatever the safe set. Only the rows that use a view are
         # transformed (``rows``: the same views, the same draws)
-        if o.safe_image_augment == "simclr":
+        if image_aug == "simclr":
             v1 = views.images(pixels, batch.generator)
         else:
             v1 = pixels.clone()
             v1[ridx] = views.images(pixels, batch.generator, rows=ridx.cpu())
-            if o.safe_image_augment == "crop-flip":
+            if image_aug == "crop-flip":
                 sidx = torch.nonzero(safe).flatten()
                 v1[sidx] = views.images(pixels, batch.generator, geometric_only=True, rows=sidx.cpu())
         v2 = views.images(pixels[ridx], batch.generator)
         t1 = views.texts(caps, batch.rng)
-        if o.safe_text_augment == "none":
+        if text_aug == "none":
             t1 = [c if s else a for c, a, s in zip(caps, t1, safe.tolist())]
         t2 = views.texts([caps[i] for i in ridx.tolist()], batch.rng)
         if o.second_view_grad:
