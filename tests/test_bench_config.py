@@ -181,3 +181,26 @@ def test_asr_columns_stay_apart_when_two_attacks_share_part_names():
     all_cols = [c for v in cols.values() for c in v]
     assert len(all_cols) == len(set(all_cols))
     assert attack_columns(cfg.attacks[0]) == ["badnet", "tdpa"]  # without the grid: the part names
+
+
+def test_defense_options_pin_what_every_entry_of_a_defence_starts_from():
+    """A stage's defense_options sit under each entry's own options and skip entries with a preset,
+    whose values must win over the library's and the grid's alike."""
+    import copy
+
+    g = copy.deepcopy(GRID)
+    g["pretrain"]["defenses"] = {
+        "S": "safeclip",
+        "S2": {"defense": "safeclip", "options": {"repeat_z": 4.0}},
+        "P": {"preset": "safeclip-paper"},
+        "CLIP": "none",
+    }
+    g["pretrain"]["defense_options"] = {"safeclip": {"repeat_z": None, "warmup_epochs": None}}
+    cfg = parse_config(g, base_dir=Path(__file__).resolve().parents[1] / "configs")
+    by = {d.label: d for d in cfg.pretrain.defenses}
+    assert by["S"].options == {"repeat_z": None, "warmup_epochs": None}
+    assert by["S2"].options == {"repeat_z": 4.0, "warmup_epochs": None}
+    assert by["P"].options == {} and by["CLIP"].options == {}
+    g["pretrain"]["defense_options"] = {"roclip": {"keep_own": 0.1}}
+    with pytest.raises(ConfigError, match="no entry of this stage uses defence 'roclip'"):
+        parse_config(g)

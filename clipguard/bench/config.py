@@ -497,9 +497,23 @@ def _preset_path(name: Any, base_dir: Path | None, source: str, key: str) -> str
     raise ConfigError(f"{source}: {key}.preset: {name!r} not found (looked in {', '.join(str(c.parent) for c in cands)})")
 
 
+def _shared_options(defenses: list[DefenseSpec], shared: Any, source: str, key: str) -> None:
+    """``defense_options: {NAME: {option: value}}``: what every entry of defence NAME without a
+    preset starts from, under its own options. A grid that recorded earlier rounds pins the
+    library defaults it ran with here, so a later change of a default does not change its cells."""
+    table = _mapping(shared, source, key)
+    for name, opts in table.items():
+        opts = dict(_mapping(opts, source, f"{key}.{name}"))
+        if not any(d.defense == name for d in defenses):
+            raise ConfigError(f"{source}: {key}.{name}: no entry of this stage uses defence {name!r}")
+        for d in defenses:
+            if d.defense == name and d.preset is None:
+                d.options = {**opts, **d.options}
+
+
 def _stage(obj: Any, source: str, key: str, finetune: bool, base_dir: Path | None = None) -> StageSpec:
     s = _mapping(obj, source, key)
-    allowed = {"train", "defenses"} | ({"base", "data"} if finetune else set())
+    allowed = {"train", "defenses", "defense_options"} | ({"base", "data"} if finetune else set())
     _check_keys(s, allowed, source, key)
     defs = _mapping(s.get("defenses"), source, f"{key}.defenses")
     if not defs:
@@ -508,6 +522,7 @@ def _stage(obj: Any, source: str, key: str, finetune: bool, base_dir: Path | Non
                       defenses=[_defense(_label(k, source, f"{key}.defenses"), v, source,
                                          f"{key}.defenses.{k}", base_dir, detect=not finetune)
                                 for k, v in defs.items()])
+    _shared_options(stage.defenses, s.get("defense_options"), source, f"{key}.defense_options")
     if finetune:
         stage.base = s.get("base")
         stage.data = s.get("data", "clean")
