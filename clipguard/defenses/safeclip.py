@@ -93,10 +93,10 @@ class SafeClipOptions(Options):
     # verdict that flickers with the sampled reference does not exclude a pair for good
     density_strikes: int = field(default=1, metadata={"neutral": 1})
     # how many splits after the first have verdicts that count towards density_strikes (None:
-    # every split). A later verdict keeps its pair out of that epoch's safe set only. The poisons a
-    # veto can still see are those not yet learnt, so the early verdicts carry the protection; the
-    # late ones mostly flag clean pairs of spread-out classes, and under a memory of every split
-    # their union grows over training (41-45% of MNIST's pairs out for good by epoch 10)
+    # every split). A later verdict keeps its pair out of that epoch's safe set only. Under a memory
+    # of every split the union of verdicts grows over training (41-45% of MNIST's pairs out for good
+    # by epoch 10); 1 halves it for 2 points of zero-shot there, and let Blended through on
+    # Fashion-MNIST (docs/defenses.md, seventeenth and eighteenth rounds)
     density_memory_splits: int | None = field(default=None, metadata={"neutral": None})
     density_k: int = 16
     density_reference: int = 16384
@@ -138,9 +138,9 @@ class SafeClipOptions(Options):
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "none"  # the paper: simclr
     safe_text_augment: Literal["eda", "none"] = "none"                   # the paper: eda
     # how many mixed epochs, from the first split on, train the safe pairs on the views above (None:
-    # every mixed epoch); later ones train them as they are. The first splits are made by a barely
-    # aligned model and admit poisons; views slow down how fast a trigger is learnt, so the
-    # density veto of the next splits still sees an admitted poison as an outlier
+    # every mixed epoch); later ones train them as they are. Meant to slow down how fast a trigger
+    # the early splits admit is learnt, so that the next splits' veto still sees it; on MNIST's
+    # validation rows it let BadNet through (docs/defenses.md, eighteenth round)
     safe_augment_epochs: int | None = field(default=None, metadata={"neutral": None})
     loss_weighting: Literal["terms", "pairs"] = "pairs"                  # the paper: terms
     crop_scale_min: float = 0.08
