@@ -52,6 +52,25 @@ def test_lr_schedule_is_right_across_phases(fm_train, tmp_path):
     assert mixed[-1] == pytest.approx(0.0) and min(mixed) >= 0.0
 
 
+@pytest.mark.parametrize("clip_lr_warmup", [False, True])
+def test_without_unimodal_epochs_the_warmup_opens_the_clip_epochs_or_the_mixed_phase(fm_train, tmp_path,
+                                                                                   clip_lr_warmup):
+    t = _built(fm_train.subset(range(256)),
+               _small(warmup_epochs=0, lr_low_factor=1.0, clip_lr_warmup=clip_lr_warmup),
+               tmp_path, epochs=3, warmup=3)
+    spe = t.ctx.steps_per_epoch
+    lrs = [t.schedule.lr_at(s) for s in range(3 * spe)]
+    clip, mixed = lrs[:spe], lrs[spe:]
+    ramp = pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
+    if clip_lr_warmup:
+        assert clip[:3] == ramp and all(x == 1e-3 for x in clip[3:])
+        assert mixed[0] == pytest.approx(1e-3), "the mixed phase warmed up a second time"
+    else:
+        assert all(x == 1e-3 for x in clip)
+        assert mixed[:3] == ramp
+    assert all(b <= a for a, b in zip(mixed[3:], mixed[4:]))
+
+
 def test_unimodal_terms_give_the_other_tower_no_gradient(fm_train, tmp_path):
     t = _built(fm_train.subset(range(256)), _small(), tmp_path)
     s, model = t.strategy, t.model

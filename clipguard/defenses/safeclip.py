@@ -59,6 +59,10 @@ class SafeClipOptions(Options):
     kind: ClassVar[str] = "defense 'safeclip'"
     warmup_epochs: int | None = None  # r: unimodal NNCLR epochs (None: 10% of the epochs, 1 to 5)
     clip_warmup_epochs: int | None = None  # CLIP loss on all pairs at the low lr (None: 1)
+    # with no unimodal epochs (warmup_epochs 0), where the run's lr warm-up goes: the start of the
+    # mixed phase (False), or the start of the CLIP epochs before the first split (True), so that a
+    # CLIP epoch at the base lr (lr_low_factor 1) does not start a fresh model at its peak lr
+    clip_lr_warmup: bool = field(default=False, metadata={"neutral": False})
     lr_low: float = 5e-6              # the low lr when lr_low_factor is None (the paper's)
     lr_low_factor: float | None = 0.1  # the low lr as a fraction of the base lr
     threshold: float = 0.9            # t on p_clean for the first split
@@ -270,6 +274,8 @@ class SafeClip(Strategy, PairSelector):
     def schedule(self, ctx: TrainContext, warmup: int, min_lr: float) -> Schedule:
         """Unimodal epochs: warm-up then constant base lr; CLIP warm-up: constant lr_low;
         mixed epochs: a fresh cosine from the base lr down to ``min_lr`` at the very last step.
+        The run's warm-up opens the first phase that has one: the unimodal epochs, else the mixed
+        phase, or the CLIP epochs with ``clip_lr_warmup``.
 
         Each phase is its own segment indexed by the global step, so the lr can never fall to
         zero and rise again inside a phase (the reference code's misindexed cosine did)."""
@@ -279,10 +285,11 @@ class SafeClip(Strategy, PairSelector):
         segs: list[Segment] = []
         if r:
             segs.append(Segment(r * spe, ctx.base_lr, min(warmup, r * spe - 1), None))
+        early = not r and self.opt.clip_lr_warmup  # the warm-up opens the CLIP epochs instead
         if c:
-            segs.append(Segment(c * spe, self.low_lr(ctx.base_lr), 0, None))
+            segs.append(Segment(c * spe, self.low_lr(ctx.base_lr), min(warmup, c * spe - 1) if early else 0, None))
         if mixed > 0:
-            w = 0 if r else min(warmup, mixed * spe - 1)
+            w = 0 if r or (early and c) else min(warmup, mixed * spe - 1)
             segs.append(Segment(mixed * spe, ctx.base_lr, w, min_lr))
         return Schedule(segs)
 
