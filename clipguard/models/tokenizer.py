@@ -63,11 +63,12 @@ class CachedTokenizer:
             texts = [texts]
         n_ctx = context_length or self.inner.context_length
         sot, eot = self.inner.sot_token_id, self.inner.eot_token_id
-        out = torch.zeros(len(texts), n_ctx, dtype=torch.long)
-        for i, text in enumerate(texts):
+        rows = []
+        for text in texts:
             ids = [sot] + self.encode_ids(text) + [eot]
             if len(ids) > n_ctx:  # open_clip's truncation: keep the end-of-text token last
                 ids = ids[:n_ctx]
                 ids[-1] = eot
-            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
+            rows.append(ids + [0] * (n_ctx - len(ids)))
+        # one tensor from padded lists: a tensor per row costs more than the look-ups on a step
+        return torch.tensor(rows, dtype=torch.long) if rows else torch.zeros(0, n_ctx, dtype=torch.long)
