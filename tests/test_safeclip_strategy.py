@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipguard import defenses
+from clipguard.errors import ConfigError
 from clipguard.training.context import Batch, to_pixels
 from clipguard.training.losses import clip_loss
 from clipguard.training.trainer import TrainConfig, Trainer
@@ -69,6 +70,22 @@ def test_without_unimodal_epochs_the_warmup_opens_the_clip_epochs_or_the_mixed_p
         assert all(x == 1e-3 for x in clip)
         assert mixed[:3] == ramp
     assert all(b <= a for a, b in zip(mixed[3:], mixed[4:]))
+
+
+def test_clip_epochs_before_the_split_can_train_on_augmented_pairs(fm_train, tmp_path):
+    losses = {}
+    for crop in (None, 0.5):
+        t = _built(fm_train.subset(range(256)), _small(warmup_epochs=0, clip_warmup_crop_min=crop),
+                   tmp_path / str(crop), epochs=3)
+        t.ctx.epoch = 0
+        assert t.strategy.phase(0) == "clip_low"
+        losses[crop] = [float(t.strategy.loss(_batch(t, range(32), seed=s))[0]) for s in (1, 1, 2)]
+    plain, views = losses[None], losses[0.5]
+    assert plain[0] == plain[1] == plain[2], "the plain CLIP epoch drew views"
+    assert views[0] == views[1] != views[2], "the views are not drawn from the step's generator"
+    assert views[0] != plain[0]
+    with pytest.raises(ConfigError, match="clip_warmup_crop_min"):
+        defenses.build("safeclip", {"clip_warmup_crop_min": 0.0})
 
 
 def test_unimodal_terms_give_the_other_tower_no_gradient(fm_train, tmp_path):

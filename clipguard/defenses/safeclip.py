@@ -63,6 +63,11 @@ class SafeClipOptions(Options):
     # mixed phase (False), or the start of the CLIP epochs before the first split (True), so that a
     # CLIP epoch at the base lr (lr_low_factor 1) does not start a fresh model at its peak lr
     clip_lr_warmup: bool = field(default=False, metadata={"neutral": False})
+    # the CLIP epochs before the first split on augmented pairs: SimCLR views with this minimum
+    # crop and EDA captions (None: the pairs as they are). Augmentations slow down how fast a
+    # trigger is learnt more than how fast the clean pairs align (the augmented-CLIP screen,
+    # docs/defenses.md), so the first split may rank the poisons before the model has learnt them
+    clip_warmup_crop_min: float | None = field(default=None, metadata={"neutral": None})
     lr_low: float = 5e-6              # the low lr when lr_low_factor is None (the paper's)
     lr_low_factor: float | None = 0.1  # the low lr as a fraction of the base lr
     threshold: float = 0.9            # t on p_clean for the first split
@@ -186,6 +191,8 @@ class SafeClipOptions(Options):
                 "repeat_space: pixels needs the repeated-image veto on (repeat_z)")
         require(self.repeat_grid == GRID or self.repeat_space == "pixels",
                 "repeat_grid applies to repeat_space: pixels only")
+        require(self.clip_warmup_crop_min is None or 0.0 < self.clip_warmup_crop_min <= 1.0,
+                f"clip_warmup_crop_min must be in (0, 1] (or None: no views), got {self.clip_warmup_crop_min}")
         require(self.safe_augment_epochs is None or self.safe_augment_epochs >= 1,
                 f"safe_augment_epochs must be >= 1 (or None: every mixed epoch), got {self.safe_augment_epochs}")
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
@@ -225,6 +232,8 @@ class SafeClip(Strategy, PairSelector):
         self._plan: tuple[int, int, float] | None = None  # (r, c, step), sized in bind from the epochs
         self._sizer: SafeSetSchedule | None = None
         self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete)
+        self._warm_views = (Views(crop_scale_min=o.clip_warmup_crop_min, eda_alpha=o.eda_alpha,
+                                  eda_p_delete=o.eda_p_delete) if o.clip_warmup_crop_min is not None else None)
         # state that survives a resume
         self._m: float | None = None            # current safe fraction (None before the first split)
         self._safe: torch.Tensor | None = None  # bool (N,), the safe set of this epoch
@@ -444,7 +453,11 @@ class SafeClip(Strategy, PairSelector):
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         ph = self.phase(self.ctx.epoch)
         if ph == "clip_low":
-            img, txt, scale = self.ctx.forward(batch.pixels, batch.tokens)
+            pixels, tokens = batch.pixels, batch.tokens
+            if self._warm_views is not None:
+                pixels = self._warm_views.images(pixels, batch.generator)
+                tokens = self.ctx.tokenize(self._warm_views.texts(batch.captions, batch.rng))
+            img, txt, scale = self.ctx.forward(pixels, tokens)
             loss = clip_loss(img, txt, scale, self.ctx.dist)
             value = float(loss.detach())
             self._aligned.add(value)
