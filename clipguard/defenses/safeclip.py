@@ -323,9 +323,11 @@ class SafeClip(Strategy, PairSelector):
         ratio = self._aligned.check(
             self.ctx, f"safeclip: the first split (epoch {epoch + 1})",
             "its pair scores cannot tell poisoned pairs from clean ones yet, and the first safe set is close "
-            "to a random draw (docs/results.md, MNIST). More slow CLIP epochs (--opt clip_warmup_epochs=N) "
-            "give the split more to go on; detect-then-train with a small trusted model held where "
-            "SafeCLIP did not (docs/scan.md)")
+            "to a random draw (docs/results.md, MNIST). More CLIP epochs before it (--opt clip_warmup_epochs=N) "
+            "align the model, and may teach it a backdoor as fast (docs/defenses.md, twentieth round); where "
+            "SafeCLIP did not hold, the augmented-CLIP screen (--preset configs/augclip-screen.yaml "
+            "--retrain-keep 0.7 --retrain-veto repeat) and detect-then-train with a small trusted model did "
+            "(docs/defenses.md, docs/scan.md)")
         if ratio is not None:
             rec["clip_loss_vs_chance"] = ratio
         ctx = self.ctx
