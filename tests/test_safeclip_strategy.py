@@ -79,7 +79,7 @@ def test_clip_epochs_before_the_split_can_train_on_augmented_pairs(fm_train, tmp
                    tmp_path / str(crop), epochs=3)
         t.ctx.epoch = 0
         assert t.strategy.phase(0) == "clip_low"
-        losses[crop] = [float(t.strategy.loss(_batch(t, range(32), seed=s))[0]) for s in (1, 1, 2)]
+        losses[crop] = [float(t.strategy.loss(_batch(t, range(32), seed=s))[0].detach()) for s in (1, 1, 2)]
     plain, views = losses[None], losses[0.5]
     assert plain[0] == plain[1] == plain[2], "the plain CLIP epoch drew views"
     assert views[0] == views[1] != views[2], "the views are not drawn from the step's generator"
