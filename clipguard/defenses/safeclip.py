@@ -324,10 +324,10 @@ class SafeClip(Strategy, PairSelector):
             self.ctx, f"safeclip: the first split (epoch {epoch + 1})",
             "its pair scores cannot tell poisoned pairs from clean ones yet, and the first safe set is close "
             "to a random draw (docs/results.md, MNIST). More CLIP epochs before it (--opt clip_warmup_epochs=N) "
-            "align the model, and may teach it a backdoor as fast (docs/defenses.md, twentieth round); where "
-            "SafeCLIP did not hold, the augmented-CLIP screen (--preset configs/augclip-screen.yaml "
-            "--retrain-keep 0.7 --retrain-veto repeat) and detect-then-train with a small trusted model did "
-            "(docs/defenses.md, docs/scan.md)")
+            "align the model, and may teach it a backdoor as fast; four on augmented pairs (--preset "
+            "configs/safeclip-aug.yaml) gave the first split the most to go on where the defaults did not "
+            "hold, as did detect-then-train with a small trusted model (docs/defenses.md, twentieth to "
+            "twenty-second rounds; docs/scan.md)")
         if ratio is not None:
             rec["clip_loss_vs_chance"] = ratio
         ctx = self.ctx
