@@ -88,6 +88,24 @@ def test_phases_are_sized_by_the_budget_when_unset():
     assert SafeClipOptions(warmup_epochs=5, clip_warmup_epochs=1, step=0.01).plan(48) == (5, 1, 0.01)
 
 
+def test_the_defaults_are_the_augmented_preset_and_shrink_for_short_runs():
+    """The defaults are configs/safeclip-aug.yaml written out; a run too short for four CLIP
+    epochs and one mixed epoch gets fewer CLIP epochs, down to one, never a run with no split."""
+    from pathlib import Path
+
+    from clipguard.defenses.safeclip import SafeClipOptions
+    from clipguard.training.spec import load_preset
+
+    preset = load_preset(Path(__file__).parents[1] / "configs" / "safeclip-aug.yaml")
+    assert SafeClipOptions.from_dict(preset["options"]) == SafeClipOptions()
+    d = SafeClipOptions()
+    assert d.plan(10)[:2] == (0, 4) and d.plan(48)[:2] == (0, 4)
+    assert d.plan(5)[:2] == (0, 4) and d.plan(4)[:2] == (0, 3) and d.plan(2)[:2] == (0, 1)
+    # the old defaults (pinned by the grids that measured them) keep their plan
+    old = SafeClipOptions(warmup_epochs=None, clip_warmup_epochs=None)
+    assert old.plan(10)[:2] == (1, 1) and old.plan(20)[:2] == (2, 1)
+
+
 def test_mixture_sizing_keeps_the_low_tail_out():
     """80% of pairs look clean, 20% sit far below: however fast the growth, the safe set stops
     at the mixture's clean share minus the margin."""
@@ -342,7 +360,7 @@ def test_repeat_options_are_validated():
     with pytest.raises(Exception, match="repeat_grid"):
         SafeClipOptions(repeat_grid=0)
     with pytest.raises(Exception, match="needs the repeated-image veto"):
-        SafeClipOptions(repeat_space="pixels")
+        SafeClipOptions(repeat_z=None, repeat_space="pixels")
     with pytest.raises(Exception, match="repeat_grid applies"):
         SafeClipOptions(repeat_z=4.0, repeat_grid=4)
     # at their neutral values the new fields leave a run's identity (and cached results) as it was

@@ -222,6 +222,17 @@ def test_the_density_veto_removes_pairs_from_the_ranked_safe_set(fm_train, tmp_p
     assert strat.state_json()["dense_rounds"] == 3 and "dense" in strat.state_tensors()
 
 
+def test_the_defaults_shrink_the_clip_epochs_of_a_short_run(fm_train, tmp_path, caplog):
+    """Four CLIP epochs before the split do not fit a 2-epoch run: one runs, a mixed epoch
+    follows, and the log says so."""
+    strat = defenses.build("safeclip", {"pool_size": 64})
+    with caplog.at_level("WARNING", logger="clipguard"):
+        Trainer(_cfg(epochs=2), fm_train.subset(range(128)), tmp_path, strategy=strat).fit()
+    recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in recs] == ["clip_low", "mixed"]
+    assert "leaves no mixed epoch after clip_warmup_epochs = 4" in caplog.text
+
+
 def test_too_few_epochs_is_a_clear_error(fm_train, tmp_path):
     from clipguard.errors import ConfigError
 

@@ -12,6 +12,7 @@ The manifest is never seen here: diagnostics read ``pair_scores()``/``selected()
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -39,6 +40,8 @@ from clipguard.training.losses import clip_loss
 from clipguard.training.schedule import Schedule, Segment
 from clipguard.training.strategy import PairSelector, Strategy
 
+log = logging.getLogger("clipguard")
+
 PHASES = ("unimodal", "clip_low", "mixed")
 # density_score -> what a pair's log k-distance is measured against (pair_scores._log_kdist)
 DENSITY_RELATIVE_TO = {"global": "all", "local": "neighbours", "caption": "captions"}
@@ -57,19 +60,21 @@ class SafeClipOptions(Options):
     exact settings are configs/safeclip-paper.yaml."""
 
     kind: ClassVar[str] = "defense 'safeclip'"
-    warmup_epochs: int | None = None  # r: unimodal NNCLR epochs (None: 10% of the epochs, 1 to 5)
-    clip_warmup_epochs: int | None = None  # CLIP loss on all pairs at the low lr (None: 1)
+    warmup_epochs: int | None = 0  # r: unimodal NNCLR epochs (None: 10% of the epochs, 1 to 5)
+    # CLIP loss on all pairs before the first split, at the low lr (None: 1). A run too short to
+    # leave one mixed epoch after them gets fewer, with a warning
+    clip_warmup_epochs: int | None = 4
     # with no unimodal epochs (warmup_epochs 0), where the run's lr warm-up goes: the start of the
     # mixed phase (False), or the start of the CLIP epochs before the first split (True), so that a
     # CLIP epoch at the base lr (lr_low_factor 1) does not start a fresh model at its peak lr
-    clip_lr_warmup: bool = field(default=False, metadata={"neutral": False})
+    clip_lr_warmup: bool = field(default=True, metadata={"neutral": False})
     # the CLIP epochs before the first split on augmented pairs: SimCLR views with this minimum
     # crop and EDA captions (None: the pairs as they are). Augmentations slow down how fast a
     # trigger is learnt more than how fast the clean pairs align (the augmented-CLIP screen,
     # docs/defenses.md), so the first split may rank the poisons before the model has learnt them
-    clip_warmup_crop_min: float | None = field(default=None, metadata={"neutral": None})
+    clip_warmup_crop_min: float | None = field(default=0.5, metadata={"neutral": None})
     lr_low: float = 5e-6              # the low lr when lr_low_factor is None (the paper's)
-    lr_low_factor: float | None = 0.1  # the low lr as a fraction of the base lr
+    lr_low_factor: float | None = 1.0  # the low lr as a fraction of the base lr
     threshold: float = 0.9            # t on p_clean for the first split
     step: float | None = None         # s: growth of the safe fraction per epoch (None: sized by the budget)
     # how big the safe set may grow: "schedule" (the paper: +step per epoch up to max_safe_fraction);
@@ -122,7 +127,7 @@ class SafeClipOptions(Options):
     # repeat_z robust standard deviations below the median) stays out of the safe set, as
     # targeted poisoning repeats its target image under many captions (None: no veto); with
     # density_memory, a verdict from the second split on is final, as the density veto's
-    repeat_z: float | None = None
+    repeat_z: float | None = 4.0
     repeat_k: int = 4
     # where the repeated-image veto looks for copies: the model's image embedding, or coarse
     # pixel signatures (each image averaged over repeat_grid x repeat_grid blocks, minus its mean
@@ -207,9 +212,12 @@ class SafeClipOptions(Options):
 
         Unset values scale with the budget the way the paper's do at CC3M: about a tenth of
         training warms up unimodally (5 of 32-48 epochs), one epoch at the low lr, and the safe
-        set reaches its size within about a third of the mixed epochs."""
+        set reaches its size within about a third of the mixed epochs. The CLIP epochs before the
+        first split shrink, down to one, until a mixed epoch follows them (``bind`` warns)."""
         r = self.warmup_epochs if self.warmup_epochs is not None else min(5, max(1, round(0.1 * epochs)))
         c = self.clip_warmup_epochs if self.clip_warmup_epochs is not None else 1
+        if c > 1 and epochs - r - c < 1:
+            c = max(1, epochs - r - 1)
         mixed = max(1, epochs - r - c)
         s = self.step if self.step is not None else min(0.25, max(0.01, 3.0 / mixed))
         return int(r), int(c), float(s)
@@ -265,6 +273,10 @@ class SafeClip(Strategy, PairSelector):
         self._aligned = ChanceMonitor()  # the CLIP loss of the last slow CLIP epoch, fresh for each run
         r, c, step = self._plan = self.opt.plan(ctx.epochs)
         self._sizer = self.opt.sizer(step)
+        if c < (self.opt.clip_warmup_epochs or 1):
+            log.warning("safeclip: a %d-epoch run leaves no mixed epoch after clip_warmup_epochs = %d; "
+                        "training %d CLIP epoch(s) before the first split instead", ctx.epochs,
+                        self.opt.clip_warmup_epochs, c)
         if ctx.epochs <= r + c:
             raise ConfigError(f"safeclip needs more than warmup_epochs + clip_warmup_epochs = "
                               f"{r + c} epochs to reach its mixed phase; got --epochs {ctx.epochs}")
@@ -324,10 +336,10 @@ class SafeClip(Strategy, PairSelector):
             self.ctx, f"safeclip: the first split (epoch {epoch + 1})",
             "its pair scores cannot tell poisoned pairs from clean ones yet, and the first safe set is close "
             "to a random draw (docs/results.md, MNIST). More CLIP epochs before it (--opt clip_warmup_epochs=N) "
-            "align the model, and may teach it a backdoor as fast; four on augmented pairs (--preset "
-            "configs/safeclip-aug.yaml) gave the first split the most to go on where the defaults did not "
-            "hold, as did detect-then-train with a small trusted model (docs/defenses.md, twentieth to "
-            "twenty-second rounds; docs/scan.md)")
+            "give the model time to align; on augmented pairs (--opt clip_warmup_crop_min=0.5, the default) "
+            "they teach it a trigger more slowly than the clean pairs, on the pairs as they are about as fast. "
+            "Detect-then-train with a small trusted model is the other way out (docs/defenses.md, twentieth "
+            "to twenty-second rounds; docs/scan.md)")
         if ratio is not None:
             rec["clip_loss_vs_chance"] = ratio
         ctx = self.ctx
