@@ -118,7 +118,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-epochs", type=int, default=None,
-                   help="SafeCLIP's r for this benchmark (default: its own, sized from --epochs)")
+                   help="SafeCLIP's r for this benchmark (default: its library default)")
     p.add_argument("--repeats", type=int, default=1, help="repeat the three fits in a rotated order; report medians")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--json", default=None, help="also write the numbers here")
@@ -131,7 +131,10 @@ def main() -> None:
         csv = training_csv(args.data, tmp, args.pairs, args.seed)
         data = load_csv(csv, image_size=28 if args.model.startswith("cg-tiny") else None, limit=args.pairs)
         warm_up(data, tmp, args)
-        fits = [("none", {}), ("safeclip", {"warmup_epochs": args.warmup_epochs}), ("roclip", {})]
+        # SafeCLIP's own default schedule unless --warmup-epochs is given (None is an option value:
+        # "10% of the epochs", not "the default")
+        safe_opts = {} if args.warmup_epochs is None else {"warmup_epochs": args.warmup_epochs}
+        fits = [("none", {}), ("safeclip", safe_opts), ("roclip", {})]
         runs: dict[str, list[tuple[float, list[dict]]]] = {k: [] for k in KINDS}
         for r in range(args.repeats):
             for name, opts in fits[r % 3:] + fits[:r % 3]:
