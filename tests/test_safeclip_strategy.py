@@ -231,6 +231,11 @@ def test_the_defaults_shrink_the_clip_epochs_of_a_short_run(fm_train, tmp_path, 
     recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in recs] == ["clip_low", "mixed"]
     assert "leaves no mixed epoch after clip_warmup_epochs = 4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clipguard"):  # asking for none is not shrinking
+        Trainer(_cfg(epochs=2), fm_train.subset(range(128)), tmp_path / "none",
+                strategy=defenses.build("safeclip", {"warmup_epochs": 1, "clip_warmup_epochs": 0})).setup()
+    assert "leaves no mixed epoch" not in caplog.text
 
 
 def test_too_few_epochs_is_a_clear_error(fm_train, tmp_path):

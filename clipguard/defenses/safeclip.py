@@ -207,6 +207,12 @@ class SafeClipOptions(Options):
                 "eda_alpha and eda_p_delete must be in [0, 1]")
         self.sizer(0.01)  # the safe-set schedule checks its own fractions
 
+    @property
+    def requested_clip_epochs(self) -> int:
+        """The CLIP epochs before the first split that the options ask for (``plan`` may give a
+        short run fewer)."""
+        return self.clip_warmup_epochs if self.clip_warmup_epochs is not None else 1
+
     def plan(self, epochs: int) -> tuple[int, int, float]:
         """(unimodal epochs, low-lr CLIP epochs, growth per epoch) for a run of ``epochs``.
 
@@ -215,7 +221,7 @@ class SafeClipOptions(Options):
         set reaches its size within about a third of the mixed epochs. The CLIP epochs before the
         first split shrink, down to one, until a mixed epoch follows them (``bind`` warns)."""
         r = self.warmup_epochs if self.warmup_epochs is not None else min(5, max(1, round(0.1 * epochs)))
-        c = self.clip_warmup_epochs if self.clip_warmup_epochs is not None else 1
+        c = self.requested_clip_epochs
         if c > 1 and epochs - r - c < 1:
             c = max(1, epochs - r - 1)
         mixed = max(1, epochs - r - c)
@@ -273,10 +279,10 @@ class SafeClip(Strategy, PairSelector):
         self._aligned = ChanceMonitor()  # the CLIP loss of the last slow CLIP epoch, fresh for each run
         r, c, step = self._plan = self.opt.plan(ctx.epochs)
         self._sizer = self.opt.sizer(step)
-        if c < (self.opt.clip_warmup_epochs or 1):
+        if c < self.opt.requested_clip_epochs:
             log.warning("safeclip: a %d-epoch run leaves no mixed epoch after clip_warmup_epochs = %d; "
                         "training %d CLIP epoch(s) before the first split instead", ctx.epochs,
-                        self.opt.clip_warmup_epochs, c)
+                        self.opt.requested_clip_epochs, c)
         if ctx.epochs <= r + c:
             raise ConfigError(f"safeclip needs more than warmup_epochs + clip_warmup_epochs = "
                               f"{r + c} epochs to reach its mixed phase; got --epochs {ctx.epochs}")
