@@ -162,7 +162,7 @@ def test_joint_density_vetoes_pairs_that_join_an_image_of_one_kind_to_a_caption_
     img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
     ctx = SimpleNamespace(dist=DistInfo(), device=torch.device("cpu"), raw_model=None,
                           encode_dataset=lambda indices: (img[indices], txt[indices]))
-    sims, log_kd, _ = shard_pair_scores(ctx, torch.arange(600), density_k=16, density_reference=400, seed=1)
+    sims, log_kd, _, _ = shard_pair_scores(ctx, torch.arange(600), density_k=16, density_reference=400, seed=1)
     dense = dense_inliers(log_kd, 1.0)
     poison = torch.zeros(600, dtype=torch.bool)
     poison[590:] = True
@@ -185,12 +185,12 @@ def test_joint_density_vetoes_pairs_that_join_an_image_of_one_kind_to_a_caption_
             assert not (safe & poison).any() and decision["log"]["density_vetoed"] > 0
 
 
-def test_local_and_caption_density_keep_a_diverse_class_the_global_veto_drops_whole():
+def test_local_caption_and_image_density_keep_a_diverse_class_the_global_veto_drops_whole():
     """A class of diverse images (noise 0.25 around its centre, the others 0.05) is sparse
     everywhere: the global veto (log k-distance against every pair's) keeps none of it, so it would
-    never get the CLIP loss. The local score (against the pair's own neighbours') and the caption
-    score (against the pairs with captions like its own) keep most of it and still veto every
-    poison."""
+    never get the CLIP loss. The local score (against the pair's own neighbours'), the caption
+    score (against the pairs with captions like its own) and the global veto sparing pairs as
+    sparse as those with images like their own keep most of it and still veto every poison."""
     from types import SimpleNamespace
 
     from clipguard.defenses.pair_scores import dense_inliers, shard_pair_scores
@@ -212,12 +212,19 @@ def test_local_and_caption_density_keep_a_diverse_class_the_global_veto_drops_wh
     diverse = (src == 5) & ~poison
     kept = {}
     for relative_to in ("all", "neighbours", "captions"):
-        _, log_kd, _ = shard_pair_scores(ctx, torch.arange(600), density_k=16, density_reference=400, seed=1,
-                                         density_relative_to=relative_to, density_caption_k=32)
-        kept[relative_to] = dense_inliers(log_kd, 1.0)
+        scores = shard_pair_scores(ctx, torch.arange(600), density_k=16, density_reference=400, seed=1,
+                                   density_relative_to=relative_to, density_caption_k=32, density_given_image_k=32)
+        kept[relative_to] = dense_inliers(scores.log_kdist, 1.0)
         assert not kept[relative_to][poison].any()
+        if relative_to == "all":  # density_given: image, a flagged pair as sparse as its images' pairs is spared
+            kept["given-image"] = kept["all"] | dense_inliers(scores.log_kdist_given_image, 1.0)
+            assert not kept["given-image"][poison].any()
+        else:
+            assert scores.log_kdist_given_image is not None  # asked for alongside any score
     assert kept["all"][diverse].float().mean() < 0.05
-    for relative_to in ("neighbours", "captions"):
+    # the conditional veto only ever spares: every pair the global one keeps, it keeps
+    assert (kept["given-image"] >= kept["all"]).all()
+    for relative_to in ("neighbours", "captions", "given-image"):
         assert kept[relative_to][diverse].float().mean() > 0.7 and kept[relative_to][~poison].float().mean() > 0.75
 
 
@@ -338,7 +345,7 @@ def test_repeated_image_veto_flags_copies_of_one_image_and_no_clean_pair():
     txt = torch.nn.functional.normalize(kinds[src] + 0.1 * torch.randn(600, 16, generator=g), dim=1)
     ctx = SimpleNamespace(dist=DistInfo(), device=torch.device("cpu"), raw_model=None,
                           encode_dataset=lambda indices: (img[indices], txt[indices]))
-    _, log_kd, log_rd = shard_pair_scores(ctx, torch.arange(600), repeat_k=4, density_reference=600, seed=1)
+    _, log_kd, log_rd, _ = shard_pair_scores(ctx, torch.arange(600), repeat_k=4, density_reference=600, seed=1)
     assert log_kd is None
     flagged = repeated_images(log_rd, 4.0)
     assert flagged[580:].all() and not flagged[:580].any()
@@ -415,9 +422,9 @@ def test_repeat_veto_in_pixel_space_flags_noisy_copies_the_embedding_misses():
     ctx = SimpleNamespace(dist=DistInfo(), device=torch.device("cpu"), raw_model=None,
                           data=SimpleNamespace(images=imgs),
                           encode_dataset=lambda indices: (img[indices], txt[indices]))
-    _, _, in_embedding = shard_pair_scores(ctx, torch.arange(600), repeat_k=4, density_reference=600, seed=1)
-    _, _, in_pixels = shard_pair_scores(ctx, torch.arange(600), repeat_k=4, density_reference=600, seed=1,
-                                        repeat_grid=8)
+    in_embedding = shard_pair_scores(ctx, torch.arange(600), repeat_k=4, density_reference=600, seed=1).log_repeat
+    in_pixels = shard_pair_scores(ctx, torch.arange(600), repeat_k=4, density_reference=600, seed=1,
+                                  repeat_grid=8).log_repeat
     assert not repeated_images(in_embedding, 4.0)[580:].any()
     flagged = repeated_images(in_pixels, 4.0)
     assert flagged[580:].all() and not flagged[:580].any()

@@ -208,17 +208,20 @@ def test_mixed_epoch_splits_and_safe_and_risky_are_disjoint(fm_train, tmp_path):
     assert int(safe.sum()) == recs[3]["safe_size"]
 
 
-@pytest.mark.parametrize("score", ["global", "local", "caption"])
+@pytest.mark.parametrize("score", ["global", "local", "caption", "global-given-image"])
 def test_the_density_veto_removes_pairs_from_the_ranked_safe_set(fm_train, tmp_path, score):
-    """With the default veto (and with the local density score) the safe set is the top m by score
+    """With the default veto (and with the other density scores) the safe set is the top m by score
     minus the vetoed pairs, and the veto state survives in the checkpoint."""
     data = fm_train.subset(range(256))
-    strat = _small(density_z=1.0, density_k=8, density_score=score)
+    given = score.endswith("-given-image")
+    strat = _small(density_z=1.0, density_k=8, density_score=score.removesuffix("-given-image"),
+                   density_given="image" if given else "none", density_given_k=16)
     Trainer(_cfg(epochs=5), data, tmp_path, strategy=strat).fit()
     recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     for r in recs[2:]:
         ranked = int(round(r["m"] * 256))
         assert r["density_vetoed"] >= 1 and r["safe_size"] == pytest.approx(ranked - r["density_vetoed"], abs=1)
+        assert ("density_spared" in r) == given
     assert strat.state_json()["dense_rounds"] == 3 and "dense" in strat.state_tensors()
 
 

@@ -20,6 +20,7 @@ Two signals, both from clean (non-augmented) pairs:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -53,12 +54,24 @@ def _gather_in_order(values: torch.Tensor, n: int, ctx: TrainContext) -> torch.T
     return out
 
 
+def _against_nearest(part: torch.Tensor, ref_part: torch.Tensor, mine_self: torch.Tensor,
+                     log_kd: torch.Tensor, ref_log: torch.Tensor, near_k: int) -> torch.Tensor:
+    """``log_kd`` minus the median of ``ref_log`` over the ``near_k`` sampled pairs nearest each
+    query in one part of the joint features (its caption's, or its image's), the query itself
+    excluded."""
+    dc, ic = knn(part, ref_part, near_k + 1, metric="cosine")
+    dc = dc.masked_fill(ic == mine_self[:, None], float("inf"))
+    near = ic.gather(1, torch.sort(dc, dim=1).indices[:, :near_k])
+    return log_kd - ref_log[near].median(dim=1).values
+
+
 def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference: int,
                seed: int, metric: str = "l2", relative_to: str = "all", caption_from: int = 0,
-               caption_k: int = 64) -> torch.Tensor:
+               caption_k: int = 64, given_image_k: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log distance of this rank's features (joint, or image only) to their k-th neighbour among
     a seeded sample of ``reference`` of the ``n`` scored pairs (the pair itself excluded when
-    sampled).
+    sampled), and, with ``given_image_k`` > 0, the same minus its median over the
+    ``given_image_k`` sampled pairs whose images are nearest the pair's own (else None).
 
     ``relative_to``: ``all``, the log k-distance as it is (compared with every pair's by the
     caller); ``neighbours``, minus the mean of the same quantity for those k neighbours (each
@@ -67,7 +80,9 @@ def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference
     captions are nearest the pair's own (the features from column ``caption_from`` on are the
     caption's). With either of the last two a class of diverse images, sparse everywhere, is not
     read as a class of outliers; ``captions`` measures a poison against the clean pairs of the
-    caption it carries, not against the other poisons that are its joint neighbours."""
+    caption it carries, not against the other poisons that are its joint neighbours. The second
+    output asks the same of the image: is the pair sparser than pairs with images like its own
+    (a caption that does not belong to its image), or only as sparse (a rare image)?"""
     dist = ctx.dist
     world, rank = dist.world_size, dist.rank
     g = torch.Generator().manual_seed(seed)
@@ -79,7 +94,7 @@ def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference
     ref = all_reduce_sum(ref, dist)
     kk = min(k, len(ref_pos) - 1)
     if len(feats) == 0 or kk < 1:
-        return torch.zeros(len(feats))
+        return torch.zeros(len(feats)), (torch.zeros(len(feats)) if given_image_k > 0 else None)
     d, ix = knn(feats, ref, kk + 1, metric=metric)
     # the reference row that is this query itself (-1 when the query was not sampled)
     self_ref = torch.full((n,), -1, dtype=torch.long)
@@ -88,28 +103,39 @@ def _log_kdist(ctx: TrainContext, feats: torch.Tensor, n: int, k: int, reference
     d = d.masked_fill(ix == mine_self[:, None], float("inf"))
     order = torch.sort(d, dim=1)
     log_kd = order.values[:, kk - 1].clamp_min(1e-12).log()
-    if relative_to == "all":
-        return log_kd.cpu()
+    if relative_to == "all" and given_image_k <= 0:
+        return log_kd.cpu(), None
     dr, ir = knn(ref, ref, kk + 1, metric=metric)
     dr = dr.masked_fill(ir == torch.arange(len(ref), device=ir.device)[:, None], float("inf"))
     ref_log = torch.sort(dr, dim=1).values[:, kk - 1].clamp_min(1e-12).log().to(log_kd.device)
+    given = None
+    if given_image_k > 0:
+        given = _against_nearest(feats[:, :caption_from], ref[:, :caption_from], mine_self, log_kd, ref_log,
+                                 min(given_image_k, len(ref_pos) - 1)).cpu()
+    if relative_to == "all":
+        return log_kd.cpu(), given
     if relative_to == "neighbours":
         neighbours = ix.gather(1, order.indices[:, :kk])  # the pair itself sorted last (inf)
-        return (log_kd - ref_log[neighbours].mean(dim=1)).cpu()
-    kc = min(caption_k, len(ref_pos) - 1)
-    dc, ic = knn(feats[:, caption_from:], ref[:, caption_from:], kc + 1, metric="cosine")
-    dc = dc.masked_fill(ic == mine_self[:, None], float("inf"))  # not the pair's own caption
-    same_caption = ic.gather(1, torch.sort(dc, dim=1).indices[:, :kc])
-    return (log_kd - ref_log[same_caption].median(dim=1).values).cpu()
+        return (log_kd - ref_log[neighbours].mean(dim=1)).cpu(), given
+    return _against_nearest(feats[:, caption_from:], ref[:, caption_from:], mine_self, log_kd, ref_log,
+                            min(caption_k, len(ref_pos) - 1)).cpu(), given
+
+
+class PairScores(NamedTuple):
+    """What ``shard_pair_scores`` measures of each scored pair (None: not asked for)."""
+
+    score: torch.Tensor                           # similarity, or relative similarity
+    log_kdist: torch.Tensor | None                # joint density, as ``density_relative_to`` says
+    log_repeat: torch.Tensor | None               # image repetition
+    log_kdist_given_image: torch.Tensor | None    # joint density against pairs with like images
 
 
 @torch.no_grad()
 def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
                       top_k: int = 10, density_k: int = 0, density_reference: int = 16384,
                       seed: int = 0, repeat_k: int = 0, repeat_grid: int = 0, density_relative_to: str = "all",
-                      density_caption_k: int = 64) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(score, joint log k-distance or None, image log k-distance or None) of each pair in
-    ``indices``, the same on every rank.
+                      density_caption_k: int = 64, density_given_image_k: int = 0) -> PairScores:
+    """The ``PairScores`` of each pair in ``indices``, the same on every rank.
 
     Each rank encodes ``indices[rank::world]``. ``reference``: text features of a sample of
     captions, for the relative score. ``density_k`` > 0 adds the joint density, ``repeat_k`` > 0
@@ -117,7 +143,8 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
     image embedding or, with ``repeat_grid`` > 0, in coarse pixel signatures of that grid.
     ``density_relative_to``: the joint density as it is (``all``), relative to the pair's
     neighbours' or to the pairs' of its nearest captions (``neighbours``, ``captions``: see
-    ``_log_kdist``)."""
+    ``_log_kdist``); ``density_given_image_k`` > 0 adds it relative to the pairs' of that many
+    nearest images."""
     world, rank = ctx.dist.world_size, ctx.dist.rank
     mine = indices[rank::world]
     cols = []
@@ -132,25 +159,30 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
                           for i in range(0, len(img), 4096)])
         sims = sims - best
     cols.append(sims.float().cpu())
+    given = density_k > 0 and density_given_image_k > 0
     if density_k > 0:
         joint = torch.nn.functional.normalize(torch.cat([img, txt], dim=1), dim=1).to(ctx.device)
-        cols.append(_log_kdist(ctx, joint, len(indices), density_k, density_reference, seed,
-                               relative_to=density_relative_to, caption_from=img.shape[1],
-                               caption_k=density_caption_k))
+        log_kd, log_given = _log_kdist(ctx, joint, len(indices), density_k, density_reference, seed,
+                                       relative_to=density_relative_to, caption_from=img.shape[1],
+                                       caption_k=density_caption_k, given_image_k=density_given_image_k)
+        cols.append(log_kd)
+        if log_given is not None:
+            cols.append(log_given)
     if repeat_k > 0:
         feats = pixel_signatures(ctx.data.images, mine, repeat_grid) if repeat_grid > 0 else img.float()
         cols.append(_log_kdist(ctx, feats.to(ctx.device), len(indices), repeat_k, density_reference, seed,
-                               metric="euclidean" if repeat_grid > 0 else "l2"))
+                               metric="euclidean" if repeat_grid > 0 else "l2")[0])
     out = _gather_in_order(torch.stack(cols, dim=1), len(indices), ctx)
-    log_kd = out[:, 1].contiguous() if density_k > 0 else None
-    log_rd = out[:, -1].contiguous() if repeat_k > 0 else None
-    return out[:, 0].contiguous(), log_kd, log_rd
+    return PairScores(score=out[:, 0].contiguous(),
+                      log_kdist=out[:, 1].contiguous() if density_k > 0 else None,
+                      log_repeat=out[:, -1].contiguous() if repeat_k > 0 else None,
+                      log_kdist_given_image=out[:, 2].contiguous() if given else None)
 
 
 def shard_similarities(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
                        top_k: int = 10) -> torch.Tensor:
     """The similarity (or relative) score alone; see ``shard_pair_scores``."""
-    return shard_pair_scores(ctx, indices, reference, top_k)[0]
+    return shard_pair_scores(ctx, indices, reference, top_k).score
 
 
 def _median_and_spread(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -122,6 +122,14 @@ class SafeClipOptions(Options):
     # whole, and a class that never gets the CLIP loss costs zero-shot accuracy
     density_score: Literal["global", "local", "caption"] = field(default="global", metadata={"neutral": "global"})
     density_caption_k: int = field(default=64, metadata={"neutral": 64})
+    # "image": a pair the density veto flags is let through when it is no sparser than the pairs
+    # whose images are nearest its own (its log k-distance within density_z robust standard
+    # deviations of their median, over density_given_k of them). A rare image (Fashion-MNIST's
+    # shirts, 63-69% of them vetoed for good at 20 epochs) is sparse with any caption; a poison's
+    # caption is unlike those of the images it looks like. The veto then estimates how unlikely
+    # the caption is given the image, not how rare the pair is. "none": the veto as it is
+    density_given: Literal["none", "image"] = field(default="none", metadata={"neutral": "none"})
+    density_given_k: int = field(default=64, metadata={"neutral": 64})
     # the repeated-image veto: a pair whose image has repeat_k near-identical copies (the log
     # distance to its repeat_k-th nearest image, among the density_reference sample, more than
     # repeat_z robust standard deviations below the median) stays out of the safe set, as
@@ -189,6 +197,7 @@ class SafeClipOptions(Options):
         require(self.density_score in DENSITY_RELATIVE_TO,
                 f"density_score must be one of {', '.join(DENSITY_RELATIVE_TO)}, got {self.density_score!r}")
         require(self.density_caption_k >= 1, f"density_caption_k must be >= 1, got {self.density_caption_k}")
+        require(self.density_given_k >= 1, f"density_given_k must be >= 1, got {self.density_given_k}")
         require(self.repeat_space in ("embedding", "pixels"),
                 f"repeat_space must be 'embedding' or 'pixels', got {self.repeat_space!r}")
         require(self.repeat_grid >= 1, f"repeat_grid must be >= 1, got {self.repeat_grid}")
@@ -353,16 +362,18 @@ class SafeClip(Strategy, PairSelector):
         t0 = time.perf_counter()
         cand, full = self._candidates(n)
         o = self.opt
-        fresh, log_kd, log_rd = shard_pair_scores(
+        scores = shard_pair_scores(
             ctx, cand, self._reference(epoch), o.reference_top_k,
             density_k=o.density_k if o.density_z is not None else 0,
             density_reference=o.density_reference, seed=step_seed(ctx.seed, "safeclip-density", epoch),
             repeat_k=o.repeat_k if o.repeat_z is not None else 0,
             repeat_grid=o.repeat_grid if o.repeat_space == "pixels" else 0,
-            density_relative_to=DENSITY_RELATIVE_TO[o.density_score], density_caption_k=o.density_caption_k)
+            density_relative_to=DENSITY_RELATIVE_TO[o.density_score], density_caption_k=o.density_caption_k,
+            density_given_image_k=o.density_given_k if o.density_given == "image" else 0)
         sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
-        sims[cand] = fresh
-        dense = self._veto(n, cand, log_kd, log_rd) if (log_kd is not None or log_rd is not None) else None
+        sims[cand] = scores.score
+        vetoes = scores.log_kdist is not None or scores.log_repeat is not None
+        dense = self._veto(n, cand, scores.log_kdist, scores.log_repeat, scores.log_kdist_given_image) if vetoes else None
         t_sims = time.perf_counter() - t0
         decision = None
         if ctx.dist.is_main:
@@ -372,8 +383,10 @@ class SafeClip(Strategy, PairSelector):
         safe[torch.tensor(decision["safe_idx"], dtype=torch.long)] = True
         self._safe, self._sims, self._dense, self._m = safe, sims, dense, decision["m"]
         rec.update(decision["log"])
-        if log_rd is not None:
+        if scores.log_repeat is not None:
             rec["repeated_images"] = self._log_repeated  # pairs of this epoch's scoring flagged as copies
+        if scores.log_kdist_given_image is not None:
+            rec["density_spared"] = self._log_spared  # flagged as sparse, spared as sparse as their images' pairs
         if self._strikes is not None:  # pairs the density memory keeps out for good
             rec["density_out_for_good"] = int((self._strikes >= o.density_strikes).sum())
         rec.update({"safe_size": int(safe.sum()), "safe_fraction": round(float(safe.float().mean()), 6),
@@ -383,7 +396,7 @@ class SafeClip(Strategy, PairSelector):
         return rec
 
     def _veto(self, n: int, cand: torch.Tensor, log_kd: torch.Tensor | None,
-              log_rd: torch.Tensor | None = None) -> torch.Tensor:
+              log_rd: torch.Tensor | None = None, log_given: torch.Tensor | None = None) -> torch.Tensor:
         """Which pairs the density and repeated-image vetoes let through, after this epoch's
         scores of ``cand``.
 
@@ -392,11 +405,18 @@ class SafeClip(Strategy, PairSelector):
         with ``density_strikes`` of them stays out for good (the first split's verdict, made by a
         barely aligned model, is not counted, except for a pair the second split does not
         re-score: its first verdict is its last one). With ``density_memory_splits`` only that
-        many splits after the first are counted; later verdicts hold for their epoch only."""
+        many splits after the first are counted; later verdicts hold for their epoch only. With
+        ``log_given`` (``density_given: image``) a pair is flagged only when it is an outlier of
+        both ``log_kd`` and ``log_given``."""
         dense = self._dense.clone() if self._dense is not None else torch.ones(n, dtype=torch.bool)
         verdict = torch.ones(len(cand), dtype=torch.bool)
         if log_kd is not None:
-            verdict &= dense_inliers(log_kd, self.opt.density_z)
+            inlier = dense_inliers(log_kd, self.opt.density_z)
+            if log_given is not None:
+                spared = ~inlier & dense_inliers(log_given, self.opt.density_z)
+                self._log_spared = int(spared.sum())
+                inlier |= spared
+            verdict &= inlier
         if log_rd is not None:
             repeated = repeated_images(log_rd, self.opt.repeat_z)
             self._log_repeated = int(repeated.sum())
