@@ -204,3 +204,26 @@ def test_defense_options_pin_what_every_entry_of_a_defence_starts_from():
     g["pretrain"]["defense_options"] = {"roclip": {"keep_own": 0.1}}
     with pytest.raises(ConfigError, match="no entry of this stage uses defence 'roclip'"):
         parse_config(g)
+
+
+def test_defense_options_may_name_a_preset_that_writes_the_pinned_defaults_out(tmp_path):
+    """``preset:`` in defense_options takes that preset's options (under the keys beside it), so
+    grids pinned to one set of earlier defaults share one file; a preset of another defence, or one
+    with train settings, is refused with the key."""
+    import copy
+
+    cfgdir = Path(__file__).resolve().parents[1] / "configs"
+    g = copy.deepcopy(GRID)
+    g["pretrain"]["defenses"] = {"S": "safeclip", "S2": {"defense": "safeclip", "options": {"repeat_z": 4.0}}}
+    g["pretrain"]["defense_options"] = {"safeclip": {"preset": "safeclip-previous", "density_k": 16}}
+    by = {d.label: d for d in parse_config(g, base_dir=cfgdir).pretrain.defenses}
+    previous = yaml.safe_load((cfgdir / "safeclip-previous.yaml").read_text())["options"]
+    assert by["S"].options == {**previous, "density_k": 16}
+    assert by["S2"].options == {**previous, "density_k": 16, "repeat_z": 4.0}
+    g["pretrain"]["defense_options"] = {"safeclip": {"preset": "roclip"}}
+    with pytest.raises(ConfigError, match=r"defense_options.safeclip.preset: .*roclip.yaml is a preset of defence 'roclip'"):
+        parse_config(g, base_dir=cfgdir)
+    (tmp_path / "long.yaml").write_text("defense: safeclip\noptions: {repeat_z: 4}\ntrain: {epochs: 48}\n")
+    g["pretrain"]["defense_options"] = {"safeclip": {"preset": "long"}}
+    with pytest.raises(ConfigError, match="has train settings; defense_options takes options only"):
+        parse_config(g, base_dir=tmp_path)

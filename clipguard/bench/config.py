@@ -497,18 +497,38 @@ def _preset_path(name: Any, base_dir: Path | None, source: str, key: str) -> str
     raise ConfigError(f"{source}: {key}.preset: {name!r} not found (looked in {', '.join(str(c.parent) for c in cands)})")
 
 
-def _shared_options(defenses: list[DefenseSpec], shared: Any, source: str, key: str) -> None:
+def _shared_options(defenses: list[DefenseSpec], shared: Any, source: str, key: str,
+                    base_dir: Path | None = None) -> None:
     """``defense_options: {NAME: {option: value}}``: what every entry of defence NAME without a
     preset starts from, under its own options. A grid that recorded earlier rounds pins the
-    library defaults it ran with here, so a later change of a default does not change its cells."""
+    library defaults it ran with here, so a later change of a default does not change its cells.
+    ``preset: P`` among them takes P's options (P must be a preset of defence NAME with no train
+    settings), under the other keys: the grids that ran with one set of earlier defaults name one
+    file that writes them out, and a later change of a default is pinned there once."""
     table = _mapping(shared, source, key)
     for name, opts in table.items():
         opts = dict(_mapping(opts, source, f"{key}.{name}"))
+        if "preset" in opts:
+            opts = {**_preset_options(name, opts.pop("preset"), base_dir, source, f"{key}.{name}"), **opts}
         if not any(d.defense == name for d in defenses):
             raise ConfigError(f"{source}: {key}.{name}: no entry of this stage uses defence {name!r}")
         for d in defenses:
             if d.defense == name and d.preset is None:
                 d.options = {**opts, **d.options}
+
+
+def _preset_options(name: str, preset: Any, base_dir: Path | None, source: str, key: str) -> dict[str, Any]:
+    """The options of a preset named in ``defense_options``."""
+    from clipguard.training.spec import load_preset
+
+    path = _preset_path(preset, base_dir, source, key)
+    obj = load_preset(path)
+    if obj.get("defense") != name:
+        raise ConfigError(f"{source}: {key}.preset: {path} is a preset of defence {obj.get('defense')!r}, not {name!r}")
+    if obj.get("train"):
+        raise ConfigError(f"{source}: {key}.preset: {path} has train settings; defense_options takes options only "
+                          f"(name the preset on the entries to take its train settings too)")
+    return dict(obj.get("options") or {})
 
 
 def _stage(obj: Any, source: str, key: str, finetune: bool, base_dir: Path | None = None) -> StageSpec:
@@ -522,7 +542,7 @@ def _stage(obj: Any, source: str, key: str, finetune: bool, base_dir: Path | Non
                       defenses=[_defense(_label(k, source, f"{key}.defenses"), v, source,
                                          f"{key}.defenses.{k}", base_dir, detect=not finetune)
                                 for k, v in defs.items()])
-    _shared_options(stage.defenses, s.get("defense_options"), source, f"{key}.defense_options")
+    _shared_options(stage.defenses, s.get("defense_options"), source, f"{key}.defense_options", base_dir)
     if finetune:
         stage.base = s.get("base")
         stage.data = s.get("data", "clean")
