@@ -127,7 +127,9 @@ class SafeClipOptions(Options):
     # deviations of their median, over density_given_k of them). A rare image (Fashion-MNIST's
     # shirts, 63-69% of them vetoed for good at 20 epochs) is sparse with any caption; a poison's
     # caption is unlike those of the images it looks like. The veto then estimates how unlikely
-    # the caption is given the image, not how rare the pair is. "none": the veto as it is
+    # the caption is given the image, not how rare the pair is. "none": the veto as it is. Not a
+    # default: once a trigger is partly learnt, the triggered images are each other's nearest and
+    # spare each other (MNIST validation, BadNet 5.2% against 3.1%; docs/defenses.md, 24th round)
     density_given: Literal["none", "image"] = field(default="none", metadata={"neutral": "none"})
     density_given_k: int = field(default=64, metadata={"neutral": 64})
     # the repeated-image veto: a pair whose image has repeat_k near-identical copies (the log
