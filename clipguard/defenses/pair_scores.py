@@ -147,7 +147,6 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
     nearest images."""
     world, rank = ctx.dist.world_size, ctx.dist.rank
     mine = indices[rank::world]
-    cols = []
     if len(mine):
         img, txt = ctx.encode_dataset(indices=mine)
     else:
@@ -158,25 +157,21 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
         best = torch.cat([(img[i:i + 4096] @ reference.t()).topk(k, dim=1).values.mean(1)
                           for i in range(0, len(img), 4096)])
         sims = sims - best
-    cols.append(sims.float().cpu())
-    given = density_k > 0 and density_given_image_k > 0
+    cols = {"score": sims.float().cpu()}  # one column per measure asked for, gathered together
     if density_k > 0:
         joint = torch.nn.functional.normalize(torch.cat([img, txt], dim=1), dim=1).to(ctx.device)
-        log_kd, log_given = _log_kdist(ctx, joint, len(indices), density_k, density_reference, seed,
-                                       relative_to=density_relative_to, caption_from=img.shape[1],
-                                       caption_k=density_caption_k, given_image_k=density_given_image_k)
-        cols.append(log_kd)
-        if log_given is not None:
-            cols.append(log_given)
+        cols["log_kdist"], given = _log_kdist(ctx, joint, len(indices), density_k, density_reference, seed,
+                                              relative_to=density_relative_to, caption_from=img.shape[1],
+                                              caption_k=density_caption_k, given_image_k=density_given_image_k)
+        if given is not None:
+            cols["log_kdist_given_image"] = given
     if repeat_k > 0:
         feats = pixel_signatures(ctx.data.images, mine, repeat_grid) if repeat_grid > 0 else img.float()
-        cols.append(_log_kdist(ctx, feats.to(ctx.device), len(indices), repeat_k, density_reference, seed,
-                               metric="euclidean" if repeat_grid > 0 else "l2")[0])
-    out = _gather_in_order(torch.stack(cols, dim=1), len(indices), ctx)
-    return PairScores(score=out[:, 0].contiguous(),
-                      log_kdist=out[:, 1].contiguous() if density_k > 0 else None,
-                      log_repeat=out[:, -1].contiguous() if repeat_k > 0 else None,
-                      log_kdist_given_image=out[:, 2].contiguous() if given else None)
+        cols["log_repeat"] = _log_kdist(ctx, feats.to(ctx.device), len(indices), repeat_k, density_reference, seed,
+                                        metric="euclidean" if repeat_grid > 0 else "l2")[0]
+    out = _gather_in_order(torch.stack(list(cols.values()), dim=1), len(indices), ctx)
+    found = {name: out[:, i].contiguous() for i, name in enumerate(cols)}
+    return PairScores(**{name: found.get(name) for name in PairScores._fields})
 
 
 def shard_similarities(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
