@@ -167,3 +167,22 @@ def test_poisoned_sets_made_in_parallel_equal_the_serial_ones(fm_dir, tmp_path):
     # the sets load and locate their poisons as if made in this process
     data, ps = cache.train_data(ds, attack, 1)
     assert [int(m.sum()) for m in ps.masks] == [8, 6]
+
+
+
+def test_a_list_of_targets_gives_each_seed_its_own_class(fm_dir, tmp_path):
+    """``target: [a, b]``: seed s poisons towards item s % 2, and the manifest says which."""
+    import json
+
+    cfg = _cfg(fm_dir, [{"attack": "badnet", "target": ["bag", "sandal"], "count": 8}])
+    cache = BenchCache(cfg, tmp_path)
+    ds, attack = cfg.datasets[0], cfg.attacks[0]
+    targets = [json.loads(cache.poisoned(ds, attack, s).manifests[0].read_text())["target"]["name"]
+               for s in (0, 1, 2)]
+    assert targets == ["bag", "sandal", "bag"]
+    # seed 1 of the list poisons exactly as a grid with that one target would
+    one = _cfg(fm_dir, [{"attack": "badnet", "target": "sandal", "count": 8}])
+    single = BenchCache(one, tmp_path / "one").poisoned(one.datasets[0], one.attacks[0], 1)
+    listed = cache.poisoned(ds, attack, 1)
+    assert torch.equal(single.masks[0], listed.masks[0])
+    assert (single.csv.read_bytes() == listed.csv.read_bytes())

@@ -81,6 +81,9 @@ def test_an_attack_can_restrict_the_seeds_it_runs_with():
     (lambda g: g["attacks"].update(clean={"attack": "none", "seeds": [7]}), "not among the grid's seeds"),
     (lambda g: g["attacks"].update(clean={"attack": "none", "seeds": "0"}), "attacks.clean: 'seeds' must be"),
     (lambda g: g.update(epoch_zeroshot="yes"), "'epoch_zeroshot' must be true or false"),
+    (lambda g: g["attacks"]["badnet"].update(target=[]), r"attacks.badnet.target: a list of targets"),
+    (lambda g: g["attacks"]["badnet"].update(target=["bag", 1.5]), r"attacks.badnet.target: a list of targets"),
+    (lambda g: g["attacks"]["badnet"].update(target={"name": "bag"}), r"attacks.badnet.target must be"),
 ])
 def test_bad_configs_name_the_key(mutate, message):
     import copy

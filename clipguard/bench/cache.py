@@ -239,7 +239,7 @@ class BenchCache:
             pdir = folder / f"part{i}-{part.attack}-{digest}"
             if not (pdir / "manifest.json").is_file():
                 made = True
-                attacks.poison_csv(str(src), part.attack, target=part.target, rate=part.rate, count=part.count,
+                attacks.poison_csv(str(src), part.attack, target=part.target_for(seed), rate=part.rate, count=part.count,
                                    seed=step_seed(seed, "bench-poison", i) if i else seed, out=str(pdir),
                                    eval_csv=str(test_csv), options=dict(part.options), spec=self.spec(ds),
                                    mode=part.mode, classes=str(classes))

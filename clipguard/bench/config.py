@@ -55,11 +55,19 @@ class AttackPart:
     """One call of ``clipguard.attacks.poison_csv``."""
 
     attack: str
-    target: str | int | None = None
+    # a class (name or index), or a list of them: seed s then poisons towards target[s % len], so
+    # a column measured over several seeds covers several classes instead of one class's luck
+    target: str | int | list[str | int] | None = None
     rate: float | None = None
     count: int | None = None
     mode: str = "inject"
     options: dict[str, Any] = field(default_factory=dict)
+
+    def target_for(self, seed: int) -> str | int | None:
+        """The target class this part poisons towards in the run with ``seed``."""
+        if isinstance(self.target, list):
+            return self.target[seed % len(self.target)]
+        return self.target
 
 
 @dataclass
@@ -292,11 +300,19 @@ def _attack_part(obj: Any, source: str, key: str) -> AttackPart:
         raise ConfigError(f"{source}: {key}: needs 'attack' (a registered attack name)")
     if (a.get("rate") is None) == (a.get("count") is None):
         raise ConfigError(f"{source}: {key}: give exactly one of 'rate' or 'count'")
-    if a.get("target") is None:
+    target = a.get("target")
+    if target is None:
         raise ConfigError(f"{source}: {key}: needs 'target' (a class name or index)")
+    if isinstance(target, list) and (not target or not all(
+            isinstance(t, (str, int)) and not isinstance(t, bool) for t in target)):
+        raise ConfigError(f"{source}: {key}.target: a list of targets must be a non-empty list of class "
+                          f"names or indices (seed s uses item s % length), got {target!r}")
+    if not isinstance(target, (str, int, list)) or isinstance(target, bool):
+        raise ConfigError(f"{source}: {key}.target must be a class name or index, or a list of them, "
+                          f"got {target!r}")
     if a.get("mode", "inject") not in ("inject", "replace"):
         raise ConfigError(f"{source}: {key}.mode must be 'inject' or 'replace'")
-    return AttackPart(attack=str(a["attack"]), target=a.get("target"), rate=a.get("rate"),
+    return AttackPart(attack=str(a["attack"]), target=target, rate=a.get("rate"),
                       count=a.get("count"), mode=a.get("mode", "inject"),
                       options=dict(_mapping(a.get("options"), source, f"{key}.options")))
 
