@@ -425,3 +425,54 @@ def test_safe_views_last_only_the_first_safe_augment_epochs(fm_train, tmp_path):
         img, txt, scale = t.ctx.forward(batch.pixels, batch.tokens)
         plain = clip_loss(img, txt, scale, t.ctx.dist)
     assert torch.allclose(terms["clip"], plain, atol=1e-5)
+
+
+def test_clip_loss_with_extra_negatives_adds_them_to_the_caption_side_only():
+    """``negatives``: the masked-out rows' images join each kept caption's softmax, never the
+    image side, and they get a gradient (pushed from the kept captions)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(6, 8, generator=g), dim=1).requires_grad_(True)
+    txt = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    scale = torch.tensor(10.0)
+    keep = torch.tensor([True, True, False, True, False, False])
+    risky = ~keep
+    got = clip_loss(img, txt, scale, mask=keep, negatives=risky)
+    i, t, extra = img[keep], txt[keep], img[risky]
+    labels = torch.arange(3)
+    want = 0.5 * (F.cross_entropy(scale * i @ t.t(), labels)
+                  + F.cross_entropy(scale * t @ torch.cat([i, extra]).t(), labels))
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert float(clip_loss(img, txt, scale, mask=keep)) != pytest.approx(float(got))
+    got.backward()
+    assert float(img.grad[risky].abs().sum()) > 0  # the risky images are pushed
+    # no risky row in the batch, or no mask: the plain loss
+    none = torch.zeros(6, dtype=torch.bool)
+    assert float(clip_loss(img, txt, scale, mask=keep | risky, negatives=none)) == pytest.approx(
+        float(clip_loss(img, txt, scale)), rel=1e-6)
+
+
+def test_risky_negatives_reach_the_clip_term_of_a_mixed_step(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(256)), _small(risky_negatives=True), tmp_path)
+    s = t.strategy
+    t.ctx.epoch = 2  # mixed
+    safe = torch.zeros(32, dtype=torch.bool)
+    safe[:20] = True
+    captured = {}
+    import clipguard.defenses.safeclip as sc
+    real = sc.clip_loss
+
+    def spy(i, tx, scale, dist=None, mask=None, negatives=None):
+        captured.update(mask=mask, negatives=negatives)
+        return real(i, tx, scale, dist, mask, negatives)
+
+    sc.clip_loss = spy
+    try:
+        terms = s.loss_terms(_batch(t, range(32)), safe)
+    finally:
+        sc.clip_loss = real
+    assert torch.equal(captured["mask"], safe) and torch.equal(captured["negatives"], ~safe)
+    assert torch.isfinite(terms["clip"])
+    with pytest.raises(Exception, match="risky_negatives"):
+        _small(risky_negatives=True, risky_clip="neighbours")

@@ -152,6 +152,11 @@ class SafeClipOptions(Options):
     # poisoned one is pulled towards those captions instead of the attacker's
     risky_clip: Literal["none", "neighbours"] = field(default="none", metadata={"neutral": "none"})
     risky_clip_k: int = field(default=8, metadata={"neutral": 8})
+    # the risky pairs' images as extra negatives of the safe captions in the CLIP term (caption to
+    # image only). A trigger learnt before the first split ties poisoned images to their target's
+    # caption; without this, nothing in a mixed epoch pulls them apart, as the safe set holds few
+    # of them. The price: a clean risky image is pushed from the captions of its own class
+    risky_negatives: bool = field(default=False, metadata={"neutral": False})
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
@@ -216,6 +221,8 @@ class SafeClipOptions(Options):
         require(self.safe_augment_epochs is None or self.safe_augment_epochs >= 1,
                 f"safe_augment_epochs must be >= 1 (or None: every mixed epoch), got {self.safe_augment_epochs}")
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
+        require(not (self.risky_negatives and self.risky_clip == "neighbours"),
+                "risky_negatives needs risky_clip: none (with neighbours every risky image is a positive)")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
@@ -600,7 +607,7 @@ class SafeClip(Strategy, PairSelector):
                 target = target.index_copy(0, ridx, torch.nn.functional.normalize(near, dim=-1).to(txt1.dtype))
             clip = clip_loss(img1, torch.where(risky[:, None], target, txt1), scale, ctx.dist)
         else:
-            clip = clip_loss(img1, txt1, scale, ctx.dist, mask=safe)
+            clip = clip_loss(img1, txt1, scale, ctx.dist, mask=safe, negatives=risky if o.risky_negatives else None)
         if pool is not None and borrow:
             keep = all_gather_nograd(safe.to(torch.uint8), ctx.dist).bool()
             if bool(keep.any()):

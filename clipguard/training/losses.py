@@ -41,8 +41,14 @@ def global_loss(loss: torch.Tensor, dist: DistInfo) -> torch.Tensor:
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-              dist: DistInfo | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+              dist: DistInfo | None = None, mask: torch.Tensor | None = None,
+              negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch; ``mask`` keeps a subset of rows (e.g. safe pairs).
+
+    ``negatives`` (with ``mask``): rows outside the mask whose images are extra negatives of the
+    kept captions, in the caption-to-image direction only (they have no caption to match). A
+    caption is then pushed away from the images of pairs a defence does not trust, as a poisoned
+    image the model has already tied to that caption.
 
     Features are L2-normalised open_clip outputs. Under DDP the features of all ranks are
     gathered (gradient for the local slice only) and the loss is scaled by the world size, so
@@ -53,14 +59,19 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     logit_scale = _replicated(logit_scale, dist)
     img = gather_with_local_grad(image_features, dist)
     txt = gather_with_local_grad(text_features, dist)
+    extra = None
     if mask is not None:  # (no mask: every row, with no host sync and no copy)
         keep = all_gather_nograd(mask.to(torch.uint8), dist).bool()
         if int(keep.sum()) == 0:
             return image_features.sum() * 0.0 + text_features.sum() * 0.0
+        if negatives is not None:
+            extra_rows = all_gather_nograd(negatives.to(torch.uint8), dist).bool() & ~keep
+            extra = img[extra_rows] if bool(extra_rows.any()) else None
         img, txt = img[keep], txt[keep]
     logits = logit_scale * img @ txt.t()
     labels = torch.arange(logits.shape[0], device=logits.device)
-    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    text_logits = logits.t() if extra is None else logit_scale * txt @ torch.cat([img, extra]).t()
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(text_logits, labels))
     return global_loss(loss, dist)
 
 
