@@ -1,5 +1,6 @@
-"""Gradients of clip_loss and info_nce under torchrun (gloo), averaged over ranks as DDP does,
-written next to the loss value so a test can compare them with one process on the whole batch."""
+"""Gradients of clip_loss (plain, masked, with extra negatives) and info_nce under torchrun (gloo),
+averaged over ranks as DDP does, written next to the loss value so a test can compare them with one
+process on the whole batch."""
 
 import sys
 
@@ -23,12 +24,14 @@ txt_all = torch.nn.functional.normalize(torch.randn(8, 5, generator=g), dim=1)
 mask_all = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
 rows = slice(info.rank * 8 // world, (info.rank + 1) * 8 // world)
 res = {}
-for name in ("clip", "clip_masked", "nce"):
+for name in ("clip", "clip_masked", "clip_negatives", "nce"):
     img = img_all[rows].clone().requires_grad_(True)
     txt = txt_all[rows].clone().requires_grad_(True)
     scale = torch.tensor(2.5, requires_grad=True)
-    mask = mask_all[rows] if name == "clip_masked" else None
-    loss = info_nce(img, txt, scale, info) if name == "nce" else clip_loss(img, txt, scale, info, mask=mask)
+    mask = mask_all[rows] if name in ("clip_masked", "clip_negatives") else None
+    negatives = ~mask_all[rows] if name == "clip_negatives" else None
+    loss = info_nce(img, txt, scale, info) if name == "nce" else clip_loss(img, txt, scale, info, mask=mask,
+                                                                           negatives=negatives)
     loss.backward()
     gs = scale.grad.clone()
     gi = img.grad.clone()
