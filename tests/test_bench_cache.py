@@ -169,7 +169,6 @@ def test_poisoned_sets_made_in_parallel_equal_the_serial_ones(fm_dir, tmp_path):
     assert [int(m.sum()) for m in ps.masks] == [8, 6]
 
 
-
 def test_a_list_of_targets_gives_each_seed_its_own_class(fm_dir, tmp_path):
     """``target: [a, b]``: seed s poisons towards item s % 2, and the manifest says which."""
     import json
@@ -185,4 +184,4 @@ def test_a_list_of_targets_gives_each_seed_its_own_class(fm_dir, tmp_path):
     single = BenchCache(one, tmp_path / "one").poisoned(one.datasets[0], one.attacks[0], 1)
     listed = cache.poisoned(ds, attack, 1)
     assert torch.equal(single.masks[0], listed.masks[0])
-    assert (single.csv.read_bytes() == listed.csv.read_bytes())
+    assert single.csv.read_bytes() == listed.csv.read_bytes()

@@ -303,11 +303,14 @@ def _attack_part(obj: Any, source: str, key: str) -> AttackPart:
     target = a.get("target")
     if target is None:
         raise ConfigError(f"{source}: {key}: needs 'target' (a class name or index)")
-    if isinstance(target, list) and (not target or not all(
-            isinstance(t, (str, int)) and not isinstance(t, bool) for t in target)):
-        raise ConfigError(f"{source}: {key}.target: a list of targets must be a non-empty list of class "
-                          f"names or indices (seed s uses item s % length), got {target!r}")
-    if not isinstance(target, (str, int, list)) or isinstance(target, bool):
+    def is_class(t: Any) -> bool:
+        return isinstance(t, (str, int)) and not isinstance(t, bool)
+
+    if isinstance(target, list):
+        if not target or not all(is_class(t) for t in target):
+            raise ConfigError(f"{source}: {key}.target: a list of targets must be a non-empty list of class "
+                              f"names or indices (seed s uses item s % length), got {target!r}")
+    elif not is_class(target):
         raise ConfigError(f"{source}: {key}.target must be a class name or index, or a list of them, "
                           f"got {target!r}")
     if a.get("mode", "inject") not in ("inject", "replace"):
