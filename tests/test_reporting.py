@@ -199,3 +199,20 @@ def test_verdict_reads_each_defence_against_the_base_rate_and_the_undefended_mod
     assert body["DAO"][1].startswith("holds: 10.0 (undefended 75.0, base 0.0)")
     # whether the attack took is read against the undefended model's own base, not the method's
     assert body["Safe"][2] == "did not take (undefended 2.0, base 1.0)"
+
+
+def test_a_target_that_changes_with_the_seed_is_named_per_seed_under_table_1():
+    """A grid's `target: [..]` list attacks each seed towards its own class: the CSV keeps each
+    cell's target and Table 1 says which seed went where; a fixed target adds no note."""
+    cells = []
+    for seed, name in ((4, "pullover"), (5, "ankle boot"), (10, "t-shirt")):
+        c = _cell("CLIP", "pretrain", seed, 0.6, 0.5)
+        c["asr"][0]["target"] = {"index": 0, "name": name}
+        cells.append(c)
+    header, rows = merge_rows(cells)
+    assert "asr_target.badnet" in header and rows[1]["asr_target.badnet"] == "ankle boot"
+    notes = asr_table(rows).notes
+    assert "Target of `badnet` per seed: seed 4 pullover, seed 5 ankle boot, seed 10 t-shirt." in notes
+    for c in cells:
+        c["asr"][0]["target"] = {"index": 0, "name": "bag"}
+    assert not any(n.startswith("Target of") for n in asr_table(merge_rows(cells)[1]).notes)

@@ -57,6 +57,7 @@ def cell_row(cell: dict[str, Any]) -> dict[str, Any]:
         row[f"asr_lp.{col}"] = lp.get("value")
         _ci_columns(row, "asr_lp", col, lp, lp.get("n", h.get("n")))  # the same images as the zero-shot ASR
         row[f"asr_base.{col}"] = part.get("base_rate")
+        row[f"asr_target.{col}"] = (part.get("target") or {}).get("name")
     _detect_columns(cell, row)
     last = next((r for r in reversed(cell.get("epochs", [])) if "safe_poison_recall" in r), {})
     row["final_safe_fraction"] = last.get("safe_fraction")

@@ -128,6 +128,26 @@ CI_NOTE = ("[low–high]: 95% Wilson score interval of the rate pooled over the 
            "summed); it covers the finite number of evaluation images, not the seed-to-seed spread that ± shows.")
 
 
+def targets_by_seed(rows: list[dict[str, Any]], groups: list[tuple[str, list[str]]]) -> list[str]:
+    """One note per ASR column whose target class changes with the seed (a grid's ``target: [..]``
+    list): which class each seed's cells were attacked towards, so a mean over seeds is read as a
+    mean over targets too."""
+    notes = []
+    for d, cols in groups:
+        for c in cols:
+            by_seed: dict[str, str] = {}
+            for r in rows:
+                name = r.get(f"asr_target.{c}")
+                if r["dataset"] == d and name not in (None, ""):
+                    by_seed.setdefault(str(r["seed"]), str(name))
+            if len(set(by_seed.values())) > 1:
+                seeds = sorted(by_seed, key=lambda s: (len(s), s))
+                where = f"{d} " if len(groups) > 1 else ""
+                notes.append(f"Target of {where}`{c}` per seed: "
+                             + ", ".join(f"seed {s} {by_seed[s]}" for s in seeds) + ".")
+    return notes
+
+
 def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None, *, key: str = "asr",
               title: str = "Table 1: attack success rate (ASR, %, lower is better)", ci: bool = True) -> Table:
     """Rows = methods; column groups = datasets; columns = attacks (like SafeCLIP Table 1).
@@ -158,6 +178,7 @@ def asr_table(rows: list[dict[str, Any]], method_order: list[str] | None = None,
              "Protocols: " + "; ".join(metrics) if metrics else "No attack in the grid."]
     if ci and any(pooled_ci([r], key, c) for r in rows for _, cols in groups for c in cols):
         notes.append(CI_NOTE)
+    notes += targets_by_seed(rows, groups)
     if any(lab.endswith(CLEAN_SUFFIX) for lab in methods):
         notes.append(f"'{CLEAN_SUFFIX.strip()}' rows: the same method trained on the clean data, measured with "
                      "the same triggered images: the base rate an ASR is read against.")
