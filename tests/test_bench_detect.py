@@ -99,6 +99,8 @@ def _detect(g):
     (lambda g: (g["pretrain"]["defenses"].update(B={"detect": {"detector": "dao", "base": "DAO-then-CLIP"}}),
                 _detect(g).update(base="B")), r"detect bases form a cycle: DAO-then-CLIP -> B -> DAO-then-CLIP"),
     (lambda g: _detect(g).update(keep_fraction=1.5), r"detect.keep_fraction must be null or a number in \(0, 1\]"),
+    (lambda g: _detect(g).update(relabel=0), r"DAO-then-CLIP.detect.relabel must be null .* or a whole number >= 1"),
+    (lambda g: _detect(g).update(relabel=True), r"detect.relabel must be null"),
     (lambda g: _detect(g).update(threshold=3), r"DAO-then-CLIP.detect' has unknown key"),
     (lambda g: _detect(g).update(veto=["dao"]), r"DAO-then-CLIP.detect.veto: 'dao' is the entry's detector"),
     (lambda g: _detect(g).update(veto=["nope"]), r"DAO-then-CLIP.detect.veto: unknown detector 'nope'"),
@@ -178,7 +180,8 @@ def test_cache_key_covers_detector_options_keep_rule_and_base():
                    lambda g: _detect(g).update(options={"k": 8, "z": 2.5}),
                    lambda g: _detect(g).update(detector="slof", options={}),
                    lambda g: _detect(g).update(keep_fraction=0.9),
-                   lambda g: _detect(g).update(veto=["repeat"])):
+                   lambda g: _detect(g).update(veto=["repeat"]),
+                   lambda g: _detect(g).update(relabel=8)):
         cfg = variant(mutate)
         assert _fp(cfg, "DAO-then-CLIP") != fp
         assert _fp(cfg, "CLIP") == clip_fp and _fp(cfg, "CLIP+scan") == scan_fp
@@ -187,6 +190,7 @@ def test_cache_key_covers_detector_options_keep_rule_and_base():
         _fp(variant(lambda g: _detect(g).update(veto={"repeat": {"k": 4}})), "DAO-then-CLIP") != \
         _fp(variant(lambda g: _detect(g).update(veto={"repeat": {"z": 4}})), "DAO-then-CLIP")
     assert _fp(variant(lambda g: _detect(g).update(veto=[])), "DAO-then-CLIP") == fp
+    assert _fp(variant(lambda g: _detect(g).update(relabel=None)), "DAO-then-CLIP") == fp
     # writing a default out keeps the key (the options are resolved)
     assert _fp(variant(lambda g: _detect(g).update(options={"k": 8, "space": "image", "metric": "l2"})),
                "DAO-then-CLIP") == fp
@@ -263,6 +267,8 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
             "KD90-then-CLIP": {"detect": {"detector": "kdist", "keep_fraction": 0.9,
                                           "veto": {"repeat": {"z": 0.5}}}},
             "Twice": {"detect": {"detector": "similarity", "base": "DAO-then-CLIP", "keep_fraction": 0.95}},
+            "KD90-relabel": {"detect": {"detector": "kdist", "keep_fraction": 0.9, "veto": {"repeat": {"z": 0.5}},
+                                        "relabel": 4}},
         }},
         "scan": {"base": "CLIP", "detectors": ["dao", "similarity", "kdist"], "options": {"dao": {"k": 8}}},
     }
@@ -271,7 +277,7 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
     cfg = load_config(config)
     out = tmp_path / "bench"
     meta = run_bench(cfg, out, quiet=True)
-    assert meta["cells_run"] == 5
+    assert meta["cells_run"] == 6
 
     def cell(name: str) -> dict:
         return json.loads((out / "cells" / f"fm__badnet__{name}__seed0.json").read_text())
@@ -304,6 +310,16 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
     assert abs(kd["kept"] + veto["dropped_by_it_alone"] - 0.9 * n) <= 1  # the fraction, then the veto
     assert kd_cell["train_pairs"] == kd["kept"] and list(kd_cell["detection"]["detectors"]) == ["kdist", "repeat"]
 
+    # the same scores and keep rule, the dropped images trained with borrowed captions
+    rel_cell = cell("KD90-relabel")
+    rel = rel_cell["detection"]["keep"]
+    assert rel["kept"] == kd["kept"] and rel["relabelled"] == n - rel["kept"]
+    assert rel_cell["train_pairs"] == n and "borrowed_rows" not in rel_cell["detection"]
+    stored = json.loads((out / rel_cell["run_dir"] / "detection.json").read_text())
+    kept_rows = set(range(n)) - set(stored["dropped_rows"])
+    assert len(stored["borrowed_rows"]) == len(stored["dropped_rows"]) and set(stored["borrowed_rows"]) <= kept_rows
+    assert 0 <= rel["borrowed_from_poisons"] <= rel["relabelled"]
+
     twice = cell("Twice")
     assert twice["detection"]["base_cell"] == "fm/badnet/DAO-then-CLIP/seed0" and twice["detection"]["n_pairs"] == n
     assert abs(twice["train_pairs"] - 0.95 * n) <= 1
@@ -325,7 +341,8 @@ def test_tiny_grid_with_detect_then_train_and_scan_cells(fm_dir, tmp_path):
     table1 = md.split("Table 1:")[1].split("Table 2")[0]
     assert "CLIP+scan" not in table1 and "DAO-then-CLIP" in table1
     rows = read_results_csv(out / "results.csv")
-    assert {r["method"] for r in rows} == {"CLIP", "DAO-then-CLIP", "KD90-then-CLIP", "Twice", "CLIP+scan"}
+    assert {r["method"] for r in rows} == {"CLIP", "DAO-then-CLIP", "KD90-then-CLIP", "KD90-relabel", "Twice",
+                                           "CLIP+scan"}
     dao_row = next(r for r in rows if r["method"] == "DAO-then-CLIP")
     assert int(dao_row["detect_kept"]) == keep["kept"] and dao_row["detect_auroc.badnet"] != ""
     det_rows = read_results_csv(out / "detection.csv")

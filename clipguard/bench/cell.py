@@ -220,10 +220,14 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
         rec = detect.detection_for(cfg, cell, detect_base_cell(cfg, cell), out, cache,
                                    fingerprint=fingerprint(conf), base_fingerprint=conf["detect"]["base"]["fingerprint"],
                                    quiet=quiet)
-        kept = torch.from_numpy(detect.kept_indices(rec, len(data)))
-        data = data.subset(kept)
-        mask = mask[kept] if mask is not None else None
-        masks = [m[kept] for m in masks]
+        rows, caption_rows = detect.training_rows(rec, len(data))
+        trained = torch.from_numpy(rows)
+        own = torch.from_numpy(rows == caption_rows)  # a relabelled pair is no longer the attacker's pair
+        captions = [data.captions[i] for i in caption_rows.tolist()]
+        data = data.subset(trained)
+        data.captions = captions
+        mask = mask[trained] & own if mask is not None else None
+        masks = [m[trained] & own for m in masks]
         if detection is not None:
             detection.append(rec)
     if cell.stage == "pretrain" and cell.defense.data == "held-aside":

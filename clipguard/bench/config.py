@@ -103,6 +103,9 @@ class DetectSpec:
     keep_fraction: float | None = None  # keep this fraction of lowest scores instead of the rule
     # veto detectors (name -> options): the pairs each one's own rule rejects are dropped too
     veto: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # None: the dropped pairs are left out. K: each dropped image is trained with a caption borrowed
+    # from the K kept pairs with the nearest images (clipguard.detection.relabel)
+    relabel: int | None = None
 
 
 TRAIN_DATA = ("train", "held-aside")
@@ -402,9 +405,9 @@ def _detector_options(name: str, options: Any, source: str, key: str) -> dict[st
 
 def _detect(obj: Any, source: str, key: str) -> DetectSpec:
     """``detect: {detector: dao, base: CLIP, options: {k: 16}, keep_fraction: null,
-    veto: {repeat: {z: 4}}}`` (``veto`` may also be a list of names)."""
+    veto: {repeat: {z: 4}}, relabel: null}`` (``veto`` may also be a list of names)."""
     d = _mapping(obj, source, key)
-    _check_keys(d, {"detector", "base", "options", "keep_fraction", "veto"}, source, key)
+    _check_keys(d, {"detector", "base", "options", "keep_fraction", "veto", "relabel"}, source, key)
     if d.get("detector") is None:
         raise ConfigError(f"{source}: {key}: needs 'detector' (a detector name of `clipguard scan`)")
     name = _detector_name(d["detector"], source, f"{key}.detector")
@@ -425,9 +428,13 @@ def _detect(obj: Any, source: str, key: str) -> DetectSpec:
         if vname == name:
             raise ConfigError(f"{source}: {key}.veto: '{vname}' is the entry's detector; a veto must be another")
         veto[vname] = _detector_options(vname, opts, source, f"{key}.veto.{vname}")
+    relabel = d.get("relabel")
+    if relabel is not None and (isinstance(relabel, bool) or not isinstance(relabel, int) or relabel < 1):
+        raise ConfigError(f"{source}: {key}.relabel must be null (drop the rejected pairs) or a whole number "
+                          f">= 1 (the kept neighbours a rejected image borrows its caption from), got {relabel!r}")
     return DetectSpec(detector=name, base=base,
                       options=_detector_options(name, d.get("options"), source, f"{key}.options"),
-                      keep_fraction=None if frac is None else float(frac), veto=veto)
+                      keep_fraction=None if frac is None else float(frac), veto=veto, relabel=relabel)
 
 
 def _default_base(pretrain: StageSpec) -> str | None:

@@ -45,6 +45,8 @@ def detect_conf(spec: DetectSpec) -> dict[str, Any]:
             "options": resolved_options(spec.detector, spec.options), "keep_fraction": spec.keep_fraction}
     if spec.veto:  # only when given: entries without one keep their finished cells
         conf["veto"] = {n: resolved_options(n, o) for n, o in spec.veto.items()}
+    if spec.relabel is not None:
+        conf["relabel"] = spec.relabel
     return conf
 
 
@@ -85,13 +87,15 @@ def column_masks(cfg: BenchConfig, cell: Cell, poison: PoisonedSet) -> dict[str,
 def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: BenchCache, *,
                   detectors: Sequence[tuple[str, dict[str, Any]]], keep_fraction: float | None,
                   veto_detectors: Sequence[str] = (), fingerprint: str, base_fingerprint: str, keep_rows: bool,
-                  quiet: bool = False) -> dict[str, Any]:
+                  relabel: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """Encode the cell's training data with ``base``'s final model, score it with each detector,
     keep by the first detector's rule (or ``keep_fraction``) minus what each of
     ``veto_detectors`` (among ``detectors``) rejects, write ``scores.csv`` and
     ``detection.json`` into the cell's run folder, and return the record.
 
-    ``keep_rows``: record the dropped rows (a detect-then-train cell trains on the rest)."""
+    ``keep_rows``: record the dropped rows (a detect-then-train cell trains on the rest).
+    ``relabel``: also record, per dropped row, the kept row whose caption it borrows
+    (``clipguard.detection.relabel``, from the same embeddings)."""
     from clipguard.detection import outputs
     from clipguard.detection.base import build
     from clipguard.detection.runner import encode_pairs, needs_pixels, scan_features
@@ -146,6 +150,16 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
             rec["keep"]["parts"] = {col: {"poisons": int(m.sum()), "kept": int((keep & m).sum())}
                                     for col, m in parts.items()}
         rec["dropped_rows"] = np.flatnonzero(~keep).tolist()
+        if relabel is not None:
+            from clipguard.detection.relabel import borrowed_captions
+
+            borrowed = borrowed_captions(features.image, features.text, keep, relabel, device=dev)
+            rec["borrowed_rows"] = borrowed.tolist()
+            rec["keep"]["relabelled"] = len(borrowed)
+            if mask is not None:
+                # a relabelled poison whose borrowed caption is itself a kept poison's
+                rec["keep"]["borrowed_from_poisons"] = int(mask[borrowed].sum())
+                rec["keep"]["parts_borrowed_from_poisons"] = {col: int(m[borrowed].sum()) for col, m in parts.items()}
     write_json(run_dir / DETECTION_FILE, rec)
     return rec
 
@@ -171,7 +185,7 @@ def detection_for(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
         return run_detection(cfg, cell, base, out, cache,
                              detectors=[(spec.detector, spec.options), *spec.veto.items()],
                              keep_fraction=spec.keep_fraction, veto_detectors=list(spec.veto), fingerprint=fingerprint,
-                             base_fingerprint=base_fingerprint, keep_rows=True, quiet=quiet)
+                             base_fingerprint=base_fingerprint, keep_rows=True, relabel=spec.relabel, quiet=quiet)
 
     def read() -> dict[str, Any]:
         rec = read_detection(cell, out, fingerprint)
@@ -193,6 +207,21 @@ def kept_indices(rec: dict[str, Any], n: int) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
+def training_rows(rec: dict[str, Any], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a detect-then-train cell trains on and, for each, the row whose caption it takes:
+    the kept rows with their own captions, then (with ``relabel``) every dropped row with the
+    caption it borrows."""
+    kept = kept_indices(rec, n)
+    borrowed = rec.get("borrowed_rows")
+    if borrowed is None:
+        return kept, kept
+    dropped = np.asarray(rec.get("dropped_rows", []), dtype=np.int64)
+    borrowed = np.asarray(borrowed, dtype=np.int64)
+    if borrowed.shape != dropped.shape:
+        raise ConfigError(f"{DETECTION_FILE}: {len(borrowed)} borrowed captions for {len(dropped)} dropped rows; use --redo")
+    return np.concatenate([kept, dropped]), np.concatenate([kept, borrowed])
+
+
 def public(rec: dict[str, Any]) -> dict[str, Any]:
-    """The record for the cell JSON: everything but the list of dropped rows (in detection.json)."""
-    return {k: v for k, v in rec.items() if k not in ("dropped_rows", "fingerprint")}
+    """The record for the cell JSON: everything but the row lists (in detection.json)."""
+    return {k: v for k, v in rec.items() if k not in ("dropped_rows", "borrowed_rows", "fingerprint")}

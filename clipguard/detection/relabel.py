@@ -1,0 +1,50 @@
+"""Captions for the pairs a detector drops, borrowed from the kept pairs around their images.
+
+Dropping a suspicious pair throws away a clean image as often as a poisoned one (a keep rule of
+70% drops three clean pairs for every poison at a few percent poisoned), and plain CLIP trained
+on what is left loses accuracy with the data. A dropped image can instead be trained with a
+caption of what it shows, taken from the kept pairs whose images it is nearest to. A poisoned
+image then meets a caption of its own content instead of the attacker's target, so its trigger
+is tied to nothing; a clean image gets back a caption like its own.
+
+Among the ``k`` kept pairs with the nearest images, the caption given is the one nearest the mean
+of their ``k`` caption embeddings (the neighbourhood's medoid): a few poisons the rule kept
+cannot pass their caption on unless they are most of the neighbourhood.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from clipguard.detection.knn import knn
+
+
+@torch.no_grad()
+def borrowed_captions(image: torch.Tensor, text: torch.Tensor, keep: np.ndarray, k: int = 16, *,
+                      chunk: int = 4096, device: str | torch.device | None = None) -> np.ndarray:
+    """For every dropped pair (``keep`` False), in row order, the row of the kept pair whose
+    caption it borrows. ``image`` and ``text``: (N, D) L2-normalised embeddings of all N pairs."""
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (image.shape[0],) or text.shape[0] != image.shape[0]:
+        raise ValueError(f"keep must be one flag per pair ({image.shape[0]}), got shape {keep.shape}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    kept_rows = np.flatnonzero(keep)
+    dropped = np.flatnonzero(~keep)
+    if len(dropped) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if len(kept_rows) == 0:
+        raise ValueError("no pair is kept: there is no caption to borrow")
+    kk = min(k, len(kept_rows))
+    kept_img = image[torch.from_numpy(kept_rows)]
+    kept_txt = torch.nn.functional.normalize(text[torch.from_numpy(kept_rows)].float(), dim=1)
+    out = np.empty(len(dropped), dtype=np.int64)
+    for s in range(0, len(dropped), chunk):
+        rows = torch.from_numpy(dropped[s:s + chunk])
+        _, idx = knn(image[rows], kept_img, kk, chunk=chunk, device=device)
+        caps = kept_txt[idx.to(kept_txt.device)]                       # (b, kk, D)
+        centre = torch.nn.functional.normalize(caps.mean(dim=1), dim=1)  # (b, D)
+        best = torch.einsum("bkd,bd->bk", caps, centre).argmax(dim=1)
+        out[s:s + len(rows)] = kept_rows[idx.gather(1, best[:, None].to(idx.device)).squeeze(1).cpu().numpy()]
+    return out
