@@ -1,8 +1,8 @@
 """Captions for the pairs a detector drops, borrowed from the kept pairs around their images.
 
-Dropping a suspicious pair throws away a clean image as often as a poisoned one (a keep rule of
-70% drops three clean pairs for every poison at a few percent poisoned), and plain CLIP trained
-on what is left loses accuracy with the data. A dropped image can instead be trained with a
+Dropping suspicious pairs throws away clean images too (a keep rule of 70% drops about six clean
+pairs for every poison at 5% poisoned), and plain CLIP trained on what is left loses accuracy
+with the data. A dropped image can instead be trained with a
 caption of what it shows, taken from the kept pairs whose images it is nearest to. A poisoned
 image then meets a caption of its own content instead of the attacker's target, so its trigger
 is tied to nothing; a clean image gets back a caption like its own.
@@ -10,6 +10,11 @@ is tied to nothing; a clean image gets back a caption like its own.
 Among the ``k`` kept pairs with the nearest images, the caption given is the one nearest the mean
 of their ``k`` caption embeddings (the neighbourhood's medoid): a few poisons the rule kept
 cannot pass their caption on unless they are most of the neighbourhood.
+
+Measured (docs/scan.md), it only helps where the scoring model's image neighbourhoods are right
+about the dropped images: after a caption-agreement screen, which drops exactly the pairs whose
+caption disagrees with the captions around the image, half of the borrowed captions named
+another class, and accuracy fell by four points.
 """
 
 from __future__ import annotations
