@@ -41,15 +41,16 @@ def borrowed_captions(image: torch.Tensor, text: torch.Tensor, keep: np.ndarray,
         return np.zeros(0, dtype=np.int64)
     if len(kept_rows) == 0:
         raise ValueError("no pair is kept: there is no caption to borrow")
-    kk = min(k, len(kept_rows))
-    kept_img = image[torch.from_numpy(kept_rows)]
-    kept_txt = torch.nn.functional.normalize(text[torch.from_numpy(kept_rows)].float(), dim=1)
-    out = np.empty(len(dropped), dtype=np.int64)
+    # one neighbour search (knn blocks the query itself); the captions are gathered in chunks so
+    # memory stays at chunk x k x D
+    _, idx = knn(image[torch.from_numpy(dropped)], image[torch.from_numpy(kept_rows)], min(k, len(kept_rows)),
+                 chunk=chunk, device=device)
+    idx = idx.cpu()
+    kept_txt = torch.nn.functional.normalize(text[torch.from_numpy(kept_rows)].float(), dim=1).cpu()
+    best = torch.empty(len(dropped), dtype=torch.long)
     for s in range(0, len(dropped), chunk):
-        rows = torch.from_numpy(dropped[s:s + chunk])
-        _, idx = knn(image[rows], kept_img, kk, chunk=chunk, device=device)
-        caps = kept_txt[idx.to(kept_txt.device)]                       # (b, kk, D)
+        caps = kept_txt[idx[s:s + chunk]]                                 # (b, k, D)
         centre = torch.nn.functional.normalize(caps.mean(dim=1), dim=1)  # (b, D)
-        best = torch.einsum("bkd,bd->bk", caps, centre).argmax(dim=1)
-        out[s:s + len(rows)] = kept_rows[idx.gather(1, best[:, None].to(idx.device)).squeeze(1).cpu().numpy()]
-    return out
+        medoid = torch.einsum("bkd,bd->bk", caps, centre).argmax(dim=1, keepdim=True)
+        best[s:s + chunk] = idx[s:s + chunk].gather(1, medoid).squeeze(1)
+    return kept_rows[best.numpy()]
