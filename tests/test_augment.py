@@ -157,3 +157,30 @@ def test_roclip_blur_option_is_checked():
     assert defenses.build("roclip", {"blur_p": 0.5}).opt.blur_p == 0.5
     with pytest.raises(Exception, match="blur_p"):
         defenses.build("roclip", {"blur_p": 1.5})
+
+
+def test_noise_erase_is_seeded_and_does_what_the_par_authors_views_do():
+    from clipguard.data.augment import noise_erase
+    from clipguard.tensors import OPENAI_MEAN
+
+    x = torch.rand(64, 3, 28, 28) * 0.5
+    a = noise_erase(x, torch.Generator().manual_seed(3))
+    b = noise_erase(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert not torch.equal(a, noise_erase(x, torch.Generator().manual_seed(4)))
+    # nothing drawn: the image itself; noise only: never darker (the authors clamp it to [0, 1])
+    assert torch.equal(noise_erase(x, torch.Generator(), noise_p=0.0, erase_p=0.0), x)
+    noisy = noise_erase(x, torch.Generator().manual_seed(0), noise_p=1.0, erase_p=0.0)
+    assert bool((noisy >= x).all()) and float((noisy - x).mean()) > 0.05
+    # erasing only: one square per image of 0.5-1% of the area (2-3 px at 28 px), CLIP's mean colour
+    erased = noise_erase(x, torch.Generator().manual_seed(0), noise_p=0.0, erase_p=1.0)
+    changed = (erased != x).any(1)                       # (B, H, W)
+    counts = changed.flatten(1).sum(1)
+    assert set(counts.tolist()) <= {4, 9} and bool((counts > 0).all())
+    mean = torch.tensor(OPENAI_MEAN).view(3, 1)
+    assert torch.allclose(erased.permute(0, 2, 3, 1)[changed].t(), mean.expand(3, int(changed.sum())))
+    half = noise_erase(x, torch.Generator().manual_seed(1))
+    touched = (half != x).flatten(1).any(1).float().mean()
+    assert 0.55 < float(touched) < 0.95                   # 1 - 0.5 * 0.5 of the images, give or take
+    with pytest.raises(ValueError, match="erase_area"):
+        noise_erase(x, torch.Generator(), erase_area=(0.0, 0.1))

@@ -313,3 +313,20 @@ def test_finetune_cli_with_par(fm_dir, start, tmp_path):
     assert params["strategy"]["image_augment"] == "crop-flip" and params["train"]["model"] == "cg-tiny"
     rec = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
     assert {"clip_loss", "p_img", "p_txt", "p_img_active", "p_txt_active"} <= set(rec)
+
+
+def test_the_authors_view_and_schedule(toy):
+    from clipguard.data.augment import noise_erase
+
+    ctx = make_ctx(toy)
+    ctx.epochs, ctx.steps_per_epoch = 2, 10
+    s = defenses.build("par", {"image_augment": "noise-erase", "lr_schedule": "paper"})
+    s.bind(ctx)
+    lrs = [s.schedule(ctx, warmup=3, min_lr=0.0).lr_at(i) for i in range(20)]
+    assert lrs[0] == pytest.approx(1e-2) and lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(0.0)
+    assert lrs == sorted(lrs, reverse=True)
+    assert defenses.build("par").schedule(ctx, warmup=3, min_lr=0.0).lr_at(0) == pytest.approx(1e-3 / 3)
+    batch = make_batch(ctx, seed=5)
+    assert torch.equal(s._augment(batch), noise_erase(batch.pixels, torch.Generator().manual_seed(5)))
+    with pytest.raises(ConfigError, match="lr_start_factor must be > 0"):
+        defenses.build("par", {"lr_start_factor": 0})

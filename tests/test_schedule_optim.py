@@ -35,3 +35,12 @@ def test_param_groups_skip_decay_on_norms_biases_and_logit_scale():
     assert all(("ln" in n or "bias" in n or m.get_parameter(n).ndim < 2 or "logit_scale" in n) for n in nodecay)
     assert all(m.get_parameter(n).ndim >= 2 and "bias" not in n for n in decay)
     assert len(nodecay) + len(decay) == len(list(m.parameters()))
+
+
+def test_a_warm_up_may_start_above_the_peak_and_fall_to_it():
+    s = Schedule([Segment(100, 1e-4, warmup=50, final_lr=0.0, start_lr=1e-3)])
+    lrs = [s.lr_at(i) for i in range(100)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[25] == pytest.approx(5.5e-4) and lrs[50] == pytest.approx(1e-4)
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0)
+    # without start_lr the warm-up rises from zero, as before
+    assert Segment(10, 1e-3, warmup=4).lr(0) == pytest.approx(2.5e-4)

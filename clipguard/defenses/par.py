@@ -30,8 +30,10 @@ threshold decision and the update are those of one process holding the whole bat
 
 Differences from the authors' code (nmndeep/PerturbAndRecover, losses.py / train.py), on purpose:
 the model's logit scale is trained as in every clipguard strategy (theirs passes ``logit_scale``
-as a detached float); the image views come from the project's batched augmentations (their code
-applied additive Gaussian noise and a small random erasing to the centre-cropped image).
+as a detached float). Their view (additive noise and a small erased square on the centre-cropped
+image) is ``image_augment: noise-erase`` and their learning-rate schedule (from 10x the lr down to
+it over the first half of the run, then a cosine) is ``lr_schedule: paper``; neither is the
+default on the small models (docs/finetuning.md, PAR).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from clipguard.data.augment import Views
+from clipguard.data.augment import Views, noise_erase
 from clipguard.defenses import DEFENSES
 from clipguard.errors import ConfigError
 from clipguard.options import Options, require
@@ -51,6 +53,7 @@ from clipguard.tensors import normalize
 from clipguard.training.context import Batch, TrainContext
 from clipguard.training.distributed import gather_with_local_grad
 from clipguard.training.losses import clip_loss, global_loss
+from clipguard.training.schedule import Schedule, Segment
 from clipguard.training.strategy import Strategy
 
 MAX_SQ_DIST = 4.0  # the squared distance of two unit vectors is at most 4: a tau >= 4 never stops the push
@@ -67,18 +70,26 @@ class ParOptions(Options):
     tau: float = 2.15
     push_weight: float = 1.0            # L = CLIP - push_weight * 1/2 (P_img + P_txt); 0: plain CLIP
     # none: chosen on validation (configs/finetune-select.yaml, docs/finetuning.md): the only view
-    # that kept clean zero-shot within 3 points on the small models; simclr removes more, at 7-11 points
-    image_augment: Literal["simclr", "crop-flip", "none"] = "none"
+    # that kept clean zero-shot within 3 points on the small models; simclr removes more, at 7-11
+    # points; noise-erase is the authors' own view (clipguard.data.augment.noise_erase)
+    image_augment: Literal["simclr", "crop-flip", "noise-erase", "none"] = "none"
     crop_scale_min: float = 0.08        # smallest crop of the random resized crop (simclr, crop-flip)
     push_text: bool = True              # False: drop the P_txt term (the text tower is only trained by CLIP)
     # what the CLIP (recover) term sees: the augmented views, as in the authors' code, or the
     # original images (the push still acts on the views; one forward encodes both, B more images)
     clip_on: Literal["views", "originals"] = field(default="views", metadata={"neutral": "views"})
+    # the learning rate over the run: "trainer", the run's own (a warm-up from zero, then the cosine);
+    # "paper", the authors' train.py: it starts at lr_start_factor x lr and falls linearly to lr
+    # over the first half of the steps (their warm-up from --lr-start 3e-5 to --lr 3e-6 over half of
+    # the epochs), then the cosine to min_lr. The perturbation gets its largest steps first
+    lr_schedule: Literal["trainer", "paper"] = field(default="trainer", metadata={"neutral": "trainer"})
+    lr_start_factor: float = field(default=10.0, metadata={"neutral": 10.0})
 
     def validate(self) -> None:
         require(self.tau >= 0, f"tau must be >= 0, got {self.tau} (0: the push never acts, plain CLIP)")
         require(self.push_weight >= 0, f"push_weight must be >= 0, got {self.push_weight}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        require(self.lr_start_factor > 0, f"lr_start_factor must be > 0, got {self.lr_start_factor}")
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -135,10 +146,21 @@ class Par(Strategy):
                               f"started from (fingerprint {self._start_fp} != {saved}); PAR pushes away from the "
                               "starting model, so resume with the original start weights or start a new --out")
 
+    def schedule(self, ctx: TrainContext, warmup: int, min_lr: float) -> Schedule:
+        """The run's schedule, or the authors' (``lr_schedule: paper``): from lr_start_factor x lr
+        down to lr over the first half of the steps, then the cosine; the run's warm-up is unused."""
+        if self.opt.lr_schedule == "trainer":
+            return super().schedule(ctx, warmup, min_lr)
+        total = ctx.epochs * ctx.steps_per_epoch
+        return Schedule([Segment(total, ctx.base_lr, warmup=min(total // 2, max(0, total - 1)), final_lr=min_lr,
+                                 start_lr=self.opt.lr_start_factor * ctx.base_lr)])
+
     # ---- the loss -----------------------------------------------------------------------------
     def _augment(self, batch: Batch) -> torch.Tensor:
         if self.opt.image_augment == "none":
             return batch.pixels
+        if self.opt.image_augment == "noise-erase":
+            return noise_erase(batch.pixels, batch.generator)
         return self._views_of.images(batch.pixels, batch.generator,
                                      geometric_only=self.opt.image_augment == "crop-flip")
 

@@ -17,9 +17,14 @@ class Segment:
     peak_lr: float
     warmup: int = 0
     final_lr: float | None = None  # None: constant at peak_lr; else cosine from peak to final
+    # None: the warm-up rises from zero (peak_lr * (s + 1) / warmup); else it goes linearly from
+    # start_lr at step 0 to peak_lr at step warmup, up or down (PAR's authors start 10x above it)
+    start_lr: float | None = None
 
     def lr(self, s: int) -> float:
         if self.warmup > 0 and s < self.warmup:
+            if self.start_lr is not None:
+                return self.start_lr + (self.peak_lr - self.start_lr) * s / self.warmup
             return self.peak_lr * (s + 1) / self.warmup
         if self.final_lr is None:
             return self.peak_lr
