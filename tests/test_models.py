@@ -57,3 +57,14 @@ def test_cached_tokenizer_gives_open_clips_tokens_exactly():
         assert torch.equal(tok(texts), ref(texts))
     assert torch.equal(tok(texts[0]), ref(texts[0]))
     assert torch.equal(tok(texts[:3], context_length=6), ref(texts[:3], context_length=6))
+
+
+def test_building_a_model_does_not_warn_that_it_is_random(caplog):
+    """open_clip's "initialized randomly" warning is dropped (it printed for every model, loaded
+    checkpoints included); other warnings still reach the log."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        create_model("cg-nano", seed=0)
+        logging.warning("something else")
+    assert "initialized randomly" not in caplog.text and "something else" in caplog.text

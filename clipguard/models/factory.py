@@ -14,6 +14,8 @@ and a ``.pt``/``.bin`` weights file only with ``torch.load(weights_only=True)`` 
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,25 @@ def _local_dir_weights(name: str) -> Path | None:
     return resolve_weights(folder)
 
 
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns that a model was "initialized randomly" whenever it loads no weights itself,
+    also when clipguard loads a checkpoint into it right after: every bench cell and every command
+    printed it. Whether weights were loaded is clipguard's to say (run logs, ``params.json``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init():
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def create_model(name: str, *, checkpoint: str | Path | None = None,
                  device: str | torch.device = "cpu", seed: int | None = None,
                  pretrained: str | Path | None = None) -> torch.nn.Module:
@@ -151,13 +172,14 @@ def create_model(name: str, *, checkpoint: str | Path | None = None,
     dev = resolve_device(device)
     if seed is not None:
         torch.manual_seed(seed)
-    if name.startswith(LOCAL_DIR):
-        if checkpoint is None:
-            checkpoint = _local_dir_weights(name)
-        # load_weights=False: open_clip would torch.load whatever weight file it finds there
-        model = open_clip.create_model(name, load_weights=False, device=dev)
-    else:
-        model = open_clip.create_model(name, pretrained=None, device=dev)
+    with _quiet_random_init():
+        if name.startswith(LOCAL_DIR):
+            if checkpoint is None:
+                checkpoint = _local_dir_weights(name)
+            # load_weights=False: open_clip would torch.load whatever weight file it finds there
+            model = open_clip.create_model(name, load_weights=False, device=dev)
+        else:
+            model = open_clip.create_model(name, pretrained=None, device=dev)
     model.clipguard_model_name = name
     if checkpoint is not None:
         from clipguard.models.checkpoint import load_weights
