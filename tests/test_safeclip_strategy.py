@@ -53,6 +53,16 @@ def test_lr_schedule_is_right_across_phases(fm_train, tmp_path):
     assert mixed[-1] == pytest.approx(0.0) and min(mixed) >= 0.0
 
 
+def test_the_mixed_phase_may_start_above_the_base_lr(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(256)), _small(warmup_epochs=0, lr_low_factor=1.0, mixed_lr_factor=3.0), tmp_path, epochs=3, warmup=3)
+    spe = t.ctx.steps_per_epoch
+    lrs = [t.schedule.lr_at(s) for s in range(3 * spe)]
+    assert max(lrs[:spe]) == pytest.approx(1e-3) and lrs[spe] == pytest.approx(3e-3)
+    assert lrs[-1] == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="mixed_lr_factor must be > 0"):
+        _small(mixed_lr_factor=0.0)
+
+
 @pytest.mark.parametrize("clip_lr_warmup", [False, True])
 def test_without_unimodal_epochs_the_warmup_opens_the_clip_epochs_or_the_mixed_phase(fm_train, tmp_path,
                                                                                    clip_lr_warmup):

@@ -75,6 +75,11 @@ class SafeClipOptions(Options):
     clip_warmup_crop_min: float | None = field(default=0.5, metadata={"neutral": None})
     lr_low: float = 5e-6              # the low lr when lr_low_factor is None (the paper's)
     lr_low_factor: float | None = 1.0  # the low lr as a fraction of the base lr
+    # where the mixed phase's cosine starts, as a multiple of the base lr. A trigger learnt in the
+    # CLIP epochs before the first split is only unlearnt by the mixed epochs that follow; in
+    # fine-tuning, how much of a backdoor clean training removes depends steeply on the lr
+    # (docs/finetuning.md), so a larger first step after the split may unlearn more
+    mixed_lr_factor: float = field(default=1.0, metadata={"neutral": 1.0})
     threshold: float = 0.9            # t on p_clean for the first split
     step: float | None = None         # s: growth of the safe fraction per epoch (None: sized by the budget)
     # how big the safe set may grow: "schedule" (the paper: +step per epoch up to max_safe_fraction);
@@ -185,6 +190,7 @@ class SafeClipOptions(Options):
         require((self.warmup_epochs or 0) >= 0 and (self.clip_warmup_epochs or 0) >= 0,
                 "warmup_epochs and clip_warmup_epochs must be >= 0")
         require(self.lr_low > 0, f"lr_low must be > 0, got {self.lr_low}")
+        require(self.mixed_lr_factor > 0, f"mixed_lr_factor must be > 0, got {self.mixed_lr_factor}")
         require(self.lr_low_factor is None or 0 < self.lr_low_factor <= 1,
                 f"lr_low_factor must be in (0, 1], got {self.lr_low_factor}")
         require(self.step is None or 0.0 <= self.step <= 1.0, f"step must be in [0, 1], got {self.step}")
@@ -322,7 +328,8 @@ class SafeClip(Strategy, PairSelector):
 
     def schedule(self, ctx: TrainContext, warmup: int, min_lr: float) -> Schedule:
         """Unimodal epochs: warm-up then constant base lr; CLIP warm-up: constant lr_low;
-        mixed epochs: a fresh cosine from the base lr down to ``min_lr`` at the very last step.
+        mixed epochs: a fresh cosine from the base lr (times ``mixed_lr_factor``) down to ``min_lr``
+        at the very last step.
         The run's warm-up opens the first phase that has one: the unimodal epochs, else the mixed
         phase, or the CLIP epochs with ``clip_lr_warmup``.
 
@@ -339,7 +346,7 @@ class SafeClip(Strategy, PairSelector):
             segs.append(Segment(c * spe, self.low_lr(ctx.base_lr), min(warmup, c * spe - 1) if early else 0, None))
         if mixed > 0:
             w = 0 if r or (early and c) else min(warmup, mixed * spe - 1)
-            segs.append(Segment(mixed * spe, ctx.base_lr, w, min_lr))
+            segs.append(Segment(mixed * spe, ctx.base_lr * self.opt.mixed_lr_factor, w, min_lr))
         return Schedule(segs)
 
     # ------------------------------------------------------------------ the split
