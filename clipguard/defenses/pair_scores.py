@@ -10,7 +10,7 @@ Two signals, both from clean (non-augmented) pairs:
   pair has many pairs like it, with a similar image AND a similar caption; a poisoned pair joins
   an image of one kind to a caption of another, a combination only the other poisons share.
   This stays informative after the model has started to learn the poisons, when the similarity
-  of a learned poison already looks clean (docs/defenses.md, "How the defaults were chosen").
+  of a learned poison already looks clean (docs/safeclip-selection.md, first round).
 * the pair's *image repetition*: the log distance from its image embedding (or its coarse pixel
   signature, ``clipguard.data.signatures``) to its ``k``-th nearest image among the same sample.
   Targeted poisoning repeats one target image under many captions; near-identical copies sit far

@@ -115,7 +115,7 @@ class SafeClipOptions(Options):
     # every split). A later verdict keeps its pair out of that epoch's safe set only. Under a memory
     # of every split the union of verdicts grows over training (41-45% of MNIST's pairs out for good
     # by epoch 10); 1 halves it for 2 points of zero-shot there, and let Blended through on
-    # Fashion-MNIST (docs/defenses.md, seventeenth and eighteenth rounds)
+    # Fashion-MNIST (docs/safeclip-selection.md, seventeenth and eighteenth rounds)
     density_memory_splits: int | None = field(default=None, metadata={"neutral": None})
     density_k: int = 16
     density_reference: int = 16384
@@ -134,7 +134,7 @@ class SafeClipOptions(Options):
     # caption is unlike those of the images it looks like. The veto then estimates how unlikely
     # the caption is given the image, not how rare the pair is. "none": the veto as it is. Not a
     # default: once a trigger is partly learnt, the triggered images are each other's nearest and
-    # spare each other (MNIST validation, BadNet 5.2% against 3.1%; docs/defenses.md, 24th round)
+    # spare each other (MNIST validation, BadNet 5.2% against 3.1%; docs/safeclip-selection.md, 24th round)
     density_given: Literal["none", "image"] = field(default="none", metadata={"neutral": "none"})
     density_given_k: int = field(default=64, metadata={"neutral": 64})
     # the repeated-image veto: a pair whose image has repeat_k near-identical copies (the log
@@ -167,20 +167,20 @@ class SafeClipOptions(Options):
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
     # or encoded without gradient, as the target whose pool neighbour the first view must pick
     # (False: about a third less compute per risky pair; on validation it cost 2-3 points of
-    # zero-shot and let BadNet back in on some seeds, docs/defenses.md)
+    # zero-shot and let BadNet back in on some seeds, docs/safeclip-selection.md, fifth round)
     second_view_grad: bool = True
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "none"  # the paper: simclr
     safe_text_augment: Literal["eda", "none"] = "none"                   # the paper: eda
     # how many mixed epochs, from the first split on, train the safe pairs on the views above (None:
     # every mixed epoch); later ones train them as they are. Meant to slow down how fast a trigger
     # the early splits admit is learnt, so that the next splits' veto still sees it; on MNIST's
-    # validation rows it let BadNet through (docs/defenses.md, eighteenth round)
+    # validation rows it let BadNet through (docs/safeclip-selection.md, eighteenth round)
     safe_augment_epochs: int | None = field(default=None, metadata={"neutral": None})
     loss_weighting: Literal["terms", "pairs"] = "pairs"                  # the paper: terms
     # the smallest random crop of the views (risky pairs' unimodal loss, and the safe pairs' with
     # safe_image_augment). The paper (SimCLR): 0.08. 0.5 since the twenty-sixth validation round:
     # a risky pair never meets its caption, so milder views cost its image less. It passed that
-    # round's rule on every validation grid (docs/defenses.md); the test grids measured it after
+    # round's rule on every validation grid (docs/safeclip-selection.md); the test grids measured it after
     crop_scale_min: float = 0.5
     eda_alpha: float = 0.1
     eda_p_delete: float = 0.1
@@ -373,7 +373,7 @@ class SafeClip(Strategy, PairSelector):
             "to a random draw (docs/results.md, MNIST). More CLIP epochs before it (--opt clip_warmup_epochs=N) "
             "give the model time to align; on augmented pairs (--opt clip_warmup_crop_min=0.5, the default) "
             "they teach it a trigger more slowly than the clean pairs, on the pairs as they are about as fast. "
-            "Detect-then-train with a small trusted model is the other way out (docs/defenses.md, twentieth "
+            "Detect-then-train with a small trusted model is the other way out (docs/safeclip-selection.md, twentieth "
             "to twenty-second rounds; docs/scan.md)")
         if ratio is not None:
             rec["clip_loss_vs_chance"] = ratio
