@@ -121,7 +121,7 @@ def _mean_std(v: list[float]) -> str:
     return f"{statistics.mean(v):5.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:4.1f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="a split: val bench folder with poisoned CLIP cells")
     p.add_argument("--config", type=Path, required=True, help="the bench config that wrote it")
@@ -133,7 +133,7 @@ def main() -> None:
     p.add_argument("--attack", default="three", help="the bench attack whose poisoned CLIP is cleaned")
     p.add_argument("--model", default="cg-nano")
     p.add_argument("--real", action="store_true", help="also print each cell's ASR@1 on the real attacks")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     recipes = []
     for item in a.recipe:
         name, eq, args = item.partition("=")
