@@ -53,7 +53,7 @@ from clipguard.tensors import normalize
 from clipguard.training.context import Batch, TrainContext
 from clipguard.training.distributed import gather_with_local_grad
 from clipguard.training.losses import clip_loss, global_loss
-from clipguard.training.schedule import Schedule, Segment
+from clipguard.training.schedule import Schedule, warmup_cosine
 from clipguard.training.strategy import Strategy
 
 MAX_SQ_DIST = 4.0  # the squared distance of two unit vectors is at most 4: a tau >= 4 never stops the push
@@ -152,8 +152,7 @@ class Par(Strategy):
         if self.opt.lr_schedule == "trainer":
             return super().schedule(ctx, warmup, min_lr)
         total = ctx.epochs * ctx.steps_per_epoch
-        return Schedule([Segment(total, ctx.base_lr, warmup=min(total // 2, max(0, total - 1)), final_lr=min_lr,
-                                 start_lr=self.opt.lr_start_factor * ctx.base_lr)])
+        return warmup_cosine(total, ctx.base_lr, total // 2, min_lr, start_lr=self.opt.lr_start_factor * ctx.base_lr)
 
     # ---- the loss -----------------------------------------------------------------------------
     def _augment(self, batch: Batch) -> torch.Tensor:

@@ -49,7 +49,9 @@ class Schedule:
         return last.lr(last.steps - 1)
 
 
-def warmup_cosine(total_steps: int, peak_lr: float, warmup: int, min_lr: float = 0.0) -> Schedule:
-    """Linear warm-up to ``peak_lr`` then cosine that reaches ``min_lr`` exactly at the last step."""
+def warmup_cosine(total_steps: int, peak_lr: float, warmup: int, min_lr: float = 0.0,
+                  start_lr: float | None = None) -> Schedule:
+    """Linear warm-up to ``peak_lr`` (from zero, or from ``start_lr``) then cosine that reaches
+    ``min_lr`` exactly at the last step."""
     warmup = min(warmup, max(0, total_steps - 1))
-    return Schedule([Segment(total_steps, peak_lr, warmup, min_lr)])
+    return Schedule([Segment(total_steps, peak_lr, warmup, min_lr, start_lr)])
