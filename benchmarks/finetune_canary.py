@@ -31,7 +31,6 @@ table also shows the bench cell's own ASR@1 against the real attacks, for readin
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
@@ -59,6 +58,7 @@ def clean_pairs_csv(config: Path, out: Path, dest: Path) -> tuple[Path, Path, Pa
     """(the held-aside clean pairs as a CSV, the validation rows, classes.json) of the grid's one dataset."""
     from clipguard.bench.cache import BenchCache
     from clipguard.bench.config import load_config
+    from clipguard.data.csv_dataset import CsvSpec, read_rows, write_csv
 
     cfg = load_config(config)
     if len(cfg.datasets) != 1:
@@ -67,15 +67,12 @@ def clean_pairs_csv(config: Path, out: Path, dest: Path) -> tuple[Path, Path, Pa
     cache = BenchCache(cfg, out)
     data = cache.finetune_clean(ds)
     _, val_csv, classes = cache.split_paths(ds)
-    with open(data.source, newline="") as fh:
-        rows = list(csv.reader(fh, delimiter=ds.separator))
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if not dest.exists():
-        with open(dest, "w", newline="") as fh:
-            w = csv.writer(fh, delimiter=ds.separator)
-            w.writerow(rows[0])
-            for line in data.rows:  # CSV line numbers, the header being line 1
-                w.writerow(rows[line - 1])
+        spec = CsvSpec(img_key=ds.img_key, caption_key=ds.caption_key, label_key=ds.label_key,
+                       separator=ds.separator, allow_outside_root=True)
+        header, rows = read_rows(data.source, spec)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(dest, [rows[line - 2] for line in data.rows], header, ds.separator)  # line 1: the header
     return dest, Path(val_csv), Path(classes)
 
 
