@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
             run = finetune(name, implant, clean, args, work, a.model)
             rows.append({"seed": seed, "recipe": name, **evaluate(run, val, classes, manifests, work),
                          **({"real": real_asr(a.out, name, seed)} if a.real else {})})
-    (a.work / "canary.json").write_text(json.dumps(rows, indent=1))
+    from clipguard.io import write_json
+
+    write_json(a.work / "canary.json", rows, digits=None)
     print(f"{'recipe':24s} {'zero-shot':>12s} {'badnet canary':>16s} {'blended canary':>16s}")
     for name in ["implanted", *[n for n, _ in recipes]]:
         rs = [r for r in rows if r["recipe"] == name]
