@@ -91,22 +91,25 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, defen
              preset: str | Path | None = None, options: dict[str, Any] | None = None,
              eval_data: str | Path | None = None, resume: str | None = None, overwrite: bool = False,
              spec: CsvSpec | None = None, lr_search: list[float] | None = None, budget: float = 3.0,
-             **settings: Any) -> dict[str, Any]:
+             select: str = "drift", canary_lr: float | None = None, **settings: Any) -> dict[str, Any]:
     """Clean a (possibly poisoned) model on clean ``data``: ft, cleanclip, cleanerclip or par.
 
     ``lr_search``: learning rates to choose from by the defender's rule on ``eval_data`` (as
-    ``clipguard finetune --lr-search``); returns the search's record instead of the last epoch's."""
+    ``clipguard finetune --lr-search``); returns the search's record instead of the last epoch's.
+    ``select``: how the search ranks them, ``"drift"`` or ``"canary"`` (``canary_lr``: the lr that
+    implants the canaries)."""
     from clipguard.training.run import finetune_start, train_run
 
     weights, name = finetune_start(checkpoint, settings.pop("model", None))
     run = run_spec(defense=defense, preset=preset, options=options, stage="finetune", model=name,
                    checkpoint=weights, **settings)
     if lr_search is not None:
+        from clipguard.training.canary import CanaryOptions
         from clipguard.training.lr_search import lr_search as search
         from clipguard.training.lr_search import parse_lrs
 
         return search(run, parse_lrs(lr_search), budget, data, out, eval_data=eval_data, resume=resume, overwrite=overwrite,
-                      data_spec=spec)
+                      select=select, canary=CanaryOptions(implant_lr=canary_lr), data_spec=spec)
     return train_run(run, data, out, data_spec=spec, eval_data=eval_data, resume=resume, overwrite=overwrite)
 
 

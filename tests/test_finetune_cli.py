@@ -129,3 +129,75 @@ def test_lr_search_runs_each_rate_and_leaves_the_chosen_run_in_out(fm_dir, pretr
     no_eval = [a for a in args if a not in ("--eval-data", str(fm_dir / "test.csv"))]
     assert main(no_eval[:-2] + ["--out", str(tmp_path / "x"), "--lr-search", "1e-3"]) == 2
     assert main(args + ["--out", str(tmp_path / "y"), "--lr", "1e-3"]) == 2
+
+
+def test_canary_rule_keeps_the_run_that_leaves_least_of_the_canaries_within_the_budget():
+    from clipguard.training.lr_search import Candidate, choose
+
+    c = [Candidate(1e-4, "a", 80.0, 0.2, [60.0, 40.0]), Candidate(1e-3, "b", 78.5, 0.9, [20.0, 10.0]),
+         Candidate(3e-3, "c", 76.0, 0.5, [2.0, 1.0])]
+    assert choose(c, start_zeroshot=80.5, budget=3, select="canary")[0].lr == 1e-3   # c costs 4.5 points
+    assert choose(c, start_zeroshot=80.5, budget=5, select="canary")[0].lr == 3e-3   # lower drift, fewer canaries
+    assert choose(c, start_zeroshot=80.5, budget=5, select="drift")[0].lr == 1e-3
+    assert choose(c, start_zeroshot=90.0, budget=3, select="canary")[0].lr == 1e-4   # none within: most accurate
+    with pytest.raises(ConfigError, match="--select"):
+        choose(c, start_zeroshot=80.5, budget=3, select="asr")
+    with pytest.raises(ConfigError, match="no canary"):
+        choose([Candidate(1e-4, "a", 80.0, 0.2)], start_zeroshot=80.5, budget=3, select="canary")
+
+
+def test_canary_targets_are_seeded_distinct_and_need_enough_classes():
+    from clipguard.training.canary import CanaryOptions, canary_targets
+
+    names = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+    assert canary_targets(names, (9003, 9004)) == ["ankle boot", "sneaker"]   # the measured canaries
+    assert canary_targets(names, (5, 5)) == canary_targets(names, (5, 5))
+    a, b = canary_targets(names, (5, 5))
+    assert a != b                                                            # never one target for two
+    with pytest.raises(ConfigError, match="more classes"):
+        canary_targets(["a", "b"], (1, 2))
+    assert CanaryOptions().count(2000) == 100 and CanaryOptions().count(3) == 1
+    for bad in ({"fraction": 0}, {"implant_lr": -1.0}, {"implant_epochs": 0}, {"trigger_seeds": (1,)},
+                {"min_asr": 120}):
+        with pytest.raises(ConfigError):
+            CanaryOptions(**bad)
+
+
+def test_canary_search_cleans_copies_and_keeps_the_real_run(fm_dir, pretrained, tmp_path):
+    from clipguard.data.csv_dataset import load_csv
+    from clipguard.training.canary import CanaryOptions
+    from clipguard.training.lr_search import lr_search
+    from clipguard.training.run import finetune_start
+    from clipguard.training.spec import resolve_spec
+
+    weights, name = finetune_start(pretrained)
+    spec = resolve_spec(stage="finetune", defense="ft", train=[{"model": name, "checkpoint": weights, "epochs": 1,
+                                                                "batch_size": 32, "device": "cpu", "quiet": True}])
+    out = tmp_path / "search"
+    res = lr_search(spec, [1e-6, 5e-3], 100.0, fm_dir / "train.csv", out, eval_data=fm_dir / "test.csv",
+                    select="canary", canary=CanaryOptions(implant_epochs=1, min_asr=0), limit=64)
+    assert res["finished"] and res["select"] == "canary"
+    k = res["canary"]
+    assert k["attacks"] == ["badnet", "blended"] and k["count"] == 3 and len(k["implant"]["asr"]) == 2
+    canary_rows = load_csv(out / "lr-search" / "canary" / "blended" / "train.csv")
+    assert len(canary_rows) == 64 + 2 * 3                                     # the limited clean rows + canaries
+    for c in res["candidates"]:
+        assert len(c["canaries"]) == 2 and (out / "lr-search" / f"canary-lr-{c['lr']:g}" / "results.jsonl").is_file()
+    best = min(res["candidates"], key=lambda c: c["canary"])
+    assert res["chosen"]["lr"] == best["lr"]                                  # everything within 100 points
+    # the kept run is the real one, started from the given model, never from the implanted copy
+    chosen = load_file(str(_latest(out / res["chosen"]["folder"]) / "model.safetensors"))
+    here = load_file(str(_latest(out) / "model.safetensors"))
+    assert all(torch.equal(chosen[k], here[k]) for k in chosen)
+    params = json.loads((out / res["chosen"]["folder"] / "params.json").read_text())
+    assert "implant" not in json.dumps(params)
+
+
+def test_canaries_that_do_not_implant_are_a_clear_error(fm_dir, pretrained, tmp_path, capsys):
+    args = ["finetune", "--checkpoint", str(pretrained), "--data", str(fm_dir / "train.csv"), "--defense", "ft",
+            "--out", str(tmp_path / "s"), "--epochs", "1", "--batch-size", "32", "--limit", "64", "--device", "cpu",
+            "--quiet", "--eval-data", str(fm_dir / "test.csv"), "--lr-search", "1e-6", "--select", "canary",
+            "--canary-lr", "1e-7"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "canaries did not implant" in err and "--canary-lr" in err
