@@ -33,13 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from clipguard.training.canary import DEFAULT_TRIGGER_SEEDS
 
 CLI = [sys.executable, "-m", "clipguard.cli"]
 CANARY_COUNT = 100
@@ -54,8 +55,9 @@ def _run(args: list[str], log: Path) -> None:
         raise SystemExit(f"failed (see {log}): clipguard {shlex.join(args)}")
 
 
-def clean_pairs_csv(config: Path, out: Path, dest: Path) -> tuple[Path, Path, Path]:
-    """(the held-aside clean pairs as a CSV, the validation rows, classes.json) of the grid's one dataset."""
+def clean_pairs_csv(config: Path, out: Path, dest: Path) -> tuple[Path, Path, Path, str]:
+    """(the held-aside clean pairs as a CSV, the validation rows, classes.json, the dataset's label)
+    of the grid's one dataset."""
     from clipguard.bench.cache import BenchCache
     from clipguard.bench.config import load_config
     from clipguard.data.csv_dataset import CsvSpec, read_rows, write_csv
@@ -73,13 +75,15 @@ def clean_pairs_csv(config: Path, out: Path, dest: Path) -> tuple[Path, Path, Pa
         header, rows = read_rows(data.source, spec)
         dest.parent.mkdir(parents=True, exist_ok=True)
         write_csv(dest, [rows[line - 2] for line in data.rows], header, ds.separator)  # line 1: the header
-    return dest, Path(val_csv), Path(classes)
+    return dest, Path(val_csv), Path(classes), ds.label
 
 
 def canary_targets(classes: Path, seeds: list[int]) -> list[str]:
-    names = json.loads(classes.read_text())
-    names = names["classes"] if isinstance(names, dict) else names
-    return [random.Random(s).choice(names) for s in seeds]
+    """The targets ``clipguard finetune --select canary`` draws (clipguard.training.canary)."""
+    from clipguard.data.classes import ClassInfo
+    from clipguard.training.canary import canary_targets as draw
+
+    return draw(list(ClassInfo.load(classes).classes), seeds)
 
 
 def evaluate(run: Path, val: Path, classes: Path, manifests: list[Path], work: Path) -> dict[str, float]:
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, required=True, help="where the canary runs go")
     p.add_argument("--recipe", action="append", required=True, metavar="NAME=ARGS",
                    help="a recipe: its name and the arguments of `clipguard finetune` (repeatable)")
-    p.add_argument("--canary-seeds", type=int, nargs=2, default=[9003, 9004], metavar=("BADNET", "BLENDED"))
+    p.add_argument("--canary-seeds", type=int, nargs=2, default=list(DEFAULT_TRIGGER_SEEDS), metavar=("BADNET", "BLENDED"))
     p.add_argument("--attack", default="three", help="the bench attack whose poisoned CLIP is cleaned")
     p.add_argument("--model", default="cg-nano")
     p.add_argument("--real", action="store_true", help="also print each cell's ASR@1 on the real attacks")
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--recipe {item!r}: expected NAME=ARGS")
         recipes.append((name, shlex.split(args)))
 
-    clean, val, classes = clean_pairs_csv(a.config, a.out, a.work / "clean.csv")
+    clean, val, classes, label = clean_pairs_csv(a.config, a.out, a.work / "clean.csv")
     targets = canary_targets(classes, a.canary_seeds)
     print(f"canaries: badnet -> {targets[0]} (trigger seed {a.canary_seeds[0]}), "
           f"blended -> {targets[1]} (trigger seed {a.canary_seeds[1]})")
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in a.seeds:
         work = a.work / f"seed{seed}"
         work.mkdir(parents=True, exist_ok=True)
-        start = a.out / "runs" / "fmnist" / a.attack / f"seed{seed}" / "pretrain-CLIP"
+        start = a.out / "runs" / label / a.attack / f"seed{seed}" / "pretrain-CLIP"
         dirs = [work / "canary-badnet", work / "canary-blended"]
         source = clean
         for (attack, opts), d, trig, target in zip([("badnet", []), ("blended", ["--opt", "alpha=0.2"])], dirs,

@@ -1,21 +1,21 @@
-"""benchmarks/finetune_canary.py: the canaries' targets are the defender's seeded draw (whatever
-the classes file's form), and a malformed recipe is refused before anything runs."""
+"""benchmarks/finetune_canary.py: the canaries' targets are the ones ``clipguard finetune --select
+canary`` draws, and a malformed recipe is refused before anything runs."""
 
 import json
-import random
 
 import pytest
 from _benchmarks import load_benchmark
 
 
-def test_targets_are_a_seeded_draw_from_the_classes(tmp_path):
+def test_targets_are_the_products_seeded_draw(tmp_path):
+    from clipguard.training.canary import canary_targets
+
     mod = load_benchmark("finetune_canary")
     names = ["t-shirt", "trouser", "pullover", "dress", "coat"]
-    for form in (names, {"classes": names, "templates": ["a photo of a {}."]}):
-        f = tmp_path / "classes.json"
-        f.write_text(json.dumps(form))
-        assert mod.canary_targets(f, [9003, 9004]) == [random.Random(9003).choice(names),
-                                                       random.Random(9004).choice(names)]
+    f = tmp_path / "classes.json"
+    f.write_text(json.dumps({"classes": names, "templates": ["a photo of a {}."]}))
+    got = mod.canary_targets(f, [9003, 9004])
+    assert got == canary_targets(names, [9003, 9004]) and len(set(got)) == 2
 
 
 def test_a_recipe_without_a_name_is_refused(tmp_path):
