@@ -179,6 +179,7 @@ def test_canary_search_cleans_copies_and_keeps_the_real_run(fm_dir, pretrained, 
     assert res["finished"] and res["select"] == "canary"
     k = res["canary"]
     assert k["attacks"] == ["badnet", "blended"] and k["count"] == 3 and len(k["implant"]["asr"]) == 2
+    assert k["seed"] == spec.train.seed                                       # the canary rows follow the run
     canary_rows = load_csv(out / "lr-search" / "canary" / "blended" / "train.csv")
     assert len(canary_rows) == 64 + 2 * 3                                     # the limited clean rows + canaries
     for c in res["candidates"]:

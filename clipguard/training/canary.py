@@ -38,7 +38,7 @@ class CanaryOptions:
     implant_lr: float | None = None       # None: the model's recipe, implant_recipe()
     implant_epochs: int = 10
     min_asr: float = 50.0                 # ASR@1 (%) each canary must reach, or the yardstick is void
-    seed: int = 0                         # which rows carry the canaries
+    seed: int | None = None               # which rows carry the canaries (None: the run's seed)
 
     def __post_init__(self) -> None:
         if len(self.attacks) != len(self.trigger_seeds) or not self.attacks:
@@ -112,7 +112,7 @@ def plant(clean: str | Path, eval_data: str | Path, classes: str | Path, folder:
     for (attack, options), trig, target in zip(opts.attacks, opts.trigger_seeds, targets):
         d = folder / attack
         if not (d / "manifest.json").is_file():
-            poison_csv(source, attack, target=target, count=n, seed=opts.seed, out=d, eval_csv=eval_data,
+            poison_csv(source, attack, target=target, count=n, seed=opts.seed or 0, out=d, eval_csv=eval_data,
                        options=dict(options), spec=spec, classes=classes, trigger_seed=trig)
         dirs.append(d)
         source = d / "train.csv"

@@ -221,6 +221,8 @@ def _implant(spec, data, out: Path, eval_data, classes, canary, train_kwargs: di
     from clipguard.training.canary import CanaryOptions, canary_asr, canary_targets, implant_recipe, plant
 
     opts = canary or CanaryOptions()
+    if opts.seed is None:
+        opts = replace(opts, seed=spec.train.seed)
     data_spec = train_kwargs.get("data_spec") or CsvSpec()
     folders = plant(data, eval_data, classes, out / SEARCH_DIR / "canary", data_spec, opts,
                     limit=train_kwargs.get("limit"))
@@ -244,7 +246,8 @@ def _implant(spec, data, out: Path, eval_data, classes, canary, train_kwargs: di
                           "they cannot measure a recipe: pass a larger --canary-lr, or use --select drift")
     targets = canary_targets(list(ClassInfo.load(Path(classes)).classes), opts.trigger_seeds)
     return {"finished": True, "folders": folders, "attacks": names, "targets": targets,
-            "trigger_seeds": list(opts.trigger_seeds), "count": read_json_object(folders[0] / "manifest.json", "canary manifest")["count"],
+            "trigger_seeds": list(opts.trigger_seeds), "seed": opts.seed,
+            "count": read_json_object(folders[0] / "manifest.json", "canary manifest")["count"],
             "implant": {"folder": str(folder.relative_to(out)), "lr": lr, "epochs": opts.implant_epochs,
                         "asr": asr}}
 
