@@ -325,7 +325,9 @@ def test_the_authors_view_and_schedule(toy):
     lrs = [s.schedule(ctx, warmup=3, min_lr=0.0).lr_at(i) for i in range(20)]
     assert lrs[0] == pytest.approx(1e-2) and lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(0.0)
     assert lrs == sorted(lrs, reverse=True)
-    assert defenses.build("par").schedule(ctx, warmup=3, min_lr=0.0).lr_at(0) == pytest.approx(1e-3 / 3)
+    assert defenses.build("par").opt == s.opt                        # the defaults since round 7
+    trainer = defenses.build("par", {"lr_schedule": "trainer"})
+    assert trainer.schedule(ctx, warmup=3, min_lr=0.0).lr_at(0) == pytest.approx(1e-3 / 3)
     batch = make_batch(ctx, seed=5)
     assert torch.equal(s._augment(batch), noise_erase(batch.pixels, torch.Generator().manual_seed(5)))
     with pytest.raises(ConfigError, match="lr_start_factor must be > 0"):

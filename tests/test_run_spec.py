@@ -47,6 +47,8 @@ def test_finetune_recipe_follows_the_model():
     assert resolve_spec(stage="finetune", defense="cleanerclip", train={"warmup": 5}).train.warmup == 5
     big = resolve_spec(stage="finetune", defense="cleanerclip", train={"model": "ViT-B-32"})
     assert {k: getattr(big.train, k) for k in PAPER_FINETUNE} == PAPER_FINETUNE
+    par = resolve_spec(stage="finetune", defense="par", train={"model": "ViT-B-32"})  # PAR: its authors' lr
+    assert par.train.lr == 3e-6 and par.train.epochs == PAPER_FINETUNE["epochs"]
     # the model can come from any layer, the last one naming it wins
     assert resolve_spec(stage="finetune", base={"model": "ViT-B-32"}, train={"model": "cg-nano"}).train.lr == SMALL_LR["ft"]
     assert resolve_spec(stage="finetune", train={"lr": 3e-4}).train.lr == 3e-4  # a set value wins
