@@ -25,7 +25,7 @@ table also shows the bench cell's own ASR@1 against the real attacks, for readin
 (a recipe's cell is found by ``NAME`` = the bench method after ``CLIP+``).
 
     .venv/bin/python benchmarks/finetune_canary.py runs/finetune-val --config configs/finetune-select.yaml \\
-        --seeds 4 5 --work runs/canary --recipe "FT=--defense ft" --recipe "PAR-none=--defense par" --real
+        --seeds 4 5 --work runs/canary --recipe "FT=--defense ft" --recipe "PAR=--defense par" --real
 """
 
 from __future__ import annotations
