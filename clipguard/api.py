@@ -91,7 +91,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, defen
              preset: str | Path | None = None, options: dict[str, Any] | None = None,
              eval_data: str | Path | None = None, resume: str | None = None, overwrite: bool = False,
              spec: CsvSpec | None = None, lr_search: list[float] | None = None, budget: float = 3.0,
-             select: str = "drift", canary_lr: float | None = None, **settings: Any) -> dict[str, Any]:
+             select: str = "canary", canary_lr: float | None = None, **settings: Any) -> dict[str, Any]:
     """Clean a (possibly poisoned) model on clean ``data``: ft, cleanclip, cleanerclip or par.
 
     ``lr_search``: learning rates to choose from by the defender's rule on ``eval_data`` (as

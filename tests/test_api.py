@@ -36,7 +36,7 @@ def test_script_poisons_trains_finetunes_and_evaluates(fm_dir, tmp_path):
     assert model.encode_text(tok(["a bag"]), normalize=True).shape[0] == 1
     # the learning-rate search of `clipguard finetune --lr-search`, from Python
     res = clipguard.finetune(tmp_path / "clip", fm_dir / "train.csv", tmp_path / "search", defense="ft",
-                             eval_data=fm_dir / "test.csv", lr_search=[1e-3, 1e-5], budget=100, epochs=1,
+                             eval_data=fm_dir / "test.csv", lr_search=[1e-3, 1e-5], budget=100, select="drift", epochs=1,
                              batch_size=64, quiet=True)
     assert [c["lr"] for c in res["candidates"]] == [1e-5, 1e-3] and res["chosen"]["lr"] == 1e-3
     assert (tmp_path / "search" / "lr-search.json").is_file() and (tmp_path / "search" / "params.json").is_file()

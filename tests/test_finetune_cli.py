@@ -107,7 +107,7 @@ def test_lr_search_runs_each_rate_and_leaves_the_chosen_run_in_out(fm_dir, pretr
     out = tmp_path / "search"
     args = ["finetune", "--checkpoint", str(pretrained), "--data", str(fm_dir / "train.csv"), "--defense", "ft",
             "--out", str(out), "--epochs", "1", "--batch-size", "32", "--limit", "64", "--device", "cpu", "--quiet",
-            "--eval-data", str(fm_dir / "test.csv"), "--lr-search", "1e-6,5e-3"]
+            "--eval-data", str(fm_dir / "test.csv"), "--lr-search", "1e-6,5e-3", "--select", "drift"]
     assert main(args + ["--budget", "100"]) == 0
     res = json.loads((out / "lr-search.json").read_text())
     assert [c["lr"] for c in res["candidates"]] == [1e-6, 5e-3]

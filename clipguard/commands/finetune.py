@@ -17,15 +17,15 @@ def add_parser(sub) -> None:
                        "cleanerclip, par)")
     add_train_args(p, finetune=True)
     p.add_argument("--lr-search", metavar="LR,LR,...",
-                   help="choose the learning rate by the defender's rule: one run per rate, the one that moves the "
-                        "clean --eval-data images farthest while its zero-shot stays within --budget points of the "
-                        "start (docs/finetuning.md#choosing-the-learning-rate-on-your-own-model)")
+                   help="choose the learning rate by the defender's rule: one run per rate, the one that removes most of "
+                        "your canaries (--select) while its zero-shot on --eval-data stays within --budget points of "
+                        "the start (docs/finetuning.md#choosing-the-learning-rate-on-your-own-model)")
     p.add_argument("--budget", type=float, default=3.0,
                    help="zero-shot points the fine-tuning may cost on --eval-data, for --lr-search (default 3)")
-    p.add_argument("--select", choices=["drift", "canary"], default="drift",
-                   help="how --lr-search ranks the rates within the budget: drift (how far the clean images moved) or "
-                        "canary (plant two backdoors of your own into a copy of the model and keep the rate that "
-                        "removes most of them; twice the runs; docs/finetuning.md#canaries)")
+    p.add_argument("--select", choices=["canary", "drift"], default="canary",
+                   help="how --lr-search ranks the rates within the budget: canary (default: plant two backdoors of "
+                        "your own into a copy of the model and keep the rate that removes most of them; twice the "
+                        "runs; docs/finetuning.md#canaries) or drift (how far the clean images moved)")
     p.add_argument("--canary-lr", type=float, default=None,
                    help="--select canary: the plain fine-tuning lr that implants the canaries (default: 1e-3 for "
                         "clipguard's small models, 1e-4 for others)")

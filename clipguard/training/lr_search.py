@@ -2,25 +2,26 @@
 
 A fine-tuning defence removes a backdoor only if it moves the model far enough, and the learning
 rate that does so depends on the model and on the clean set. The defender does not know the
-trigger, so the choice cannot look at attack success; what they can measure is clean accuracy
-and how far the model moved. The rule (the one that chose the small models' recipe,
-docs/finetuning.md#settings):
+trigger, so the choice cannot look at attack success; what they can measure is clean accuracy,
+and what is left of a backdoor they planted themselves. The rule (docs/finetuning.md#canaries):
 
     among the candidate learning rates whose zero-shot accuracy on the clean validation data
     (``--eval-data``) stays within ``budget`` points of the starting model's, take the one that
-    moved the validation images farthest (:func:`clipguard.evaluation.drift.embedding_drift`);
-    if none stays within the budget, the most accurate one.
+    leaves least of the canaries (``select="canary"``, the default), or the one that moved the
+    validation images farthest (``select="drift"``,
+    :func:`clipguard.evaluation.drift.embedding_drift`); if none stays within the budget, the most
+    accurate one.
 
 Each candidate is a full run in ``OUT/lr-search/lr-<lr>/`` (resumable like any run); the table and
 the choice go to ``OUT/lr-search.json``, and the chosen run's files are linked (or copied) into
 ``OUT``, which is then an ordinary run folder for ``clipguard evaluate``.
 
-``select="canary"`` ranks the candidates within the budget by a backdoor the defender plants
-instead (:mod:`clipguard.training.canary`): the canaries are poisoned into a copy of the clean
-pairs and implanted into a copy of the model (``OUT/lr-search/implant``), every candidate cleans
-that copy too (``OUT/lr-search/canary-lr-<lr>``), and the one that leaves least of the canaries
-(mean ASR@1 on ``--eval-data``) wins. The budget is still measured on the real model's runs, and
-the run kept is the real one: the canaries never reach it.
+With canaries (:mod:`clipguard.training.canary`), two backdoors are poisoned into a copy of the
+clean pairs and implanted into a copy of the model (``OUT/lr-search/implant``); every candidate
+cleans that copy too (``OUT/lr-search/canary-lr-<lr>``) and its canaries' mean ASR@1 on
+``--eval-data`` is recorded. The budget is measured on the real model's runs, and the run kept is
+the real one: the canaries never reach it. On validation data the canaries ordered each defence's
+recipes as the real attacks did, where drift ordered PAR's variants wrongly.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def _train(spec, data: str | Path, folder: Path, epochs: int, what: str, **kwarg
 
 def lr_search(spec, lrs: list[float], budget: float, data: str | Path, out: str | Path, *,
               eval_data: str | Path | None, classes: str | Path | None = None, resume: str | None = None,
-              overwrite: bool = False, select: str = "drift", canary=None, **train_kwargs: Any) -> dict[str, Any]:
+              overwrite: bool = False, select: str = "canary", canary=None, **train_kwargs: Any) -> dict[str, Any]:
     """Run every candidate learning rate, choose one by the rule, and make ``out`` that run.
 
     ``select``: ``"drift"`` or ``"canary"`` (see the module); ``canary``: its
