@@ -332,3 +332,10 @@ def test_the_authors_view_and_schedule(toy):
     assert torch.equal(s._augment(batch), noise_erase(batch.pixels, torch.Generator().manual_seed(5)))
     with pytest.raises(ConfigError, match="lr_start_factor must be > 0"):
         defenses.build("par", {"lr_start_factor": 0})
+
+
+def test_the_printed_schedule_says_what_runs():
+    assert defenses.build("par").describe_schedule(1e-4, 20) == \
+        "lr 0.001 falling to 0.0001 over half the run, then the cosine (PAR's schedule)"
+    assert defenses.build("par", {"lr_schedule": "trainer"}).describe_schedule(1e-3, 20) == "lr 0.001, warm-up 20"
+    assert defenses.build("ft").describe_schedule(3e-4, 20) == "lr 0.0003, warm-up 20"

@@ -94,7 +94,8 @@ def run_training(args: argparse.Namespace, *, stage: str = "pretrain", checkpoin
         from clipguard.training.recipes import recipe_name
 
         t = spec.train
-        print(f"fine-tuning {t.model}: {t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, warm-up {t.warmup} "
+        lr = spec.build_strategy().describe_schedule(t.lr, t.warmup)
+        print(f"fine-tuning {t.model}: {t.epochs} epochs, batch {t.batch_size}, {lr} "
               f"(unset values from {recipe_name(t.model)}; docs/finetuning.md#settings)")
     return train_run(spec, args.data, args.out, data_spec=csv_spec(args), dataset_type=args.dataset_type,
                      lazy_images=args.lazy_images, limit=args.limit, skip_bad_rows=args.skip_bad_rows,

@@ -156,6 +156,11 @@ class Par(Strategy):
         total = ctx.epochs * ctx.steps_per_epoch
         return warmup_cosine(total, ctx.base_lr, total // 2, min_lr, start_lr=self.opt.lr_start_factor * ctx.base_lr)
 
+    def describe_schedule(self, lr: float, warmup: int) -> str:
+        if self.opt.lr_schedule == "trainer":
+            return super().describe_schedule(lr, warmup)
+        return f"lr {self.opt.lr_start_factor * lr:g} falling to {lr:g} over half the run, then the cosine (PAR's schedule)"
+
     # ---- the loss -----------------------------------------------------------------------------
     def _augment(self, batch: Batch) -> torch.Tensor:
         if self.opt.image_augment == "none":

@@ -39,6 +39,10 @@ class Strategy:
         """The lr plan over the whole run; multi-phase defences return several segments."""
         return warmup_cosine(ctx.epochs * ctx.steps_per_epoch, ctx.base_lr, warmup, min_lr)
 
+    def describe_schedule(self, lr: float, warmup: int) -> str:
+        """The learning rate in words, as ``schedule`` will run it (printed before a run starts)."""
+        return f"lr {lr:g}, warm-up {warmup}"
+
     def on_epoch_start(self, epoch: int) -> dict[str, Any]:
         return {}
 
