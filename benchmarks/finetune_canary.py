@@ -55,17 +55,18 @@ def _run(args: list[str], log: Path) -> None:
         raise SystemExit(f"failed (see {log}): clipguard {shlex.join(args)}")
 
 
-def clean_pairs_csv(config: Path, out: Path, dest: Path) -> tuple[Path, Path, Path, str]:
-    """(the held-aside clean pairs as a CSV, the validation rows, classes.json, the dataset's label)
-    of the grid's one dataset."""
+def clean_pairs_csv(config: Path, out: Path, dest: Path, dataset: str | None = None) -> tuple[Path, Path, Path, str]:
+    """(the held-aside clean pairs as a CSV, the grid's evaluation rows, classes.json, the dataset's
+    label) of the grid's dataset ``dataset`` (by default its only one)."""
     from clipguard.bench.cache import BenchCache
     from clipguard.bench.config import load_config
     from clipguard.data.csv_dataset import CsvSpec, read_rows, write_csv
 
     cfg = load_config(config)
-    if len(cfg.datasets) != 1:
-        raise SystemExit(f"{config}: expected one dataset, found {len(cfg.datasets)}")
-    ds = cfg.datasets[0]
+    found = [d for d in cfg.datasets if dataset in (None, d.label)]
+    if len(found) != 1:
+        raise SystemExit(f"{config}: expected one dataset{f' {dataset!r}' if dataset else ''}, found {len(found)}")
+    ds = found[0]
     cache = BenchCache(cfg, out)
     data = cache.finetune_clean(ds)
     _, val_csv, classes = cache.split_paths(ds)
