@@ -74,8 +74,11 @@ def clean_pairs_csv(config: Path, out: Path, dest: Path, dataset: str | None = N
         spec = CsvSpec(img_key=ds.img_key, caption_key=ds.caption_key, label_key=ds.label_key,
                        separator=ds.separator, allow_outside_root=True)
         header, rows = read_rows(data.source, spec)
+        root = Path(data.source).parent  # the copy lives elsewhere: its images by absolute path
+        picked = [rows[line - 2] for line in data.rows]  # line 1: the header
+        picked = [{**r, ds.img_key: str((root / r[ds.img_key].strip()).resolve())} for r in picked]
         dest.parent.mkdir(parents=True, exist_ok=True)
-        write_csv(dest, [rows[line - 2] for line in data.rows], header, ds.separator)  # line 1: the header
+        write_csv(dest, picked, header, ds.separator)
     return dest, Path(val_csv), Path(classes), ds.label
 
 
