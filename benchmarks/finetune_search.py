@@ -52,11 +52,11 @@ def test_metrics(run: Path, test: Path, classes: Path, manifests: list[Path], wo
     got: dict[str, float] = {}
     for manifest in manifests:
         name = manifest.parent.name.split("-")[1]
-        res = work / f"test-{name}.json"
+        res = work / f"test-{run.name}-{name}.json"
         if not res.exists():
             _run(["evaluate", "--checkpoint", str(run), "--data", str(test), "--classes", str(classes),
                   "--attack-manifest", str(manifest), "--allow-outside-root", "--out", str(res)],
-                 work / f"test-{name}.log")
+                 work / f"test-{run.name}-{name}.log")
         m = json.loads(res.read_text())["metrics"]
         got["zeroshot"] = 100 * m["zeroshot"]["acc1"]
         got[name] = 100 * m["attack"]["zeroshot"]["asr@1"]
