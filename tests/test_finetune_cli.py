@@ -202,3 +202,22 @@ def test_canaries_that_do_not_implant_are_a_clear_error(fm_dir, pretrained, tmp_
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "canaries did not implant" in err and "--canary-lr" in err
+
+
+def test_a_search_with_nothing_within_the_budget_warns(fm_dir, pretrained, tmp_path, capsys, monkeypatch):
+    from clipguard.training import lr_search as mod
+
+    chosen = {"lr": 1e-4, "folder": "lr-search/lr-0.0001", "zeroshot": 70.0, "drift": 1.0, "canaries": [40.0, 20.0],
+              "canary": 30.0}
+    res = {"finished": True, "select": "canary", "budget": 3.0, "start_zeroshot": 80.0, "candidates": [chosen],
+           "chosen": chosen, "why": "none within the budget: the most accurate",
+           "canary": {"attacks": ["badnet", "blended"], "targets": ["a", "b"], "implant": {"asr": [90.0, 80.0]}}}
+    monkeypatch.setattr(mod, "lr_search", lambda *a, **k: res)
+    args = ["finetune", "--checkpoint", str(pretrained), "--data", str(fm_dir / "train.csv"), "--defense", "par",
+            "--out", str(tmp_path / "s"), "--eval-data", str(fm_dir / "test.csv"), "--lr-search", "1e-4"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "canaries left 30.0%" in out and "warning: no learning rate kept zero-shot within 3 points" in err
+    assert "30% of the canaries are left" in err
+    chosen["zeroshot"] = 78.0                                                  # within: no warning
+    assert main(args) == 0 and "warning" not in capsys.readouterr().err

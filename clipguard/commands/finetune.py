@@ -8,6 +8,7 @@ the fine-tuning run itself, from its own checkpoints.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from clipguard.commands.train import add_train_args, run_training
 
@@ -75,4 +76,10 @@ def _search(args: argparse.Namespace, weights: str) -> int:
               f"drift {c['drift']:.3f}{left}{mark}")
     print(f"finished: {args.out} is the run at lr {res['chosen']['lr']:g} ({res['why']}); "
           f"start zero-shot {res['start_zeroshot']:.1f}, budget {res['budget']:g} points")
+    chosen = res["chosen"]
+    if chosen["zeroshot"] < res["start_zeroshot"] - res["budget"]:
+        left = f"; {chosen['canary']:.0f}% of the canaries are left in its copy" if "canary" in chosen else ""
+        print(f"warning: no learning rate kept zero-shot within {res['budget']:g} points, so the most accurate "
+              f"one was kept{left}: it may not have removed a backdoor. More clean pairs, a larger "
+              "--budget or other rates may help (docs/finetuning.md#canaries)", file=sys.stderr)
     return 0
