@@ -90,18 +90,22 @@ def canary_targets(classes: Path, seeds: list[int]) -> list[str]:
     return draw(list(ClassInfo.load(classes).classes), seeds)
 
 
-def evaluate(run: Path, val: Path, classes: Path, manifests: list[Path], work: Path) -> dict[str, float]:
-    """Zero-shot and each canary's ASR@1 (in %) of the run on the validation rows."""
+def evaluate(run: Path, data: Path, classes: Path, manifests: list[Path], work: Path,
+             keys: list[str] | None = None, prefix: str = "eval") -> dict[str, float]:
+    """Zero-shot and each manifest's ASR@1 (in %) of the run on ``data``, evaluated once each into
+    ``work/<prefix>-<run>-<key>.json``; ``keys`` name the ASR entries (default: canary0, canary1)."""
+    keys = keys or [f"canary{i}" for i in range(len(manifests))]
     got: dict[str, float] = {}
-    for i, manifest in enumerate(manifests):
-        res = work / f"eval-{run.name}-{i}.json"
+    for key, manifest in zip(keys, manifests):
+        tag = key.removeprefix("canary")  # the canaries' files keep their first names
+        res = work / f"{prefix}-{run.name}-{tag}.json"
         if not res.exists():
-            _run(["evaluate", "--checkpoint", str(run), "--data", str(val), "--classes", str(classes),
+            _run(["evaluate", "--checkpoint", str(run), "--data", str(data), "--classes", str(classes),
                   "--attack-manifest", str(manifest), "--allow-outside-root", "--out", str(res)],
-                 work / f"eval-{run.name}-{i}.log")
+                 work / f"{prefix}-{run.name}-{tag}.log")
         m = json.loads(res.read_text())["metrics"]
         got["zeroshot"] = 100 * m["zeroshot"]["acc1"]
-        got[f"canary{i}"] = 100 * m["attack"]["zeroshot"]["asr@1"]
+        got[key] = 100 * m["attack"]["zeroshot"]["asr@1"]
     return got
 
 

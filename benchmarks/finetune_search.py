@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_canary import _run, clean_pairs_csv  # noqa: E402
+from finetune_canary import _run, clean_pairs_csv, evaluate  # noqa: E402
 
 
 def split_clean(clean: Path, work: Path, seed: int, fraction: float) -> tuple[Path, Path]:
@@ -45,22 +45,6 @@ def split_clean(clean: Path, work: Path, seed: int, fraction: float) -> tuple[Pa
         write_csv(val, [rows[i] for i in sorted(order[:n_val])], header)
         write_csv(fit, [rows[i] for i in sorted(order[n_val:])], header)
     return fit, val
-
-
-def test_metrics(run: Path, test: Path, classes: Path, manifests: list[Path], work: Path) -> dict[str, float]:
-    """Zero-shot and each attack part's ASR@1 (in %) of ``run`` on the grid's test rows."""
-    got: dict[str, float] = {}
-    for manifest in manifests:
-        name = manifest.parent.name.split("-")[1]
-        res = work / f"test-{run.name}-{name}.json"
-        if not res.exists():
-            _run(["evaluate", "--checkpoint", str(run), "--data", str(test), "--classes", str(classes),
-                  "--attack-manifest", str(manifest), "--allow-outside-root", "--out", str(res)],
-                 work / f"test-{run.name}-{name}.log")
-        m = json.loads(res.read_text())["metrics"]
-        got["zeroshot"] = 100 * m["zeroshot"]["acc1"]
-        got[name] = 100 * m["attack"]["zeroshot"]["asr@1"]
-    return got
 
 
 def poisoned_cell(out: Path, dataset: str, attack: str, seed: int) -> dict[str, float]:
@@ -103,8 +87,9 @@ def main(argv: list[str] | None = None) -> None:
                   "--device", "cpu", "--quiet", "--out", str(run)], work / f"{a.defense}.log")
         search = json.loads((run / "lr-search.json").read_text())
         manifests = sorted((a.out / "poison" / label / a.attack / f"seed{seed}").glob("part*/manifest.json"))
+        names = [m.parent.name.split("-")[1] for m in manifests]  # part<i>-<attack>-<hash>
         rows.append({"seed": seed, "chosen_lr": search["chosen"]["lr"], "search": search,
-                     "test": test_metrics(run, test, classes, manifests, work),
+                     "test": evaluate(run, test, classes, manifests, work, keys=names, prefix="test"),
                      "poisoned": poisoned_cell(a.out, label, a.attack, seed)})
     from clipguard.io import write_json
 
