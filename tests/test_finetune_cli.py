@@ -185,7 +185,8 @@ def test_canary_search_cleans_copies_and_keeps_the_real_run(fm_dir, pretrained, 
     for c in res["candidates"]:
         assert len(c["canaries"]) == 2 and (out / "lr-search" / f"canary-lr-{c['lr']:g}" / "results.jsonl").is_file()
     best = min(res["candidates"], key=lambda c: c["canary"])
-    assert res["chosen"]["lr"] == best["lr"]                                  # everything within 100 points
+    assert res["chosen"]["lr"] == best["lr"] and res["within_budget"]         # everything within 100 points
+    assert len(set(k["targets"])) == 2                                        # as the manifests record them
     # the kept run is the real one, started from the given model, never from the implanted copy
     chosen = load_file(str(_latest(out / res["chosen"]["folder"]) / "model.safetensors"))
     here = load_file(str(_latest(out) / "model.safetensors"))
@@ -210,7 +211,7 @@ def test_a_search_with_nothing_within_the_budget_warns(fm_dir, pretrained, tmp_p
     chosen = {"lr": 1e-4, "folder": "lr-search/lr-0.0001", "zeroshot": 70.0, "drift": 1.0, "canaries": [40.0, 20.0],
               "canary": 30.0}
     res = {"finished": True, "select": "canary", "budget": 3.0, "start_zeroshot": 80.0, "candidates": [chosen],
-           "chosen": chosen, "why": "none within the budget: the most accurate",
+           "chosen": chosen, "why": "none within the budget: the most accurate", "within_budget": False,
            "canary": {"attacks": ["badnet", "blended"], "targets": ["a", "b"], "implant": {"asr": [90.0, 80.0]}}}
     monkeypatch.setattr(mod, "lr_search", lambda *a, **k: res)
     args = ["finetune", "--checkpoint", str(pretrained), "--data", str(fm_dir / "train.csv"), "--defense", "par",
@@ -219,5 +220,5 @@ def test_a_search_with_nothing_within_the_budget_warns(fm_dir, pretrained, tmp_p
     out, err = capsys.readouterr()
     assert "canaries left 30.0%" in out and "warning: no learning rate kept zero-shot within 3 points" in err
     assert "30% of the canaries are left" in err
-    chosen["zeroshot"] = 78.0                                                  # within: no warning
+    chosen["zeroshot"], res["within_budget"] = 78.0, True                     # within: no warning
     assert main(args) == 0 and "warning" not in capsys.readouterr().err

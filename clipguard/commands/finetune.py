@@ -77,7 +77,7 @@ def _search(args: argparse.Namespace, weights: str) -> int:
     print(f"finished: {args.out} is the run at lr {res['chosen']['lr']:g} ({res['why']}); "
           f"start zero-shot {res['start_zeroshot']:.1f}, budget {res['budget']:g} points")
     chosen = res["chosen"]
-    if chosen["zeroshot"] < res["start_zeroshot"] - res["budget"]:
+    if not res.get("within_budget", True):  # searches written before this key existed: no warning
         left = f"; {chosen['canary']:.0f}% of the canaries are left in its copy" if "canary" in chosen else ""
         print(f"warning: no learning rate kept zero-shot within {res['budget']:g} points, so the most accurate "
               f"one was kept{left}: it may not have removed a backdoor. More clean pairs, a larger "

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,11 @@ class Candidate:
         return d
 
 
+def within_budget(c: Candidate, start_zeroshot: float, budget: float) -> bool:
+    """Whether a candidate's zero-shot stayed within ``budget`` points of the start's."""
+    return c.zeroshot >= start_zeroshot - budget
+
+
 def choose(candidates: list[Candidate], start_zeroshot: float, budget: float,
            select: str = "drift") -> tuple[Candidate, str]:
     """The rule: within ``budget`` points of the start, the farthest-moving candidate
@@ -73,7 +78,7 @@ def choose(candidates: list[Candidate], start_zeroshot: float, budget: float,
         raise ConfigError("--lr-search needs at least one learning rate")
     if select not in SELECT:
         raise ConfigError(f"--select must be one of {', '.join(SELECT)}, got {select!r}")
-    within = [c for c in candidates if c.zeroshot >= start_zeroshot - budget]
+    within = [c for c in candidates if within_budget(c, start_zeroshot, budget)]
     if within and select == "canary":
         if any(c.canary is None for c in within):
             raise ConfigError("--select canary: a candidate has no canary measurement")
@@ -185,8 +190,7 @@ def lr_search(spec, lrs: list[float], budget: float, data: str | Path, out: str 
     candidates = []
     for lr in lrs:
         folder = out / SEARCH_DIR / f"lr-{lr:g}"
-        c_spec = type(spec)(stage=spec.stage, defense=spec.defense, options=spec.options,
-                            train=spec.train.replace(lr=lr), preset=spec.preset)
+        c_spec = replace(spec, train=spec.train.replace(lr=lr))
         if not _train(c_spec, data, folder, c_spec.train.epochs, f"lr {lr:g}", eval_data=eval_data, classes=classes,
                       **train_kwargs):
             return {"finished": False}
@@ -203,9 +207,10 @@ def lr_search(spec, lrs: list[float], budget: float, data: str | Path, out: str 
     _link_run(out / chosen.folder, out)
     result = {"finished": True, "select": select, "rule": RULES[select],
               "budget": budget, "start_zeroshot": round(start_zs, 2), "eval_data": str(eval_data),
-              "candidates": [c.to_dict() for c in candidates], "chosen": chosen.to_dict(), "why": why}
+              "candidates": [c.to_dict() for c in candidates], "chosen": chosen.to_dict(), "why": why,
+              "within_budget": within_budget(chosen, start_zs, budget)}
     if implant is not None:
-        result["canary"] = {k: v for k, v in implant.items() if k not in ("finished", "folders", "spec")}
+        result["canary"] = {k: v for k, v in implant.items() if k not in ("finished", "folders")}
     write_json(done_file, result)
     return result
 
@@ -213,13 +218,10 @@ def lr_search(spec, lrs: list[float], budget: float, data: str | Path, out: str 
 def _implant(spec, data, out: Path, eval_data, classes, canary, train_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Plant the canaries into a copy of the clean pairs and implant them into a copy of the model
     by plain fine-tuning; a canary that does not take is an error (it would measure nothing)."""
-    from dataclasses import replace
-
     from clipguard import defenses
     from clipguard.api import load_model
-    from clipguard.data.classes import ClassInfo
     from clipguard.data.csv_dataset import CsvSpec
-    from clipguard.training.canary import CanaryOptions, canary_asr, canary_targets, implant_recipe, plant
+    from clipguard.training.canary import CanaryOptions, canary_asr, implant_recipe, plant
 
     opts = canary or CanaryOptions()
     if opts.seed is None:
@@ -229,9 +231,8 @@ def _implant(spec, data, out: Path, eval_data, classes, canary, train_kwargs: di
                     limit=train_kwargs.get("limit"))
     recipe = implant_recipe(spec.train.model)
     lr = opts.implant_lr if opts.implant_lr is not None else recipe["lr"]
-    i_spec = type(spec)(stage=spec.stage, defense="ft", options=defenses.resolve_options("ft", {}),
-                        train=spec.train.replace(lr=lr, epochs=opts.implant_epochs, warmup=recipe["warmup"]),
-                        preset=None)
+    i_spec = replace(spec, defense="ft", options=defenses.resolve_options("ft", {}), preset=None,
+                     train=spec.train.replace(lr=lr, epochs=opts.implant_epochs, warmup=recipe["warmup"]))
     folder = out / SEARCH_DIR / "implant"
     kwargs = {**train_kwargs, "data_spec": replace(data_spec, allow_outside_root=True), "attack_manifest": None,
               "limit": None}  # the canary copy holds the limited clean rows already
@@ -245,10 +246,9 @@ def _implant(spec, data, out: Path, eval_data, classes, canary, train_kwargs: di
         raise ConfigError(f"the canaries did not implant ({', '.join(f'{n} {a:.0f}%' for n, a in zip(names, asr))} "
                           f"ASR@1 after {opts.implant_epochs} epochs at lr {lr:g}; each needs {opts.min_asr:g}%), so "
                           "they cannot measure a recipe: pass a larger --canary-lr, or use --select drift")
-    targets = canary_targets(list(ClassInfo.load(Path(classes)).classes), opts.trigger_seeds)
-    return {"finished": True, "folders": folders, "attacks": names, "targets": targets,
-            "trigger_seeds": list(opts.trigger_seeds), "seed": opts.seed,
-            "count": read_json_object(folders[0] / "manifest.json", "canary manifest")["count"],
+    manifests = [read_json_object(d / "manifest.json", "canary manifest") for d in folders]
+    return {"finished": True, "folders": folders, "attacks": names, "targets": [m["target"]["name"] for m in manifests],
+            "trigger_seeds": list(opts.trigger_seeds), "seed": opts.seed, "count": manifests[0]["count"],
             "implant": {"folder": str(folder.relative_to(out)), "lr": lr, "epochs": opts.implant_epochs,
                         "asr": asr}}
 
@@ -261,8 +261,7 @@ def _clean_canaries(c_spec, data, out: Path, lr: float, implant: dict[str, Any],
     from clipguard.training.run import finetune_start
 
     weights, _ = finetune_start(out / implant["implant"]["folder"], c_spec.train.model)
-    k_spec = type(c_spec)(stage=c_spec.stage, defense=c_spec.defense, options=c_spec.options,
-                          train=c_spec.train.replace(checkpoint=weights), preset=c_spec.preset)
+    k_spec = replace(c_spec, train=c_spec.train.replace(checkpoint=weights))
     folder = out / SEARCH_DIR / f"canary-lr-{lr:g}"
     if not _train(k_spec, data, folder, k_spec.train.epochs, f"lr {lr:g} on the implanted copy",
                   eval_data=eval_data, classes=classes, **train_kwargs):
