@@ -109,7 +109,7 @@ def _detect(g):
      r"DAO-then-CLIP.detect: needs 'base' .*no plain CLIP entry"),
     (lambda g: g.update(finetune={"defenses": {"F": {"defense": "ft", "detect": {"detector": "dao"}}}}),
      r"finetune.defenses.F' has unknown key"),
-    (lambda g: g["attacks"]["badnet"].update(defenses=["DAO-then-CLIP"]), r"not its detect.base 'CLIP'"),
+    (lambda g: g["attacks"]["badnet"].update(defenses=["DAO-then-CLIP"]), r"not the model of its detect.base 'CLIP'"),
     (lambda g: g["scan"].update(detectors=["dao", "nope"]), r"scan.detectors.1: unknown detector 'nope'"),
     (lambda g: g["scan"].update(options={"kdist": {"k": 4}}), r"scan.options: \['kdist'\] are not among"),
     (lambda g: g["scan"].update(options={"dao": {"k": 0}}), r"scan.options.dao"),
@@ -411,3 +411,91 @@ def test_a_held_aside_entry_trains_on_the_held_aside_clean_rows(fm_dir, tmp_path
     clip = next(c for c in plan_cells(cfg) if c.method == "CLIP" and c.attack.label == "badnet")
     _, poisoned, _ = prepare_trainer(cfg, clip, out, cache, quiet=True)
     assert len(poisoned) > 500
+
+
+def _cleaned_grid() -> dict:
+    """Plain CLIP on the poisoned data, cleaned by fine-tuning on the held-aside rows; the cleaned
+    model scores the poisoned data (scan-only and detect-then-train)."""
+    g = copy.deepcopy(GRID)
+    g["datasets"]["fm"]["finetune_size"] = 40
+    g["pretrain"]["defenses"] = {
+        "CA-then-CLIP": {"detect": {"detector": "caption-agreement", "base": "CLIP+FT", "keep_fraction": 0.9}},
+        "CLIP": "none"}
+    g["finetune"] = {"base": "CLIP", "data": "clean", "defenses": {"FT": "ft"}}
+    g["scan"] = {"base": ["CLIP", "CLIP+FT"], "detectors": ["similarity"]}
+    return g
+
+
+def test_a_fine_tuned_model_is_a_scan_and_detect_base():
+    """'BASE+ENTRY' names the model a fine-tuning defence cleaned: it is made after its pre-training
+    base and before the cells that score with it, and the cache key follows the chain."""
+    g = _cleaned_grid()
+    cfg = parse_config(g)
+    validate_names(cfg)
+    cells = plan_cells(cfg)
+    ids = [c.id for c in cells]
+    assert ids.index("fm/badnet/CLIP/seed0") < ids.index("fm/badnet/CLIP+FT/seed0") \
+        < ids.index("fm/badnet/CA-then-CLIP/seed0")
+    assert ids.index("fm/badnet/CLIP+FT/seed0") < ids.index("fm/badnet/CLIP+FT+scan/seed0")
+    by_id = {c.id: c for c in cells}
+    assert dependency(cfg, by_id["fm/badnet/CA-then-CLIP/seed0"]).id == "fm/badnet/CLIP+FT/seed0"
+    assert dependency(cfg, by_id["fm/badnet/CLIP+FT+scan/seed0"]).id == "fm/badnet/CLIP+FT/seed0"
+    assert dependency(cfg, by_id["fm/badnet/CLIP+FT/seed0"]).id == "fm/badnet/CLIP/seed0"
+    # the clean column makes no fine-tuned model, so it plans no cell that needs one
+    assert sorted(c.method for c in cells if c.attack.clean) == ["CLIP", "CLIP"]
+    fp = _fp(cfg, "CA-then-CLIP")
+    g2 = _cleaned_grid()
+    g2["finetune"]["defenses"]["FT"] = {"defense": "ft", "train": {"lr": 1.0e-5}}  # another cleaned model
+    assert _fp(parse_config(g2), "CA-then-CLIP") != fp
+    # the scheduler starts the fine-tuned base before other fine-tuning or scan cells
+    from clipguard.bench.schedule import priority
+
+    assert priority(by_id["fm/badnet/CLIP+FT/seed0"], {"fm/badnet/CLIP+FT/seed0"}) == 0
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda g: g["attacks"]["clean"].update(defenses=["CLIP", "CA-then-CLIP"]),
+     r"attacks.clean runs 'CA-then-CLIP' but not the model of its detect.base 'CLIP\+FT', which .*\(a fine-tuning model"),
+    (lambda g: g["pretrain"]["defenses"]["CA-then-CLIP"]["detect"].update(base="CLIP+Nope"),
+     r"base 'CLIP\+Nope' is not a pre-training defence label or a fine-tuning row; choose one of .*'CLIP\+FT'"),
+    (lambda g: g["finetune"].update(base="CA-then-CLIP"), r"detect bases form a cycle: CA-then-CLIP -> CA-then-CLIP\+FT"),
+])
+def test_bad_fine_tuned_bases_name_the_key(mutate, message):
+    g = _cleaned_grid()
+    mutate(g)
+    if g["finetune"]["base"] == "CA-then-CLIP":
+        g["pretrain"]["defenses"]["CA-then-CLIP"]["detect"]["base"] = "CA-then-CLIP+FT"
+        g["scan"]["base"] = "CLIP"
+    with pytest.raises(ConfigError, match=message):
+        parse_config(g)
+
+
+def test_tiny_grid_scans_with_a_fine_tuned_model(fm_dir, tmp_path):
+    from clipguard.bench.runner import run_bench
+
+    g = _cleaned_grid()
+    g.update(seeds=[0], model="cg-nano")
+    g["datasets"]["fm"] = {"train": str(fm_dir / "train.csv"), "test": str(fm_dir / "test.csv"),
+                           "probe_size": 0, "finetune_size": 64}
+    g["attacks"] = {"badnet": {"attack": "badnet", "target": "bag", "count": 26}}
+    g["pretrain"]["train"] = {"epochs": 1, "batch_size": 64, "warmup": 2}
+    g["finetune"]["train"] = {"epochs": 1, "batch_size": 32, "warmup": 1}
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(g))
+    out = tmp_path / "bench"
+    meta = run_bench(load_config(config), out, quiet=True)
+    assert meta["cells_run"] == 5
+
+    def cell(name: str) -> dict:
+        return json.loads((out / "cells" / f"fm__badnet__{name}__seed0.json").read_text())
+
+    det = cell("CA-then-CLIP")["detection"]
+    assert det["base"] == "CLIP+FT" and det["base_cell"] == "fm/badnet/CLIP+FT/seed0"
+    assert det["checkpoint"].startswith("runs/fm/badnet/seed0/finetune-FT/checkpoints/")
+    assert cell("CA-then-CLIP")["train_pairs"] == det["keep"]["kept"] < det["n_pairs"]
+    scan = cell("CLIP+FT+scan")["detection"]
+    assert scan["base"] == "CLIP+FT" and scan["n_poisoned"] == 26
+    # the cleaned model is not the poisoned one: the same detector scores the pairs differently
+    plain = (out / "runs/fm/badnet/seed0/scan-CLIP/scores.csv").read_text()
+    cleaned = (out / "runs/fm/badnet/seed0/scan-CLIP+FT/scores.csv").read_text()
+    assert plain != cleaned

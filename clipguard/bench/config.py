@@ -444,10 +444,28 @@ def _default_base(pretrain: StageSpec) -> str | None:
                  if d.detect is None and d.defense == "none" and d.preset is None), None)
 
 
-def _check_base(base: str | None, pretrain: StageSpec, source: str, key: str, chain: bool = False) -> str:
-    """``base`` (or the default) checked against the pre-training labels. ``chain``: the base may
-    itself be a detect-then-train entry (a detect entry scanning with a model trained on pairs an
-    earlier detection kept)."""
+def finetune_methods(finetune: StageSpec | None) -> list[str]:
+    """The row labels of the fine-tuning stage's models, 'BASE+ENTRY' (the model ENTRY made from
+    the pre-training entry BASE's model): a detect or scan base may name one of them."""
+    if finetune is None:
+        return []
+    return [f"{finetune.base}+{d.label}" for d in finetune.defenses]
+
+
+def model_runs(attack: AttackSpec, label: str, finetune: StageSpec | None) -> bool:
+    """Whether the grid makes the model ``label`` (a pre-training label or a fine-tuning row) for
+    ``attack``: a fine-tuning model only where its base runs and there is a backdoor to remove."""
+    if label in finetune_methods(finetune):
+        return not attack.clean and attack.runs(finetune.base)
+    return attack.runs(label)
+
+
+def _check_base(base: str | None, pretrain: StageSpec, source: str, key: str, chain: bool = False,
+                finetune: StageSpec | None = None) -> str:
+    """``base`` (or the default) checked against the pre-training labels and the fine-tuning rows
+    (``BASE+ENTRY``: the model a fine-tuning defence cleaned, scoring the poisoned data it never
+    saw as it is). ``chain``: the base may itself be a detect-then-train entry (a detect entry
+    scanning with a model trained on pairs an earlier detection kept)."""
     labels = [d.label for d in pretrain.defenses]
     if base is None:
         base = _default_base(pretrain)
@@ -455,8 +473,11 @@ def _check_base(base: str | None, pretrain: StageSpec, source: str, key: str, ch
             raise ConfigError(f"{source}: {key}: needs 'base' (the pre-training defence label whose model scores "
                               f"the data); there is no plain CLIP entry (defense: none) to default to; "
                               f"choose one of {labels}")
+    if base in finetune_methods(finetune):
+        return base
     if base not in labels:
-        raise ConfigError(f"{source}: {key}: base {base!r} is not a pre-training defence label; choose one of {labels}")
+        raise ConfigError(f"{source}: {key}: base {base!r} is not a pre-training defence label or a fine-tuning "
+                          f"row; choose one of {labels + finetune_methods(finetune)}")
     entry = next(d for d in pretrain.defenses if d.label == base)
     if entry.detect is not None and not chain:
         raise ConfigError(f"{source}: {key}: base {base!r} is itself a detect-then-train entry; the base must "
@@ -464,21 +485,24 @@ def _check_base(base: str | None, pretrain: StageSpec, source: str, key: str, ch
     return base
 
 
-def detect_depth(defenses: list[DefenseSpec], label: str, source: str = "config") -> int:
-    """How many detect-then-train entries lead to ``label``'s model: 0 for an entry that trains on
-    the data as it is, 1 for one whose base is such an entry, and so on (a cycle is an error)."""
+def detect_depth(defenses: list[DefenseSpec], label: str, source: str = "config",
+                 finetune: StageSpec | None = None) -> int:
+    """How many models must be made before ``label``'s: 0 for an entry that trains on the data as
+    it is, one more for each detect base or fine-tuning base on the way (a cycle is an error).
+    ``label`` may be a fine-tuning row ('BASE+ENTRY')."""
     by_label = {d.label: d for d in defenses}
+    tuned = set(finetune_methods(finetune))
     seen: list[str] = []
-    while by_label[label].detect is not None:
+    while label in tuned or by_label[label].detect is not None:
         if label in seen:
             chain = " -> ".join([*seen[seen.index(label):], label])
             raise ConfigError(f"{source}: detect bases form a cycle: {chain}")
         seen.append(label)
-        label = by_label[label].detect.base
+        label = finetune.base if label in tuned else by_label[label].detect.base
     return len(seen)
 
 
-def _scan(obj: Any, source: str, pretrain: StageSpec) -> ScanSpec:
+def _scan(obj: Any, source: str, pretrain: StageSpec, finetune: StageSpec | None = None) -> ScanSpec:
     """``scan: {base: CLIP, detectors: [dao, kdist], options: {dao: {k: 16}}}``."""
     from clipguard.detection.base import names
 
@@ -487,9 +511,9 @@ def _scan(obj: Any, source: str, pretrain: StageSpec) -> ScanSpec:
     raw_bases = s.get("base")
     bases = raw_bases if isinstance(raw_bases, list) else [raw_bases]
     if not bases or not all(b is None or isinstance(b, str) for b in bases):
-        raise ConfigError(f"{source}: scan.base must be a pre-training defence label or a list of them, "
+        raise ConfigError(f"{source}: scan.base must be a pre-training defence label or fine-tuning row, or a list of them, "
                           f"got {raw_bases!r}")
-    bases = [_check_base(b, pretrain, source, "scan.base", chain=True) for b in bases]
+    bases = [_check_base(b, pretrain, source, "scan.base", chain=True, finetune=finetune) for b in bases]
     if len(set(bases)) != len(bases):
         raise ConfigError(f"{source}: scan.base has duplicates: {bases}")
     dets = s.get("detectors")
@@ -597,23 +621,7 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
         if unknown:
             raise ConfigError(f"{source}: attacks.{a.label}.defenses: {unknown} are not pretrain defence labels; "
                               f"choose from {[d.label for d in pretrain.defenses]}")
-    for d in pretrain.defenses:
-        if d.detect is not None:
-            d.detect.base = _check_base(d.detect.base, pretrain, source, f"pretrain.defenses.{d.label}.detect",
-                                        chain=True)
-            for a in attacks:
-                if a.runs(d.label) and not a.runs(d.detect.base):
-                    raise ConfigError(f"{source}: attacks.{a.label}.defenses lists {d.label!r} but not its "
-                                      f"detect.base {d.detect.base!r}, whose model it scans the data with")
-    for d in pretrain.defenses:
-        detect_depth(pretrain.defenses, d.label, source)  # a chain of detect bases must end
-    scan = _scan(raw["scan"], source, pretrain) if raw.get("scan") is not None else None
-    grid_seeds = _seeds(raw.get("seeds", [0]), source)
-    for a in attacks:
-        extra = sorted(set(a.seeds or []) - set(grid_seeds))
-        if extra:
-            raise ConfigError(f"{source}: attacks.{a.label}.seeds: {extra} are not among the grid's seeds {grid_seeds}")
-    if finetune is not None:
+    if finetune is not None:  # before the detect bases: one may be a fine-tuning row
         labels = [d.label for d in pretrain.defenses]
         if finetune.base is None:
             finetune.base = labels[0]
@@ -623,9 +631,28 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
         clash = {d.label for d in finetune.defenses} & set(labels)
         if clash:
             raise ConfigError(f"{source}: labels {sorted(clash)} are used by both pretrain and finetune")
-        if scan is not None and finetune.base in scan.bases and "scan" in {d.label for d in finetune.defenses}:
-            raise ConfigError(f"{source}: finetune.defenses.scan would be named '{finetune.base}+scan', "
-                              f"the method of the scan-only cells; choose another label")
+    for d in pretrain.defenses:
+        if d.detect is not None:
+            d.detect.base = _check_base(d.detect.base, pretrain, source, f"pretrain.defenses.{d.label}.detect",
+                                        chain=True, finetune=finetune)
+            for a in attacks:
+                if a.runs(d.label) and not model_runs(a, d.detect.base, finetune):
+                    why = ("a fine-tuning model is made only on poisoned columns that run its base"
+                           if d.detect.base in finetune_methods(finetune) else "list it there too")
+                    raise ConfigError(f"{source}: attacks.{a.label} runs {d.label!r} but not the model of its "
+                                      f"detect.base {d.detect.base!r}, which scans the data ({why})")
+    for d in pretrain.defenses:
+        detect_depth(pretrain.defenses, d.label, source, finetune)  # a chain of bases must end
+    scan = _scan(raw["scan"], source, pretrain, finetune) if raw.get("scan") is not None else None
+    grid_seeds = _seeds(raw.get("seeds", [0]), source)
+    for a in attacks:
+        extra = sorted(set(a.seeds or []) - set(grid_seeds))
+        if extra:
+            raise ConfigError(f"{source}: attacks.{a.label}.seeds: {extra} are not among the grid's seeds {grid_seeds}")
+    if finetune is not None and scan is not None and finetune.base in scan.bases \
+            and "scan" in {d.label for d in finetune.defenses}:
+        raise ConfigError(f"{source}: finetune.defenses.scan would be named '{finetune.base}+scan', "
+                          f"the method of the scan-only cells; choose another label")
     cfg = BenchConfig(name=str(raw.get("name") or Path(source).stem), model=str(raw.get("model", "cg-tiny")),
                       device=str(raw.get("device", "cpu")), seeds=grid_seeds,
                       datasets=datasets, attacks=attacks, pretrain=pretrain, finetune=finetune, scan=scan,

@@ -133,7 +133,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
             s["keep"]["poisons_kept_parts"] = {col: int((r.keep.mask & m).sum()) for col, m in parts.items()}
         summaries[r.name] = s
     rec: dict[str, Any] = {
-        "format": DETECT_FORMAT, "fingerprint": fingerprint, "base": base.defense.label, "base_cell": base.id,
+        "format": DETECT_FORMAT, "fingerprint": fingerprint, "base": base.method, "base_cell": base.id,
         "base_fingerprint": base_fingerprint, "checkpoint": str(checkpoint.relative_to(out)),
         "n_pairs": n, "n_poisoned": int(mask.sum()) if mask is not None else None,
         "columns": {col: int(m.sum()) for col, m in parts.items()},

@@ -1,13 +1,14 @@
 """Cells of the grid and where their files live; the order guarantees that a cell's base model (a
-pre-training cell of the same dataset, attack and seed) is trained before it: a fine-tuning cell's
-starting point, a detect-then-train cell's or a scan-only cell's scoring model."""
+cell of the same dataset, attack and seed) is made before it: a fine-tuning cell's starting point,
+a detect-then-train cell's or a scan-only cell's scoring model (a pre-training model, or one a
+fine-tuning defence cleaned)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipguard.bench.config import AttackSpec, BenchConfig, DatasetSpec, DefenseSpec, detect_depth
+from clipguard.bench.config import AttackSpec, BenchConfig, DatasetSpec, DefenseSpec, detect_depth, model_runs
 
 
 @dataclass(frozen=True)
@@ -51,33 +52,51 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
             for seed in cfg.seeds:
                 if not attack.runs_seed(seed):
                     continue
-                # detect-then-train entries after their bases: a base must be trained first
-                for d in sorted(cfg.pretrain.defenses, key=lambda d: detect_depth(cfg.pretrain.defenses, d.label)):
+                group: list[Cell] = []
+                for d in cfg.pretrain.defenses:
                     if attack.runs(d.label):
-                        cells.append(Cell(ds, attack, d, seed, "pretrain"))
+                        group.append(Cell(ds, attack, d, seed, "pretrain"))
                 # scan-only: detection metrics need poisons; the base must run on this attack
                 if cfg.scan is not None and not attack.clean:
                     for b in cfg.scan.bases:
-                        if attack.runs(b):
-                            cells.append(Cell(ds, attack, SCAN_ENTRY, seed, "scan", base=b))
+                        if model_runs(attack, b, cfg.finetune):
+                            group.append(Cell(ds, attack, SCAN_ENTRY, seed, "scan", base=b))
                 # a model trained on clean data has no backdoor for a fine-tuning defence to remove
                 if cfg.finetune is not None and not attack.clean and attack.runs(cfg.finetune.base):
                     for d in cfg.finetune.defenses:
-                        cells.append(Cell(ds, attack, d, seed, "finetune", base=cfg.finetune.base))
+                        group.append(Cell(ds, attack, d, seed, "finetune", base=cfg.finetune.base))
+                # every base before the cells that need it (stable: plan order among equals)
+                cells.extend(sorted(group, key=lambda c: _depth(cfg, c)))
     return cells
 
 
-def base_cell(cfg: BenchConfig, cell: Cell) -> Cell:
-    """The pre-training cell whose final model a fine-tuning cell starts from (or a scan-only
-    cell scores the data with)."""
-    base = next(d for d in cfg.pretrain.defenses if d.label == cell.base)
+def _depth(cfg: BenchConfig, cell: Cell) -> int:
+    """How many models must be made before the cell's own."""
+    if cell.stage == "pretrain":
+        return detect_depth(cfg.pretrain.defenses, cell.defense.label, cfg.source, cfg.finetune)
+    return 1 + detect_depth(cfg.pretrain.defenses, cell.base, cfg.source, cfg.finetune)
+
+
+def model_cell(cfg: BenchConfig, cell: Cell, label: str) -> Cell:
+    """The cell that makes the model ``label`` for ``cell``'s dataset, attack and seed: a
+    pre-training entry, or a fine-tuning row 'BASE+ENTRY'."""
+    if cfg.finetune is not None:
+        for d in cfg.finetune.defenses:
+            if label == f"{cfg.finetune.base}+{d.label}":
+                return Cell(cell.dataset, cell.attack, d, cell.seed, "finetune", base=cfg.finetune.base)
+    base = next(d for d in cfg.pretrain.defenses if d.label == label)
     return Cell(cell.dataset, cell.attack, base, cell.seed, "pretrain")
+
+
+def base_cell(cfg: BenchConfig, cell: Cell) -> Cell:
+    """The cell whose final model a fine-tuning cell starts from (a pre-training cell) or a
+    scan-only cell scores the data with."""
+    return model_cell(cfg, cell, cell.base)
 
 
 def detect_base_cell(cfg: BenchConfig, cell: Cell) -> Cell:
-    """The pre-training cell whose final model a detect-then-train cell scores its data with."""
-    base = next(d for d in cfg.pretrain.defenses if d.label == cell.defense.detect.base)
-    return Cell(cell.dataset, cell.attack, base, cell.seed, "pretrain")
+    """The cell whose final model a detect-then-train cell scores its data with."""
+    return model_cell(cfg, cell, cell.defense.detect.base)
 
 
 def dependency(cfg: BenchConfig, cell: Cell) -> Cell | None:

@@ -1,7 +1,7 @@
 """The order in which a grid's cells start, and when each may start.
 
-A fine-tuning, detect-then-train or scan-only cell needs its base (a pre-training cell of the same
-dataset, attack and seed) finished first. Both ways of running cells side by side use this queue:
+A fine-tuning, detect-then-train or scan-only cell needs its base (a cell of the same dataset,
+attack and seed) finished first. Both ways of running cells side by side use this queue:
 the ``--jobs`` worker pool (clipguard/bench/runner.py) and submitted jobs (``--executor slurm`` or
 ``local``, clipguard/bench/submit.py)."""
 
@@ -15,13 +15,13 @@ from clipguard.bench.plan import Cell, dependency
 
 
 def priority(cell: Cell, bases: set[str]) -> int:
-    """Bases of other cells first (they unlock work), then defended pre-training (detect-then-
-    train included), then the other pre-training cells; the short fine-tuning and scan-only
-    cells fill the workers at the end."""
-    if cell.stage in ("finetune", "scan"):
-        return 3
+    """Bases of other cells first (they unlock work; a fine-tuned model that scores data too),
+    then defended pre-training (detect-then-train included), then the other pre-training cells;
+    the short fine-tuning and scan-only cells fill the workers at the end."""
     if cell.id in bases:
         return 0
+    if cell.stage in ("finetune", "scan"):
+        return 3
     return 1 if cell.defense.defense != "none" or cell.defense.detect is not None else 2
 
 
