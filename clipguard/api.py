@@ -141,13 +141,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, classes: str | Path | 
     return result
 
 
-def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *,
+def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: str | Path, *,
          detectors: str | Sequence[str] | None = None, options: dict[str, dict[str, Any]] | None = None,
          attack_manifest: str | Path | None = None, keep_detector: str | None = None,
          keep_fraction: float | None = None, veto_detectors: Sequence[str] = (), model: str | None = None,
          device: str = "auto", spec: CsvSpec | None = None, overwrite: bool = False, progress: bool = False,
          **settings: Any) -> dict[str, Any]:
-    """Score every pair of ``data`` with ``checkpoint``'s embeddings, as ``clipguard scan``: writes
+    """Score every pair of ``data`` with ``checkpoint``'s embeddings (a list: several models, their
+    rank shares averaged), as ``clipguard scan``: writes
     ``out/scores.csv``, ``out/kept.csv``, ``out/suspicious.csv`` and ``out/scan.json`` and returns
     scan.json's record. ``settings``: the command's other options (``top``, ``batch_size``,
     ``chunk``, ``limit``, ``lazy_images``, ``skip_bad_rows``, ``dataset_type``)."""

@@ -171,3 +171,64 @@ def test_scan_in_pixel_space_finds_targeted_copies_with_noise(fm_dir, poisoned, 
     rec = json.loads((out / "scan.json").read_text())["detectors"]["repeat"]
     assert rec["options"]["space"] == "pixels" and rec["metrics"]["auroc"] == 1.0
     assert rec["keep"]["poisons_kept"] == 0
+
+
+def test_rank_shares_and_combined_scans():
+    """Rank shares put every model's scores on one scale (ties share their mean rank); combining
+    a scan with itself changes no ranking and no keep decision; two models' rules keep a pair only
+    if both keep it."""
+    import numpy as np
+
+    from clipguard.detection.base import PairFeatures, build
+    from clipguard.detection.runner import combine_results, rank_shares, scan_features
+
+    assert np.allclose(rank_shares(np.array([0.5, 0.1, 0.9, 0.1])), [0.75, 0.375, 1.0, 0.375])
+    rng = np.random.default_rng(0)
+    import torch
+
+    def feats(seed):
+        g = torch.Generator().manual_seed(seed)
+        return PairFeatures(torch.nn.functional.normalize(torch.randn(60, 8, generator=g), dim=1),
+                            torch.nn.functional.normalize(torch.randn(60, 8, generator=g), dim=1))
+
+    dets = [build("similarity"), build("kdist", {"k": 4})]
+    poisoned = rng.random(60) < 0.2
+    a = scan_features(feats(0), dets, keep_detector="similarity", poisoned=poisoned, progress=False)
+    same = combine_results([a, a], poisoned=poisoned)
+    for r, s in zip(a.runs, same.runs):
+        assert np.array_equal(np.argsort(-r.scores, kind="stable"), np.argsort(-s.scores, kind="stable"))
+        assert np.array_equal(r.keep.mask, s.keep.mask) and s.keep.rule["rule"] == "every_model"
+        assert s.metrics["auroc"] == pytest.approx(r.metrics["auroc"])
+    b = scan_features(feats(1), dets, keep_detector="similarity", poisoned=poisoned, progress=False)
+    both = combine_results([a, b], keep_fraction=0.8, veto_detectors=["kdist"], poisoned=poisoned)
+    kd = both.runs[1]
+    assert np.array_equal(kd.keep.mask, a.runs[1].keep.mask & b.runs[1].keep.mask)
+    assert np.allclose(both.runs[0].scores, (rank_shares(a.runs[0].scores) + rank_shares(b.runs[0].scores)) / 2)
+    assert both.keep.rule["rule"] == "fraction" and both.keep.rule["vetoes"][0]["detector"] == "kdist"
+    assert not (both.keep.mask & ~kd.keep.mask).any()
+
+
+def test_scan_with_two_models(poisoned, tmp_path, capsys):
+    """--checkpoint twice: both models encode the pairs; scan.json names them and gives each
+    model's own metrics beside the combined ones."""
+    from clipguard.models.checkpoint import save_checkpoint
+    from clipguard.models.factory import create_model
+
+    save_checkpoint(tmp_path / "ck2", create_model("cg-tiny", seed=1), state={"model": "cg-tiny"})
+    out = tmp_path / "scan"
+    assert _scan(poisoned, out, "--checkpoint", str(tmp_path / "ck2"), "--detector", "similarity,caption-agreement",
+                 "--attack-manifest", str(poisoned / "p" / "manifest.json"), "--keep-fraction", "0.9") == 0
+    summary = json.loads((out / "scan.json").read_text())
+    assert summary["models"] == ["cg-nano", "cg-tiny"] and len(summary["checkpoints"]) == 2
+    assert "mean of its rank shares" in summary["combined"]
+    for rec in summary["detectors"].values():
+        assert len(rec["per_model"]) == 2 and all(0 <= m["auroc"] <= 1 for m in rec["per_model"])
+        assert rec["keep"]["rule"] == "every_model"
+    scores = _rows(out / "scores.csv")
+    assert sorted(int(r["similarity_rank"]) for r in scores) == list(range(1, N + 1))
+    assert summary["keep"]["kept"] == sum(int(r["kept"]) for r in scores) in (int(0.9 * N), int(0.9 * N) + 1)
+    # models of different image sizes cannot score one decoded set
+    save_checkpoint(tmp_path / "ck224", create_model("cg-tiny-224", seed=0), state={"model": "cg-tiny-224"})
+    capsys.readouterr()
+    assert _scan(poisoned, tmp_path / "bad", "--checkpoint", str(tmp_path / "ck224"), "--detector", "similarity") == 2
+    assert "the models take images of different sizes ([28, 224])" in capsys.readouterr().err

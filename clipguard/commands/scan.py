@@ -14,7 +14,10 @@ def add_parser(sub) -> None:
                                    "DIR/kept.csv, DIR/suspicious.csv and DIR/scan.json (with "
                                    "--attack-manifest also detection metrics and plots).")
     p.add_argument("--data", required=True, help="dataset: CSV, or webdataset shards")
-    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or .safetensors")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="run folder, checkpoint folder or .safetensors; repeat it to score with several "
+                        "models (each detector's score is then the mean of its rank shares under every "
+                        "model, and its own rule keeps a pair only if every model's does)")
     p.add_argument("--model", default=None, help="model name if the checkpoint has no state.json")
     p.add_argument("--out", required=True, help="scan folder")
     p.add_argument("--detector", action="extend", nargs="+", default=None, metavar="NAME",
@@ -47,7 +50,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from clipguard.detection.runner import parse_detector_options, scan
 
-    summary = scan(args.data, args.checkpoint, args.out, model=args.model, detectors=args.detector,
+    checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint
+    summary = scan(args.data, checkpoint, args.out, model=args.model, detectors=args.detector,
                    options=parse_detector_options(args.detector_option), attack_manifest=args.attack_manifest,
                    keep_fraction=args.keep_fraction, keep_detector=args.keep_detector,
                    veto_detectors=args.veto_detector, top=args.top, overwrite=args.overwrite, device=args.device, batch_size=args.batch_size,

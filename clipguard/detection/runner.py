@@ -225,6 +225,51 @@ def scan_features(features: PairFeatures, detectors: Sequence[Detector], *, keep
     return ScanResult(runs, keep_detector, keep, mask, part_masks)
 
 
+def rank_shares(scores: np.ndarray) -> np.ndarray:
+    """Each pair's rank among all pairs as a share in (0, 1] (1: the highest score; ties share
+    their mean rank), so that scores of different models are on one scale."""
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(s, kind="stable")
+    ranks = np.empty(len(s), dtype=np.float64)
+    ranks[order] = np.arange(1, len(s) + 1)
+    # ties: the mean rank of their group
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse] / max(1, len(s))
+
+
+def combine_results(results: Sequence[ScanResult], *, keep_fraction: float | None = None,
+                    veto_detectors: Sequence[str] = (), poisoned: np.ndarray | None = None,
+                    parts: dict[str, np.ndarray] | None = None) -> ScanResult:
+    """One scan from the scans of several models of the same pairs (the same detectors, in order):
+    each detector's score is the mean of its rank shares under every model, and its own rule keeps
+    a pair only if it keeps it under every model. Two models seldom share a blind spot: a model
+    trained on a small trusted set confuses some classes, one cleaned from the poisoned model may
+    keep part of a trigger, and a pair both rank high is suspicious under either."""
+    from clipguard.detection.metrics import grouped_metrics
+
+    first = results[0]
+    if any([r.name for r in res.runs] != [r.name for r in first.runs] for res in results):
+        raise ValueError("combine_results: every scan must run the same detectors in the same order")
+    runs = []
+    for i, r0 in enumerate(first.runs):
+        per = [res.runs[i] for res in results]
+        scores = np.mean([rank_shares(p.scores) for p in per], axis=0)
+        mask = np.logical_and.reduce([p.keep.mask for p in per])
+        keep = KeepDecision(mask, {"rule": "every_model", "models": [p.keep.rule for p in per]})
+        run = DetectorRun(r0.detector, scores, keep, sum(p.seconds for p in per), sum(p.knn_seconds for p in per))
+        if poisoned is not None:
+            run.metrics = grouped_metrics(scores, poisoned, parts or None)
+        runs.append(run)
+    by_name = {r.name: r for r in runs}
+    chosen = by_name[first.keep_detector]
+    keep = fraction_keep(chosen.scores, keep_fraction) if keep_fraction is not None else chosen.keep
+    vetoes = check_vetoes(veto_detectors, first.keep_detector, list(by_name))
+    if vetoes:
+        keep = veto_keep(keep, {name: by_name[name].keep for name in vetoes})
+    return ScanResult(runs, first.keep_detector, keep, poisoned, dict(parts or {}))
+
+
 # ---------------------------------------------------------------------------- manifest
 def manifest_masks(manifest: str | Path, data) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     """Poison mask over ``data``, one mask per attack part (trigger) when the manifest records
@@ -246,7 +291,7 @@ def manifest_masks(manifest: str | Path, data) -> tuple[np.ndarray, dict[str, np
 
 
 # ---------------------------------------------------------------------------- the command
-def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: str | None = None,
+def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: str | Path, *, model: str | None = None,
          detectors: str | Sequence[str] | None = None,
          options: dict[str, dict[str, Any] | DetectorOptions] | None = None,
          attack_manifest: str | Path | None = None, keep_fraction: float | None = None,
@@ -255,6 +300,9 @@ def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: st
          limit: int | None = None, skip_bad_rows: bool = False, chunk: int = 4096,
          progress: bool = True) -> dict[str, Any]:
     """Find suspicious pairs of ``data`` with ``checkpoint``'s embeddings; write ``out``.
+
+    ``checkpoint`` may be a list: every model encodes the pairs, each detector scores them under
+    each model, and the scores written are the mean rank shares (``combine_results``).
 
     Writes ``out/scores.csv`` (every pair's score and rank per detector), ``out/kept.csv`` (the
     pairs the keep detector keeps, in the input's columns and separator, images hard-linked
@@ -296,15 +344,27 @@ def scan(data: str | Path, checkpoint: str | Path, out: str | Path, *, model: st
 
         load_manifest(attack_manifest)  # a missing or broken manifest fails before the model loads
 
-    # ---- model, data, embeddings
-    net, model_name = load_model(checkpoint, model, str(dev))
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    if not checkpoints:
+        raise ConfigError("--checkpoint: give at least one model")
+
+    # ---- models, data, embeddings
+    models = [load_model(c, model, str(dev)) for c in checkpoints]
+    sizes = {image_size(net) for net, _ in models}
+    if len(sizes) > 1:
+        raise ConfigError(f"--checkpoint: the models take images of different sizes ({sorted(sizes)}); "
+                          f"scan with models of one image size")
+    net, model_name = models[0]
     pairs = load_dataset(str(data), kind, spec=spec, image_size=image_size(net), skip_bad_rows=skip_bad_rows,
                          limit=limit, lazy=lazy_images)
+    sources: dict[str, Any] = {"data": str(data), "checkpoint": str(checkpoints[0])}
+    if len(checkpoints) > 1:
+        sources["checkpoints"] = [str(c) for c in checkpoints]
     summary, _ = scan_pairs(pairs, net, model_name, out, dets, keep_detector=keep_name, keep_fraction=keep_fraction,
                             veto_detectors=vetoes,
                             attack_manifest=attack_manifest, kind=kind, spec=spec, top=top, device=dev,
                             batch_size=batch_size, chunk=chunk, progress=progress,
-                            sources={"data": str(data), "checkpoint": str(checkpoint)})
+                            sources=sources, more_models=models[1:])
     return summary
 
 
@@ -312,23 +372,34 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
                keep_detector: str, keep_fraction: float | None, attack_manifest: str | Path | None, kind: str,
                veto_detectors: Sequence[str] = (),
                spec, top: int, device: torch.device, batch_size: int = 256, chunk: int = 4096,
-               progress: bool = True, sources: dict[str, str]) -> tuple[dict[str, Any], ScanResult]:
+               progress: bool = True, sources: dict[str, Any],
+               more_models: Sequence[tuple[torch.nn.Module, str]] = ()) -> tuple[dict[str, Any], ScanResult]:
     """The part of ``scan`` after loading: encode ``pairs`` with ``net``, score, write ``out``
     (checked beforehand by the caller), and return scan.json's record with the full result (its
-    keep mask is what a retraining step trains on)."""
+    keep mask is what a retraining step trains on). ``more_models``: (model, name) pairs that
+    score the pairs too; the scores written then combine every model's (``combine_results``)."""
     import clipguard
     from clipguard.detection import outputs
     from clipguard.models.factory import get_tokenizer
 
     poisoned, parts, manifest = (manifest_masks(attack_manifest, pairs) if attack_manifest is not None
                                  else (None, {}, None))
-    t0 = time.perf_counter()
-    features = encode_pairs(net, get_tokenizer(model_name), pairs, device=device, batch_size=batch_size,
-                            progress=progress, chunk=chunk, pixels=needs_pixels(dets))
-    encode_s = time.perf_counter() - t0
+    encode_s = 0.0
+    per_model: list[ScanResult] = []
+    for m, name in [(net, model_name), *more_models]:
+        t0 = time.perf_counter()
+        features = encode_pairs(m, get_tokenizer(name), pairs, device=device, batch_size=batch_size,
+                                progress=progress, chunk=chunk, pixels=needs_pixels(dets))
+        encode_s += time.perf_counter() - t0
+        alone = not more_models
+        per_model.append(scan_features(features, dets, keep_detector=keep_detector,
+                                       keep_fraction=keep_fraction if alone else None,
+                                       veto_detectors=veto_detectors if alone else (),
+                                       poisoned=poisoned, parts=parts, progress=progress))
+        del features
     del net
-    result = scan_features(features, dets, keep_detector=keep_detector, keep_fraction=keep_fraction,
-                           veto_detectors=veto_detectors, poisoned=poisoned, parts=parts, progress=progress)
+    result = per_model[0] if not more_models else combine_results(
+        per_model, keep_fraction=keep_fraction, veto_detectors=veto_detectors, poisoned=poisoned, parts=parts)
 
     # ---- outputs (scan.json last: it marks a finished scan)
     n = len(pairs)
@@ -339,9 +410,15 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
         "encode": {"seconds": encode_s, "pairs_per_s": n / encode_s if encode_s > 0 else None,
                    "batch_size": batch_size},
         "detectors": {r.name: r.summary(n, poisoned) for r in result.runs},
+        **({"models": [model_name, *(name for _, name in more_models)],
+            "combined": "each detector's score: the mean of its rank shares under every model; its own "
+                        "rule keeps a pair only if it keeps it under every model"} if more_models else {}),
         "keep": {"detector": result.keep_detector, **result.keep.rule, "kept": result.keep.kept,
                  "kept_fraction": result.keep.kept / n, "file": files.get("kept")},
     }
+    if more_models and poisoned is not None:  # what each model alone would have scored
+        for r in result.runs:
+            summary["detectors"][r.name]["per_model"] = [res.run(r.name).metrics for res in per_model]
     if poisoned is not None:
         summary["keep"]["poisons_kept"] = int((result.keep.mask & poisoned).sum())
         summary["attack_manifest"] = str(Path(manifest["_dir"]) / "manifest.json")
