@@ -499,3 +499,48 @@ def test_tiny_grid_scans_with_a_fine_tuned_model(fm_dir, tmp_path):
     plain = (out / "runs/fm/badnet/seed0/scan-CLIP/scores.csv").read_text()
     cleaned = (out / "runs/fm/badnet/seed0/scan-CLIP+FT/scores.csv").read_text()
     assert plain != cleaned
+
+
+def test_a_detect_entry_scored_by_two_models(fm_dir, tmp_path):
+    """``base: [A, B]``: both models score the pairs (mean rank shares); the cell waits for both,
+    its cache key follows both, and one-base entries keep their keys."""
+    from clipguard.bench.runner import run_bench
+    from clipguard.bench.schedule import CellQueue
+
+    g = _cleaned_grid()
+    g["pretrain"]["defenses"]["Both"] = {"detect": {"detector": "caption-agreement", "base": ["CLIP", "CLIP+FT"],
+                                                    "keep_fraction": 0.9, "veto": ["repeat"]}}
+    cfg = parse_config(g)
+    cells = {c.id: c for c in plan_cells(cfg)}
+    both = cells["fm/badnet/Both/seed0"]
+    from clipguard.bench.plan import dependencies
+
+    assert [d.id for d in dependencies(cfg, both)] == ["fm/badnet/CLIP/seed0", "fm/badnet/CLIP+FT/seed0"]
+    ids = list(cells)
+    assert ids.index("fm/badnet/CLIP+FT/seed0") < ids.index("fm/badnet/Both/seed0")
+    queue = CellQueue(cfg, tmp_path / "none", list(cells.values()))
+    assert not queue.ready(both)
+    assert _fp(cfg, "CA-then-CLIP") == _fp(parse_config(_cleaned_grid()), "CA-then-CLIP")
+    g2 = copy.deepcopy(g)
+    g2["pretrain"]["defenses"]["Both"]["detect"]["base"] = ["CLIP+FT", "CLIP"]
+    assert _fp(parse_config(g2), "Both") != _fp(cfg, "Both")
+    bad = copy.deepcopy(g)
+    bad["pretrain"]["defenses"]["Both"]["detect"]["base"] = ["CLIP", "CLIP"]
+    with pytest.raises(ConfigError, match="a list of distinct labels"):
+        parse_config(bad)
+    # end to end on a tiny grid
+    g.update(seeds=[0], model="cg-nano")
+    g["datasets"]["fm"] = {"train": str(fm_dir / "train.csv"), "test": str(fm_dir / "test.csv"),
+                           "probe_size": 0, "finetune_size": 64}
+    g["attacks"] = {"badnet": {"attack": "badnet", "target": "bag", "count": 26}}
+    g["pretrain"]["train"] = {"epochs": 1, "batch_size": 64, "warmup": 2}
+    g["finetune"]["train"] = {"epochs": 1, "batch_size": 32, "warmup": 1}
+    g["scan"] = None
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(g))
+    out = tmp_path / "bench"
+    run_bench(load_config(config), out, quiet=True, only="Both,CLIP/,CLIP+FT/")
+    det = json.loads((out / "cells" / "fm__badnet__Both__seed0.json").read_text())["detection"]
+    assert det["base"] == "CLIP & CLIP+FT" and det["bases"] == ["CLIP", "CLIP+FT"] and len(det["checkpoints"]) == 2
+    assert det["detectors"]["caption-agreement"]["keep"]["rule"] == "every_model"
+    assert det["keep"]["rule"] == "fraction" and det["keep"]["vetoes"][0]["detector"] == "repeat"

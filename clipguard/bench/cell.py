@@ -20,7 +20,7 @@ import torch
 import clipguard
 from clipguard.bench.cache import BenchCache
 from clipguard.bench.config import AttackSpec, BenchConfig, DefenseSpec
-from clipguard.bench.plan import Cell, base_cell, detect_base_cell
+from clipguard.bench.plan import Cell, base_cell, detect_base_cells
 from clipguard.errors import ConfigError
 from clipguard.io import read_jsonl, write_json
 from clipguard.models import checkpoint as ckpt
@@ -64,9 +64,12 @@ def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
         conf["finetune_data"] = cfg.finetune.data
         conf["base"] = {"method": cell.base, "fingerprint": fingerprint(cell_config(cfg, base_cell(cfg, cell)))}
     if cell.defense.detect is not None:
-        base = detect_base_cell(cfg, cell)
+        base, *more = detect_base_cells(cfg, cell)
         conf["detect"] = {**detect.detect_conf(cell.defense.detect), "base": {
-            "method": base.defense.label, "fingerprint": fingerprint(cell_config(cfg, base))}}
+            "method": base.method, "fingerprint": fingerprint(cell_config(cfg, base))}}
+        if more:  # only when given: entries with one base keep their finished cells
+            conf["detect"]["more_bases"] = [{"method": b.method, "fingerprint": fingerprint(cell_config(cfg, b))}
+                                            for b in more]
     return conf
 
 
@@ -217,7 +220,7 @@ def prepare_trainer(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, 
         from clipguard.bench import detect
 
         _write_marker(marker, cell, conf)
-        rec = detect.detection_for(cfg, cell, detect_base_cell(cfg, cell), out, cache,
+        rec = detect.detection_for(cfg, cell, detect_base_cells(cfg, cell), out, cache,
                                    fingerprint=fingerprint(conf), base_fingerprint=conf["detect"]["base"]["fingerprint"],
                                    quiet=quiet)
         rows, caption_rows = detect.training_rows(rec, len(data))

@@ -100,6 +100,9 @@ class DetectSpec:
     detector: str
     base: str | None = None  # a pre-training label; None until parse_config fills in the default
     options: dict[str, Any] = field(default_factory=dict)
+    # further models that score the same pairs (``base: [A, B]`` in YAML): each detector's score
+    # is then the mean of its rank shares under every model (clipguard.detection.combine_results)
+    more_bases: list[str] = field(default_factory=list)
     keep_fraction: float | None = None  # keep this fraction of lowest scores instead of the rule
     # veto detectors (name -> options): the pairs each one's own rule rejects are dropped too
     veto: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -416,6 +419,11 @@ def _detect(obj: Any, source: str, key: str) -> DetectSpec:
                              or not 0.0 < float(frac) <= 1.0):
         raise ConfigError(f"{source}: {key}.keep_fraction must be null or a number in (0, 1], got {frac!r}")
     base = d.get("base")
+    more: list[str] = []
+    if isinstance(base, list):
+        if not base or not all(isinstance(b, str) for b in base) or len(set(base)) != len(base):
+            raise ConfigError(f"{source}: {key}.base must be a label or a list of distinct labels, got {base!r}")
+        base, more = base[0], list(base[1:])
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{source}: {key}.base must be a pre-training defence label, got {base!r}")
     raw = d.get("veto") or {}
@@ -432,7 +440,7 @@ def _detect(obj: Any, source: str, key: str) -> DetectSpec:
     if relabel is not None and (isinstance(relabel, bool) or not isinstance(relabel, int) or relabel < 1):
         raise ConfigError(f"{source}: {key}.relabel must be null (drop the rejected pairs) or a whole number "
                           f">= 1 (the kept neighbours a rejected image borrows its caption from), got {relabel!r}")
-    return DetectSpec(detector=name, base=base,
+    return DetectSpec(detector=name, base=base, more_bases=more,
                       options=_detector_options(name, d.get("options"), source, f"{key}.options"),
                       keep_fraction=None if frac is None else float(frac), veto=veto, relabel=relabel)
 
@@ -486,20 +494,22 @@ def _check_base(base: str | None, pretrain: StageSpec, source: str, key: str, ch
 
 
 def detect_depth(defenses: list[DefenseSpec], label: str, source: str = "config",
-                 finetune: StageSpec | None = None) -> int:
-    """How many models must be made before ``label``'s: 0 for an entry that trains on the data as
-    it is, one more for each detect base or fine-tuning base on the way (a cycle is an error).
-    ``label`` may be a fine-tuning row ('BASE+ENTRY')."""
-    by_label = {d.label: d for d in defenses}
+                 finetune: StageSpec | None = None, _stack: tuple[str, ...] = ()) -> int:
+    """How many models must be made, one after the other, before ``label``'s: 0 for an entry that
+    trains on the data as it is, one more for each detect base or fine-tuning base on the longest
+    way (a cycle is an error). ``label`` may be a fine-tuning row ('BASE+ENTRY')."""
+    if label in _stack:
+        chain = " -> ".join([*_stack[_stack.index(label):], label])
+        raise ConfigError(f"{source}: detect bases form a cycle: {chain}")
     tuned = set(finetune_methods(finetune))
-    seen: list[str] = []
-    while label in tuned or by_label[label].detect is not None:
-        if label in seen:
-            chain = " -> ".join([*seen[seen.index(label):], label])
-            raise ConfigError(f"{source}: detect bases form a cycle: {chain}")
-        seen.append(label)
-        label = finetune.base if label in tuned else by_label[label].detect.base
-    return len(seen)
+    if label in tuned:
+        parents = [finetune.base]
+    else:
+        spec = next(d for d in defenses if d.label == label).detect
+        parents = [] if spec is None else [spec.base, *spec.more_bases]
+    if not parents:
+        return 0
+    return 1 + max(detect_depth(defenses, p, source, finetune, (*_stack, label)) for p in parents)
 
 
 def _scan(obj: Any, source: str, pretrain: StageSpec, finetune: StageSpec | None = None) -> ScanSpec:
@@ -633,14 +643,17 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
             raise ConfigError(f"{source}: labels {sorted(clash)} are used by both pretrain and finetune")
     for d in pretrain.defenses:
         if d.detect is not None:
-            d.detect.base = _check_base(d.detect.base, pretrain, source, f"pretrain.defenses.{d.label}.detect",
-                                        chain=True, finetune=finetune)
-            for a in attacks:
-                if a.runs(d.label) and not model_runs(a, d.detect.base, finetune):
-                    why = ("a fine-tuning model is made only on poisoned columns that run its base"
-                           if d.detect.base in finetune_methods(finetune) else "list it there too")
-                    raise ConfigError(f"{source}: attacks.{a.label} runs {d.label!r} but not the model of its "
-                                      f"detect.base {d.detect.base!r}, which scans the data ({why})")
+            key = f"pretrain.defenses.{d.label}.detect"
+            d.detect.base = _check_base(d.detect.base, pretrain, source, key, chain=True, finetune=finetune)
+            d.detect.more_bases = [_check_base(b, pretrain, source, key, chain=True, finetune=finetune)
+                                   for b in d.detect.more_bases]
+            for base in [d.detect.base, *d.detect.more_bases]:
+                for a in attacks:
+                    if a.runs(d.label) and not model_runs(a, base, finetune):
+                        why = ("a fine-tuning model is made only on poisoned columns that run its base"
+                               if base in finetune_methods(finetune) else "list it there too")
+                        raise ConfigError(f"{source}: attacks.{a.label} runs {d.label!r} but not the model of its "
+                                          f"detect.base {base!r}, which scans the data ({why})")
     for d in pretrain.defenses:
         detect_depth(pretrain.defenses, d.label, source, finetune)  # a chain of bases must end
     scan = _scan(raw["scan"], source, pretrain, finetune) if raw.get("scan") is not None else None

@@ -84,7 +84,7 @@ def column_masks(cfg: BenchConfig, cell: Cell, poison: PoisonedSet) -> dict[str,
     return {col: m.numpy().astype(bool) for col, m in zip(attack_columns(cell.attack, cfg.attacks), poison.masks)}
 
 
-def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: BenchCache, *,
+def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out: Path, cache: BenchCache, *,
                   detectors: Sequence[tuple[str, dict[str, Any]]], keep_fraction: float | None,
                   veto_detectors: Sequence[str] = (), fingerprint: str, base_fingerprint: str, keep_rows: bool,
                   relabel: int | None = None, quiet: bool = False) -> dict[str, Any]:
@@ -93,12 +93,15 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
     ``veto_detectors`` (among ``detectors``) rejects, write ``scores.csv`` and
     ``detection.json`` into the cell's run folder, and return the record.
 
+    ``base`` may be several cells: each model scores the pairs and the scores combine as the mean
+    of their rank shares (``clipguard.detection.runner.combine_results``).
+
     ``keep_rows``: record the dropped rows (a detect-then-train cell trains on the rest).
     ``relabel``: also record, per dropped row, the kept row whose caption it borrows
     (``clipguard.detection.relabel``, from the same embeddings)."""
     from clipguard.detection import outputs
     from clipguard.detection.base import build
-    from clipguard.detection.runner import encode_pairs, needs_pixels, scan_features
+    from clipguard.detection.runner import combine_results, encode_pairs, needs_pixels, scan_features
     from clipguard.evaluation.runner import load_model
     from clipguard.models.device import resolve_device
     from clipguard.models.factory import get_tokenizer
@@ -107,21 +110,34 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
     run_dir = cell.run_dir(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     data, poison = cache.train_data(cell.dataset, cell.attack, cell.seed)
-    checkpoint = base_checkpoint(base, cell, out)
+    bases = [base] if isinstance(base, Cell) else list(base)
+    checkpoints = [base_checkpoint(b, cell, out) for b in bases]
     dets = [build(name, opts) for name, opts in detectors]
     dev = resolve_device(cfg.device)
-    t0 = time.perf_counter()
-    net, model_name = load_model(checkpoint, cfg.model, str(dev))
-    features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet,
-                            pixels=needs_pixels(dets))
-    encode_s = time.perf_counter() - t0
-    del net
     mask = poison.mask.numpy().astype(bool) if poison.mask is not None else None
     parts = column_masks(cfg, cell, poison) if mask is not None else {}
-    t1 = time.perf_counter()
-    result = scan_features(features, dets, keep_detector=dets[0].name, keep_fraction=keep_fraction,
-                           veto_detectors=veto_detectors, poisoned=mask, parts=parts or None, progress=not quiet)
-    detect_s = time.perf_counter() - t1
+    alone = len(bases) == 1
+    encode_s = detect_s = 0.0
+    per_model, first_features = [], None
+    for checkpoint in checkpoints:
+        t0 = time.perf_counter()
+        net, model_name = load_model(checkpoint, cfg.model, str(dev))
+        features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet,
+                                pixels=needs_pixels(dets))
+        encode_s += time.perf_counter() - t0
+        del net
+        if first_features is None:
+            first_features = features
+        t1 = time.perf_counter()
+        per_model.append(scan_features(features, dets, keep_detector=dets[0].name,
+                                       keep_fraction=keep_fraction if alone else None,
+                                       veto_detectors=veto_detectors if alone else (), poisoned=mask,
+                                       parts=parts or None, progress=not quiet))
+        detect_s += time.perf_counter() - t1
+    result = per_model[0] if alone else combine_results(per_model, keep_fraction=keep_fraction,
+                                                        veto_detectors=veto_detectors, poisoned=mask,
+                                                        parts=parts or None)
+    features = first_features
     outputs.write_scores(run_dir / SCORES_FILE, data, result, outputs.row_ids(data, "csv"))
 
     n = len(data)
@@ -133,12 +149,16 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: Be
             s["keep"]["poisons_kept_parts"] = {col: int((r.keep.mask & m).sum()) for col, m in parts.items()}
         summaries[r.name] = s
     rec: dict[str, Any] = {
-        "format": DETECT_FORMAT, "fingerprint": fingerprint, "base": base.method, "base_cell": base.id,
-        "base_fingerprint": base_fingerprint, "checkpoint": str(checkpoint.relative_to(out)),
+        "format": DETECT_FORMAT, "fingerprint": fingerprint, "base": " & ".join(b.method for b in bases),
+        "base_cell": bases[0].id, "base_fingerprint": base_fingerprint,
+        "checkpoint": str(checkpoints[0].relative_to(out)),
         "n_pairs": n, "n_poisoned": int(mask.sum()) if mask is not None else None,
         "columns": {col: int(m.sum()) for col, m in parts.items()},
         "encode_s": round(encode_s, 3), "detect_s": round(detect_s, 3), "detectors": summaries,
     }
+    if not alone:
+        rec["bases"] = [b.method for b in bases]
+        rec["checkpoints"] = [str(c.relative_to(out)) for c in checkpoints]
     if keep_rows:
         keep = result.keep.mask
         k = int(keep.sum())
@@ -172,7 +192,7 @@ def read_detection(cell: Cell, out: Path, fingerprint: str) -> dict[str, Any] | 
     return rec if rec is not None and rec.get("fingerprint") == fingerprint else None
 
 
-def detection_for(cfg: BenchConfig, cell: Cell, base: Cell, out: Path, cache: BenchCache, *,
+def detection_for(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out: Path, cache: BenchCache, *,
                   fingerprint: str, base_fingerprint: str, quiet: bool = False) -> dict[str, Any]:
     """A detect-then-train cell's detection: read from its run folder when made with this config
     (a resumed cell trains on exactly the pairs it started with), else made now."""

@@ -95,14 +95,27 @@ def base_cell(cfg: BenchConfig, cell: Cell) -> Cell:
 
 
 def detect_base_cell(cfg: BenchConfig, cell: Cell) -> Cell:
-    """The cell whose final model a detect-then-train cell scores its data with."""
+    """The cell whose final model a detect-then-train cell scores its data with (the first, when
+    several models score it)."""
     return model_cell(cfg, cell, cell.defense.detect.base)
 
 
-def dependency(cfg: BenchConfig, cell: Cell) -> Cell | None:
-    """The cell that must be finished before ``cell`` can run, if any."""
+def detect_base_cells(cfg: BenchConfig, cell: Cell) -> list[Cell]:
+    """Every cell whose final model scores a detect-then-train cell's data."""
+    spec = cell.defense.detect
+    return [model_cell(cfg, cell, b) for b in [spec.base, *spec.more_bases]]
+
+
+def dependencies(cfg: BenchConfig, cell: Cell) -> list[Cell]:
+    """The cells that must be finished before ``cell`` can run."""
     if cell.stage in ("finetune", "scan"):
-        return base_cell(cfg, cell)
+        return [base_cell(cfg, cell)]
     if cell.defense.detect is not None:
-        return detect_base_cell(cfg, cell)
-    return None
+        return detect_base_cells(cfg, cell)
+    return []
+
+
+def dependency(cfg: BenchConfig, cell: Cell) -> Cell | None:
+    """The first cell that must be finished before ``cell`` can run, if any."""
+    deps = dependencies(cfg, cell)
+    return deps[0] if deps else None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from clipguard.bench.cell import is_done
 from clipguard.bench.config import BenchConfig
-from clipguard.bench.plan import Cell, dependency
+from clipguard.bench.plan import Cell, dependencies
 
 
 def priority(cell: Cell, bases: set[str]) -> int:
@@ -33,20 +33,20 @@ class CellQueue:
     def __init__(self, cfg: BenchConfig, out: str | Path, cells: list[Cell]):
         self.cfg, self.out = cfg, Path(out)
         self._ids = {c.id for c in cells}
-        self._deps = {c.id: dependency(cfg, c) for c in cells}
-        bases = {d.id for d in self._deps.values() if d is not None}
+        self._deps = {c.id: dependencies(cfg, c) for c in cells}
+        bases = {d.id for deps in self._deps.values() for d in deps}
         self.pending: list[Cell] = sorted(cells, key=lambda c: priority(c, bases))
 
     def __bool__(self) -> bool:
         return bool(self.pending)
 
     def base(self, cell: Cell) -> Cell | None:
-        """The cell that must be finished before ``cell`` starts, if any."""
-        return self._deps[cell.id]
+        """The first cell that must be finished before ``cell`` starts, if any."""
+        deps = self._deps[cell.id]
+        return deps[0] if deps else None
 
     def ready(self, cell: Cell) -> bool:
-        base = self._deps[cell.id]
-        return base is None or base.id not in self._ids or is_done(self.cfg, base, self.out)
+        return all(d.id not in self._ids or is_done(self.cfg, d, self.out) for d in self._deps[cell.id])
 
     def take(self, limit: int | None = None) -> list[Cell]:
         """Remove the ready cells from the queue and return them, first to start first; at most
