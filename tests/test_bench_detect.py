@@ -470,16 +470,21 @@ def test_bad_fine_tuned_bases_name_the_key(mutate, message):
         parse_config(g)
 
 
-def test_tiny_grid_scans_with_a_fine_tuned_model(fm_dir, tmp_path):
-    from clipguard.bench.runner import run_bench
-
-    g = _cleaned_grid()
+def _tiny(g: dict, fm_dir) -> dict:
+    """The grid ``g`` made small enough to run: one seed, the session's CSV, one BadNet column."""
     g.update(seeds=[0], model="cg-nano")
     g["datasets"]["fm"] = {"train": str(fm_dir / "train.csv"), "test": str(fm_dir / "test.csv"),
                            "probe_size": 0, "finetune_size": 64}
     g["attacks"] = {"badnet": {"attack": "badnet", "target": "bag", "count": 26}}
     g["pretrain"]["train"] = {"epochs": 1, "batch_size": 64, "warmup": 2}
     g["finetune"]["train"] = {"epochs": 1, "batch_size": 32, "warmup": 1}
+    return g
+
+
+def test_tiny_grid_scans_with_a_fine_tuned_model(fm_dir, tmp_path):
+    from clipguard.bench.runner import run_bench
+
+    g = _tiny(_cleaned_grid(), fm_dir)
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump(g))
     out = tmp_path / "bench"
@@ -529,12 +534,7 @@ def test_a_detect_entry_scored_by_two_models(fm_dir, tmp_path):
     with pytest.raises(ConfigError, match="a list of distinct labels"):
         parse_config(bad)
     # end to end on a tiny grid
-    g.update(seeds=[0], model="cg-nano")
-    g["datasets"]["fm"] = {"train": str(fm_dir / "train.csv"), "test": str(fm_dir / "test.csv"),
-                           "probe_size": 0, "finetune_size": 64}
-    g["attacks"] = {"badnet": {"attack": "badnet", "target": "bag", "count": 26}}
-    g["pretrain"]["train"] = {"epochs": 1, "batch_size": 64, "warmup": 2}
-    g["finetune"]["train"] = {"epochs": 1, "batch_size": 32, "warmup": 1}
+    g = _tiny(g, fm_dir)
     g["scan"] = None
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump(g))
