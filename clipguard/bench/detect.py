@@ -101,7 +101,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     (``clipguard.detection.relabel``, from the same embeddings)."""
     from clipguard.detection import outputs
     from clipguard.detection.base import build
-    from clipguard.detection.runner import combine_results, encode_pairs, needs_pixels, scan_features
+    from clipguard.detection.runner import encode_pairs, needs_pixels, scan_models
     from clipguard.evaluation.runner import load_model
     from clipguard.models.device import resolve_device
     from clipguard.models.factory import get_tokenizer
@@ -116,27 +116,26 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     dev = resolve_device(cfg.device)
     mask = poison.mask.numpy().astype(bool) if poison.mask is not None else None
     parts = column_masks(cfg, cell, poison) if mask is not None else {}
-    alone = len(bases) == 1
-    encode_s = detect_s = 0.0
-    per_model, first_features = [], None
-    for checkpoint in checkpoints:
-        t0 = time.perf_counter()
-        net, model_name = load_model(checkpoint, cfg.model, str(dev))
-        features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet,
-                                pixels=needs_pixels(dets))
-        encode_s += time.perf_counter() - t0
-        del net
-        if first_features is None:
-            first_features = features
-        t1 = time.perf_counter()
-        per_model.append(scan_features(features, dets, keep_detector=dets[0].name,
-                                       keep_fraction=keep_fraction if alone else None,
-                                       veto_detectors=veto_detectors if alone else (), poisoned=mask,
-                                       parts=parts or None, progress=not quiet))
-        detect_s += time.perf_counter() - t1
-    result = per_model[0] if alone else combine_results(per_model, keep_fraction=keep_fraction,
-                                                        veto_detectors=veto_detectors, poisoned=mask,
-                                                        parts=parts or None)
+    encode_s = 0.0
+    first_features = None
+
+    def encoded():
+        nonlocal encode_s, first_features
+        for checkpoint in checkpoints:
+            t0 = time.perf_counter()
+            net, model_name = load_model(checkpoint, cfg.model, str(dev))
+            features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet,
+                                    pixels=needs_pixels(dets))
+            encode_s += time.perf_counter() - t0
+            del net
+            if first_features is None:  # relabel borrows captions by the first model's neighbours
+                first_features = features
+            yield features
+
+    t1 = time.perf_counter()
+    result, _ = scan_models(encoded(), dets, keep_detector=dets[0].name, keep_fraction=keep_fraction,
+                            veto_detectors=veto_detectors, poisoned=mask, parts=parts or None, progress=not quiet)
+    detect_s = time.perf_counter() - t1 - encode_s
     features = first_features
     outputs.write_scores(run_dir / SCORES_FILE, data, result, outputs.row_ids(data, "csv"))
 
@@ -156,7 +155,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
         "columns": {col: int(m.sum()) for col, m in parts.items()},
         "encode_s": round(encode_s, 3), "detect_s": round(detect_s, 3), "detectors": summaries,
     }
-    if not alone:
+    if len(bases) > 1:
         rec["bases"] = [b.method for b in bases]
         rec["checkpoints"] = [str(c.relative_to(out)) for c in checkpoints]
     if keep_rows:

@@ -228,14 +228,26 @@ def scan_features(features: PairFeatures, detectors: Sequence[Detector], *, keep
 def rank_shares(scores: np.ndarray) -> np.ndarray:
     """Each pair's rank among all pairs as a share in (0, 1] (1: the highest score; ties share
     their mean rank), so that scores of different models are on one scale."""
+    from scipy.stats import rankdata
+
     s = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(s, kind="stable")
-    ranks = np.empty(len(s), dtype=np.float64)
-    ranks[order] = np.arange(1, len(s) + 1)
-    # ties: the mean rank of their group
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return (sums / counts)[inverse] / max(1, len(s))
+    return rankdata(s, method="average") / max(1, len(s))
+
+
+def scan_models(features: Iterable[PairFeatures], detectors: Sequence[Detector], *, keep_detector: str,
+                keep_fraction: float | None, veto_detectors: Sequence[str] = (),
+                poisoned: np.ndarray | None = None, parts: dict[str, Any] | None = None,
+                progress: bool = True) -> tuple[ScanResult, list[ScanResult]]:
+    """``scan_features`` on one model's features, or on several models' (taken one at a time, so
+    only one model's features need be held) combined by ``combine_results``; also returns each
+    model's own scan."""
+    per_model = [scan_features(f, detectors, keep_detector=keep_detector, keep_fraction=keep_fraction,
+                               veto_detectors=veto_detectors, poisoned=poisoned, parts=parts, progress=progress)
+                 for f in features]
+    if len(per_model) == 1:
+        return per_model[0], per_model
+    return combine_results(per_model, keep_fraction=keep_fraction, veto_detectors=veto_detectors,
+                           poisoned=poisoned, parts=parts), per_model
 
 
 def combine_results(results: Sequence[ScanResult], *, keep_fraction: float | None = None,
@@ -385,21 +397,21 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
     poisoned, parts, manifest = (manifest_masks(attack_manifest, pairs) if attack_manifest is not None
                                  else (None, {}, None))
     encode_s = 0.0
-    per_model: list[ScanResult] = []
-    for m, name in [(net, model_name), *more_models]:
-        t0 = time.perf_counter()
-        features = encode_pairs(m, get_tokenizer(name), pairs, device=device, batch_size=batch_size,
-                                progress=progress, chunk=chunk, pixels=needs_pixels(dets))
-        encode_s += time.perf_counter() - t0
-        alone = not more_models
-        per_model.append(scan_features(features, dets, keep_detector=keep_detector,
-                                       keep_fraction=keep_fraction if alone else None,
-                                       veto_detectors=veto_detectors if alone else (),
-                                       poisoned=poisoned, parts=parts, progress=progress))
-        del features
+    models = [(net, model_name), *more_models]
     del net
-    result = per_model[0] if not more_models else combine_results(
-        per_model, keep_fraction=keep_fraction, veto_detectors=veto_detectors, poisoned=poisoned, parts=parts)
+
+    def encoded():
+        nonlocal encode_s
+        for m, name in models:
+            t0 = time.perf_counter()
+            features = encode_pairs(m, get_tokenizer(name), pairs, device=device, batch_size=batch_size,
+                                    progress=progress, chunk=chunk, pixels=needs_pixels(dets))
+            encode_s += time.perf_counter() - t0
+            yield features
+
+    result, per_model = scan_models(encoded(), dets, keep_detector=keep_detector, keep_fraction=keep_fraction,
+                                    veto_detectors=veto_detectors, poisoned=poisoned, parts=parts,
+                                    progress=progress)
 
     # ---- outputs (scan.json last: it marks a finished scan)
     n = len(pairs)
