@@ -103,6 +103,8 @@ class DetectSpec:
     # further models that score the same pairs (``base: [A, B]`` in YAML): each detector's score
     # is then the mean of its rank shares under every model (clipguard.detection.combine_results)
     more_bases: list[str] = field(default_factory=list)
+    # with several bases: "mean" or "max" of the rank shares (clipguard.detection.COMBINE_RULES)
+    combine: str = "mean"
     keep_fraction: float | None = None  # keep this fraction of lowest scores instead of the rule
     # veto detectors (name -> options): the pairs each one's own rule rejects are dropped too
     veto: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -408,9 +410,10 @@ def _detector_options(name: str, options: Any, source: str, key: str) -> dict[st
 
 def _detect(obj: Any, source: str, key: str) -> DetectSpec:
     """``detect: {detector: dao, base: CLIP, options: {k: 16}, keep_fraction: null,
-    veto: {repeat: {z: 4}}, relabel: null}`` (``veto`` may also be a list of names)."""
+    veto: {repeat: {z: 4}}, relabel: null}`` (``veto`` may also be a list of names; with
+    ``base: [A, B]``, ``combine: mean | max``)."""
     d = _mapping(obj, source, key)
-    _check_keys(d, {"detector", "base", "options", "keep_fraction", "veto", "relabel"}, source, key)
+    _check_keys(d, {"detector", "base", "options", "keep_fraction", "veto", "relabel", "combine"}, source, key)
     if d.get("detector") is None:
         raise ConfigError(f"{source}: {key}: needs 'detector' (a detector name of `clipguard scan`)")
     name = _detector_name(d["detector"], source, f"{key}.detector")
@@ -426,6 +429,11 @@ def _detect(obj: Any, source: str, key: str) -> DetectSpec:
         base, more = base[0], list(base[1:])
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{source}: {key}.base must be a pre-training defence label, got {base!r}")
+    combine = d.get("combine", "mean")
+    if combine not in ("mean", "max"):
+        raise ConfigError(f"{source}: {key}.combine must be 'mean' or 'max', got {combine!r}")
+    if "combine" in d and not more:
+        raise ConfigError(f"{source}: {key}.combine combines the scores of several models; it needs base: [A, B]")
     raw = d.get("veto") or {}
     if isinstance(raw, list):
         raw = {v: {} for v in raw}
@@ -440,7 +448,7 @@ def _detect(obj: Any, source: str, key: str) -> DetectSpec:
     if relabel is not None and (isinstance(relabel, bool) or not isinstance(relabel, int) or relabel < 1):
         raise ConfigError(f"{source}: {key}.relabel must be null (drop the rejected pairs) or a whole number "
                           f">= 1 (the kept neighbours a rejected image borrows its caption from), got {relabel!r}")
-    return DetectSpec(detector=name, base=base, more_bases=more,
+    return DetectSpec(detector=name, base=base, more_bases=more, combine=combine,
                       options=_detector_options(name, d.get("options"), source, f"{key}.options"),
                       keep_fraction=None if frac is None else float(frac), veto=veto, relabel=relabel)
 

@@ -45,6 +45,8 @@ def detect_conf(spec: DetectSpec) -> dict[str, Any]:
             "options": resolved_options(spec.detector, spec.options), "keep_fraction": spec.keep_fraction}
     if spec.veto:  # only when given: entries without one keep their finished cells
         conf["veto"] = {n: resolved_options(n, o) for n, o in spec.veto.items()}
+    if spec.combine != "mean":
+        conf["combine"] = spec.combine
     if spec.relabel is not None:
         conf["relabel"] = spec.relabel
     return conf
@@ -87,14 +89,14 @@ def column_masks(cfg: BenchConfig, cell: Cell, poison: PoisonedSet) -> dict[str,
 def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out: Path, cache: BenchCache, *,
                   detectors: Sequence[tuple[str, dict[str, Any]]], keep_fraction: float | None,
                   veto_detectors: Sequence[str] = (), fingerprint: str, base_fingerprint: str, keep_rows: bool,
-                  relabel: int | None = None, quiet: bool = False) -> dict[str, Any]:
+                  relabel: int | None = None, quiet: bool = False, combine: str = "mean") -> dict[str, Any]:
     """Encode the cell's training data with ``base``'s final model, score it with each detector,
     keep by the first detector's rule (or ``keep_fraction``) minus what each of
     ``veto_detectors`` (among ``detectors``) rejects, write ``scores.csv`` and
     ``detection.json`` into the cell's run folder, and return the record.
 
     ``base`` may be several cells: each model scores the pairs and the scores combine as the mean
-    of their rank shares (``clipguard.detection.runner.combine_results``).
+    (``combine="max"``: the largest) of their rank shares (``clipguard.detection.runner.combine_results``).
 
     ``keep_rows``: record the dropped rows (a detect-then-train cell trains on the rest).
     ``relabel``: also record, per dropped row, the kept row whose caption it borrows
@@ -134,7 +136,8 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
 
     t1 = time.perf_counter()
     result, _ = scan_models(encoded(), dets, keep_detector=dets[0].name, keep_fraction=keep_fraction,
-                            veto_detectors=veto_detectors, poisoned=mask, parts=parts or None, progress=not quiet)
+                            veto_detectors=veto_detectors, poisoned=mask, parts=parts or None, progress=not quiet,
+                            combine=combine)
     detect_s = time.perf_counter() - t1 - encode_s
     features = first_features
     outputs.write_scores(run_dir / SCORES_FILE, data, result, outputs.row_ids(data, "csv"))
@@ -204,7 +207,8 @@ def detection_for(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
         return run_detection(cfg, cell, base, out, cache,
                              detectors=[(spec.detector, spec.options), *spec.veto.items()],
                              keep_fraction=spec.keep_fraction, veto_detectors=list(spec.veto), fingerprint=fingerprint,
-                             base_fingerprint=base_fingerprint, keep_rows=True, relabel=spec.relabel, quiet=quiet)
+                             base_fingerprint=base_fingerprint, keep_rows=True, relabel=spec.relabel, quiet=quiet,
+                             combine=spec.combine)
 
     def read() -> dict[str, Any]:
         rec = read_detection(cell, out, fingerprint)

@@ -18,6 +18,9 @@ def add_parser(sub) -> None:
                    help="run folder, checkpoint folder or .safetensors; repeat it to score with several "
                         "models (each detector's score is then the mean of its rank shares under every "
                         "model, and its own rule keeps a pair only if every model's does)")
+    p.add_argument("--combine", default="mean", choices=["mean", "max"],
+                   help="with several --checkpoint: each detector's score is the mean (default) or the "
+                        "largest of its rank shares under the models; max keeps only what every model ranks low")
     p.add_argument("--model", default=None, help="model name if the checkpoint has no state.json")
     p.add_argument("--out", required=True, help="scan folder")
     p.add_argument("--detector", action="extend", nargs="+", default=None, metavar="NAME",
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                    veto_detectors=args.veto_detector, top=args.top, overwrite=args.overwrite, device=args.device, batch_size=args.batch_size,
                    spec=csv_spec(args), dataset_type=args.dataset_type, lazy_images=args.lazy_images,
                    limit=args.limit, skip_bad_rows=args.skip_bad_rows, chunk=args.chunk,
-                   progress=not args.quiet)
+                   progress=not args.quiet, combine=args.combine)
     n = summary["n_pairs"]
     for name, rec in summary["detectors"].items():
         m = rec.get("metrics") or {}

@@ -237,7 +237,7 @@ def rank_shares(scores: np.ndarray) -> np.ndarray:
 def scan_models(features: Iterable[PairFeatures], detectors: Sequence[Detector], *, keep_detector: str,
                 keep_fraction: float | None, veto_detectors: Sequence[str] = (),
                 poisoned: np.ndarray | None = None, parts: dict[str, Any] | None = None,
-                progress: bool = True) -> tuple[ScanResult, list[ScanResult]]:
+                progress: bool = True, combine: str = "mean") -> tuple[ScanResult, list[ScanResult]]:
     """``scan_features`` on one model's features, or on several models' (taken one at a time, so
     only one model's features need be held) combined by ``combine_results``; also returns each
     model's own scan."""
@@ -247,26 +247,34 @@ def scan_models(features: Iterable[PairFeatures], detectors: Sequence[Detector],
     if len(per_model) == 1:
         return per_model[0], per_model
     return combine_results(per_model, keep_fraction=keep_fraction, veto_detectors=veto_detectors,
-                           poisoned=poisoned, parts=parts), per_model
+                           poisoned=poisoned, parts=parts, combine=combine), per_model
+
+
+COMBINE_RULES = ("mean", "max")
 
 
 def combine_results(results: Sequence[ScanResult], *, keep_fraction: float | None = None,
                     veto_detectors: Sequence[str] = (), poisoned: np.ndarray | None = None,
-                    parts: dict[str, np.ndarray] | None = None) -> ScanResult:
+                    parts: dict[str, np.ndarray] | None = None, combine: str = "mean") -> ScanResult:
     """One scan from the scans of several models of the same pairs (the same detectors, in order):
-    each detector's score is the mean of its rank shares under every model, and its own rule keeps
-    a pair only if it keeps it under every model. Two models seldom share a blind spot: a model
-    trained on a small trusted set confuses some classes, one cleaned from the poisoned model may
-    keep part of a trigger, and a pair both rank high is suspicious under either."""
+    each detector's score is the mean (``combine="max"``: the largest) of its rank shares under
+    every model, and its own rule keeps a pair only if it keeps it under every model. Two models
+    seldom share a blind spot: a model trained on a small trusted set confuses some classes, one
+    cleaned from the poisoned model may keep part of a trigger. The mean lets a pair one model
+    ranks high and the other low fall in between; the max keeps a pair only if every model ranks
+    it low, so a model blind to one attack cannot outvote the other."""
     from clipguard.detection.metrics import grouped_metrics
 
+    if combine not in COMBINE_RULES:
+        raise ConfigError(f"--combine must be one of {', '.join(COMBINE_RULES)}, got {combine!r}")
+    reduce = np.mean if combine == "mean" else np.max
     first = results[0]
     if any([r.name for r in res.runs] != [r.name for r in first.runs] for res in results):
         raise ValueError("combine_results: every scan must run the same detectors in the same order")
     runs = []
     for i, r0 in enumerate(first.runs):
         per = [res.runs[i] for res in results]
-        scores = np.mean([rank_shares(p.scores) for p in per], axis=0)
+        scores = reduce([rank_shares(p.scores) for p in per], axis=0)
         mask = np.logical_and.reduce([p.keep.mask for p in per])
         keep = KeepDecision(mask, {"rule": "every_model", "models": [p.keep.rule for p in per]})
         run = DetectorRun(r0.detector, scores, keep, sum(p.seconds for p in per), sum(p.knn_seconds for p in per))
@@ -310,11 +318,12 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
          keep_detector: str | None = None, veto_detectors: Sequence[str] = (), top: int = 100, overwrite: bool = False, device: str = "auto",
          batch_size: int = 256, spec=None, dataset_type: str = "auto", lazy_images: bool = False,
          limit: int | None = None, skip_bad_rows: bool = False, chunk: int = 4096,
-         progress: bool = True) -> dict[str, Any]:
+         progress: bool = True, combine: str = "mean") -> dict[str, Any]:
     """Find suspicious pairs of ``data`` with ``checkpoint``'s embeddings; write ``out``.
 
     ``checkpoint`` may be a list: every model encodes the pairs, each detector scores them under
-    each model, and the scores written are the mean rank shares (``combine_results``).
+    each model, and the scores written are the mean (``combine="max"``: the largest) of the rank
+    shares (``combine_results``).
 
     Writes ``out/scores.csv`` (every pair's score and rank per detector), ``out/kept.csv`` (the
     pairs the keep detector keeps, in the input's columns and separator, images hard-linked
@@ -344,6 +353,8 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if chunk < 1:
         raise ConfigError(f"--chunk must be >= 1, got {chunk}")
+    if combine not in COMBINE_RULES:
+        raise ConfigError(f"--combine must be one of {', '.join(COMBINE_RULES)}, got {combine!r}")
     check_limit(limit)
     spec = spec or CsvSpec()
     kind = infer_type(str(data)) if dataset_type == "auto" else dataset_type
@@ -359,6 +370,8 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     if not checkpoints:
         raise ConfigError("--checkpoint: give at least one model")
+    if combine != "mean" and len(checkpoints) < 2:
+        raise ConfigError(f"--combine {combine}: combines the scores of several models; give --checkpoint twice or more")
 
     # ---- models, data, embeddings
     models = [load_model(c, model, str(dev)) for c in checkpoints]
@@ -376,7 +389,7 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
                             veto_detectors=vetoes,
                             attack_manifest=attack_manifest, kind=kind, spec=spec, top=top, device=dev,
                             batch_size=batch_size, chunk=chunk, progress=progress,
-                            sources=sources, more_models=models[1:])
+                            sources=sources, more_models=models[1:], combine=combine)
     return summary
 
 
@@ -385,7 +398,8 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
                veto_detectors: Sequence[str] = (),
                spec, top: int, device: torch.device, batch_size: int = 256, chunk: int = 4096,
                progress: bool = True, sources: dict[str, Any],
-               more_models: Sequence[tuple[torch.nn.Module, str]] = ()) -> tuple[dict[str, Any], ScanResult]:
+               more_models: Sequence[tuple[torch.nn.Module, str]] = (),
+               combine: str = "mean") -> tuple[dict[str, Any], ScanResult]:
     """The part of ``scan`` after loading: encode ``pairs`` with ``net``, score, write ``out``
     (checked beforehand by the caller), and return scan.json's record with the full result (its
     keep mask is what a retraining step trains on). ``more_models``: (model, name) pairs that
@@ -411,7 +425,7 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
 
     result, per_model = scan_models(encoded(), dets, keep_detector=keep_detector, keep_fraction=keep_fraction,
                                     veto_detectors=veto_detectors, poisoned=poisoned, parts=parts,
-                                    progress=progress)
+                                    progress=progress, combine=combine)
 
     # ---- outputs (scan.json last: it marks a finished scan)
     n = len(pairs)
@@ -423,8 +437,9 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
                    "batch_size": batch_size},
         "detectors": {r.name: r.summary(n, poisoned) for r in result.runs},
         **({"models": [model_name, *(name for _, name in more_models)],
-            "combined": "each detector's score: the mean of its rank shares under every model; its own "
-                        "rule keeps a pair only if it keeps it under every model"} if more_models else {}),
+            "combined": f"each detector's score: the {'mean' if combine == 'mean' else 'largest'} of its rank "
+                        "shares under every model; its own rule keeps a pair only if it keeps it under every model",
+            "combine": combine} if more_models else {}),
         "keep": {"detector": result.keep_detector, **result.keep.rule, "kept": result.keep.kept,
                  "kept_fraction": result.keep.kept / n, "file": files.get("kept")},
     }
