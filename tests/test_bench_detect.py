@@ -533,6 +533,19 @@ def test_a_detect_entry_scored_by_two_models(fm_dir, tmp_path):
     bad["pretrain"]["defenses"]["Both"]["detect"]["base"] = ["CLIP", "CLIP"]
     with pytest.raises(ConfigError, match="a list of distinct labels"):
         parse_config(bad)
+    # combine: max is part of the cell's key; mean (the default) written out is the same cell
+    g3 = copy.deepcopy(g)
+    g3["pretrain"]["defenses"]["Both"]["detect"]["combine"] = "max"
+    assert _fp(parse_config(g3), "Both") != _fp(cfg, "Both")
+    g3["pretrain"]["defenses"]["Both"]["detect"]["combine"] = "mean"
+    assert _fp(parse_config(g3), "Both") == _fp(cfg, "Both")
+    g3["pretrain"]["defenses"]["Both"]["detect"]["combine"] = "median"
+    with pytest.raises(ConfigError, match="combine must be 'mean' or 'max', got 'median'"):
+        parse_config(g3)
+    g3 = copy.deepcopy(_cleaned_grid())
+    g3["pretrain"]["defenses"]["CA-then-CLIP"]["detect"]["combine"] = "max"
+    with pytest.raises(ConfigError, match="combine combines the scores of several models; it needs base"):
+        parse_config(g3)
     # end to end on a tiny grid
     g = _tiny(g, fm_dir)
     g["scan"] = None

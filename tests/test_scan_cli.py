@@ -206,6 +206,15 @@ def test_rank_shares_and_combined_scans():
     assert np.allclose(both.runs[0].scores, (rank_shares(a.runs[0].scores) + rank_shares(b.runs[0].scores)) / 2)
     assert both.keep.rule["rule"] == "fraction" and both.keep.rule["vetoes"][0]["detector"] == "kdist"
     assert not (both.keep.mask & ~kd.keep.mask).any()
+    # the largest rank share: a pair is kept only if both models rank it low
+    most = combine_results([a, b], keep_fraction=0.5, combine="max", poisoned=poisoned)
+    ra, rb = rank_shares(a.runs[0].scores), rank_shares(b.runs[0].scores)
+    assert np.allclose(most.runs[0].scores, np.maximum(ra, rb))
+    kept = most.keep.mask
+    assert kept.sum() == 30 and np.maximum(ra, rb)[kept].max() <= np.maximum(ra, rb)[~kept].min()
+    assert np.array_equal(most.runs[1].keep.mask, both.runs[1].keep.mask)  # own rules: every model keeps
+    with pytest.raises(ConfigError, match="--combine must be one of mean, max, got 'median'"):
+        combine_results([a, b], combine="median")
 
 
 def test_scan_with_two_models(poisoned, tmp_path, capsys):
@@ -220,13 +229,25 @@ def test_scan_with_two_models(poisoned, tmp_path, capsys):
                  "--attack-manifest", str(poisoned / "p" / "manifest.json"), "--keep-fraction", "0.9") == 0
     summary = json.loads((out / "scan.json").read_text())
     assert summary["models"] == ["cg-nano", "cg-tiny"] and len(summary["checkpoints"]) == 2
-    assert "mean of its rank shares" in summary["combined"]
+    assert "mean of its rank shares" in summary["combined"] and summary["combine"] == "mean"
     for rec in summary["detectors"].values():
         assert len(rec["per_model"]) == 2 and all(0 <= m["auroc"] <= 1 for m in rec["per_model"])
         assert rec["keep"]["rule"] == "every_model"
     scores = _rows(out / "scores.csv")
     assert sorted(int(r["similarity_rank"]) for r in scores) == list(range(1, N + 1))
     assert summary["keep"]["kept"] == sum(int(r["kept"]) for r in scores) in (int(0.9 * N), int(0.9 * N) + 1)
+    mean_scores = {r["row"]: float(r["similarity_score"]) for r in scores}
+    out_max = tmp_path / "scan-max"
+    assert _scan(poisoned, out_max, "--checkpoint", str(tmp_path / "ck2"), "--detector", "similarity",
+                 "--keep-fraction", "0.9", "--combine", "max") == 0
+    summary = json.loads((out_max / "scan.json").read_text())
+    assert summary["combine"] == "max" and "largest of its rank shares" in summary["combined"]
+    max_scores = {r["row"]: float(r["similarity_score"]) for r in _rows(out_max / "scores.csv")}
+    assert all(max_scores[k] >= mean_scores[k] - 1e-6 for k in mean_scores)  # the max is never below the mean
+    assert any(max_scores[k] > mean_scores[k] + 1e-6 for k in mean_scores)
+    capsys.readouterr()
+    assert _scan(poisoned, tmp_path / "one", "--detector", "similarity", "--combine", "max") == 2
+    assert "--combine max: combines the scores of several models" in capsys.readouterr().err
     # models of different image sizes cannot score one decoded set
     save_checkpoint(tmp_path / "ck224", create_model("cg-tiny-224", seed=0), state={"model": "cg-tiny-224"})
     capsys.readouterr()
