@@ -148,10 +148,10 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
          device: str = "auto", spec: CsvSpec | None = None, overwrite: bool = False, progress: bool = False,
          **settings: Any) -> dict[str, Any]:
     """Score every pair of ``data`` with ``checkpoint``'s embeddings (a list: several models, their
-    rank shares averaged), as ``clipguard scan``: writes
+    rank shares averaged, or with ``combine="max"`` the largest taken), as ``clipguard scan``: writes
     ``out/scores.csv``, ``out/kept.csv``, ``out/suspicious.csv`` and ``out/scan.json`` and returns
     scan.json's record. ``settings``: the command's other options (``top``, ``batch_size``,
-    ``chunk``, ``limit``, ``lazy_images``, ``skip_bad_rows``, ``dataset_type``)."""
+    ``chunk``, ``limit``, ``lazy_images``, ``skip_bad_rows``, ``dataset_type``, ``combine``)."""
     from clipguard.detection.runner import scan as _scan
 
     return _scan(data, checkpoint, out, model=model, detectors=detectors, options=options,
