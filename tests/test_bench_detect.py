@@ -540,7 +540,7 @@ def test_a_detect_entry_scored_by_two_models(fm_dir, tmp_path):
     g3["pretrain"]["defenses"]["Both"]["detect"]["combine"] = "mean"
     assert _fp(parse_config(g3), "Both") == _fp(cfg, "Both")
     g3["pretrain"]["defenses"]["Both"]["detect"]["combine"] = "median"
-    with pytest.raises(ConfigError, match="combine must be 'mean' or 'max', got 'median'"):
+    with pytest.raises(ConfigError, match="combine must be one of mean, max, got 'median'"):
         parse_config(g3)
     g3 = copy.deepcopy(_cleaned_grid())
     g3["pretrain"]["defenses"]["CA-then-CLIP"]["detect"]["combine"] = "max"

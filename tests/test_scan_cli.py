@@ -108,6 +108,7 @@ def test_existing_scan_needs_overwrite_and_fraction_overrides_the_rule(poisoned,
     (["--keep-fraction", "1.5"], "--keep-fraction must be in (0, 1]"),
     (["--detector", "kdist", "--veto-detector", "kdist"], "--veto-detector 'kdist' is the keep detector"),
     (["--veto-detector", "nope"], "unknown detector 'nope'"),
+    (["--combine", "median"], "--combine must be one of mean, max, got 'median'"),
     (["--attack-manifest", "missing.json"], "missing.json: attack manifest not found"),
 ])
 def test_bad_settings_are_one_line_errors(poisoned, tmp_path, capsys, args, message):

@@ -103,7 +103,7 @@ class DetectSpec:
     # further models that score the same pairs (``base: [A, B]`` in YAML): each detector's score
     # is then the mean of its rank shares under every model (clipguard.detection.combine_results)
     more_bases: list[str] = field(default_factory=list)
-    # with several bases: "mean" or "max" of the rank shares (clipguard.detection.COMBINE_RULES)
+    # with several bases: "mean" or "max" of the rank shares (clipguard.detection.runner.COMBINE_RULES)
     combine: str = "mean"
     keep_fraction: float | None = None  # keep this fraction of lowest scores instead of the rule
     # veto detectors (name -> options): the pairs each one's own rule rejects are dropped too
@@ -429,9 +429,11 @@ def _detect(obj: Any, source: str, key: str) -> DetectSpec:
         base, more = base[0], list(base[1:])
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{source}: {key}.base must be a pre-training defence label, got {base!r}")
+    from clipguard.detection.runner import COMBINE_RULES
+
     combine = d.get("combine", "mean")
-    if combine not in ("mean", "max"):
-        raise ConfigError(f"{source}: {key}.combine must be 'mean' or 'max', got {combine!r}")
+    if combine not in COMBINE_RULES:
+        raise ConfigError(f"{source}: {key}.combine must be one of {', '.join(COMBINE_RULES)}, got {combine!r}")
     if "combine" in d and not more:
         raise ConfigError(f"{source}: {key}.combine combines the scores of several models; it needs base: [A, B]")
     raw = d.get("veto") or {}

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                    help="run folder, checkpoint folder or .safetensors; repeat it to score with several "
                         "models (each detector's score is then the mean of its rank shares under every "
                         "model, and its own rule keeps a pair only if every model's does)")
-    p.add_argument("--combine", default="mean", choices=["mean", "max"],
+    p.add_argument("--combine", default="mean", metavar="mean|max",
                    help="with several --checkpoint: each detector's score is the mean (default) or the "
                         "largest of its rank shares under the models; max keeps only what every model ranks low")
     p.add_argument("--model", default=None, help="model name if the checkpoint has no state.json")

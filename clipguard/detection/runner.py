@@ -234,6 +234,14 @@ def rank_shares(scores: np.ndarray) -> np.ndarray:
     return rankdata(s, method="average") / max(1, len(s))
 
 
+COMBINE_RULES = ("mean", "max")  # how several models' rank shares become one score
+
+
+def check_combine(combine: str) -> None:
+    if combine not in COMBINE_RULES:
+        raise ConfigError(f"--combine must be one of {', '.join(COMBINE_RULES)}, got {combine!r}")
+
+
 def scan_models(features: Iterable[PairFeatures], detectors: Sequence[Detector], *, keep_detector: str,
                 keep_fraction: float | None, veto_detectors: Sequence[str] = (),
                 poisoned: np.ndarray | None = None, parts: dict[str, Any] | None = None,
@@ -250,9 +258,6 @@ def scan_models(features: Iterable[PairFeatures], detectors: Sequence[Detector],
                            poisoned=poisoned, parts=parts, combine=combine), per_model
 
 
-COMBINE_RULES = ("mean", "max")
-
-
 def combine_results(results: Sequence[ScanResult], *, keep_fraction: float | None = None,
                     veto_detectors: Sequence[str] = (), poisoned: np.ndarray | None = None,
                     parts: dict[str, np.ndarray] | None = None, combine: str = "mean") -> ScanResult:
@@ -265,8 +270,7 @@ def combine_results(results: Sequence[ScanResult], *, keep_fraction: float | Non
     it low, so a model blind to one attack cannot outvote the other."""
     from clipguard.detection.metrics import grouped_metrics
 
-    if combine not in COMBINE_RULES:
-        raise ConfigError(f"--combine must be one of {', '.join(COMBINE_RULES)}, got {combine!r}")
+    check_combine(combine)
     reduce = np.mean if combine == "mean" else np.max
     first = results[0]
     if any([r.name for r in res.runs] != [r.name for r in first.runs] for res in results):
@@ -353,8 +357,7 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if chunk < 1:
         raise ConfigError(f"--chunk must be >= 1, got {chunk}")
-    if combine not in COMBINE_RULES:
-        raise ConfigError(f"--combine must be one of {', '.join(COMBINE_RULES)}, got {combine!r}")
+    check_combine(combine)
     check_limit(limit)
     spec = spec or CsvSpec()
     kind = infer_type(str(data)) if dataset_type == "auto" else dataset_type
