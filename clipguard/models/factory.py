@@ -24,6 +24,7 @@ import torch
 
 from clipguard.errors import ConfigError, DataError
 from clipguard.models.device import resolve_device
+from clipguard.models.text_trim import enable_text_trim
 from clipguard.models.tokenizer import CachedTokenizer
 from clipguard.registry import Registry
 
@@ -159,11 +160,14 @@ def _quiet_random_init():
 
 def create_model(name: str, *, checkpoint: str | Path | None = None,
                  device: str | torch.device = "cpu", seed: int | None = None,
-                 pretrained: str | Path | None = None) -> torch.nn.Module:
+                 pretrained: str | Path | None = None, trim_text: bool | None = None) -> torch.nn.Module:
     """Build an open_clip model by name; random init (seeded) or weights from a local
     safetensors file, torch.save state dict (.pt/.pth/.bin) or checkpoint folder (``checkpoint``;
     ``pretrained`` is an alias that refuses
-    open_clip's download tags). A ``local-dir:`` model loads its folder's weights by default."""
+    open_clip's download tags). A ``local-dir:`` model loads its folder's weights by default.
+    ``trim_text``: encode captions without their padding where that gives the same features
+    (``models/text_trim.py``); None: on a GPU only, so that CPU runs stay bit-identical to
+    those made before it existed (on the CPU it moves results in the last bits)."""
     model_config(name)
     if pretrained is not None:
         if checkpoint is not None:
@@ -185,6 +189,8 @@ def create_model(name: str, *, checkpoint: str | Path | None = None,
         from clipguard.models.checkpoint import load_weights
 
         load_weights(model, checkpoint, model_name=name)
+    if trim_text or (trim_text is None and dev.type == "cuda"):
+        enable_text_trim(model)
     return model
 
 

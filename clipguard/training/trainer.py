@@ -48,7 +48,7 @@ DiagnosticsCallback = Callable[[Strategy, int, Path], dict[str, Any]]
 # settings that decide neither the trained weights (up to kernel-level float differences on a GPU) nor
 # a run's fingerprint: a resume or a bench cell may change them, and adding one keeps old runs valid
 RUNTIME_KEYS = ("quiet", "bar_position", "tensorboard", "keep_checkpoints", "stop_after", "eval_every",
-                "compile", "channels_last", "workers", "pin_memory")
+                "compile", "channels_last", "workers", "pin_memory", "trim_text")
 
 
 @dataclass
@@ -80,6 +80,7 @@ class TrainConfig(Options):
     channels_last: bool = False   # NHWC weights and pixels (helps convolutional towers, e.g. RN50, on GPUs)
     workers: int | None = None    # threads decoding on-demand (--lazy-images, shards) images; None: 8
     pin_memory: bool = True       # CUDA only: host batches are pinned, prefetched and copied asynchronously
+    trim_text: bool | None = None  # text tower on the captions, not their padding (None: on a GPU only)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -136,7 +137,8 @@ class Trainer:
         cfg = self.cfg
         dist = dist or DistInfo()
         self.dist = dist
-        self.model = create_model(cfg.model, checkpoint=cfg.checkpoint, device=dist.device, seed=cfg.seed)
+        self.model = create_model(cfg.model, checkpoint=cfg.checkpoint, device=dist.device, seed=cfg.seed,
+                                  trim_text=cfg.trim_text)
         size = image_size(self.model)
         if tuple(self.data.images.shape[-2:]) != (size, size):
             raise ConfigError(f"images are {tuple(self.data.images.shape[-2:])} but model '{cfg.model}' "
