@@ -9,6 +9,8 @@ random sentences, and models start from random weights. Rows, in order:
   clipguard D       the trainer with defence D in its own training phase: SafeCLIP twice (its
                     unimodal NNCLR phase and its mixed phase, safe set chosen at the epoch start),
                     RoCLIP in a pool-matching epoch, every other defence in its one phase
+  clipguard padded  plain CLIP with trim_text off (only where it is on: a GPU, or --trim-text):
+                    the text tower over the padding too, as the open_clip row runs it
   clipguard lazy    plain CLIP on the same images written as JPEG files at 1.25x the input size,
                     each decoded, resized and cropped on demand by --workers threads while the
                     GPU trains: does decoding keep the GPU fed? (--no-lazy leaves it out)
@@ -227,7 +229,7 @@ def clipguard_row(defense: str, options: dict[str, Any], settings: dict[str, Any
     train = {"model": args.model, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup_steps,
              "grad_clip": args.grad_clip, "seed": args.seed, "device": str(dev), "precision": args.precision,
              "compile": args.compile, "channels_last": args.channels_last, "workers": args.workers,
-             "quiet": True, "keep_checkpoints": 1, **settings}
+             "trim_text": args.trim_text, "quiet": True, "keep_checkpoints": 1, **settings}
     spec = resolve_spec(defense=defense, options=options, train=train, where=f"gpu_check {defense}")
     clock = StepClock(dev)
     with tempfile.TemporaryDirectory() as tmp:
@@ -276,7 +278,8 @@ def environment(dev: torch.device) -> dict[str, Any]:
 def print_table(result: dict[str, Any]) -> None:
     s = result["settings"]
     print(f"\n{s['model']} {s['image_size']}px, batch {s['batch_size']}, {s['precision']}, "
-          f"compile {'on' if s['compile'] else 'off'}, channels_last {'on' if s['channels_last'] else 'off'}; "
+          f"compile {'on' if s['compile'] else 'off'}, channels_last {'on' if s['channels_last'] else 'off'}, "
+          f"trim_text {'on' if s.get('trim_text') else 'off'}; "
           f"{s['steps']} timed steps after {s['warmup_steps']} warm-up; "
           f"{result['gpu'] or result['device']}, torch {result['torch']}, open_clip {result['open_clip']}")
     print(f"{'run':40s} {'images/s':>10s} {'ms/step':>9s} {'/open_clip':>10s} {'peak GiB':>9s} {'hook s':>7s}")
@@ -319,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="torch.compile both loops (adds a compilation, tens of seconds, to every row)")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--trim-text", action=argparse.BooleanOptionalAction, default=None,
+                    help="the trainer's text tower on the captions only (default: the trainer's, on for a GPU)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--grad-clip", type=float, default=1.0, help="both loops (the trainer's default); 0: off")
     ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
@@ -356,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "steps": args.steps, "warmup_steps": args.warmup_steps, "pairs": pairs,
                           "precision": resolve_precision(args.precision, dev), "compile": args.compile,
                           "channels_last": args.channels_last, "lr": args.lr, "grad_clip": args.grad_clip,
+                          "trim_text": args.trim_text if args.trim_text is not None else dev.type == "cuda",
                           "seed": args.seed, "defenses": names, "lazy": args.lazy, "workers": args.workers,
                           "dataset_gib": round(data.images.numel() / 2 ** 30, 3)}
     rows: list[dict[str, Any]] = []
@@ -364,6 +370,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for label, name, phase, opts, settings in plan(names):
         jobs.append((label, lambda n=name, o=opts, st=settings: clipguard_row(n, o, st, data, args, dev),
                      {"kind": "clipguard", "defense": name, "phase": phase, "options": opts}))
+        if name == "none" and result["settings"]["trim_text"]:  # what trimming the text gains, alone
+            jobs.append(("clipguard none (clip, padded text)",
+                         lambda: clipguard_row("none", {}, {"epochs": 1, "trim_text": False}, data, args, dev),
+                         {"kind": "clipguard", "defense": "none", "phase": "clip", "options": {}, "trim_text": False}))
     lazy_dir = tempfile.TemporaryDirectory() if args.lazy else None
     if lazy_dir is not None:
         def lazy_row() -> dict[str, Any]:

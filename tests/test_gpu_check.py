@@ -39,6 +39,17 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_json(tmp_path, capsys):
     assert "images/s" in printed and "clipguard safeclip (mixed)" in printed
 
 
+def test_gpu_check_times_the_padded_text_beside_the_trimmed(tmp_path):
+    out = tmp_path / "trim.json"
+    load_benchmark("gpu_check").main(["--model", "cg-nano", "--device", "cpu", "--steps", "2", "--warmup-steps", "1",
+                  "--batch-size", "16", "--defenses", "none", "--no-lazy", "--trim-text", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["settings"]["trim_text"] is True
+    assert [r["run"] for r in res["rows"]] == ["open_clip minimal loop", "clipguard none (clip)",
+                                              "clipguard none (clip, padded text)", "open_clip minimal loop (again)"]
+    assert all(r["images_per_s"] > 0 for r in res["rows"])
+
+
 def test_gpu_check_refuses_unknown_defences_and_cpu_fp16(tmp_path):
     from clipguard.errors import ConfigError
 
