@@ -41,7 +41,7 @@ PAPER = {"first_split": 0.35, "split_update": 0.1, "safeclip_total_overhead_5_wa
 def run(name: str, options: dict, data, out: Path, args, epochs: int | None = None) -> tuple[float, list[dict]]:
     spec = resolve_spec(defense=name, options=options, train={
         "model": args.model, "epochs": epochs or args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "seed": args.seed, "device": args.device, "quiet": True, "keep_checkpoints": 1})
+        "seed": args.seed, "device": args.device, "quiet": True, "keep_checkpoints": 1, "trim_text": args.trim_text})
     t0 = time.perf_counter()
     build_trainer(spec, data, out / name).fit()
     wall = time.perf_counter() - t0
@@ -119,6 +119,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-epochs", type=int, default=None,
                    help="SafeCLIP's r for this benchmark (default: its library default)")
+    p.add_argument("--trim-text", action=argparse.BooleanOptionalAction, default=None,
+                   help="every fit's text tower on the captions only (default: the trainer's, on for a GPU)")
     p.add_argument("--repeats", type=int, default=1, help="repeat the three fits in a rotated order; report medians")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--json", default=None, help="also write the numbers here")
@@ -146,7 +148,8 @@ def main() -> None:
         spread = f"  [{rng[0]}, {rng[1]}]" if rng else ""
         print(f"{label:<44}{v}{spread}{note}")
 
-    print(f"data: {res['pairs']} pairs, {args.epochs} epochs, {args.model} on {args.device}, "
+    res["trim_text"] = args.trim_text
+    print(f"data: {res['pairs']} pairs, {args.epochs} epochs, {args.model} on {args.device}, trim_text {args.trim_text}, "
           f"{torch.get_num_threads()} threads; CLIP epoch {res['clip_epoch_seconds']:.2f} s; "
           f"medians of {res['repeats']} repeat(s) [min, max]")
     show("SafeCLIP wall / CLIP wall (default schedule)", "safeclip_wall_over_clip", "  (paper: 1.30)")
