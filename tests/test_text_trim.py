@@ -87,3 +87,20 @@ def test_trainer_setting_is_speed_only(fm_train, tmp_path):
     t = Trainer(cfg, fm_train.subset(range(64)), tmp_path / "run")
     t.fit()
     assert vars(t.model)["encode_text"].__func__ is text_trim._encode_text_trimmed
+
+
+def test_speed_flags_of_train_and_finetune():
+    from clipguard.cli import build_parser
+    from clipguard.commands.train import spec_from_args
+
+    base = ["--data", "d.csv", "--out", "o"]
+    t = spec_from_args(build_parser().parse_args(["train", *base])).train
+    assert (t.compile, t.channels_last, t.trim_text, t.workers) == (False, False, None, None)
+    args = build_parser().parse_args(["train", *base, "--compile", "--channels-last", "--trim-text", "--workers", "3"])
+    t = spec_from_args(args).train
+    assert (t.compile, t.channels_last, t.trim_text, t.workers) == (True, True, True, 3)
+    args = build_parser().parse_args(["finetune", *base, "--checkpoint", "ck", "--no-trim-text"])
+    assert spec_from_args(args, stage="finetune", checkpoint="ck").train.trim_text is False
+    plain = spec_from_args(build_parser().parse_args(["train", *base, "--defense", "safeclip"]))
+    fast = spec_from_args(build_parser().parse_args(["train", *base, "--defense", "safeclip", "--compile", "--trim-text"]))
+    assert fast.fingerprint() == plain.fingerprint()
