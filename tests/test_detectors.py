@@ -43,7 +43,7 @@ def planted():
 
 def test_every_detector_is_registered():
     assert set(DETECTORS.names()) == {"similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
-                                      "caption-agreement", "repeat"}
+                                      "caption-agreement", "repeat", "spectral"}
 
 
 @pytest.mark.parametrize("name", ["similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
@@ -75,6 +75,54 @@ def test_caption_agreement_finds_mislabelled_pairs_inside_dense_clusters():
     labels = poison.numpy()
     assert auroc(build("caption-agreement").score(feats), labels) > 0.99
     assert auroc(build("kdist").score(feats), labels) < 0.8  # the density sees nothing unusual
+
+
+def test_spectral_finds_a_triggered_group_that_density_finds_normal():
+    """Five caption classes, each spread along four directions of its own; 24 poisons captioned
+    as class 0 share a trigger shift and sit tightly together, so k-distance (k = 16) finds them
+    the densest pairs. Among the pairs captioned as class 0 the shift is the top principal
+    direction, which spectral scores."""
+    from clipguard.detection.detectors.spectral import caption_groups
+
+    g = torch.Generator().manual_seed(4)
+    centres = torch.randn(5, DIM, generator=g) * 3
+    dirs = torch.linalg.qr(torch.randn(5, DIM, 4, generator=g))[0]
+    cls = torch.arange(424) % 5
+    cls[400:] = 0
+    coef = 0.5 * torch.randn(424, 4, generator=g)
+    coef[400:] *= 0.3
+    image = centres[cls] + torch.einsum("ndk,nk->nd", dirs[cls], coef) + 0.05 * torch.randn(424, DIM, generator=g)
+    image[400:] += 1.5 * torch.nn.functional.normalize(torch.randn(DIM, generator=g), dim=0)
+    text = centres[cls] + 0.1 * torch.randn(424, DIM, generator=g)
+    labels = np.r_[np.zeros(400, dtype=bool), np.ones(24, dtype=bool)]
+    feats = PairFeatures(image, text)
+    det = build("spectral", {"clusters": 5, "components": 1})
+    scores = det.score(feats)
+    assert scores.shape == (424,) and np.isfinite(scores).all()
+    assert auroc(scores, labels) > 0.95
+    assert auroc(build("kdist").score(feats), labels) < 0.1  # a tight group looks dense
+    assert auroc(build("spectral").score(feats), labels) > 0.6  # the defaults (50 groups, 10 directions)
+    keep = det.keep_rule(scores).mask
+    assert keep[labels].mean() < 0.2 and keep[~labels].mean() > 0.9
+    # the groups are the caption classes, seeded, and the same when k-means is fitted on a sample
+    groups = caption_groups(feats.text.double().numpy(), 5, seed=0, max_points=10_000)
+    assert len(set(zip(groups.tolist(), cls.tolist()))) == 5
+    sampled = caption_groups(feats.text.double().numpy(), 5, seed=0, max_points=200)
+    assert len(set(zip(sampled.tolist(), groups.tolist()))) == 5  # the same partition, other numbering
+
+
+def test_spectral_degenerate_groups_and_options():
+    from clipguard.detection.detectors.spectral import spectral_scores
+
+    same = PairFeatures(torch.randn(50, DIM), torch.ones(50, DIM))  # one caption: one group
+    assert np.isfinite(build("spectral").score(same)).all()
+    x = np.random.default_rng(0).normal(size=(7, 4))
+    s = spectral_scores(x, np.array([0, 0, 0, 0, 0, 0, 1]), components=2)
+    assert s[-1] == 0.0 and np.median(s[:6]) == pytest.approx(1.0)  # a lone pair scores 0; a group's median is 1
+    with pytest.raises(ConfigError, match="'clusters' must be >= 1"):
+        build("spectral", {"clusters": 0})
+    with pytest.raises(ConfigError, match="'space' must be"):
+        build("spectral", {"space": "pixels"})
 
 
 def test_repeat_flags_the_copies_of_a_repeated_image_that_density_finds_normal():

@@ -13,7 +13,7 @@ from clipguard.errors import ConfigError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 512 + 12  # BadNet injects its 12 poisons next to the 512 clean pairs
-DETECTORS = ["caption-agreement", "dao", "iforest", "kdist", "lid", "mixture", "repeat", "similarity", "slof"]
+DETECTORS = ["caption-agreement", "dao", "iforest", "kdist", "lid", "mixture", "repeat", "similarity", "slof", "spectral"]
 
 
 @pytest.fixture(scope="module")
