@@ -43,7 +43,7 @@ def planted():
 
 def test_every_detector_is_registered():
     assert set(DETECTORS.names()) == {"similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
-                                      "caption-agreement", "repeat", "spectral"}
+                                      "caption-agreement", "repeat", "spectral", "ensemble"}
 
 
 @pytest.mark.parametrize("name", ["similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
@@ -109,6 +109,27 @@ def test_spectral_finds_a_triggered_group_that_density_finds_normal():
     assert len(set(zip(groups.tolist(), cls.tolist()))) == 5
     sampled = caption_groups(feats.text.double().numpy(), 5, seed=0, max_points=200)
     assert len(set(zip(sampled.tolist(), groups.tolist()))) == 5  # the same partition, other numbering
+
+
+def test_ensemble_averages_its_members_ranks_and_keeps_what_all_keep(planted):
+    from clipguard.detection.runner import rank_shares
+
+    image, text, labels = planted
+    feats = PairFeatures(image, text)
+    det = build("ensemble", {"members": "similarity, kdist"})
+    scores = det.score(feats)
+    sim, kd = build("similarity").score(feats), build("kdist").score(feats)
+    np.testing.assert_allclose(scores, (rank_shares(sim) + rank_shares(kd)) / 2)
+    assert auroc(scores, labels) > 0.9
+    keep = det.keep_rule(scores)
+    both = build("similarity").keep_rule(sim).mask & build("kdist").keep_rule(kd).mask
+    assert (keep.mask == both).all() and keep.rule["rule"] == "every_member"
+    assert [m["detector"] for m in keep.rule["members"]] == ["similarity", "kdist"]
+    assert build("ensemble").opt.member_names() == ["caption-agreement", "spectral"]
+    for bad, msg in (("similarity", "at least two"), ("similarity,similarity", "twice"),
+                     ("similarity,ensemble", "unknown detector 'ensemble'"), ("similarity,daoo", "unknown detector 'daoo'")):
+        with pytest.raises(ConfigError, match=msg):
+            build("ensemble", {"members": bad})
 
 
 def test_spectral_degenerate_groups_and_options():

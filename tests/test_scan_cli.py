@@ -13,7 +13,7 @@ from clipguard.errors import ConfigError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 512 + 12  # BadNet injects its 12 poisons next to the 512 clean pairs
-DETECTORS = ["caption-agreement", "dao", "iforest", "kdist", "lid", "mixture", "repeat", "similarity", "slof", "spectral"]
+DETECTORS = ["caption-agreement", "dao", "ensemble", "iforest", "kdist", "lid", "mixture", "repeat", "similarity", "slof", "spectral"]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_existing_scan_needs_overwrite_and_fraction_overrides_the_rule(poisoned,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--detector", "nope"], "unknown detector 'nope'; choose one of: caption-agreement, dao, iforest"),
+    (["--detector", "nope"], "unknown detector 'nope'; choose one of: caption-agreement, dao, ensemble, iforest"),
     (["--detector-option", "dao.kk=3"], "detector 'dao' has no option 'kk' (did you mean 'k'?)"),
     (["--detector-option", "dao.k=many"], "option 'k' must be an integer"),
     (["--detector-option", "dao=3"], "expected DETECTOR.KEY=VALUE"),

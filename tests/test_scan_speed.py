@@ -21,7 +21,7 @@ def test_scan_speed_runs_small_and_writes_its_json(tmp_path, capsys):
                 "within_target", "auroc"):
         assert key in res, key
     assert (res["pairs"], res["poisoned"], res["model"]) == (500, 5, "cg-tiny")
-    assert res["detectors"] == ["caption-agreement", "dao", "iforest", "kdist", "lid", "mixture", "repeat", "similarity", "slof",
+    assert res["detectors"] == ["caption-agreement", "dao", "ensemble", "iforest", "kdist", "lid", "mixture", "repeat", "similarity", "slof",
                                 "spectral"]
     phases = res["phases"]
     assert {"load (model + data)", "encode", "neighbour search (image, l2)", "write outputs"} <= phases.keys()
