@@ -117,7 +117,7 @@ def test_ensemble_averages_its_members_ranks_and_keeps_what_all_keep(planted):
     image, text, labels = planted
     feats = PairFeatures(image, text)
     det = build("ensemble", {"members": "similarity, kdist"})
-    scores = det.score(feats)
+    scores = det.scores(feats)
     sim, kd = build("similarity").score(feats), build("kdist").score(feats)
     np.testing.assert_allclose(scores, (rank_shares(sim) + rank_shares(kd)) / 2)
     assert auroc(scores, labels) > 0.9
@@ -125,6 +125,7 @@ def test_ensemble_averages_its_members_ranks_and_keeps_what_all_keep(planted):
     both = build("similarity").keep_rule(sim).mask & build("kdist").keep_rule(kd).mask
     assert (keep.mask == both).all() and keep.rule["rule"] == "every_member"
     assert [m["detector"] for m in keep.rule["members"]] == ["similarity", "kdist"]
+    assert det.keep_rule(scores[::-1].copy()).rule["rule"] == "robust_z"  # not its own scores: no member rules
     assert build("ensemble").opt.member_names() == ["caption-agreement", "spectral"]
     for bad, msg in (("similarity", "at least two"), ("similarity,similarity", "twice"),
                      ("similarity,ensemble", "unknown detector 'ensemble'"), ("similarity,daoo", "unknown detector 'daoo'")):
@@ -133,7 +134,17 @@ def test_ensemble_averages_its_members_ranks_and_keeps_what_all_keep(planted):
 
 
 def test_spectral_degenerate_groups_and_options():
-    from clipguard.detection.detectors.spectral import spectral_scores
+    from clipguard.detection.detectors.spectral import caption_groups, spectral_scores
+
+    # one caption encoded in batches of other shapes differs in the last bits: still one group
+    text = np.tile(np.random.default_rng(1).normal(size=(2, DIM)), (30, 1)) + 1e-7 * np.random.default_rng(2).normal(size=(60, DIM))
+    assert len(np.unique(caption_groups(text, 50, seed=0, max_points=100))) == 2
+    assert len(np.unique(caption_groups(text, 50, seed=0, max_points=10))) == 2  # the sample, not all pairs, caps k
+    image, text_t = torch.randn(40, DIM), torch.randn(40, DIM)
+    image[3] = float("nan")
+    text_t[5] = float("nan")
+    s = build("spectral", {"clusters": 3}).score(PairFeatures(image, text_t, similarity=torch.zeros(40)))
+    assert np.isfinite(s).all() and s[3] == s[5] == s.max()  # a broken pair ranks first, never breaks the scan
 
     same = PairFeatures(torch.randn(50, DIM), torch.ones(50, DIM))  # one caption: one group
     assert np.isfinite(build("spectral").score(same)).all()

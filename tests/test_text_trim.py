@@ -2,6 +2,7 @@
 open_clip's padded encode_text, installed only where that holds, off by default on the CPU."""
 
 import copy
+import pickle
 
 import open_clip
 import pytest
@@ -56,10 +57,14 @@ def test_installed_per_instance_and_by_device():
     assert "encode_text" not in vars(create_model("cg-nano", seed=0))  # CPU default: open_clip's method
     assert "encode_text" not in vars(create_model("cg-nano", seed=0, trim_text=False))
     on = create_model("cg-nano", seed=0, trim_text=True)
-    assert vars(on)["encode_text"].__func__ is text_trim._encode_text_trimmed
+    assert vars(on)["encode_text"].func is text_trim._encode_text_trimmed
     assert "encode_text" not in vars(create_model("cg-nano", seed=0))  # other instances untouched
     twin = copy.deepcopy(on)  # a copy (EMA, a teacher) encodes with its own weights
-    assert twin.encode_text.__self__ is twin
+    assert twin.encode_text.args[0] is twin
+    back = pickle.loads(pickle.dumps(on))  # and the model still pickles
+    assert back.encode_text.args[0] is back
+    tokens = get_tokenizer("cg-nano")(CAPTIONS[:2])
+    torch.testing.assert_close(back.encode_text(tokens), on.encode_text(tokens))
     assert set(on.state_dict()) == set(create_model("cg-nano", seed=0).state_dict())  # open_clip's keys
 
 
@@ -73,10 +78,13 @@ def test_left_alone_where_padding_can_matter():
     assert enable_text_trim(open_clip.CLIP(**cfg))
 
 
-def test_not_installed_when_the_probe_disagrees(monkeypatch):
+def test_not_installed_when_the_probe_disagrees(monkeypatch, caplog):
     model = create_model("cg-nano", seed=0, trim_text=False)
     monkeypatch.setattr(text_trim, "_encode_text_trimmed", lambda self, text, normalize=False: torch.zeros(2, 64))
     assert not enable_text_trim(model) and "encode_text" not in vars(model)
+    with caplog.at_level("WARNING", logger="clipguard"):  # asked for explicitly: the user is told
+        assert "encode_text" not in vars(create_model("cg-nano", seed=0, trim_text=True))
+    assert "keeps open_clip's encode_text" in caplog.text
 
 
 def test_trainer_setting_is_speed_only(fm_train, tmp_path):
@@ -86,7 +94,7 @@ def test_trainer_setting_is_speed_only(fm_train, tmp_path):
     cfg = TrainConfig(model="cg-nano", epochs=1, batch_size=32, warmup=1, device="cpu", quiet=True, trim_text=True)
     t = Trainer(cfg, fm_train.subset(range(64)), tmp_path / "run")
     t.fit()
-    assert vars(t.model)["encode_text"].__func__ is text_trim._encode_text_trimmed
+    assert vars(t.model)["encode_text"].func is text_trim._encode_text_trimmed
 
 
 def test_speed_flags_of_train_and_finetune():
@@ -101,6 +109,15 @@ def test_speed_flags_of_train_and_finetune():
     assert (t.compile, t.channels_last, t.trim_text, t.workers) == (True, True, True, 3)
     args = build_parser().parse_args(["finetune", *base, "--checkpoint", "ck", "--no-trim-text"])
     assert spec_from_args(args, stage="finetune", checkpoint="ck").train.trim_text is False
+    preset = {"train": {"compile": True, "channels_last": True}}  # a preset's speed settings ...
+    args = build_parser().parse_args(["train", *base])
+    args.preset = preset
+    t = spec_from_args(args).train
+    assert (t.compile, t.channels_last) == (True, True)  # ... hold when no flag is given
+    args = build_parser().parse_args(["train", *base, "--no-compile", "--no-channels-last"])
+    args.preset = preset
+    t = spec_from_args(args).train
+    assert (t.compile, t.channels_last) == (False, False)  # ... and a --no-flag turns them off
     plain = spec_from_args(build_parser().parse_args(["train", *base, "--defense", "safeclip"]))
     fast = spec_from_args(build_parser().parse_args(["train", *base, "--defense", "safeclip", "--compile", "--trim-text"]))
     assert fast.fingerprint() == plain.fingerprint()

@@ -45,8 +45,10 @@ def add_train_args(p: argparse.ArgumentParser, *, finetune: bool = False) -> Non
     p.add_argument("--keep-checkpoints", type=int, default=None)
     p.add_argument("--tensorboard", action="store_true")
     # speed only (docs/scale.md#gpu-speed-settings): not part of a run's fingerprint
-    p.add_argument("--compile", action="store_true", help="torch.compile the step's forward")
-    p.add_argument("--channels-last", action="store_true", help="NHWC weights and pixels (convolutional towers)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the step's forward")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC weights and pixels (convolutional towers)")
     p.add_argument("--trim-text", action=argparse.BooleanOptionalAction, default=None,
                    help="the text tower on the captions, not their padding (default: on a GPU only)")
     p.add_argument("--workers", type=int, default=None, help="threads decoding on-demand images (default 8)")
@@ -79,7 +81,8 @@ FLAG_TO_FIELD = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "mi
                  "warmup": "warmup", "wd": "weight_decay", "grad_clip": "grad_clip",
                  "accum_steps": "accum_steps", "precision": "precision", "device": "device", "seed": "seed",
                  "stop_after": "stop_after", "keep_checkpoints": "keep_checkpoints", "eval_every": "eval_every",
-                 "model": "model", "trim_text": "trim_text", "workers": "workers"}
+                 "model": "model", "trim_text": "trim_text", "workers": "workers", "compile": "compile",
+                 "channels_last": "channels_last"}
 
 
 def spec_from_args(args: argparse.Namespace, *, stage: str = "pretrain", checkpoint: str | None = None):
@@ -87,8 +90,7 @@ def spec_from_args(args: argparse.Namespace, *, stage: str = "pretrain", checkpo
     from clipguard.training.spec import parse_options, resolve_spec
 
     flags = {key: getattr(args, flag, None) for flag, key in FLAG_TO_FIELD.items()}
-    flags.update({"tensorboard": args.tensorboard or None, "quiet": args.quiet or None, "checkpoint": checkpoint,
-                  "compile": args.compile or None, "channels_last": args.channels_last or None})
+    flags.update({"tensorboard": args.tensorboard or None, "quiet": args.quiet or None, "checkpoint": checkpoint})
     return resolve_spec(stage=stage, defense=args.defense, preset=args.preset,
                         options=parse_options(args.opt), train=[flags])
 

@@ -28,6 +28,8 @@ from clipguard.models.text_trim import enable_text_trim
 from clipguard.models.tokenizer import CachedTokenizer
 from clipguard.registry import Registry
 
+log = logging.getLogger("clipguard")
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODELS: Registry[Path] = Registry("model")
 LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
@@ -189,8 +191,9 @@ def create_model(name: str, *, checkpoint: str | Path | None = None,
         from clipguard.models.checkpoint import load_weights
 
         load_weights(model, checkpoint, model_name=name)
-    if trim_text or (trim_text is None and dev.type == "cuda"):
-        enable_text_trim(model)
+    if (trim_text or (trim_text is None and dev.type == "cuda")) and not enable_text_trim(model) and trim_text:
+        log.warning("trim_text: model '%s' keeps open_clip's encode_text (its text tower is not open_clip's "
+                    "causal CLIP tower read at the end-of-text token, or a probe gave other features)", name)
     return model
 
 

@@ -17,8 +17,8 @@ open_clip's own features, keeps open_clip's ``encode_text``.
 
 from __future__ import annotations
 
+import functools
 import logging
-import types
 
 import torch
 import torch.nn.functional as F
@@ -94,5 +94,7 @@ def enable_text_trim(model: torch.nn.Module) -> bool:
     if not _agrees(model):
         log.debug("text trim: the probe's features differ from open_clip's; the model keeps its encode_text")
         return False
-    model.encode_text = types.MethodType(_encode_text_trimmed, model)
+    # a partial of a module-level function, not a bound method: the model still pickles, and a
+    # deepcopy (a frozen teacher, an EMA) gets its own copy bound to itself
+    model.encode_text = functools.partial(_encode_text_trimmed, model)
     return True

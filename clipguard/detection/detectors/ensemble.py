@@ -6,7 +6,8 @@ caption group's other pairs do not), so a clean pair one of them finds odd is se
 both. Each member's score becomes its rank among all pairs as a share in (0, 1], and the shares
 are averaged, so members on different scales weigh the same. The default members were chosen on
 validation (docs/scan.md#two-detectors-by-rank-chosen-on-validation). Without ``--keep-fraction``
-a pair is kept when every member's own rule keeps it.
+a pair is kept when every member's own rule keeps it (the members' ``z``; the ensemble's own ``z``
+applies only to scores it did not compute itself, and ``relative_to`` to its ranking).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class EnsembleDetector(Detector):
 
         self.members = [build(n) for n in self.opt.member_names()]
         self._member_scores: list[np.ndarray] | None = None
+        self._last: np.ndarray | None = None
 
     def neighbour_key(self) -> tuple[str, str] | None:
         return next((k for k in (m.neighbour_key() for m in self.members) if k is not None), None)
@@ -67,11 +69,15 @@ class EnsembleDetector(Detector):
         self._member_scores = [m.scores(features) for m in self.members]
         return finite_scores(np.mean([rank_shares(s) for s in self._member_scores], axis=0))
 
+    def scores(self, features: PairFeatures) -> np.ndarray:
+        self._last = super().scores(features)
+        return self._last
+
     def keep_rule(self, scores: np.ndarray) -> KeepDecision:
-        """Kept: the pairs every member's own rule keeps (the members' scores of the last
-        ``score`` call on these pairs)."""
+        """Kept: the pairs every member's own rule keeps, when ``scores`` are those this detector
+        computed last (its members' scores are kept beside them); other scores: the robust rule."""
         member = self._member_scores
-        if member is None or any(len(s) != len(scores) for s in member):
+        if member is None or self._last is None or not np.array_equal(np.asarray(scores), self._last):
             return super().keep_rule(scores)
         decisions = [m.keep_rule(s) for m, s in zip(self.members, member)]
         mask = np.logical_and.reduce([d.mask for d in decisions])

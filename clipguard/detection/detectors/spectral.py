@@ -54,12 +54,14 @@ def caption_groups(text: np.ndarray, clusters: int, seed: int, max_points: int) 
     from sklearn.cluster import KMeans
 
     n = len(text)
-    k = min(clusters, len(np.unique(text, axis=0)))
-    if k <= 1:
-        return np.zeros(n, dtype=np.int64)
     fit = text
     if n > max_points:
         fit = text[np.random.default_rng(seed).choice(n, size=max_points, replace=False)]
+    # distinct captions counted on rounded embeddings: one caption encoded in batches of other
+    # shapes differs in the last bits, which must not make it two groups
+    k = min(clusters, len(np.unique(np.round(fit, 4), axis=0)))
+    if k <= 1:
+        return np.zeros(n, dtype=np.int64)
     km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(fit)
     return km.predict(text).astype(np.int64)
 
@@ -90,6 +92,11 @@ class SpectralDetector(Detector):
 
     def score(self, features: PairFeatures) -> np.ndarray:
         o = self.opt
-        groups = caption_groups(features.text.double().numpy(), o.clusters, o.seed, o.max_points)
+        text = features.text.double().numpy()
         x = features.space(o.space).double().numpy()
-        return finite_scores(spectral_scores(x, groups, o.components))
+        ok = np.isfinite(text).all(axis=1) & np.isfinite(x).all(axis=1)
+        out = np.full(len(x), np.nan)  # a pair without finite embeddings ranks as most suspicious
+        if ok.any():
+            groups = caption_groups(text[ok], o.clusters, o.seed, o.max_points)
+            out[ok] = spectral_scores(x[ok], groups, o.components)
+        return finite_scores(out)
