@@ -54,6 +54,7 @@ from clipguard.data.csv_dataset import ImageCaptionData
 from clipguard.io import read_jsonl, write_json
 from clipguard.models.device import resolve_device
 from clipguard.models.factory import get_tokenizer, model_image_size, register_model_configs
+from clipguard.models.text_trim import trim_wanted
 from clipguard.tensors import normalize
 from clipguard.training.build import build_trainer
 from clipguard.training.losses import MAX_LOGIT_SCALE
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "steps": args.steps, "warmup_steps": args.warmup_steps, "pairs": pairs,
                           "precision": resolve_precision(args.precision, dev), "compile": args.compile,
                           "channels_last": args.channels_last, "lr": args.lr, "grad_clip": args.grad_clip,
-                          "trim_text": args.trim_text if args.trim_text is not None else dev.type == "cuda",
+                          "trim_text": trim_wanted(args.trim_text, dev),
                           "seed": args.seed, "defenses": names, "lazy": args.lazy, "workers": args.workers,
                           "dataset_gib": round(data.images.numel() / 2 ** 30, 3)}
     rows: list[dict[str, Any]] = []

@@ -37,6 +37,16 @@ def mean_ms(fn: Callable[[int], object], steps: int) -> float:
     return 1000 * (time.perf_counter() - t0) / steps
 
 
+def fixed_batch(trainer: Trainer, batch_size: int, i: int) -> Batch:
+    """The i-th batch of ``batch_size`` consecutive pairs (wrapping round), seeded by ``i``: the same
+    batches for every variant a profile times."""
+    data, ctx = trainer.data, trainer.ctx
+    idx = torch.arange(batch_size * i, batch_size * (i + 1)) % len(data)
+    return Batch(pixels=to_pixels(data.images[idx], ctx.device), tokens=trainer.tokens[idx],
+                 captions=[data.captions[j] for j in idx.tolist()], indices=idx,
+                 generator=torch.Generator().manual_seed(i), rng=random.Random(i))
+
+
 def main() -> None:
     from defense_overhead import training_csv  # the sibling script (benchmarks/ is sys.path[0])
 
@@ -57,13 +67,9 @@ def main() -> None:
         trainer.setup()
         s, ctx, b = trainer.strategy, trainer.ctx, args.batch_size
         s.on_epoch_start(0)  # fills the pool
-        n = len(data)
 
         def batch(i: int) -> Batch:
-            idx = torch.arange(b * i, b * (i + 1)) % n
-            return Batch(pixels=to_pixels(data.images[idx], ctx.device), tokens=trainer.tokens[idx],
-                         captions=[data.captions[j] for j in idx.tolist()], indices=idx,
-                         generator=torch.Generator().manual_seed(i), rng=random.Random(i))
+            return fixed_batch(trainer, b, i)
 
         def step(pool: bool) -> Callable[[int], None]:
             def run(i: int) -> None:

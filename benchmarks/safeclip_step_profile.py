@@ -16,7 +16,6 @@ on their own, so they need not add up to the difference of the two steps.
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +25,14 @@ import torch
 from clipguard import defenses
 from clipguard.data.csv_dataset import load_csv
 from clipguard.defenses.nn_pool import nn_contrastive_loss
-from clipguard.training.context import Batch, to_pixels
+from clipguard.training.context import Batch
 from clipguard.training.losses import clip_loss
 from clipguard.training.trainer import TrainConfig, Trainer
 
 
 def main(argv: list[str] | None = None) -> None:
     from defense_overhead import training_csv  # the sibling script (benchmarks/ is sys.path[0])
-    from roclip_step_profile import mean_ms
+    from roclip_step_profile import fixed_batch, mean_ms
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="training CSV (default: Fashion-MNIST, materialised)")
@@ -67,10 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         s._safe = torch.rand(n, generator=g) >= args.risky  # the share of risky pairs asked for
 
         def batch(i: int) -> Batch:
-            idx = torch.arange(b * i, b * (i + 1)) % n
-            return Batch(pixels=to_pixels(data.images[idx], ctx.device), tokens=trainer.tokens[idx],
-                         captions=[data.captions[j] for j in idx.tolist()], indices=idx,
-                         generator=torch.Generator().manual_seed(i), rng=random.Random(i))
+            return fixed_batch(trainer, b, i)
 
         def risky_rows(bt: Batch) -> torch.Tensor:
             return torch.nonzero(~s._safe[bt.indices]).flatten()

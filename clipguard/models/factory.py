@@ -24,7 +24,7 @@ import torch
 
 from clipguard.errors import ConfigError, DataError
 from clipguard.models.device import resolve_device
-from clipguard.models.text_trim import enable_text_trim
+from clipguard.models.text_trim import enable_text_trim, trim_wanted
 from clipguard.models.tokenizer import CachedTokenizer
 from clipguard.registry import Registry
 
@@ -191,7 +191,7 @@ def create_model(name: str, *, checkpoint: str | Path | None = None,
         from clipguard.models.checkpoint import load_weights
 
         load_weights(model, checkpoint, model_name=name)
-    if (trim_text or (trim_text is None and dev.type == "cuda")) and not enable_text_trim(model) and trim_text:
+    if trim_wanted(trim_text, dev) and not enable_text_trim(model) and trim_text:  # asked for, not possible
         log.warning("trim_text: model '%s' keeps open_clip's encode_text (its text tower is not open_clip's "
                     "causal CLIP tower read at the end-of-text token, or a probe gave other features)", name)
     return model

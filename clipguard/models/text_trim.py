@@ -28,6 +28,11 @@ log = logging.getLogger("clipguard")
 BUCKET = 8  # trimmed lengths are multiples of this (or the full row)
 
 
+def trim_wanted(trim_text: bool | None, device: torch.device) -> bool:
+    """The setting's meaning: True or False as given; None (the default) on CUDA devices only."""
+    return trim_text if trim_text is not None else torch.device(device).type == "cuda"
+
+
 def trimmed_length(text: torch.Tensor, bucket: int = BUCKET) -> int:
     """Positions to keep: through the batch's last end-of-text token (the row's largest id in
     open_clip's tokenizers), rounded up to ``bucket``, never more than the row."""
