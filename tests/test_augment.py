@@ -106,6 +106,8 @@ def test_simclr_bad_shape():
     with pytest.raises(ValueError):
         simclr_augment(torch.rand(2, 1, 8, 8), torch.Generator())
     assert simclr_augment(torch.rand(0, 3, 8, 8), torch.Generator()).shape[0] == 0
+    with pytest.raises(ValueError, match="hue"):
+        simclr_augment(torch.rand(2, 3, 8, 8), torch.Generator(), jitter=(0.4, 0.4, 0.4, 0.7))
 
 
 @pytest.mark.parametrize("geometric_only", [False, True])
@@ -184,3 +186,55 @@ def test_noise_erase_is_seeded_and_does_what_the_par_authors_views_do():
     assert 0.55 < float(touched) < 0.95                   # 1 - 0.5 * 0.5 of the images, give or take
     with pytest.raises(ValueError, match="erase_area"):
         noise_erase(x, torch.Generator(), erase_area=(0.0, 0.1))
+
+
+def test_hue_shift_is_the_textbook_hsv_round_trip():
+    """The batched hue rotation against Python's ``colorsys`` per pixel (grey, saturated,
+    black and white pixels included), for shifts of either sign and across the wrap."""
+    import colorsys
+
+    from clipguard.data.augment.image import _shift_hue
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 5, 5, generator=g)
+    x[0] = x[0, :1]                       # grey: hue undefined, unchanged
+    x[1, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])
+    x[1, :, 0, 1] = torch.tensor([0.0, 0.0, 0.0])
+    x[1, :, 0, 2] = torch.tensor([1.0, 1.0, 1.0])
+    x[1, :, 0, 3] = torch.tensor([0.2, 0.9, 0.9])   # max shared by two channels
+    shift = torch.tensor([0.3, -0.1, 0.5, -0.5, 0.05, 0.0]).view(6, 1, 1, 1)
+    y = _shift_hue(x, shift)
+    for i in range(6):
+        for r in range(5):
+            for c in range(5):
+                h, s, v = colorsys.rgb_to_hsv(*x[i, :, r, c].tolist())
+                want = colorsys.hsv_to_rgb((h + float(shift[i])) % 1.0, s, v)
+                assert y[i, :, r, c].tolist() == pytest.approx(want, abs=1e-5)
+
+
+def test_wrap_is_the_float_remainder_bit_for_bit():
+    from clipguard.data.augment.image import _wrap
+
+    g = torch.Generator().manual_seed(1)
+    for period in (1.0, 6.0):
+        a = torch.empty(200_000).uniform_(-period, 2 * period, generator=g)
+        a = torch.cat([a, torch.tensor([-period, -0.0, 0.0, period, -1e-30, 1e-30])])
+        a = torch.cat([a, torch.nextafter(a, torch.tensor(2 * period)), torch.nextafter(a, torch.tensor(-period))])
+        a = a[(a >= -period) & (a < 2 * period)]
+        assert torch.equal(_wrap(a, period), a % period)
+
+
+def test_colour_jitter_leaves_the_samples_it_skips_untouched():
+    """Jitter applies to a drawn share of the samples and is computed for those only: the others
+    come back as they went in, bit for bit."""
+    from clipguard.data.augment.image import _color_jitter
+
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    some = _color_jitter(x, torch.Generator().manual_seed(5), (0.4, 0.4, 0.4, 0.1), 0.5, 64, None)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):  # the four factors' draws come first
+        torch.rand(64, generator=g)
+    apply = torch.rand(64, generator=g) < 0.5
+    assert 0 < int(apply.sum()) < 64
+    assert torch.equal(some[~apply], x[~apply])
+    assert not torch.equal(some[apply], x[apply])

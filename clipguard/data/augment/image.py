@@ -25,27 +25,33 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1, keepdim=True)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+def _wrap(a: torch.Tensor, period: float) -> torch.Tensor:
+    """``a % period`` for ``a`` in [-period, 2 * period), bit for bit (a float remainder takes
+    fmod, exact, and adds the period to a negative rest), at a fraction of its cost: one
+    subtraction (exact there) or one addition, chosen per element."""
+    return torch.where(a < 0, a + period, torch.where(a >= period, a - period, a))
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each sample's hue by ``shift`` (m,1,1,1, in turns): RGB to HSV, add, back to RGB.
+    One pass over the channels as separate planes (no stacking, element-wise max and min instead
+    of reductions with indices): the arithmetic of the textbook round trip, in the same order."""
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
     delta = maxc - minc
-    v = maxc
-    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-8), torch.zeros_like(maxc))
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-8), 0.0)
     d = delta.clamp_min(1e-8)
-    h = torch.where(maxc == r, ((g - b) / d) % 6,
-                    torch.where(maxc == g, (b - r) / d + 2, (r - g) / d + 4))
-    h = torch.where(delta > 0, h / 6.0, torch.zeros_like(h))
-    return torch.stack([h, s, v], 1)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    # Standard closed form: f(n) = v - v*s*max(0, min(k, 4-k, 1)), k = (n + h*6) mod 6.
-    kk = (torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-          + h.unsqueeze(1) * 6) % 6
+    gb = (g - b) / d
+    h = torch.where(maxc == r, _wrap(gb, 6.0), torch.where(maxc == g, (b - r) / d + 2, (r - g) / d + 4))
+    h = torch.where(delta > 0, h / 6.0, 0.0)
+    h = _wrap(h + shift.view(-1, 1, 1), 1.0)
+    # back to RGB by the closed form f(n) = v - v*s*max(0, min(k, 4-k, 1)), k = (n + h*6) mod 6
+    kk = _wrap(torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+               + h.unsqueeze(1) * 6, 6.0)
     f = torch.clamp(torch.minimum(kk, 4 - kk), 0, 1)
-    return v.unsqueeze(1) - v.unsqueeze(1) * s.unsqueeze(1) * f
+    v = maxc.unsqueeze(1)
+    return v - v * s.unsqueeze(1) * f
 
 
 def _crop_flip(x: torch.Tensor, g: torch.Generator, scale: tuple[float, float],
@@ -87,10 +93,15 @@ def _color_jitter(x: torch.Tensor, g: torch.Generator, jitter: tuple[float, floa
     order = torch.randperm(4, generator=g).tolist()
     if rows is not None:
         fb, fc, fs, fh, apply = (t[rows] for t in (fb, fc, fs, fh, apply))
-    m = x.shape[0]
+    # only the jittered samples are computed (every op works per sample, so theirs are those of
+    # the whole batch); the others keep their pixels
+    sel = apply.nonzero().squeeze(1)
+    if len(sel) == 0:
+        return x
     dev = dict(device=x.device, dtype=x.dtype)
-    fb, fc, fs, fh = (t.to(**dev).view(m, 1, 1, 1) for t in (fb, fc, fs, fh))
-    y = x
+    fb, fc, fs, fh = (t[sel].to(**dev).view(-1, 1, 1, 1) for t in (fb, fc, fs, fh))
+    sel = sel.to(x.device)
+    y = x[sel]
     for op in order:
         if op == 0 and b > 0:
             y = (y * fb).clamp(0, 1)
@@ -101,10 +112,8 @@ def _color_jitter(x: torch.Tensor, g: torch.Generator, jitter: tuple[float, floa
             gr = _gray(y)
             y = ((y - gr) * fs + gr).clamp(0, 1)
         elif op == 3 and hue > 0:
-            hsv = _rgb_to_hsv(y)
-            hsv = torch.cat([(hsv[:, :1] + fh) % 1.0, hsv[:, 1:]], 1)
-            y = _hsv_to_rgb(hsv).clamp(0, 1)
-    return torch.where(apply.to(x.device).view(m, 1, 1, 1), y, x)
+            y = _shift_hue(y, fh).clamp(0, 1)
+    return x.index_copy(0, sel, y)
 
 
 def simclr_augment(pixels: torch.Tensor, generator: torch.Generator, *,
@@ -134,6 +143,8 @@ def simclr_augment(pixels: torch.Tensor, generator: torch.Generator, *,
     """
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"simclr_augment expects (B,3,H,W) pixels, got {tuple(pixels.shape)}")
+    if not 0.0 <= jitter[3] <= 0.5:
+        raise ValueError(f"simclr_augment: the hue jitter must be in [0, 0.5] (half a turn each way at most), got {jitter[3]}")
     n = pixels.shape[0]
     if n == 0:
         return pixels.clone()
@@ -145,8 +156,9 @@ def simclr_augment(pixels: torch.Tensor, generator: torch.Generator, *,
     gray = torch.rand(n, generator=generator) < gray_p
     if rows is not None:
         gray = gray[rows]
-    gray = gray.to(x.device).view(-1, 1, 1, 1)
-    x = torch.where(gray, _gray(x).expand_as(x), x)
+    sel = gray.nonzero().squeeze(1).to(x.device)
+    if len(sel):
+        x = x.index_copy(0, sel, _gray(x[sel]).expand(-1, x.shape[1], -1, -1))
     if blur_p > 0:
         x = _blur(x, generator, blur_p, blur_sigma, n, rows)
     return x.clamp(0, 1).to(pixels.dtype)
