@@ -81,6 +81,7 @@ def test_an_attack_can_restrict_the_seeds_it_runs_with():
     (lambda g: g["attacks"].update(clean={"attack": "none", "seeds": [7]}), "not among the grid's seeds"),
     (lambda g: g["attacks"].update(clean={"attack": "none", "seeds": "0"}), "attacks.clean: 'seeds' must be"),
     (lambda g: g.update(epoch_zeroshot="yes"), "'epoch_zeroshot' must be true or false"),
+    (lambda g: g.update(trim_text="on"), "'trim_text' must be true or false"),
     (lambda g: g["attacks"]["badnet"].update(target=[]), r"attacks.badnet.target: a list of targets"),
     (lambda g: g["attacks"]["badnet"].update(target=["bag", 1.5]), r"attacks.badnet.target: a list of targets"),
     (lambda g: g["attacks"]["badnet"].update(target={"name": "bag"}), r"attacks.badnet.target must be"),
@@ -92,6 +93,21 @@ def test_bad_configs_name_the_key(mutate, message):
     mutate(g)
     with pytest.raises(ConfigError, match=message):
         parse_config(g, source="grid.yaml")
+
+
+def test_trim_text_reaches_every_training_cell_and_not_the_fingerprint():
+    """A runtime setting like the device: each cell's TrainConfig gets it, its fingerprint does not
+    (a finished cell is reused whichever way its captions were encoded)."""
+    import copy
+
+    from clipguard.bench.cell import cell_config, cell_spec
+
+    plain, trimmed = parse_config(copy.deepcopy(GRID)), parse_config({**copy.deepcopy(GRID), "trim_text": True})
+    pairs = [(a, b) for a, b in zip(plan_cells(plain), plan_cells(trimmed)) if a.stage != "scan"]
+    assert pairs
+    for a, b in pairs:
+        assert cell_spec(plain, a).train.trim_text is None and cell_spec(trimmed, b).train.trim_text is True
+        assert cell_config(plain, a) == cell_config(trimmed, b)
 
 
 def test_overrides_and_env(tmp_path, monkeypatch):

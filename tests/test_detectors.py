@@ -43,7 +43,7 @@ def planted():
 
 def test_every_detector_is_registered():
     assert set(DETECTORS.names()) == {"similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
-                                      "caption-agreement", "repeat", "spectral", "ensemble"}
+                                      "caption-agreement", "repeat", "spectral", "ensemble", "shift"}
 
 
 @pytest.mark.parametrize("name", ["similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
@@ -109,6 +109,63 @@ def test_spectral_finds_a_triggered_group_that_density_finds_normal():
     assert len(set(zip(groups.tolist(), cls.tolist()))) == 5
     sampled = caption_groups(feats.text.double().numpy(), 5, seed=0, max_points=200)
     assert len(set(zip(sampled.tolist(), groups.tolist()))) == 5  # the same partition, other numbering
+
+
+def _shifted_pairs():
+    """Five content classes. The reference model places every image among its class; the model
+    under scan does too, except for 24 poisons (true classes 1-4, captioned as class 0) that it
+    has pulled into one tight cluster beside class 0, as a learnt trigger does. Under the scanned
+    model alone the poisons are dense and sit with the captions they carry."""
+    g = torch.Generator().manual_seed(7)
+    centres = torch.randn(5, DIM, generator=g) * 3
+    cls = torch.arange(424) % 5
+    cls[400:] = 1 + torch.arange(24) % 4
+    reference = centres[cls] + 0.6 * torch.randn(424, DIM, generator=g)
+    scanned = centres[cls] + 0.6 * torch.randn(424, DIM, generator=g)
+    scanned[400:] = centres[0] + 0.5 + 0.05 * torch.randn(24, DIM, generator=g)
+    captioned = cls.clone()
+    captioned[400:] = 0
+    text = centres[captioned] + 0.1 * torch.randn(424, DIM, generator=g)
+    labels = np.r_[np.zeros(400, dtype=bool), np.ones(24, dtype=bool)]
+    return PairFeatures(scanned, text, reference=PairFeatures(reference, text)), labels
+
+
+def test_shift_finds_what_a_model_moved_away_from_its_reference_neighbours():
+    feats, labels = _shifted_pairs()
+    det = build("shift")
+    scores = det.score(feats)
+    assert scores.shape == (424,) and np.isfinite(scores).all()
+    assert auroc(scores, labels) > 0.99
+    assert auroc(build("kdist").score(feats), labels) < 0.1        # dense under the scanned model
+    assert auroc(build("caption-agreement", {"k": 16}).score(feats), labels) < 0.7  # and captioned like it
+    # by hand for one pair: its 16 nearest images under the reference, its joint distance to them here
+    i = 410
+    ref_img = feats.reference.image
+    near = torch.argsort(((ref_img - ref_img[i]) ** 2).sum(1))[1:17]
+    joint = feats.space("joint")
+    assert scores[i] == pytest.approx(float(1 - (joint[near] @ joint[i]).mean()), abs=1e-5)
+    image_only = build("shift", {"space": "image", "k": 4}).score(feats)
+    assert auroc(image_only, labels) > 0.99
+    keep = det.keep_rule(scores).mask
+    assert not keep[labels].any() and keep[~labels].mean() > 0.8  # the robust rule, z = 3
+
+
+def test_shift_needs_a_reference_and_says_how_to_give_one():
+    from clipguard.detection.runner import resolve_detectors
+
+    feats, _ = _shifted_pairs()
+    with pytest.raises(ConfigError, match="--reference CHECKPOINT"):
+        build("shift").score(PairFeatures(feats.image, feats.text))
+    with pytest.raises(ConfigError, match="detector 'shift' compares the model with a reference model"):
+        resolve_detectors(["kdist", "shift"])
+    with pytest.raises(ConfigError, match="detector 'ensemble' compares"):
+        resolve_detectors(["ensemble"], {"ensemble": {"members": "caption-agreement,shift"}})
+    assert "shift" not in [d.name for d in resolve_detectors()]          # the default set, no reference
+    assert "shift" in [d.name for d in resolve_detectors(reference=True)]
+    with pytest.raises(ConfigError, match="option 'space' must be one of 'image', 'text', 'joint'"):
+        build("shift", {"space": "pixels"})
+    with pytest.raises(ValueError, match="reference features hold 3 pairs"):
+        PairFeatures(feats.image, feats.text, reference=PairFeatures(feats.image[:3], feats.text[:3]))
 
 
 def test_ensemble_averages_its_members_ranks_and_keeps_what_all_keep(planted):

@@ -109,6 +109,7 @@ def test_existing_scan_needs_overwrite_and_fraction_overrides_the_rule(poisoned,
     (["--detector", "kdist", "--veto-detector", "kdist"], "--veto-detector 'kdist' is the keep detector"),
     (["--veto-detector", "nope"], "unknown detector 'nope'"),
     (["--combine", "median"], "--combine must be one of mean, max, got 'median'"),
+    (["--detector", "shift"], "detector 'shift' compares the model with a reference model: give --reference"),
     (["--attack-manifest", "missing.json"], "missing.json: attack manifest not found"),
 ])
 def test_bad_settings_are_one_line_errors(poisoned, tmp_path, capsys, args, message):
@@ -254,3 +255,24 @@ def test_scan_with_two_models(poisoned, tmp_path, capsys):
     capsys.readouterr()
     assert _scan(poisoned, tmp_path / "bad", "--checkpoint", str(tmp_path / "ck224"), "--detector", "similarity") == 2
     assert "the models take images of different sizes ([28, 224])" in capsys.readouterr().err
+
+
+def test_scan_with_a_reference_model(poisoned, tmp_path, capsys):
+    """--reference: a second model encodes the pairs once; ``shift`` reads it, the default set
+    then includes ``shift``, and scan.json names the reference."""
+    from clipguard.models.checkpoint import save_checkpoint
+    from clipguard.models.factory import create_model
+
+    save_checkpoint(tmp_path / "ref", create_model("cg-nano", seed=3), state={"model": "cg-nano"})
+    out = tmp_path / "scan"
+    assert _scan(poisoned, out, "--reference", str(tmp_path / "ref"), "--detector", "shift,similarity",
+                 "--attack-manifest", str(poisoned / "p" / "manifest.json")) == 0
+    summary = json.loads((out / "scan.json").read_text())
+    assert summary["reference"] == str(tmp_path / "ref") and summary["reference_model"] == "cg-nano"
+    assert list(summary["detectors"]) == ["shift", "similarity"] and summary["keep"]["detector"] == "shift"
+    assert 0 <= summary["detectors"]["shift"]["metrics"]["auroc"] <= 1
+    scores = _rows(out / "scores.csv")
+    assert sorted(int(r["shift_rank"]) for r in scores) == list(range(1, N + 1))
+    out_all = tmp_path / "scan-all"
+    assert _scan(poisoned, out_all, "--reference", str(tmp_path / "ref")) == 0
+    assert "shift" in json.loads((out_all / "scan.json").read_text())["detectors"]

@@ -33,7 +33,8 @@ def entry_spec(cfg: BenchConfig, stage: str, entry: DefenseSpec, seed: int) -> R
     """A grid entry's RunSpec: library defaults < grid model/device/seed < preset < stage < entry."""
     stage_spec = cfg.pretrain if stage == "pretrain" else cfg.finetune
     return resolve_spec(stage=stage, defense=entry.defense, preset=entry.preset, options=entry.options,
-                        base={"model": cfg.model, "device": cfg.device, "seed": seed},
+                        base={"model": cfg.model, "device": cfg.device, "seed": seed,
+                              **({} if cfg.trim_text is None else {"trim_text": cfg.trim_text})},
                         train=[stage_spec.train, entry.train],
                         where=f"{cfg.source}: {stage}.defenses.{entry.label}")
 

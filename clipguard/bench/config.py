@@ -167,6 +167,9 @@ class BenchConfig:
     # zero-shot on the grid's evaluation rows after every training epoch (results.jsonl): how a run
     # gets where it ends; it does not change what a cell trains, so it is not in the fingerprint
     epoch_zeroshot: bool = False
+    # the text tower on the captions without their padding (TrainConfig.trim_text; None: on a GPU
+    # only). The same features up to float rounding, so not in the fingerprint either
+    trim_text: bool | None = None
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -624,7 +627,8 @@ def _stage(obj: Any, source: str, key: str, finetune: bool, base_dir: Path | Non
 def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None) -> BenchConfig:
     raw = copy.deepcopy(raw)
     _check_keys(raw, {"name", "model", "device", "seeds", "datasets", "attacks", "pretrain", "finetune",
-                      "split", "histogram_bins", "histogram_max_pairs", "description", "scan", "epoch_zeroshot"},
+                      "split", "histogram_bins", "histogram_max_pairs", "description", "scan", "epoch_zeroshot",
+                      "trim_text"},
                 source, "top level")
     for k in ("datasets", "attacks", "pretrain"):
         if not raw.get(k):
@@ -683,6 +687,8 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
                       histogram_bins=int(raw.get("histogram_bins", 40)),
                       histogram_max_pairs=int(raw.get("histogram_max_pairs", 20000)),
                       epoch_zeroshot=_flag(raw.get("epoch_zeroshot", False), source, "epoch_zeroshot"),
+                      trim_text=(None if raw.get("trim_text") is None
+                                 else _flag(raw["trim_text"], source, "trim_text")),
                       source=source, raw=raw)
     return cfg
 

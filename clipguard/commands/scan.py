@@ -21,11 +21,14 @@ def add_parser(sub) -> None:
     p.add_argument("--combine", default="mean", metavar="mean|max",
                    help="with several --checkpoint: each detector's score is the mean (default) or the "
                         "largest of its rank shares under the models; max keeps only what every model ranks low")
+    p.add_argument("--reference", default=None, metavar="CHECKPOINT",
+                   help="a model trained without this data (e.g. on a small trusted set), for the detectors "
+                        "that compare the scanned model with it (shift); it encodes the pairs once")
     p.add_argument("--model", default=None, help="model name if the checkpoint has no state.json")
     p.add_argument("--out", required=True, help="scan folder")
     p.add_argument("--detector", action="extend", nargs="+", default=None, metavar="NAME",
                    help="detectors to run, in order (repeatable or comma-separated; default: every "
-                        "registered one: dao, iforest, kdist, lid, mixture, similarity, slof)")
+                        "registered one, those that compare with --reference only when it is given)")
     p.add_argument("--detector-option", action="extend", nargs="+", default=[], metavar="NAME.KEY=VALUE",
                    help="a detector option, e.g. dao.k=32 or lid.space=joint (repeatable)")
     p.add_argument("--attack-manifest", default=None,
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                    veto_detectors=args.veto_detector, top=args.top, overwrite=args.overwrite, device=args.device, batch_size=args.batch_size,
                    spec=csv_spec(args), dataset_type=args.dataset_type, lazy_images=args.lazy_images,
                    limit=args.limit, skip_bad_rows=args.skip_bad_rows, chunk=args.chunk,
-                   progress=not args.quiet, combine=args.combine)
+                   progress=not args.quiet, combine=args.combine, reference=args.reference)
     n = summary["n_pairs"]
     for name, rec in summary["detectors"].items():
         m = rec.get("metrics") or {}

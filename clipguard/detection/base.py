@@ -43,7 +43,10 @@ class PairFeatures:
     pair's cosine similarity (computed when not given).
 
     ``device`` is where neighbour searches run; their results are cached per (space, metric), so
-    several density detectors on one space pay for one search (the largest k asked for)."""
+    several density detectors on one space pay for one search (the largest k asked for).
+
+    ``reference``: the same pairs under a reference model (one trained without the data under
+    scan), for detectors that compare the two (``Detector.needs_reference``)."""
 
     image: torch.Tensor
     text: torch.Tensor
@@ -51,6 +54,7 @@ class PairFeatures:
     device: str | torch.device = "cpu"
     chunk: int = 4096
     pixels: torch.Tensor | None = None  # coarse pixel signatures (clipguard.data.signatures), when asked for
+    reference: PairFeatures | None = None
     _cache: dict[tuple[str, str], Neighbours] = field(default_factory=dict, init=False, repr=False)
     _joint: torch.Tensor | None = field(default=None, init=False, repr=False)
     _spent: float = field(default=0.0, init=False, repr=False)
@@ -73,6 +77,8 @@ class PairFeatures:
             if self.pixels.ndim != 2 or len(self.pixels) != len(self.image):
                 raise ValueError(f"pixel signatures must be (N, d) for {len(self.image)} pairs, got "
                                  f"{tuple(self.pixels.shape)}")
+        if self.reference is not None and len(self.reference) != len(self.image):
+            raise ValueError(f"the reference features hold {len(self.reference)} pairs, these {len(self.image)}")
 
     def __len__(self) -> int:
         return len(self.image)
@@ -97,8 +103,8 @@ class PairFeatures:
         raise ConfigError(f"unknown feature space '{name}'; choose one of: {', '.join(SPACES)}")
 
     def search_seconds(self) -> float:
-        """Seconds spent on every neighbour search so far."""
-        return self._spent
+        """Seconds spent on every neighbour search so far (the reference's included)."""
+        return self._spent + (self.reference.search_seconds() if self.reference is not None else 0.0)
 
     def search_cost(self, space: str, metric: str) -> float:
         """Seconds the (cached) search in ``space`` with ``metric`` took; 0 if none ran."""
@@ -221,6 +227,9 @@ class Detector:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for --list and the docs
     options_class: ClassVar[type[DetectorOptions]] = DetectorOptions
+    # compares the scanned model with a reference model (PairFeatures.reference); such a detector
+    # is left out of the default set when no reference is given, and refused when named without one
+    needs_reference: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -233,6 +242,17 @@ class Detector:
     def neighbour_key(self) -> tuple[str, str] | None:
         """(space, metric) of the neighbour search this detector uses, if any (for timing)."""
         return None
+
+    def search_cost(self, features: PairFeatures) -> float:
+        """Seconds of the (cached) neighbour search this detector reads, for scan.json."""
+        key = self.neighbour_key()
+        return features.search_cost(*key) if key is not None else 0.0
+
+    def reference_of(self, features: PairFeatures) -> PairFeatures:
+        """``features.reference``, or the error that says how to give one."""
+        if features.reference is None:
+            raise missing_reference(self.name)
+        return features.reference
 
     def score(self, features: PairFeatures) -> np.ndarray:
         """(N,) float64 scores; higher means more likely poisoned."""
@@ -249,6 +269,12 @@ class Detector:
     def keep_rule(self, scores: np.ndarray) -> KeepDecision:
         """The pairs to keep when the user gives no ``--keep-fraction``."""
         return robust_keep(scores, self.opt.z)
+
+
+def missing_reference(name: str) -> ConfigError:
+    """The error for a detector that needs a reference model run without one."""
+    return ConfigError(f"detector '{name}' compares the model with a reference model: give --reference "
+                       f"CHECKPOINT (a model trained without the data under scan, e.g. on a small trusted set)")
 
 
 def caption_relative(scores: np.ndarray, features: PairFeatures, k: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from clipguard.detection.base import (
     build,
     fraction_keep,
     get,
+    missing_reference,
     names,
     veto_keep,
 )
@@ -61,11 +62,13 @@ def detector_names(entries: str | Sequence[str] | None) -> list[str]:
 
 def resolve_detectors(detectors: str | Sequence[str] | None = None,
                       options: dict[str, dict[str, Any] | DetectorOptions] | None = None,
-                      also: Sequence[str] = ()) -> list[Detector]:
-    """Built detectors, in the order given (default: every registered one), then any of ``also``
-    (veto detectors) not among them; options are checked against each detector's dataclass, and
-    options for a detector not run are refused."""
-    chosen = detector_names([*(detector_names(detectors) or names()), *detector_names(also)])
+                      also: Sequence[str] = (), reference: bool = False) -> list[Detector]:
+    """Built detectors, in the order given (default: every registered one, those that compare
+    with a reference model only when ``reference``), then any of ``also`` (veto detectors) not
+    among them; options are checked against each detector's dataclass, and options for a detector
+    not run are refused, as is a detector that needs a reference model when none is given."""
+    default = [n for n in names() if reference or not get(n).needs_reference]
+    chosen = detector_names([*(detector_names(detectors) or default), *detector_names(also)])
     if not chosen:
         raise ConfigError("no detector given")
     options = dict(options or {})
@@ -74,7 +77,11 @@ def resolve_detectors(detectors: str | Sequence[str] | None = None,
             get(name)  # an unknown name gets the registry's message, with the choices
             raise ConfigError(f"--detector-option for '{name}', which is not among the detectors run "
                               f"({', '.join(chosen)})")
-    return [build(name, options.get(name)) for name in chosen]
+    built = [build(name, options.get(name)) for name in chosen]
+    needing = [d.name for d in built if d.needs_reference]
+    if needing and not reference:
+        raise missing_reference(needing[0])
+    return built
 
 
 def default_keep_detector(detectors: Sequence[Detector], explicit: bool) -> str:
@@ -204,7 +211,6 @@ def scan_features(features: PairFeatures, detectors: Sequence[Detector], *, keep
     part_masks = {k: np.asarray(v).astype(bool).reshape(-1) for k, v in (parts or {}).items()}
     runs = []
     for det in tqdm(detectors, desc="detectors", unit="detector", disable=not progress, dynamic_ncols=True):
-        key = det.neighbour_key()
         before = features.search_seconds()
         t0 = time.perf_counter()
         scores = det.scores(features)
@@ -212,7 +218,7 @@ def scan_features(features: PairFeatures, detectors: Sequence[Detector], *, keep
         searched = features.search_seconds() - before
         if len(scores) != n:
             raise RuntimeError(f"detector '{det.name}' gave {len(scores)} scores for {n} pairs")
-        knn_s = features.search_cost(*key) if key is not None else 0.0
+        knn_s = det.search_cost(features)
         run = DetectorRun(det, scores, det.keep_rule(scores), max(0.0, wall - searched), knn_s)
         if mask is not None:
             run.metrics = grouped_metrics(scores, mask, part_masks or None)
@@ -322,8 +328,11 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
          keep_detector: str | None = None, veto_detectors: Sequence[str] = (), top: int = 100, overwrite: bool = False, device: str = "auto",
          batch_size: int = 256, spec=None, dataset_type: str = "auto", lazy_images: bool = False,
          limit: int | None = None, skip_bad_rows: bool = False, chunk: int = 4096,
-         progress: bool = True, combine: str = "mean") -> dict[str, Any]:
+         progress: bool = True, combine: str = "mean", reference: str | Path | None = None) -> dict[str, Any]:
     """Find suspicious pairs of ``data`` with ``checkpoint``'s embeddings; write ``out``.
+
+    ``reference``: a model trained without this data (e.g. on a small trusted set) for the
+    detectors that compare the scanned model with one (``shift``); it encodes the pairs once.
 
     ``checkpoint`` may be a list: every model encodes the pairs, each detector scores them under
     each model, and the scores written are the mean (``combine="max"``: the largest) of the rank
@@ -343,7 +352,7 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
     from clipguard.models.factory import image_size
 
     # ---- every setting first: a typo costs nothing
-    dets = resolve_detectors(detectors, options, also=veto_detectors)
+    dets = resolve_detectors(detectors, options, also=veto_detectors, reference=reference is not None)
     keep_name = keep_detector or default_keep_detector(dets, explicit=detectors is not None)
     if keep_name not in [d.name for d in dets]:
         raise ConfigError(f"--keep-detector '{keep_name}' is not among the detectors run "
@@ -378,21 +387,24 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
 
     # ---- models, data, embeddings
     models = [load_model(c, model, str(dev)) for c in checkpoints]
-    sizes = {image_size(net) for net, _ in models}
+    ref = load_model(reference, model, str(dev)) if reference is not None else None
+    sizes = {image_size(net) for net, _ in [*models, *([ref] if ref is not None else [])]}
     if len(sizes) > 1:
-        raise ConfigError(f"--checkpoint: the models take images of different sizes ({sorted(sizes)}); "
-                          f"scan with models of one image size")
+        raise ConfigError(f"--checkpoint{' and --reference' if ref is not None else ''}: the models take images "
+                          f"of different sizes ({sorted(sizes)}); scan with models of one image size")
     net, model_name = models[0]
     pairs = load_dataset(str(data), kind, spec=spec, image_size=image_size(net), skip_bad_rows=skip_bad_rows,
                          limit=limit, lazy=lazy_images)
     sources: dict[str, Any] = {"data": str(data), "checkpoint": str(checkpoints[0])}
     if len(checkpoints) > 1:
         sources["checkpoints"] = [str(c) for c in checkpoints]
+    if reference is not None:
+        sources["reference"] = str(reference)
     summary, _ = scan_pairs(pairs, net, model_name, out, dets, keep_detector=keep_name, keep_fraction=keep_fraction,
                             veto_detectors=vetoes,
                             attack_manifest=attack_manifest, kind=kind, spec=spec, top=top, device=dev,
                             batch_size=batch_size, chunk=chunk, progress=progress,
-                            sources=sources, more_models=models[1:], combine=combine)
+                            sources=sources, more_models=models[1:], combine=combine, reference_model=ref)
     return summary
 
 
@@ -402,11 +414,14 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
                spec, top: int, device: torch.device, batch_size: int = 256, chunk: int = 4096,
                progress: bool = True, sources: dict[str, Any],
                more_models: Sequence[tuple[torch.nn.Module, str]] = (),
-               combine: str = "mean") -> tuple[dict[str, Any], ScanResult]:
+               combine: str = "mean",
+               reference_model: tuple[torch.nn.Module, str] | None = None) -> tuple[dict[str, Any], ScanResult]:
     """The part of ``scan`` after loading: encode ``pairs`` with ``net``, score, write ``out``
     (checked beforehand by the caller), and return scan.json's record with the full result (its
     keep mask is what a retraining step trains on). ``more_models``: (model, name) pairs that
-    score the pairs too; the scores written then combine every model's (``combine_results``)."""
+    score the pairs too; the scores written then combine every model's (``combine_results``).
+    ``reference_model``: (model, name) whose features every scanned model's carry as their
+    ``reference`` (encoded once)."""
     import clipguard
     from clipguard.detection import outputs
     from clipguard.models.factory import get_tokenizer
@@ -417,12 +432,20 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
     models = [(net, model_name), *more_models]
     del net
 
+    ref_features = None
+    if reference_model is not None:
+        t0 = time.perf_counter()
+        ref_features = encode_pairs(reference_model[0], get_tokenizer(reference_model[1]), pairs, device=device,
+                                    batch_size=batch_size, progress=progress, chunk=chunk)
+        encode_s += time.perf_counter() - t0
+
     def encoded():
         nonlocal encode_s
         for m, name in models:
             t0 = time.perf_counter()
             features = encode_pairs(m, get_tokenizer(name), pairs, device=device, batch_size=batch_size,
                                     progress=progress, chunk=chunk, pixels=needs_pixels(dets))
+            features.reference = ref_features
             encode_s += time.perf_counter() - t0
             yield features
 
@@ -435,6 +458,7 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
     files = outputs.write_all(out, pairs, result, kind=kind, spec=spec, top=top)
     summary: dict[str, Any] = {
         **sources, "dataset_type": kind, "model": model_name,
+        **({"reference_model": reference_model[1]} if reference_model is not None else {}),
         "device": str(device), "n_pairs": n, "skipped_rows": pairs.skipped,
         "encode": {"seconds": encode_s, "pairs_per_s": n / encode_s if encode_s > 0 else None,
                    "batch_size": batch_size},

@@ -1,0 +1,64 @@
+"""``shift``: how far the model under scan has moved each pair from the pairs that a reference
+model, trained without the suspect data, calls its neighbours.
+
+Why: a backdoor makes the poisoned model map a triggered image by its trigger, and a caption that
+does not fit the image pulls the pair towards that caption. A reference model (one trained on a
+small trusted set) places the image among images of its own kind. Under the reference, pair i's
+k nearest images are found; under the model being scanned, the score is the mean cosine distance
+from pair i to those neighbours, in ``space`` (``joint``: image and caption embeddings concatenated
+and renormalised). A clean pair stays near the pairs it looks like; a triggered or mislabelled
+one has been carried away from them. Neither model alone sees this: the poisoned model finds the
+triggered images dense and normal, the reference never saw a trigger. Copies of one image (TDPA)
+stay each other's neighbours under both models and score low: pair it with ``repeat``.
+
+Needs the reference model's features (``clipguard scan --reference``, ``PairFeatures.reference``).
+``space`` and ``k`` were chosen on validation (docs/scan.md#shift-a-reference-models-neighbours).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+
+from clipguard.detection.base import DETECTORS, Detector, DetectorOptions, PairFeatures, finite_scores
+from clipguard.options import require
+
+
+@dataclass
+class ShiftOptions(DetectorOptions):
+    kind: ClassVar[str] = "detector 'shift'"
+    k: int = 16                                                  # the reference's neighbours per pair
+    space: Literal["image", "text", "joint"] = "joint"           # where the scanned model measures the distance
+    reference_space: Literal["image", "text", "joint"] = "image"  # where the reference finds the neighbours
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.k >= 1, f"option 'k' must be >= 1, got {self.k}")
+
+
+@DETECTORS.register("shift")
+class ShiftDetector(Detector):
+    name = "shift"
+    summary = "distance, under the scanned model, to the pairs a reference model calls the pair's neighbours"
+    options_class = ShiftOptions
+    needs_reference = True
+
+    def search_cost(self, features: PairFeatures) -> float:
+        ref = features.reference
+        return ref.search_cost(self.opt.reference_space, "l2") if ref is not None else 0.0
+
+    def score(self, features: PairFeatures) -> np.ndarray:
+        ref = self.reference_of(features)
+        k = self.opt.k
+        _, idx = ref.neighbours(self.opt.reference_space, k, "l2").first(k)
+        x = features.space(self.opt.space)
+        out = torch.empty(len(features), dtype=torch.float64)
+        step = max(1, features.chunk)
+        for i in range(0, len(features), step):
+            rows = x[i:i + step]
+            near = (rows.unsqueeze(1) * x[idx[i:i + step]]).sum(dim=2).mean(dim=1)  # mean cosine
+            out[i:i + step] = 1.0 - near.double()
+        return finite_scores(out)
