@@ -115,6 +115,11 @@ def _detect(g):
     (lambda g: g["scan"].update(options={"dao": {"k": 0}}), r"scan.options.dao"),
     (lambda g: g["scan"].update(base="Nope"), r"scan.base: base 'Nope' is not a pre-training defence label"),
     (lambda g: g["scan"].update(bogus=1), r"'scan' has unknown key"),
+    (lambda g: _detect(g).update(detector="shift"), r"DAO-then-CLIP.detect: detector 'shift' compares .* give .*reference"),
+    (lambda g: _detect(g).update(reference="CLIP"), r"DAO-then-CLIP.detect.reference: none of \['dao'\] compares"),
+    (lambda g: _detect(g).update(detector="shift", reference="Nope"), r"detect.reference: base 'Nope' is not"),
+    (lambda g: g["scan"].update(detectors=["shift"]), r"scan: detector 'shift' compares .* give scan.reference"),
+    (lambda g: g["scan"].update(detectors=["shift"], reference="Nope"), r"scan.reference: base 'Nope' is not"),
 ])
 def test_bad_detect_and_scan_entries_name_the_key(mutate, message):
     with pytest.raises(ConfigError, match=message):
@@ -158,7 +163,8 @@ def test_scan_defaults_and_explicit_bases():
     assert not any(c.stage == "scan" for c in plan_cells(parse_config(g)))
     g["scan"] = {}  # every detector on the plain CLIP entry's model
     cfg = parse_config(g)
-    assert cfg.scan.bases == ["CLIP"] and cfg.scan.detectors == names()
+    # every detector that needs no reference model (shift compares with one)
+    assert cfg.scan.bases == ["CLIP"] and cfg.scan.detectors == [n for n in names() if n != "shift"]
     g["scan"] = {"detectors": "dao,kdist", "base": ["CLIP"]}
     cfg = parse_config(g)
     assert cfg.scan.bases == ["CLIP"] and cfg.scan.detectors == ["dao", "kdist"]
@@ -557,3 +563,65 @@ def test_a_detect_entry_scored_by_two_models(fm_dir, tmp_path):
     assert det["base"] == "CLIP & CLIP+FT" and det["bases"] == ["CLIP", "CLIP+FT"] and len(det["checkpoints"]) == 2
     assert det["detectors"]["caption-agreement"]["keep"]["rule"] == "every_model"
     assert det["keep"]["rule"] == "fraction" and det["keep"]["vetoes"][0]["detector"] == "repeat"
+
+
+def _reference_grid() -> dict:
+    """A trusted model as the reference of ``shift``: in a detect-then-train entry, and in the scan
+    cells of the poisoned model (the scan of the trusted model itself runs without it)."""
+    g = copy.deepcopy(GRID)
+    g["datasets"]["fm"]["finetune_size"] = 40
+    g["pretrain"]["defenses"] = {
+        "Shift-then-CLIP": {"detect": {"detector": "shift", "base": "CLIP", "reference": "Trusted",
+                                       "keep_fraction": 0.9, "veto": ["repeat"]}},
+        "CLIP": "none",
+        "Trusted": {"defense": "none", "data": "held-aside", "train": {"epochs": 2}}}
+    g["scan"] = {"base": ["CLIP", "Trusted"], "detectors": ["similarity", "shift"], "reference": "Trusted"}
+    return g
+
+
+def test_a_reference_model_is_waited_for_and_keys_the_cells(fm_dir, tmp_path):
+    from clipguard.bench.plan import dependencies
+    from clipguard.bench.runner import run_bench
+
+    cfg = parse_config(_reference_grid())
+    cells = {c.id: c for c in plan_cells(cfg)}
+    ids = list(cells)
+    for name in ("Shift-then-CLIP", "CLIP+scan"):
+        deps = [d.id for d in dependencies(cfg, cells[f"fm/badnet/{name}/seed0"])]
+        assert deps == ["fm/badnet/CLIP/seed0", "fm/badnet/Trusted/seed0"]
+        assert ids.index("fm/badnet/Trusted/seed0") < ids.index(f"fm/badnet/{name}/seed0")
+    assert [d.id for d in dependencies(cfg, cells["fm/badnet/Trusted+scan/seed0"])] == ["fm/badnet/Trusted/seed0"]
+    conf = cell_config(cfg, cells["fm/badnet/CLIP+scan/seed0"])
+    assert conf["scan"]["reference"]["method"] == "Trusted"
+    assert [d["name"] for d in conf["scan"]["detectors"]] == ["similarity", "shift"]
+    own = cell_config(cfg, cells["fm/badnet/Trusted+scan/seed0"])["scan"]
+    assert "reference" not in own and [d["name"] for d in own["detectors"]] == ["similarity"]
+    assert cell_config(cfg, cells["fm/badnet/Shift-then-CLIP/seed0"])["detect"]["reference"]["method"] == "Trusted"
+    longer = _reference_grid()
+    longer["pretrain"]["defenses"]["Trusted"]["train"]["epochs"] = 3  # another reference model: another cell
+    assert _fp(parse_config(longer), "Shift-then-CLIP") != _fp(cfg, "Shift-then-CLIP")
+    assert _fp(parse_config(longer), "CLIP+scan") != _fp(cfg, "CLIP+scan")
+    # end to end on a tiny grid
+    g = _reference_grid()
+    g.update(seeds=[0], model="cg-nano")
+    g["datasets"]["fm"] = {"train": str(fm_dir / "train.csv"), "test": str(fm_dir / "test.csv"),
+                           "probe_size": 0, "finetune_size": 64}
+    g["attacks"] = {"badnet": {"attack": "badnet", "target": "bag", "count": 26}}
+    g["pretrain"]["train"] = {"epochs": 1, "batch_size": 64, "warmup": 2}
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(g))
+    out = tmp_path / "bench"
+    meta = run_bench(load_config(config), out, quiet=True)
+    assert meta["cells_run"] == 5
+
+    def cell(name: str) -> dict:
+        return json.loads((out / "cells" / f"fm__badnet__{name}__seed0.json").read_text())
+
+    det = cell("Shift-then-CLIP")["detection"]
+    assert det["base"] == "CLIP" and det["reference"] == "Trusted"
+    assert det["keep"]["detector"] == "shift" and det["keep"]["vetoes"][0]["detector"] == "repeat"
+    assert cell("Shift-then-CLIP")["train_pairs"] == det["keep"]["kept"] < det["n_pairs"]
+    scan = cell("CLIP+scan")["detection"]
+    assert scan["reference"] == "Trusted" and set(scan["detectors"]) == {"similarity", "shift"}
+    assert 0 <= scan["detectors"]["shift"]["metrics"]["auroc"] <= 1
+    assert set(cell("Trusted+scan")["detection"]["detectors"]) == {"similarity"}

@@ -20,7 +20,7 @@ import torch
 import clipguard
 from clipguard.bench.cache import BenchCache
 from clipguard.bench.config import AttackSpec, BenchConfig, DefenseSpec
-from clipguard.bench.plan import Cell, base_cell, detect_base_cells
+from clipguard.bench.plan import Cell, base_cell, detect_base_cells, reference_cell
 from clipguard.errors import ConfigError
 from clipguard.io import read_jsonl, write_json
 from clipguard.models import checkpoint as ckpt
@@ -55,8 +55,11 @@ def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
         "label": cell.defense.label, "seed": cell.seed, "split": cfg.split,
     }
     if cell.stage == "scan":  # nothing trains: the detectors and the base model decide the result
-        conf["scan"] = {**detect.scan_conf(cfg.scan), "base": {
+        ref = reference_cell(cfg, cell)
+        conf["scan"] = {**detect.scan_conf(cfg.scan, reference=ref is not None), "base": {
             "method": cell.base, "fingerprint": fingerprint(cell_config(cfg, base_cell(cfg, cell)))}}
+        if ref is not None:
+            conf["scan"]["reference"] = {"method": ref.method, "fingerprint": fingerprint(cell_config(cfg, ref))}
         return conf
     conf["run"] = cell_spec(cfg, cell).resolved()
     if cell.defense.data != "train":
@@ -71,6 +74,9 @@ def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
         if more:  # only when given: entries with one base keep their finished cells
             conf["detect"]["more_bases"] = [{"method": b.method, "fingerprint": fingerprint(cell_config(cfg, b))}
                                             for b in more]
+        ref = reference_cell(cfg, cell)
+        if ref is not None:
+            conf["detect"]["reference"] = {"method": ref.method, "fingerprint": fingerprint(cell_config(cfg, ref))}
     return conf
 
 
@@ -361,9 +367,10 @@ def run_scan_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *,
     t0 = time.perf_counter()
     data, poison = cache.train_data(cell.dataset, cell.attack, cell.seed)
     t_data = time.perf_counter() - t0
+    ref = reference_cell(cfg, cell)
     rec = detect.run_detection(cfg, cell, base_cell(cfg, cell), out, cache,
-                               detectors=[(n, cfg.scan.options.get(n)) for n in cfg.scan.detectors],
-                               keep_fraction=None, fingerprint=fingerprint(conf),
+                               detectors=[(n, cfg.scan.options.get(n)) for n in detect.scan_detectors(cfg.scan, ref is not None)],
+                               keep_fraction=None, fingerprint=fingerprint(conf), reference=ref,
                                base_fingerprint=conf["scan"]["base"]["fingerprint"], keep_rows=False, quiet=quiet)
     record = {
         "format": CELL_FORMAT, "cell": cell.id, "fingerprint": fingerprint(conf),

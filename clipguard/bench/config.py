@@ -111,6 +111,8 @@ class DetectSpec:
     # None: the dropped pairs are left out. K: each dropped image is trained with a caption borrowed
     # from the K kept pairs with the nearest images (clipguard.detection.relabel)
     relabel: int | None = None
+    # the model a detector that compares with a reference reads (``shift``): a pre-training label
+    reference: str | None = None
 
 
 TRAIN_DATA = ("train", "held-aside")
@@ -140,6 +142,9 @@ class ScanSpec:
     bases: list[str] = field(default_factory=list)
     detectors: list[str] = field(default_factory=list)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the model the detectors that compare with a reference read (``shift``); in the cells of that
+    # base itself they do not run
+    reference: str | None = None
 
 
 @dataclass
@@ -416,7 +421,8 @@ def _detect(obj: Any, source: str, key: str) -> DetectSpec:
     veto: {repeat: {z: 4}}, relabel: null}`` (``veto`` may also be a list of names; with
     ``base: [A, B]``, ``combine: mean | max``)."""
     d = _mapping(obj, source, key)
-    _check_keys(d, {"detector", "base", "options", "keep_fraction", "veto", "relabel", "combine"}, source, key)
+    _check_keys(d, {"detector", "base", "options", "keep_fraction", "veto", "relabel", "combine", "reference"},
+                source, key)
     if d.get("detector") is None:
         raise ConfigError(f"{source}: {key}: needs 'detector' (a detector name of `clipguard scan`)")
     name = _detector_name(d["detector"], source, f"{key}.detector")
@@ -453,9 +459,27 @@ def _detect(obj: Any, source: str, key: str) -> DetectSpec:
     if relabel is not None and (isinstance(relabel, bool) or not isinstance(relabel, int) or relabel < 1):
         raise ConfigError(f"{source}: {key}.relabel must be null (drop the rejected pairs) or a whole number "
                           f">= 1 (the kept neighbours a rejected image borrows its caption from), got {relabel!r}")
+    reference = d.get("reference")
+    if reference is not None and not isinstance(reference, str):
+        raise ConfigError(f"{source}: {key}.reference must be a pre-training defence label, got {reference!r}")
+    _check_reference([name, *veto], reference, source, key)
     return DetectSpec(detector=name, base=base, more_bases=more, combine=combine,
                       options=_detector_options(name, d.get("options"), source, f"{key}.options"),
-                      keep_fraction=None if frac is None else float(frac), veto=veto, relabel=relabel)
+                      keep_fraction=None if frac is None else float(frac), veto=veto, relabel=relabel,
+                      reference=reference)
+
+
+def _check_reference(detectors: list[str], reference: str | None, source: str, key: str) -> None:
+    """A detector that compares with a reference model needs ``reference``; a ``reference`` that
+    no detector reads is refused too (it would make the cell wait for a model it never uses)."""
+    from clipguard.detection.base import build
+
+    needing = [n for n in detectors if build(n).needs_reference]
+    if needing and reference is None:
+        raise ConfigError(f"{source}: {key}: detector '{needing[0]}' compares the scanned model with a reference "
+                          f"model; give {key}.reference (a pre-training label, e.g. a model trained on trusted data)")
+    if reference is not None and not needing:
+        raise ConfigError(f"{source}: {key}.reference: none of {detectors} compares with a reference model")
 
 
 def _default_base(pretrain: StageSpec) -> str | None:
@@ -519,7 +543,7 @@ def detect_depth(defenses: list[DefenseSpec], label: str, source: str = "config"
         parents = [finetune.base]
     else:
         spec = next(d for d in defenses if d.label == label).detect
-        parents = [] if spec is None else [spec.base, *spec.more_bases]
+        parents = [] if spec is None else [spec.base, *spec.more_bases, *([spec.reference] if spec.reference else [])]
     if not parents:
         return 0
     return 1 + max(detect_depth(defenses, p, source, finetune, (*_stack, label)) for p in parents)
@@ -530,7 +554,7 @@ def _scan(obj: Any, source: str, pretrain: StageSpec, finetune: StageSpec | None
     from clipguard.detection.base import names
 
     s = _mapping(obj, source, "scan")
-    _check_keys(s, {"base", "detectors", "options"}, source, "scan")
+    _check_keys(s, {"base", "detectors", "options", "reference"}, source, "scan")
     raw_bases = s.get("base")
     bases = raw_bases if isinstance(raw_bases, list) else [raw_bases]
     if not bases or not all(b is None or isinstance(b, str) for b in bases):
@@ -539,9 +563,14 @@ def _scan(obj: Any, source: str, pretrain: StageSpec, finetune: StageSpec | None
     bases = [_check_base(b, pretrain, source, "scan.base", chain=True, finetune=finetune) for b in bases]
     if len(set(bases)) != len(bases):
         raise ConfigError(f"{source}: scan.base has duplicates: {bases}")
+    reference = s.get("reference")
+    if reference is not None:
+        reference = _check_base(reference, pretrain, source, "scan.reference", chain=True, finetune=finetune)
     dets = s.get("detectors")
     if dets is None:
-        dets = names()
+        from clipguard.detection.base import get
+
+        dets = [n for n in names() if reference is not None or not get(n).needs_reference]
     elif isinstance(dets, str):
         dets = [x.strip() for x in dets.split(",") if x.strip()]
     if not isinstance(dets, list) or not dets or not all(isinstance(x, str) for x in dets):
@@ -553,7 +582,8 @@ def _scan(obj: Any, source: str, pretrain: StageSpec, finetune: StageSpec | None
     extra = sorted(set(options) - set(dets))
     if extra:
         raise ConfigError(f"{source}: scan.options: {extra} are not among scan.detectors {dets}")
-    return ScanSpec(bases=bases, detectors=list(dets),
+    _check_reference(dets, reference, source, "scan")
+    return ScanSpec(bases=bases, detectors=list(dets), reference=reference,
                     options={n: _detector_options(n, options.get(n), source, f"scan.options.{n}")
                              for n in dets})
 
@@ -661,7 +691,10 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
             d.detect.base = _check_base(d.detect.base, pretrain, source, key, chain=True, finetune=finetune)
             d.detect.more_bases = [_check_base(b, pretrain, source, key, chain=True, finetune=finetune)
                                    for b in d.detect.more_bases]
-            for base in [d.detect.base, *d.detect.more_bases]:
+            if d.detect.reference is not None:
+                d.detect.reference = _check_base(d.detect.reference, pretrain, source, f"{key}.reference",
+                                                 chain=True, finetune=finetune)
+            for base in [d.detect.base, *d.detect.more_bases, *([d.detect.reference] if d.detect.reference else [])]:
                 for a in attacks:
                     if a.runs(d.label) and not model_runs(a, base, finetune):
                         why = ("a fine-tuning model is made only on poisoned columns that run its base"
@@ -676,6 +709,12 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
         extra = sorted(set(a.seeds or []) - set(grid_seeds))
         if extra:
             raise ConfigError(f"{source}: attacks.{a.label}.seeds: {extra} are not among the grid's seeds {grid_seeds}")
+    if scan is not None and scan.reference is not None:
+        for a in attacks:
+            if not a.clean and any(model_runs(a, b, finetune) for b in scan.bases) \
+                    and not model_runs(a, scan.reference, finetune):
+                raise ConfigError(f"{source}: attacks.{a.label} runs a scan base but not scan.reference "
+                                  f"{scan.reference!r}, whose model the scan compares with; list it there too")
     if finetune is not None and scan is not None and finetune.base in scan.bases \
             and "scan" in {d.label for d in finetune.defenses}:
         raise ConfigError(f"{source}: finetune.defenses.scan would be named '{finetune.base}+scan', "

@@ -20,7 +20,7 @@ import numpy as np
 
 from clipguard.bench.cache import BenchCache, PoisonedSet
 from clipguard.bench.config import BenchConfig, DetectSpec, ScanSpec
-from clipguard.bench.plan import Cell
+from clipguard.bench.plan import Cell, reference_cell
 from clipguard.errors import ConfigError
 from clipguard.io import write_json
 
@@ -52,9 +52,18 @@ def detect_conf(spec: DetectSpec) -> dict[str, Any]:
     return conf
 
 
-def scan_conf(scan: ScanSpec) -> dict[str, Any]:
+def scan_detectors(scan: ScanSpec, reference: bool) -> list[str]:
+    """The detectors a scan-only cell runs: all of the grid's, less those that compare with a
+    reference model in a cell that has none (the scan of the reference model itself)."""
+    from clipguard.detection.base import get
+
+    return [n for n in scan.detectors if reference or not get(n).needs_reference]
+
+
+def scan_conf(scan: ScanSpec, reference: bool = False) -> dict[str, Any]:
     return {"format": DETECT_FORMAT,
-            "detectors": [{"name": n, "options": resolved_options(n, scan.options.get(n))} for n in scan.detectors]}
+            "detectors": [{"name": n, "options": resolved_options(n, scan.options.get(n))}
+                          for n in scan_detectors(scan, reference)]}
 
 
 def detector_label(name: str, options: dict[str, Any]) -> str:
@@ -89,7 +98,8 @@ def column_masks(cfg: BenchConfig, cell: Cell, poison: PoisonedSet) -> dict[str,
 def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out: Path, cache: BenchCache, *,
                   detectors: Sequence[tuple[str, dict[str, Any]]], keep_fraction: float | None,
                   veto_detectors: Sequence[str] = (), fingerprint: str, base_fingerprint: str, keep_rows: bool,
-                  relabel: int | None = None, quiet: bool = False, combine: str = "mean") -> dict[str, Any]:
+                  relabel: int | None = None, quiet: bool = False, combine: str = "mean",
+                  reference: Cell | None = None) -> dict[str, Any]:
     """Encode the cell's training data with ``base``'s final model, score it with each detector,
     keep by the first detector's rule (or ``keep_fraction``) minus what each of
     ``veto_detectors`` (among ``detectors``) rejects, write ``scores.csv`` and
@@ -97,6 +107,9 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
 
     ``base`` may be several cells: each model scores the pairs and the scores combine as the mean
     (``combine="max"``: the largest) of their rank shares (``clipguard.detection.runner.combine_results``).
+
+    ``reference``: the cell whose final model encodes the pairs once more, as every scoring model's
+    ``PairFeatures.reference`` (for ``shift``).
 
     ``keep_rows``: record the dropped rows (a detect-then-train cell trains on the rest).
     ``relabel``: also record, per dropped row, the kept row whose caption it borrows
@@ -120,6 +133,13 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     parts = column_masks(cfg, cell, poison) if mask is not None else {}
     encode_s = 0.0
     first_features = None
+    ref_features = None
+    if reference is not None:
+        t0 = time.perf_counter()
+        net, model_name = load_model(base_checkpoint(reference, cell, out), cfg.model, str(dev))
+        ref_features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet)
+        encode_s += time.perf_counter() - t0
+        del net
 
     def encoded():
         nonlocal encode_s, first_features
@@ -128,6 +148,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
             net, model_name = load_model(checkpoint, cfg.model, str(dev))
             features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet,
                                     pixels=needs_pixels(dets))
+            features.reference = ref_features
             encode_s += time.perf_counter() - t0
             del net
             if first_features is None:  # relabel borrows captions by the first model's neighbours
@@ -158,6 +179,8 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
         "columns": {col: int(m.sum()) for col, m in parts.items()},
         "encode_s": round(encode_s, 3), "detect_s": round(detect_s, 3), "detectors": summaries,
     }
+    if reference is not None:
+        rec["reference"] = reference.method
     if len(bases) > 1:
         rec["bases"] = [b.method for b in bases]
         rec["checkpoints"] = [str(c.relative_to(out)) for c in checkpoints]
@@ -208,7 +231,7 @@ def detection_for(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
                              detectors=[(spec.detector, spec.options), *spec.veto.items()],
                              keep_fraction=spec.keep_fraction, veto_detectors=list(spec.veto), fingerprint=fingerprint,
                              base_fingerprint=base_fingerprint, keep_rows=True, relabel=spec.relabel, quiet=quiet,
-                             combine=spec.combine)
+                             combine=spec.combine, reference=reference_cell(cfg, cell))
 
     def read() -> dict[str, Any]:
         rec = read_detection(cell, out, fingerprint)

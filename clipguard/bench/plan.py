@@ -74,7 +74,8 @@ def _depth(cfg: BenchConfig, cell: Cell) -> int:
     """How many models must be made before the cell's own."""
     if cell.stage == "pretrain":
         return detect_depth(cfg.pretrain.defenses, cell.defense.label, cfg.source, cfg.finetune)
-    return 1 + detect_depth(cfg.pretrain.defenses, cell.base, cfg.source, cfg.finetune)
+    labels = [cell.base, *([cfg.scan.reference] if cell.stage == "scan" and cfg.scan.reference else [])]
+    return 1 + max(detect_depth(cfg.pretrain.defenses, b, cfg.source, cfg.finetune) for b in labels)
 
 
 def model_cell(cfg: BenchConfig, cell: Cell, label: str) -> Cell:
@@ -106,12 +107,30 @@ def detect_base_cells(cfg: BenchConfig, cell: Cell) -> list[Cell]:
     return [model_cell(cfg, cell, b) for b in [spec.base, *spec.more_bases]]
 
 
+def reference_cell(cfg: BenchConfig, cell: Cell) -> Cell | None:
+    """The cell whose final model the reference-comparing detectors (``shift``) of a detect-then-
+    train or scan-only cell read; None when there are none (or for a scan of the reference itself)."""
+    if cell.stage == "scan":
+        ref = cfg.scan.reference if cfg.scan is not None else None
+        if ref is None or ref == cell.base:
+            return None
+    elif cell.stage == "pretrain" and cell.defense.detect is not None:
+        ref = cell.defense.detect.reference
+        if ref is None:
+            return None
+    else:
+        return None
+    return model_cell(cfg, cell, ref)
+
+
 def dependencies(cfg: BenchConfig, cell: Cell) -> list[Cell]:
     """The cells that must be finished before ``cell`` can run."""
+    ref = reference_cell(cfg, cell)
+    extra = [ref] if ref is not None else []
     if cell.stage in ("finetune", "scan"):
-        return [base_cell(cfg, cell)]
+        return [base_cell(cfg, cell), *extra]
     if cell.defense.detect is not None:
-        return detect_base_cells(cfg, cell)
+        return [*detect_base_cells(cfg, cell), *extra]
     return []
 
 
