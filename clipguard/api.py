@@ -146,18 +146,19 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
          attack_manifest: str | Path | None = None, keep_detector: str | None = None,
          keep_fraction: float | None = None, veto_detectors: Sequence[str] = (), model: str | None = None,
          device: str = "auto", spec: CsvSpec | None = None, overwrite: bool = False, progress: bool = False,
-         **settings: Any) -> dict[str, Any]:
+         reference: str | Path | None = None, **settings: Any) -> dict[str, Any]:
     """Score every pair of ``data`` with ``checkpoint``'s embeddings (a list: several models, their
     rank shares averaged, or with ``combine="max"`` the largest taken), as ``clipguard scan``: writes
     ``out/scores.csv``, ``out/kept.csv``, ``out/suspicious.csv`` and ``out/scan.json`` and returns
-    scan.json's record. ``settings``: the command's other options (``top``, ``batch_size``,
-    ``chunk``, ``limit``, ``lazy_images``, ``skip_bad_rows``, ``dataset_type``, ``combine``)."""
+    scan.json's record. ``reference``: a model trained without ``data``, which ``shift`` compares
+    with. ``settings``: the command's other options (``top``, ``batch_size``, ``chunk``, ``limit``,
+    ``lazy_images``, ``skip_bad_rows``, ``dataset_type``, ``combine``)."""
     from clipguard.detection.runner import scan as _scan
 
     return _scan(data, checkpoint, out, model=model, detectors=detectors, options=options,
                  attack_manifest=attack_manifest, keep_fraction=keep_fraction, keep_detector=keep_detector,
                  veto_detectors=veto_detectors, overwrite=overwrite, device=device, spec=spec,
-                 progress=progress, **settings)
+                 progress=progress, reference=reference, **settings)
 
 
 def load_model(checkpoint: str | Path, *, model: str | None = None, device: str = "cpu"):

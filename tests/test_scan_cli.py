@@ -276,3 +276,9 @@ def test_scan_with_a_reference_model(poisoned, tmp_path, capsys):
     out_all = tmp_path / "scan-all"
     assert _scan(poisoned, out_all, "--reference", str(tmp_path / "ref")) == 0
     assert "shift" in json.loads((out_all / "scan.json").read_text())["detectors"]
+    import clipguard
+
+    clipguard.scan(poisoned / "p" / "train.csv", poisoned / "ck", tmp_path / "api", detectors=["shift", "similarity"],
+                   reference=tmp_path / "ref", device="cpu")
+    api = _rows(tmp_path / "api" / "scores.csv")
+    assert [r["shift_score"] for r in api] == [r["shift_score"] for r in scores]
