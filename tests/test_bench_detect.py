@@ -483,23 +483,28 @@ def _tiny(g: dict, fm_dir) -> dict:
                            "probe_size": 0, "finetune_size": 64}
     g["attacks"] = {"badnet": {"attack": "badnet", "target": "bag", "count": 26}}
     g["pretrain"]["train"] = {"epochs": 1, "batch_size": 64, "warmup": 2}
-    g["finetune"]["train"] = {"epochs": 1, "batch_size": 32, "warmup": 1}
+    if g.get("finetune"):
+        g["finetune"]["train"] = {"epochs": 1, "batch_size": 32, "warmup": 1}
     return g
 
 
-def test_tiny_grid_scans_with_a_fine_tuned_model(fm_dir, tmp_path):
+def _run_tiny(g: dict, tmp_path, cells: int):
+    """Run the tiny grid ``g`` (``cells`` cells); return a reader of its BadNet cells' JSON by method."""
     from clipguard.bench.runner import run_bench
 
-    g = _tiny(_cleaned_grid(), fm_dir)
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump(g))
     out = tmp_path / "bench"
-    meta = run_bench(load_config(config), out, quiet=True)
-    assert meta["cells_run"] == 5
+    assert run_bench(load_config(config), out, quiet=True)["cells_run"] == cells
 
     def cell(name: str) -> dict:
         return json.loads((out / "cells" / f"fm__badnet__{name}__seed0.json").read_text())
 
+    return cell, out
+
+
+def test_tiny_grid_scans_with_a_fine_tuned_model(fm_dir, tmp_path):
+    cell, out = _run_tiny(_tiny(_cleaned_grid(), fm_dir), tmp_path, cells=5)
     det = cell("CA-then-CLIP")["detection"]
     assert det["base"] == "CLIP+FT" and det["base_cell"] == "fm/badnet/CLIP+FT/seed0"
     assert det["checkpoint"].startswith("runs/fm/badnet/seed0/finetune-FT/checkpoints/")
@@ -581,7 +586,6 @@ def _reference_grid() -> dict:
 
 def test_a_reference_model_is_waited_for_and_keys_the_cells(fm_dir, tmp_path):
     from clipguard.bench.plan import dependencies
-    from clipguard.bench.runner import run_bench
 
     cfg = parse_config(_reference_grid())
     cells = {c.id: c for c in plan_cells(cfg)}
@@ -602,21 +606,7 @@ def test_a_reference_model_is_waited_for_and_keys_the_cells(fm_dir, tmp_path):
     assert _fp(parse_config(longer), "Shift-then-CLIP") != _fp(cfg, "Shift-then-CLIP")
     assert _fp(parse_config(longer), "CLIP+scan") != _fp(cfg, "CLIP+scan")
     # end to end on a tiny grid
-    g = _reference_grid()
-    g.update(seeds=[0], model="cg-nano")
-    g["datasets"]["fm"] = {"train": str(fm_dir / "train.csv"), "test": str(fm_dir / "test.csv"),
-                           "probe_size": 0, "finetune_size": 64}
-    g["attacks"] = {"badnet": {"attack": "badnet", "target": "bag", "count": 26}}
-    g["pretrain"]["train"] = {"epochs": 1, "batch_size": 64, "warmup": 2}
-    config = tmp_path / "grid.yaml"
-    config.write_text(yaml.safe_dump(g))
-    out = tmp_path / "bench"
-    meta = run_bench(load_config(config), out, quiet=True)
-    assert meta["cells_run"] == 5
-
-    def cell(name: str) -> dict:
-        return json.loads((out / "cells" / f"fm__badnet__{name}__seed0.json").read_text())
-
+    cell, _ = _run_tiny(_tiny(_reference_grid(), fm_dir), tmp_path, cells=5)
     det = cell("Shift-then-CLIP")["detection"]
     assert det["base"] == "CLIP" and det["reference"] == "Trusted"
     assert det["keep"]["detector"] == "shift" and det["keep"]["vetoes"][0]["detector"] == "repeat"
