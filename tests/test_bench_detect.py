@@ -119,6 +119,8 @@ def _detect(g):
     (lambda g: _detect(g).update(reference="CLIP"), r"DAO-then-CLIP.detect.reference: none of \['dao'\] compares"),
     (lambda g: _detect(g).update(detector="shift", reference="Nope"), r"detect.reference: base 'Nope' is not"),
     (lambda g: g["scan"].update(detectors=["shift"]), r"scan: detector 'shift' compares .* give scan.reference"),
+    (lambda g: g["scan"].update(detectors=["ensemble"], options={"ensemble": {"members": "caption-agreement,shift"}}),
+     r"scan: detector 'ensemble' compares .* give scan.reference"),
     (lambda g: g["scan"].update(detectors=["shift"], reference="Nope"), r"scan.reference: base 'Nope' is not"),
 ])
 def test_bad_detect_and_scan_entries_name_the_key(mutate, message):

@@ -462,19 +462,21 @@ def _detect(obj: Any, source: str, key: str) -> DetectSpec:
     reference = d.get("reference")
     if reference is not None and not isinstance(reference, str):
         raise ConfigError(f"{source}: {key}.reference must be a pre-training defence label, got {reference!r}")
-    _check_reference([name, *veto], reference, source, key)
-    return DetectSpec(detector=name, base=base, more_bases=more, combine=combine,
-                      options=_detector_options(name, d.get("options"), source, f"{key}.options"),
+    options = _detector_options(name, d.get("options"), source, f"{key}.options")
+    _check_reference([name, *veto], {name: options, **veto}, reference, source, key)
+    return DetectSpec(detector=name, base=base, more_bases=more, combine=combine, options=options,
                       keep_fraction=None if frac is None else float(frac), veto=veto, relabel=relabel,
                       reference=reference)
 
 
-def _check_reference(detectors: list[str], reference: str | None, source: str, key: str) -> None:
-    """A detector that compares with a reference model needs ``reference``; a ``reference`` that
-    no detector reads is refused too (it would make the cell wait for a model it never uses)."""
-    from clipguard.detection.base import build
+def _check_reference(detectors: list[str], options: dict[str, dict[str, Any]], reference: str | None,
+                     source: str, key: str) -> None:
+    """A detector that compares with a reference model (with its ``options``) needs ``reference``;
+    a ``reference`` that no detector reads is refused too (it would make the cell wait for a model
+    it never uses)."""
+    from clipguard.detection.base import needs_reference
 
-    needing = [n for n in detectors if build(n).needs_reference]
+    needing = [n for n in detectors if needs_reference(n, options.get(n))]
     if needing and reference is None:
         raise ConfigError(f"{source}: {key}: detector '{needing[0]}' compares the scanned model with a reference "
                           f"model; give {key}.reference (a pre-training label, e.g. a model trained on trusted data)")
@@ -568,9 +570,9 @@ def _scan(obj: Any, source: str, pretrain: StageSpec, finetune: StageSpec | None
         reference = _check_base(reference, pretrain, source, "scan.reference", chain=True, finetune=finetune)
     dets = s.get("detectors")
     if dets is None:
-        from clipguard.detection.base import get
+        from clipguard.detection.base import needs_reference
 
-        dets = [n for n in names() if reference is not None or not get(n).needs_reference]
+        dets = [n for n in names() if reference is not None or not needs_reference(n)]
     elif isinstance(dets, str):
         dets = [x.strip() for x in dets.split(",") if x.strip()]
     if not isinstance(dets, list) or not dets or not all(isinstance(x, str) for x in dets):
@@ -582,10 +584,9 @@ def _scan(obj: Any, source: str, pretrain: StageSpec, finetune: StageSpec | None
     extra = sorted(set(options) - set(dets))
     if extra:
         raise ConfigError(f"{source}: scan.options: {extra} are not among scan.detectors {dets}")
-    _check_reference(dets, reference, source, "scan")
-    return ScanSpec(bases=bases, detectors=list(dets), reference=reference,
-                    options={n: _detector_options(n, options.get(n), source, f"scan.options.{n}")
-                             for n in dets})
+    checked = {n: _detector_options(n, options.get(n), source, f"scan.options.{n}") for n in dets}
+    _check_reference(dets, checked, reference, source, "scan")
+    return ScanSpec(bases=bases, detectors=list(dets), reference=reference, options=checked)
 
 
 def _preset_path(name: Any, base_dir: Path | None, source: str, key: str) -> str:

@@ -55,9 +55,9 @@ def detect_conf(spec: DetectSpec) -> dict[str, Any]:
 def scan_detectors(scan: ScanSpec, reference: bool) -> list[str]:
     """The detectors a scan-only cell runs: all of the grid's, less those that compare with a
     reference model in a cell that has none (the scan of the reference model itself)."""
-    from clipguard.detection.base import get
+    from clipguard.detection.base import needs_reference
 
-    return [n for n in scan.detectors if reference or not get(n).needs_reference]
+    return [n for n in scan.detectors if reference or not needs_reference(n, scan.options.get(n))]
 
 
 def scan_conf(scan: ScanSpec, reference: bool = False) -> dict[str, Any]:
@@ -133,29 +133,28 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     parts = column_masks(cfg, cell, poison) if mask is not None else {}
     encode_s = 0.0
     first_features = None
-    ref_features = None
-    if reference is not None:
+
+    def encode(checkpoint: Path, pixels: bool):
+        """One model's features of the cell's pairs, its loading and encoding counted in ``encode_s``."""
+        nonlocal encode_s
         t0 = time.perf_counter()
-        net, model_name = load_model(base_checkpoint(reference, cell, out), cfg.model, str(dev))
-        ref_features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet)
+        net, model_name = load_model(checkpoint, cfg.model, str(dev))
+        features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet, pixels=pixels)
         encode_s += time.perf_counter() - t0
-        del net
+        return features
+
+    t1 = time.perf_counter()
+    ref_features = encode(base_checkpoint(reference, cell, out), pixels=False) if reference is not None else None
 
     def encoded():
-        nonlocal encode_s, first_features
+        nonlocal first_features
         for checkpoint in checkpoints:
-            t0 = time.perf_counter()
-            net, model_name = load_model(checkpoint, cfg.model, str(dev))
-            features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet,
-                                    pixels=needs_pixels(dets))
+            features = encode(checkpoint, pixels=needs_pixels(dets))
             features.reference = ref_features
-            encode_s += time.perf_counter() - t0
-            del net
             if first_features is None:  # relabel borrows captions by the first model's neighbours
                 first_features = features
             yield features
 
-    t1 = time.perf_counter()
     result, _ = scan_models(encoded(), dets, keep_detector=dets[0].name, keep_fraction=keep_fraction,
                             veto_detectors=veto_detectors, poisoned=mask, parts=parts or None, progress=not quiet,
                             combine=combine)

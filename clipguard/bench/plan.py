@@ -74,7 +74,8 @@ def _depth(cfg: BenchConfig, cell: Cell) -> int:
     """How many models must be made before the cell's own."""
     if cell.stage == "pretrain":
         return detect_depth(cfg.pretrain.defenses, cell.defense.label, cfg.source, cfg.finetune)
-    labels = [cell.base, *([cfg.scan.reference] if cell.stage == "scan" and cfg.scan.reference else [])]
+    ref = reference_cell(cfg, cell)
+    labels = [cell.base, *([ref.method] if ref is not None else [])]
     return 1 + max(detect_depth(cfg.pretrain.defenses, b, cfg.source, cfg.finetune) for b in labels)
 
 

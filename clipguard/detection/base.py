@@ -324,6 +324,12 @@ def build(name: str, options: dict[str, Any] | DetectorOptions | None = None, *,
     return det
 
 
+def needs_reference(name: str, options: dict[str, Any] | DetectorOptions | None = None) -> bool:
+    """Whether detector ``name`` with these options compares with a reference model (``shift``, or
+    an ensemble with it among its members): such a detector runs only where a reference is given."""
+    return build(name, options).needs_reference
+
+
 def finite_scores(scores: torch.Tensor | np.ndarray, fill: float | None = None) -> np.ndarray:
     """float64 scores with NaN and infinities replaced (by the largest finite score + 1, unless
     ``fill``): a degenerate neighbourhood ranks as most suspicious, never breaks a metric."""

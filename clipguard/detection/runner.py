@@ -27,6 +27,7 @@ from clipguard.detection.base import (
     get,
     missing_reference,
     names,
+    needs_reference,
     veto_keep,
 )
 from clipguard.errors import ConfigError, DataError
@@ -67,7 +68,7 @@ def resolve_detectors(detectors: str | Sequence[str] | None = None,
     with a reference model only when ``reference``), then any of ``also`` (veto detectors) not
     among them; options are checked against each detector's dataclass, and options for a detector
     not run are refused, as is a detector that needs a reference model when none is given."""
-    default = [n for n in names() if reference or not get(n).needs_reference]
+    default = [n for n in names() if reference or not needs_reference(n)]
     chosen = detector_names([*(detector_names(detectors) or default), *detector_names(also)])
     if not chosen:
         raise ConfigError("no detector given")
@@ -432,21 +433,21 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
     models = [(net, model_name), *more_models]
     del net
 
-    ref_features = None
-    if reference_model is not None:
+    def encode(m: torch.nn.Module, name: str, pixels: bool) -> PairFeatures:
+        """One model's features of the pairs, its time counted in ``encode_s``."""
+        nonlocal encode_s
         t0 = time.perf_counter()
-        ref_features = encode_pairs(reference_model[0], get_tokenizer(reference_model[1]), pairs, device=device,
-                                    batch_size=batch_size, progress=progress, chunk=chunk)
+        features = encode_pairs(m, get_tokenizer(name), pairs, device=device, batch_size=batch_size,
+                                progress=progress, chunk=chunk, pixels=pixels)
         encode_s += time.perf_counter() - t0
+        return features
+
+    ref_features = encode(*reference_model, pixels=False) if reference_model is not None else None
 
     def encoded():
-        nonlocal encode_s
         for m, name in models:
-            t0 = time.perf_counter()
-            features = encode_pairs(m, get_tokenizer(name), pairs, device=device, batch_size=batch_size,
-                                    progress=progress, chunk=chunk, pixels=needs_pixels(dets))
+            features = encode(m, name, pixels=needs_pixels(dets))
             features.reference = ref_features
-            encode_s += time.perf_counter() - t0
             yield features
 
     result, per_model = scan_models(encoded(), dets, keep_detector=keep_detector, keep_fraction=keep_fraction,
