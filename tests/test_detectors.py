@@ -168,6 +168,20 @@ def test_shift_needs_a_reference_and_says_how_to_give_one():
         PairFeatures(feats.image, feats.text, reference=PairFeatures(feats.image[:3], feats.text[:3]))
 
 
+def test_search_cost_counts_each_search_a_detector_reads_once():
+    feats, _ = _shifted_pairs()
+    ens = build("ensemble", {"members": "caption-agreement,shift,kdist"})
+    ens.scores(feats)
+    ca = build("caption-agreement").neighbour_key()
+    kd = build("kdist").neighbour_key()
+    own = {ca: feats.search_cost(*ca), kd: feats.search_cost(*kd)}      # one search if the keys agree
+    ref = feats.reference.search_cost(build("shift").opt.reference_space, "l2")
+    assert ref > 0 and all(v > 0 for v in own.values())
+    assert ens.search_cost(feats) == pytest.approx(sum(own.values()) + ref)
+    assert build("shift").search_cost(feats) == pytest.approx(ref)
+    assert build("shift").search_cost(PairFeatures(feats.image, feats.text)) == 0.0
+
+
 def test_ensemble_averages_its_members_ranks_and_keeps_what_all_keep(planted):
     from clipguard.detection.runner import rank_shares
 

@@ -243,10 +243,16 @@ class Detector:
         """(space, metric) of the neighbour search this detector uses, if any (for timing)."""
         return None
 
-    def search_cost(self, features: PairFeatures) -> float:
-        """Seconds of the (cached) neighbour search this detector reads, for scan.json."""
+    def searches(self, features: PairFeatures) -> list[tuple[PairFeatures, str, str]]:
+        """The neighbour searches this detector reads: (features searched, space, metric)."""
         key = self.neighbour_key()
-        return features.search_cost(*key) if key is not None else 0.0
+        return [(features, *key)] if key is not None else []
+
+    def search_cost(self, features: PairFeatures) -> float:
+        """Seconds of the (cached) neighbour searches this detector reads, each counted once, for
+        scan.json."""
+        once = {(id(f), space, metric): f.search_cost(space, metric) for f, space, metric in self.searches(features)}
+        return float(sum(once.values()))
 
     def reference_of(self, features: PairFeatures) -> PairFeatures:
         """``features.reference``, or the error that says how to give one."""

@@ -61,8 +61,9 @@ class EnsembleDetector(Detector):
         self._member_scores: list[np.ndarray] | None = None
         self._last: np.ndarray | None = None
 
-    def neighbour_key(self) -> tuple[str, str] | None:
-        return next((k for k in (m.neighbour_key() for m in self.members) if k is not None), None)
+    def searches(self, features: PairFeatures) -> list[tuple[PairFeatures, str, str]]:
+        """Every member's searches (the reference's among them when ``shift`` is a member)."""
+        return [s for m in self.members for s in m.searches(features)]
 
     def score(self, features: PairFeatures) -> np.ndarray:
         from clipguard.detection.runner import rank_shares

@@ -46,9 +46,9 @@ class ShiftDetector(Detector):
     options_class = ShiftOptions
     needs_reference = True
 
-    def search_cost(self, features: PairFeatures) -> float:
+    def searches(self, features: PairFeatures) -> list[tuple[PairFeatures, str, str]]:
         ref = features.reference
-        return ref.search_cost(self.opt.reference_space, "l2") if ref is not None else 0.0
+        return [(ref, self.opt.reference_space, "l2")] if ref is not None else []
 
     def score(self, features: PairFeatures) -> np.ndarray:
         ref = self.reference_of(features)
