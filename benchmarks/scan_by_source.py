@@ -100,10 +100,11 @@ def main() -> None:
         result[seed_dir.name] = {}
         for part, per_class in figures.items():
             named = {names[int(c)]: v for c, v in per_class.items()}
-            result[seed_dir.name][part] = {"target": targets.get(part), "sources": named}
+            target = targets.get(part.split(":")[-1])  # a grid with label columns names parts 'p1:badnet'
+            result[seed_dir.name][part] = {"target": target, "sources": named}
             worst = sorted(named.items(), key=lambda kv: kv[1][1])
             cells = ", ".join(f"{n} {a:.1f} ({k})" for n, (k, a) in worst)
-            print(f"{seed_dir.name} {part:8s} target {targets.get(part, '?'):11s} {cells}")
+            print(f"{seed_dir.name} {part:8s} target {target or '?':11s} {cells}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

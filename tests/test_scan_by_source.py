@@ -24,7 +24,8 @@ def _bench_folder(tmp_path, shift_scores, labels, parts):
     return tmp_path
 
 
-def test_auroc_per_source_class_against_every_clean_pair(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("part_name", ["badnet", "p1:badnet"])
+def test_auroc_per_source_class_against_every_clean_pair(tmp_path, monkeypatch, capsys, part_name):
     mod = load_benchmark("scan_by_source")
     rng = np.random.default_rng(0)
     clean = rng.normal(0, 1, 200)
@@ -32,17 +33,17 @@ def test_auroc_per_source_class_against_every_clean_pair(tmp_path, monkeypatch, 
     far = rng.normal(10, 1, 20)     # poisons from class two: all above them
     scores = np.r_[clean, near, far]
     labels = [int(i % 3) for i in range(200)] + [1] * 20 + [2] * 20
-    parts = [""] * 200 + ["badnet"] * 40
+    parts = [""] * 200 + [part_name] * 40
     out = _bench_folder(tmp_path, scores, labels, parts)
     fig = mod.by_source(out / "runs/ds/p1/seed0/scan-CLIP/scores.csv", np.array(labels), "shift")
     from sklearn.metrics import roc_auc_score
     want = 100 * roc_auc_score(np.r_[np.zeros(200), np.ones(20)], np.r_[clean, near])
-    assert fig["badnet"]["1"] == (20, pytest.approx(want)) and fig["badnet"]["2"] == (20, 100.0)
+    assert fig[part_name]["1"] == (20, pytest.approx(want)) and fig[part_name]["2"] == (20, 100.0)
     monkeypatch.setattr(sys, "argv", ["scan_by_source", str(out), "--dataset", "ds", "--json", str(tmp_path / "f.json")])
     mod.main()
     line = capsys.readouterr().out.strip()
-    assert line.startswith("seed0 badnet") and "target zero" in line and line.index("one") < line.index("two")
-    assert json.loads((tmp_path / "f.json").read_text())["seed0"]["badnet"]["sources"]["two"] == [20, 100.0]
+    assert line.startswith(f"seed0 {part_name}") and "target zero" in line and line.index("one") < line.index("two")
+    assert json.loads((tmp_path / "f.json").read_text())["seed0"][part_name]["sources"]["two"] == [20, 100.0]
 
 
 def test_a_missing_detector_column_is_a_clear_error(tmp_path):
