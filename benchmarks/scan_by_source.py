@@ -26,11 +26,16 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 
-def last_part(seed_dir: Path) -> dict[str, Any]:
-    """The manifest of the part that wrote the whole poisoned set (the one with the most rows)."""
+def part_manifests(seed_dir: Path) -> list[dict[str, Any]]:
+    """Every attack part's manifest of one seed's poisoned set, each with its folder as ``_dir``."""
     manifests = [json.loads(p.read_text()) | {"_dir": p.parent} for p in sorted(seed_dir.glob("part*/manifest.json"))]
     if not manifests:
         sys.exit(f"{seed_dir}: no attack part manifests (part*/manifest.json)")
+    return manifests
+
+
+def last_part(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of the part that wrote the whole poisoned set (the one with the most rows)."""
     return max(manifests, key=lambda m: int(m["n_rows"]))
 
 
@@ -92,11 +97,10 @@ def main() -> None:
         if not scores_csv.is_file():
             print(f"{scores_csv}: missing, skipped", file=sys.stderr)
             continue
-        manifest = last_part(args.out / "poison" / args.dataset / args.attack / seed_dir.name)
-        labels, names = source_labels(manifest)
+        manifests = part_manifests(args.out / "poison" / args.dataset / args.attack / seed_dir.name)
+        labels, names = source_labels(last_part(manifests))
         figures = by_source(scores_csv, labels, args.detector)
-        targets = {json.loads(p.read_text())["attack"]: json.loads(p.read_text())["target"]["name"]
-                   for p in manifest["_dir"].parent.glob("part*/manifest.json")}
+        targets = {m["attack"]: m["target"]["name"] for m in manifests}
         result[seed_dir.name] = {}
         for part, per_class in figures.items():
             named = {names[int(c)]: v for c, v in per_class.items()}
