@@ -486,3 +486,37 @@ def test_risky_negatives_reach_the_clip_term_of_a_mixed_step(fm_train, tmp_path)
     assert torch.isfinite(terms["clip"])
     with pytest.raises(Exception, match="risky_negatives"):
         _small(risky_negatives=True, risky_clip="neighbours")
+
+
+def test_without_a_risky_loss_a_mixed_step_is_one_clip_forward_over_the_safe_rows(fm_train, tmp_path):
+    data = fm_train.subset(range(256))
+    t = _built(data, _small(warmup_epochs=0, risky_loss="none"), tmp_path / "none")
+    rows = []
+    fwd = t.ctx.forward
+    t.ctx.forward = lambda px, tk: (rows.append(len(px)), fwd(px, tk))[1]
+    safe = torch.zeros(32, dtype=torch.bool)
+    safe[:20] = True
+    b = _batch(t, range(32))
+    terms = t.strategy.loss_terms(b, safe)
+    assert rows == [32]  # no second views
+    assert float(terms["unimodal_image"]) == 0.0 and float(terms["unimodal_text"]) == 0.0
+    assert len(t.strategy._img_pool) == 0  # nothing pushed for a loss that is not there
+    # the CLIP term is the one over the safe rows of the pairs as they are
+    img, txt, scale = fwd(b.pixels, b.tokens)
+    assert float(terms["clip"].detach()) == pytest.approx(float(clip_loss(img, txt, scale, mask=safe).detach()), rel=1e-5)
+    # the whole step: the CLIP term weighted by the safe share, and it trains
+    t.ctx.epoch = 1  # mixed (no unimodal epoch, one CLIP epoch before the split)
+    t.strategy._safe = torch.zeros(256, dtype=torch.bool)
+    t.strategy._safe[:20] = True
+    loss, logs = t.strategy.loss(_batch(t, range(32)))
+    assert loss.requires_grad and logs["unimodal_image_loss"] == 0.0
+    assert float(loss.detach()) == pytest.approx(20 / 32 * logs["clip_loss"], rel=1e-5)
+
+
+def test_risky_loss_is_checked():
+    with pytest.raises(ConfigError, match="risky_loss"):
+        _small(warmup_epochs=0, risky_loss="nothing")
+    with pytest.raises(ConfigError, match="warmup_epochs 0"):
+        _small(warmup_epochs=1, risky_loss="none")
+    with pytest.raises(ConfigError, match="risky_clip"):
+        _small(warmup_epochs=0, risky_loss="none", risky_clip="neighbours")

@@ -169,6 +169,12 @@ class SafeClipOptions(Options):
     # (False: about a third less compute per risky pair; on validation it cost 2-3 points of
     # zero-shot and let BadNet back in on some seeds, docs/safeclip-selection.md, fifth round)
     second_view_grad: bool = True
+    # what a mixed epoch trains the risky pairs on: the unimodal NNCLR loss of Eq. 4 on two views of
+    # each image and caption ("unimodal", the paper), or nothing ("none": they leave the step's loss,
+    # so a mixed step costs a CLIP step and no second views are encoded). A group of triggered
+    # images is each other's nearest neighbours in the pool, so the unimodal loss keeps the group
+    # tight in the image space, where a trigger learnt before the first split lives on
+    risky_loss: Literal["unimodal", "none"] = field(default="unimodal", metadata={"neutral": "unimodal"})
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "none"  # the paper: simclr
     safe_text_augment: Literal["eda", "none"] = "none"                   # the paper: eda
     # how many mixed epochs, from the first split on, train the safe pairs on the views above (None:
@@ -229,6 +235,12 @@ class SafeClipOptions(Options):
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
         require(not (self.risky_negatives and self.risky_clip == "neighbours"),
                 "risky_negatives needs risky_clip: none (with neighbours every risky image is a positive)")
+        require(self.risky_loss in ("unimodal", "none"),
+                f"risky_loss must be 'unimodal' or 'none', got {self.risky_loss!r}")
+        require(self.risky_loss == "unimodal" or self.warmup_epochs == 0,
+                "risky_loss: none leaves the unimodal warm-up nothing to train; set warmup_epochs 0")
+        require(self.risky_loss == "unimodal" or self.risky_clip == "none",
+                "risky_loss: none drops the risky pairs from the step; risky_clip: neighbours trains them")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
@@ -568,6 +580,8 @@ class SafeClip(Strategy, PairSelector):
         backward. Second-view features are scattered back into batch-sized tensors, so shapes
         match across ranks and masks pick the valid rows.
         """
+        if self.opt.risky_loss == "none":
+            return self._clip_terms(batch, safe)
         ctx = self.ctx
         b = len(batch.indices)
         risky = ~safe
@@ -627,6 +641,23 @@ class SafeClip(Strategy, PairSelector):
         self._img_pool.push(all_gather_nograd(img1.detach().contiguous(), ctx.dist))
         self._txt_pool.push(all_gather_nograd(txt1.detach().contiguous(), ctx.dist))
         return {"clip": clip, "unimodal_image": uni_img, "unimodal_text": uni_txt}
+
+    def _clip_terms(self, batch: Batch, safe: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``risky_loss: none``: one forward of the batch (the safe pairs' views as the safe_*
+        options say), the CLIP term over the safe rows, no unimodal terms and no second views.
+        Every row is encoded, so the shapes match across ranks; the risky rows' features serve
+        only as ``risky_negatives``."""
+        ctx, o, views = self.ctx, self.opt, self._views
+        image_aug, text_aug = self._safe_views()
+        pixels, caps = batch.pixels, batch.captions
+        if image_aug != "none":
+            pixels = views.images(pixels, batch.generator, geometric_only=image_aug == "crop-flip")
+        if text_aug != "none":
+            caps = views.texts(caps, batch.rng)
+        img, txt, scale = ctx.forward(pixels, ctx.tokenize(caps))
+        clip = clip_loss(img, txt, scale, ctx.dist, mask=safe, negatives=~safe if o.risky_negatives else None)
+        zero = clip.new_zeros(())
+        return {"clip": clip, "unimodal_image": zero, "unimodal_text": zero}
 
     # ------------------------------------------------------------------ diagnostics and state
     def pair_scores(self) -> torch.Tensor | None:
