@@ -15,6 +15,7 @@ A CLIP epoch is the mean per-epoch training time of the CLIP run. Imports, WordN
 allocator are warmed up by short untimed fits first.
 
     .venv/bin/python benchmarks/defense_overhead.py --pairs 4000 --model cg-nano --repeats 3
+    .venv/bin/python benchmarks/defense_overhead.py --pairs 4000 --safeclip-opt risky_loss=none
     .venv/bin/python benchmarks/defense_overhead.py --data path/train.csv --device cuda --epochs 15
 """
 
@@ -30,9 +31,10 @@ from pathlib import Path
 import torch
 
 from clipguard.data.csv_dataset import load_csv
+from clipguard.errors import ConfigError
 from clipguard.io import read_jsonl, write_json
 from clipguard.training.build import build_trainer
-from clipguard.training.spec import resolve_spec
+from clipguard.training.spec import parse_options, resolve_spec
 
 KINDS = ("none", "safeclip", "roclip")
 PAPER = {"first_split": 0.35, "split_update": 0.1, "safeclip_total_overhead_5_warmup": 0.2984, "roclip_epoch": 1.06}
@@ -119,6 +121,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-epochs", type=int, default=None,
                    help="SafeCLIP's r for this benchmark (default: its library default)")
+    p.add_argument("--safeclip-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a SafeCLIP option for this benchmark, e.g. --safeclip-opt risky_loss=none (repeatable)")
     p.add_argument("--trim-text", action=argparse.BooleanOptionalAction, default=None,
                    help="every fit's text tower on the captions only (default: the trainer's, on for a GPU)")
     p.add_argument("--repeats", type=int, default=1, help="repeat the three fits in a rotated order; report medians")
@@ -128,20 +132,27 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    # SafeCLIP's own default schedule unless --warmup-epochs is given (None is an option value:
+    # "10% of the epochs", not "the default"); the options are checked before anything is trained
+    safe_opts = {} if args.warmup_epochs is None else {"warmup_epochs": args.warmup_epochs}
+    try:
+        safe_opts.update(parse_options(args.safeclip_opt, "--safeclip-opt"))
+        resolve_spec(defense="safeclip", options=safe_opts)
+    except ConfigError as e:
+        p.error(str(e))
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         csv = training_csv(args.data, tmp, args.pairs, args.seed)
         data = load_csv(csv, image_size=28 if args.model.startswith("cg-tiny") else None, limit=args.pairs)
         warm_up(data, tmp, args)
-        # SafeCLIP's own default schedule unless --warmup-epochs is given (None is an option value:
-        # "10% of the epochs", not "the default")
-        safe_opts = {} if args.warmup_epochs is None else {"warmup_epochs": args.warmup_epochs}
         fits = [("none", {}), ("safeclip", safe_opts), ("roclip", {})]
         runs: dict[str, list[tuple[float, list[dict]]]] = {k: [] for k in KINDS}
         for r in range(args.repeats):
             for name, opts in fits[r % 3:] + fits[:r % 3]:
                 runs[name].append(run(name, opts, data, tmp / f"repeat{r}", args))
     res = summarise(runs, len(data), args)
+    res["safeclip_options"] = safe_opts
 
     def show(label: str, key: str, note: str = "") -> None:
         v, rng = res[key], res.get(key + "_range")
