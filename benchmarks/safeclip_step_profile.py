@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -82,6 +83,14 @@ def main(argv: list[str] | None = None) -> None:
             loss.backward()
             trainer.model.zero_grad(set_to_none=True)
 
+        def mixed_without_risky_loss(i: int) -> None:
+            # the same strategy with risky_loss: none (the option a mixed step reads); restored after
+            s.opt = replace(s.opt, risky_loss="none")
+            try:
+                mixed(i)
+            finally:
+                s.opt = replace(s.opt, risky_loss=default_risky_loss)
+
         def image_views(i: int) -> None:
             bt = batch(i)
             r = risky_rows(bt)
@@ -108,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
             (nn_contrastive_loss(f1, f2, s._img_pool, risky, s.opt.temperature, ctx.dist)
              + nn_contrastive_loss(f1, f2, s._txt_pool, risky, s.opt.temperature, ctx.dist)).backward()
 
+        default_risky_loss = s.opt.risky_loss
         rows = [("plain CLIP step", plain), ("SafeCLIP mixed step", mixed),
+                ("SafeCLIP mixed step, risky_loss: none", mixed_without_risky_loss),
                 ("  risky rows' image views (both)", image_views),
                 ("  EDA captions + tokenise (batch + risky)", text_views),
                 ("  forward + backward of batch + risky views", compute),
