@@ -520,3 +520,16 @@ def test_risky_loss_is_checked():
         _small(warmup_epochs=1, risky_loss="none")
     with pytest.raises(ConfigError, match="risky_clip"):
         _small(warmup_epochs=0, risky_loss="none", risky_clip="neighbours")
+
+
+def test_without_a_risky_loss_a_run_resumes_exactly(fm_train, tmp_path):
+    data = fm_train.subset(range(256))
+    opts = dict(warmup_epochs=0, risky_loss="none")
+    Trainer(_cfg(epochs=3), data, tmp_path / "a", strategy=_small(**opts)).fit()
+    Trainer(_cfg(epochs=3, stop_after=2), data, tmp_path / "b", strategy=_small(**opts)).fit()
+    Trainer(_cfg(epochs=3), data, tmp_path / "b", strategy=_small(**opts)).fit(resume="latest")
+    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_003" / "model.safetensors")) for r in "ab")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    mixed = [r for r in recs if r.get("phase") == "mixed"]
+    assert mixed and all(r["unimodal_image_loss"] == 0.0 for r in mixed)
