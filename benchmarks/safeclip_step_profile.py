@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> None:
 
         def mixed_without_risky_loss(i: int) -> None:
             # the same strategy with risky_loss: none (the option a mixed step reads); restored after
-            s.opt = replace(s.opt, risky_loss="none")
+            options = s.opt
+            s.opt = replace(options, risky_loss="none")
             try:
                 mixed(i)
             finally:
-                s.opt = replace(s.opt, risky_loss=default_risky_loss)
+                s.opt = options
 
         def image_views(i: int) -> None:
             bt = batch(i)
@@ -117,7 +118,6 @@ def main(argv: list[str] | None = None) -> None:
             (nn_contrastive_loss(f1, f2, s._img_pool, risky, s.opt.temperature, ctx.dist)
              + nn_contrastive_loss(f1, f2, s._txt_pool, risky, s.opt.temperature, ctx.dist)).backward()
 
-        default_risky_loss = s.opt.risky_loss
         rows = [("plain CLIP step", plain), ("SafeCLIP mixed step", mixed),
                 ("SafeCLIP mixed step, risky_loss: none", mixed_without_risky_loss),
                 ("  risky rows' image views (both)", image_views),

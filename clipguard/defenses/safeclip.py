@@ -234,8 +234,6 @@ class SafeClipOptions(Options):
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
         require(not (self.risky_negatives and self.risky_clip == "neighbours"),
                 "risky_negatives needs risky_clip: none (with neighbours every risky image is a positive)")
-        require(self.risky_loss in ("unimodal", "none"),
-                f"risky_loss must be 'unimodal' or 'none', got {self.risky_loss!r}")
         require(self.risky_loss == "unimodal" or self.warmup_epochs == 0,
                 "risky_loss: none leaves the unimodal warm-up nothing to train; set warmup_epochs 0")
         require(self.risky_loss == "unimodal" or self.risky_clip == "none",
