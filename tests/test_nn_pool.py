@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss, nn_target_loss
+from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss, nn_self_loss, nn_target_loss
 from clipguard.training.losses import info_nce
 
 
@@ -82,3 +82,19 @@ def test_target_loss_sends_gradient_to_the_first_view_only():
     # the target is the second view's pool neighbour, the keys the first views
     ref = F.cross_entropy(pool.nearest(z2)[mask] @ z1[mask].t() / 0.1, torch.arange(4))
     assert torch.allclose(loss, ref)
+
+
+def test_one_view_loss_takes_the_views_own_neighbour_as_its_positive():
+    mask = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    pool = NNPool(size=16, dim=4)
+    pool.push(_unit(16, 4, 4))
+    z = _unit(6, 4, 5).requires_grad_(True)
+    loss = nn_self_loss(z, pool, mask, 0.1)
+    loss.backward()
+    assert float(z.grad[mask].abs().sum()) > 0 and torch.all(z.grad[~mask] == 0)
+    assert not pool.bank.requires_grad
+    ref = F.cross_entropy(pool.nearest(z)[mask] @ z[mask].t() / 0.1, torch.arange(4))
+    assert torch.allclose(loss, ref)
+    # a view with an exact copy in the pool is matched to that copy
+    pool.push(z.detach()[:1])
+    assert torch.allclose(pool.nearest(z[:1]), z[:1].detach())

@@ -166,7 +166,8 @@ def test_joint_density_vetoes_pairs_that_join_an_image_of_one_kind_to_a_caption_
     img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
     ctx = SimpleNamespace(dist=DistInfo(), device=torch.device("cpu"), raw_model=None,
                           encode_dataset=lambda indices: (img[indices], txt[indices]))
-    sims, log_kd, _, _ = shard_pair_scores(ctx, torch.arange(600), density_k=16, density_reference=400, seed=1)
+    found = shard_pair_scores(ctx, torch.arange(600), density_k=16, density_reference=400, seed=1)
+    sims, log_kd = found.score, found.log_kdist
     dense = dense_inliers(log_kd, 1.0)
     poison = torch.zeros(600, dtype=torch.bool)
     poison[590:] = True
@@ -349,7 +350,8 @@ def test_repeated_image_veto_flags_copies_of_one_image_and_no_clean_pair():
     txt = torch.nn.functional.normalize(kinds[src] + 0.1 * torch.randn(600, 16, generator=g), dim=1)
     ctx = SimpleNamespace(dist=DistInfo(), device=torch.device("cpu"), raw_model=None,
                           encode_dataset=lambda indices: (img[indices], txt[indices]))
-    _, log_kd, log_rd, _ = shard_pair_scores(ctx, torch.arange(600), repeat_k=4, density_reference=600, seed=1)
+    found = shard_pair_scores(ctx, torch.arange(600), repeat_k=4, density_reference=600, seed=1)
+    log_kd, log_rd = found.log_kdist, found.log_repeat
     assert log_kd is None
     flagged = repeated_images(log_rd, 4.0)
     assert flagged[580:].all() and not flagged[:580].any()

@@ -136,3 +136,11 @@ def nn_target_loss(z1: torch.Tensor, z2: torch.Tensor, pool: NNPool, mask: torch
     """Eq. 2 with the second view as a constant target: NN(z2, P) must pick z1 among the batch's
     first views. The gradient reaches only z1, so z2 can be encoded without a backward pass."""
     return info_nce(pool.nearest(z2.detach()), z1, temperature, dist, mask=mask)
+
+
+def nn_self_loss(z: torch.Tensor, pool: NNPool, mask: torch.Tensor, temperature: float,
+                 dist: DistInfo | None = None) -> torch.Tensor:
+    """Eq. 2 on one view: NN(z, P) must pick z among the batch's views. The positive is another
+    item's embedding near this one's, so the loss still pulls similar items together, without a
+    second view to encode (SafeCLIP's ``risky_loss: one-view``)."""
+    return info_nce(pool.nearest(z.detach()), z, temperature, dist, mask=mask)

@@ -128,13 +128,31 @@ class PairScores(NamedTuple):
     log_kdist: torch.Tensor | None                # joint density, as ``density_relative_to`` says
     log_repeat: torch.Tensor | None               # image repetition
     log_kdist_given_image: torch.Tensor | None    # joint density against pairs with like images
+    features: torch.Tensor | None = None          # (pairs, image dim + text dim), with a ``cache``
+
+
+def _encode_or_reuse(ctx: TrainContext, mine: torch.Tensor, cache: torch.Tensor | None,
+                     known: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and text features of the pairs ``mine``: taken from ``cache`` where ``known`` says
+    so, encoded (clean pairs) for the rest."""
+    if cache is None or known is None:
+        return ctx.encode_dataset(indices=mine)
+    dim = cache.shape[1] // 2
+    feats = cache[mine].float()
+    todo = ~known[mine]
+    if bool(todo.any()):
+        img, txt = ctx.encode_dataset(indices=mine[todo])
+        feats[todo] = torch.cat([img.float().cpu(), txt.float().cpu()], dim=1)
+    feats = feats.to(ctx.device)
+    return feats[:, :dim], feats[:, dim:]
 
 
 @torch.no_grad()
 def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
                       top_k: int = 10, density_k: int = 0, density_reference: int = 16384,
                       seed: int = 0, repeat_k: int = 0, repeat_grid: int = 0, density_relative_to: str = "all",
-                      density_caption_k: int = 64, density_given_image_k: int = 0) -> PairScores:
+                      density_caption_k: int = 64, density_given_image_k: int = 0,
+                      cache: torch.Tensor | None = None, known: torch.Tensor | None = None) -> PairScores:
     """The ``PairScores`` of each pair in ``indices``, the same on every rank.
 
     Each rank encodes ``indices[rank::world]``. ``reference``: text features of a sample of
@@ -144,11 +162,15 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
     ``density_relative_to``: the joint density as it is (``all``), relative to the pair's
     neighbours' or to the pairs' of its nearest captions (``neighbours``, ``captions``: see
     ``_log_kdist``); ``density_given_image_k`` > 0 adds it relative to the pairs' of that many
-    nearest images."""
+    nearest images.
+
+    ``cache``: features of every pair of the data (image then text, as ``features`` returns
+    them), the same on every rank; the pairs ``known`` (a bool per pair of the data) are taken
+    from it instead of being encoded, and ``features`` then holds the scored pairs' features."""
     world, rank = ctx.dist.world_size, ctx.dist.rank
     mine = indices[rank::world]
     if len(mine):
-        img, txt = ctx.encode_dataset(indices=mine)
+        img, txt = _encode_or_reuse(ctx, mine, cache, known)
     else:
         img = txt = torch.empty(0, embed_dim(ctx.raw_model))
     sims = (img * txt).sum(dim=1)
@@ -169,8 +191,13 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
         feats = pixel_signatures(ctx.data.images, mine, repeat_grid) if repeat_grid > 0 else img.float()
         cols["log_repeat"] = _log_kdist(ctx, feats.to(ctx.device), len(indices), repeat_k, density_reference, seed,
                                         metric="euclidean" if repeat_grid > 0 else "l2")[0]
-    out = _gather_in_order(torch.stack(list(cols.values()), dim=1), len(indices), ctx)
+    table = torch.stack(list(cols.values()), dim=1)
+    if cache is not None:  # the features travel with the scores, gathered in one call
+        table = torch.cat([table, img.float().cpu(), txt.float().cpu()], dim=1)
+    out = _gather_in_order(table, len(indices), ctx)
     found = {name: out[:, i].contiguous() for i, name in enumerate(cols)}
+    if cache is not None:
+        found["features"] = out[:, len(cols):].contiguous()
     return PairScores(**{name: found.get(name) for name in PairScores._fields})
 
 

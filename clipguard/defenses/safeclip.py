@@ -23,7 +23,7 @@ from clipguard.data.augment import Views
 from clipguard.data.signatures import GRID
 from clipguard.defenses import DEFENSES
 from clipguard.defenses.alignment import ChanceMonitor
-from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss, nn_target_loss
+from clipguard.defenses.nn_pool import NNPool, nn_contrastive_loss, nn_self_loss, nn_target_loss
 from clipguard.defenses.pair_scores import (
     dense_inliers,
     embed_dim,
@@ -95,6 +95,13 @@ class SafeClipOptions(Options):
     efficient_update: bool = True     # re-score only the top pairs by previous score
     update_fraction: float = 0.3
     update_margin: float = 0.1
+    # where a split update (the second split on) gets the features of the pairs it re-scores:
+    # "encode", every candidate encoded again at the epoch's start; "steps", a safe pair's from the
+    # previous mixed epoch's own forward (its image and caption as they are, encoded just before
+    # its step; needs safe_image_augment and safe_text_augment none), a pair out for good keeps its
+    # last features, and only the other candidates are encoded. About 0.25 CLIP epochs less per
+    # mixed epoch on the CPU; the features are up to an epoch older (docs/results.md#overhead)
+    update_features: Literal["encode", "steps"] = field(default="encode", metadata={"neutral": "encode"})
     rank_by: Literal["similarity", "p_clean", "relative"] = "relative"  # relative: see shard_similarities
     reference_captions: int = 1024    # relative: captions sampled (per epoch) to compare each image with
     reference_top_k: int = 10
@@ -170,10 +177,12 @@ class SafeClipOptions(Options):
     # zero-shot and let BadNet back in on some seeds, docs/safeclip-selection.md, fifth round)
     second_view_grad: bool = True
     # what a mixed epoch trains the risky pairs on: the unimodal NNCLR loss of Eq. 4 on two views of
-    # each image and caption ("unimodal", the paper), or nothing ("none": they leave the step's loss,
-    # so a mixed step costs a CLIP step and no second views are encoded). On validation "none" cost
-    # 1.0-1.2 points of zero-shot at 10 epochs (docs/safeclip-selection.md, thirty-first round)
-    risky_loss: Literal["unimodal", "none"] = field(default="unimodal", metadata={"neutral": "unimodal"})
+    # each image and caption ("unimodal", the paper); the same loss on one view ("one-view": the
+    # view's own pool neighbour is its positive among the batch's views, so no second view is
+    # encoded and a mixed step costs about a CLIP step); or nothing ("none": they leave the step's
+    # loss). On validation "none" cost 1.0-1.2 points of zero-shot at 10 epochs
+    # (docs/safeclip-selection.md, thirty-first round)
+    risky_loss: Literal["unimodal", "one-view", "none"] = field(default="unimodal", metadata={"neutral": "unimodal"})
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "none"  # the paper: simclr
     safe_text_augment: Literal["eda", "none"] = "none"                   # the paper: eda
     # how many mixed epochs, from the first split on, train the safe pairs on the views above (None:
@@ -234,10 +243,14 @@ class SafeClipOptions(Options):
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
         require(not (self.risky_negatives and self.risky_clip == "neighbours"),
                 "risky_negatives needs risky_clip: none (with neighbours every risky image is a positive)")
-        require(self.risky_loss == "unimodal" or self.warmup_epochs == 0,
+        require(self.risky_loss != "none" or self.warmup_epochs == 0,
                 "risky_loss: none leaves the unimodal warm-up nothing to train; set warmup_epochs 0")
-        require(self.risky_loss == "unimodal" or self.risky_clip == "none",
+        require(self.risky_loss != "none" or self.risky_clip == "none",
                 "risky_loss: none drops the risky pairs from the step; risky_clip: neighbours trains them")
+        require(self.update_features == "encode" or (self.safe_image_augment == "none"
+                                                     and self.safe_text_augment == "none"),
+                "update_features: steps reuses the safe pairs' features as the step encoded them, so it needs "
+                "safe_image_augment: none and safe_text_augment: none")
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
@@ -293,6 +306,10 @@ class SafeClip(Strategy, PairSelector):
         self._dense_rounds = 0                   # splits made with the density veto so far
         self._strikes: torch.Tensor | None = None  # uint8 (N,), vetoes from the second split on
         self._safe_pool: NNPool | None = None      # risky_clip: neighbours (made in bind)
+        # update_features: steps (made in bind): every pair's last features (image, text; fp16) and
+        # whether a mixed step of this epoch refreshed them
+        self._step_feats: torch.Tensor | None = None
+        self._step_fresh: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ phases and lr
     def phase(self, epoch: int) -> str:
@@ -334,6 +351,9 @@ class SafeClip(Strategy, PairSelector):
             # safe pairs' image embeddings with their caption embeddings (risky_clip: neighbours)
             self._safe_pool = (NNPool(size, dim, payload_shape=(dim,), payload_dtype=torch.float32).to(ctx.device)
                                if self.opt.risky_clip == "neighbours" else None)
+        if self.opt.update_features == "steps" and self._step_feats is None:
+            self._step_feats = torch.zeros(len(ctx.data), 2 * dim, dtype=torch.float16)
+            self._step_fresh = torch.zeros(len(ctx.data), dtype=torch.bool)
 
     def schedule(self, ctx: TrainContext, warmup: int, min_lr: float) -> Schedule:
         """Unimodal epochs: warm-up then constant base lr; CLIP warm-up: constant lr_low;
@@ -391,6 +411,13 @@ class SafeClip(Strategy, PairSelector):
         t0 = time.perf_counter()
         cand, full = self._candidates(n)
         o = self.opt
+        cache = known = None
+        if self._step_feats is not None:
+            cache = self._step_feats
+            if self._m is not None:  # an update (the first split encodes every pair)
+                known = self._step_fresh.clone()
+                if o.density_memory and self._strikes is not None:  # out for good: their last features
+                    known |= self._strikes >= o.density_strikes
         scores = shard_pair_scores(
             ctx, cand, self._reference(epoch), o.reference_top_k,
             density_k=o.density_k if o.density_z is not None else 0,
@@ -398,7 +425,12 @@ class SafeClip(Strategy, PairSelector):
             repeat_k=o.repeat_k if o.repeat_z is not None else 0,
             repeat_grid=o.repeat_grid if o.repeat_space == "pixels" else 0,
             density_relative_to=DENSITY_RELATIVE_TO[o.density_score], density_caption_k=o.density_caption_k,
-            density_given_image_k=o.density_given_k if o.density_given == "image" else 0)
+            density_given_image_k=o.density_given_k if o.density_given == "image" else 0,
+            cache=cache, known=known)
+        if cache is not None:
+            rec["reused_features"] = int(known[cand].sum()) if known is not None else 0
+            self._step_feats[cand] = scores.features.to(self._step_feats.dtype)
+            self._step_fresh.zero_()
         sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
         sims[cand] = scores.score
         vetoes = scores.log_kdist is not None or scores.log_repeat is not None
@@ -598,12 +630,16 @@ class SafeClip(Strategy, PairSelector):
             if image_aug == "crop-flip":
                 sidx = torch.nonzero(safe).flatten()
                 v1[sidx] = views.images(pixels, batch.generator, geometric_only=True, rows=sidx.cpu())
-        v2 = views.images(pixels[ridx], batch.generator)
+        one_view = o.risky_loss == "one-view"
+        v2 = None if one_view else views.images(pixels[ridx], batch.generator)
         t1 = views.texts(caps, batch.rng)
         if text_aug == "none":
             t1 = [c if s else a for c, a, s in zip(caps, t1, safe.tolist())]
-        t2 = views.texts([caps[i] for i in ridx.tolist()], batch.rng)
-        if o.second_view_grad:
+        t2 = None if one_view else views.texts([caps[i] for i in ridx.tolist()], batch.rng)
+        if one_view:
+            img1, txt1, scale = ctx.forward(v1, ctx.tokenize(t1))
+            img2r = txt2r = None
+        elif o.second_view_grad:
             img, txt, scale = ctx.forward(torch.cat([v1, v2]), ctx.tokenize(t1 + t2))
             img1, txt1, img2r, txt2r = img[:b], txt[:b], img[b:], txt[b:]
         else:
@@ -626,18 +662,36 @@ class SafeClip(Strategy, PairSelector):
             clip = clip_loss(img1, torch.where(risky[:, None], target, txt1), scale, ctx.dist)
         else:
             clip = clip_loss(img1, txt1, scale, ctx.dist, mask=safe, negatives=risky if o.risky_negatives else None)
-        if pool is not None and borrow:
-            keep = all_gather_nograd(safe.to(torch.uint8), ctx.dist).bool()
-            if bool(keep.any()):
-                pool.push(all_gather_nograd(img1.detach().contiguous(), ctx.dist)[keep],
-                          all_gather_nograd(txt1.detach().contiguous(), ctx.dist)[keep])
-        nn_loss = nn_contrastive_loss if o.second_view_grad else nn_target_loss
-        uni_img = nn_loss(img1, img2, self._img_pool, risky, o.temperature, ctx.dist)
-        uni_txt = nn_loss(txt1, txt2, self._txt_pool, risky, o.temperature, ctx.dist)
+        g_img = all_gather_nograd(img1.detach().contiguous(), ctx.dist)
+        g_txt = all_gather_nograd(txt1.detach().contiguous(), ctx.dist)
+        g_safe = all_gather_nograd(safe.to(torch.uint8), ctx.dist).bool()
+        if pool is not None and borrow and bool(g_safe.any()):
+            pool.push(g_img[g_safe], g_txt[g_safe])
+        if one_view:
+            uni_img = nn_self_loss(img1, self._img_pool, risky, o.temperature, ctx.dist)
+            uni_txt = nn_self_loss(txt1, self._txt_pool, risky, o.temperature, ctx.dist)
+        else:
+            nn_loss = nn_contrastive_loss if o.second_view_grad else nn_target_loss
+            uni_img = nn_loss(img1, img2, self._img_pool, risky, o.temperature, ctx.dist)
+            uni_txt = nn_loss(txt1, txt2, self._txt_pool, risky, o.temperature, ctx.dist)
         # the pools hold the first views of the whole (global) batch, oldest displaced first
-        self._img_pool.push(all_gather_nograd(img1.detach().contiguous(), ctx.dist))
-        self._txt_pool.push(all_gather_nograd(txt1.detach().contiguous(), ctx.dist))
+        self._img_pool.push(g_img)
+        self._txt_pool.push(g_txt)
+        if borrow:
+            self._keep_step_features(batch, g_safe, g_img, g_txt)
         return {"clip": clip, "unimodal_image": uni_img, "unimodal_text": uni_txt}
+
+    def _keep_step_features(self, batch: Batch, g_safe: torch.Tensor, g_img: torch.Tensor,
+                            g_txt: torch.Tensor) -> None:
+        """``update_features: steps``: remember the safe rows' features of this mixed step (the
+        global batch, so every rank holds them all) for the next split update."""
+        if self._step_feats is None:
+            return
+        rows = all_gather_nograd(batch.indices.to(g_img.device), self.ctx.dist)[g_safe].cpu()
+        if len(rows):
+            feats = torch.cat([g_img[g_safe], g_txt[g_safe]], dim=1).cpu()
+            self._step_feats[rows] = feats.to(self._step_feats.dtype)
+            self._step_fresh[rows] = True
 
     def _clip_terms(self, batch: Batch, safe: torch.Tensor) -> dict[str, torch.Tensor]:
         """``risky_loss: none``: one forward of the batch (the safe pairs' views as the safe_*
@@ -653,6 +707,10 @@ class SafeClip(Strategy, PairSelector):
             caps = views.texts(caps, batch.rng)
         img, txt, scale = ctx.forward(pixels, ctx.tokenize(caps))
         clip = clip_loss(img, txt, scale, ctx.dist, mask=safe, negatives=~safe if o.risky_negatives else None)
+        if self._step_feats is not None and self.phase(ctx.epoch) == "mixed":
+            self._keep_step_features(batch, all_gather_nograd(safe.to(torch.uint8), ctx.dist).bool(),
+                                     all_gather_nograd(img.detach().contiguous(), ctx.dist),
+                                     all_gather_nograd(txt.detach().contiguous(), ctx.dist))
         zero = clip.new_zeros(())
         return {"clip": clip, "unimodal_image": zero, "unimodal_text": zero}
 
@@ -677,6 +735,9 @@ class SafeClip(Strategy, PairSelector):
             out["dense"] = self._dense.to(torch.uint8).contiguous()
         if self._strikes is not None:
             out["strikes"] = self._strikes.contiguous()
+        if self._step_feats is not None:
+            out["step_features"] = self._step_feats.contiguous()
+            out["step_fresh"] = self._step_fresh.to(torch.uint8).contiguous()
         return out
 
     def state_json(self) -> dict[str, Any]:
@@ -693,6 +754,13 @@ class SafeClip(Strategy, PairSelector):
         self._m = meta.get("m")
         self._dense_rounds = int(meta.get("dense_rounds", 0))
         self._strikes = tensors["strikes"].to(torch.uint8).clone() if "strikes" in tensors else None
+        if self._step_feats is not None and "step_features" in tensors:
+            saved = tensors["step_features"]
+            if tuple(saved.shape) != tuple(self._step_feats.shape):
+                raise ValueError(f"saved step_features are {tuple(saved.shape)}, expected "
+                                 f"{tuple(self._step_feats.shape)}")
+            self._step_feats = saved.to(torch.float16).clone()
+            self._step_fresh = tensors["step_fresh"].bool().clone()
         if self._strikes is None and self._dense is not None and self._dense_rounds >= 2:
             # a state written before vetoes were counted: every vetoed pair had its one strike
             self._strikes = (~self._dense).to(torch.uint8)
