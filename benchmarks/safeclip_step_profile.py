@@ -4,8 +4,11 @@ Times, on the same batches and model, a plain CLIP step (forward + backward on t
 are), a SafeCLIP mixed step with the library's defaults at a given share of risky pairs, and the
 parts a mixed step adds: the SimCLR views of the risky rows, their EDA captions and tokenising,
 the forward and backward of the batch plus the risky rows' second views under a plain CLIP loss
-(the compute alone), and the two nearest-neighbour losses. Then one split update (the epoch-start
-re-scoring, the density and repeated-image vetoes) in plain-step units and in plain-epoch units.
+(the compute alone), and the two nearest-neighbour losses; the mixed step also with each cheaper
+option (``risky_loss`` none or one-view, ``update_features: steps``). Then one split update (the
+epoch-start re-scoring, the density and repeated-image vetoes) in plain-step units and in
+plain-epoch units, and the same update with ``update_features: steps``, the safe pairs' features
+kept from the steps before it.
 Each step figure is the mean over ``--steps`` steps after one untimed step; the parts are timed
 on their own, so they need not add up to the difference of the two steps.
 
@@ -18,6 +21,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,14 +88,28 @@ def main(argv: list[str] | None = None) -> None:
             loss.backward()
             trainer.model.zero_grad(set_to_none=True)
 
-        def mixed_without_risky_loss(i: int) -> None:
-            # the same strategy with risky_loss: none (the option a mixed step reads); restored after
-            options = s.opt
-            s.opt = replace(options, risky_loss="none")
+        @contextmanager
+        def options(**changes: object) -> Iterator[None]:
+            # the same strategy with other options (those a mixed step or an update reads); restored after
+            kept = s.opt
+            s.opt = replace(kept, **changes)
             try:
-                mixed(i)
+                yield
             finally:
-                s.opt = options
+                s.opt = kept
+
+        feats = torch.zeros(n, 2 * s._img_pool.bank.shape[1], dtype=torch.float16)
+
+        def mixed_with(**changes: object) -> Callable[[int], None]:
+            def step(i: int) -> None:
+                keeps = changes.get("update_features") == "steps"  # the step keeps the safe rows' features
+                s._step_feats, s._step_fresh = (feats, torch.zeros(n, dtype=torch.bool)) if keeps else (None, None)
+                try:
+                    with options(**changes):
+                        mixed(i)
+                finally:
+                    s._step_feats = s._step_fresh = None
+            return step
 
         def image_views(i: int) -> None:
             bt = batch(i)
@@ -119,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
              + nn_contrastive_loss(f1, f2, s._txt_pool, risky, s.opt.temperature, ctx.dist)).backward()
 
         rows = [("plain CLIP step", plain), ("SafeCLIP mixed step", mixed),
-                ("SafeCLIP mixed step, risky_loss: none", mixed_without_risky_loss),
+                ("SafeCLIP mixed step, risky_loss: none", mixed_with(risky_loss="none")),
+                ("SafeCLIP mixed step, risky_loss: one-view", mixed_with(risky_loss="one-view")),
+                ("SafeCLIP mixed step, update_features: steps", mixed_with(update_features="steps")),
                 ("  risky rows' image views (both)", image_views),
                 ("  EDA captions + tokenise (batch + risky)", text_views),
                 ("  forward + backward of batch + risky views", compute),
@@ -131,13 +152,25 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         s.on_epoch_start(first + 1)  # a later split: the top pairs re-scored, the vetoes
         update_ms = 1000 * (time.perf_counter() - t0)
+        # the same update from the steps' features: as after a mixed epoch, every safe pair's
+        # features were kept by its step (here: encoded now, untimed), the others' are older
+        img, txt = ctx.encode_dataset(indices=torch.arange(n))
+        feats.copy_(torch.cat([img.cpu(), txt.cpu()], dim=1).to(feats.dtype))
+        s._step_feats, s._step_fresh = feats, s._safe.clone()
+        ctx.epoch = first + 2
+        with options(update_features="steps"):
+            t0 = time.perf_counter()
+            rec = s.on_epoch_start(first + 2)
+            steps_ms = 1000 * (time.perf_counter() - t0)
         print(f"{args.model}, batch {b}, {n} pairs ({spe} steps an epoch), risky share {args.risky:.2f}, "
               f"trim_text {args.trim_text}, {torch.get_num_threads()} threads")
         print(f"{'':48s} {'ms':>8s} {'plain steps':>12s}")
         for name, ms in times.items():
             print(f"{name:48s} {ms:8.2f} {ms / ref:12.2f}")
-        for name, ms in (("first split (all pairs + mixture)", first_ms), ("one split update", update_ms)):
+        for name, ms in (("first split (all pairs + mixture)", first_ms), ("one split update", update_ms),
+                         ("one split update, update_features: steps", steps_ms)):
             print(f"{name:48s} {ms:8.1f} {ms / ref:12.2f}   ({ms / ref / spe:.2f} plain epochs)")
+        print(f"(that update re-used {rec['reused_features']} of its {rec['evaluated_pairs']} pairs' features)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ def test_safeclip_step_profile_prints_every_part(fm_dir, capsys, monkeypatch):
     out = capsys.readouterr().out
     for row in ("plain CLIP step", "SafeCLIP mixed step", "risky rows' image views", "EDA captions",
                 "forward + backward of batch + risky views", "nearest-neighbour losses", "first split",
-                "one split update"):
+                "one split update", "risky_loss: one-view", "update_features: steps", "re-used"):
         assert row in out, row
     assert "risky share 0.50" in out
     with pytest.raises(SystemExit):
