@@ -20,7 +20,7 @@ import torch
 import clipguard
 from clipguard.bench.cache import BenchCache
 from clipguard.bench.config import AttackSpec, BenchConfig, DefenseSpec
-from clipguard.bench.plan import Cell, base_cell, detect_base_cells, reference_cell
+from clipguard.bench.plan import Cell, base_cell, detect_base_cells, reference_cell, within_cell
 from clipguard.errors import ConfigError
 from clipguard.io import read_jsonl, write_json
 from clipguard.models import checkpoint as ckpt
@@ -77,6 +77,9 @@ def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
         ref = reference_cell(cfg, cell)
         if ref is not None:
             conf["detect"]["reference"] = {"method": ref.method, "fingerprint": fingerprint(cell_config(cfg, ref))}
+        within = within_cell(cfg, cell)
+        if within is not None:
+            conf["detect"]["within"] = {"method": within.method, "fingerprint": fingerprint(cell_config(cfg, within))}
     return conf
 
 

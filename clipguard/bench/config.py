@@ -113,6 +113,9 @@ class DetectSpec:
     relabel: int | None = None
     # the model a detector that compares with a reference reads (``shift``): a pre-training label
     reference: str | None = None
+    # another detect-then-train entry whose dropped pairs are dropped here too: the cell trains on
+    # the pairs both screens keep (a second pass that must not let back what the first dropped)
+    within: str | None = None
 
 
 TRAIN_DATA = ("train", "held-aside")
@@ -418,11 +421,11 @@ def _detector_options(name: str, options: Any, source: str, key: str) -> dict[st
 
 def _detect(obj: Any, source: str, key: str) -> DetectSpec:
     """``detect: {detector: dao, base: CLIP, options: {k: 16}, keep_fraction: null,
-    veto: {repeat: {z: 4}}, relabel: null}`` (``veto`` may also be a list of names; with
-    ``base: [A, B]``, ``combine: mean | max``)."""
+    veto: {repeat: {z: 4}}, relabel: null, within: null}`` (``veto`` may also be a list of names;
+    with ``base: [A, B]``, ``combine: mean | max``)."""
     d = _mapping(obj, source, key)
-    _check_keys(d, {"detector", "base", "options", "keep_fraction", "veto", "relabel", "combine", "reference"},
-                source, key)
+    _check_keys(d, {"detector", "base", "options", "keep_fraction", "veto", "relabel", "combine", "reference",
+                    "within"}, source, key)
     if d.get("detector") is None:
         raise ConfigError(f"{source}: {key}: needs 'detector' (a detector name of `clipguard scan`)")
     name = _detector_name(d["detector"], source, f"{key}.detector")
@@ -462,11 +465,17 @@ def _detect(obj: Any, source: str, key: str) -> DetectSpec:
     reference = d.get("reference")
     if reference is not None and not isinstance(reference, str):
         raise ConfigError(f"{source}: {key}.reference must be a pre-training defence label, got {reference!r}")
+    within = d.get("within")
+    if within is not None and not isinstance(within, str):
+        raise ConfigError(f"{source}: {key}.within must be a detect-then-train entry's label, got {within!r}")
+    if within is not None and relabel is not None:
+        raise ConfigError(f"{source}: {key}: within and relabel cannot be combined (the other entry's dropped "
+                          f"pairs would need captions to borrow)")
     options = _detector_options(name, d.get("options"), source, f"{key}.options")
     _check_reference([name, *veto], {name: options, **veto}, reference, source, key)
     return DetectSpec(detector=name, base=base, more_bases=more, combine=combine, options=options,
                       keep_fraction=None if frac is None else float(frac), veto=veto, relabel=relabel,
-                      reference=reference)
+                      reference=reference, within=within)
 
 
 def _check_reference(detectors: list[str], options: dict[str, dict[str, Any]], reference: str | None,
@@ -545,7 +554,8 @@ def detect_depth(defenses: list[DefenseSpec], label: str, source: str = "config"
         parents = [finetune.base]
     else:
         spec = next(d for d in defenses if d.label == label).detect
-        parents = [] if spec is None else [spec.base, *spec.more_bases, *([spec.reference] if spec.reference else [])]
+        parents = [] if spec is None else [spec.base, *spec.more_bases, *([spec.reference] if spec.reference else []),
+                                           *([spec.within] if spec.within else [])]
     if not parents:
         return 0
     return 1 + max(detect_depth(defenses, p, source, finetune, (*_stack, label)) for p in parents)
@@ -695,7 +705,15 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
             if d.detect.reference is not None:
                 d.detect.reference = _check_base(d.detect.reference, pretrain, source, f"{key}.reference",
                                                  chain=True, finetune=finetune)
-            for base in [d.detect.base, *d.detect.more_bases, *([d.detect.reference] if d.detect.reference else [])]:
+            within = d.detect.within
+            if within is not None:
+                entry = next((e for e in pretrain.defenses if e.label == within), None)
+                if entry is None or entry.detect is None or within == d.label:
+                    others = [e.label for e in pretrain.defenses if e.detect is not None and e.label != d.label]
+                    raise ConfigError(f"{source}: {key}.within: {within!r} is not another detect-then-train entry; "
+                                      f"choose one of {others}")
+            for base in [d.detect.base, *d.detect.more_bases, *([d.detect.reference] if d.detect.reference else []),
+                         *([within] if within else [])]:
                 for a in attacks:
                     if a.runs(d.label) and not model_runs(a, base, finetune):
                         why = ("a fine-tuning model is made only on poisoned columns that run its base"

@@ -20,7 +20,7 @@ import numpy as np
 
 from clipguard.bench.cache import BenchCache, PoisonedSet
 from clipguard.bench.config import BenchConfig, DetectSpec, ScanSpec
-from clipguard.bench.plan import Cell, reference_cell
+from clipguard.bench.plan import Cell, reference_cell, within_cell
 from clipguard.errors import ConfigError
 from clipguard.io import write_json
 
@@ -99,7 +99,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
                   detectors: Sequence[tuple[str, dict[str, Any]]], keep_fraction: float | None,
                   veto_detectors: Sequence[str] = (), fingerprint: str, base_fingerprint: str, keep_rows: bool,
                   relabel: int | None = None, quiet: bool = False, combine: str = "mean",
-                  reference: Cell | None = None) -> dict[str, Any]:
+                  reference: Cell | None = None, within: tuple[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Encode the cell's training data with ``base``'s final model, score it with each detector,
     keep by the first detector's rule (or ``keep_fraction``) minus what each of
     ``veto_detectors`` (among ``detectors``) rejects, write ``scores.csv`` and
@@ -110,6 +110,8 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
 
     ``reference``: the cell whose final model encodes the pairs once more, as every scoring model's
     ``PairFeatures.reference`` (for ``shift``).
+
+    ``within``: (label, rows) of another detect-then-train entry's dropped rows, dropped here too.
 
     ``keep_rows``: record the dropped rows (a detect-then-train cell trains on the rest).
     ``relabel``: also record, per dropped row, the kept row whose caption it borrows
@@ -184,10 +186,17 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
         rec["bases"] = [b.method for b in bases]
         rec["checkpoints"] = [str(c.relative_to(out)) for c in checkpoints]
     if keep_rows:
-        keep = result.keep.mask
+        keep = result.keep.mask.copy()
+        own_dropped = int((~keep).sum())
+        if within is not None:
+            keep[within[1]] = False
         k = int(keep.sum())
         rec["keep"] = {"detector": result.keep_detector, **result.keep.rule, "kept": k, "dropped": n - k,
                        "kept_fraction": k / n if n else None}
+        if within is not None:  # what this cell's own rule dropped, and what the other entry's adds
+            rec["keep"]["within"] = within[0]
+            rec["keep"]["dropped_by_own_rule"] = own_dropped
+            rec["keep"]["dropped_by_within_only"] = n - k - own_dropped
         if mask is not None:
             rec["keep"]["poisons"] = int(mask.sum())
             rec["keep"]["poisons_kept"] = int((keep & mask).sum())
@@ -230,7 +239,20 @@ def detection_for(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
                              detectors=[(spec.detector, spec.options), *spec.veto.items()],
                              keep_fraction=spec.keep_fraction, veto_detectors=list(spec.veto), fingerprint=fingerprint,
                              base_fingerprint=base_fingerprint, keep_rows=True, relabel=spec.relabel, quiet=quiet,
-                             combine=spec.combine, reference=reference_cell(cfg, cell))
+                             combine=spec.combine, reference=reference_cell(cfg, cell), within=within_dropped())
+
+    def within_dropped() -> tuple[str, np.ndarray] | None:
+        """The rows the ``within`` entry's finished cell dropped (its own detection record)."""
+        other = within_cell(cfg, cell)
+        if other is None:
+            return None
+        from clipguard.bench.cell import read_cell
+
+        rec = read_cell(other.run_dir(out) / DETECTION_FILE)
+        if rec is None or "dropped_rows" not in rec:
+            raise ConfigError(f"{cell.id}: detect.within {other.method!r} has no finished detection in "
+                              f"{other.run_dir(out)}; run that entry first")
+        return other.method, np.asarray(rec["dropped_rows"], dtype=np.int64)
 
     def read() -> dict[str, Any]:
         rec = read_detection(cell, out, fingerprint)

@@ -131,8 +131,17 @@ def dependencies(cfg: BenchConfig, cell: Cell) -> list[Cell]:
     if cell.stage in ("finetune", "scan"):
         return [base_cell(cfg, cell), *extra]
     if cell.defense.detect is not None:
-        return [*detect_base_cells(cfg, cell), *extra]
+        within = within_cell(cfg, cell)
+        return [*detect_base_cells(cfg, cell), *extra, *([within] if within is not None else [])]
     return []
+
+
+def within_cell(cfg: BenchConfig, cell: Cell) -> Cell | None:
+    """The detect-then-train cell whose dropped pairs a detect-then-train cell drops too (``within``)."""
+    spec = cell.defense.detect if cell.stage == "pretrain" else None
+    if spec is None or spec.within is None:
+        return None
+    return model_cell(cfg, cell, spec.within)
 
 
 def dependency(cfg: BenchConfig, cell: Cell) -> Cell | None:
