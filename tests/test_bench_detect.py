@@ -617,3 +617,51 @@ def test_a_reference_model_is_waited_for_and_keys_the_cells(fm_dir, tmp_path):
     assert scan["reference"] == "Trusted" and set(scan["detectors"]) == {"similarity", "shift"}
     assert 0 <= scan["detectors"]["shift"]["metrics"]["auroc"] <= 1
     assert set(cell("Trusted+scan")["detection"]["detectors"]) == {"similarity"}
+
+
+def _within_grid() -> dict:
+    """A second pass inside the first: ``Both`` keeps only what its own rule and ``First`` keep."""
+    g = copy.deepcopy(GRID)
+    g["pretrain"]["defenses"] = {
+        "CLIP": "none",
+        "First": {"detect": {"detector": "similarity", "base": "CLIP", "keep_fraction": 0.8}},
+        "Both": {"detect": {"detector": "caption-agreement", "base": "CLIP", "options": {"k": 8},
+                            "keep_fraction": 0.8, "within": "First"}}}
+    g["scan"] = None
+    return g
+
+
+def test_within_drops_what_the_other_entry_dropped(fm_dir, tmp_path):
+    from clipguard.bench.plan import dependencies
+
+    cfg = parse_config(_within_grid())
+    cells = {c.id: c for c in plan_cells(cfg)}
+    ids = list(cells)
+    assert [d.id for d in dependencies(cfg, cells["fm/badnet/Both/seed0"])] == ["fm/badnet/CLIP/seed0",
+                                                                               "fm/badnet/First/seed0"]
+    assert ids.index("fm/badnet/First/seed0") < ids.index("fm/badnet/Both/seed0")
+    assert cell_config(cfg, cells["fm/badnet/Both/seed0"])["detect"]["within"]["method"] == "First"
+    other = _within_grid()
+    other["pretrain"]["defenses"]["First"]["detect"]["keep_fraction"] = 0.7  # another first pass: another cell
+    assert _fp(parse_config(other), "Both") != _fp(cfg, "Both")
+    assert "within" not in cell_config(cfg, cells["fm/badnet/First/seed0"])["detect"]
+    for bad, match in (("CLIP", "'CLIP' is not another detect-then-train entry"),
+                       ("Both", "'Both' is not another detect-then-train entry"),
+                       ("Nope", "'Nope' is not another detect-then-train entry")):
+        g = _within_grid()
+        g["pretrain"]["defenses"]["Both"]["detect"]["within"] = bad
+        with pytest.raises(ConfigError, match=match):
+            parse_config(g)
+    g = _within_grid()
+    g["pretrain"]["defenses"]["Both"]["detect"]["relabel"] = 4
+    with pytest.raises(ConfigError, match="within and relabel cannot be combined"):
+        parse_config(g)
+    # end to end: the kept pairs are those both rules keep
+    cell, out = _run_tiny(_tiny(_within_grid(), fm_dir), tmp_path, cells=3)
+    first, both = (json.loads((out / "runs" / "fm" / "badnet" / "seed0" / f"pretrain-{m}" / "detection.json").read_text())
+                   for m in ("First", "Both"))
+    keep = both["keep"]
+    assert keep["within"] == "First" and cell("Both")["detection"]["keep"] == keep
+    assert set(first["dropped_rows"]) <= set(both["dropped_rows"])
+    assert keep["dropped"] == len(both["dropped_rows"]) == keep["dropped_by_own_rule"] + keep["dropped_by_within_only"]
+    assert keep["dropped_by_within_only"] > 0 and cell("Both")["train_pairs"] == keep["kept"]
