@@ -282,3 +282,29 @@ def test_scan_with_a_reference_model(poisoned, tmp_path, capsys):
                    reference=tmp_path / "ref", device="cpu")
     api = _rows(tmp_path / "api" / "scores.csv")
     assert [r["shift_score"] for r in api] == [r["shift_score"] for r in scores]
+
+
+def test_a_second_scan_within_the_first_keeps_only_what_both_keep(poisoned, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _scan(poisoned, first, "--detector", "similarity", "--keep-fraction", "0.8") == 0
+    assert _scan(poisoned, second, "--detector", "caption-agreement", "--keep-fraction", "0.8",
+                 "--within", str(first)) == 0
+    assert f"within {first}" in capsys.readouterr().out
+    a, b = _rows(first / "scores.csv"), _rows(second / "scores.csv")
+    assert [r["row"] for r in a] == [r["row"] for r in b]
+    own = [float(r["caption-agreement_rank"]) for r in b]  # rank 1 = the most suspicious
+    own_keep = [rk > N - int(0.8 * N) for rk in own]
+    want = [r["kept"] == "1" and k for r, k in zip(a, own_keep)]
+    assert [r["kept"] == "1" for r in b] == want
+    keep = json.loads((second / "scan.json").read_text())["keep"]
+    assert keep["within"] == str(first) and keep["kept"] == sum(want)
+    assert keep["dropped_by_within_only"] == sum(k and r["kept"] == "0" for r, k in zip(a, own_keep)) > 0
+    assert len(_rows(second / "kept.csv")) == keep["kept"]
+    # not a finished scan, its own --out, other rows: clear errors, nothing written
+    for within, extra, message in ((tmp_path / "nothing", (), "not a finished scan"),
+                                   (tmp_path / "third", (), "is the --out of this scan"),
+                                   (first, ("--limit", "100"), "that scan read 524 rows, this one 100")):
+        assert _scan(poisoned, tmp_path / "third", "--detector", "similarity", "--within", str(within), *extra) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not (tmp_path / "third").exists()

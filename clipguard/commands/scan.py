@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--veto-detector", action="extend", nargs="+", default=[], metavar="NAME",
                    help="also drop the pairs this detector's own rule rejects (repeatable; run even when "
                         "not in --detector), e.g. repeat, which flags the copies targeted poisoning makes")
+    p.add_argument("--within", default=None, metavar="SCAN_DIR",
+                   help="an earlier scan of the same data (its --out): keep only pairs it kept too, so a second "
+                        "pass cannot let back what the first dropped")
     p.add_argument("--top", type=int, default=100, help="rows in suspicious.csv (default 100)")
     p.add_argument("--overwrite", action="store_true", help="replace a scan already in --out")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                    veto_detectors=args.veto_detector, top=args.top, overwrite=args.overwrite, device=args.device, batch_size=args.batch_size,
                    spec=csv_spec(args), dataset_type=args.dataset_type, lazy_images=args.lazy_images,
                    limit=args.limit, skip_bad_rows=args.skip_bad_rows, chunk=args.chunk,
-                   progress=not args.quiet, combine=args.combine, reference=args.reference)
+                   progress=not args.quiet, combine=args.combine, reference=args.reference, within=args.within)
     n = summary["n_pairs"]
     for name, rec in summary["detectors"].items():
         m = rec.get("metrics") or {}
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     keep = summary["keep"]
     extra = f", {keep['poisons_kept']} of {summary['n_poisoned']} poisons" if "poisons_kept" in keep else ""
     vetoes = "".join(f" + {v['detector']} veto" for v in keep.get("vetoes", []))
+    vetoes += f" within {keep['within']}" if "within" in keep else ""
     print(f"kept {keep['kept']} of {n} pairs by {keep['detector']} ({keep['rule']}{vetoes}{extra}): "
           f"{args.out}/{keep['file']}")
     return 0

@@ -195,6 +195,14 @@ def veto_keep(primary: KeepDecision, vetoes: dict[str, KeepDecision]) -> KeepDec
     return KeepDecision(mask, {**primary.rule, "vetoes": info})
 
 
+def within_keep(primary: KeepDecision, earlier: np.ndarray, source: str) -> KeepDecision:
+    """``primary``'s kept pairs that an earlier scan (``source``) kept too: a second pass that
+    cannot let back what the first dropped."""
+    mask = primary.mask & earlier
+    return KeepDecision(mask, {**primary.rule, "within": source,
+                               "dropped_by_within_only": int((primary.mask & ~earlier).sum())})
+
+
 # ---------------------------------------------------------------------------- detectors
 @dataclass
 class DetectorOptions(Options):

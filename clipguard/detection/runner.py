@@ -29,6 +29,7 @@ from clipguard.detection.base import (
     names,
     needs_reference,
     veto_keep,
+    within_keep,
 )
 from clipguard.errors import ConfigError, DataError
 
@@ -329,8 +330,12 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
          keep_detector: str | None = None, veto_detectors: Sequence[str] = (), top: int = 100, overwrite: bool = False, device: str = "auto",
          batch_size: int = 256, spec=None, dataset_type: str = "auto", lazy_images: bool = False,
          limit: int | None = None, skip_bad_rows: bool = False, chunk: int = 4096,
-         progress: bool = True, combine: str = "mean", reference: str | Path | None = None) -> dict[str, Any]:
+         progress: bool = True, combine: str = "mean", reference: str | Path | None = None,
+         within: str | Path | None = None) -> dict[str, Any]:
     """Find suspicious pairs of ``data`` with ``checkpoint``'s embeddings; write ``out``.
+
+    ``within``: the folder of an earlier scan of the same data; only the pairs it kept can be
+    kept here (its ``scores.csv``, matched row by row).
 
     ``reference``: a model trained without this data (e.g. on a small trusted set) for the
     detectors that compare the scanned model with one (``shift``); it encodes the pairs once.
@@ -373,7 +378,10 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
     kind = infer_type(str(data)) if dataset_type == "auto" else dataset_type
     if kind == "csv" and not Path(data).is_file():
         raise DataError("file not found", file=str(data))
+    if within is not None and Path(within).resolve() == Path(out).resolve():
+        raise ConfigError(f"--within {within} is the --out of this scan; give another --out")
     out = outputs.check_out(out, overwrite, data if kind == "csv" else None)
+    earlier = read_kept(within) if within is not None else None
     dev = resolve_device(device)
     if attack_manifest is not None:
         from clipguard.attacks.manifest import load_manifest
@@ -401,8 +409,12 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
         sources["checkpoints"] = [str(c) for c in checkpoints]
     if reference is not None:
         sources["reference"] = str(reference)
+    within_mask = None
+    if earlier is not None:
+        within_mask = match_kept(earlier, outputs.row_ids(pairs, kind), Path(within))
+        sources["within"] = str(within)
     summary, _ = scan_pairs(pairs, net, model_name, out, dets, keep_detector=keep_name, keep_fraction=keep_fraction,
-                            veto_detectors=vetoes,
+                            veto_detectors=vetoes, within=(str(within), within_mask) if within_mask is not None else None,
                             attack_manifest=attack_manifest, kind=kind, spec=spec, top=top, device=dev,
                             batch_size=batch_size, chunk=chunk, progress=progress,
                             sources=sources, more_models=models[1:], combine=combine, reference_model=ref)
@@ -416,13 +428,15 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
                progress: bool = True, sources: dict[str, Any],
                more_models: Sequence[tuple[torch.nn.Module, str]] = (),
                combine: str = "mean",
-               reference_model: tuple[torch.nn.Module, str] | None = None) -> tuple[dict[str, Any], ScanResult]:
+               reference_model: tuple[torch.nn.Module, str] | None = None,
+               within: tuple[str, np.ndarray] | None = None) -> tuple[dict[str, Any], ScanResult]:
     """The part of ``scan`` after loading: encode ``pairs`` with ``net``, score, write ``out``
     (checked beforehand by the caller), and return scan.json's record with the full result (its
     keep mask is what a retraining step trains on). ``more_models``: (model, name) pairs that
     score the pairs too; the scores written then combine every model's (``combine_results``).
     ``reference_model``: (model, name) whose features every scanned model's carry as their
-    ``reference`` (encoded once)."""
+    ``reference`` (encoded once). ``within``: (source, mask) of the pairs an earlier scan kept;
+    the keep decision is limited to them."""
     import clipguard
     from clipguard.detection import outputs
     from clipguard.models.factory import get_tokenizer
@@ -453,6 +467,8 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
     result, per_model = scan_models(encoded(), dets, keep_detector=keep_detector, keep_fraction=keep_fraction,
                                     veto_detectors=veto_detectors, poisoned=poisoned, parts=parts,
                                     progress=progress, combine=combine)
+    if within is not None:
+        result.keep = within_keep(result.keep, within[1], within[0])
 
     # ---- outputs (scan.json last: it marks a finished scan)
     n = len(pairs)
@@ -484,3 +500,38 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
     summary["clipguard_version"] = clipguard.__version__
     outputs.write_summary(out, summary)
     return summary, result
+
+
+def read_kept(folder: str | Path) -> tuple[list[int], np.ndarray]:
+    """The row ids and kept flags of a finished scan in ``folder`` (its ``scores.csv``)."""
+    import csv
+
+    folder = Path(folder)
+    scores = folder / "scores.csv"
+    if not (folder / "scan.json").is_file() or not scores.is_file():
+        raise DataError("not a finished scan (no scan.json and scores.csv); give the --out of an earlier "
+                        "`clipguard scan`", file=str(folder))
+    ids: list[int] = []
+    kept: list[bool] = []
+    with open(scores, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"row", "kept"} <= set(reader.fieldnames or []):
+            raise DataError("needs the columns row and kept", file=str(scores))
+        for i, r in enumerate(reader):
+            try:
+                ids.append(int(r["row"]))
+                kept.append(bool(int(r["kept"])))
+            except (TypeError, ValueError):
+                raise DataError(f"row or kept is not a whole number: {r.get('row')!r}, {r.get('kept')!r}",
+                                file=str(scores), row=i + 2, field="row/kept") from None
+    return ids, np.asarray(kept, dtype=bool)
+
+
+def match_kept(earlier: tuple[list[int], np.ndarray], ids: list[int], folder: Path) -> np.ndarray:
+    """The earlier scan's kept flags in this data's row order; an error unless it scanned the same rows."""
+    rows, kept = earlier
+    if rows != list(ids):
+        raise ConfigError(f"--within {folder}: that scan read {len(rows)} rows, this one {len(ids)}"
+                          + ("" if len(rows) != len(ids) else " (other row numbers)")
+                          + "; give the scan of the same data, with the same --limit")
+    return kept
