@@ -99,8 +99,10 @@ class SafeClipOptions(Options):
     # "encode", every candidate encoded again at the epoch's start; "steps", a safe pair's from the
     # previous mixed epoch's own forward (its image and caption as they are, encoded just before
     # its step; needs safe_image_augment and safe_text_augment none), a pair out for good keeps its
-    # last features, and only the other candidates are encoded. About 0.25 CLIP epochs less per
-    # mixed epoch on the CPU; the features are up to an epoch older (docs/results.md#overhead)
+    # last features, and only the other candidates are encoded (an update of 1.2-1.6 s instead of
+    # 2.8-3.0 s on the 10,000-pair validation grid). Not a default: the features are up to an epoch
+    # old, the density veto reads their mix as sparser and keeps more pairs out for good, which
+    # cost 0.6-1.2 zero-shot points on validation (docs/safeclip-selection.md, thirty-second round)
     update_features: Literal["encode", "steps"] = field(default="encode", metadata={"neutral": "encode"})
     rank_by: Literal["similarity", "p_clean", "relative"] = "relative"  # relative: see shard_similarities
     reference_captions: int = 1024    # relative: captions sampled (per epoch) to compare each image with
@@ -180,8 +182,8 @@ class SafeClipOptions(Options):
     # each image and caption ("unimodal", the paper); the same loss on one view ("one-view": the
     # view's own pool neighbour is its positive among the batch's views, so no second view is
     # encoded and a mixed step costs about a CLIP step); or nothing ("none": they leave the step's
-    # loss). On validation "none" cost 1.0-1.2 points of zero-shot at 10 epochs
-    # (docs/safeclip-selection.md, thirty-first round)
+    # loss). On validation, at 10 epochs, "none" cost 1.0-1.2 points of zero-shot and "one-view"
+    # 0.7-2.1 (docs/safeclip-selection.md, thirty-first and thirty-second rounds)
     risky_loss: Literal["unimodal", "one-view", "none"] = field(default="unimodal", metadata={"neutral": "unimodal"})
     safe_image_augment: Literal["simclr", "crop-flip", "none"] = "none"  # the paper: simclr
     safe_text_augment: Literal["eda", "none"] = "none"                   # the paper: eda
@@ -664,7 +666,9 @@ class SafeClip(Strategy, PairSelector):
             clip = clip_loss(img1, txt1, scale, ctx.dist, mask=safe, negatives=risky if o.risky_negatives else None)
         g_img = all_gather_nograd(img1.detach().contiguous(), ctx.dist)
         g_txt = all_gather_nograd(txt1.detach().contiguous(), ctx.dist)
-        g_safe = all_gather_nograd(safe.to(torch.uint8), ctx.dist).bool()
+        # which rows of the global batch are safe: for the safe pool and the kept step features only
+        wants_safe = borrow and (pool is not None or self._step_feats is not None)
+        g_safe = all_gather_nograd(safe.to(torch.uint8), ctx.dist).bool() if wants_safe else None
         if pool is not None and borrow and bool(g_safe.any()):
             pool.push(g_img[g_safe], g_txt[g_safe])
         if one_view:
@@ -677,7 +681,7 @@ class SafeClip(Strategy, PairSelector):
         # the pools hold the first views of the whole (global) batch, oldest displaced first
         self._img_pool.push(g_img)
         self._txt_pool.push(g_txt)
-        if borrow:
+        if borrow and self._step_feats is not None:
             self._keep_step_features(batch, g_safe, g_img, g_txt)
         return {"clip": clip, "unimodal_image": uni_img, "unimodal_text": uni_txt}
 
@@ -685,8 +689,6 @@ class SafeClip(Strategy, PairSelector):
                             g_txt: torch.Tensor) -> None:
         """``update_features: steps``: remember the safe rows' features of this mixed step (the
         global batch, so every rank holds them all) for the next split update."""
-        if self._step_feats is None:
-            return
         rows = all_gather_nograd(batch.indices.to(g_img.device), self.ctx.dist)[g_safe].cpu()
         if len(rows):
             feats = torch.cat([g_img[g_safe], g_txt[g_safe]], dim=1).cpu()
