@@ -161,6 +161,12 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
                             veto_detectors=veto_detectors, poisoned=mask, parts=parts or None, progress=not quiet,
                             combine=combine)
     detect_s = time.perf_counter() - t1 - encode_s
+    if within is not None:  # before anything is written: scores.csv's kept column is what trains
+        from clipguard.detection.base import within_keep
+
+        earlier = np.ones(len(data), dtype=bool)
+        earlier[within[1]] = False
+        result.keep = within_keep(result.keep, earlier, within[0])
     features = first_features
     outputs.write_scores(run_dir / SCORES_FILE, data, result, outputs.row_ids(data, "csv"))
 
@@ -186,17 +192,10 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
         rec["bases"] = [b.method for b in bases]
         rec["checkpoints"] = [str(c.relative_to(out)) for c in checkpoints]
     if keep_rows:
-        keep = result.keep.mask.copy()
-        own_dropped = int((~keep).sum())
-        if within is not None:
-            keep[within[1]] = False
+        keep = result.keep.mask
         k = int(keep.sum())
         rec["keep"] = {"detector": result.keep_detector, **result.keep.rule, "kept": k, "dropped": n - k,
                        "kept_fraction": k / n if n else None}
-        if within is not None:  # what this cell's own rule dropped, and what the other entry's adds
-            rec["keep"]["within"] = within[0]
-            rec["keep"]["dropped_by_own_rule"] = own_dropped
-            rec["keep"]["dropped_by_within_only"] = n - k - own_dropped
         if mask is not None:
             rec["keep"]["poisons"] = int(mask.sum())
             rec["keep"]["poisons_kept"] = int((keep & mask).sum())
