@@ -4,24 +4,19 @@ import random
 
 import pytest
 import torch
+from _trainers import batch_of, set_up
 
 from clipguard import defenses
-from clipguard.training.context import Batch, to_pixels
 from clipguard.training.trainer import TrainConfig, Trainer
 
 
 def _built(data, opts, tmp_path):
-    t = Trainer(TrainConfig(model="cg-tiny", epochs=2, batch_size=32, seed=0, device="cpu", quiet=True),
-                data, tmp_path, strategy=defenses.build("roclip", opts))
-    t.setup()
-    return t
+    return set_up(TrainConfig(model="cg-tiny", epochs=2, batch_size=32, seed=0, device="cpu", quiet=True),
+                  data, defenses.build("roclip", opts), tmp_path)
 
 
 def _batch(t, idx, seed=5):
-    idx = torch.as_tensor(idx)
-    return Batch(pixels=to_pixels(t.data.images[idx], torch.device("cpu")), tokens=t.tokens[idx],
-                 captions=[t.data.captions[i] for i in idx.tolist()], indices=idx,
-                 generator=torch.Generator().manual_seed(seed), rng=random.Random(seed))
+    return batch_of(t, idx, seed)
 
 
 def test_pool_epochs_follow_k_and_pool_is_two_percent(fm_train, tmp_path):

@@ -1,16 +1,15 @@
 """SafeCLIP's cheaper mixed epochs: one view for the risky pairs, split updates from the steps' features."""
 
 import json
-import random
 
 import pytest
 import torch
+from _trainers import batch_of, set_up
 from safetensors.torch import load_file
 
 from clipguard import defenses
 from clipguard.defenses.nn_pool import nn_self_loss
 from clipguard.errors import ConfigError
-from clipguard.training.context import Batch, to_pixels
 from clipguard.training.trainer import TrainConfig, Trainer
 
 
@@ -28,16 +27,11 @@ def _small(**kw):
 
 
 def _built(data, strategy, tmp_path, **kw):
-    t = Trainer(_cfg(**kw), data, tmp_path, strategy=strategy)
-    t.setup()
-    return t
+    return set_up(_cfg(**kw), data, strategy, tmp_path)
 
 
 def _batch(t, idx, seed=7):
-    idx = torch.as_tensor(idx)
-    return Batch(pixels=to_pixels(t.data.images[idx], torch.device("cpu")), tokens=t.tokens[idx],
-                 captions=[t.data.captions[i] for i in idx.tolist()], indices=idx,
-                 generator=torch.Generator().manual_seed(seed), rng=random.Random(seed))
+    return batch_of(t, idx, seed)
 
 
 def test_one_view_risky_loss_encodes_each_pair_once(fm_train, tmp_path):
