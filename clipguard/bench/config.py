@@ -117,6 +117,12 @@ class DetectSpec:
     # the pairs both screens keep (a second pass that must not let back what the first dropped)
     within: str | None = None
 
+    def upstream(self) -> list[str]:
+        """Every label whose model or detection this entry waits for: its bases, its reference and
+        the entry it keeps ``within``."""
+        return [self.base, *self.more_bases, *([self.reference] if self.reference else []),
+                *([self.within] if self.within else [])]
+
 
 TRAIN_DATA = ("train", "held-aside")
 
@@ -554,8 +560,7 @@ def detect_depth(defenses: list[DefenseSpec], label: str, source: str = "config"
         parents = [finetune.base]
     else:
         spec = next(d for d in defenses if d.label == label).detect
-        parents = [] if spec is None else [spec.base, *spec.more_bases, *([spec.reference] if spec.reference else []),
-                                           *([spec.within] if spec.within else [])]
+        parents = [] if spec is None else spec.upstream()
     if not parents:
         return 0
     return 1 + max(detect_depth(defenses, p, source, finetune, (*_stack, label)) for p in parents)
@@ -712,8 +717,7 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
                     others = [e.label for e in pretrain.defenses if e.detect is not None and e.label != d.label]
                     raise ConfigError(f"{source}: {key}.within: {within!r} is not another detect-then-train entry; "
                                       f"choose one of {others}")
-            for base in [d.detect.base, *d.detect.more_bases, *([d.detect.reference] if d.detect.reference else []),
-                         *([within] if within else [])]:
+            for base in d.detect.upstream():
                 for a in attacks:
                     if a.runs(d.label) and not model_runs(a, base, finetune):
                         why = ("a fine-tuning model is made only on poisoned columns that run its base"

@@ -99,7 +99,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
                   detectors: Sequence[tuple[str, dict[str, Any]]], keep_fraction: float | None,
                   veto_detectors: Sequence[str] = (), fingerprint: str, base_fingerprint: str, keep_rows: bool,
                   relabel: int | None = None, quiet: bool = False, combine: str = "mean",
-                  reference: Cell | None = None, within: tuple[str, np.ndarray] | None = None) -> dict[str, Any]:
+                  reference: Cell | None = None, within: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Encode the cell's training data with ``base``'s final model, score it with each detector,
     keep by the first detector's rule (or ``keep_fraction``) minus what each of
     ``veto_detectors`` (among ``detectors``) rejects, write ``scores.csv`` and
@@ -111,7 +111,8 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     ``reference``: the cell whose final model encodes the pairs once more, as every scoring model's
     ``PairFeatures.reference`` (for ``shift``).
 
-    ``within``: (label, rows) of another detect-then-train entry's dropped rows, dropped here too.
+    ``within``: (label, detection record) of another detect-then-train entry: the rows it
+    dropped are dropped here too.
 
     ``keep_rows``: record the dropped rows (a detect-then-train cell trains on the rest).
     ``relabel``: also record, per dropped row, the kept row whose caption it borrows
@@ -164,8 +165,8 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     if within is not None:  # before anything is written: scores.csv's kept column is what trains
         from clipguard.detection.base import within_keep
 
-        earlier = np.ones(len(data), dtype=bool)
-        earlier[within[1]] = False
+        earlier = np.zeros(len(data), dtype=bool)
+        earlier[kept_indices(within[1], len(data))] = True
         result.keep = within_keep(result.keep, earlier, within[0])
     features = first_features
     outputs.write_scores(run_dir / SCORES_FILE, data, result, outputs.row_ids(data, "csv"))
@@ -240,8 +241,8 @@ def detection_for(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
                              base_fingerprint=base_fingerprint, keep_rows=True, relabel=spec.relabel, quiet=quiet,
                              combine=spec.combine, reference=reference_cell(cfg, cell), within=within_dropped())
 
-    def within_dropped() -> tuple[str, np.ndarray] | None:
-        """The rows the ``within`` entry's finished cell dropped (its own detection record)."""
+    def within_dropped() -> tuple[str, dict[str, Any]] | None:
+        """The ``within`` entry's finished detection record (the rows it dropped)."""
         other = within_cell(cfg, cell)
         if other is None:
             return None
@@ -251,7 +252,7 @@ def detection_for(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
         if rec is None or "dropped_rows" not in rec:
             raise ConfigError(f"{cell.id}: detect.within {other.method!r} has no finished detection in "
                               f"{other.run_dir(out)}; run that entry first")
-        return other.method, np.asarray(rec["dropped_rows"], dtype=np.int64)
+        return other.method, rec
 
     def read() -> dict[str, Any]:
         rec = read_detection(cell, out, fingerprint)
