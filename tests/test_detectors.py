@@ -150,6 +150,34 @@ def test_shift_finds_what_a_model_moved_away_from_its_reference_neighbours():
     assert not keep[labels].any() and keep[~labels].mean() > 0.8  # the robust rule, z = 3
 
 
+def test_shift_with_the_reference_baseline_discounts_a_class_that_is_loose_under_both_models():
+    """Class 4 is spread wide under both models, so its clean pairs sit far from their reference
+    neighbours under the scanned model too, as far as the 24 poisons moved: plain shift confuses
+    them; subtracting the reference's own distance to the same neighbours leaves the move alone."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(5, DIM, generator=g) * 3
+    cls = torch.arange(424) % 5
+    cls[400:] = 1 + torch.arange(24) % 3
+    spread = torch.where(cls == 4, 3.0, 0.6).unsqueeze(1)
+    reference = centres[cls] + spread * torch.randn(424, DIM, generator=g)
+    scanned = centres[cls] + spread * torch.randn(424, DIM, generator=g)
+    scanned[400:] += 0.5 * (centres[0] - centres[cls[400:]])  # carried halfway towards class 0
+    text = centres[torch.where(torch.arange(424) >= 400, 0, cls)] + 0.1 * torch.randn(424, DIM, generator=g)
+    feats = PairFeatures(scanned, text, reference=PairFeatures(reference, text))
+    labels = np.r_[np.zeros(400, dtype=bool), np.ones(24, dtype=bool)]
+    plain = build("shift", {"space": "image"}).score(feats)
+    based = build("shift", {"space": "image", "baseline": "reference"}).score(feats)
+    assert auroc(plain, labels) < 0.9 < 0.99 < auroc(based, labels)
+    # by hand for one pair: the scanned distance minus the reference's, to the same 16 neighbours
+    i = 405
+    ref_img = feats.reference.image
+    near = torch.argsort(((ref_img - ref_img[i]) ** 2).sum(1))[1:17]
+    want = (1 - (feats.image[near] @ feats.image[i]).mean()) - (1 - (ref_img[near] @ ref_img[i]).mean())
+    assert based[i] == pytest.approx(float(want), abs=1e-5)
+    with pytest.raises(ConfigError, match="option 'baseline' must be one of 'none', 'reference'"):
+        build("shift", {"baseline": "scanned"})
+
+
 def test_shift_needs_a_reference_and_says_how_to_give_one():
     from clipguard.detection.runner import resolve_detectors
 

@@ -11,6 +11,11 @@ one has been carried away from them. Neither model alone sees this: the poisoned
 triggered images dense and normal, the reference never saw a trigger. Copies of one image (TDPA)
 stay each other's neighbours under both models and score low: pair it with ``repeat``.
 
+``baseline: reference`` subtracts how far the reference itself places pair i from those same
+neighbours (its mean cosine distance in ``reference_space``). A pair from a loose class is far from
+its neighbours under both models, and that natural spread is not a move the scanned model made;
+what is left is the move alone.
+
 Needs the reference model's features (``clipguard scan --reference``, ``PairFeatures.reference``).
 ``space`` and ``k`` were chosen on validation (docs/scan.md#shift-a-reference-models-neighbours).
 """
@@ -33,6 +38,7 @@ class ShiftOptions(DetectorOptions):
     k: int = 16                                                  # the reference's neighbours per pair
     space: Literal["image", "text", "joint"] = "joint"           # where the scanned model measures the distance
     reference_space: Literal["image", "text", "joint"] = "image"  # where the reference finds the neighbours
+    baseline: Literal["none", "reference"] = "none"              # subtract the reference's own distance to them
 
     def validate(self) -> None:
         super().validate()
@@ -54,11 +60,17 @@ class ShiftDetector(Detector):
         ref = self.reference_of(features)
         k = self.opt.k
         _, idx = ref.neighbours(self.opt.reference_space, k, "l2").first(k)
-        x = features.space(self.opt.space)
-        out = torch.empty(len(features), dtype=torch.float64)
-        step = max(1, features.chunk)
-        for i in range(0, len(features), step):
-            rows = x[i:i + step]
-            near = (rows.unsqueeze(1) * x[idx[i:i + step]]).sum(dim=2).mean(dim=1)  # mean cosine
-            out[i:i + step] = 1.0 - near.double()
+        out = _distance_to(features.space(self.opt.space), idx, features.chunk)
+        if self.opt.baseline == "reference":
+            out -= _distance_to(ref.space(self.opt.reference_space), idx, features.chunk)
         return finite_scores(out)
+
+
+def _distance_to(x: torch.Tensor, idx: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Each row's mean cosine distance, in ``x`` (rows L2-normalised), to the rows ``idx`` names."""
+    out = torch.empty(len(x), dtype=torch.float64)
+    step = max(1, chunk)
+    for i in range(0, len(x), step):
+        near = (x[i:i + step].unsqueeze(1) * x[idx[i:i + step]]).sum(dim=2).mean(dim=1)  # mean cosine
+        out[i:i + step] = 1.0 - near.double()
+    return out
