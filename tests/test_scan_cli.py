@@ -273,6 +273,11 @@ def test_scan_with_a_reference_model(poisoned, tmp_path, capsys):
     assert 0 <= summary["detectors"]["shift"]["metrics"]["auroc"] <= 1
     scores = _rows(out / "scores.csv")
     assert sorted(int(r["shift_rank"]) for r in scores) == list(range(1, N + 1))
+    based = tmp_path / "scan-based"
+    assert _scan(poisoned, based, "--reference", str(tmp_path / "ref"), "--detector", "shift",
+                 "--detector-option", "shift.baseline=reference") == 0
+    assert json.loads((based / "scan.json").read_text())["detectors"]["shift"]["options"]["baseline"] == "reference"
+    assert [r["shift_score"] for r in _rows(based / "scores.csv")] != [r["shift_score"] for r in scores]
     out_all = tmp_path / "scan-all"
     assert _scan(poisoned, out_all, "--reference", str(tmp_path / "ref")) == 0
     assert "shift" in json.loads((out_all / "scan.json").read_text())["detectors"]
