@@ -17,7 +17,10 @@ its neighbours under both models, and that natural spread is not a move the scan
 what is left is the move alone.
 
 Needs the reference model's features (``clipguard scan --reference``, ``PairFeatures.reference``).
-``space`` and ``k`` were chosen on validation (docs/scan.md#shift-a-reference-models-neighbours).
+``space`` and ``k`` were chosen on validation (docs/scan.md#shift-a-reference-models-neighbours);
+``baseline: reference`` ranks the poisons better on validation and test
+(docs/scan.md#the-references-own-distance-baseline-reference) but stays off by default: the
+detect-then-train recipe built on it did not hold SIG better on the test grid.
 """
 
 from __future__ import annotations
