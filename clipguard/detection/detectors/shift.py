@@ -62,18 +62,16 @@ class ShiftDetector(Detector):
     def score(self, features: PairFeatures) -> np.ndarray:
         ref = self.reference_of(features)
         k = self.opt.k
-        _, idx = ref.neighbours(self.opt.reference_space, k, "l2").first(k)
-        out = _distance_to(features.space(self.opt.space), idx, features.chunk)
+        dist, idx = ref.neighbours(self.opt.reference_space, k, "l2").first(k)
+        x = features.space(self.opt.space)
+        out = torch.empty(len(features), dtype=torch.float64)
+        step = max(1, features.chunk)
+        for i in range(0, len(features), step):
+            rows = x[i:i + step]
+            near = (rows.unsqueeze(1) * x[idx[i:i + step]]).sum(dim=2).mean(dim=1)  # mean cosine
+            out[i:i + step] = 1.0 - near.double()
         if self.opt.baseline == "reference":
-            out -= _distance_to(ref.space(self.opt.reference_space), idx, features.chunk)
+            # the reference's own mean cosine distance to them, from the search's L2 distances
+            # between unit vectors: 1 - cos = d^2 / 2
+            out -= (dist.double() ** 2 / 2).mean(dim=1)
         return finite_scores(out)
-
-
-def _distance_to(x: torch.Tensor, idx: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Each row's mean cosine distance, in ``x`` (rows L2-normalised), to the rows ``idx`` names."""
-    out = torch.empty(len(x), dtype=torch.float64)
-    step = max(1, chunk)
-    for i in range(0, len(x), step):
-        near = (x[i:i + step].unsqueeze(1) * x[idx[i:i + step]]).sum(dim=2).mean(dim=1)  # mean cosine
-        out[i:i + step] = 1.0 - near.double()
-    return out
