@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from clipguard.detection.runner import rank_shares
+
 KINDS = ("first", "second", "combined")
 
 
@@ -35,18 +37,13 @@ def read_scores(path: Path, detector: str) -> tuple[list[str], np.ndarray, np.nd
             np.array([r["poisoned"] == "1" for r in rows]), np.array([r["part"] for r in rows]))
 
 
-def rank_share(x: np.ndarray) -> np.ndarray:
-    """Each score's rank as a share of the pairs, 0 (lowest) to 1 (highest); ties in input order."""
-    return np.argsort(np.argsort(x, kind="stable"), kind="stable") / max(1, len(x) - 1)
-
-
 def part_aurocs(first: Path, second: Path, detector: str) -> dict[str, dict[str, float]]:
     """{part: {first, second, combined: AUROC %}} of one seed's two scans."""
     ids_a, a, poisoned, part = read_scores(first, detector)
     ids_b, b, _, _ = read_scores(second, detector)
     if ids_a != ids_b:
         sys.exit(f"{first} and {second} score different rows")
-    scores = {"first": a, "second": b, "combined": (rank_share(a) + rank_share(b)) / 2}
+    scores = {"first": a, "second": b, "combined": (rank_shares(a) + rank_shares(b)) / 2}
     out: dict[str, dict[str, float]] = {}
     for name in sorted(set(part[poisoned])):
         keep = ~poisoned | (part == name)

@@ -30,7 +30,9 @@ def test_each_scan_and_their_mean_rank_share(tmp_path, capsys):
     y = np.r_[np.zeros(300), np.ones(20)]
     assert figs["p1:badnet"]["first"] == pytest.approx(100 * roc_auc_score(y, np.r_[a[:300], a[300:320]]))
     assert figs["p1:blended"]["second"] == pytest.approx(100 * roc_auc_score(y, np.r_[b[:300], b[320:]]))
-    comb = (mod.rank_share(a) + mod.rank_share(b)) / 2
+    from clipguard.detection.runner import rank_shares
+
+    comb = (rank_shares(a) + rank_shares(b)) / 2
     assert figs["p1:blended"]["combined"] == pytest.approx(100 * roc_auc_score(y, np.r_[comb[:300], comb[320:]]))
     assert figs["p1:badnet"]["second"] < 70 < figs["p1:badnet"]["combined"]
     assert "mean over 1 seeds" in out and "p1:blended" in out
