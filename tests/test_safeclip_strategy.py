@@ -518,15 +518,22 @@ def test_risky_loss_is_checked():
         _small(warmup_epochs=0, risky_loss="none", risky_clip="neighbours")
 
 
-def test_without_a_risky_loss_a_run_resumes_exactly(fm_train, tmp_path):
-    data = fm_train.subset(range(256))
-    opts = dict(warmup_epochs=0, risky_loss="none")
-    Trainer(_cfg(epochs=3), data, tmp_path / "a", strategy=_small(**opts)).fit()
-    Trainer(_cfg(epochs=3, stop_after=2), data, tmp_path / "b", strategy=_small(**opts)).fit()
-    Trainer(_cfg(epochs=3), data, tmp_path / "b", strategy=_small(**opts)).fit(resume="latest")
-    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_003" / "model.safetensors")) for r in "ab")
+def _resumes_exactly(data, tmp_path, make, epochs: int) -> list[dict]:
+    """Train ``epochs`` straight through (run a) and again stopped after two epochs and resumed
+    (run b), each with a fresh strategy from ``make()``; assert the final weights are identical and
+    return run a's epoch records."""
+    Trainer(_cfg(epochs=epochs), data, tmp_path / "a", strategy=make()).fit()
+    Trainer(_cfg(epochs=epochs, stop_after=2), data, tmp_path / "b", strategy=make()).fit()
+    Trainer(_cfg(epochs=epochs), data, tmp_path / "b", strategy=make()).fit(resume="latest")
+    last = f"epoch_{epochs:03d}"
+    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / last / "model.safetensors")) for r in "ab")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+
+
+def test_without_a_risky_loss_a_run_resumes_exactly(fm_train, tmp_path):
+    recs = _resumes_exactly(fm_train.subset(range(256)), tmp_path,
+                            lambda: _small(warmup_epochs=0, risky_loss="none"), epochs=3)
     mixed = [r for r in recs if r.get("phase") == "mixed"]
     assert mixed and all(r["unimodal_image_loss"] == 0.0 for r in mixed)
 
@@ -620,13 +627,7 @@ def test_update_features_is_checked():
 
 @pytest.mark.parametrize("opts", [{"update_features": "steps"}, {"risky_loss": "one-view"}])
 def test_the_cheaper_steps_resume_exactly(fm_train, tmp_path, opts):
-    data = fm_train.subset(range(256))
-    Trainer(_cfg(epochs=4), data, tmp_path / "a", strategy=_cheap(**opts)).fit()
-    Trainer(_cfg(epochs=4, stop_after=2), data, tmp_path / "b", strategy=_cheap(**opts)).fit()
-    Trainer(_cfg(epochs=4), data, tmp_path / "b", strategy=_cheap(**opts)).fit(resume="latest")
-    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    recs = _resumes_exactly(fm_train.subset(range(256)), tmp_path, lambda: _cheap(**opts), epochs=4)
     updates = [r for r in recs if r.get("phase") == "mixed" and not r.get("first_split")]
     assert updates
     if "update_features" in opts:
