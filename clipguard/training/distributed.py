@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,7 +40,17 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        atexit.register(_destroy_at_exit)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def _destroy_at_exit() -> None:
+    """Leave the process group while the interpreter is still whole. A process that exits with
+    the group alive can abort at finalisation ("terminate called without an active exception":
+    gloo's worker threads outlive the objects they hold), and torchrun then fails the whole run
+    after it has finished; training, the CLI and scripts on the Python API all go through here."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_with_local_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
