@@ -38,8 +38,9 @@ def _os_error(e: OSError) -> str:
 
 
 def _quiet_stdout() -> None:
-    """The reader of our stdout is gone (``| head``): send what is left to /dev/null so that the
-    interpreter's final flush does not print a second BrokenPipeError."""
+    """Send what is left of stdout to /dev/null: its reader is gone (``| head``), so that the
+    interpreter's final flush does not print a second BrokenPipeError, or this process is not the
+    rank that speaks."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -47,10 +48,20 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _quiet_other_ranks() -> None:
+    """Under torchrun every rank runs the same command: rank 0 prints the results and the warnings,
+    the other ranks only their errors (stderr), so a run's output is not repeated once per process."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        return
+    logging.getLogger("clipguard").setLevel(logging.ERROR)
+    _quiet_stdout()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("root").setLevel(logging.ERROR)  # open_clip's "no pretrained weights" and the like
     logging.getLogger("clipguard").setLevel(logging.WARNING)  # our own warnings stay visible
+    _quiet_other_ranks()
     args = build_parser().parse_args(argv)
     prog = f"clipguard {args.command}"
     try:

@@ -1,11 +1,13 @@
 """Two gloo processes under torchrun: identical parameters on both ranks, and the same update as
 one process holding the whole global batch (the loss gathers features with local gradient)."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,6 +18,7 @@ def _run(args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
 
 
 def test_two_ranks_stay_identical_and_match_single_process(fm_dir, tmp_path, free_port):
@@ -44,3 +47,19 @@ def test_loss_values_and_gradients_match_one_process_including_the_logit_scale(t
     s = load_file(str(tmp_path / "single.safetensors"))
     for k in s:
         assert torch.allclose(d[k], s[k], atol=1e-6, rtol=1e-5), (k, d[k], s[k])
+
+
+@pytest.mark.slow
+def test_the_cli_under_torchrun_finishes_and_speaks_once(fm_dir, tmp_path, free_port):
+    """`torchrun -m clipguard.cli train` as docs/scale.md shows it: both ranks exit cleanly (the
+    process group is left before the interpreter tears down), and the run's warnings and result
+    line come from rank 0 only."""
+    out = tmp_path / "run"
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port,
+              "-m", "clipguard.cli", "train", "--data", str(fm_dir / "train.csv"), "--model", "cg-tiny",
+              "--epochs", "3", "--batch-size", "32", "--defense", "safeclip", "--quiet", "--out", str(out)])
+    assert r.stdout.count("finished: ") == 1, r.stdout
+    warned = [line for line in r.stderr.splitlines() if line.startswith("WARNING safeclip")]
+    assert warned and len(warned) == len(set(warned)), r.stderr[-3000:]
+    assert json.loads((out / "params.json").read_text())["world_size"] == 2
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3
