@@ -18,3 +18,5 @@ t = Trainer(cfg, data, out / "run")
 t.fit()
 rank = t.ctx.dist.rank
 save_file({k: v.contiguous() for k, v in t.model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+if t.ddp is not None:  # plain CLIP uses every parameter each step: DDP need not search for unused ones
+    (out / f"find_unused{rank}.txt").write_text(str(t.ddp.find_unused_parameters))

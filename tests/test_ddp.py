@@ -28,6 +28,7 @@ def test_two_ranks_stay_identical_and_match_single_process(fm_dir, tmp_path, fre
     r0 = load_file(str(tmp_path / "ddp" / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "ddp" / "rank1.safetensors"))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert (tmp_path / "ddp" / "find_unused0.txt").read_text() == "False"
     _run([sys.executable, str(WORKER), csv, str(tmp_path / "single"), "64"])
     s = load_file(str(tmp_path / "single" / "rank0.safetensors"))
     for k in r0:

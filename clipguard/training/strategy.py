@@ -23,6 +23,11 @@ class Strategy:
 
     name = "base"
     options_class: ClassVar[type[Options]]
+    # Under DDP: whether every step gives every trainable parameter a gradient. A strategy whose
+    # steps can leave one out (SafeCLIP's all-risky batch never reaches the logit scale) keeps
+    # False, and DDP then searches each step's graph for unused parameters; True spares that search
+    # (and PyTorch's warning that it found none).
+    uses_every_parameter: ClassVar[bool] = False
 
     def __init__(self, options: Options | None = None):
         cls = self.options_class
@@ -93,6 +98,7 @@ class ClipStrategy(Strategy):
 
     name = "none"
     options_class = ClipOptions
+    uses_every_parameter = True
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         img, txt, scale = self.ctx.forward(batch.pixels, batch.tokens)

@@ -152,7 +152,7 @@ class Trainer:
         if dist.enabled:
             self.ddp = step_module = torch.nn.parallel.DistributedDataParallel(
                 step_module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                find_unused_parameters=True)
+                find_unused_parameters=not self.strategy.uses_every_parameter)
         # ``self.model`` stays the plain open_clip module: checkpoints, the optimizer, the logit-scale
         # clamp and the strategies' eager encoders use it, so no '_orig_mod.' key reaches a checkpoint
         forward_module = self.ddp or self.model
