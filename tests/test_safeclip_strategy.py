@@ -247,11 +247,15 @@ def test_the_defaults_shrink_the_clip_epochs_of_a_short_run(fm_train, tmp_path, 
     assert "leaves no mixed epoch" not in caplog.text
 
 
-def test_too_few_epochs_is_a_clear_error(fm_train, tmp_path):
+def test_too_few_epochs_is_a_clear_error(fm_train, tmp_path, caplog):
     from clipguard.errors import ConfigError
 
     with pytest.raises(ConfigError, match="mixed"):
         Trainer(_cfg(epochs=2), fm_train.subset(range(128)), tmp_path, strategy=_small()).fit()
+    with caplog.at_level("WARNING", logger="clipguard"), pytest.raises(ConfigError, match="got --epochs 1"):
+        Trainer(_cfg(epochs=1), fm_train.subset(range(128)), tmp_path / "one",
+                strategy=defenses.build("safeclip", {"pool_size": 64})).setup()
+    assert "leaves no mixed epoch" not in caplog.text  # no promise of a shorter run before the error
     with pytest.raises(ConfigError, match="no option"):
         defenses.build("safeclip", {"warmup": 3})
 

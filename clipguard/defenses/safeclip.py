@@ -335,13 +335,13 @@ class SafeClip(Strategy, PairSelector):
         self._aligned = ChanceMonitor()  # the CLIP loss of the last slow CLIP epoch, fresh for each run
         r, c, step = self._plan = self.opt.plan(ctx.epochs)
         self._sizer = self.opt.sizer(step)
+        if ctx.epochs <= r + c:  # before the warning below, which would promise a run that cannot happen
+            raise ConfigError(f"safeclip needs more than warmup_epochs + clip_warmup_epochs = "
+                              f"{r + c} epochs to reach its mixed phase; got --epochs {ctx.epochs}")
         if c < self.opt.requested_clip_epochs:
             log.warning("safeclip: a %d-epoch run leaves no mixed epoch after clip_warmup_epochs = %d; "
                         "training %d CLIP epoch(s) before the first split instead", ctx.epochs,
                         self.opt.requested_clip_epochs, c)
-        if ctx.epochs <= r + c:
-            raise ConfigError(f"safeclip needs more than warmup_epochs + clip_warmup_epochs = "
-                              f"{r + c} epochs to reach its mixed phase; got --epochs {ctx.epochs}")
         import sklearn.mixture  # noqa: F401  (imported now so the split's timing is the fit, not the import)
 
         dim = embed_dim(ctx.raw_model)
