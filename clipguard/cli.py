@@ -51,7 +51,7 @@ def _quiet_stdout() -> None:
 def _quiet_other_ranks() -> None:
     """Under torchrun every rank runs the same command: rank 0 prints the results and the warnings,
     the other ranks only their errors (stderr), so a run's output is not repeated once per process."""
-    if int(os.environ.get("RANK", "0") or 0) == 0:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or int(os.environ.get("RANK", "0") or 0) == 0:
         return
     logging.getLogger("clipguard").setLevel(logging.ERROR)
     _quiet_stdout()

@@ -1,6 +1,7 @@
 """A process that joined a process group leaves it at exit, before the interpreter tears down."""
 
 import atexit
+import sys
 
 import torch.distributed as dist
 
@@ -18,11 +19,16 @@ def test_joining_a_group_registers_its_destruction_at_exit(monkeypatch, tmp_path
     monkeypatch.setattr(atexit, "register", registered.append)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.delattr(sys, "last_value", raising=False)  # pytest leaves one after a failed test
     try:
         info = distributed.init_distributed("cpu")
         assert info.enabled and dist.is_initialized()
         assert len(registered) == 1
-        registered[0]()  # what the interpreter runs at exit
+        with monkeypatch.context() as m:  # dying of an unhandled error: the group is left as it is
+            m.setattr(sys, "last_value", RuntimeError("boom"), raising=False)
+            registered[0]()
+            assert dist.is_initialized()
+        registered[0]()  # what the interpreter runs at a normal exit
         assert not dist.is_initialized()
         registered[0]()  # a group already left (e.g. by bench's cleanup) is not an error
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -48,7 +49,11 @@ def _destroy_at_exit() -> None:
     """Leave the process group while the interpreter is still whole. A process that exits with
     the group alive can abort at finalisation ("terminate called without an active exception":
     gloo's worker threads outlive the objects they hold), and torchrun then fails the whole run
-    after it has finished; training, the CLI and scripts on the Python API all go through here."""
+    after it has finished; training, the CLI and scripts on the Python API all go through here.
+    A process dying of an unhandled error leaves the group as it is: the other ranks may be waiting
+    in a collective, leaving could block until they time out, and torchrun ends them anyway."""
+    if getattr(sys, "last_value", None) is not None:
+        return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
