@@ -26,7 +26,8 @@ class Strategy:
     # Under DDP: whether every step gives every trainable parameter a gradient. A strategy whose
     # steps can leave one out (SafeCLIP's all-risky batch never reaches the logit scale) keeps
     # False, and DDP then searches each step's graph for unused parameters; True spares that search
-    # (and PyTorch's warning that it found none).
+    # (and PyTorch's warning that it found none) where the model has nothing else to train
+    # (training.trainer.every_parameter_trains).
     uses_every_parameter: ClassVar[bool] = False
 
     def __init__(self, options: Options | None = None):

@@ -108,6 +108,17 @@ class TrainConfig(Options):
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
 
 
+def every_parameter_trains(model: torch.nn.Module, strategy: Strategy) -> bool:
+    """Whether every step gives every trainable parameter a gradient, so DDP can skip its search
+    for unused ones: the strategy's steps reach the whole model (plain CLIP) and the model is one of
+    open_clip's CLIPs with nothing the CLIP loss leaves out (a SigLIP logit bias, CoCa's caption
+    decoder)."""
+    import open_clip
+
+    return (strategy.uses_every_parameter and isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP))
+            and getattr(model, "logit_bias", None) is None)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, train_data: ImageCaptionData, out_dir: str | Path,
                  strategy: Strategy | None = None, evaluate: EpochCallback | None = None,
@@ -152,7 +163,7 @@ class Trainer:
         if dist.enabled:
             self.ddp = step_module = torch.nn.parallel.DistributedDataParallel(
                 step_module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                find_unused_parameters=not self.strategy.uses_every_parameter)
+                find_unused_parameters=not every_parameter_trains(self.model, self.strategy))
         # ``self.model`` stays the plain open_clip module: checkpoints, the optimizer, the logit-scale
         # clamp and the strategies' eager encoders use it, so no '_orig_mod.' key reaches a checkpoint
         forward_module = self.ddp or self.model

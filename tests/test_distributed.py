@@ -1,4 +1,5 @@
-"""A process that joined a process group leaves it at exit, before the interpreter tears down."""
+"""The process group: left at exit before the interpreter tears down; DDP searches for unused
+parameters wherever a step can leave one out."""
 
 import atexit
 import sys
@@ -34,3 +35,18 @@ def test_joining_a_group_registers_its_destruction_at_exit(monkeypatch, tmp_path
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_ddp_skips_the_unused_parameter_search_only_where_every_parameter_trains():
+    import torch
+
+    from clipguard import defenses
+    from clipguard.models.factory import create_model
+    from clipguard.training.strategy import ClipStrategy
+    from clipguard.training.trainer import every_parameter_trains
+
+    model = create_model("cg-tiny")
+    assert every_parameter_trains(model, ClipStrategy())
+    assert not every_parameter_trains(model, defenses.build("safeclip"))  # an all-risky batch skips the scale
+    model.logit_bias = torch.nn.Parameter(torch.zeros(1))  # a SigLIP model's bias: no gradient from the CLIP loss
+    assert not every_parameter_trains(model, ClipStrategy())
