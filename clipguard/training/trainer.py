@@ -111,11 +111,12 @@ class TrainConfig(Options):
 def every_parameter_trains(model: torch.nn.Module, strategy: Strategy) -> bool:
     """Whether every step gives every trainable parameter a gradient, so DDP can skip its search
     for unused ones: the strategy's steps reach the whole model (plain CLIP) and the model is one of
-    open_clip's CLIPs with nothing the CLIP loss leaves out (a SigLIP logit bias, CoCa's caption
-    decoder)."""
+    open_clip's standard CLIPs with nothing the CLIP loss leaves out. A SigLIP logit bias, CoCa's
+    caption decoder or a custom text tower's unused layers would stop DDP at the second step, so
+    those keep the search."""
     import open_clip
 
-    return (strategy.uses_every_parameter and isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP))
+    return (strategy.uses_every_parameter and type(model) is open_clip.CLIP
             and getattr(model, "logit_bias", None) is None)
 
 
