@@ -17,7 +17,7 @@ def test_joining_a_group_registers_its_destruction_at_exit(monkeypatch, tmp_path
         real_init(backend, store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
 
     monkeypatch.setattr(dist, "init_process_group", one_rank_group)
-    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: registered.append(lambda: fn(*args)))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delattr(sys, "last_value", raising=False)  # pytest leaves one after a failed test

@@ -39,23 +39,22 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda" and dev.index is None:  # 'cuda' or 'auto' with a GPU: this rank's GPU
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
+    info = DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        atexit.register(_destroy_at_exit)
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+        atexit.register(_leave_at_exit, info)
+    return info
 
 
-def _destroy_at_exit() -> None:
+def _leave_at_exit(info: DistInfo) -> None:
     """Leave the process group while the interpreter is still whole. A process that exits with
     the group alive can abort at finalisation ("terminate called without an active exception":
     gloo's worker threads outlive the objects they hold), and torchrun then fails the whole run
     after it has finished; training, the CLI and scripts on the Python API all go through here.
     A process dying of an unhandled error leaves the group as it is: the other ranks may be waiting
     in a collective, leaving could block until they time out, and torchrun ends them anyway."""
-    if getattr(sys, "last_value", None) is not None:
-        return
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if getattr(sys, "last_value", None) is None:
+        cleanup(info)
 
 
 def gather_with_local_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
