@@ -1,7 +1,8 @@
 import pytest
+import torch
 
 from clipguard.models import create_model
-from clipguard.training.optim import make_optimizer
+from clipguard.training.optim import clip_grad_norm, make_optimizer
 from clipguard.training.schedule import Schedule, Segment, warmup_cosine
 
 
@@ -44,3 +45,20 @@ def test_a_warm_up_may_start_above_the_peak_and_fall_to_it():
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0)
     # without start_lr the warm-up rises from zero, as before
     assert Segment(10, 1e-3, warmup=4).lr(0) == pytest.approx(2.5e-4)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])
+def test_clip_grad_norm_equals_torch_bit_for_bit_within_and_beyond_the_bound(scale):
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(40, 30)) for _ in range(4)] + [torch.nn.Parameter(torch.randn(7))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, ref):
+        a.grad = torch.randn_like(a) * scale
+        b.grad = a.grad.clone()
+    ref[-1].grad, ours[-1].grad = None, None  # a parameter without a gradient is skipped, as torch does
+    total_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    total = clip_grad_norm(ours, 1.0)
+    assert torch.equal(total, total_ref)
+    assert (float(total) > 1.0) == (scale > 1)  # one case inside the bound, one clipped
+    for a, b in zip(ours[:-1], ref[:-1]):
+        assert torch.equal(a.grad, b.grad)

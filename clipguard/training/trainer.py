@@ -35,7 +35,7 @@ from clipguard.training import run_dir
 from clipguard.training.context import Batch, StepModule, TrainContext, step_seed
 from clipguard.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from clipguard.training.losses import MAX_LOGIT_SCALE
-from clipguard.training.optim import make_optimizer
+from clipguard.training.optim import clip_grad_norm, make_optimizer
 from clipguard.training.strategy import ClipStrategy, Strategy
 
 log = logging.getLogger("clipguard")
@@ -189,6 +189,7 @@ class Trainer:
             autocast=self._autocast(dist.device), channels_last=cfg.channels_last, step_module=step_module)
         self.strategy.bind(self.ctx)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self._params = list(self.model.parameters())  # what gradient clipping reads every step
         self.schedule = self.strategy.schedule(self.ctx, cfg.warmup, cfg.min_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "amp")
 
@@ -396,7 +397,7 @@ class Trainer:
                         sums[key] = sums.get(key, 0.0) + v / acc
                 if cfg.grad_clip:
                     self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                    clip_grad_norm(self._params, cfg.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
