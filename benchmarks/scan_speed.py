@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256, help="scan --batch-size")
     p.add_argument("--chunk", type=int, default=4096, help="scan --chunk")
+    p.add_argument("--neighbour-search", default="exact", choices=["exact", "ivf"], help="scan --neighbour-search")
     p.add_argument("--no-manifest", action="store_true", help="scan without the attack manifest (no metrics, plots)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where data, checkpoint and scan go (reused by later runs; "
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             summary = scan(data, ck, work / "scan", model=args.model, detectors=args.detectors,
                            attack_manifest=None if args.no_manifest else manifest, overwrite=True,
                            device=args.device, batch_size=args.batch_size, chunk=args.chunk,
-                           progress=args.progress)
+                           progress=args.progress, search={"method": args.neighbour_search})
             wall = time.perf_counter() - t0
     finally:
         if not args.workdir and not args.keep:
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "argv": list(argv) if argv is not None else sys.argv[1:], "model": summary["model"], "weights": weights,
         "pairs": n, "poisoned": summary.get("n_poisoned"), "detectors": list(summary["detectors"]),
         "batch_size": args.batch_size, "chunk": args.chunk, "prepare_seconds": prep_s,
+        "neighbour_search": summary["neighbour_search"],
         "phases": {name: s for name, s in rows}, "total_seconds": wall, "pairs_per_s": n / wall,
         "target_seconds": TARGET_S, "target_pairs": TARGET_PAIRS, "within_target": wall <= TARGET_S,
         "auroc": {k: v["metrics"]["auroc"] for k, v in summary["detectors"].items() if "metrics" in v},

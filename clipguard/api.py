@@ -152,7 +152,8 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
     ``out/scores.csv``, ``out/kept.csv``, ``out/suspicious.csv`` and ``out/scan.json`` and returns
     scan.json's record. ``reference``: a model trained without ``data``, which ``shift`` compares
     with. ``settings``: the command's other options (``top``, ``batch_size``, ``chunk``, ``limit``,
-    ``lazy_images``, ``skip_bad_rows``, ``dataset_type``, ``combine``)."""
+    ``lazy_images``, ``skip_bad_rows``, ``dataset_type``, ``combine``, and ``search``: how neighbours
+    are found, e.g. ``{"method": "ivf", "nprobe": 32}`` for faiss's approximate search)."""
     from clipguard.detection.runner import scan as _scan
 
     return _scan(data, checkpoint, out, model=model, detectors=detectors, options=options,

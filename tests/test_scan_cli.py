@@ -111,6 +111,7 @@ def test_existing_scan_needs_overwrite_and_fraction_overrides_the_rule(poisoned,
     (["--combine", "median"], "--combine must be one of mean, max, got 'median'"),
     (["--detector", "shift"], "detector 'shift' compares the model with a reference model: give --reference"),
     (["--attack-manifest", "missing.json"], "missing.json: attack manifest not found"),
+    (["--neighbour-search", "ivf", "--nprobe", "0"], "--neighbour-search: neighbour search: nprobe must be >= 1, got 0"),
 ])
 def test_bad_settings_are_one_line_errors(poisoned, tmp_path, capsys, args, message):
     assert _scan(poisoned, tmp_path / "scan", *args) == 2
@@ -313,3 +314,21 @@ def test_a_second_scan_within_the_first_keeps_only_what_both_keep(poisoned, tmp_
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
         assert not (tmp_path / "third").exists()
+
+
+def test_an_approximate_search_scores_like_the_exact_one_and_reports_its_recall(poisoned, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    args = ["--detector", "caption-agreement", "--detector", "kdist", "--detector", "similarity"]
+    assert _scan(poisoned, tmp_path / "exact", *args) == 0
+    assert _scan(poisoned, tmp_path / "ivf", *args, "--neighbour-search", "ivf", "--nlist", "13") == 0
+    summary = json.loads((tmp_path / "ivf" / "scan.json").read_text())
+    search = summary["neighbour_search"]
+    assert search["method"] == "ivf"
+    found = search["searches"]["image/l2"]
+    assert found["method"] == "ivf" and found["nlist"] == 13 and found["nprobe"] == 13 and found["k"] == 64
+    assert found["recall_at_k"] == 1.0  # every cell probed: every neighbour found
+    exact = json.loads((tmp_path / "exact" / "scan.json").read_text())["neighbour_search"]
+    assert exact == {"method": "exact", "searches": {"image/l2": {"method": "exact", "k": 64}}}
+    a, b = _rows(tmp_path / "exact" / "scores.csv"), _rows(tmp_path / "ivf" / "scores.csv")
+    for name in ("caption-agreement", "kdist"):
+        assert [float(r[f"{name}_score"]) for r in a] == pytest.approx([float(r[f"{name}_score"]) for r in b], abs=1e-4)

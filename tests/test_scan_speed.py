@@ -29,3 +29,14 @@ def test_scan_speed_runs_small_and_writes_its_json(tmp_path, capsys):
     assert all(s >= 0 for s in phases.values())
     assert sum(phases.values()) == pytest.approx(res["total_seconds"], rel=1e-6)
     assert res["pairs_per_s"] > 0 and (tmp_path / "work" / "scan" / "scan.json").is_file()
+
+
+def test_knn_speed_runs_small_and_measures_recall(tmp_path, capsys):
+    pytest.importorskip("faiss")
+    out = tmp_path / "knn.json"
+    res = load_benchmark("knn_speed").main(["--pairs", "5000", "--k", "8", "--exact-queries", "500",
+                                            "--out", str(out)])
+    assert "faster" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == pytest.approx(res)
+    assert (res["pairs"], res["nlist"], res["nprobe"], res["recall_queries"]) == (5000, 128, 32, 500)  # 4 sqrt(N) = 283, N / 39
+    assert 0.9 < res["recall_at_k"] <= 1.0 and res["ivf_seconds"] > 0 and res["exact_seconds_estimated"] > 0

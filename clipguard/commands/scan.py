@@ -47,13 +47,25 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a scan already in --out")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--batch-size", type=int, default=256, help="pairs per encoding batch")
-    p.add_argument("--chunk", type=int, default=4096, help="query rows per block of the neighbour search")
+    p.add_argument("--chunk", type=int, default=4096, help="query rows per block of the exact neighbour search")
+    p.add_argument("--neighbour-search", default="exact", choices=["exact", "ivf"],
+                   help="exact (default), or ivf: approximate, with faiss (pip install 'clipguard[ann]'), for "
+                        "hundreds of thousands of pairs on a CPU; its recall is measured and written to scan.json")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="ivf: cells each query searches (default 32, or a 64th of the cells when more; more: higher recall, slower)")
+    p.add_argument("--nlist", type=int, default=None, help="ivf: k-means cells (default 4 x sqrt(pairs))")
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
     p.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "webdataset"])
     p.add_argument("--lazy-images", action="store_true", help="decode images on demand (data larger than memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_csv_args(p)
     p.set_defaults(func=run)
+
+
+def _search(args: argparse.Namespace) -> dict:
+    """The --neighbour-search flags given, as NeighbourSearch's fields."""
+    given = {"method": args.neighbour_search, "nprobe": args.nprobe, "nlist": args.nlist}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
                    veto_detectors=args.veto_detector, top=args.top, overwrite=args.overwrite, device=args.device, batch_size=args.batch_size,
                    spec=csv_spec(args), dataset_type=args.dataset_type, lazy_images=args.lazy_images,
                    limit=args.limit, skip_bad_rows=args.skip_bad_rows, chunk=args.chunk,
-                   progress=not args.quiet, combine=args.combine, reference=args.reference, within=args.within)
+                   progress=not args.quiet, combine=args.combine, reference=args.reference, within=args.within,
+                   search=_search(args))
     n = summary["n_pairs"]
     for name, rec in summary["detectors"].items():
         m = rec.get("metrics") or {}

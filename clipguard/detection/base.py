@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from clipguard.detection.search import NeighbourSearch
 from clipguard.errors import ConfigError
 from clipguard.options import Options, require
 from clipguard.registry import Registry
@@ -42,8 +43,9 @@ class PairFeatures:
     """L2-normalised image and text embeddings of N pairs (row i of both is pair i), and the
     pair's cosine similarity (computed when not given).
 
-    ``device`` is where neighbour searches run; their results are cached per (space, metric), so
-    several density detectors on one space pay for one search (the largest k asked for).
+    ``device`` is where neighbour searches run and ``search`` how (exact, or approximate with
+    faiss); their results are cached per (space, metric), so several density detectors on one
+    space pay for one search (the largest k asked for).
 
     ``reference``: the same pairs under a reference model (one trained without the data under
     scan), for detectors that compare the two (``Detector.needs_reference``)."""
@@ -52,12 +54,13 @@ class PairFeatures:
     text: torch.Tensor
     similarity: torch.Tensor | None = None
     device: str | torch.device = "cpu"
-    chunk: int = 4096
+    search: NeighbourSearch = field(default_factory=lambda: NeighbourSearch())
     pixels: torch.Tensor | None = None  # coarse pixel signatures (clipguard.data.signatures), when asked for
     reference: PairFeatures | None = None
     _cache: dict[tuple[str, str], Neighbours] = field(default_factory=dict, init=False, repr=False)
     _joint: torch.Tensor | None = field(default=None, init=False, repr=False)
     _spent: float = field(default=0.0, init=False, repr=False)
+    _searches: dict[str, dict] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.image.ndim != 2 or self.text.ndim != 2 or len(self.image) != len(self.text):
@@ -116,9 +119,7 @@ class PairFeatures:
         return hit if hit is not None and hit.distances.shape[1] >= k else None
 
     def neighbours(self, space: str, k: int, metric: str = "l2") -> Neighbours:
-        """The k nearest other pairs of each pair in ``space`` (exact, chunked; cached)."""
-        from clipguard.detection.knn import knn
-
+        """The k nearest other pairs of each pair in ``space`` (by ``search``; cached)."""
         hit = self.cached(space, metric, k)
         if hit is not None:
             return hit
@@ -126,15 +127,23 @@ class PairFeatures:
             raise ConfigError(f"k = {k} neighbours needs more than {k} pairs; the data has {len(self)}")
         x = self.space(space)
         t0 = time.perf_counter()
-        # pixel signatures are not normalised: their L2 distance is measured as it is
-        d, i = knn(x, x, k, metric="euclidean" if space == "pixels" else metric, exclude_self=True,
-                   chunk=self.chunk, device=self.device, normalize=False)
+        # pixel signatures are not normalised: their L2 distance is measured as it is (exactly)
+        d, i, info = self.search.find(x, k, "euclidean" if space == "pixels" else metric, self.device)
         if torch.device(self.device).type == "cuda":
             torch.cuda.synchronize(self.device)
         found = Neighbours(d.float().cpu(), i.cpu(), time.perf_counter() - t0)
         self._spent += found.seconds
         self._cache[(space, metric)] = found
+        self._searches[f"{space}/{metric}"] = {**info, "k": k}
         return found
+
+    def searches(self) -> dict[str, dict]:
+        """What each neighbour search was ("space/metric": method, k, and for an approximate
+        search its cells and measured recall), the reference's under "reference/..."."""
+        out = dict(self._searches)
+        if self.reference is not None:
+            out.update({f"reference/{key}": v for key, v in self.reference.searches().items()})
+        return out
 
 
 # ---------------------------------------------------------------------------- keep rules

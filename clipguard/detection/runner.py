@@ -31,6 +31,7 @@ from clipguard.detection.base import (
     veto_keep,
     within_keep,
 )
+from clipguard.detection.search import NeighbourSearch, import_faiss
 from clipguard.errors import ConfigError, DataError
 
 DEFAULT_KEEP = "dao"
@@ -97,7 +98,7 @@ def default_keep_detector(detectors: Sequence[Detector], explicit: bool) -> str:
 # ---------------------------------------------------------------------------- encoding
 @torch.no_grad()
 def encode_pairs(model: torch.nn.Module, tokenizer, data, *, device: str | torch.device = "cpu",
-                 batch_size: int = 256, progress: bool = True, chunk: int = 4096,
+                 batch_size: int = 256, progress: bool = True, search: NeighbourSearch | None = None,
                  pixels: bool = False) -> PairFeatures:
     """Normalised image and caption embeddings of every pair (one pass, batch by batch, so lazy
     images and captions are never held all at once in model input form); with ``pixels``, the
@@ -119,7 +120,7 @@ def encode_pairs(model: torch.nn.Module, tokenizer, data, *, device: str | torch
             if pixels:
                 sig.append(pixel_signatures(batch))
             bar.update(len(idx))
-    return PairFeatures(torch.cat(img), torch.cat(txt), device=dev, chunk=chunk,
+    return PairFeatures(torch.cat(img), torch.cat(txt), device=dev, search=search or NeighbourSearch(),
                         pixels=torch.cat(sig) if pixels else None)
 
 
@@ -331,11 +332,15 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
          batch_size: int = 256, spec=None, dataset_type: str = "auto", lazy_images: bool = False,
          limit: int | None = None, skip_bad_rows: bool = False, chunk: int = 4096,
          progress: bool = True, combine: str = "mean", reference: str | Path | None = None,
-         within: str | Path | None = None) -> dict[str, Any]:
+         within: str | Path | None = None, search: NeighbourSearch | dict[str, Any] | None = None) -> dict[str, Any]:
     """Find suspicious pairs of ``data`` with ``checkpoint``'s embeddings; write ``out``.
 
     ``within``: the folder of an earlier scan of the same data; only the pairs it kept can be
     kept here (its ``scores.csv``, matched row by row).
+
+    ``search``: how neighbours are found (``NeighbourSearch`` or its fields as a dict: exact, the
+    default, in blocks of ``chunk`` query rows; or ``method: ivf``, approximate with faiss, its
+    recall measured on a sample and written to scan.json).
 
     ``reference``: a model trained without this data (e.g. on a small trusted set) for the
     detectors that compare the scanned model with one (``shift``); it encodes the pairs once.
@@ -372,6 +377,10 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if chunk < 1:
         raise ConfigError(f"--chunk must be >= 1, got {chunk}")
+    if not isinstance(search, NeighbourSearch):
+        search = NeighbourSearch.from_dict({"chunk": chunk, **(search or {})}, where="--neighbour-search")
+    if search.method == "ivf":
+        import_faiss()  # a missing optional dependency fails before the model loads
     check_combine(combine)
     check_limit(limit)
     spec = spec or CsvSpec()
@@ -416,7 +425,7 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
     summary, _ = scan_pairs(pairs, net, model_name, out, dets, keep_detector=keep_name, keep_fraction=keep_fraction,
                             veto_detectors=vetoes, within=(str(within), within_mask) if within_mask is not None else None,
                             attack_manifest=attack_manifest, kind=kind, spec=spec, top=top, device=dev,
-                            batch_size=batch_size, chunk=chunk, progress=progress,
+                            batch_size=batch_size, search=search, progress=progress,
                             sources=sources, more_models=models[1:], combine=combine, reference_model=ref)
     return summary
 
@@ -424,8 +433,8 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
 def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Sequence[Detector], *,
                keep_detector: str, keep_fraction: float | None, attack_manifest: str | Path | None, kind: str,
                veto_detectors: Sequence[str] = (),
-               spec, top: int, device: torch.device, batch_size: int = 256, chunk: int = 4096,
-               progress: bool = True, sources: dict[str, Any],
+               spec, top: int, device: torch.device, batch_size: int = 256,
+               search: NeighbourSearch | None = None, progress: bool = True, sources: dict[str, Any],
                more_models: Sequence[tuple[torch.nn.Module, str]] = (),
                combine: str = "mean",
                reference_model: tuple[torch.nn.Module, str] | None = None,
@@ -452,17 +461,20 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
         nonlocal encode_s
         t0 = time.perf_counter()
         features = encode_pairs(m, get_tokenizer(name), pairs, device=device, batch_size=batch_size,
-                                progress=progress, chunk=chunk, pixels=pixels)
+                                progress=progress, search=search, pixels=pixels)
         encode_s += time.perf_counter() - t0
         return features
 
     ref_features = encode(*reference_model, pixels=False) if reference_model is not None else None
+
+    searched: list[dict[str, dict]] = []  # each model's neighbour searches, once it has been scored
 
     def encoded():
         for m, name in models:
             features = encode(m, name, pixels=needs_pixels(dets))
             features.reference = ref_features
             yield features
+            searched.append(features.searches())
 
     result, per_model = scan_models(encoded(), dets, keep_detector=keep_detector, keep_fraction=keep_fraction,
                                     veto_detectors=veto_detectors, poisoned=poisoned, parts=parts,
@@ -480,6 +492,8 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
         "encode": {"seconds": encode_s, "pairs_per_s": n / encode_s if encode_s > 0 else None,
                    "batch_size": batch_size},
         "detectors": {r.name: r.summary(n, poisoned) for r in result.runs},
+        "neighbour_search": {"method": (search or NeighbourSearch()).method,
+                             "searches": searched[0] if len(searched) == 1 else searched},
         **({"models": [model_name, *(name for _, name in more_models)],
             "combined": f"each detector's score: the {'mean' if combine == 'mean' else 'largest'} of its rank "
                         "shares under every model; its own rule keeps a pair only if it keeps it under every model",

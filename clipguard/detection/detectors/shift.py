@@ -65,7 +65,7 @@ class ShiftDetector(Detector):
         dist, idx = ref.neighbours(self.opt.reference_space, k, "l2").first(k)
         x = features.space(self.opt.space)
         out = torch.empty(len(features), dtype=torch.float64)
-        step = max(1, features.chunk)
+        step = max(1, features.search.chunk)
         for i in range(0, len(features), step):
             rows = x[i:i + step]
             near = (rows.unsqueeze(1) * x[idx[i:i + step]]).sum(dim=2).mean(dim=1)  # mean cosine
