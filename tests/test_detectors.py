@@ -20,6 +20,7 @@ from clipguard.detection.metrics import (
     precision_at_k,
     tpr_at_fpr,
 )
+from clipguard.detection.search import NeighbourSearch
 from clipguard.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +76,9 @@ def test_caption_agreement_finds_mislabelled_pairs_inside_dense_clusters():
     labels = poison.numpy()
     assert auroc(build("caption-agreement").score(feats), labels) > 0.99
     assert auroc(build("kdist").score(feats), labels) < 0.8  # the density sees nothing unusual
+    # scored block by block (a million pairs' neighbour captions do not fit at once): the same scores
+    blocks = PairFeatures(image, text, similarity=torch.zeros(400), search=NeighbourSearch(chunk=7))
+    assert np.array_equal(build("caption-agreement").score(blocks), build("caption-agreement").score(feats))
 
 
 def test_spectral_finds_a_triggered_group_that_density_finds_normal():

@@ -35,8 +35,11 @@ def test_knn_speed_runs_small_and_measures_recall(tmp_path, capsys):
     pytest.importorskip("faiss")
     out = tmp_path / "knn.json"
     res = load_benchmark("knn_speed").main(["--pairs", "5000", "--k", "8", "--exact-queries", "500",
-                                            "--out", str(out)])
+                                            "--scan", "--out", str(out)])
     assert "faster" in capsys.readouterr().out
-    assert json.loads(out.read_text()) == pytest.approx(res)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert (res["pairs"], res["nlist"], res["nprobe"], res["recall_queries"]) == (5000, 128, 32, 500)  # 4 sqrt(N) = 283, N / 39
     assert 0.9 < res["recall_at_k"] <= 1.0 and res["ivf_seconds"] > 0 and res["exact_seconds_estimated"] > 0
+    scan = res["scan"]  # every default detector on the synthetic pairs, with the approximate search
+    assert set(scan["detectors"]) >= {"caption-agreement", "dao", "spectral"} and scan["peak_memory_mb"] > 0
+    assert scan["searches"]["image/l2"]["method"] == "ivf" and scan["searches"]["image/l2"]["recall_at_k"] > 0.9

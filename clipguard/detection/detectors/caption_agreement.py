@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from clipguard.detection.base import DETECTORS, Detector, PairFeatures, finite_scores
 from clipguard.detection.density import DensityOptions
@@ -43,5 +44,9 @@ class CaptionAgreementDetector(Detector):
     def score(self, features: PairFeatures) -> np.ndarray:
         _, idx = features.neighbours(self.opt.space, self.opt.k, self.opt.metric).first(self.opt.k)
         text = features.text
-        agree = (text[idx] * text.unsqueeze(1)).sum(dim=2).mean(dim=1)  # (N,) mean cosine
+        agree = torch.empty(len(text))
+        step = max(1, features.search.chunk)  # rows per block: N x k captions at once would not fit a million pairs
+        for i in range(0, len(text), step):
+            rows = text[i:i + step]
+            agree[i:i + step] = (text[idx[i:i + step]] * rows.unsqueeze(1)).sum(dim=2).mean(dim=1)  # mean cosine
         return finite_scores(1.0 - agree.double())
