@@ -100,3 +100,15 @@ def test_cells_and_probes_grow_with_the_data_unless_given():
     assert s.cells(60_000) == 980 and s.cells(1_000_000) == 4000 and s.cells(100) == 2  # 4 sqrt(N), N / 39 at most
     assert s.probes(980) == 32 and s.probes(4000) == 63 and s.probes(10) == 10
     assert NeighbourSearch(nlist=50, nprobe=5).cells(60_000) == 50 and NeighbourSearch(nprobe=5).probes(980) == 5
+
+
+def test_a_long_exact_search_on_the_cpu_names_the_approximate_one(caplog):
+    from clipguard.detection.runner import EXACT_HINT_PAIRS, hint_search
+
+    with caplog.at_level("WARNING", logger="clipguard"):
+        hint_search(NeighbourSearch(), EXACT_HINT_PAIRS - 1, torch.device("cpu"))
+        hint_search(NeighbourSearch(method="ivf"), 10 ** 6, torch.device("cpu"))
+        hint_search(NeighbourSearch(), 10 ** 6, torch.device("cuda"))
+        assert caplog.text == ""
+        hint_search(NeighbourSearch(), 10 ** 6, torch.device("cpu"))
+    assert "1000000 pairs" in caplog.text and "--neighbour-search ivf" in caplog.text

@@ -8,6 +8,7 @@ hold a model's embeddings, such as the bench.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -413,6 +414,7 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
     net, model_name = models[0]
     pairs = load_dataset(str(data), kind, spec=spec, image_size=image_size(net), skip_bad_rows=skip_bad_rows,
                          limit=limit, lazy=lazy_images)
+    hint_search(search, len(pairs), dev)
     sources: dict[str, Any] = {"data": str(data), "checkpoint": str(checkpoints[0])}
     if len(checkpoints) > 1:
         sources["checkpoints"] = [str(c) for c in checkpoints]
@@ -428,6 +430,18 @@ def scan(data: str | Path, checkpoint: str | Path | Sequence[str | Path], out: s
                             batch_size=batch_size, search=search, progress=progress,
                             sources=sources, more_models=models[1:], combine=combine, reference_model=ref)
     return summary
+
+
+EXACT_HINT_PAIRS = 250_000  # above this, an exact search on a CPU runs for many minutes
+
+
+def hint_search(search: NeighbourSearch, n: int, device: torch.device) -> None:
+    """Say, before a long exact search on a CPU, that an approximate one exists."""
+    if search.method == "exact" and device.type == "cpu" and n >= EXACT_HINT_PAIRS:
+        logging.getLogger("clipguard").warning(
+            "%d pairs: the exact neighbour search on the CPU grows with the square of the pairs (about an hour "
+            "for a million on 2 cores); --neighbour-search ivf finds them approximately in minutes, with its "
+            "recall measured (pip install 'clipguard[ann]'), or run on a GPU with --device cuda", n)
 
 
 def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Sequence[Detector], *,
