@@ -306,3 +306,38 @@ def test_a_pool_epoch_after_a_model_that_learnt_is_not_warned(fm_train, tmp_path
     with caplog.at_level(logging.WARNING, logger="clipguard"):
         assert s.on_epoch_start(1)["plain_loss_vs_chance"] == pytest.approx(0.5)
     assert not any("near chance" in r.getMessage() for r in caplog.records)
+
+
+def test_a_keep_own_streak_keeps_the_own_caption_only_after_agreeing_pool_epochs_in_a_row(fm_train, tmp_path):
+    opts = {"match_every": 1, "pool_fraction": 0.25, "keep_own": 0.3}
+    t = _built(fm_train.subset(range(256)), {**opts, "keep_own_streak": 2}, tmp_path)
+    s = t.strategy
+    t.ctx.epoch = 0
+    s.on_epoch_start(0)
+    b = _batch(t, range(32))
+    _, logs = s.loss(b)
+    agreed = s._agreed[:32].clone()
+    assert agreed.any() and logs["kept_own_fraction"] == 0.0  # the first pool epoch: no streak yet
+    rec = s.on_epoch_end(0)
+    assert torch.equal(s._streak[:32], agreed.long()) and not s._streak[32:].any()  # unseen pairs keep 0
+    assert rec["keep_own_streak_met"] == 0.0
+    t.ctx.epoch = 1
+    s.on_epoch_start(1)
+    _, logs = s.loss(b)
+    kept = s._kept[:32]
+    assert torch.equal(kept, s._agreed[:32] & agreed)  # kept now = agreed now and in the pool epoch before
+    assert logs["kept_own_fraction"] == pytest.approx(float(kept.float().mean()))
+    s.on_epoch_end(1)
+    assert torch.equal(s._streak[:32], torch.where(s._agreed[:32], agreed.long() + 1, 0))
+    # the streaks travel with the checkpoint, so a resumed run keeps them
+    again = _built(fm_train.subset(range(256)), {**opts, "keep_own_streak": 2}, tmp_path / "resumed")
+    again.strategy.load_state(s.state_tensors(), {})
+    assert torch.equal(again.strategy._streak, s._streak)
+    assert "keep_own_streak" not in _built(fm_train.subset(range(256)), opts, tmp_path / "plain").strategy.state_tensors()
+
+
+def test_keep_own_streak_is_validated():
+    with pytest.raises(Exception, match="keep_own_streak must be >= 1"):
+        defenses.build("roclip", {"keep_own_streak": 0})
+    with pytest.raises(Exception, match="keep_own_streak needs keep_own > 0"):
+        defenses.build("roclip", {"keep_own_streak": 2, "keep_own": 0.0})

@@ -54,6 +54,10 @@ class RoClipOptions(Options):
     # In pool epochs a pair keeps its own caption when the image's pooled caption is among this
     # fraction of the pool nearest to that own caption (they agree); 0 = the paper, always pooled
     keep_own: float = 0.1
+    # how many pool epochs in a row a pair's pick must agree with its own caption before it keeps
+    # it (1: every pool epoch decides afresh). A clean pair agrees epoch after epoch; a poisoned
+    # one agrees now and then, when its augmented view happens to look like the target
+    keep_own_streak: int = field(default=1, metadata={"neutral": 1})
     # how images pick pooled captions: each its nearest (the paper), or a balanced assignment
     # (Sinkhorn-Knopp, as SwAV's equipartition) in which every pooled caption is picked about
     # equally often within a batch, so a few hub captions cannot take most of the images
@@ -90,6 +94,8 @@ class RoClipOptions(Options):
         require(0.0 <= self.eda_alpha <= 1.0 and 0.0 <= self.eda_p_delete <= 1.0,
                 "eda_alpha and eda_p_delete must be in [0, 1]")
         require(0.0 <= self.keep_own < 1.0, f"keep_own must be in [0, 1), got {self.keep_own}")
+        require(self.keep_own_streak >= 1, f"keep_own_streak must be >= 1, got {self.keep_own_streak}")
+        require(self.keep_own_streak == 1 or self.keep_own > 0, "keep_own_streak needs keep_own > 0")
 
 
 @torch.no_grad()
@@ -139,6 +145,9 @@ class RoClip(Strategy, PairSelector):
         self._match_epoch: int | None = None  # the pool epoch the match records below belong to
         self._agreement = torch.full((len(ctx.data),), float("nan"))
         self._kept = torch.zeros(len(ctx.data), dtype=torch.bool)
+        self._agreed = torch.zeros(len(ctx.data), dtype=torch.bool)  # the latest pool epoch's agreement test
+        if not hasattr(self, "_streak"):  # pool epochs in a row each pair agreed, before the current one
+            self._streak = torch.zeros(len(ctx.data), dtype=torch.long)
         self._plain = ChanceMonitor()    # the CLIP loss of the latest epoch, when it was a plain one
 
     # ------------------------------------------------------------------ augmentation
@@ -202,7 +211,7 @@ class RoClip(Strategy, PairSelector):
             img, own, scale = ctx.forward(pixels, tokens)
             nn_idx = self._pick(img.detach().float())
             rank = self._pick_rank(own.detach(), nn_idx)
-            kept = self._kept_rows(rank).to(img.device)
+            kept = self._kept_rows(rank, batch.indices).to(img.device)
             # kept pairs use their own caption, encoded in the step; the others the stored embedding
             matched = torch.where(kept.unsqueeze(1), own, self._pool.bank[nn_idx].to(img.dtype))
         if self.opt.keep_own > 0:
@@ -215,7 +224,7 @@ class RoClip(Strategy, PairSelector):
             loss = grouped_clip_loss(img, matched, scale, groups, ctx.dist)
         else:
             loss = clip_loss(img, matched, scale, ctx.dist)
-        self._record(batch.indices, rank, kept)
+        self._record(batch.indices, rank, kept, self._kept_rows(rank))
         self._push(own, tokens)
         unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
         return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": unique, **stats}
@@ -241,27 +250,46 @@ class RoClip(Strategy, PairSelector):
         the caption it was paired with."""
         return self._kept_rows(self._pick_rank(own, idx))
 
-    def _kept_rows(self, rank: torch.Tensor) -> torch.Tensor:
-        """The pairs that keep their own caption, from their picks' ranks (none at keep_own 0)."""
+    def _kept_rows(self, rank: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The pairs that keep their own caption, from their picks' ranks (none at keep_own 0);
+        with ``indices`` (the pairs' rows) and ``keep_own_streak`` > 1, only those that also agreed
+        in the pool epochs just before."""
         if self.opt.keep_own <= 0:
             return torch.zeros_like(rank, dtype=torch.bool)
-        return rank < max(1, int(self.opt.keep_own * len(self._pool)))
+        agree = rank < max(1, int(self.opt.keep_own * len(self._pool)))
+        if indices is None or self.opt.keep_own_streak == 1:
+            return agree
+        before = self._streak[indices.cpu()].to(agree.device)
+        return agree & (before + 1 >= self.opt.keep_own_streak)
 
     @torch.no_grad()
-    def _record(self, indices: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor) -> None:
-        """Keep this (global) batch's match for the diagnostics; a new pool epoch starts afresh."""
+    def _record(self, indices: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor, agreed: torch.Tensor) -> None:
+        """Keep this (global) batch's match for the diagnostics and the agreement streaks; a new
+        pool epoch starts afresh."""
         if self._match_epoch != self.ctx.epoch:
             self._match_epoch = self.ctx.epoch
             self._agreement.fill_(float("nan"))
             self._kept.zero_()
+            self._agreed.zero_()
         score = 1.0 - rank.float() / max(1, len(self._pool) - 1)
-        # one gather for the three columns (float64 holds the indices exactly)
+        # one gather for the four columns (float64 holds the indices exactly)
         rows = torch.stack([indices.to(self.ctx.device).double(), score.to(self.ctx.device).double(),
-                            kept.to(self.ctx.device).double()], dim=1)
+                            kept.to(self.ctx.device).double(), agreed.to(self.ctx.device).double()], dim=1)
         rows = all_gather_nograd(rows, self.ctx.dist).cpu()
         idx = rows[:, 0].long()
         self._agreement[idx] = rows[:, 1].float()
         self._kept[idx] = rows[:, 2].bool()
+        self._agreed[idx] = rows[:, 3].bool()
+
+    def on_epoch_end(self, epoch: int) -> dict[str, Any]:
+        """After a pool epoch, count its agreements into each pair's streak (a pair the epoch did
+        not reach keeps its streak)."""
+        if self.opt.keep_own_streak > 1 and self.is_pool_epoch(epoch) and self._match_epoch == epoch:
+            seen = ~self._agreement.isnan()
+            grown = torch.where(self._agreed, self._streak + 1, torch.zeros_like(self._streak))
+            self._streak = torch.where(seen, grown, self._streak)
+            return {"keep_own_streak_met": float((self._streak >= self.opt.keep_own_streak).float().mean())}
+        return {}
 
     # ------------------------------------------------------------------ diagnostics
     def pair_scores(self) -> torch.Tensor | None:
@@ -298,7 +326,7 @@ class RoClip(Strategy, PairSelector):
             img = clip.encode_image(ctx.prepare_pixels(pixels), normalize=True)
             idx = probe_idx if probe_idx is not None else self._pick(img.detach().float())
             rank = self._pick_rank(own, idx)
-            keep = self._kept_rows(rank).to(ctx.device)
+            keep = self._kept_rows(rank, batch.indices).to(ctx.device)
             picked.update(idx=idx, rank=rank, keep=keep)
             text_tokens = torch.where(keep.unsqueeze(1), tokens.to(ctx.device), pool.payload[idx].to(ctx.device))
             txt = clip.encode_text(text_tokens, normalize=True)
@@ -315,7 +343,12 @@ class RoClip(Strategy, PairSelector):
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self._pool.state_tensors("caption_pool")
+        out = self._pool.state_tensors("caption_pool")
+        if self.opt.keep_own_streak > 1:
+            out["keep_own_streak"] = self._streak.clone()
+        return out
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self._pool.load_state(tensors, "caption_pool")
+        if self.opt.keep_own_streak > 1 and "keep_own_streak" in tensors:
+            self._streak = tensors["keep_own_streak"].long().cpu().clone()
