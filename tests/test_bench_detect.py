@@ -123,6 +123,9 @@ def _detect(g):
     (lambda g: g["scan"].update(detectors=["ensemble"], options={"ensemble": {"members": "caption-agreement,shift"}}),
      r"scan: detector 'ensemble' compares .* give scan.reference"),
     (lambda g: g["scan"].update(detectors=["shift"], reference="Nope"), r"scan.reference: base 'Nope' is not"),
+    (lambda g: g.update(neighbour_search={"method": "annoy"}), r"grid.yaml: neighbour_search: .*option 'method' must be one of"),
+    (lambda g: g.update(neighbour_search={"nprob": 4}), r"neighbour_search: .*did you mean 'nprobe'"),
+    (lambda g: g.update(neighbour_search="ivf"), r"'neighbour_search' must be a mapping"),
 ])
 def test_bad_detect_and_scan_entries_name_the_key(mutate, message):
     with pytest.raises(ConfigError, match=message):
@@ -213,6 +216,12 @@ def test_cache_key_covers_detector_options_keep_rule_and_base():
     # the scan's detectors and their options
     assert _fp(variant(lambda g: g["scan"].update(options={"dao": {"k": 32}})), "CLIP+scan") != scan_fp
     assert _fp(variant(lambda g: g["scan"].update(detectors=["dao"])), "CLIP+scan") != scan_fp
+    # the grid's neighbour search keys every scan, and only when it is not the default exact one
+    exact = variant(lambda g: g.update(neighbour_search={"method": "exact", "chunk": 4096}))
+    assert exact.neighbour_search == {} and _fp(exact, "CLIP+scan") == scan_fp and _fp(exact, "DAO-then-CLIP") == fp
+    ivf = variant(lambda g: g.update(neighbour_search={"method": "ivf"}))
+    assert ivf.neighbour_search == {"method": "ivf"}
+    assert _fp(ivf, "CLIP+scan") != scan_fp and _fp(ivf, "DAO-then-CLIP") != fp and _fp(ivf, "CLIP") == clip_fp
 
 
 def test_shipped_detect_config_plans(tmp_path):
@@ -518,6 +527,19 @@ def test_tiny_grid_scans_with_a_fine_tuned_model(fm_dir, tmp_path):
     plain = (out / "runs/fm/badnet/seed0/scan-CLIP/scores.csv").read_text()
     cleaned = (out / "runs/fm/badnet/seed0/scan-CLIP+FT/scores.csv").read_text()
     assert plain != cleaned
+
+
+def test_a_grid_scans_with_the_approximate_search_and_records_its_recall(fm_dir, tmp_path):
+    pytest.importorskip("faiss")
+    g = _tiny(copy.deepcopy(GRID), fm_dir)
+    g["neighbour_search"] = {"method": "ivf", "nlist": 4}
+    cell, _ = _run_tiny(g, tmp_path, cells=3)
+    for name in ("DAO-then-CLIP", "CLIP+scan"):
+        search = cell(name)["detection"]["neighbour_search"]
+        assert search["method"] == "ivf" and search["nlist"] == 4
+        found = search["searches"]["image/l2"]
+        # every cell probed: the exact neighbours, up to the order of near-ties
+        assert found["method"] == "ivf" and found["nprobe"] == 4 and found["recall_at_k"] > 0.99
 
 
 def test_a_detect_entry_scored_by_two_models(fm_dir, tmp_path):

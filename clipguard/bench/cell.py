@@ -60,6 +60,8 @@ def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
             "method": cell.base, "fingerprint": fingerprint(cell_config(cfg, base_cell(cfg, cell)))}}
         if ref is not None:
             conf["scan"]["reference"] = {"method": ref.method, "fingerprint": fingerprint(cell_config(cfg, ref))}
+        if cfg.neighbour_search:  # only when given: exact-search cells keep their fingerprints
+            conf["scan"]["neighbour_search"] = cfg.neighbour_search
         return conf
     conf["run"] = cell_spec(cfg, cell).resolved()
     if cell.defense.data != "train":
@@ -80,6 +82,8 @@ def cell_config(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
         within = within_cell(cfg, cell)
         if within is not None:
             conf["detect"]["within"] = {"method": within.method, "fingerprint": fingerprint(cell_config(cfg, within))}
+        if cfg.neighbour_search:
+            conf["detect"]["neighbour_search"] = cfg.neighbour_search
     return conf
 
 

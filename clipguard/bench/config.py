@@ -184,6 +184,9 @@ class BenchConfig:
     # the text tower on the captions without their padding (TrainConfig.trim_text; None: on a GPU
     # only). The same features up to float rounding, so not in the fingerprint either
     trim_text: bool | None = None
+    # how every scan of the grid (scan-only and detect-then-train cells) finds neighbours: the
+    # NeighbourSearch fields given (empty: exact, as the cells made before it existed)
+    neighbour_search: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -674,7 +677,7 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
     raw = copy.deepcopy(raw)
     _check_keys(raw, {"name", "model", "device", "seeds", "datasets", "attacks", "pretrain", "finetune",
                       "split", "histogram_bins", "histogram_max_pairs", "description", "scan", "epoch_zeroshot",
-                      "trim_text"},
+                      "trim_text", "neighbour_search"},
                 source, "top level")
     for k in ("datasets", "attacks", "pretrain"):
         if not raw.get(k):
@@ -751,8 +754,19 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", base_dir: Pat
                       epoch_zeroshot=_flag(raw.get("epoch_zeroshot", False), source, "epoch_zeroshot"),
                       trim_text=(None if raw.get("trim_text") is None
                                  else _flag(raw["trim_text"], source, "trim_text")),
+                      neighbour_search=_neighbour_search(raw.get("neighbour_search"), source),
                       source=source, raw=raw)
     return cfg
+
+
+def _neighbour_search(obj: Any, source: str) -> dict[str, Any]:
+    """The grid's neighbour-search settings, checked; only those that differ from the defaults,
+    so a grid that gives none (or the defaults) keeps its cells' fingerprints."""
+    from clipguard.detection.search import NeighbourSearch
+
+    given = NeighbourSearch.from_dict(_mapping(obj, source, "neighbour_search"), where=f"{source}: neighbour_search")
+    default = NeighbourSearch().to_dict()
+    return {k: v for k, v in given.to_dict().items() if v != default[k]}
 
 
 def _flag(value: Any, source: str, key: str) -> bool:

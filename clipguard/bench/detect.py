@@ -120,6 +120,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     from clipguard.detection import outputs
     from clipguard.detection.base import build
     from clipguard.detection.runner import encode_pairs, needs_pixels, scan_models
+    from clipguard.detection.search import NeighbourSearch
     from clipguard.evaluation.runner import load_model
     from clipguard.models.device import resolve_device
     from clipguard.models.factory import get_tokenizer
@@ -136,13 +137,15 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     parts = column_masks(cfg, cell, poison) if mask is not None else {}
     encode_s = 0.0
     first_features = None
+    search = NeighbourSearch.from_dict(cfg.neighbour_search)  # the grid's (exact when it gives none)
 
     def encode(checkpoint: Path, pixels: bool):
         """One model's features of the cell's pairs, its loading and encoding counted in ``encode_s``."""
         nonlocal encode_s
         t0 = time.perf_counter()
         net, model_name = load_model(checkpoint, cfg.model, str(dev))
-        features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet, pixels=pixels)
+        features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet, pixels=pixels,
+                                search=search)
         encode_s += time.perf_counter() - t0
         return features
 
@@ -189,6 +192,8 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     }
     if reference is not None:
         rec["reference"] = reference.method
+    if cfg.neighbour_search:  # what each search was: its cells and measured recall
+        rec["neighbour_search"] = {**cfg.neighbour_search, "searches": first_features.searches()}
     if len(bases) > 1:
         rec["bases"] = [b.method for b in bases]
         rec["checkpoints"] = [str(c.relative_to(out)) for c in checkpoints]
