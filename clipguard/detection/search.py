@@ -109,17 +109,18 @@ class NeighbourSearch(Options):
         random sample of queries (ties at the k-th distance make this a slight underestimate)."""
         g = torch.Generator().manual_seed(self.seed)
         q = torch.randperm(len(x), generator=g)[: self.recall_sample].sort().values
-        sims = x[q].float() @ x.float().T
-        sims[torch.arange(len(q)), q] = float("-inf")
-        true = sims.topk(k, dim=1).indices
+        sims, near = knn(x[q], x, k + 1, metric="cosine", chunk=self.chunk, normalize=False)  # in blocks
+        _, true = _drop_self(sims, near, k, rows=q)
         hit = (true.unsqueeze(2) == found[q].unsqueeze(1)).any(dim=2)
         return float(hit.float().mean())
 
 
-def _drop_self(sims: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _drop_self(sims: torch.Tensor, idx: torch.Tensor, k: int, rows: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """k of the k + 1 results per row without the row itself (its own best match; where an exact
-    copy came first, the row is still removed, wherever it is, and otherwise the last goes)."""
-    rows = torch.arange(len(idx)).unsqueeze(1)
+    copy came first, the row is still removed, wherever it is, and otherwise the last goes).
+    ``rows``: each result row's own index (default: its position)."""
+    rows = (torch.arange(len(idx)) if rows is None else rows).unsqueeze(1)
     is_self = idx == rows
     drop = torch.where(is_self.any(dim=1), is_self.int().argmax(dim=1), torch.full((len(idx),), k))
     keep = torch.ones_like(idx, dtype=torch.bool)
