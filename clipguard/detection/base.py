@@ -54,7 +54,7 @@ class PairFeatures:
     text: torch.Tensor
     similarity: torch.Tensor | None = None
     device: str | torch.device = "cpu"
-    search: NeighbourSearch = field(default_factory=lambda: NeighbourSearch())
+    search: NeighbourSearch = field(default_factory=NeighbourSearch)
     pixels: torch.Tensor | None = None  # coarse pixel signatures (clipguard.data.signatures), when asked for
     reference: PairFeatures | None = None
     _cache: dict[tuple[str, str], Neighbours] = field(default_factory=dict, init=False, repr=False)
@@ -144,6 +144,17 @@ class PairFeatures:
         if self.reference is not None:
             out.update({f"reference/{key}": v for key, v in self.reference.searches().items()})
         return out
+
+
+def mean_cosine_to_neighbours(x: torch.Tensor, idx: torch.Tensor, step: int) -> torch.Tensor:
+    """Each row's mean cosine with the rows ``idx`` names (unit rows; ``idx`` (N, k)), computed in
+    blocks of ``step`` rows so that N x k x d floats are never held at once (16 GB for 64
+    neighbours of 64 floats at a million pairs)."""
+    out = torch.empty(len(x))
+    step = max(1, step)
+    for i in range(0, len(x), step):
+        out[i:i + step] = (x[i:i + step].unsqueeze(1) * x[idx[i:i + step]]).sum(dim=2).mean(dim=1)
+    return out
 
 
 # ---------------------------------------------------------------------------- keep rules

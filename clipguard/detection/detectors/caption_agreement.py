@@ -15,9 +15,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import torch
 
-from clipguard.detection.base import DETECTORS, Detector, PairFeatures, finite_scores
+from clipguard.detection.base import (
+    DETECTORS,
+    Detector,
+    PairFeatures,
+    finite_scores,
+    mean_cosine_to_neighbours,
+)
 from clipguard.detection.density import DensityOptions
 
 
@@ -43,10 +48,5 @@ class CaptionAgreementDetector(Detector):
 
     def score(self, features: PairFeatures) -> np.ndarray:
         _, idx = features.neighbours(self.opt.space, self.opt.k, self.opt.metric).first(self.opt.k)
-        text = features.text
-        agree = torch.empty(len(text))
-        step = max(1, features.search.chunk)  # rows per block: N x k captions at once would not fit a million pairs
-        for i in range(0, len(text), step):
-            rows = text[i:i + step]
-            agree[i:i + step] = (text[idx[i:i + step]] * rows.unsqueeze(1)).sum(dim=2).mean(dim=1)  # mean cosine
+        agree = mean_cosine_to_neighbours(features.text, idx, features.search.chunk)
         return finite_scores(1.0 - agree.double())

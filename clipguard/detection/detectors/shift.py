@@ -29,9 +29,15 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
-import torch
 
-from clipguard.detection.base import DETECTORS, Detector, DetectorOptions, PairFeatures, finite_scores
+from clipguard.detection.base import (
+    DETECTORS,
+    Detector,
+    DetectorOptions,
+    PairFeatures,
+    finite_scores,
+    mean_cosine_to_neighbours,
+)
 from clipguard.options import require
 
 
@@ -64,12 +70,7 @@ class ShiftDetector(Detector):
         k = self.opt.k
         dist, idx = ref.neighbours(self.opt.reference_space, k, "l2").first(k)
         x = features.space(self.opt.space)
-        out = torch.empty(len(features), dtype=torch.float64)
-        step = max(1, features.search.chunk)
-        for i in range(0, len(features), step):
-            rows = x[i:i + step]
-            near = (rows.unsqueeze(1) * x[idx[i:i + step]]).sum(dim=2).mean(dim=1)  # mean cosine
-            out[i:i + step] = 1.0 - near.double()
+        out = 1.0 - mean_cosine_to_neighbours(x, idx, features.search.chunk).double()
         if self.opt.baseline == "reference":
             # the reference's own mean cosine distance to them, from the search's L2 distances
             # between unit vectors: 1 - cos = d^2 / 2
