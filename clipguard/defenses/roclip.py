@@ -282,9 +282,9 @@ class RoClip(Strategy, PairSelector):
         self._agreed[idx] = rows[:, 3].bool()
 
     def on_epoch_end(self, epoch: int) -> dict[str, Any]:
-        """After a pool epoch, count its agreements into each pair's streak (a pair the epoch did
-        not reach keeps its streak)."""
-        if self.opt.keep_own_streak > 1 and self.is_pool_epoch(epoch) and self._match_epoch == epoch:
+        """After a pool epoch (the epoch whose steps recorded matches), count its agreements into
+        each pair's streak (a pair the epoch did not reach keeps its streak)."""
+        if self.opt.keep_own_streak > 1 and self._match_epoch == epoch:
             seen = ~self._agreement.isnan()
             grown = torch.where(self._agreed, self._streak + 1, torch.zeros_like(self._streak))
             self._streak = torch.where(seen, grown, self._streak)
