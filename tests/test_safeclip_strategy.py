@@ -334,7 +334,7 @@ def test_risky_images_enter_the_clip_loss_with_their_safe_neighbours_captions(fm
     only safe pairs enter the pool."""
     import torch.nn.functional as F
 
-    t = _built(fm_train.subset(range(256)), _small(risky_clip="neighbours", risky_clip_k=2, risky_negatives=False), tmp_path)
+    t = _built(fm_train.subset(range(256)), _small(risky_clip="neighbours", risky_clip_k=2), tmp_path)
     s = t.strategy
     t.ctx.epoch = 2  # mixed
     s._safe = torch.zeros(256, dtype=torch.bool)
@@ -384,11 +384,11 @@ def test_risky_images_enter_the_clip_loss_with_their_safe_neighbours_captions(fm
 
 def test_risky_clip_trains_and_resumes(fm_train, tmp_path):
     data = fm_train.subset(range(256))
-    strat = _small(risky_clip="neighbours", risky_negatives=False)
+    strat = _small(risky_clip="neighbours")
     Trainer(_cfg(epochs=4), data, tmp_path, strategy=strat).fit()
     state = strat.state_tensors()
     assert "safe_pool.bank" in state and int(state["safe_pool.filled"]) > 0
-    other = _small(risky_clip="neighbours", risky_negatives=False)
+    other = _small(risky_clip="neighbours")
     _built(data, other, tmp_path / "b")
     other.load_state(state, strat.state_json())
     assert torch.equal(other._safe_pool.bank, strat._safe_pool.bank)
@@ -501,11 +501,9 @@ def test_without_a_risky_loss_a_mixed_step_is_one_clip_forward_over_the_safe_row
     assert rows == [32]  # no second views
     assert float(terms["unimodal_image"]) == 0.0 and float(terms["unimodal_text"]) == 0.0
     assert len(t.strategy._img_pool) == 0  # nothing pushed for a loss that is not there
-    # the CLIP term is the one over the safe rows of the pairs as they are, the risky rows' images as
-    # extra negatives of the safe captions (risky_negatives, on by default)
+    # the CLIP term is the one over the safe rows of the pairs as they are
     img, txt, scale = fwd(b.pixels, b.tokens)
-    want = clip_loss(img, txt, scale, mask=safe, negatives=~safe)
-    assert float(terms["clip"].detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert float(terms["clip"].detach()) == pytest.approx(float(clip_loss(img, txt, scale, mask=safe).detach()), rel=1e-5)
     # the whole step: the CLIP term weighted by the safe share, and it trains
     t.ctx.epoch = 1  # mixed (no unimodal epoch, one CLIP epoch before the split)
     t.strategy._safe = torch.zeros(256, dtype=torch.bool)
@@ -521,7 +519,7 @@ def test_risky_loss_is_checked():
     with pytest.raises(ConfigError, match="warmup_epochs 0"):
         _small(warmup_epochs=1, risky_loss="none")
     with pytest.raises(ConfigError, match="risky_clip"):
-        _small(warmup_epochs=0, risky_loss="none", risky_clip="neighbours", risky_negatives=False)
+        _small(warmup_epochs=0, risky_loss="none", risky_clip="neighbours")
 
 
 def _resumes_exactly(data, tmp_path, make, epochs: int) -> list[dict]:

@@ -109,10 +109,8 @@ class SafeClipOptions(Options):
     reference_top_k: int = 10
     # the joint-density veto: a pair whose joint (image, caption) embedding has its density_k-th
     # nearest neighbour (among density_reference sampled pairs) more than density_z robust standard
-    # deviations farther than the median pair's stays out of the safe set (None: no veto). 1.25, not
-    # the earlier 1.0: with risky_negatives it kept a third fewer clean pairs out for good and 0.1-2.9
-    # zero-shot points more on every validation grid (docs/safeclip-selection.md, thirty-fifth round)
-    density_z: float | None = 1.25
+    # deviations farther than the median pair's stays out of the safe set (None: no veto)
+    density_z: float | None = 1.0
     # a pair vetoed in a mixed epoch after the first stays vetoed: once the model has begun to
     # learn a poison, the poison gains look-alikes and a high score, so a later verdict is worth
     # less than an earlier one (the first split's, made by a barely aligned model, is not kept)
@@ -171,9 +169,8 @@ class SafeClipOptions(Options):
     # the risky pairs' images as extra negatives of the safe captions in the CLIP term (caption to
     # image only). A trigger learnt before the first split ties poisoned images to their target's
     # caption; without this, nothing in a mixed epoch pulls them apart, as the safe set holds few
-    # of them. The price: a clean risky image is pushed from the captions of its own class. On by
-    # default since the thirty-fifth round, where it pays for the looser density veto's risk
-    risky_negatives: bool = field(default=True, metadata={"neutral": False})
+    # of them. The price: a clean risky image is pushed from the captions of its own class
+    risky_negatives: bool = field(default=False, metadata={"neutral": False})
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
@@ -247,8 +244,7 @@ class SafeClipOptions(Options):
                 f"safe_augment_epochs must be >= 1 (or None: every mixed epoch), got {self.safe_augment_epochs}")
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
         require(not (self.risky_negatives and self.risky_clip == "neighbours"),
-                "risky_clip: neighbours needs risky_negatives: false (on by default): with neighbours every "
-                "risky image is a positive")
+                "risky_negatives needs risky_clip: none (with neighbours every risky image is a positive)")
         require(self.risky_loss != "none" or self.warmup_epochs == 0,
                 "risky_loss: none leaves the unimodal warm-up nothing to train; set warmup_epochs 0")
         require(self.risky_loss != "none" or self.risky_clip == "none",
