@@ -224,7 +224,7 @@ class RoClip(Strategy, PairSelector):
             loss = grouped_clip_loss(img, matched, scale, groups, ctx.dist)
         else:
             loss = clip_loss(img, matched, scale, ctx.dist)
-        self._record(batch.indices, rank, kept, self._kept_rows(rank))
+        self._record(batch.indices, rank, kept, self._rank_agrees(rank))
         self._push(own, tokens)
         unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
         return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": unique, **stats}
@@ -248,16 +248,20 @@ class RoClip(Strategy, PairSelector):
         the pool nearest to the pair's own caption ``own`` (no gradient). A clean pair's image
         picks a caption like its own; a poisoned image picks one of its true content, far from
         the caption it was paired with."""
-        return self._kept_rows(self._pick_rank(own, idx))
+        return self._rank_agrees(self._pick_rank(own, idx))
 
-    def _kept_rows(self, rank: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """The pairs that keep their own caption, from their picks' ranks (none at keep_own 0);
-        with ``indices`` (the pairs' rows) and ``keep_own_streak`` > 1, only those that also agreed
-        in the pool epochs just before."""
+    def _rank_agrees(self, rank: torch.Tensor) -> torch.Tensor:
+        """The pairs whose picks agree with their own captions, from the picks' ranks (none at
+        keep_own 0)."""
         if self.opt.keep_own <= 0:
             return torch.zeros_like(rank, dtype=torch.bool)
-        agree = rank < max(1, int(self.opt.keep_own * len(self._pool)))
-        if indices is None or self.opt.keep_own_streak == 1:
+        return rank < max(1, int(self.opt.keep_own * len(self._pool)))
+
+    def _kept_rows(self, rank: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The pairs (rows ``indices``) that keep their own caption: their picks agree now and,
+        with ``keep_own_streak`` > 1, also agreed in the pool epochs just before."""
+        agree = self._rank_agrees(rank)
+        if self.opt.keep_own_streak == 1:
             return agree
         before = self._streak[indices.cpu()].to(agree.device)
         return agree & (before + 1 >= self.opt.keep_own_streak)
