@@ -105,6 +105,46 @@ def test_keep_own_keeps_the_own_caption_only_where_the_pick_agrees(fm_train, tmp
     assert sum(rows_own) == round(logs["kept_own_fraction"] * 32)
 
 
+def test_keep_own_margin_keeps_pairs_whose_own_caption_is_nearly_as_likely(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(256)), {"match_every": 1, "pool_fraction": 0.25, "keep_own": 0.1,
+                                             "keep_own_margin": 1.0}, tmp_path)
+    s = t.strategy
+    s.on_epoch_start(0)
+    bank = s._pool.bank[:len(s._pool)]
+    img = bank[:3].clone()                                   # each image equals pool entry 0-2
+    idx = torch.arange(3)                                    # and picked it (similarity 1)
+    rank_far = torch.full((3,), len(s._pool) - 1)            # the rank test says no
+    own_near = img.clone()                                   # own caption = the pick: log-odds 0
+    scale = torch.tensor(10.0)
+    assert s._agreement_now(rank_far, img, own_near, idx, scale).all()
+    # own caption with cosine 0.8 to the image: log-odds 10 x 0.2 = 2 nats, above the margin of 1
+    ortho = torch.nn.functional.normalize(torch.randn_like(img), dim=1)
+    ortho = torch.nn.functional.normalize(ortho - (ortho * img).sum(1, keepdim=True) * img, dim=1)
+    own_far = 0.8 * img + 0.6 * ortho
+    assert not s._agreement_now(rank_far, img, own_far, idx, scale).any()
+    assert s._agreement_now(rank_far, img, own_far, idx, torch.tensor(4.0)).all()  # 0.8 nats
+    # without the margin the test is the rank test alone, as before
+    s.opt.keep_own_margin = 0.0
+    assert not s._agreement_now(rank_far, img, own_near, idx, scale).any()
+    assert s._agreement_now(torch.zeros(3, dtype=torch.long), img, own_far, idx, scale).all()
+
+
+def test_keep_own_margin_trains_and_reports_the_kept_share(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(256)), {"match_every": 1, "pool_fraction": 0.25, "keep_own": 0.1,
+                                             "keep_own_margin": 50.0}, tmp_path)
+    s = t.strategy
+    s.on_epoch_start(0)
+    loss, logs = s.loss(_batch(t, range(32)))
+    loss.backward()
+    assert logs["kept_own_fraction"] == 1.0  # 50 nats: every own caption is nearly as likely
+
+
+def test_keep_own_margin_is_validated():
+    with pytest.raises(Exception, match="keep_own_margin"):
+        defenses.build("roclip", {"keep_own_margin": -0.5})
+    defenses.build("roclip", {"keep_own": 0.0, "keep_own_margin": 1.0, "unmatched": "drop"})
+
+
 def test_keep_own_is_validated():
     with pytest.raises(Exception, match="keep_own"):
         defenses.build("roclip", {"keep_own": 1.0})

@@ -10,7 +10,8 @@ epochs (a known bug of the reference code). ``text_gradient=False`` restores tha
 
 Departures from the paper, all options: ``keep_own`` lets a pair whose image picks a pooled
 caption like its own keep its own caption in pool epochs (training only on the model's own
-guesses cost most of the accuracy at small scale), ``unmatched: drop`` leaves the other pairs out
+guesses cost most of the accuracy at small scale; ``keep_own_margin`` also lets it when the model
+finds its own caption nearly as likely as the pick), ``unmatched: drop`` leaves the other pairs out
 of that step instead of training them on their picks, and ``assignment: balanced`` spreads a
 batch's picks over the pool instead of letting a few hub captions take most images.
 """
@@ -58,6 +59,11 @@ class RoClipOptions(Options):
     # it (1: every pool epoch decides afresh). A clean pair agrees epoch after epoch; a poisoned
     # one agrees now and then, when its augmented view happens to look like the target
     keep_own_streak: int = field(default=1, metadata={"neutral": 1})
+    # a pair also agrees when the model finds its own caption nearly as likely for its image as the
+    # pick: the log-odds of the pick over the own caption, at the model's logit scale, below this many
+    # nats (0 = off). A clean image of a class the model confuses picks a caption of the wrong class
+    # that is only a little nearer than its own; a poisoned image's own caption is far from it
+    keep_own_margin: float = field(default=0.0, metadata={"neutral": 0.0})
     # how images pick pooled captions: each its nearest (the paper), or a balanced assignment
     # (Sinkhorn-Knopp, as SwAV's equipartition) in which every pooled caption is picked about
     # equally often within a batch, so a few hub captions cannot take most of the images
@@ -74,7 +80,7 @@ class RoClipOptions(Options):
     blur_p: float = field(default=0.0, metadata={"neutral": 0.0})
     # the share of image views mirrored left-right (SimCLR: 0.5; open_clip's training transform: 0)
     flip_p: float = field(default=0.5, metadata={"neutral": 0.5})
-    # in pool epochs, the pairs whose pick disagrees with their own caption (needs keep_own > 0):
+    # in pool epochs, the pairs whose pick disagrees with their own caption (needs keep_own or keep_own_margin):
     # "pooled", trained on the picked caption (the paper); "drop", left out of that step's loss, so
     # no pair is trained on a caption the model chose for it
     unmatched: Literal["pooled", "drop"] = field(default="pooled", metadata={"neutral": "pooled"})
@@ -82,8 +88,9 @@ class RoClipOptions(Options):
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
         require(0.0 <= self.flip_p <= 1.0, f"flip_p must be in [0, 1], got {self.flip_p}")
-        require(self.unmatched == "pooled" or self.keep_own > 0,
-                "unmatched: drop needs keep_own > 0 (with keep_own 0 every pair of a pool epoch would be dropped)")
+        require(self.unmatched == "pooled" or self.keep_own > 0 or self.keep_own_margin > 0,
+                "unmatched: drop needs keep_own > 0 or keep_own_margin > 0 (without either every pair of a pool "
+                "epoch would be dropped)")
         require(self.unmatched == "pooled" or self.pool_duplicates == "separate",
                 "unmatched: drop trains only on own captions, so pool_duplicates must stay 'separate'")
         require(self.match_every >= 1, f"match_every (K) must be >= 1, got {self.match_every}")
@@ -95,7 +102,9 @@ class RoClipOptions(Options):
                 "eda_alpha and eda_p_delete must be in [0, 1]")
         require(0.0 <= self.keep_own < 1.0, f"keep_own must be in [0, 1), got {self.keep_own}")
         require(self.keep_own_streak >= 1, f"keep_own_streak must be >= 1, got {self.keep_own_streak}")
-        require(self.keep_own_streak == 1 or self.keep_own > 0, "keep_own_streak needs keep_own > 0")
+        require(self.keep_own_margin >= 0, f"keep_own_margin must be >= 0 (nats), got {self.keep_own_margin}")
+        require(self.keep_own_streak == 1 or self.keep_own > 0 or self.keep_own_margin > 0,
+                "keep_own_streak needs keep_own > 0 or keep_own_margin > 0")
 
 
 @torch.no_grad()
@@ -206,15 +215,16 @@ class RoClip(Strategy, PairSelector):
         stats: dict[str, float] = {}
         if self.opt.text_gradient:
             own = ctx.encode_views(tokens=tokens)[1]  # for the pool (and the agreement test): no gradient
-            img, matched, scale, nn_idx, rank, kept = self._pool_forward(batch, pixels, tokens, own)
+            img, matched, scale, nn_idx, rank, agreed, kept = self._pool_forward(batch, pixels, tokens, own)
         else:
             img, own, scale = ctx.forward(pixels, tokens)
             nn_idx = self._pick(img.detach().float())
             rank = self._pick_rank(own.detach(), nn_idx)
-            kept = self._kept_rows(rank, batch.indices).to(img.device)
+            agreed = self._agreement_now(rank, img.detach(), own.detach(), nn_idx, scale.detach())
+            kept = self._kept_rows(agreed, batch.indices).to(img.device)
             # kept pairs use their own caption, encoded in the step; the others the stored embedding
             matched = torch.where(kept.unsqueeze(1), own, self._pool.bank[nn_idx].to(img.dtype))
-        if self.opt.keep_own > 0:
+        if self._tests_agreement:
             stats["kept_own_fraction"] = float(kept.float().mean())
         if self.opt.unmatched == "drop":
             loss = clip_loss(img, matched, scale, ctx.dist, mask=kept.to(img.device))
@@ -224,7 +234,7 @@ class RoClip(Strategy, PairSelector):
             loss = grouped_clip_loss(img, matched, scale, groups, ctx.dist)
         else:
             loss = clip_loss(img, matched, scale, ctx.dist)
-        self._record(batch.indices, rank, kept, self._rank_agrees(rank))
+        self._record(batch.indices, rank, kept, agreed)
         self._push(own, tokens)
         unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
         return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": unique, **stats}
@@ -243,6 +253,11 @@ class RoClip(Strategy, PairSelector):
         sims = own.to(valid.device, valid.dtype) @ valid.t()
         return (sims > sims.gather(1, idx.to(valid.device).unsqueeze(1))).sum(1)
 
+    @property
+    def _tests_agreement(self) -> bool:
+        """Whether pool epochs test each pair's pick against its own caption at all."""
+        return self.opt.keep_own > 0 or self.opt.keep_own_margin > 0
+
     def _agrees(self, own: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Whether each image's pooled caption ``idx`` ranks within the ``keep_own`` fraction of
         the pool nearest to the pair's own caption ``own`` (no gradient). A clean pair's image
@@ -257,10 +272,24 @@ class RoClip(Strategy, PairSelector):
             return torch.zeros_like(rank, dtype=torch.bool)
         return rank < max(1, int(self.opt.keep_own * len(self._pool)))
 
-    def _kept_rows(self, rank: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The pairs (rows ``indices``) that keep their own caption: their picks agree now and,
-        with ``keep_own_streak`` > 1, also agreed in the pool epochs just before."""
+    @torch.no_grad()
+    def _agreement_now(self, rank: torch.Tensor, img: torch.Tensor, own: torch.Tensor, idx: torch.Tensor,
+                       scale: torch.Tensor) -> torch.Tensor:
+        """This pool step's agreement test: the pick's rank (``keep_own``) or, with
+        ``keep_own_margin``, the image's log-odds of its pick (by the pool's stored embedding, as
+        it was picked) over its own caption ``own`` at the logit ``scale``."""
         agree = self._rank_agrees(rank)
+        if self.opt.keep_own_margin <= 0:
+            return agree
+        img = img.float()
+        picked = (img * self._pool.bank[idx.to(self._pool.bank.device)].to(img.device, img.dtype)).sum(1)
+        log_odds = scale.to(img.device, img.dtype) * (picked - (img * own.to(img.device, img.dtype)).sum(1))
+        return agree | (log_odds < self.opt.keep_own_margin).to(agree.device)
+
+    def _kept_rows(self, agree: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The pairs (rows ``indices``) that keep their own caption: they agree now (``agree``,
+        this step's test) and, with ``keep_own_streak`` > 1, also agreed in the pool epochs just
+        before."""
         if self.opt.keep_own_streak == 1:
             return agree
         before = self._streak[indices.cpu()].to(agree.device)
@@ -308,7 +337,7 @@ class RoClip(Strategy, PairSelector):
 
     def selected(self) -> torch.Tensor | None:
         """With ``keep_own``: the pairs that kept their own caption in the latest pool epoch."""
-        if self.opt.keep_own <= 0 or self._match_epoch is None or self._match_epoch >= self.ctx.epoch:
+        if not self._tests_agreement or self._match_epoch is None or self._match_epoch >= self.ctx.epoch:
             return None
         return self._kept.clone()
 
@@ -319,7 +348,8 @@ class RoClip(Strategy, PairSelector):
         with the current text tower (so it gets gradient). With ``keep_own`` a pair whose pick
         agrees with its own caption encodes that own caption instead. With ``match_on: original``
         the pick uses the un-augmented image, which needs an extra forward without gradient first.
-        Returns the features and scale, and each image's pick, its rank and whether it kept its own."""
+        Returns the features and scale, and each image's pick, its rank, whether it agrees with its
+        own caption in this step's test and whether it kept its own."""
         ctx, pool = self.ctx, self._pool
         probe_idx = None
         if self.opt.match_on == "original":
@@ -330,14 +360,16 @@ class RoClip(Strategy, PairSelector):
             img = clip.encode_image(ctx.prepare_pixels(pixels), normalize=True)
             idx = probe_idx if probe_idx is not None else self._pick(img.detach().float())
             rank = self._pick_rank(own, idx)
-            keep = self._kept_rows(rank, batch.indices).to(ctx.device)
-            picked.update(idx=idx, rank=rank, keep=keep)
+            agree = self._agreement_now(rank, img.detach(), own, idx, clip.logit_scale.detach().exp())
+            keep = self._kept_rows(agree, batch.indices).to(ctx.device)
+            picked.update(idx=idx, rank=rank, agree=agree, keep=keep)
             text_tokens = torch.where(keep.unsqueeze(1), tokens.to(ctx.device), pool.payload[idx].to(ctx.device))
             txt = clip.encode_text(text_tokens, normalize=True)
             return img, txt, clip.logit_scale.exp()
 
         img, txt, scale = ctx.forward_plan(plan)
-        return img.float(), txt.float(), scale.float(), picked["idx"], picked["rank"], picked["keep"]
+        return (img.float(), txt.float(), scale.float(), picked["idx"], picked["rank"], picked["agree"],
+                picked["keep"])
 
     def _push(self, txt: torch.Tensor, tokens: torch.Tensor) -> None:
         """Append this (global) batch's augmented-caption embeddings, dropping the oldest."""
