@@ -109,7 +109,7 @@ def warm_up(data, tmp: Path, args) -> None:
         run(name, {"warmup_epochs": 1} if name == "safeclip" else {}, small, tmp / "warm", args, epochs=3)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="training CSV (default: a fresh Fashion-MNIST subset)")
     p.add_argument("--pairs", type=int, default=4000, help="pairs to use (materialised or --limit)")
@@ -128,7 +128,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="repeat the three fits in a rotated order; report medians")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--json", default=None, help="also write the numbers here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

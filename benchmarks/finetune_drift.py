@@ -97,7 +97,7 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns once per model it builds
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="a bench output folder with fine-tuning cells")
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="encode only the first N rows")
     ap.add_argument("--asr", action="store_true", help="also print ASR@1 per attack (after a choice is made)")
     ap.add_argument("--json", type=Path, help="write the per-cell rows here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = drift_table(args.out, args.data, args.limit)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

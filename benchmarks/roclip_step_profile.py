@@ -47,7 +47,7 @@ def fixed_batch(trainer: Trainer, batch_size: int, i: int) -> Batch:
                  generator=torch.Generator().manual_seed(i), rng=random.Random(i))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from defense_overhead import training_csv  # the sibling script (benchmarks/ is sys.path[0])
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = load_csv(training_csv(args.data, tmp, args.pairs, args.seed), limit=args.pairs)
@@ -95,7 +95,7 @@ def main() -> None:
 
         def record(i: int) -> None:
             rank = s._pick_rank(feats, s._pick(feats))
-            s._record(torch.arange(b), rank, rank < 5)
+            s._record(torch.arange(b), rank, rank < 5, rank < 5)
 
         def push(i: int) -> None:
             s._push(feats, trainer.tokens[:b])

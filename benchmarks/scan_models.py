@@ -66,7 +66,7 @@ def train(spec_kw: dict[str, Any], data, run: Path) -> Path:
     return run
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="bench grid YAML (a builtin fashion-mnist dataset)")
     p.add_argument("--out", required=True, help="the grid's bench folder (poisoned sets are made there if missing)")
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--trusted-epochs", type=int, default=30)
     p.add_argument("--warmup-epochs", type=int, default=3)
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     from clipguard.bench.cache import BenchCache
     from clipguard.bench.config import load_config

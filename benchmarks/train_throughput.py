@@ -76,7 +76,7 @@ def ours(data, model_name: str, epochs: int, batch: int, lr: float, seed: int,
         return n / loop_s, n / (end - t0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="train.csv (default: materialise Fashion-MNIST)")
     ap.add_argument("--pairs", type=int, default=10000)
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--trim-text", action="store_true", help="also time our trainer with trim_text: true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(args.data) if args.data else materialise(Path(tmp) / "fm", train_size=args.pairs,
                                                             test_size=10) / "train.csv"
