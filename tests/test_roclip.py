@@ -315,6 +315,54 @@ def test_pool_start_delays_the_first_pool_epoch_by_a_share_of_the_budget(fm_trai
         defenses.build("roclip", {"pool_start": 1.0})
 
 
+def test_align_before_pool_trains_a_pool_epoch_plain_until_the_model_leaves_chance(fm_train, tmp_path):
+    import math
+
+    t = Trainer(TrainConfig(model="cg-tiny", epochs=10, batch_size=32, seed=0, device="cpu", quiet=True),
+                fm_train.subset(range(200)), tmp_path, strategy=defenses.build("roclip", {"align_before_pool": 0.97}))
+    t.setup()
+    s = t.strategy
+    chance = math.log(32)
+    assert [e + 1 for e in range(10) if s.scheduled_pool_epoch(e)] == [2, 4, 6, 8, 10]
+    s._plain.reset()
+    s._plain.add(0.99 * chance)                   # epoch 1 ended near chance: epoch 2 is trained plain
+    rec = s.on_epoch_start(1)
+    assert rec["pool_deferred"] and rec["pool_epoch"] is False and not s.is_pool_epoch(1)
+    assert rec["plain_loss_vs_chance"] == pytest.approx(0.99)
+    assert s._plain.steps == 0                    # the deferred epoch's own losses count next time
+    s._plain.add(0.98 * chance)                   # epoch 2, trained plain
+    assert s.on_epoch_start(2)["pool_epoch"] is False  # not a scheduled pool epoch: nothing decided
+    assert s._plain.steps == 0                    # a plain epoch starts its own mean
+    s._plain.add(0.90 * chance)                   # epoch 3 left chance
+    rec = s.on_epoch_start(3)
+    assert rec["pool_epoch"] is True and "pool_deferred" not in rec and s._aligned_at == 3
+    # from then on the schedule runs as set, whatever the loss
+    s._plain.add(0.99 * chance)
+    assert [e + 1 for e in range(10) if s.is_pool_epoch(e)] == [4, 6, 8, 10]
+    # the decision survives a resume
+    meta = s.state_json()
+    fresh = defenses.build("roclip", {"align_before_pool": 0.97})
+    fresh.bind(t.ctx)
+    fresh.load_state(s.state_tensors(), meta)
+    assert fresh._aligned_at == 3 and fresh._plain.state() == s._plain.state()
+    assert [e + 1 for e in range(10) if fresh.is_pool_epoch(e)] == [4, 6, 8, 10]
+    # without the option nothing is held back and nothing extra is saved
+    off = Trainer(TrainConfig(model="cg-tiny", epochs=10, batch_size=32, seed=0, device="cpu", quiet=True),
+                  fm_train.subset(range(200)), tmp_path / "off", strategy=defenses.build("roclip", {}))
+    off.setup()
+    off.strategy._plain.add(0.99 * chance)
+    assert off.strategy.on_epoch_start(1)["pool_epoch"] is True and off.strategy.state_json() == {}
+    with pytest.raises(Exception, match="align_before_pool"):
+        defenses.build("roclip", {"align_before_pool": 1.5})
+
+
+def test_align_before_pool_holds_back_a_first_pool_epoch_with_no_plain_epoch_before(fm_train, tmp_path):
+    t = _built(fm_train.subset(range(200)), {"match_every": 1, "align_before_pool": 0.97}, tmp_path)
+    s = t.strategy
+    rec = s.on_epoch_start(0)  # K = 1: epoch 1 is scheduled, and a fresh model is at chance
+    assert rec["pool_deferred"] and rec["plain_loss_vs_chance"] is None and not s.is_pool_epoch(0)
+
+
 def test_a_pool_epoch_after_a_plain_epoch_at_chance_is_reported_and_warned_once(fm_train, tmp_path, caplog):
     import logging
     import math

@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
+
 from clipguard.training.context import TrainContext
+from clipguard.training.distributed import all_reduce_sum
 
 log = logging.getLogger("clipguard")
 
@@ -30,6 +33,21 @@ class ChanceMonitor:
 
     def reset(self) -> None:
         self.total, self.steps = 0.0, 0
+
+    def global_ratio(self, ctx: TrainContext) -> float | None:
+        """The mean loss since the last reset over every rank, as a share of chance (None without
+        steps), without resetting it: the same answer on every rank, for a decision."""
+        t = all_reduce_sum(torch.tensor([self.total, float(self.steps)], dtype=torch.float64,
+                                        device=ctx.device), ctx.dist)
+        if float(t[1]) == 0:
+            return None
+        return float(t[0] / t[1]) / math.log(ctx.batch_size * ctx.dist.world_size)
+
+    def state(self) -> list[float]:
+        return [self.total, float(self.steps)]
+
+    def load(self, state: list[float]) -> None:
+        self.total, self.steps = float(state[0]), int(state[1])
 
     def check(self, ctx: TrainContext, what: str, advice: str) -> float | None:
         """The mean loss since the last reset as a share of chance (None without steps); warns

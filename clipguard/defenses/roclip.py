@@ -47,6 +47,11 @@ class RoClipOptions(Options):
     # pool epochs starts; 0 = the paper (the first pool epoch is epoch K). A model that has not yet
     # left chance picks the same few captions for every image, and pool epochs then collapse it
     pool_start: float = field(default=0.0, metadata={"neutral": 0.0})
+    # a pool epoch comes only once the model has left chance: while the plain epoch before a
+    # scheduled pool epoch had a mean CLIP loss above this share of chance (log of the global batch),
+    # that epoch is trained plain too; once one passes, the schedule runs as set. None = off (the
+    # paper). Unlike pool_start it waits on the data, not on a share of the budget
+    align_before_pool: float | None = field(default=None, metadata={"neutral": None})
     pool_fraction: float = 0.02       # pool size as a fraction of the data (the paper: 2%)
     pool_size: int | None = None      # an absolute pool size instead of pool_fraction
     augment: bool = True              # SimCLR images and EDA captions
@@ -95,6 +100,8 @@ class RoClipOptions(Options):
                 "unmatched: drop trains only on own captions, so pool_duplicates must stay 'separate'")
         require(self.match_every >= 1, f"match_every (K) must be >= 1, got {self.match_every}")
         require(0.0 <= self.pool_start < 1.0, f"pool_start must be in [0, 1), got {self.pool_start}")
+        require(self.align_before_pool is None or 0.0 < self.align_before_pool <= 1.0,
+                f"align_before_pool must be in (0, 1] (a share of chance's loss) or null, got {self.align_before_pool}")
         require(0.0 < self.pool_fraction <= 1.0, f"pool_fraction must be in (0, 1], got {self.pool_fraction}")
         require(self.pool_size is None or self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
         require(0.0 < self.crop_scale_min <= 1.0, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
@@ -139,11 +146,30 @@ class RoClip(Strategy, PairSelector):
         self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete,
                             blur_p=o.blur_p, flip_p=o.flip_p)
 
-    def is_pool_epoch(self, epoch: int) -> bool:
+    def scheduled_pool_epoch(self, epoch: int) -> bool:
         """Alg. 1 counts epochs from 1 and matches when epoch % K == 0; with ``pool_start`` the
         count starts after the first round(pool_start x epochs) epochs."""
         e = epoch + 1 - round(self.opt.pool_start * self.ctx.epochs)
         return e >= 1 and e % self.opt.match_every == 0
+
+    def is_pool_epoch(self, epoch: int) -> bool:
+        """A scheduled pool epoch, unless ``align_before_pool`` holds it back (decided when the
+        epoch starts, from the plain epoch before it)."""
+        if not self.scheduled_pool_epoch(epoch):
+            return False
+        return self.opt.align_before_pool is None or (self._aligned_at is not None and epoch >= self._aligned_at)
+
+    def _open_gate(self, epoch: int) -> dict[str, Any]:
+        """With ``align_before_pool``, at a scheduled pool epoch before the first one that ran:
+        let it run if the plain epoch before it left chance, else train it plain."""
+        if (self.opt.align_before_pool is None or self._aligned_at is not None
+                or not self.scheduled_pool_epoch(epoch)):
+            return {}
+        ratio = self._plain.global_ratio(self.ctx)
+        if ratio is not None and ratio <= self.opt.align_before_pool:
+            self._aligned_at = epoch
+            return {}
+        return {"pool_deferred": True, "plain_loss_vs_chance": None if ratio is None else round(ratio, 4)}
 
     def bind(self, ctx: TrainContext) -> None:
         super().bind(ctx)
@@ -158,6 +184,8 @@ class RoClip(Strategy, PairSelector):
         if not hasattr(self, "_streak"):  # pool epochs in a row each pair agreed, before the current one
             self._streak = torch.zeros(len(ctx.data), dtype=torch.long)
         self._plain = ChanceMonitor()    # the CLIP loss of the latest epoch, when it was a plain one
+        if not hasattr(self, "_aligned_at"):  # the first pool epoch align_before_pool let through
+            self._aligned_at: int | None = None
 
     # ------------------------------------------------------------------ augmentation
     def _images(self, batch: Batch) -> torch.Tensor:
@@ -168,8 +196,9 @@ class RoClip(Strategy, PairSelector):
 
     # ------------------------------------------------------------------ hooks
     def on_epoch_start(self, epoch: int) -> dict[str, Any]:
+        gate = self._open_gate(epoch)
         pool_epoch = self.is_pool_epoch(epoch)
-        record: dict[str, Any] = {"pool_epoch": pool_epoch, "pool_size": self._pool.size}
+        record: dict[str, Any] = {"pool_epoch": pool_epoch, "pool_size": self._pool.size, **gate}
         if pool_epoch:
             ratio = self._plain.check(
                 self.ctx, f"roclip: pool epoch {epoch + 1}",
@@ -384,7 +413,16 @@ class RoClip(Strategy, PairSelector):
             out["keep_own_streak"] = self._streak.clone()
         return out
 
+    def state_json(self) -> dict[str, Any]:
+        if self.opt.align_before_pool is None:
+            return {}
+        # the gate decides from the plain epoch before a pool epoch: a resumed run needs its loss
+        return {"aligned_at": self._aligned_at, "plain_loss": self._plain.state()}
+
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self._pool.load_state(tensors, "caption_pool")
+        if self.opt.align_before_pool is not None and "plain_loss" in meta:
+            self._aligned_at = meta.get("aligned_at")
+            self._plain.load(meta["plain_loss"])
         if self.opt.keep_own_streak > 1 and "keep_own_streak" in tensors:
             self._streak = tensors["keep_own_streak"].long().cpu().clone()
