@@ -64,3 +64,18 @@ def test_the_cli_under_torchrun_finishes_and_speaks_once(fm_dir, tmp_path, free_
     assert warned and len(warned) == len(set(warned)), r.stderr[-3000:]
     assert json.loads((out / "params.json").read_text())["world_size"] == 2
     assert len((out / "results.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_roclip_holds_back_pool_epochs_alike_on_every_rank(fm_dir, tmp_path, free_port):
+    """RoCLIP's align_before_pool decides from the loss of every rank (one all-reduce at the
+    epoch's start): both ranks take the same epochs as pool epochs and finish together."""
+    out = tmp_path / "run"
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port,
+              "-m", "clipguard.cli", "train", "--data", str(fm_dir / "train.csv"), "--model", "cg-tiny",
+              "--epochs", "3", "--batch-size", "32", "--defense", "roclip", "--opt", "match_every=1",
+              "--opt", "align_before_pool=0.97", "--quiet", "--out", str(out)])
+    assert r.stdout.count("finished: ") == 1, r.stdout
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rows[0]["pool_deferred"] and rows[0]["pool_epoch"] is False  # no plain epoch before the first
+    assert all("plain_loss_vs_chance" in row for row in rows[1:] if row.get("pool_deferred") or row["pool_epoch"])
