@@ -145,6 +145,39 @@ def test_keep_own_margin_is_validated():
     defenses.build("roclip", {"keep_own": 0.0, "keep_own_margin": 1.0, "unmatched": "drop"})
 
 
+def test_plain_trains_kept_leaves_the_latest_pool_epochs_re_paired_rows_out_of_plain_steps(fm_train, tmp_path):
+    from clipguard.training.losses import clip_loss
+
+    t = _built(fm_train.subset(range(256)), {"keep_own": 0.1, "keep_own_margin": 1.0, "plain_trains_kept": True,
+                                             "pool_fraction": 0.25}, tmp_path)
+    s = t.strategy
+    assert s._plain_rows(torch.arange(32), torch.device("cpu")) is None  # no pool epoch yet: every row
+    t.ctx.epoch = 1
+    assert s.is_pool_epoch(1)
+    s.on_epoch_start(1)
+    s.loss(_batch(t, range(32)))
+    kept = s._kept[:32].clone()
+    assert 0 < int(kept.sum()) < 32
+    t.ctx.epoch = 2
+    assert not s.is_pool_epoch(2)
+    rows = s._plain_rows(torch.arange(64), torch.device("cpu"))
+    assert torch.equal(rows[:32], kept) and rows[32:].all()  # rows the pool epoch did not reach train
+    # the plain step's loss is CLIP's on those rows
+    b = _batch(t, range(32))
+    loss, _ = s.loss(b)
+    with torch.no_grad():
+        img, txt, scale = t.ctx.forward(s._images(_batch(t, range(32))),
+                                        t.ctx.tokenize(s._texts(b.captions, random.Random(5))))
+        assert float(loss.detach()) == pytest.approx(float(clip_loss(img, txt, scale, mask=kept)), rel=1e-5)
+    # the decisions survive a resume
+    fresh = defenses.build("roclip", dict(s.opt.to_dict()))
+    fresh.bind(t.ctx)
+    fresh.load_state(s.state_tensors(), s.state_json())
+    assert torch.equal(fresh._plain_rows(torch.arange(64), torch.device("cpu")), rows)
+    with pytest.raises(Exception, match="plain_trains_kept"):
+        defenses.build("roclip", {"keep_own": 0.0, "plain_trains_kept": True})
+
+
 def test_keep_own_is_validated():
     with pytest.raises(Exception, match="keep_own"):
         defenses.build("roclip", {"keep_own": 1.0})

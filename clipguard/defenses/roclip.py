@@ -89,6 +89,11 @@ class RoClipOptions(Options):
     # "pooled", trained on the picked caption (the paper); "drop", left out of that step's loss, so
     # no pair is trained on a caption the model chose for it
     unmatched: Literal["pooled", "drop"] = field(default="pooled", metadata={"neutral": "pooled"})
+    # after the first pool epoch, a plain epoch trains only the pairs that kept their own caption in
+    # the latest pool epoch (needs keep_own or keep_own_margin; pairs that epoch did not reach train
+    # as usual): a poisoned pair, re-paired in the pool epochs, is not trained on its caption in the
+    # plain epochs between them either
+    plain_trains_kept: bool = field(default=False, metadata={"neutral": False})
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
@@ -110,6 +115,8 @@ class RoClipOptions(Options):
         require(0.0 <= self.keep_own < 1.0, f"keep_own must be in [0, 1), got {self.keep_own}")
         require(self.keep_own_streak >= 1, f"keep_own_streak must be >= 1, got {self.keep_own_streak}")
         require(self.keep_own_margin >= 0, f"keep_own_margin must be >= 0 (nats), got {self.keep_own_margin}")
+        require(not self.plain_trains_kept or self.keep_own > 0 or self.keep_own_margin > 0,
+                "plain_trains_kept needs keep_own > 0 or keep_own_margin > 0 (no pair keeps its caption without either)")
         require(self.keep_own_streak == 1 or self.keep_own > 0 or self.keep_own_margin > 0,
                 "keep_own_streak needs keep_own > 0 or keep_own_margin > 0")
 
@@ -236,7 +243,7 @@ class RoClip(Strategy, PairSelector):
         tokens = ctx.tokenize(caps)
         if not self.is_pool_epoch(ctx.epoch):
             img, txt, scale = ctx.forward(pixels, tokens)
-            loss = clip_loss(img, txt, scale, ctx.dist)
+            loss = clip_loss(img, txt, scale, ctx.dist, mask=self._plain_rows(batch.indices, img.device))
             self._push(txt, tokens)
             value = float(loss.detach())
             self._plain.add(value)
@@ -267,6 +274,14 @@ class RoClip(Strategy, PairSelector):
         self._push(own, tokens)
         unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
         return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": unique, **stats}
+
+    def _plain_rows(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """With ``plain_trains_kept``, after a pool epoch: the rows of a plain step that kept their own
+        caption in the latest pool epoch, or that it did not reach (None: every row)."""
+        if not self.opt.plain_trains_kept or self._match_epoch is None:
+            return None
+        rows = indices.cpu()
+        return (self._kept[rows] | self._agreement[rows].isnan()).to(device)
 
     @torch.no_grad()
     def _pick(self, img: torch.Tensor) -> torch.Tensor:
@@ -411,13 +426,19 @@ class RoClip(Strategy, PairSelector):
         out = self._pool.state_tensors("caption_pool")
         if self.opt.keep_own_streak > 1:
             out["keep_own_streak"] = self._streak.clone()
+        if self.opt.plain_trains_kept:  # the plain epochs after a pool epoch train on its decisions
+            out["kept_own"] = self._kept.to(torch.uint8)
+            out["agreement"] = self._agreement.clone()
         return out
 
     def state_json(self) -> dict[str, Any]:
-        if self.opt.align_before_pool is None:
-            return {}
-        # the gate decides from the plain epoch before a pool epoch: a resumed run needs its loss
-        return {"aligned_at": self._aligned_at, "plain_loss": self._plain.state()}
+        out: dict[str, Any] = {}
+        if self.opt.align_before_pool is not None:
+            # the gate decides from the plain epoch before a pool epoch: a resumed run needs its loss
+            out.update(aligned_at=self._aligned_at, plain_loss=self._plain.state())
+        if self.opt.plain_trains_kept:
+            out["match_epoch"] = self._match_epoch
+        return out
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self._pool.load_state(tensors, "caption_pool")
@@ -426,3 +447,7 @@ class RoClip(Strategy, PairSelector):
             self._plain.load(meta["plain_loss"])
         if self.opt.keep_own_streak > 1 and "keep_own_streak" in tensors:
             self._streak = tensors["keep_own_streak"].long().cpu().clone()
+        if self.opt.plain_trains_kept and "kept_own" in tensors:
+            self._kept = tensors["kept_own"].bool().cpu().clone()
+            self._agreement = tensors["agreement"].float().cpu().clone()
+            self._match_epoch = meta.get("match_epoch")
