@@ -176,6 +176,14 @@ def test_plain_trains_kept_leaves_the_latest_pool_epochs_re_paired_rows_out_of_p
     assert torch.equal(fresh._plain_rows(torch.arange(64), torch.device("cpu")), rows)
     with pytest.raises(Exception, match="plain_trains_kept"):
         defenses.build("roclip", {"keep_own": 0.0, "plain_trains_kept": True})
+    # with plain_negatives the left-out images are extra negatives of the kept captions
+    s.opt.plain_negatives = True
+    loss, _ = s.loss(_batch(t, range(32)))  # the same views as above
+    with torch.no_grad():
+        want = clip_loss(img, txt, scale, mask=kept, negatives=~kept)
+        assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(Exception, match="plain_negatives"):
+        defenses.build("roclip", {"plain_negatives": True})
 
 
 def test_keep_own_is_validated():

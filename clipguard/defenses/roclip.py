@@ -94,6 +94,10 @@ class RoClipOptions(Options):
     # as usual): a poisoned pair, re-paired in the pool epochs, is not trained on its caption in the
     # plain epochs between them either
     plain_trains_kept: bool = field(default=False, metadata={"neutral": False})
+    # with plain_trains_kept: the images of the pairs a plain step leaves out are extra negatives of
+    # the kept captions (caption-to-image direction only), so a poisoned image the model has tied to
+    # a caption is pushed away from it (SafeCLIP's risky_negatives)
+    plain_negatives: bool = field(default=False, metadata={"neutral": False})
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
@@ -117,6 +121,7 @@ class RoClipOptions(Options):
         require(self.keep_own_margin >= 0, f"keep_own_margin must be >= 0 (nats), got {self.keep_own_margin}")
         require(not self.plain_trains_kept or self.keep_own > 0 or self.keep_own_margin > 0,
                 "plain_trains_kept needs keep_own > 0 or keep_own_margin > 0 (no pair keeps its caption without either)")
+        require(not self.plain_negatives or self.plain_trains_kept, "plain_negatives needs plain_trains_kept")
         require(self.keep_own_streak == 1 or self.keep_own > 0 or self.keep_own_margin > 0,
                 "keep_own_streak needs keep_own > 0 or keep_own_margin > 0")
 
@@ -243,7 +248,9 @@ class RoClip(Strategy, PairSelector):
         tokens = ctx.tokenize(caps)
         if not self.is_pool_epoch(ctx.epoch):
             img, txt, scale = ctx.forward(pixels, tokens)
-            loss = clip_loss(img, txt, scale, ctx.dist, mask=self._plain_rows(batch.indices, img.device))
+            rows = self._plain_rows(batch.indices, img.device)
+            negatives = ~rows if rows is not None and self.opt.plain_negatives else None
+            loss = clip_loss(img, txt, scale, ctx.dist, mask=rows, negatives=negatives)
             self._push(txt, tokens)
             value = float(loss.detach())
             self._plain.add(value)
