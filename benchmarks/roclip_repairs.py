@@ -29,11 +29,11 @@ import re
 import statistics
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import load_csv
+from clipguard.defenses.roclip import pick_log_odds, pick_rank, rank_agrees
 from clipguard.evaluation.features import encode_images, encode_texts
 from clipguard.models.checkpoint import resolve_latest
 from clipguard.models.factory import create_model, get_tokenizer, model_image_size
@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> dict:
         img = encode_images(model, data.images, "cpu")
         txt = encode_texts(model, get_tokenizer(name), data.captions, "cpu")
         scale = float(model.logit_scale.exp())
-    own = (img * txt).sum(1)
     size = max(1, round(args.pool_fraction * len(data)))
     g = torch.Generator().manual_seed(args.seed)
     clean_rows = clean.nonzero().squeeze(1)
@@ -91,13 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     for _ in range(args.pools):
         pool = clean_rows[torch.randperm(len(clean_rows), generator=g)[:size]]
-        sims = img @ txt[pool].t()
-        pick = sims.argmax(1)
-        text_sims = txt @ txt[pool].t()
-        rank = (text_sims > text_sims.gather(1, pick.unsqueeze(1))).sum(1)
-        agree = rank < max(1, int(args.keep_own * len(pool)))
+        pick = (img @ txt[pool].t()).argmax(1)  # each image's nearest pooled caption, as NNPool picks
+        agree = rank_agrees(pick_rank(txt, txt[pool], pick), args.keep_own, len(pool))
         right = named[pool][pick] == labels
-        gap = sims.gather(1, pick.unsqueeze(1)).squeeze(1) - own
+        gap = pick_log_odds(img, txt[pool][pick], txt, 1.0)  # the cosine gap; x scale: the log-odds
         add("clean pairs that agree", float(agree[clean].float().mean()))
         add("re-paired clean pairs picking their own class", float(right[clean & ~agree].float().mean()))
         add("median gap, re-paired clean pairs", float(gap[clean & ~agree].median()))
@@ -114,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, vals in rec.items():
         out[key] = statistics.mean(vals)
         print(f"{key:48s} {out[key]:8.3f}  [{min(vals):.3f}, {max(vals):.3f}]")
-    print(json.dumps({k: round(float(np.round(v, 4)), 4) for k, v in out.items()}))
+    print(json.dumps({k: round(v, 4) for k, v in out.items()}))
     return out
 
 

@@ -21,6 +21,11 @@ log = logging.getLogger("clipguard")
 NEAR_CHANCE = 0.97
 
 
+def chance_loss(ctx: TrainContext) -> float:
+    """CLIP's loss at chance: the log of the global batch."""
+    return math.log(ctx.batch_size * ctx.dist.world_size)
+
+
 class ChanceMonitor:
     """The running mean of one epoch's CLIP loss, compared with chance when a decision follows."""
 
@@ -41,7 +46,7 @@ class ChanceMonitor:
                                         device=ctx.device), ctx.dist)
         if float(t[1]) == 0:
             return None
-        return float(t[0] / t[1]) / math.log(ctx.batch_size * ctx.dist.world_size)
+        return float(t[0] / t[1]) / chance_loss(ctx)
 
     def state(self) -> list[float]:
         return [self.total, float(self.steps)]
@@ -55,7 +60,7 @@ class ChanceMonitor:
         if not self.steps:
             return None
         mean = self.total / self.steps
-        chance = math.log(ctx.batch_size * ctx.dist.world_size)
+        chance = chance_loss(ctx)
         self.reset()
         ratio = mean / chance
         if ratio > NEAR_CHANCE and not self.warned and ctx.dist.is_main:

@@ -126,6 +126,27 @@ class RoClipOptions(Options):
                 "keep_own_streak needs keep_own > 0 or keep_own_margin > 0")
 
 
+def pick_rank(own: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rank of each image's pooled caption ``idx`` among the pool's embeddings ``bank`` sorted by
+    similarity to the pair's own caption ``own`` (0 = the entry nearest to it)."""
+    sims = own.to(bank.device, bank.dtype) @ bank.t()
+    return (sims > sims.gather(1, idx.to(bank.device).unsqueeze(1))).sum(1)
+
+
+def rank_agrees(rank: torch.Tensor, keep_own: float, pool_size: int) -> torch.Tensor:
+    """``keep_own``'s test: the pick ranks within that share of the pool nearest to the own caption."""
+    return rank < max(1, int(keep_own * pool_size))
+
+
+def pick_log_odds(img: torch.Tensor, picked: torch.Tensor, own: torch.Tensor, scale: torch.Tensor | float
+                  ) -> torch.Tensor:
+    """Each image's log-odds of its picked caption over its own at the logit ``scale`` (rows of
+    ``img``, ``picked`` and ``own`` are L2-normalised embeddings, in ``img``'s float dtype)."""
+    img = img.float()
+    gap = (img * picked.to(img.device, img.dtype)).sum(1) - (img * own.to(img.device, img.dtype)).sum(1)
+    return scale.to(img.device, img.dtype) * gap if isinstance(scale, torch.Tensor) else scale * gap
+
+
 @torch.no_grad()
 def balanced_assignment(sims: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
     """Each row's column under an (approximately) equipartitioned assignment: Sinkhorn-Knopp on
@@ -300,9 +321,7 @@ class RoClip(Strategy, PairSelector):
     def _pick_rank(self, own: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Rank of each image's pooled caption ``idx`` among the pool's stored embeddings sorted
         by similarity to the pair's own caption ``own`` (0 = the entry nearest to it)."""
-        valid = self._pool.bank[:len(self._pool)]
-        sims = own.to(valid.device, valid.dtype) @ valid.t()
-        return (sims > sims.gather(1, idx.to(valid.device).unsqueeze(1))).sum(1)
+        return pick_rank(own, self._pool.bank[:len(self._pool)], idx)
 
     @property
     def _tests_agreement(self) -> bool:
@@ -321,7 +340,7 @@ class RoClip(Strategy, PairSelector):
         keep_own 0)."""
         if self.opt.keep_own <= 0:
             return torch.zeros_like(rank, dtype=torch.bool)
-        return rank < max(1, int(self.opt.keep_own * len(self._pool)))
+        return rank_agrees(rank, self.opt.keep_own, len(self._pool))
 
     @torch.no_grad()
     def _agreement_now(self, rank: torch.Tensor, img: torch.Tensor, own: torch.Tensor, idx: torch.Tensor,
@@ -332,9 +351,7 @@ class RoClip(Strategy, PairSelector):
         agree = self._rank_agrees(rank)
         if self.opt.keep_own_margin <= 0:
             return agree
-        img = img.float()
-        picked = (img * self._pool.bank[idx.to(self._pool.bank.device)].to(img.device, img.dtype)).sum(1)
-        log_odds = scale.to(img.device, img.dtype) * (picked - (img * own.to(img.device, img.dtype)).sum(1))
+        log_odds = pick_log_odds(img, self._pool.bank[idx.to(self._pool.bank.device)], own, scale)
         return agree | (log_odds < self.opt.keep_own_margin).to(agree.device)
 
     def _kept_rows(self, agree: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
