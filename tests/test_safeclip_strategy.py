@@ -636,3 +636,46 @@ def test_the_cheaper_steps_resume_exactly(fm_train, tmp_path, opts):
     assert updates
     if "update_features" in opts:
         assert all(r["reused_features"] > 0 for r in updates)
+
+
+def test_lowest_loss_rows_leaves_out_the_pairs_whose_captions_do_not_fit():
+    from clipguard.training.losses import lowest_loss_rows
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    txt = img.clone()
+    txt[[2, 5]] = txt[[5, 2]]  # two pairs swap captions
+    rows, whole = lowest_loss_rows(img, txt, torch.tensor(20.0), 0.75)
+    assert rows.tolist() == [True, True, False, True, True, False, True, True]
+    logits = 20.0 * img @ txt.t()
+    labels = torch.arange(8)
+    full = 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                  + torch.nn.functional.cross_entropy(logits.t(), labels))
+    assert float(whole) == pytest.approx(float(full), rel=1e-5)
+    assert lowest_loss_rows(img, txt, torch.tensor(20.0), 1.0)[0].all()
+    few = lowest_loss_rows(img, txt, torch.tensor(20.0), 0.01)[0]
+    assert int(few.sum()) >= 1 and not few[[2, 5]].any()  # at least one row (ties at the cut all kept)
+
+
+def test_clip_warmup_keep_trains_the_lowest_loss_pairs_before_the_split(fm_train, tmp_path):
+    """A CLIP step before the first split with clip_warmup_keep is the CLIP loss of the pairs
+    with the lowest own loss only; the chance monitor and the log read the whole batch's loss."""
+    from clipguard.training.losses import lowest_loss_rows
+
+    opts = dict(warmup_epochs=0, clip_warmup_epochs=1, clip_warmup_crop_min=None)
+    t = _built(fm_train.subset(range(128)), _small(**opts, clip_warmup_keep=0.5), tmp_path, epochs=3)
+    t.strategy.on_epoch_start(0)
+    assert t.strategy.phase(0) == "clip_low"
+    batch = _batch(t, torch.arange(64))
+    loss, logs = t.strategy.loss(batch)
+    with torch.no_grad():
+        img, txt, scale = t.ctx.forward(batch.pixels, batch.tokens)
+        rows, whole = lowest_loss_rows(img, txt, scale, 0.5)
+        assert int(rows.sum()) == 32
+        assert float(loss) == pytest.approx(float(clip_loss(img, txt, scale, mask=rows)), rel=1e-5)
+        assert logs["clip_loss"] == pytest.approx(float(whole), rel=1e-5)
+        assert logs["kept_clip_loss"] < logs["clip_loss"]
+    with pytest.raises(ConfigError, match="clip_warmup_keep must be in"):
+        _small(clip_warmup_keep=0.0)
+    with pytest.raises(ConfigError, match="clip_warmup_keep must be in"):
+        _small(clip_warmup_keep=1.5)

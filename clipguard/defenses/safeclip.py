@@ -36,7 +36,7 @@ from clipguard.errors import ConfigError
 from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd, broadcast_object
-from clipguard.training.losses import clip_loss
+from clipguard.training.losses import clip_loss, lowest_loss_rows
 from clipguard.training.schedule import Schedule, Segment
 from clipguard.training.strategy import PairSelector, Strategy
 
@@ -73,6 +73,12 @@ class SafeClipOptions(Options):
     # trigger is learnt more than how fast the clean pairs align (the augmented-CLIP screen,
     # docs/defenses.md), so the first split may rank the poisons before the model has learnt them
     clip_warmup_crop_min: float | None = field(default=0.5, metadata={"neutral": None})
+    # the share of each step's pairs, those with the lowest own CLIP loss, that train in the CLIP
+    # epochs before the first split (None: every pair). A pair whose caption does not fit its image
+    # keeps a high loss while the clean pairs align, so it is left out before the model learns it
+    # (small-loss selection, as in learning with noisy labels); the chance monitor still reads the
+    # whole batch's loss
+    clip_warmup_keep: float | None = field(default=None, metadata={"neutral": None})
     lr_low: float = 5e-6              # the low lr when lr_low_factor is None (the paper's)
     lr_low_factor: float | None = 1.0  # the low lr as a fraction of the base lr
     # where the mixed phase's cosine starts, as a multiple of the base lr. A trigger learnt in the
@@ -240,6 +246,8 @@ class SafeClipOptions(Options):
                 "repeat_grid applies to repeat_space: pixels only")
         require(self.clip_warmup_crop_min is None or 0.0 < self.clip_warmup_crop_min <= 1.0,
                 f"clip_warmup_crop_min must be in (0, 1] (or None: no views), got {self.clip_warmup_crop_min}")
+        require(self.clip_warmup_keep is None or 0.0 < self.clip_warmup_keep <= 1.0,
+                f"clip_warmup_keep must be in (0, 1] (or None: every pair), got {self.clip_warmup_keep}")
         require(self.safe_augment_epochs is None or self.safe_augment_epochs >= 1,
                 f"safe_augment_epochs must be >= 1 (or None: every mixed epoch), got {self.safe_augment_epochs}")
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
@@ -561,10 +569,15 @@ class SafeClip(Strategy, PairSelector):
                 pixels = self._warm_views.images(pixels, batch.generator)
                 tokens = self.ctx.tokenize(self._warm_views.texts(batch.captions, batch.rng))
             img, txt, scale = self.ctx.forward(pixels, tokens)
-            loss = clip_loss(img, txt, scale, self.ctx.dist)
-            value = float(loss.detach())
-            self._aligned.add(value)
-            return loss, {"clip_loss": value}
+            if self.opt.clip_warmup_keep is None:
+                loss = clip_loss(img, txt, scale, self.ctx.dist)
+                value = float(loss.detach())
+                self._aligned.add(value)
+                return loss, {"clip_loss": value}
+            rows, whole = lowest_loss_rows(img, txt, scale, self.opt.clip_warmup_keep, self.ctx.dist)
+            loss = clip_loss(img, txt, scale, self.ctx.dist, mask=rows)
+            self._aligned.add(float(whole))
+            return loss, {"clip_loss": float(whole), "kept_clip_loss": float(loss.detach())}
         if ph == "unimodal":
             safe = torch.zeros(len(batch.indices), dtype=torch.bool, device=batch.pixels.device)
         else:

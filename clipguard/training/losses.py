@@ -75,6 +75,31 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return global_loss(loss, dist)
 
 
+@torch.no_grad()
+def lowest_loss_rows(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                     keep: float, dist: DistInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of this rank's batch whose own CLIP loss (the mean of its image-to-caption and
+    caption-to-image terms over the global batch) is among the ``keep`` share lowest, and the
+    global batch's mean of that per-pair loss.
+
+    Why: a pair whose caption does not fit its image keeps a high loss while the clean pairs
+    align (the small-loss selection of learning with noisy labels), so leaving the highest-loss
+    share out of a step keeps such pairs from being learnt before a defence's first split. Ties at
+    the cut are all kept."""
+    dist = dist or DistInfo()
+    img = all_gather_nograd(image_features.detach().float().contiguous(), dist)
+    txt = all_gather_nograd(text_features.detach().float().contiguous(), dist)
+    logits = float(logit_scale) * img @ txt.t()
+    labels = torch.arange(len(img), device=img.device)
+    per = 0.5 * (F.cross_entropy(logits, labels, reduction="none")
+                 + F.cross_entropy(logits.t(), labels, reduction="none"))
+    n_keep = min(len(per), max(1, round(keep * len(per))))
+    cut = per.kthvalue(n_keep).values
+    b = len(image_features)
+    local = per[dist.rank * b:(dist.rank + 1) * b] if dist.enabled else per
+    return local <= cut, per.mean()
+
+
 def grouped_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                       groups: torch.Tensor, dist: DistInfo | None = None) -> torch.Tensor:
     """CLIP's loss when several rows may share one caption (equal ``groups`` ids: the same caption).
