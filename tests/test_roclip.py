@@ -470,3 +470,27 @@ def test_keep_own_streak_is_validated():
         defenses.build("roclip", {"keep_own_streak": 0})
     with pytest.raises(Exception, match="keep_own_streak needs keep_own > 0"):
         defenses.build("roclip", {"keep_own_streak": 2, "keep_own": 0.0})
+
+
+def test_plain_keep_trains_a_plain_step_on_its_lowest_loss_pairs(fm_train, tmp_path):
+    """With plain_keep a plain step's loss is the CLIP loss of the share of its pairs with the
+    lowest own loss (on the same augmented views); the log and the alignment gate read the whole
+    batch's loss."""
+    from clipguard.errors import ConfigError
+    from clipguard.training.losses import clip_loss, lowest_loss_rows
+
+    t = _built(fm_train.subset(range(256)), {"match_every": 1000, "plain_keep": 0.5}, tmp_path)
+    s = t.strategy
+    s.on_epoch_start(0)
+    assert not s.is_pool_epoch(0)
+    batch = _batch(t, range(32))
+    loss, logs = s.loss(batch)
+    again = _batch(t, range(32))  # the same seeded views
+    with torch.no_grad():
+        img, txt, scale = t.ctx.forward(s._images(again), t.ctx.tokenize(s._texts(again.captions, again.rng)))
+        rows, whole = lowest_loss_rows(img, txt, scale, 0.5)
+        assert int(rows.sum()) == 16
+        assert float(loss) == pytest.approx(float(clip_loss(img, txt, scale, mask=rows)), rel=1e-5)
+    assert logs["clip_loss"] == pytest.approx(float(whole), rel=1e-5) and logs["kept_clip_loss"] < logs["clip_loss"]
+    with pytest.raises(ConfigError, match="plain_keep must be in"):
+        defenses.build("roclip", {"plain_keep": 0.0})

@@ -32,7 +32,7 @@ from clipguard.defenses.pair_scores import embed_dim
 from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd
-from clipguard.training.losses import clip_loss, grouped_clip_loss
+from clipguard.training.losses import clip_loss, grouped_clip_loss, lowest_loss_rows
 from clipguard.training.strategy import PairSelector, Strategy
 
 
@@ -98,6 +98,12 @@ class RoClipOptions(Options):
     # the kept captions (caption-to-image direction only), so a poisoned image the model has tied to
     # a caption is pushed away from it (SafeCLIP's risky_negatives)
     plain_negatives: bool = field(default=False, metadata={"neutral": False})
+    # the share of each plain step's pairs, those with the lowest own CLIP loss, that train (None:
+    # every pair). A pair whose caption does not fit its image keeps a high loss while the clean
+    # pairs align, so a trigger is not learnt in the plain epochs before the first pool epoch
+    # (small-loss selection, as SafeCLIP's clip_warmup_keep); the alignment gate reads the whole
+    # batch's loss
+    plain_keep: float | None = field(default=None, metadata={"neutral": None})
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
@@ -122,6 +128,8 @@ class RoClipOptions(Options):
         require(not self.plain_trains_kept or self.keep_own > 0 or self.keep_own_margin > 0,
                 "plain_trains_kept needs keep_own > 0 or keep_own_margin > 0 (no pair keeps its caption without either)")
         require(not self.plain_negatives or self.plain_trains_kept, "plain_negatives needs plain_trains_kept")
+        require(self.plain_keep is None or 0.0 < self.plain_keep <= 1.0,
+                f"plain_keep must be in (0, 1] (or None: every pair), got {self.plain_keep}")
         require(self.keep_own_streak == 1 or self.keep_own > 0 or self.keep_own_margin > 0,
                 "keep_own_streak needs keep_own > 0 or keep_own_margin > 0")
 
@@ -271,11 +279,18 @@ class RoClip(Strategy, PairSelector):
             img, txt, scale = ctx.forward(pixels, tokens)
             rows = self._plain_rows(batch.indices, img.device)
             negatives = ~rows if rows is not None and self.opt.plain_negatives else None
+            whole = None
+            if self.opt.plain_keep is not None:
+                low, whole = lowest_loss_rows(img, txt, scale, self.opt.plain_keep, ctx.dist)
+                rows = low if rows is None else rows & low
             loss = clip_loss(img, txt, scale, ctx.dist, mask=rows, negatives=negatives)
             self._push(txt, tokens)
             value = float(loss.detach())
-            self._plain.add(value)
-            return loss, {"clip_loss": value}
+            if whole is None:
+                self._plain.add(value)
+                return loss, {"clip_loss": value}
+            self._plain.add(float(whole))
+            return loss, {"clip_loss": float(whole), "kept_clip_loss": value}
         stats: dict[str, float] = {}
         if self.opt.text_gradient:
             own = ctx.encode_views(tokens=tokens)[1]  # for the pool (and the agreement test): no gradient
