@@ -44,7 +44,7 @@ def planted():
 
 def test_every_detector_is_registered():
     assert set(DETECTORS.names()) == {"similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
-                                      "caption-agreement", "repeat", "spectral", "ensemble", "shift"}
+                                      "caption-agreement", "repeat", "spectral", "ensemble", "shift", "pattern"}
 
 
 @pytest.mark.parametrize("name", ["similarity", "mixture", "kdist", "lid", "slof", "dao", "iforest",
@@ -557,3 +557,61 @@ def test_caption_relative_scores_stop_a_hard_class_outranking_the_poisons():
         build("similarity", {"relative_to": "class"})
     with pytest.raises(ConfigError, match="caption_k = 400"):
         build("similarity", {"relative_to": "caption", "caption_k": 400}).scores(PairFeatures(image, text))
+
+
+def test_pattern_finds_poisons_that_share_an_added_pattern_where_its_suspects_come_from():
+    """Five caption classes of smooth random images; 40 poisons captioned as class 0 are images of
+    other classes with one noise pattern blended in. Their embeddings are their true classes' with
+    the caption checks half-blind (a noisy suspicion score that ranks them only a little higher):
+    the pattern estimated from the suspects of each caption group finds them all, and the
+    suspects' own images are left out of the estimate they are scored on."""
+    from clipguard.data.signatures import pixel_residuals
+    from clipguard.detection.detectors.pattern import pattern_scores
+
+    g = torch.Generator().manual_seed(5)
+    n, poisons = 440, 40
+    cls = torch.arange(n) % 5
+    smooth = torch.nn.functional.interpolate(torch.rand(n, 1, 7, 7, generator=g), size=28, mode="bilinear")
+    images = smooth + 0.3 * cls.view(-1, 1, 1, 1) / 5
+    pattern = torch.rand(1, 1, 28, 28, generator=g)
+    images[400:] = 0.8 * images[400:] + 0.2 * pattern
+    u8 = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    caption_cls = cls.clone()
+    caption_cls[400:] = 0
+    centres = torch.randn(5, DIM, generator=g) * 3
+    text = centres[caption_cls] + 0.1 * torch.randn(n, DIM, generator=g)
+    labels = np.r_[np.zeros(400, dtype=bool), np.ones(poisons, dtype=bool)]
+    suspicion = labels * 0.5 + np.random.default_rng(0).normal(size=n)
+    assert 0.55 < auroc(suspicion, labels) < 0.8
+    res = pixel_residuals(u8)
+    assert res.shape == (n, 28 * 28)
+    groups = caption_cls.numpy()
+    scores = pattern_scores(res, groups, suspicion, 0.2, 20)
+    assert auroc(scores, labels) > 0.99
+    # the same through the registered detector, on features carrying the residuals
+    feats = PairFeatures(torch.randn(n, DIM, generator=g), text, residuals=res)
+    det = build("pattern", {"suspects_from": "similarity", "clusters": 5, "suspect_share": 0.2, "combine": "pattern"})
+    assert det.needs_residuals and not det.needs_reference
+    out = det.score(feats)
+    assert out.shape == (n,) and np.isfinite(out).all()
+    # combine: max keeps what the suspects' detector ranks high (each score a rank share)
+    both = build("pattern", {"suspects_from": "similarity", "clusters": 5, "suspect_share": 0.2}).score(feats)
+    from clipguard.detection.runner import rank_shares
+
+    sim = build("similarity").score(feats)
+    assert np.allclose(both, np.maximum(rank_shares(out), rank_shares(sim)))
+    # a group too small to estimate scores 0; no residuals is a clear error
+    assert not pattern_scores(res, groups, suspicion, 0.2, 1000).any()
+    with pytest.raises(ConfigError, match="high-passed pixels"):
+        det.score(PairFeatures(torch.randn(n, DIM), text))
+    with pytest.raises(ConfigError, match="suspects_from"):
+        build("pattern", {"suspects_from": "pattern"})
+    with pytest.raises(ConfigError, match="suspect_share"):
+        build("pattern", {"suspect_share": 1.0})
+    assert build("pattern", {"suspects_from": "shift"}).needs_reference
+    assert build("pattern", {"suspects_from": "shift", "suspects_options": "baseline=reference, k=8"}
+                 ).suspects.opt.baseline == "reference"
+    with pytest.raises(ConfigError, match="key=value"):
+        build("pattern", {"suspects_options": "k"})
+    with pytest.raises(ConfigError, match="suspects_options"):
+        build("pattern", {"suspects_from": "shift", "suspects_options": "baseline=sideways"})

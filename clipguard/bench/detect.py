@@ -119,7 +119,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     (``clipguard.detection.relabel``, from the same embeddings)."""
     from clipguard.detection import outputs
     from clipguard.detection.base import build
-    from clipguard.detection.runner import encode_pairs, needs_pixels, scan_models
+    from clipguard.detection.runner import encode_pairs, needs_pixels, needs_residuals, scan_models
     from clipguard.detection.search import NeighbourSearch
     from clipguard.evaluation.runner import load_model
     from clipguard.models.device import resolve_device
@@ -139,13 +139,13 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     first_features = None
     search = NeighbourSearch.from_dict(cfg.neighbour_search)  # the grid's (exact when it gives none)
 
-    def encode(checkpoint: Path, pixels: bool):
+    def encode(checkpoint: Path, pixels: bool, residuals: bool = False):
         """One model's features of the cell's pairs, its loading and encoding counted in ``encode_s``."""
         nonlocal encode_s
         t0 = time.perf_counter()
         net, model_name = load_model(checkpoint, cfg.model, str(dev))
         features = encode_pairs(net, get_tokenizer(model_name), data, device=dev, progress=not quiet, pixels=pixels,
-                                search=search)
+                                residuals=residuals, search=search)
         encode_s += time.perf_counter() - t0
         return features
 
@@ -155,7 +155,7 @@ def run_detection(cfg: BenchConfig, cell: Cell, base: Cell | Sequence[Cell], out
     def encoded():
         nonlocal first_features
         for checkpoint in checkpoints:
-            features = encode(checkpoint, pixels=needs_pixels(dets))
+            features = encode(checkpoint, pixels=needs_pixels(dets), residuals=needs_residuals(dets))
             features.reference = ref_features
             if first_features is None:  # relabel borrows captions by the first model's neighbours
                 first_features = features

@@ -33,3 +33,29 @@ def pixel_signatures(images_u8, indices: torch.Tensor | None = None, grid: int =
         blocks = F.adaptive_avg_pool2d(grey, grid).flatten(1)
         out.append(blocks - blocks.mean(dim=1, keepdim=True))
     return torch.cat(out) if out else torch.empty(0, grid * grid)
+
+
+RESIDUAL_SIDE = 32  # high-passed images are kept at most this many pixels a side
+
+
+@torch.no_grad()
+def pixel_residuals(images_u8, side: int = RESIDUAL_SIDE, batch_size: int = 512) -> torch.Tensor:
+    """(N, s * s) float32 high-passed grey images (a 3 x 3 Laplacian, edges replicated), in grey
+    levels / 255, at the image's own size or area-shrunk to ``side`` pixels a side (s).
+
+    Why: a backdoor's poisons share one additive pattern (a patch, a blended image or noise, a
+    sinusoid); a high-pass keeps the pattern's detail and drops most of the smooth content that
+    differs from image to image, so the pattern shows as a direction the poisons share. Shrinking a
+    large image averages fine noise away, so for large images only coarser patterns remain."""
+    if side < 3:
+        raise ValueError(f"side must be >= 3, got {side}")
+    lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    out = []
+    n = len(images_u8)
+    for i in range(0, n, batch_size):
+        grey = torch.as_tensor(images_u8[i:i + batch_size]).float().mean(dim=1, keepdim=True) / 255.0
+        if max(grey.shape[-2:]) > side:
+            grey = F.adaptive_avg_pool2d(grey, side)
+        high = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), lap)
+        out.append(high.flatten(1))
+    return torch.cat(out) if out else torch.empty(0, 0)

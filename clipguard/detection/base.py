@@ -56,6 +56,7 @@ class PairFeatures:
     device: str | torch.device = "cpu"
     search: NeighbourSearch = field(default_factory=NeighbourSearch)
     pixels: torch.Tensor | None = None  # coarse pixel signatures (clipguard.data.signatures), when asked for
+    residuals: torch.Tensor | None = None  # high-passed grey images (signatures.pixel_residuals), when asked for
     reference: PairFeatures | None = None
     _cache: dict[tuple[str, str], Neighbours] = field(default_factory=dict, init=False, repr=False)
     _joint: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -80,6 +81,11 @@ class PairFeatures:
             if self.pixels.ndim != 2 or len(self.pixels) != len(self.image):
                 raise ValueError(f"pixel signatures must be (N, d) for {len(self.image)} pairs, got "
                                  f"{tuple(self.pixels.shape)}")
+        if self.residuals is not None:
+            self.residuals = self.residuals.detach().float().cpu()
+            if self.residuals.ndim != 2 or len(self.residuals) != len(self.image):
+                raise ValueError(f"pixel residuals must be (N, d) for {len(self.image)} pairs, got "
+                                 f"{tuple(self.residuals.shape)}")
         if self.reference is not None and len(self.reference) != len(self.image):
             raise ValueError(f"the reference features hold {len(self.reference)} pairs, these {len(self.image)}")
 
@@ -258,6 +264,8 @@ class Detector:
     # compares the scanned model with a reference model (PairFeatures.reference); such a detector
     # is left out of the default set when no reference is given, and refused when named without one
     needs_reference: ClassVar[bool] = False
+    # reads the images' high-passed pixels (PairFeatures.residuals), computed only when asked for
+    needs_residuals: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

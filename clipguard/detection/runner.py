@@ -100,18 +100,19 @@ def default_keep_detector(detectors: Sequence[Detector], explicit: bool) -> str:
 @torch.no_grad()
 def encode_pairs(model: torch.nn.Module, tokenizer, data, *, device: str | torch.device = "cpu",
                  batch_size: int = 256, progress: bool = True, search: NeighbourSearch | None = None,
-                 pixels: bool = False) -> PairFeatures:
+                 pixels: bool = False, residuals: bool = False) -> PairFeatures:
     """Normalised image and caption embeddings of every pair (one pass, batch by batch, so lazy
     images and captions are never held all at once in model input form); with ``pixels``, the
-    images' coarse pixel signatures too, from the same decoded batch."""
+    images' coarse pixel signatures too, from the same decoded batch; with ``residuals``, their
+    high-passed pixels."""
     from tqdm.auto import tqdm
 
-    from clipguard.data.signatures import pixel_signatures
+    from clipguard.data.signatures import pixel_residuals, pixel_signatures
     from clipguard.evaluation.features import encode_images, encode_tokens
 
     dev = torch.device(device)
     n = len(data)
-    img, txt, sig = [], [], []
+    img, txt, sig, res = [], [], [], []
     with tqdm(total=n, desc="encode", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, n, batch_size):
             idx = torch.arange(i, min(n, i + batch_size))
@@ -120,9 +121,16 @@ def encode_pairs(model: torch.nn.Module, tokenizer, data, *, device: str | torch
             txt.append(encode_tokens(model, tokenizer(data.captions[i:i + batch_size]), dev, batch_size))
             if pixels:
                 sig.append(pixel_signatures(batch))
+            if residuals:
+                res.append(pixel_residuals(batch))
             bar.update(len(idx))
     return PairFeatures(torch.cat(img), torch.cat(txt), device=dev, search=search or NeighbourSearch(),
-                        pixels=torch.cat(sig) if pixels else None)
+                        pixels=torch.cat(sig) if pixels else None, residuals=torch.cat(res) if residuals else None)
+
+
+def needs_residuals(detectors: Sequence[Detector]) -> bool:
+    """Whether a detector reads the images' high-passed pixels (only then are they computed)."""
+    return any(d.needs_residuals for d in detectors)
 
 
 def needs_pixels(detectors: Sequence[Detector]) -> bool:
@@ -470,12 +478,13 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
     models = [(net, model_name), *more_models]
     del net
 
-    def encode(m: torch.nn.Module, name: str, pixels: bool) -> PairFeatures:
+    def encode(m: torch.nn.Module, name: str, pixels: bool, residuals: bool = False) -> PairFeatures:
         """One model's features of the pairs, its time counted in ``encode_s``."""
         nonlocal encode_s
         t0 = time.perf_counter()
         features = encode_pairs(m, get_tokenizer(name), pairs, device=device, batch_size=batch_size,
-                                progress=progress, search=search, pixels=pixels)
+                                progress=progress, search=search, pixels=pixels,
+                                residuals=residuals)
         encode_s += time.perf_counter() - t0
         return features
 
@@ -485,7 +494,7 @@ def scan_pairs(pairs, net: torch.nn.Module, model_name: str, out: Path, dets: Se
 
     def encoded():
         for m, name in models:
-            features = encode(m, name, pixels=needs_pixels(dets))
+            features = encode(m, name, pixels=needs_pixels(dets), residuals=needs_residuals(dets))
             features.reference = ref_features
             yield features
             searched.append(features.searches())

@@ -58,6 +58,7 @@ class EnsembleDetector(Detector):
 
         self.members = [build(n) for n in self.opt.member_names()]
         self.needs_reference = any(m.needs_reference for m in self.members)
+        self.needs_residuals = any(m.needs_residuals for m in self.members)
         self._member_scores: list[np.ndarray] | None = None
         self._last: np.ndarray | None = None
 
