@@ -170,7 +170,7 @@ def test_scan_defaults_and_explicit_bases():
     g["scan"] = {}  # every detector on the plain CLIP entry's model
     cfg = parse_config(g)
     # every detector that needs no reference model (shift compares with one)
-    assert cfg.scan.bases == ["CLIP"] and cfg.scan.detectors == [n for n in names() if n != "shift"]
+    assert cfg.scan.bases == ["CLIP"] and cfg.scan.detectors == [n for n in names() if n not in ("shift", "pattern")]
     g["scan"] = {"detectors": "dao,kdist", "base": ["CLIP"]}
     cfg = parse_config(g)
     assert cfg.scan.bases == ["CLIP"] and cfg.scan.detectors == ["dao", "kdist"]

@@ -332,3 +332,19 @@ def test_an_approximate_search_scores_like_the_exact_one_and_reports_its_recall(
     a, b = _rows(tmp_path / "exact" / "scores.csv"), _rows(tmp_path / "ivf" / "scores.csv")
     for name in ("caption-agreement", "kdist"):
         assert [float(r[f"{name}_score"]) for r in a] == pytest.approx([float(r[f"{name}_score"]) for r in b], abs=1e-4)
+
+
+def test_scan_with_the_pattern_detector_reads_the_images(poisoned, tmp_path):
+    """``pattern`` runs only when named, reads the images' high-passed pixels and, seeded by a
+    reference-free detector, ranks every pair; its suspects' detector options pass through."""
+    out = tmp_path / "scan"
+    assert _scan(poisoned, out, "--detector", "pattern", "--detector-option", "pattern.suspects_from=similarity",
+                 "--detector-option", "pattern.clusters=5", "--attack-manifest",
+                 str(poisoned / "p" / "manifest.json")) == 0
+    summary = json.loads((out / "scan.json").read_text())
+    assert list(summary["detectors"]) == ["pattern"]
+    assert summary["detectors"]["pattern"]["options"]["suspects_from"] == "similarity"
+    assert 0 <= summary["detectors"]["pattern"]["metrics"]["auroc"] <= 1
+    assert sorted(int(r["pattern_rank"]) for r in _rows(out / "scores.csv")) == list(range(1, N + 1))
+    assert _scan(poisoned, tmp_path / "bad", "--detector", "pattern", "--detector-option",
+                 "pattern.suspects_from=shift") == 2  # its suspects need a reference

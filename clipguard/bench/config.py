@@ -588,9 +588,9 @@ def _scan(obj: Any, source: str, pretrain: StageSpec, finetune: StageSpec | None
         reference = _check_base(reference, pretrain, source, "scan.reference", chain=True, finetune=finetune)
     dets = s.get("detectors")
     if dets is None:
-        from clipguard.detection.base import needs_reference
+        from clipguard.detection.base import get, needs_reference
 
-        dets = [n for n in names() if reference is not None or not needs_reference(n)]
+        dets = [n for n in names() if get(n).in_default_set and (reference is not None or not needs_reference(n))]
     elif isinstance(dets, str):
         dets = [x.strip() for x in dets.split(",") if x.strip()]
     if not isinstance(dets, list) or not dets or not all(isinstance(x, str) for x in dets):

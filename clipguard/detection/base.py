@@ -266,6 +266,9 @@ class Detector:
     needs_reference: ClassVar[bool] = False
     # reads the images' high-passed pixels (PairFeatures.residuals), computed only when asked for
     needs_residuals: ClassVar[bool] = False
+    # run when the user names no detector; a detector that needs more than the embeddings (a copy of
+    # every image's pixels) runs only when named
+    in_default_set: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

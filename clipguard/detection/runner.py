@@ -67,11 +67,11 @@ def detector_names(entries: str | Sequence[str] | None) -> list[str]:
 def resolve_detectors(detectors: str | Sequence[str] | None = None,
                       options: dict[str, dict[str, Any] | DetectorOptions] | None = None,
                       also: Sequence[str] = (), reference: bool = False) -> list[Detector]:
-    """Built detectors, in the order given (default: every registered one, those that compare
-    with a reference model only when ``reference``), then any of ``also`` (veto detectors) not
+    """Built detectors, in the order given (default: every registered one that runs unnamed,
+    those that compare with a reference model only when ``reference``), then any of ``also`` (veto detectors) not
     among them; options are checked against each detector's dataclass, and options for a detector
     not run are refused, as is a detector that needs a reference model when none is given."""
-    default = [n for n in names() if reference or not needs_reference(n)]
+    default = [n for n in names() if get(n).in_default_set and (reference or not needs_reference(n))]
     chosen = detector_names([*(detector_names(detectors) or default), *detector_names(also)])
     if not chosen:
         raise ConfigError("no detector given")

@@ -119,6 +119,7 @@ class PatternDetector(Detector):
     summary = "a shared additive image pattern, estimated per caption group from another detector's suspects"
     options_class = PatternOptions
     needs_residuals = True
+    in_default_set = False  # it keeps a high-passed copy of every image: run it by name
 
     def __init__(self, options: PatternOptions | None = None) -> None:
         super().__init__(options)
