@@ -57,6 +57,11 @@ class PatternOptions(DetectorOptions):
     # shared pattern); "max", the larger of its rank share (in (0, 1]) under that score and under
     # the suspects' detector, so the pairs that detector finds stay found
     combine: Literal["pattern", "max"] = "max"
+    # how each group's pattern is estimated: "mean", the suspects' mean high-passed image, scored
+    # within the group by median and MAD; "whitened", that mean whitened by the shrunk inverse
+    # covariance of every pair's high-passed image (linear discriminant analysis: the content's
+    # own edges and textures weigh less), scored against the group's pairs outside its suspects
+    estimate: Literal["mean", "whitened"] = "mean"
     max_points: int = 200_000        # k-means is fitted on a seeded sample of this many pairs
 
     def suspects_dict(self) -> dict[str, str]:
@@ -79,13 +84,35 @@ class PatternOptions(DetectorOptions):
         require(self.min_group >= 2, f"option 'min_group' must be >= 2, got {self.min_group}")
         require(self.max_points >= 2, f"option 'max_points' must be >= 2, got {self.max_points}")
         require(self.combine in ("pattern", "max"), f"option 'combine' must be 'pattern' or 'max', got {self.combine!r}")
+        require(self.estimate in ("mean", "whitened"),
+                f"option 'estimate' must be 'mean' or 'whitened', got {self.estimate!r}")
+
+
+def shrunk_precision(residuals: torch.Tensor, max_rows: int = 20_000, seed: int = 0) -> torch.Tensor:
+    """The inverse of the residuals' covariance, shrunk towards a multiple of the identity by
+    Ledoit and Wolf's rule (fitted on a seeded sample of at most ``max_rows`` rows): the
+    whitening that turns a pattern's mean into the direction that best tells it from the content's
+    own high-frequency variation (edges, textures), as linear discriminant analysis does."""
+    from sklearn.covariance import ledoit_wolf
+
+    x = residuals
+    if len(x) > max_rows:
+        g = torch.Generator().manual_seed(seed)
+        x = x[torch.randperm(len(x), generator=g)[:max_rows]]
+    cov, _ = ledoit_wolf(x.double().numpy())
+    return torch.linalg.inv(torch.from_numpy(cov))
 
 
 def pattern_scores(residuals: torch.Tensor, groups: np.ndarray, suspicion: np.ndarray, share: float,
-                   min_group: int) -> np.ndarray:
+                   min_group: int, precision: torch.Tensor | None = None) -> np.ndarray:
     """Per caption group: each row's projection on the group's pattern (its suspects' mean
     high-passed image minus the group's, a suspect's own image left out of its estimate), as a
-    robust z-score within the group. Groups smaller than ``min_group`` score 0."""
+    robust z-score within the group. Groups smaller than ``min_group`` score 0.
+
+    With ``precision`` (``shrunk_precision``) the pattern is whitened first (projection on
+    precision @ pattern, over its length in the covariance's metric), and the z-score's median and
+    spread are those of the group's pairs outside its suspects, which a group that is mostly
+    poisons cannot pull towards its poisons."""
     out = np.zeros(len(residuals), dtype=np.float64)
     susp = np.asarray(suspicion, dtype=np.float64)
     for g in np.unique(groups):
@@ -98,17 +125,29 @@ def pattern_scores(residuals: torch.Tensor, groups: np.ndarray, suspicion: np.nd
         order = np.argsort(-susp[idx], kind="stable")[:k]
         top = torch.from_numpy(order)
         pattern = centred[top].mean(dim=0)
-        own = centred @ pattern
-        # a suspect's projection on the estimate without its own image: (x . (p - x / k))
-        own[top] -= centred[top].pow(2).sum(dim=1) / k
-        norm = float(pattern.norm())
+        if precision is None:
+            direction = pattern
+            own = centred @ direction
+            # a suspect's projection on the estimate without its own image: (x . (p - x / k))
+            own[top] -= centred[top].pow(2).sum(dim=1) / k
+            norm = float(direction.norm())
+        else:
+            direction = precision @ pattern
+            own = centred @ direction
+            own[top] -= ((centred[top] @ precision) * centred[top]).sum(dim=1) / k
+            norm = math.sqrt(max(0.0, float(pattern @ direction)))
         if norm == 0.0:
             continue
         proj = (own / norm).numpy()
-        med = float(np.median(proj))
-        spread = MAD_TO_STD * float(np.median(np.abs(proj - med)))
+        base = proj
+        if precision is not None:
+            rest = np.ones(len(idx), dtype=bool)
+            rest[order] = False
+            base = proj[rest]
+        med = float(np.median(base))
+        spread = MAD_TO_STD * float(np.median(np.abs(base - med)))
         if spread == 0.0:
-            spread = float(np.std(proj)) or 1.0
+            spread = float(np.std(base)) or 1.0
         out[idx] = (proj - med) / spread
     return out
 
@@ -139,7 +178,9 @@ class PatternDetector(Detector):
         suspicion = self.suspects.scores(features)
         o = self.opt
         groups = caption_groups(features.text.numpy(), o.clusters, o.seed, o.max_points)
-        own = finite_scores(pattern_scores(features.residuals, groups, suspicion, o.suspect_share, o.min_group))
+        precision = shrunk_precision(features.residuals, seed=o.seed) if o.estimate == "whitened" else None
+        own = finite_scores(pattern_scores(features.residuals, groups, suspicion, o.suspect_share, o.min_group,
+                                           precision))
         if o.combine == "pattern":
             return own
         from clipguard.detection.runner import rank_shares
