@@ -590,12 +590,13 @@ def test_pattern_finds_poisons_that_share_an_added_pattern_where_its_suspects_co
     assert auroc(scores, labels) > 0.99
     # the same through the registered detector, on features carrying the residuals
     feats = PairFeatures(torch.randn(n, DIM, generator=g), text, residuals=res)
-    det = build("pattern", {"suspects_from": "similarity", "clusters": 5, "suspect_share": 0.2, "combine": "pattern"})
+    det = build("pattern", {"suspects_from": "similarity", "clusters": 5, "suspect_share": 0.2, "estimate": "mean"})
     assert det.needs_residuals and not det.needs_reference
     out = det.score(feats)
     assert out.shape == (n,) and np.isfinite(out).all()
     # combine: max keeps what the suspects' detector ranks high (each score a rank share)
-    both = build("pattern", {"suspects_from": "similarity", "clusters": 5, "suspect_share": 0.2}).score(feats)
+    both = build("pattern", {"suspects_from": "similarity", "clusters": 5, "suspect_share": 0.2, "estimate": "mean",
+                             "combine": "max"}).score(feats)
     from clipguard.detection.runner import rank_shares
 
     sim = build("similarity").score(feats)

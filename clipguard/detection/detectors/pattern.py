@@ -10,9 +10,11 @@ embeddings: a backdoor's poisons fall in its target's groups); in each group the
 of the group's pattern, and every pair of the group scores its own high-passed image's projection
 on it, as a robust z-score within the group (median and MAD), so groups compare. A suspect's own
 image is left out of the estimate it is scored on. A group with no pattern gets an estimate of
-whatever its suspects share, and scores near 0 after the z-score. By default (``combine: max``) a
-pair's score is the larger of its rank shares under this and under the suspects' detector, so
-the poisons only that detector sees (no shared pattern) stay ranked as it ranks them.
+whatever its suspects share, and scores near 0 after the z-score. By default (``estimate:
+whitened``) the mean is whitened by the shrunk inverse covariance of every pair's high-passed
+image, so the content's own edges and textures weigh less than a pattern the poisons share.
+``combine: max`` scores the larger of a pair's rank shares under this and under the suspects'
+detector, so the poisons only that detector sees (no shared pattern) stay ranked as it ranks them.
 
 What it cannot see: poisons with no shared additive pattern (targeted poisoning's clean-looking
 copies, WaNet's warping), and patterns finer than the high-passed image keeps (images larger than
@@ -55,13 +57,15 @@ class PatternOptions(DetectorOptions):
     seed: int = 0                    # k-means seed
     # what a pair scores: "pattern", its projection's z-score alone (blind to poisons with no
     # shared pattern); "max", the larger of its rank share (in (0, 1]) under that score and under
-    # the suspects' detector, so the pairs that detector finds stay found
-    combine: Literal["pattern", "max"] = "max"
+    # the suspects' detector, so the pairs that detector finds stay found (on validation it lowered
+    # SIG and WaNet: docs/scan.md#pattern-a-backdoors-shared-image-pattern)
+    combine: Literal["pattern", "max"] = "pattern"
     # how each group's pattern is estimated: "mean", the suspects' mean high-passed image, scored
     # within the group by median and MAD; "whitened", that mean whitened by the shrunk inverse
     # covariance of every pair's high-passed image (linear discriminant analysis: the content's
-    # own edges and textures weigh less), scored against the group's pairs outside its suspects
-    estimate: Literal["mean", "whitened"] = "mean"
+    # own edges and textures weigh less), scored against the group's pairs outside its suspects.
+    # The defaults (whitened, combine: pattern) were chosen on validation scans (docs/scan.md)
+    estimate: Literal["mean", "whitened"] = "whitened"
     max_points: int = 200_000        # k-means is fitted on a seeded sample of this many pairs
 
     def suspects_dict(self) -> dict[str, str]:
