@@ -19,7 +19,8 @@ detector, so the poisons only that detector sees (no shared pattern) stay ranked
 What it cannot see: poisons with no shared additive pattern (targeted poisoning's clean-looking
 copies, WaNet's warping), and patterns finer than the high-passed image keeps (images larger than
 ``signatures.RESIDUAL_SIDE`` pixels are shrunk first). It reads pixels, so it needs the images, not
-only a model.
+only a model, and holds one high-passed copy of each (at most 32 x 32 floats: 4 GB for a million
+pairs).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from clipguard.options import require
 @dataclass
 class PatternOptions(DetectorOptions):
     kind: ClassVar[str] = "detector 'pattern'"
-    # the detector (with its defaults) whose most suspicious pairs estimate each group's pattern
+    # the detector whose most suspicious pairs estimate each group's pattern
     suspects_from: str = "caption-agreement"
     # that detector's options as "key=value,key=value" (empty: its defaults), e.g. "baseline=reference"
     suspects_options: str = ""
