@@ -348,3 +348,7 @@ def test_scan_with_the_pattern_detector_reads_the_images(poisoned, tmp_path):
     assert sorted(int(r["pattern_rank"]) for r in _rows(out / "scores.csv")) == list(range(1, N + 1))
     assert _scan(poisoned, tmp_path / "bad", "--detector", "pattern", "--detector-option",
                  "pattern.suspects_from=shift") == 2  # its suspects need a reference
+    knn = tmp_path / "knn"  # the suspects' own options pass through, value and all
+    assert _scan(poisoned, knn, "--detector", "pattern", "--detector-option", "pattern.suspects_options=k=8",
+                 "--detector-option", "pattern.clusters=5") == 0
+    assert json.loads((knn / "scan.json").read_text())["detectors"]["pattern"]["options"]["suspects_options"] == "k=8"
