@@ -12,7 +12,7 @@ For every seed of a bench grid's poisoned Fashion-MNIST set (an attack with seve
              epochs (image and text towers trained apart: no trusted data needed)
 
 and each detector's AUROC on every attack part (clean pairs against that part's poisons) is
-printed as mean ± std over the seeds and written to ``--json``.
+printed as mean ± std over the seeds (the value alone for one seed) and written to ``--json``.
 
     .venv/bin/python benchmarks/scan_models.py configs/safeclip-defaults.yaml --out runs/defaults10 \\
         --attack four --work runs/scan-models --json scan-models.json
@@ -137,21 +137,25 @@ def main(argv: list[str] | None = None) -> None:
                     row.setdefault(col, []).append(float(m["auroc"]))
 
     seeds = [c.seed for c in cells]
-    print(f"AUROC (%) per attack part, mean ± std over seeds {seeds}; {args.attack} of {cfg.name}")
+    over = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"one seed ({seeds[0]})"
+    print(f"AUROC (%) per attack part, {over}; {args.attack} of {cfg.name}")
     for model_name, dets in results.items():
         print(f"\nscored by the {model_name} model")
         for det, cols in dets.items():
-            cells_txt = []
-            for col, v in cols.items():
-                sd = statistics.stdev(v) * 100 if len(v) > 1 else 0.0
-                cells_txt.append(f"{col.split(':')[-1]} {100 * statistics.mean(v):5.1f} ± {sd:4.1f}")
-            print(f"  {det:<28}" + "   ".join(cells_txt))
+            print(f"  {det:<28}" + "   ".join(f"{col.split(':')[-1]} {auroc_cell(v)}" for col, v in cols.items()))
     if args.json:
         write_json(args.json, {"config": str(args.config), "attack": args.attack, "seeds": seeds,
                                "trusted_size": args.trusted_size, "trusted_epochs": args.trusted_epochs,
                                "warmup_epochs": args.warmup_epochs, "auroc": results,
                                "mean": {m: {d: {c: float(np.mean(v)) for c, v in cols.items()}
                                             for d, cols in dets.items()} for m, dets in results.items()}})
+
+
+def auroc_cell(values: list[float]) -> str:
+    """AUROCs (fractions) over seeds as printed: mean ± std in %, or the value alone for one seed
+    (a spread of one value would read as a measured 0)."""
+    mean = f"{100 * statistics.mean(values):5.1f}"
+    return mean if len(values) == 1 else f"{mean} ± {100 * statistics.stdev(values):4.1f}"
 
 
 if __name__ == "__main__":

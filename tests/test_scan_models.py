@@ -59,3 +59,9 @@ def test_scan_models_prints_every_detector_for_every_model(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="no plain-CLIP pre-training cell of attack 'three'"):
         mod.main([str(config), "--out", str(out), "--attack", "three", "--work", str(work)])
+
+
+def test_one_seed_prints_no_spread():
+    mod = load_benchmark("scan_models")
+    assert mod.auroc_cell([0.9]) == " 90.0"
+    assert mod.auroc_cell([0.9, 0.8]) == " 85.0 ±  7.1"
