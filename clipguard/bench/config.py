@@ -571,8 +571,6 @@ def detect_depth(defenses: list[DefenseSpec], label: str, source: str = "config"
 
 def _scan(obj: Any, source: str, pretrain: StageSpec, finetune: StageSpec | None = None) -> ScanSpec:
     """``scan: {base: CLIP, detectors: [dao, kdist], options: {dao: {k: 16}}}``."""
-    from clipguard.detection.base import names
-
     s = _mapping(obj, source, "scan")
     _check_keys(s, {"base", "detectors", "options", "reference"}, source, "scan")
     raw_bases = s.get("base")
@@ -588,9 +586,9 @@ def _scan(obj: Any, source: str, pretrain: StageSpec, finetune: StageSpec | None
         reference = _check_base(reference, pretrain, source, "scan.reference", chain=True, finetune=finetune)
     dets = s.get("detectors")
     if dets is None:
-        from clipguard.detection.base import get, needs_reference
+        from clipguard.detection.base import default_detectors
 
-        dets = [n for n in names() if get(n).in_default_set and (reference is not None or not needs_reference(n))]
+        dets = default_detectors(reference is not None)
     elif isinstance(dets, str):
         dets = [x.strip() for x in dets.split(",") if x.strip()]
     if not isinstance(dets, list) or not dets or not all(isinstance(x, str) for x in dets):

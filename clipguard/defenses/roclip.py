@@ -32,7 +32,7 @@ from clipguard.defenses.pair_scores import embed_dim
 from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd
-from clipguard.training.losses import clip_loss, grouped_clip_loss, lowest_loss_rows
+from clipguard.training.losses import clip_loss, grouped_clip_loss, small_loss_clip_loss
 from clipguard.training.strategy import PairSelector, Strategy
 
 
@@ -279,18 +279,11 @@ class RoClip(Strategy, PairSelector):
             img, txt, scale = ctx.forward(pixels, tokens)
             rows = self._plain_rows(batch.indices, img.device)
             negatives = ~rows if rows is not None and self.opt.plain_negatives else None
-            whole = None
-            if self.opt.plain_keep is not None:
-                low, whole = lowest_loss_rows(img, txt, scale, self.opt.plain_keep, ctx.dist)
-                rows = low if rows is None else rows & low
-            loss = clip_loss(img, txt, scale, ctx.dist, mask=rows, negatives=negatives)
+            loss, logs = small_loss_clip_loss(img, txt, scale, ctx.dist, self.opt.plain_keep, mask=rows,
+                                              negatives=negatives)
             self._push(txt, tokens)
-            value = float(loss.detach())
-            if whole is None:
-                self._plain.add(value)
-                return loss, {"clip_loss": value}
-            self._plain.add(float(whole))
-            return loss, {"clip_loss": float(whole), "kept_clip_loss": value}
+            self._plain.add(logs["clip_loss"])
+            return loss, logs
         stats: dict[str, float] = {}
         if self.opt.text_gradient:
             own = ctx.encode_views(tokens=tokens)[1]  # for the pool (and the agreement test): no gradient

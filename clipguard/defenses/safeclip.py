@@ -36,7 +36,7 @@ from clipguard.errors import ConfigError
 from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd, broadcast_object
-from clipguard.training.losses import clip_loss, lowest_loss_rows
+from clipguard.training.losses import clip_loss, small_loss_clip_loss
 from clipguard.training.schedule import Schedule, Segment
 from clipguard.training.strategy import PairSelector, Strategy
 
@@ -569,15 +569,9 @@ class SafeClip(Strategy, PairSelector):
                 pixels = self._warm_views.images(pixels, batch.generator)
                 tokens = self.ctx.tokenize(self._warm_views.texts(batch.captions, batch.rng))
             img, txt, scale = self.ctx.forward(pixels, tokens)
-            if self.opt.clip_warmup_keep is None:
-                loss = clip_loss(img, txt, scale, self.ctx.dist)
-                value = float(loss.detach())
-                self._aligned.add(value)
-                return loss, {"clip_loss": value}
-            rows, whole = lowest_loss_rows(img, txt, scale, self.opt.clip_warmup_keep, self.ctx.dist)
-            loss = clip_loss(img, txt, scale, self.ctx.dist, mask=rows)
-            self._aligned.add(float(whole))
-            return loss, {"clip_loss": float(whole), "kept_clip_loss": float(loss.detach())}
+            loss, logs = small_loss_clip_loss(img, txt, scale, self.ctx.dist, self.opt.clip_warmup_keep)
+            self._aligned.add(logs["clip_loss"])
+            return loss, logs
         if ph == "unimodal":
             safe = torch.zeros(len(batch.indices), dtype=torch.bool, device=batch.pixels.device)
         else:

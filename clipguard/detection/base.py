@@ -375,6 +375,12 @@ def needs_reference(name: str, options: dict[str, Any] | DetectorOptions | None 
     return build(name, options).needs_reference
 
 
+def default_detectors(reference: bool) -> list[str]:
+    """The detectors a scan runs when none is named: every registered one that runs unnamed, those
+    that compare with a reference model only when one is given."""
+    return [n for n in names() if get(n).in_default_set and (reference or not needs_reference(n))]
+
+
 def finite_scores(scores: torch.Tensor | np.ndarray, fill: float | None = None) -> np.ndarray:
     """float64 scores with NaN and infinities replaced (by the largest finite score + 1, unless
     ``fill``): a degenerate neighbourhood ranks as most suspicious, never breaks a metric."""

@@ -24,11 +24,10 @@ from clipguard.detection.base import (
     KeepDecision,
     PairFeatures,
     build,
+    default_detectors,
     fraction_keep,
     get,
     missing_reference,
-    names,
-    needs_reference,
     veto_keep,
     within_keep,
 )
@@ -71,8 +70,7 @@ def resolve_detectors(detectors: str | Sequence[str] | None = None,
     those that compare with a reference model only when ``reference``), then any of ``also`` (veto detectors) not
     among them; options are checked against each detector's dataclass, and options for a detector
     not run are refused, as is a detector that needs a reference model when none is given."""
-    default = [n for n in names() if get(n).in_default_set and (reference or not needs_reference(n))]
-    chosen = detector_names([*(detector_names(detectors) or default), *detector_names(also)])
+    chosen = detector_names([*(detector_names(detectors) or default_detectors(reference)), *detector_names(also)])
     if not chosen:
         raise ConfigError("no detector given")
     options = dict(options or {})

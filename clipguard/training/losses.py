@@ -100,6 +100,22 @@ def lowest_loss_rows(image_features: torch.Tensor, text_features: torch.Tensor, 
     return local <= cut, per.mean()
 
 
+def small_loss_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                         dist: DistInfo | None, keep: float | None, mask: torch.Tensor | None = None,
+                         negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``clip_loss`` over ``mask``'s rows (``negatives`` as there), narrowed with ``keep`` to the
+    rows among the ``keep`` share with the lowest own loss (``lowest_loss_rows``), and its logs:
+    ``clip_loss`` is the loss, or with ``keep`` the whole batch's mean per-pair loss (what a
+    comparison with chance must read), beside ``kept_clip_loss``, the loss trained."""
+    if keep is None:
+        loss = clip_loss(image_features, text_features, logit_scale, dist, mask=mask, negatives=negatives)
+        return loss, {"clip_loss": float(loss.detach())}
+    low, whole = lowest_loss_rows(image_features, text_features, logit_scale, keep, dist)
+    rows = low if mask is None else mask & low
+    loss = clip_loss(image_features, text_features, logit_scale, dist, mask=rows, negatives=negatives)
+    return loss, {"clip_loss": float(whole), "kept_clip_loss": float(loss.detach())}
+
+
 def grouped_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                       groups: torch.Tensor, dist: DistInfo | None = None) -> torch.Tensor:
     """CLIP's loss when several rows may share one caption (equal ``groups`` ids: the same caption).
