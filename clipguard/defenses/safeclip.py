@@ -31,6 +31,7 @@ from clipguard.defenses.pair_scores import (
     repeated_images,
     shard_pair_scores,
 )
+from clipguard.defenses.pattern_veto import PatternVeto
 from clipguard.defenses.split import SafeSetSchedule, fit_gmm, top_fraction_mask
 from clipguard.errors import ConfigError
 from clipguard.options import Options, require
@@ -177,6 +178,14 @@ class SafeClipOptions(Options):
     # caption; without this, nothing in a mixed epoch pulls them apart, as the safe set holds few
     # of them. The price: a clean risky image is pushed from the captions of its own class
     risky_negatives: bool = field(default=False, metadata={"neutral": False})
+    # the pattern veto (defenses/pattern_veto.py): a pair whose high-passed image carries the
+    # pattern shared by the pattern_share riskiest pairs of its caption group (pattern_clusters
+    # groups, k-means on the captions) by more than pattern_z robust standard deviations stays out
+    # of the safe set, counted with the density veto's memory. It reads pixels, which a learnt
+    # trigger cannot move (None: no veto)
+    pattern_z: float | None = field(default=None, metadata={"neutral": None})
+    pattern_share: float = field(default=0.1, metadata={"neutral": 0.1})
+    pattern_clusters: int = field(default=50, metadata={"neutral": 50})
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
@@ -250,6 +259,10 @@ class SafeClipOptions(Options):
                 f"clip_warmup_keep must be in (0, 1] (or None: every pair), got {self.clip_warmup_keep}")
         require(self.safe_augment_epochs is None or self.safe_augment_epochs >= 1,
                 f"safe_augment_epochs must be >= 1 (or None: every mixed epoch), got {self.safe_augment_epochs}")
+        require(self.pattern_z is None or self.pattern_z > 0,
+                f"pattern_z must be > 0 (or None: no pattern veto), got {self.pattern_z}")
+        require(0.0 < self.pattern_share < 1.0, f"pattern_share must be in (0, 1), got {self.pattern_share}")
+        require(self.pattern_clusters >= 1, f"pattern_clusters must be >= 1, got {self.pattern_clusters}")
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
         require(not (self.risky_negatives and self.risky_clip == "neighbours"),
                 "risky_negatives needs risky_clip: none (with neighbours every risky image is a positive)")
@@ -320,6 +333,8 @@ class SafeClip(Strategy, PairSelector):
         # whether a mixed step of this epoch refreshed them
         self._step_feats: torch.Tensor | None = None
         self._step_fresh: torch.Tensor | None = None
+        self._pattern = (PatternVeto(o.pattern_z, o.pattern_share, o.pattern_clusters, o.gmm_seed)
+                         if o.pattern_z is not None else None)
 
     # ------------------------------------------------------------------ phases and lr
     def phase(self, epoch: int) -> str:
@@ -443,8 +458,13 @@ class SafeClip(Strategy, PairSelector):
             self._step_fresh.zero_()
         sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
         sims[cand] = scores.score
-        vetoes = scores.log_kdist is not None or scores.log_repeat is not None
-        dense = self._veto(n, cand, scores.log_kdist, scores.log_repeat, scores.log_kdist_given_image) if vetoes else None
+        patterned = None
+        if self._pattern is not None:  # the riskiest pairs (lowest scores) estimate each group's pattern
+            patterned = self._pattern.vetoed(ctx, -sims)
+            rec["pattern_flagged"] = int(patterned.sum())
+        vetoes = scores.log_kdist is not None or scores.log_repeat is not None or patterned is not None
+        dense = (self._veto(n, cand, scores.log_kdist, scores.log_repeat, scores.log_kdist_given_image, patterned)
+                 if vetoes else None)
         t_sims = time.perf_counter() - t0
         decision = None
         if ctx.dist.is_main:
@@ -467,7 +487,8 @@ class SafeClip(Strategy, PairSelector):
         return rec
 
     def _veto(self, n: int, cand: torch.Tensor, log_kd: torch.Tensor | None,
-              log_rd: torch.Tensor | None = None, log_given: torch.Tensor | None = None) -> torch.Tensor:
+              log_rd: torch.Tensor | None = None, log_given: torch.Tensor | None = None,
+              patterned: torch.Tensor | None = None) -> torch.Tensor:
         """Which pairs the density and repeated-image vetoes let through, after this epoch's
         scores of ``cand``.
 
@@ -478,7 +499,8 @@ class SafeClip(Strategy, PairSelector):
         re-score: its first verdict is its last one). With ``density_memory_splits`` only that
         many splits after the first are counted; later verdicts hold for their epoch only. With
         ``log_given`` (``density_given: image``) a pair is flagged only when it is an outlier of
-        both ``log_kd`` and ``log_given``."""
+        both ``log_kd`` and ``log_given``. ``patterned`` (bool, every pair of the data): the
+        pattern veto's verdicts, counted with the others."""
         dense = self._dense.clone() if self._dense is not None else torch.ones(n, dtype=torch.bool)
         verdict = torch.ones(len(cand), dtype=torch.bool)
         if log_kd is not None:
@@ -492,6 +514,8 @@ class SafeClip(Strategy, PairSelector):
             repeated = repeated_images(log_rd, self.opt.repeat_z)
             self._log_repeated = int(repeated.sum())
             verdict &= ~repeated
+        if patterned is not None:
+            verdict &= ~patterned[cand]
         window = self.opt.density_memory_splits
         counted = window is None or self._dense_rounds <= window
         if self.opt.density_memory and self._dense_rounds >= 1 and counted:

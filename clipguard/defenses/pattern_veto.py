@@ -1,0 +1,69 @@
+"""The pattern veto of a safe set: pairs whose image carries the pattern their caption group's
+riskiest pairs share stay out of the CLIP loss.
+
+Why: a backdoor's poisons share one additive image pattern (a patch, a blended image, a
+sinusoid) and one target caption. The density veto reads the model's embedding; once the model
+has half learnt a trigger, some poisons sit in their target's dense region and pass it
+(docs/safeclip-selection.md, the twenty-third and thirty-fifth rounds: a looser density veto lets
+learnt Blended, BadNet and SIG poisons in). This veto reads pixels, which training cannot move: it
+is the scan's ``pattern`` detector (docs/scan.md) with the split's own risk ranking as its
+suspects, so it needs no second model.
+
+Per split: the captions are grouped by k-means on this epoch's text embeddings; in each group the
+``share`` of pairs the split ranks riskiest estimate the group's pattern (their mean high-passed
+image minus the group's, whitened by the shrunk inverse covariance of every training image's);
+a pair is vetoed when its own image's projection on it is more than ``z`` robust standard
+deviations above the group's other pairs'. Groups with no shared pattern rarely pass ``z``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from clipguard.data.signatures import pixel_residuals
+from clipguard.detection.detectors.pattern import pattern_scores, shrunk_precision
+from clipguard.detection.detectors.spectral import caption_groups
+from clipguard.evaluation.features import encode_tokens
+from clipguard.training.context import TrainContext
+from clipguard.training.distributed import broadcast_object
+
+MIN_GROUP = 20            # smaller caption groups are not judged (as the scan's detector)
+MAX_KMEANS_POINTS = 200_000
+
+
+class PatternVeto:
+    """Holds the training images' high-passed pixels and their whitening (computed once: the
+    pixels never change) and judges every pair at each split."""
+
+    def __init__(self, z: float, share: float, clusters: int, seed: int = 0) -> None:
+        self.z, self.share, self.clusters, self.seed = z, share, clusters, seed
+        self._residuals: torch.Tensor | None = None
+        self._precision: torch.Tensor | None = None
+
+    def _pixels(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._residuals is None:
+            self._residuals = pixel_residuals(images)
+            self._precision = shrunk_precision(self._residuals, seed=self.seed)
+        return self._residuals, self._precision
+
+    def scores(self, ctx: TrainContext, suspicion: torch.Tensor) -> np.ndarray:
+        """Every pair's pattern z-score (higher: its image carries its group's suspects' pattern).
+        ``suspicion``: one value per pair of the data, higher for riskier pairs."""
+        residuals, precision = self._pixels(ctx.data.images)
+        text = encode_tokens(ctx.raw_model, ctx.tokens, ctx.device).numpy()
+        groups = caption_groups(text, self.clusters, self.seed, MAX_KMEANS_POINTS)
+        return pattern_scores(residuals, groups, suspicion.double().numpy(), self.share, MIN_GROUP, precision)
+
+    @torch.no_grad()
+    def vetoed(self, ctx: TrainContext, suspicion: torch.Tensor) -> torch.Tensor:
+        """bool (N,): the pairs whose pattern z-score exceeds ``z``. Computed on the main rank
+        and sent to the others, so every rank's safe set is the same."""
+        out = None
+        if ctx.dist.is_main:
+            z = self.scores(ctx, suspicion)
+            out = np.nonzero(np.nan_to_num(z, nan=0.0) > self.z)[0].tolist()
+        out = broadcast_object(out, ctx.dist)
+        mask = torch.zeros(len(suspicion), dtype=torch.bool)
+        mask[torch.tensor(out, dtype=torch.long)] = True
+        return mask

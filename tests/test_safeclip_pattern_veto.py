@@ -1,0 +1,104 @@
+"""SafeCLIP's pattern veto: the pairs whose image carries their caption group's riskiest pairs'
+shared pattern stay out of the safe set; clean groups lose few pairs."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipguard import defenses
+from clipguard.defenses.pattern_veto import PatternVeto
+from clipguard.errors import ConfigError
+from clipguard.training.trainer import TrainConfig, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def _patterned(n_per: int = 200, poisons: int = 30, seed: int = 0):
+    """Smooth random 28 px images under two captions; ``poisons`` "dog" images carry one fixed
+    additive noise pattern (+-24 grey levels, as a Blended trigger at a low alpha)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * n_per
+    smooth = torch.nn.functional.interpolate(torch.rand(n, 1, 7, 7, generator=g), size=28,
+                                             mode="bilinear", align_corners=False) * 200 + 20
+    pattern = (torch.rand(1, 1, 28, 28, generator=g) * 48 - 24)
+    poisoned = torch.arange(n_per, n_per + poisons)
+    smooth[poisoned] += pattern
+    imgs = smooth.clamp(0, 255).round().to(torch.uint8).expand(-1, 3, -1, -1).clone()
+    captions = ["a photo of a cat"] * n_per + ["a photo of a dog"] * n_per
+    return SimpleNamespace(images=imgs, captions=captions), poisoned
+
+
+def _ctx(data):
+    """What the veto reads of a run: the images, the captions' tokens, an untrained cg-tiny."""
+    from clipguard.models.factory import create_model, get_tokenizer
+    from clipguard.training.distributed import DistInfo
+
+    model = create_model("cg-tiny", seed=0)
+    return SimpleNamespace(data=data, tokens=get_tokenizer("cg-tiny")(data.captions), raw_model=model,
+                           device=torch.device("cpu"), dist=DistInfo())
+
+
+def test_the_veto_flags_the_pattern_its_groups_riskiest_pairs_share():
+    """The riskiest 20 "dog" pairs are poisons; the veto flags nearly every poison, the 10 the
+    ranking missed included, and almost no clean pair of either group."""
+    data, poisoned = _patterned()
+    ctx = _ctx(data)
+    suspicion = torch.rand(len(data.captions), generator=torch.Generator().manual_seed(1))
+    suspicion[poisoned[:20]] += 10.0  # the split ranks two thirds of the poisons riskiest
+    flagged = PatternVeto(z=3.0, share=0.1, clusters=50).vetoed(ctx, suspicion)
+    is_poison = torch.zeros(len(flagged), dtype=torch.bool)
+    is_poison[poisoned] = True
+    assert int(flagged[is_poison].sum()) >= 28
+    assert int(flagged[poisoned[20:]].sum()) >= 8  # found by their pixels, not by the ranking
+    assert int(flagged[~is_poison].sum()) <= 4
+
+
+def test_with_no_shared_pattern_the_veto_flags_few_pairs():
+    data, _ = _patterned(poisons=0)
+    ctx = _ctx(data)
+    suspicion = torch.rand(len(data.captions), generator=torch.Generator().manual_seed(2))
+    assert int(PatternVeto(z=3.0, share=0.1, clusters=50).vetoed(ctx, suspicion).sum()) <= 4
+
+
+def test_pattern_options_are_checked():
+    with pytest.raises(ConfigError, match="pattern_z"):
+        defenses.build("safeclip", {"pattern_z": 0})
+    with pytest.raises(ConfigError, match="pattern_share"):
+        defenses.build("safeclip", {"pattern_z": 3, "pattern_share": 1.0})
+    with pytest.raises(ConfigError, match="pattern_clusters"):
+        defenses.build("safeclip", {"pattern_z": 3, "pattern_clusters": 0})
+    base = defenses.build("safeclip", {}).opt.identity()
+    assert "pattern_z" not in base and "pattern_share" not in base  # off: not part of a run's identity
+
+
+def test_a_run_with_the_pattern_veto_removes_flagged_pairs_and_resumes_exactly(fm_train, tmp_path):
+    """Every mixed epoch logs how many pairs the veto flagged; the safe set is the ranked top m
+    minus the vetoed pairs; a run stopped after its first split resumes to the same weights."""
+    data = fm_train.subset(range(256))
+
+    def strategy():
+        return defenses.build("safeclip", dict(warmup_epochs=0, clip_warmup_epochs=1, lr_low_factor=1.0,
+                                               min_initial_fraction=0.3, step=0.2, pool_size=128,
+                                               density_z=None, repeat_z=None, pattern_z=2.0,
+                                               pattern_clusters=4))
+
+    def cfg(**kw):
+        return TrainConfig(model="cg-tiny", epochs=4, batch_size=64, lr=1e-3, warmup=2, seed=0, device="cpu",
+                           quiet=True, **kw)
+
+    Trainer(cfg(), data, tmp_path / "a", strategy=strategy()).fit()
+    recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    mixed = [r for r in recs if r.get("phase") == "mixed"]
+    assert len(mixed) == 3 and all("pattern_flagged" in r for r in mixed)
+    assert any(r["density_vetoed"] >= 1 for r in mixed)
+    for r in mixed:
+        assert r["safe_size"] == pytest.approx(round(r["m"] * 256) - r["density_vetoed"], abs=1)
+    Trainer(cfg(stop_after=2), data, tmp_path / "b", strategy=strategy()).fit()
+    Trainer(cfg(), data, tmp_path / "b", strategy=strategy()).fit(resume="latest")
+    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
