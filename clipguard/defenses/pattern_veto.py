@@ -14,6 +14,9 @@ Per split: the captions are grouped by k-means on this epoch's text embeddings; 
 image minus the group's, whitened by the shrunk inverse covariance of every training image's);
 a pair is vetoed when its own image's projection on it is more than ``z`` robust standard
 deviations above the group's other pairs'. Groups with no shared pattern rarely pass ``z``.
+
+Cost: every image is decoded and high-passed once, and kept (at most 32 x 32 floats each); each
+split encodes every caption (the text tower only) and fits the k-means, on the main rank.
 """
 
 from __future__ import annotations
