@@ -25,14 +25,11 @@ import numpy as np
 import torch
 
 from clipguard.data.signatures import pixel_residuals
-from clipguard.detection.detectors.pattern import pattern_scores, shrunk_precision
+from clipguard.detection.detectors.pattern import PatternOptions, pattern_scores, shrunk_precision
 from clipguard.detection.detectors.spectral import caption_groups
 from clipguard.evaluation.features import encode_tokens
 from clipguard.training.context import TrainContext
 from clipguard.training.distributed import broadcast_object
-
-MIN_GROUP = 20            # smaller caption groups are not judged (as the scan's detector)
-MAX_KMEANS_POINTS = 200_000
 
 
 class PatternVeto:
@@ -55,8 +52,10 @@ class PatternVeto:
         ``suspicion``: one value per pair of the data, higher for riskier pairs."""
         residuals, precision = self._pixels(ctx.data.images)
         text = encode_tokens(ctx.raw_model, ctx.tokens, ctx.device).numpy()
-        groups = caption_groups(text, self.clusters, self.seed, MAX_KMEANS_POINTS)
-        return pattern_scores(residuals, groups, suspicion.double().numpy(), self.share, MIN_GROUP, precision)
+        # the scan detector's defaults: the k-means sample's size, the smallest group judged
+        groups = caption_groups(text, self.clusters, self.seed, PatternOptions.max_points)
+        return pattern_scores(residuals, groups, suspicion.double().numpy(), self.share, PatternOptions.min_group,
+                              precision)
 
     @torch.no_grad()
     def vetoed(self, ctx: TrainContext, suspicion: torch.Tensor) -> torch.Tensor:
