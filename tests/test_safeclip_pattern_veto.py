@@ -102,3 +102,59 @@ def test_a_run_with_the_pattern_veto_removes_flagged_pairs_and_resumes_exactly(f
     Trainer(cfg(), data, tmp_path / "b", strategy=strategy()).fit(resume="latest")
     wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_unlearning_pushes_a_flagged_image_below_its_batchs_mean_caption_and_fades():
+    """The term lowers a flagged image's score for its own caption, leaves unflagged rows and the
+    logit scale alone, and vanishes once the own caption scores well below the batch's mean."""
+    from clipguard.training.losses import own_caption_unlearning
+
+    g = torch.Generator().manual_seed(0)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    img = txt.clone().requires_grad_(True)  # every image sits on its own caption
+    scale = torch.tensor(20.0, requires_grad=True)
+    rows = torch.tensor([True, False, False, True, False, False])
+    loss = own_caption_unlearning(img, txt, scale, rows)
+    loss.backward()
+    assert float(loss.detach()) > 1.0
+    assert scale.grad is None  # the temperature is not the term's to move
+    assert torch.count_nonzero(img.grad[~rows]) == 0 and torch.count_nonzero(img.grad[rows]) > 0
+    moved = torch.nn.functional.normalize(img.detach() - 0.5 * img.grad, dim=-1)
+    assert all(float(moved[i] @ txt[i]) < float(img[i] @ txt[i]) for i in (0, 3))
+    far = torch.nn.functional.normalize(-txt, dim=-1)  # the own caption is the least likely one
+    assert float(own_caption_unlearning(far, txt, scale, rows)) < 1e-3
+    none = own_caption_unlearning(img, txt, scale, torch.zeros(6, dtype=torch.bool))
+    assert float(none) == 0.0 and none.requires_grad
+
+
+def test_unlearning_options_are_checked():
+    with pytest.raises(ConfigError, match="pattern_unlearn needs the pattern veto"):
+        defenses.build("safeclip", {"pattern_unlearn": 1.0})
+    with pytest.raises(ConfigError, match="pattern_unlearn must be > 0"):
+        defenses.build("safeclip", {"pattern_z": 3, "pattern_unlearn": 0})
+    assert "pattern_unlearn" not in defenses.build("safeclip", {}).opt.identity()
+
+
+def test_a_run_that_unlearns_flagged_pairs_logs_the_term_and_resumes_exactly(fm_train, tmp_path):
+    data = fm_train.subset(range(256))
+
+    def strategy():
+        return defenses.build("safeclip", dict(warmup_epochs=0, clip_warmup_epochs=1, lr_low_factor=1.0,
+                                               min_initial_fraction=0.3, step=0.2, pool_size=128,
+                                               density_z=None, repeat_z=None, pattern_z=2.0,
+                                               pattern_clusters=4, pattern_unlearn=1.0))
+
+    def cfg(**kw):
+        return TrainConfig(model="cg-tiny", epochs=4, batch_size=64, lr=1e-3, warmup=2, seed=0, device="cpu",
+                           quiet=True, **kw)
+
+    Trainer(cfg(), data, tmp_path / "a", strategy=strategy()).fit()
+    recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    mixed = [r for r in recs if r.get("phase") == "mixed"]
+    assert mixed and all("pattern_unlearn_loss" in r for r in mixed)
+    assert any(r["pattern_unlearn_loss"] > 0 for r in mixed)
+    assert all("pattern_unlearn_loss" not in r for r in recs if r.get("phase") != "mixed")
+    Trainer(cfg(stop_after=2), data, tmp_path / "b", strategy=strategy()).fit()
+    Trainer(cfg(), data, tmp_path / "b", strategy=strategy()).fit(resume="latest")
+    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

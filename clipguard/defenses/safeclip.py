@@ -37,7 +37,7 @@ from clipguard.errors import ConfigError
 from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd, broadcast_object
-from clipguard.training.losses import clip_loss, small_loss_clip_loss
+from clipguard.training.losses import clip_loss, own_caption_unlearning, small_loss_clip_loss
 from clipguard.training.schedule import Schedule, Segment
 from clipguard.training.strategy import PairSelector, Strategy
 
@@ -186,6 +186,12 @@ class SafeClipOptions(Options):
     pattern_z: float | None = field(default=None, metadata={"neutral": None})
     pattern_share: float = field(default=0.1, metadata={"neutral": 0.1})
     pattern_clusters: int = field(default=50, metadata={"neutral": 50})
+    # with the pattern veto: the weight of a term that unlearns the pattern-flagged pairs in mixed
+    # steps (their image pushed below the batch's mean caption score for its own caption,
+    # losses.own_caption_unlearning). A trigger learnt in the CLIP epochs before the first split
+    # otherwise stays, and grows, though no flagged pair trains with the CLIP loss again
+    # (docs/safeclip-selection.md, thirty-seventh round). None: no such term
+    pattern_unlearn: float | None = field(default=None, metadata={"neutral": None})
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
@@ -263,6 +269,10 @@ class SafeClipOptions(Options):
                 f"pattern_z must be > 0 (or None: no pattern veto), got {self.pattern_z}")
         require(0.0 < self.pattern_share < 1.0, f"pattern_share must be in (0, 1), got {self.pattern_share}")
         require(self.pattern_clusters >= 1, f"pattern_clusters must be >= 1, got {self.pattern_clusters}")
+        require(self.pattern_unlearn is None or self.pattern_unlearn > 0,
+                f"pattern_unlearn must be > 0 (or None: no unlearning term), got {self.pattern_unlearn}")
+        require(self.pattern_unlearn is None or self.pattern_z is not None,
+                "pattern_unlearn needs the pattern veto (pattern_z), which flags the pairs it unlearns")
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
         require(not (self.risky_negatives and self.risky_clip == "neighbours"),
                 "risky_negatives needs risky_clip: none (with neighbours every risky image is a positive)")
@@ -333,6 +343,7 @@ class SafeClip(Strategy, PairSelector):
         # whether a mixed step of this epoch refreshed them
         self._step_feats: torch.Tensor | None = None
         self._step_fresh: torch.Tensor | None = None
+        self._patterned: torch.Tensor | None = None  # bool (N,), the pattern veto's flags this epoch
         self._pattern = (PatternVeto(o.pattern_z, o.pattern_share, o.pattern_clusters, o.gmm_seed)
                          if o.pattern_z is not None else None)
 
@@ -418,7 +429,7 @@ class SafeClip(Strategy, PairSelector):
         ph = self.phase(epoch)
         rec: dict[str, Any] = {"phase": ph}
         if ph != "mixed":
-            self._safe = None
+            self._safe = self._patterned = None
             self._aligned.reset()
             return rec
         ratio = self._aligned.check(
@@ -462,6 +473,7 @@ class SafeClip(Strategy, PairSelector):
         if self._pattern is not None:  # the riskiest pairs (lowest scores) estimate each group's pattern
             patterned = self._pattern.vetoed(ctx, -sims)
             rec["pattern_flagged"] = int(patterned.sum())
+            self._patterned = patterned
         vetoes = scores.log_kdist is not None or scores.log_repeat is not None or patterned is not None
         dense = (self._veto(n, cand, scores.log_kdist, scores.log_repeat, scores.log_kdist_given_image, patterned)
                  if vetoes else None)
@@ -611,6 +623,8 @@ class SafeClip(Strategy, PairSelector):
             if borrowing:  # every pair is in the CLIP term
                 w_clip = 1.0
         loss = w_clip * terms["clip"] + w_uni * (terms["unimodal_image"] + terms["unimodal_text"])
+        if "pattern_unlearn" in terms:
+            loss = loss + self.opt.pattern_unlearn * terms["pattern_unlearn"]
         logs = {f"{k}_loss": float(v.detach()) for k, v in terms.items()}
         logs["batch_safe_fraction"] = float(safe.float().mean())
         return loss, logs
@@ -714,7 +728,18 @@ class SafeClip(Strategy, PairSelector):
         self._txt_pool.push(g_txt)
         if borrow and self._step_feats is not None:
             self._keep_step_features(batch, g_safe, g_img, g_txt)
-        return {"clip": clip, "unimodal_image": uni_img, "unimodal_text": uni_txt}
+        return self._with_unlearning({"clip": clip, "unimodal_image": uni_img, "unimodal_text": uni_txt},
+                                     batch, img1, txt1, scale)
+
+    def _with_unlearning(self, terms: dict[str, torch.Tensor], batch: Batch, img: torch.Tensor,
+                         txt: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``pattern_unlearn``: add the term that unlearns this batch's pattern-flagged pairs (a
+        mixed step's flags; none in other phases)."""
+        if self.opt.pattern_unlearn is None or self._patterned is None:
+            return terms
+        rows = self._patterned[batch.indices.cpu()].to(img.device)
+        terms["pattern_unlearn"] = own_caption_unlearning(img, txt, scale, rows)
+        return terms
 
     def _keep_step_features(self, batch: Batch, g_safe: torch.Tensor, g_img: torch.Tensor,
                             g_txt: torch.Tensor) -> None:
@@ -745,7 +770,8 @@ class SafeClip(Strategy, PairSelector):
                                      all_gather_nograd(img.detach().contiguous(), ctx.dist),
                                      all_gather_nograd(txt.detach().contiguous(), ctx.dist))
         zero = clip.new_zeros(())
-        return {"clip": clip, "unimodal_image": zero, "unimodal_text": zero}
+        return self._with_unlearning({"clip": clip, "unimodal_image": zero, "unimodal_text": zero},
+                                     batch, img, txt, scale)
 
     # ------------------------------------------------------------------ diagnostics and state
     def pair_scores(self) -> torch.Tensor | None:
@@ -768,6 +794,8 @@ class SafeClip(Strategy, PairSelector):
             out["dense"] = self._dense.to(torch.uint8).contiguous()
         if self._strikes is not None:
             out["strikes"] = self._strikes.contiguous()
+        if self._patterned is not None:
+            out["patterned"] = self._patterned.to(torch.uint8).contiguous()
         if self._step_feats is not None:
             out["step_features"] = self._step_feats.contiguous()
             out["step_fresh"] = self._step_fresh.to(torch.uint8).contiguous()
@@ -784,6 +812,7 @@ class SafeClip(Strategy, PairSelector):
         self._sims = tensors["sims"].clone() if "sims" in tensors else None
         self._safe = tensors["safe"].bool().clone() if "safe" in tensors else None
         self._dense = tensors["dense"].bool().clone() if "dense" in tensors else None
+        self._patterned = tensors["patterned"].bool().clone() if "patterned" in tensors else None
         self._m = meta.get("m")
         self._dense_rounds = int(meta.get("dense_rounds", 0))
         self._strikes = tensors["strikes"].to(torch.uint8).clone() if "strikes" in tensors else None

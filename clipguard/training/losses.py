@@ -75,6 +75,26 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return global_loss(loss, dist)
 
 
+def own_caption_unlearning(image_features: torch.Tensor, text_features: torch.Tensor,
+                           logit_scale: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Push each image of ``rows`` (bool, local batch) below the batch's mean caption score for
+    its own caption: softplus(s_ii - mean_j s_ij), averaged over those rows (0 when none).
+
+    Why: a poisoned image whose trigger the model already ties to its target caption keeps that
+    tie even when it never trains with the CLIP loss again; this term unlearns it (the images an
+    image-side detector flags, as anti-backdoor learning unlearns its isolated samples). It is
+    bounded, as gradient ascent on the CLIP loss is not: once the own caption scores below the
+    batch's average caption, the gradient fades. The logit scale is held fixed here, so the term
+    cannot move the temperature. Local rows only: each rank unlearns its own flagged images.
+    """
+    if not bool(rows.any()):
+        return image_features.sum() * 0.0 + text_features.sum() * 0.0
+    img = image_features[rows]
+    logits = logit_scale.detach() * img @ text_features.t()
+    own = logits.gather(1, torch.nonzero(rows).flatten()[:, None]).squeeze(1)
+    return F.softplus(own - logits.mean(dim=1)).mean()
+
+
 @torch.no_grad()
 def lowest_loss_rows(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                      keep: float, dist: DistInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
