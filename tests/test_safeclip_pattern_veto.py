@@ -158,3 +158,18 @@ def test_a_run_that_unlearns_flagged_pairs_logs_the_term_and_resumes_exactly(fm_
     Trainer(cfg(), data, tmp_path / "b", strategy=strategy()).fit(resume="latest")
     wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_diagnostics_count_the_poisons_among_the_flagged_pairs():
+    """With an image-side veto's flags the per-epoch record says how many of them are poisons,
+    overall and per attack part; without flags it says nothing of them."""
+    from clipguard.evaluation.detection import poison_stats
+
+    poisoned = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
+    parts = {"part0-badnet": torch.tensor([1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool),
+             "part1-sig": torch.tensor([0, 0, 1, 0, 0, 0, 0, 0], dtype=torch.bool)}
+    flagged = torch.tensor([1, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    rec = poison_stats(None, None, poisoned, parts, flagged)
+    assert rec["flagged_count"] == 3 and rec["flagged_poison_count"] == 2
+    assert rec["flagged_poison_in"] == {"part0-badnet": "1/2", "part1-sig": "1/1"}
+    assert "flagged_count" not in poison_stats(None, None, poisoned, parts)

@@ -780,6 +780,9 @@ class SafeClip(Strategy, PairSelector):
     def selected(self) -> torch.Tensor | None:
         return self._safe
 
+    def flagged(self) -> torch.Tensor | None:
+        return self._patterned
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         out.update(self._img_pool.state_tensors("img_pool"))

@@ -56,14 +56,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def poison_stats(scores: torch.Tensor | None, selected: torch.Tensor | None, poisoned: torch.Tensor,
-                 parts: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                 parts: dict[str, torch.Tensor] | None = None,
+                 flagged: torch.Tensor | None = None) -> dict[str, Any]:
     """The per-epoch numbers, one vocabulary for the CLI and the bench.
 
     ``safe_poison_rate``: share of the safe set that is poison (SafeCLIP Table 12's "safe set
     poison rate"); ``safe_poison_recall``: share of the poisoned pairs that got into the safe
     set; ``safe_poison_in``: per attack part, how many of its pairs are in it (a mixed set's
     total can hide one attack slipping in whole, as a TDPA target's pairs do);
-    ``similarity_auroc``: AUROC of the negated pair score as a poison detector.
+    ``similarity_auroc``: AUROC of the negated pair score as a poison detector. With ``flagged``
+    (an image-side veto's pairs): ``flagged_poison_count`` of ``flagged_count`` and, per attack
+    part, ``flagged_poison_in``: how precise the veto is, and what it finds of each attack.
     """
     poisoned = poisoned.bool().cpu().flatten()
     n = int(poisoned.numel())
@@ -82,6 +85,12 @@ def poison_stats(scores: torch.Tensor | None, selected: torch.Tensor | None, poi
         if parts:
             out["safe_poison_in"] = {name: f"{int((sel & m.bool().cpu()).sum())}/{int(m.sum())}"
                                      for name, m in parts.items()}
+    if flagged is not None:
+        fl = flagged.detach().bool().cpu().flatten()
+        out.update({"flagged_count": int(fl.sum()), "flagged_poison_count": int((fl & poisoned).sum())})
+        if parts:
+            out["flagged_poison_in"] = {name: f"{int((fl & m.bool().cpu()).sum())}/{int(m.sum())}"
+                                        for name, m in parts.items()}
     if scores is not None:
         s = scores.detach().float().cpu()
         # a low similarity flags a poison: AUROC of -similarity as a poison detector
@@ -136,7 +145,7 @@ def poison_diagnostics(poisoned: torch.Tensor, parts: dict[str, torch.Tensor] | 
         selector = isinstance(strategy, PairSelector)
         scores = strategy.pair_scores() if selector else None
         selected = strategy.selected() if selector else None
-        rec = poison_stats(scores, selected, poisoned, parts)
+        rec = poison_stats(scores, selected, poisoned, parts, strategy.flagged() if selector else None)
         if scores is not None and histograms and out_dir is not None:
             name = f"similarity_hist_epoch{epoch + 1:02d}.png"
             auc = rec["similarity_auroc"]

@@ -86,6 +86,11 @@ class PairSelector:
         """Boolean mask of the pairs trained with the CLIP loss this epoch (the safe set), or None."""
         return None
 
+    def flagged(self) -> torch.Tensor | None:
+        """Boolean mask of the pairs an image-side veto flagged this epoch (SafeCLIP's pattern
+        veto), or None."""
+        return None
+
 
 @dataclass
 class ClipOptions(Options):
