@@ -120,7 +120,7 @@ def test_unlearning_pushes_a_flagged_image_below_its_batchs_mean_caption_and_fad
     assert scale.grad is None  # the temperature is not the term's to move
     assert torch.count_nonzero(img.grad[~rows]) == 0 and torch.count_nonzero(img.grad[rows]) > 0
     moved = torch.nn.functional.normalize(img.detach() - 0.5 * img.grad, dim=-1)
-    assert all(float(moved[i] @ txt[i]) < float(img[i] @ txt[i]) for i in (0, 3))
+    assert all(float(moved[i] @ txt[i]) < float(img.detach()[i] @ txt[i]) for i in (0, 3))
     far = torch.nn.functional.normalize(-txt, dim=-1)  # the own caption is the least likely one
     assert float(own_caption_unlearning(far, txt, scale, rows)) < 1e-3
     none = own_caption_unlearning(img, txt, scale, torch.zeros(6, dtype=torch.bool))
@@ -173,3 +173,16 @@ def test_the_diagnostics_count_the_poisons_among_the_flagged_pairs():
     assert rec["flagged_count"] == 3 and rec["flagged_poison_count"] == 2
     assert rec["flagged_poison_in"] == {"part0-badnet": "1/2", "part1-sig": "1/1"}
     assert "flagged_count" not in poison_stats(None, None, poisoned, parts)
+
+
+@pytest.mark.parametrize("text", [True, False])
+def test_unlearning_moves_the_captions_only_when_asked(text):
+    strategy = defenses.build("safeclip", {"pattern_z": 3, "pattern_unlearn": 0.3, "pattern_unlearn_text": text})
+    strategy._patterned = torch.tensor([True, False, False, False])
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1).requires_grad_(True)
+    txt = img.detach().clone().requires_grad_(True)
+    terms = strategy._with_unlearning({}, SimpleNamespace(indices=torch.arange(4)), img, txt, torch.tensor(20.0))
+    terms["pattern_unlearn"].backward()
+    assert img.grad is not None and torch.count_nonzero(img.grad[0]) > 0
+    assert (txt.grad is not None) == text

@@ -192,6 +192,9 @@ class SafeClipOptions(Options):
     # otherwise stays, and grows, though no flagged pair trains with the CLIP loss again
     # (docs/safeclip-selection.md, thirty-seventh round). None: no such term
     pattern_unlearn: float | None = field(default=None, metadata={"neutral": None})
+    # whether the unlearning term also moves the captions (True) or only the flagged images (False:
+    # a clean pair the veto flags then cannot pull its class's captions away from that class)
+    pattern_unlearn_text: bool = field(default=True, metadata={"neutral": True})
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
@@ -738,6 +741,7 @@ class SafeClip(Strategy, PairSelector):
         if self.opt.pattern_unlearn is None or self._patterned is None:
             return terms
         rows = self._patterned[batch.indices.cpu()].to(img.device)
+        txt = txt if self.opt.pattern_unlearn_text else txt.detach()
         terms["pattern_unlearn"] = own_caption_unlearning(img, txt, scale, rows)
         return terms
 
