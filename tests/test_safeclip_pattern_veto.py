@@ -124,7 +124,7 @@ def test_unlearning_pushes_a_flagged_image_below_its_batchs_mean_caption_and_fad
     far = torch.nn.functional.normalize(-txt, dim=-1)  # the own caption is the least likely one
     assert float(own_caption_unlearning(far, txt, scale, rows)) < 1e-3
     none = own_caption_unlearning(img, txt, scale, torch.zeros(6, dtype=torch.bool))
-    assert float(none) == 0.0 and none.requires_grad
+    assert float(none.detach()) == 0.0 and none.requires_grad
 
 
 def test_unlearning_options_are_checked():
@@ -132,17 +132,35 @@ def test_unlearning_options_are_checked():
         defenses.build("safeclip", {"pattern_unlearn": 1.0})
     with pytest.raises(ConfigError, match="pattern_unlearn must be > 0"):
         defenses.build("safeclip", {"pattern_z": 3, "pattern_unlearn": 0})
+    with pytest.raises(ConfigError, match="pattern_unlearn_z needs pattern_unlearn"):
+        defenses.build("safeclip", {"pattern_z": 3, "pattern_unlearn_z": 5})
+    with pytest.raises(ConfigError, match="pattern_unlearn_z must be > 0"):
+        defenses.build("safeclip", {"pattern_z": 3, "pattern_unlearn": 0.3, "pattern_unlearn_z": -1})
     assert "pattern_unlearn" not in defenses.build("safeclip", {}).opt.identity()
 
 
-def test_a_run_that_unlearns_flagged_pairs_logs_the_term_and_resumes_exactly(fm_train, tmp_path):
+def test_a_stricter_unlearning_cut_flags_a_subset_of_the_veto():
+    """One scoring, two cuts: the pairs above the higher cut are among those above the lower."""
+    data, poisoned = _patterned()
+    ctx = _ctx(data)
+    suspicion = torch.rand(len(data.captions), generator=torch.Generator().manual_seed(1))
+    suspicion[poisoned[:20]] += 10.0
+    veto = PatternVeto(z=3.0, share=0.1, clusters=50)
+    low, high, none = veto.flags(ctx, suspicion, (3.0, 6.0, 1e6))
+    assert torch.equal(low, veto.vetoed(ctx, suspicion))
+    assert bool((high <= low).all()) and int(high.sum()) >= 20 and int(none.sum()) == 0
+
+
+@pytest.mark.parametrize("unlearn_z", [None, 2.5])
+def test_a_run_that_unlearns_flagged_pairs_logs_the_term_and_resumes_exactly(fm_train, tmp_path, unlearn_z):
     data = fm_train.subset(range(256))
 
     def strategy():
         return defenses.build("safeclip", dict(warmup_epochs=0, clip_warmup_epochs=1, lr_low_factor=1.0,
                                                min_initial_fraction=0.3, step=0.2, pool_size=128,
                                                density_z=None, repeat_z=None, pattern_z=2.0,
-                                               pattern_clusters=4, pattern_unlearn=1.0))
+                                               pattern_clusters=4, pattern_unlearn=1.0,
+                                               pattern_unlearn_z=unlearn_z))
 
     def cfg(**kw):
         return TrainConfig(model="cg-tiny", epochs=4, batch_size=64, lr=1e-3, warmup=2, seed=0, device="cpu",
@@ -154,6 +172,8 @@ def test_a_run_that_unlearns_flagged_pairs_logs_the_term_and_resumes_exactly(fm_
     assert mixed and all("pattern_unlearn_loss" in r for r in mixed)
     assert any(r["pattern_unlearn_loss"] > 0 for r in mixed)
     assert all("pattern_unlearn_loss" not in r for r in recs if r.get("phase") != "mixed")
+    if unlearn_z is not None:  # the stricter cut unlearns a subset of the vetoed pairs
+        assert all(r["pattern_unlearnt"] <= r["pattern_flagged"] for r in mixed)
     Trainer(cfg(stop_after=2), data, tmp_path / "b", strategy=strategy()).fit()
     Trainer(cfg(), data, tmp_path / "b", strategy=strategy()).fit(resume="latest")
     wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
@@ -178,7 +198,7 @@ def test_the_diagnostics_count_the_poisons_among_the_flagged_pairs():
 @pytest.mark.parametrize("text", [True, False])
 def test_unlearning_moves_the_captions_only_when_asked(text):
     strategy = defenses.build("safeclip", {"pattern_z": 3, "pattern_unlearn": 0.3, "pattern_unlearn_text": text})
-    strategy._patterned = torch.tensor([True, False, False, False])
+    strategy._unlearnt = torch.tensor([True, False, False, False])
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1).requires_grad_(True)
     txt = img.detach().clone().requires_grad_(True)

@@ -61,11 +61,19 @@ class PatternVeto:
     def vetoed(self, ctx: TrainContext, suspicion: torch.Tensor) -> torch.Tensor:
         """bool (N,): the pairs whose pattern z-score exceeds ``z``. Computed on the main rank
         and sent to the others, so every rank's safe set is the same."""
+        return self.flags(ctx, suspicion, (self.z,))[0]
+
+    @torch.no_grad()
+    def flags(self, ctx: TrainContext, suspicion: torch.Tensor, cuts: tuple[float, ...]) -> list[torch.Tensor]:
+        """One bool (N,) per cut: the pairs whose pattern z-score exceeds it (one scoring for all)."""
         out = None
         if ctx.dist.is_main:
-            z = self.scores(ctx, suspicion)
-            out = np.nonzero(np.nan_to_num(z, nan=0.0) > self.z)[0].tolist()
+            z = np.nan_to_num(self.scores(ctx, suspicion), nan=0.0)
+            out = [np.nonzero(z > cut)[0].tolist() for cut in cuts]
         out = broadcast_object(out, ctx.dist)
-        mask = torch.zeros(len(suspicion), dtype=torch.bool)
-        mask[torch.tensor(out, dtype=torch.long)] = True
-        return mask
+        masks = []
+        for rows in out:
+            mask = torch.zeros(len(suspicion), dtype=torch.bool)
+            mask[torch.tensor(rows, dtype=torch.long)] = True
+            masks.append(mask)
+        return masks

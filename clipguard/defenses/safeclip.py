@@ -195,6 +195,10 @@ class SafeClipOptions(Options):
     # whether the unlearning term also moves the captions (True) or only the flagged images (False:
     # a clean pair the veto flags then cannot pull its class's captions away from that class)
     pattern_unlearn_text: bool = field(default=True, metadata={"neutral": True})
+    # the pattern z-score above which a flagged pair is unlearnt (None: pattern_z, every vetoed
+    # pair). Higher: fewer clean pairs unlearnt, and fewer of a faint trigger's (docs/safeclip-selection.md,
+    # fortieth round)
+    pattern_unlearn_z: float | None = field(default=None, metadata={"neutral": None})
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
@@ -276,6 +280,10 @@ class SafeClipOptions(Options):
                 f"pattern_unlearn must be > 0 (or None: no unlearning term), got {self.pattern_unlearn}")
         require(self.pattern_unlearn is None or self.pattern_z is not None,
                 "pattern_unlearn needs the pattern veto (pattern_z), which flags the pairs it unlearns")
+        require(self.pattern_unlearn_z is None or self.pattern_unlearn_z > 0,
+                f"pattern_unlearn_z must be > 0 (or None: pattern_z), got {self.pattern_unlearn_z}")
+        require(self.pattern_unlearn_z is None or self.pattern_unlearn is not None,
+                "pattern_unlearn_z needs pattern_unlearn (the term it selects the pairs of)")
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
         require(not (self.risky_negatives and self.risky_clip == "neighbours"),
                 "risky_negatives needs risky_clip: none (with neighbours every risky image is a positive)")
@@ -347,6 +355,7 @@ class SafeClip(Strategy, PairSelector):
         self._step_feats: torch.Tensor | None = None
         self._step_fresh: torch.Tensor | None = None
         self._patterned: torch.Tensor | None = None  # bool (N,), the pattern veto's flags this epoch
+        self._unlearnt: torch.Tensor | None = None  # bool (N,), the pairs pattern_unlearn unlearns this epoch
         self._pattern = (PatternVeto(o.pattern_z, o.pattern_share, o.pattern_clusters, o.gmm_seed)
                          if o.pattern_z is not None else None)
 
@@ -432,7 +441,7 @@ class SafeClip(Strategy, PairSelector):
         ph = self.phase(epoch)
         rec: dict[str, Any] = {"phase": ph}
         if ph != "mixed":
-            self._safe = self._patterned = None
+            self._safe = self._patterned = self._unlearnt = None
             self._aligned.reset()
             return rec
         ratio = self._aligned.check(
@@ -474,7 +483,12 @@ class SafeClip(Strategy, PairSelector):
         sims[cand] = scores.score
         patterned = None
         if self._pattern is not None:  # the riskiest pairs (lowest scores) estimate each group's pattern
-            patterned = self._pattern.vetoed(ctx, -sims)
+            if o.pattern_unlearn_z is None:
+                patterned = self._pattern.vetoed(ctx, -sims)
+                self._unlearnt = patterned if o.pattern_unlearn is not None else None
+            else:
+                patterned, self._unlearnt = self._pattern.flags(ctx, -sims, (o.pattern_z, o.pattern_unlearn_z))
+                rec["pattern_unlearnt"] = int(self._unlearnt.sum())
             rec["pattern_flagged"] = int(patterned.sum())
             self._patterned = patterned
         vetoes = scores.log_kdist is not None or scores.log_repeat is not None or patterned is not None
@@ -738,9 +752,9 @@ class SafeClip(Strategy, PairSelector):
                          txt: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
         """``pattern_unlearn``: add the term that unlearns this batch's pattern-flagged pairs (a
         mixed step's flags; none in other phases)."""
-        if self.opt.pattern_unlearn is None or self._patterned is None:
+        if self._unlearnt is None:
             return terms
-        rows = self._patterned[batch.indices.cpu()].to(img.device)
+        rows = self._unlearnt[batch.indices.cpu()].to(img.device)
         txt = txt if self.opt.pattern_unlearn_text else txt.detach()
         terms["pattern_unlearn"] = own_caption_unlearning(img, txt, scale, rows)
         return terms
@@ -803,6 +817,8 @@ class SafeClip(Strategy, PairSelector):
             out["strikes"] = self._strikes.contiguous()
         if self._patterned is not None:
             out["patterned"] = self._patterned.to(torch.uint8).contiguous()
+        if self._unlearnt is not None:
+            out["unlearnt"] = self._unlearnt.to(torch.uint8).contiguous()
         if self._step_feats is not None:
             out["step_features"] = self._step_feats.contiguous()
             out["step_fresh"] = self._step_fresh.to(torch.uint8).contiguous()
@@ -820,6 +836,9 @@ class SafeClip(Strategy, PairSelector):
         self._safe = tensors["safe"].bool().clone() if "safe" in tensors else None
         self._dense = tensors["dense"].bool().clone() if "dense" in tensors else None
         self._patterned = tensors["patterned"].bool().clone() if "patterned" in tensors else None
+        self._unlearnt = tensors["unlearnt"].bool().clone() if "unlearnt" in tensors else None
+        if self._unlearnt is None and self.opt.pattern_unlearn is not None and self.opt.pattern_unlearn_z is None:
+            self._unlearnt = self._patterned  # a state written before the two were kept apart
         self._m = meta.get("m")
         self._dense_rounds = int(meta.get("dense_rounds", 0))
         self._strikes = tensors["strikes"].to(torch.uint8).clone() if "strikes" in tensors else None
