@@ -76,32 +76,37 @@ def test_pattern_options_are_checked():
     assert "pattern_z" not in base and "pattern_share" not in base  # off: not part of a run's identity
 
 
-def test_a_run_with_the_pattern_veto_removes_flagged_pairs_and_resumes_exactly(fm_train, tmp_path):
-    """Every mixed epoch logs how many pairs the veto flagged; the safe set is the ranked top m
-    minus the vetoed pairs; a run stopped after its first split resumes to the same weights."""
-    data = fm_train.subset(range(256))
+def _pattern_strategy(**extra):
+    """SafeCLIP on 256 pairs with the pattern veto at a low cut, so that a tiny run flags pairs."""
+    return defenses.build("safeclip", dict(warmup_epochs=0, clip_warmup_epochs=1, lr_low_factor=1.0,
+                                           min_initial_fraction=0.3, step=0.2, pool_size=128, density_z=None,
+                                           repeat_z=None, pattern_z=2.0, pattern_clusters=4, **extra))
 
-    def strategy():
-        return defenses.build("safeclip", dict(warmup_epochs=0, clip_warmup_epochs=1, lr_low_factor=1.0,
-                                               min_initial_fraction=0.3, step=0.2, pool_size=128,
-                                               density_z=None, repeat_z=None, pattern_z=2.0,
-                                               pattern_clusters=4))
 
+def _run_and_resume(data, tmp_path, **extra) -> list[dict]:
+    """A 4-epoch run, and the same run stopped after 2 epochs and resumed: the same weights.
+    Returns the first run's epoch records."""
     def cfg(**kw):
         return TrainConfig(model="cg-tiny", epochs=4, batch_size=64, lr=1e-3, warmup=2, seed=0, device="cpu",
                            quiet=True, **kw)
 
-    Trainer(cfg(), data, tmp_path / "a", strategy=strategy()).fit()
-    recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    Trainer(cfg(), data, tmp_path / "a", strategy=_pattern_strategy(**extra)).fit()
+    Trainer(cfg(stop_after=2), data, tmp_path / "b", strategy=_pattern_strategy(**extra)).fit()
+    Trainer(cfg(), data, tmp_path / "b", strategy=_pattern_strategy(**extra)).fit(resume="latest")
+    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+
+
+def test_a_run_with_the_pattern_veto_removes_flagged_pairs_and_resumes_exactly(fm_train, tmp_path):
+    """Every mixed epoch logs how many pairs the veto flagged; the safe set is the ranked top m
+    minus the vetoed pairs; a run stopped after its first split resumes to the same weights."""
+    recs = _run_and_resume(fm_train.subset(range(256)), tmp_path)
     mixed = [r for r in recs if r.get("phase") == "mixed"]
     assert len(mixed) == 3 and all("pattern_flagged" in r for r in mixed)
     assert any(r["density_vetoed"] >= 1 for r in mixed)
     for r in mixed:
         assert r["safe_size"] == pytest.approx(round(r["m"] * 256) - r["density_vetoed"], abs=1)
-    Trainer(cfg(stop_after=2), data, tmp_path / "b", strategy=strategy()).fit()
-    Trainer(cfg(), data, tmp_path / "b", strategy=strategy()).fit(resume="latest")
-    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_unlearning_pushes_a_flagged_image_below_its_batchs_mean_caption_and_fades():
@@ -153,33 +158,13 @@ def test_a_stricter_unlearning_cut_flags_a_subset_of_the_veto():
 
 @pytest.mark.parametrize("unlearn_z", [None, 2.5])
 def test_a_run_that_unlearns_flagged_pairs_logs_the_term_and_resumes_exactly(fm_train, tmp_path, unlearn_z):
-    data = fm_train.subset(range(256))
-
-    def strategy():
-        return defenses.build("safeclip", dict(warmup_epochs=0, clip_warmup_epochs=1, lr_low_factor=1.0,
-                                               min_initial_fraction=0.3, step=0.2, pool_size=128,
-                                               density_z=None, repeat_z=None, pattern_z=2.0,
-                                               pattern_clusters=4, pattern_unlearn=1.0,
-                                               pattern_unlearn_z=unlearn_z))
-
-    def cfg(**kw):
-        return TrainConfig(model="cg-tiny", epochs=4, batch_size=64, lr=1e-3, warmup=2, seed=0, device="cpu",
-                           quiet=True, **kw)
-
-    Trainer(cfg(), data, tmp_path / "a", strategy=strategy()).fit()
-    recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    recs = _run_and_resume(fm_train.subset(range(256)), tmp_path, pattern_unlearn=1.0, pattern_unlearn_z=unlearn_z)
     mixed = [r for r in recs if r.get("phase") == "mixed"]
     assert mixed and all("pattern_unlearn_loss" in r for r in mixed)
     assert any(r["pattern_unlearn_loss"] > 0 for r in mixed)
     assert all("pattern_unlearn_loss" not in r for r in recs if r.get("phase") != "mixed")
     if unlearn_z is not None:  # the stricter cut unlearns a subset of the vetoed pairs
         assert all(r["pattern_unlearnt"] <= r["pattern_flagged"] for r in mixed)
-    Trainer(cfg(stop_after=2), data, tmp_path / "b", strategy=strategy()).fit()
-    Trainer(cfg(), data, tmp_path / "b", strategy=strategy()).fit(resume="latest")
-    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
 def test_the_diagnostics_count_the_poisons_among_the_flagged_pairs():
     """With an image-side veto's flags the per-epoch record says how many of them are poisons,
     overall and per attack part; without flags it says nothing of them."""
