@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -27,6 +26,7 @@ from clipguard.bench.config import load_config
 from clipguard.bench.plan import plan_cells
 from clipguard.defenses.pattern_veto import PatternVeto
 from clipguard.errors import ConfigError
+from clipguard.evaluation.detection import per_part
 from clipguard.models import checkpoint as ckpt
 from clipguard.models.factory import create_model, get_tokenizer
 from clipguard.training.distributed import DistInfo
@@ -60,15 +60,10 @@ def flag_counts(config: str | Path, out: str | Path, cell_id: str,
                           device=torch.device("cpu"), dist=DistInfo())
     veto = PatternVeto(float(opts["pattern_z"]), float(opts["pattern_share"]), int(opts["pattern_clusters"]),
                        int(opts["gmm_seed"]))
-    z = np.nan_to_num(veto.scores(ctx, -sims), nan=0.0)
-    poisoned = poison.mask.numpy().astype(bool)
-    parts = {p.attack: m.numpy().astype(bool) for p, m in zip(cell.attack.parts, poison.masks)}
-    rows = []
-    for cut in cuts:
-        f = z > cut
-        rows.append({"cut": cut, "flagged": int(f.sum()), "clean": int((f & ~poisoned).sum()),
-                     **{name: f"{int((f & m).sum())}/{int(m.sum())}" for name, m in parts.items()}})
-    return rows
+    poisoned = poison.mask.bool()
+    parts = {p.attack: m for p, m in zip(cell.attack.parts, poison.masks)}
+    return [{"cut": cut, "flagged": int(f.sum()), "clean": int((f & ~poisoned).sum()), **per_part(f, parts)}
+            for cut, f in zip(cuts, veto.flags(ctx, -sims, cuts))]
 
 
 def main(argv: list[str] | None = None) -> None:

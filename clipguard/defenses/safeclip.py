@@ -817,7 +817,7 @@ class SafeClip(Strategy, PairSelector):
             out["strikes"] = self._strikes.contiguous()
         if self._patterned is not None:
             out["patterned"] = self._patterned.to(torch.uint8).contiguous()
-        if self._unlearnt is not None:
+        if self._unlearnt is not None and self.opt.pattern_unlearn_z is not None:  # else: the veto's flags
             out["unlearnt"] = self._unlearnt.to(torch.uint8).contiguous()
         if self._step_feats is not None:
             out["step_features"] = self._step_feats.contiguous()
@@ -837,8 +837,8 @@ class SafeClip(Strategy, PairSelector):
         self._dense = tensors["dense"].bool().clone() if "dense" in tensors else None
         self._patterned = tensors["patterned"].bool().clone() if "patterned" in tensors else None
         self._unlearnt = tensors["unlearnt"].bool().clone() if "unlearnt" in tensors else None
-        if self._unlearnt is None and self.opt.pattern_unlearn is not None and self.opt.pattern_unlearn_z is None:
-            self._unlearnt = self._patterned  # a state written before the two were kept apart
+        if self.opt.pattern_unlearn is not None and self.opt.pattern_unlearn_z is None:
+            self._unlearnt = self._patterned  # without its own cut the term unlearns every vetoed pair
         self._m = meta.get("m")
         self._dense_rounds = int(meta.get("dense_rounds", 0))
         self._strikes = tensors["strikes"].to(torch.uint8).clone() if "strikes" in tensors else None

@@ -55,6 +55,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def per_part(mask: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Per attack part, "k/n": how many of the part's n pairs ``mask`` holds."""
+    mask = mask.detach().bool().cpu().flatten()
+    return {name: f"{int((mask & m.bool().cpu()).sum())}/{int(m.sum())}" for name, m in parts.items()}
+
+
 def poison_stats(scores: torch.Tensor | None, selected: torch.Tensor | None, poisoned: torch.Tensor,
                  parts: dict[str, torch.Tensor] | None = None,
                  flagged: torch.Tensor | None = None) -> dict[str, Any]:
@@ -83,14 +89,12 @@ def poison_stats(scores: torch.Tensor | None, selected: torch.Tensor | None, poi
                     "safe_poison_rate": round(in_safe / k, 6) if k else 0.0,
                     "safe_poison_recall": round(in_safe / n_poison, 6) if n_poison else None})
         if parts:
-            out["safe_poison_in"] = {name: f"{int((sel & m.bool().cpu()).sum())}/{int(m.sum())}"
-                                     for name, m in parts.items()}
+            out["safe_poison_in"] = per_part(sel, parts)
     if flagged is not None:
         fl = flagged.detach().bool().cpu().flatten()
         out.update({"flagged_count": int(fl.sum()), "flagged_poison_count": int((fl & poisoned).sum())})
         if parts:
-            out["flagged_poison_in"] = {name: f"{int((fl & m.bool().cpu()).sum())}/{int(m.sum())}"
-                                        for name, m in parts.items()}
+            out["flagged_poison_in"] = per_part(fl, parts)
     if scores is not None:
         s = scores.detach().float().cpu()
         # a low similarity flags a poison: AUROC of -similarity as a poison detector
