@@ -165,6 +165,8 @@ def test_a_run_that_unlearns_flagged_pairs_logs_the_term_and_resumes_exactly(fm_
     assert all("pattern_unlearn_loss" not in r for r in recs if r.get("phase") != "mixed")
     if unlearn_z is not None:  # the stricter cut unlearns a subset of the vetoed pairs
         assert all(r["pattern_unlearnt"] <= r["pattern_flagged"] for r in mixed)
+
+
 def test_the_diagnostics_count_the_poisons_among_the_flagged_pairs():
     """With an image-side veto's flags the per-epoch record says how many of them are poisons,
     overall and per attack part; without flags it says nothing of them."""
