@@ -16,6 +16,7 @@ allocator are warmed up by short untimed fits first.
 
     .venv/bin/python benchmarks/defense_overhead.py --pairs 4000 --model cg-nano --repeats 3
     .venv/bin/python benchmarks/defense_overhead.py --pairs 4000 --safeclip-opt risky_loss=none
+    .venv/bin/python benchmarks/defense_overhead.py --pairs 4000 --roclip-opt align_before_pool=null
     .venv/bin/python benchmarks/defense_overhead.py --data path/train.csv --device cuda --epochs 15
 """
 
@@ -123,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="SafeCLIP's r for this benchmark (default: its library default)")
     p.add_argument("--safeclip-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a SafeCLIP option for this benchmark, e.g. --safeclip-opt risky_loss=none (repeatable)")
+    p.add_argument("--roclip-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a RoCLIP option for this benchmark, e.g. --roclip-opt align_before_pool=null "
+                        "(pool epochs on schedule even before the model has aligned; repeatable)")
     p.add_argument("--trim-text", action=argparse.BooleanOptionalAction, default=None,
                    help="every fit's text tower on the captions only (default: the trainer's, on for a GPU)")
     p.add_argument("--repeats", type=int, default=1, help="repeat the three fits in a rotated order; report medians")
@@ -138,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         safe_opts.update(parse_options(args.safeclip_opt, "--safeclip-opt"))
         resolve_spec(defense="safeclip", options=safe_opts)
+        ro_opts = parse_options(args.roclip_opt, "--roclip-opt")
+        resolve_spec(defense="roclip", options=ro_opts)
     except ConfigError as e:
         p.error(str(e))
 
@@ -146,13 +152,14 @@ def main(argv: list[str] | None = None) -> None:
         csv = training_csv(args.data, tmp, args.pairs, args.seed)
         data = load_csv(csv, image_size=28 if args.model.startswith("cg-tiny") else None, limit=args.pairs)
         warm_up(data, tmp, args)
-        fits = [("none", {}), ("safeclip", safe_opts), ("roclip", {})]
+        fits = [("none", {}), ("safeclip", safe_opts), ("roclip", ro_opts)]
         runs: dict[str, list[tuple[float, list[dict]]]] = {k: [] for k in KINDS}
         for r in range(args.repeats):
             for name, opts in fits[r % 3:] + fits[:r % 3]:
                 runs[name].append(run(name, opts, data, tmp / f"repeat{r}", args))
     res = summarise(runs, len(data), args)
     res["safeclip_options"] = safe_opts
+    res["roclip_options"] = ro_opts
 
     def show(label: str, key: str, note: str = "") -> None:
         v, rng = res[key], res.get(key + "_range")

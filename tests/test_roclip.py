@@ -9,10 +9,19 @@ from _trainers import batch_of, set_up
 from clipguard import defenses
 from clipguard.training.trainer import TrainConfig, Trainer
 
+# The options below test one mechanism each, on RoCLIP's defaults before the twenty-second round
+# (configs/roclip-previous.yaml): pool epochs on the paper's schedule, no margin, every pair in the
+# plain epochs. A test of one of these three names it.
+PREVIOUS = {"align_before_pool": None, "keep_own_margin": 0.0, "plain_trains_kept": False}
+
+
+def _roclip(opts):
+    return defenses.build("roclip", {**PREVIOUS, **opts})
+
 
 def _built(data, opts, tmp_path):
     return set_up(TrainConfig(model="cg-tiny", epochs=2, batch_size=32, seed=0, device="cpu", quiet=True),
-                  data, defenses.build("roclip", opts), tmp_path)
+                  data, _roclip(opts), tmp_path)
 
 
 def _batch(t, idx, seed=5):
@@ -141,8 +150,8 @@ def test_keep_own_margin_trains_and_reports_the_kept_share(fm_train, tmp_path):
 
 def test_keep_own_margin_is_validated():
     with pytest.raises(Exception, match="keep_own_margin"):
-        defenses.build("roclip", {"keep_own_margin": -0.5})
-    defenses.build("roclip", {"keep_own": 0.0, "keep_own_margin": 1.0, "unmatched": "drop"})
+        _roclip({"keep_own_margin": -0.5})
+    _roclip({"keep_own": 0.0, "keep_own_margin": 1.0, "unmatched": "drop"})
 
 
 def test_plain_trains_kept_leaves_the_latest_pool_epochs_re_paired_rows_out_of_plain_steps(fm_train, tmp_path):
@@ -170,12 +179,12 @@ def test_plain_trains_kept_leaves_the_latest_pool_epochs_re_paired_rows_out_of_p
                                         t.ctx.tokenize(s._texts(b.captions, random.Random(5))))
         assert float(loss.detach()) == pytest.approx(float(clip_loss(img, txt, scale, mask=kept)), rel=1e-5)
     # the decisions survive a resume
-    fresh = defenses.build("roclip", dict(s.opt.to_dict()))
+    fresh = _roclip(dict(s.opt.to_dict()))
     fresh.bind(t.ctx)
     fresh.load_state(s.state_tensors(), s.state_json())
     assert torch.equal(fresh._plain_rows(torch.arange(64), torch.device("cpu")), rows)
     with pytest.raises(Exception, match="plain_trains_kept"):
-        defenses.build("roclip", {"keep_own": 0.0, "plain_trains_kept": True})
+        _roclip({"keep_own": 0.0, "plain_trains_kept": True})
     # with plain_negatives the left-out images are extra negatives of the kept captions
     s.opt.plain_negatives = True
     loss, _ = s.loss(_batch(t, range(32)))  # the same views as above
@@ -183,12 +192,12 @@ def test_plain_trains_kept_leaves_the_latest_pool_epochs_re_paired_rows_out_of_p
         want = clip_loss(img, txt, scale, mask=kept, negatives=~kept)
         assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
     with pytest.raises(Exception, match="plain_negatives"):
-        defenses.build("roclip", {"plain_negatives": True})
+        _roclip({"plain_negatives": True})
 
 
 def test_keep_own_is_validated():
     with pytest.raises(Exception, match="keep_own"):
-        defenses.build("roclip", {"keep_own": 1.0})
+        _roclip({"keep_own": 1.0})
 
 
 def test_the_diagnostics_see_the_latest_pool_epochs_matching(fm_train, tmp_path):
@@ -295,7 +304,7 @@ def test_pool_duplicates_merge_runs_a_pool_step_and_is_validated(fm_train, tmp_p
     from clipguard.errors import ConfigError
 
     with pytest.raises(ConfigError, match="'pool_duplicates' must be one of 'separate', 'merge'"):
-        defenses.build("roclip", {"pool_duplicates": "both"})
+        _roclip({"pool_duplicates": "both"})
 
 
 def test_unmatched_drop_trains_a_pool_step_on_the_agreeing_pairs_only(fm_train, tmp_path):
@@ -329,11 +338,11 @@ def test_unmatched_drop_and_flip_p_are_validated():
     from clipguard.errors import ConfigError
 
     with pytest.raises(ConfigError, match="needs keep_own > 0"):
-        defenses.build("roclip", {"unmatched": "drop", "keep_own": 0.0})
+        _roclip({"unmatched": "drop", "keep_own": 0.0})
     with pytest.raises(ConfigError, match="pool_duplicates must stay 'separate'"):
-        defenses.build("roclip", {"unmatched": "drop", "pool_duplicates": "merge"})
+        _roclip({"unmatched": "drop", "pool_duplicates": "merge"})
     with pytest.raises(ConfigError, match="flip_p"):
-        defenses.build("roclip", {"flip_p": 1.5})
+        _roclip({"flip_p": 1.5})
 
 
 def test_flip_p_zero_never_mirrors_a_view():
@@ -348,19 +357,19 @@ def test_flip_p_zero_never_mirrors_a_view():
 
 def test_pool_start_delays_the_first_pool_epoch_by_a_share_of_the_budget(fm_train, tmp_path):
     t = Trainer(TrainConfig(model="cg-tiny", epochs=10, batch_size=32, seed=0, device="cpu", quiet=True),
-                fm_train.subset(range(200)), tmp_path, strategy=defenses.build("roclip", {"pool_start": 0.3}))
+                fm_train.subset(range(200)), tmp_path, strategy=_roclip({"pool_start": 0.3}))
     t.setup()
     # 3 plain epochs, then every 2nd: epochs 5, 7, 9 (counted from 1)
     assert [e + 1 for e in range(10) if t.strategy.is_pool_epoch(e)] == [5, 7, 9]
     with pytest.raises(Exception, match="pool_start"):
-        defenses.build("roclip", {"pool_start": 1.0})
+        _roclip({"pool_start": 1.0})
 
 
 def test_align_before_pool_trains_a_pool_epoch_plain_until_the_model_leaves_chance(fm_train, tmp_path):
     import math
 
     t = Trainer(TrainConfig(model="cg-tiny", epochs=10, batch_size=32, seed=0, device="cpu", quiet=True),
-                fm_train.subset(range(200)), tmp_path, strategy=defenses.build("roclip", {"align_before_pool": 0.97}))
+                fm_train.subset(range(200)), tmp_path, strategy=_roclip({"align_before_pool": 0.97}))
     t.setup()
     s = t.strategy
     chance = math.log(32)
@@ -382,19 +391,19 @@ def test_align_before_pool_trains_a_pool_epoch_plain_until_the_model_leaves_chan
     assert [e + 1 for e in range(10) if s.is_pool_epoch(e)] == [4, 6, 8, 10]
     # the decision survives a resume
     meta = s.state_json()
-    fresh = defenses.build("roclip", {"align_before_pool": 0.97})
+    fresh = _roclip({"align_before_pool": 0.97})
     fresh.bind(t.ctx)
     fresh.load_state(s.state_tensors(), meta)
     assert fresh._aligned_at == 3 and fresh._plain.state() == s._plain.state()
     assert [e + 1 for e in range(10) if fresh.is_pool_epoch(e)] == [4, 6, 8, 10]
     # without the option nothing is held back and nothing extra is saved
     off = Trainer(TrainConfig(model="cg-tiny", epochs=10, batch_size=32, seed=0, device="cpu", quiet=True),
-                  fm_train.subset(range(200)), tmp_path / "off", strategy=defenses.build("roclip", {}))
+                  fm_train.subset(range(200)), tmp_path / "off", strategy=_roclip({}))
     off.setup()
     off.strategy._plain.add(0.99 * chance)
     assert off.strategy.on_epoch_start(1)["pool_epoch"] is True and off.strategy.state_json() == {}
     with pytest.raises(Exception, match="align_before_pool"):
-        defenses.build("roclip", {"align_before_pool": 1.5})
+        _roclip({"align_before_pool": 1.5})
 
 
 def test_align_before_pool_holds_back_a_first_pool_epoch_with_no_plain_epoch_before(fm_train, tmp_path):
@@ -467,9 +476,9 @@ def test_a_keep_own_streak_keeps_the_own_caption_only_after_agreeing_pool_epochs
 
 def test_keep_own_streak_is_validated():
     with pytest.raises(Exception, match="keep_own_streak must be >= 1"):
-        defenses.build("roclip", {"keep_own_streak": 0})
+        _roclip({"keep_own_streak": 0})
     with pytest.raises(Exception, match="keep_own_streak needs keep_own > 0"):
-        defenses.build("roclip", {"keep_own_streak": 2, "keep_own": 0.0})
+        _roclip({"keep_own_streak": 2, "keep_own": 0.0})
 
 
 def test_plain_keep_trains_a_plain_step_on_its_lowest_loss_pairs(fm_train, tmp_path):
@@ -493,4 +502,37 @@ def test_plain_keep_trains_a_plain_step_on_its_lowest_loss_pairs(fm_train, tmp_p
         assert float(loss) == pytest.approx(float(clip_loss(img, txt, scale, mask=rows)), rel=1e-5)
     assert logs["clip_loss"] == pytest.approx(float(whole), rel=1e-5) and logs["kept_clip_loss"] < logs["clip_loss"]
     with pytest.raises(ConfigError, match="plain_keep must be in"):
-        defenses.build("roclip", {"plain_keep": 0.0})
+        _roclip({"plain_keep": 0.0})
+
+
+def test_the_defaults_wait_for_alignment_keep_near_misses_and_train_only_kept_pairs_in_plain_epochs():
+    """The twenty-second validation round's defaults (docs/roclip-selection.md)."""
+    opt = defenses.build("roclip", {}).opt
+    assert (opt.align_before_pool, opt.keep_own_margin, opt.plain_trains_kept) == (0.97, 1.0, True)
+    assert (opt.keep_own, opt.crop_scale_min) == (0.1, 0.5)
+
+
+@pytest.mark.parametrize("preset", ["roclip-previous", "roclip", "roclip-small", "augclip-screen"])
+def test_presets_written_before_the_new_defaults_keep_their_fingerprint(preset):
+    """Each preset writes the three options out at their neutral values, so the runs and bench
+    cells made with it before the defaults changed stay valid (and do what they did)."""
+    from pathlib import Path
+
+    from clipguard.training.spec import resolve_spec
+
+    spec = resolve_spec(preset=str(Path(__file__).parents[1] / "configs" / f"{preset}.yaml"))
+    ident = spec.options.identity()
+    assert not {"align_before_pool", "keep_own_margin", "plain_trains_kept"} & set(ident)
+
+
+def test_without_pool_epochs_the_new_defaults_train_the_same_weights(fm_train, tmp_path):
+    """align_before_pool, keep_own_margin and plain_trains_kept act only in or after pool epochs:
+    RoCLIP with no pool epoch in its budget (the augmented-CLIP screen) is what it was."""
+    data = fm_train.subset(range(128))
+    weights = []
+    for i, opts in enumerate([{"match_every": 1000}, {**PREVIOUS, "match_every": 1000}]):
+        t = Trainer(TrainConfig(model="cg-tiny", epochs=2, batch_size=32, seed=0, device="cpu", quiet=True),
+                    data, tmp_path / str(i), strategy=defenses.build("roclip", opts))
+        t.fit()
+        weights.append({k: v.detach().clone() for k, v in t.model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -38,8 +38,10 @@ from clipguard.training.strategy import PairSelector, Strategy
 
 @dataclass
 class RoClipOptions(Options):
-    """RoCLIP's settings: the paper's (Alg. 1), except ``keep_own`` and ``crop_scale_min``, chosen on
-    validation data (docs/defenses.md); ``configs/roclip.yaml`` is the paper's as published."""
+    """RoCLIP's settings: the paper's (Alg. 1), except ``keep_own``, ``crop_scale_min``,
+    ``align_before_pool``, ``keep_own_margin`` and ``plain_trains_kept``, chosen on validation data
+    (docs/defenses.md); ``configs/roclip.yaml`` is the paper's as published and
+    ``configs/roclip-previous.yaml`` the defaults before the twenty-second validation round."""
 
     kind: ClassVar[str] = "defense 'roclip'"
     match_every: int = 2              # K: every K-th epoch pairs images with pooled captions
@@ -51,7 +53,7 @@ class RoClipOptions(Options):
     # scheduled pool epoch had a mean CLIP loss above this share of chance (log of the global batch),
     # that epoch is trained plain too; once one passes, the schedule runs as set. None = off (the
     # paper). Unlike pool_start it waits on the data, not on a share of the budget
-    align_before_pool: float | None = field(default=None, metadata={"neutral": None})
+    align_before_pool: float | None = field(default=0.97, metadata={"neutral": None})
     pool_fraction: float = 0.02       # pool size as a fraction of the data (the paper: 2%)
     pool_size: int | None = None      # an absolute pool size instead of pool_fraction
     augment: bool = True              # SimCLR images and EDA captions
@@ -68,7 +70,7 @@ class RoClipOptions(Options):
     # pick: the log-odds of the pick over the own caption, at the model's logit scale, below this many
     # nats (0 = off). A clean image of a class the model confuses picks a caption of the wrong class
     # that is only a little nearer than its own; a poisoned image's own caption is far from it
-    keep_own_margin: float = field(default=0.0, metadata={"neutral": 0.0})
+    keep_own_margin: float = field(default=1.0, metadata={"neutral": 0.0})
     # how images pick pooled captions: each its nearest (the paper), or a balanced assignment
     # (Sinkhorn-Knopp, as SwAV's equipartition) in which every pooled caption is picked about
     # equally often within a batch, so a few hub captions cannot take most of the images
@@ -93,7 +95,7 @@ class RoClipOptions(Options):
     # the latest pool epoch (needs keep_own or keep_own_margin; pairs that epoch did not reach train
     # as usual): a poisoned pair, re-paired in the pool epochs, is not trained on its caption in the
     # plain epochs between them either
-    plain_trains_kept: bool = field(default=False, metadata={"neutral": False})
+    plain_trains_kept: bool = field(default=True, metadata={"neutral": False})
     # with plain_trains_kept: the images of the pairs a plain step leaves out are extra negatives of
     # the kept captions (caption-to-image direction only), so a poisoned image the model has tied to
     # a caption is pushed away from it (SafeCLIP's risky_negatives)
@@ -244,7 +246,8 @@ class RoClip(Strategy, PairSelector):
             ratio = self._plain.check(
                 self.ctx, f"roclip: pool epoch {epoch + 1}",
                 "the model cannot match images to captions yet, so the pool epochs will pair most images "
-                "with a few captions and may collapse it. Plain epochs first help: --opt pool_start=0.5 "
+                "with a few captions and may collapse it. Plain epochs first help: --opt align_before_pool=0.97 "
+                "(the default) holds a pool epoch until the model has left chance, or --opt pool_start=0.5 "
                 "--opt match_every=1 (docs/defenses.md, RoCLIP)")
             if ratio is not None:
                 record["plain_loss_vs_chance"] = ratio
