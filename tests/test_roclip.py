@@ -536,3 +536,14 @@ def test_without_pool_epochs_the_new_defaults_train_the_same_weights(fm_train, t
         t.fit()
         weights.append({k: v.detach().clone() for k, v in t.model.state_dict().items()})
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_align_preset_writes_out_todays_defaults():
+    """configs/roclip-align.yaml is the defaults written out: a run made with it now is a run of
+    ``--defense roclip`` with no options (the same fingerprint)."""
+    from pathlib import Path
+
+    from clipguard.training.spec import resolve_spec
+
+    preset = resolve_spec(preset=str(Path(__file__).parents[1] / "configs" / "roclip-align.yaml"))
+    assert preset.options.identity() == resolve_spec(defense="roclip").options.identity()
