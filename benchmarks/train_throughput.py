@@ -19,7 +19,6 @@ training loop does per step under ``--grad-clip-norm 1`` (our trainer's default)
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import tempfile
 import time
@@ -33,6 +32,7 @@ from clipguard.data.fashion_mnist import materialise
 from clipguard.models.factory import create_model, get_tokenizer
 from clipguard.tensors import normalize
 from clipguard.training.build import build_trainer
+from clipguard.training.losses import MAX_LOGIT_SCALE
 from clipguard.training.optim import make_optimizer
 from clipguard.training.spec import resolve_spec
 from clipguard.training.trainer import TrainConfig
@@ -67,7 +67,7 @@ def minimal_loop(data, model_name: str, epochs: int, batch: int, lr: float, seed
             opt.step()
             if grad_clip is not None:
                 with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
+                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     end = time.perf_counter()
     n = steps * batch * epochs
     return n / (end - t0), n / (end - t_start)

@@ -1,18 +1,21 @@
 """RoCLIP: pool epochs every K, pool size 2% of the data, and the text tower learns in pool epochs."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from _trainers import batch_of, set_up
 
 from clipguard import defenses
+from clipguard.training.spec import load_preset, resolve_spec
 from clipguard.training.trainer import TrainConfig, Trainer
 
+CONFIGS = Path(__file__).parents[1] / "configs"
 # The options below test one mechanism each, on RoCLIP's defaults before the twenty-second round
 # (configs/roclip-previous.yaml): pool epochs on the paper's schedule, no margin, every pair in the
-# plain epochs. A test of one of these three names it.
-PREVIOUS = {"align_before_pool": None, "keep_own_margin": 0.0, "plain_trains_kept": False}
+# plain epochs. A test of one of these options names it.
+PREVIOUS = load_preset(CONFIGS / "roclip-previous.yaml")["options"]
 
 
 def _roclip(opts):
@@ -516,11 +519,7 @@ def test_the_defaults_wait_for_alignment_keep_near_misses_and_train_only_kept_pa
 def test_presets_written_before_the_new_defaults_keep_their_fingerprint(preset):
     """Each preset writes the three options out at their neutral values, so the runs and bench
     cells made with it before the defaults changed stay valid (and do what they did)."""
-    from pathlib import Path
-
-    from clipguard.training.spec import resolve_spec
-
-    spec = resolve_spec(preset=str(Path(__file__).parents[1] / "configs" / f"{preset}.yaml"))
+    spec = resolve_spec(preset=str(CONFIGS / f"{preset}.yaml"))
     ident = spec.options.identity()
     assert not {"align_before_pool", "keep_own_margin", "plain_trains_kept"} & set(ident)
 
@@ -541,9 +540,5 @@ def test_without_pool_epochs_the_new_defaults_train_the_same_weights(fm_train, t
 def test_the_align_preset_writes_out_todays_defaults():
     """configs/roclip-align.yaml is the defaults written out: a run made with it now is a run of
     ``--defense roclip`` with no options (the same fingerprint)."""
-    from pathlib import Path
-
-    from clipguard.training.spec import resolve_spec
-
-    preset = resolve_spec(preset=str(Path(__file__).parents[1] / "configs" / "roclip-align.yaml"))
+    preset = resolve_spec(preset=str(CONFIGS / "roclip-align.yaml"))
     assert preset.options.identity() == resolve_spec(defense="roclip").options.identity()

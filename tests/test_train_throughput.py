@@ -32,8 +32,8 @@ def test_the_minimal_loop_with_clipping_does_the_trainers_per_step_work(fm_dir, 
         assert f"{what}: minimal loop with clipping and clamp " in out and "clipguard's ratio to it" in out, what
 
 
-def test_the_clipping_loop_clips_and_clamps(fm_dir, monkeypatch):
-    """The like-for-like contestant really calls torch's clipping at the trainer's norm."""
+def test_the_clipping_loop_calls_torchs_clipping_at_the_given_norm(fm_dir, monkeypatch):
+    """The like-for-like contestant really calls torch's clipping, once a step, at the norm given."""
     import torch
 
     calls = []
