@@ -87,12 +87,14 @@ def train(data: str | Path, out: str | Path, *, defense: str | None = None, pres
                      attack_manifest=attack_manifest, resume=resume, overwrite=overwrite, retrain=retrain)
 
 
-def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, defense: str = "ft",
+def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, *, defense: str | None = None,
              preset: str | Path | None = None, options: dict[str, Any] | None = None,
              eval_data: str | Path | None = None, resume: str | None = None, overwrite: bool = False,
              spec: CsvSpec | None = None, lr_search: list[float] | None = None, budget: float = 3.0,
              select: str = "canary", canary_lr: float | None = None, **settings: Any) -> dict[str, Any]:
     """Clean a (possibly poisoned) model on clean ``data``: ft, cleanclip, cleanerclip or par.
+
+    ``defense``: None takes the preset's, or ``ft`` without a preset (as ``clipguard finetune``).
 
     ``lr_search``: learning rates to choose from by the defender's rule on ``eval_data`` (as
     ``clipguard finetune --lr-search``); returns the search's record instead of the last epoch's.

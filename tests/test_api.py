@@ -61,3 +61,21 @@ def test_run_spec_and_registration_are_public():
     assert "cg-tiny" in clipguard.register_model_configs()
     with pytest.raises(AttributeError):
         clipguard.no_such_thing  # noqa: B018
+
+
+def test_finetune_takes_the_presets_defence_as_the_command_does(monkeypatch):
+    """A preset that names its defence needs no ``defense=``; without either, ``ft``."""
+    from pathlib import Path
+
+    import clipguard.training.run as run_module
+    from clipguard.errors import ConfigError
+
+    seen = []
+    monkeypatch.setattr(run_module, "finetune_start", lambda checkpoint, model=None: ("w.safetensors", "cg-nano"))
+    monkeypatch.setattr(run_module, "train_run", lambda run, *a, **k: seen.append(run) or {})
+    preset = Path(__file__).resolve().parents[1] / "configs" / "cleanclip-tiny.yaml"
+    clipguard.finetune("ck", "d.csv", "out", preset=preset)
+    clipguard.finetune("ck", "d.csv", "out")
+    assert [r.defense for r in seen] == ["cleanclip", "ft"]
+    with pytest.raises(ConfigError, match="is for defense 'cleanclip'"):
+        clipguard.finetune("ck", "d.csv", "out", preset=preset, defense="par")
