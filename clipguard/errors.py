@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def closest(name: object, known: Iterable[str]) -> str | None:
+    """The known name nearest to a mistyped one, if any is close (for "did you mean" hints)."""
+    found = difflib.get_close_matches(str(name), list(known), n=1)
+    return found[0] if found else None
+
 
 class ClipguardError(Exception):
     """Base class: every error we raise on purpose, so the CLI can print it without a traceback."""

@@ -10,14 +10,13 @@ silently ignored setting. ``validate`` then checks ranges and combinations.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 import types
 import typing
 from typing import Any, ClassVar, Literal, TypeVar
 
-from clipguard.errors import ConfigError
+from clipguard.errors import ConfigError, closest
 
 OptionsT = TypeVar("OptionsT", bound="Options")
 
@@ -39,8 +38,8 @@ class Options:
         known = cls.field_names()
         for key in values:
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                close = closest(key, known)
+                hint = f" (did you mean '{close}'?)" if close else ""
                 raise ConfigError(f"{prefix}{cls.kind} has no option '{key}'{hint}; it takes: {', '.join(known)}")
         try:
             return cls(**values)

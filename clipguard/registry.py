@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 from typing import Callable, Generic, Iterable, TypeVar
 
-from clipguard.errors import ConfigError
+from clipguard.errors import ConfigError, closest
 
 T = TypeVar("T")
 
@@ -55,8 +55,10 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
+            close = closest(name, self._items)
+            hint = f" (did you mean '{close}'?)" if close else ""
             raise ConfigError(
-                f"unknown {self.kind} '{name}'; choose one of: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} '{name}'; choose one of: {', '.join(sorted(self._items))}{hint}"
             ) from None
 
     def names(self) -> list[str]:

@@ -14,6 +14,17 @@ def test_register_get_and_clear_errors():
         r.register("a")(2)
 
 
+def test_a_mistyped_name_or_option_gets_the_nearest_known_one():
+    from clipguard import attacks, defenses
+
+    with pytest.raises(ConfigError, match=r"unknown defense 'safclip'; choose one of: .*\(did you mean 'safeclip'\?\)$"):
+        defenses.get("safclip")
+    with pytest.raises(ConfigError, match=r"unknown attack 'zzzz'; choose one of: [a-z_, -]*$"):  # nothing near
+        attacks.get("zzzz")
+    with pytest.raises(ConfigError, match=r"attack 'badnet' has no option 'sise' \(did you mean 'size'\?\); it takes: size,"):
+        attacks.get("badnet").build({"sise": 3})
+
+
 def test_autoload_imports_the_package_on_first_lookup():
     from clipguard.defenses import DEFENSES
 

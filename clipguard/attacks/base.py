@@ -17,7 +17,7 @@ import torch
 
 from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import ImageCaptionData
-from clipguard.errors import ConfigError
+from clipguard.errors import ConfigError, closest
 
 
 def seeded_generator(*parts: Any) -> torch.Generator:
@@ -125,9 +125,11 @@ class Attack:
     def build(cls, options: dict[str, Any] | None = None) -> "Attack":
         options = dict(options or {})
         known = cls.option_names()
-        bad = [k for k in options if k not in known]
-        if bad:
-            raise ConfigError(f"attack '{cls.name}' has no option(s) {bad}; it takes {known}")
+        for key in options:
+            if key not in known:
+                close = closest(key, known)
+                hint = f" (did you mean '{close}'?)" if close else ""
+                raise ConfigError(f"attack '{cls.name}' has no option '{key}'{hint}; it takes: {', '.join(known)}")
         try:
             return cls(**options)
         except TypeError as e:
