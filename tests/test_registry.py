@@ -23,6 +23,10 @@ def test_a_mistyped_name_or_option_gets_the_nearest_known_one():
         attacks.get("zzzz")
     with pytest.raises(ConfigError, match=r"attack 'badnet' has no option 'sise' \(did you mean 'size'\?\); it takes: size,"):
         attacks.get("badnet").build({"sise": 3})
+    from clipguard.models.factory import model_config
+
+    with pytest.raises(ConfigError, match=r"unknown model 'cg-nan' \(did you mean 'cg-nano'\?\)"):
+        model_config("cg-nan")
 
 
 def test_autoload_imports_the_package_on_first_lookup():
