@@ -16,6 +16,8 @@ def test_train_then_evaluate_cli(fm_dir, tmp_path, capsys):
                  "--probe-data", str(fm_dir / "train.csv"), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     m = res["metrics"]
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):]) == m  # what it prints is what it wrote
     assert res["model"] == "cg-tiny" and m["zeroshot"]["n_images"] == 200
     assert 0 <= m["zeroshot"]["acc1"] <= m["zeroshot"]["acc5"] <= 1
     assert "acc1" in m["linear_probe"] and "image_retrieval_recall@10" in m["retrieval"]

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipguard.api import evaluate
-    from clipguard.io import check_output_path, write_json
+    from clipguard.io import check_output_path, round_floats, write_json
     from clipguard.models.device import resolve_device
 
     resolve_device(args.device)  # fail before any work: --device cuda without a GPU, a typo
@@ -38,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         write_json(args.out, result)
         print(f"wrote {args.out}")
-    print(json.dumps(result["metrics"], indent=2))
+    print(json.dumps(round_floats(result["metrics"]), indent=2))  # the figures results.json holds
     return 0
