@@ -12,6 +12,16 @@ def closest(name: object, known: Iterable[str]) -> str | None:
     return found[0] if found else None
 
 
+def yaml_problem(e: Exception) -> str:
+    """A YAML parser's error in one line: where (line, column) and what, without its source excerpts."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(e).split())
+    context = getattr(e, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
+
+
 class ClipguardError(Exception):
     """Base class: every error we raise on purpose, so the CLI can print it without a traceback."""
 

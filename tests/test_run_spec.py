@@ -105,7 +105,15 @@ def test_cuda_without_a_gpu_is_refused_up_front():
 def test_bad_presets(tmp_path, text, match):
     p = tmp_path / "p.yaml"
     p.write_text(text)
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match) as err:
+        resolve_spec(preset=p)
+    assert "\n" not in str(err.value)  # one line, whatever the parser printed
+
+
+def test_a_yaml_error_says_where_in_one_line(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("defense: safeclip\noptions: {a: 1\ntrain: x\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: not a valid YAML file: line 3, column 6: expected ',' or '}'"):
         resolve_spec(preset=p)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from clipguard.errors import ConfigError
+from clipguard.errors import ConfigError, yaml_problem
 
 # a grid's stages and entries may set these TrainConfig fields (model, device and seed are the
 # grid's; checkpoint: pre-training that starts from given weights)
@@ -200,7 +200,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BenchCo
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a bench config is a mapping (datasets, attacks, pretrain, ...)")
     for item in overrides or []:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from clipguard.errors import ConfigError
+from clipguard.errors import ConfigError, yaml_problem
 from clipguard.options import Options
 from clipguard.training.recipes import finetune_recipe
 from clipguard.training.trainer import TrainConfig
@@ -69,7 +69,7 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     try:
         obj = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not a valid YAML file: {e}") from None
+        raise ConfigError(f"{path}: not a valid YAML file: {yaml_problem(e)}") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{path}: a preset is a mapping with keys {', '.join(PRESET_KEYS)}")
     bad = sorted(str(k) for k in obj if k not in PRESET_KEYS)
