@@ -39,9 +39,10 @@ from clipguard.training.strategy import PairSelector, Strategy
 @dataclass
 class RoClipOptions(Options):
     """RoCLIP's settings: the paper's (Alg. 1), except ``keep_own``, ``crop_scale_min``,
-    ``align_before_pool``, ``keep_own_margin`` and ``plain_trains_kept``, chosen on validation data
-    (docs/defenses.md); ``configs/roclip.yaml`` is the paper's as published and
-    ``configs/roclip-previous.yaml`` the defaults before the twenty-second validation round."""
+    ``align_before_pool``, ``keep_own_margin``, ``plain_trains_kept`` and ``unmatched``, chosen on
+    validation data (docs/defenses.md); ``configs/roclip.yaml`` is the paper's as published,
+    ``configs/roclip-previous.yaml`` the defaults before the twenty-second validation round and
+    ``configs/roclip-align.yaml`` those from the twenty-second to the twenty-fourth."""
 
     kind: ClassVar[str] = "defense 'roclip'"
     match_every: int = 2              # K: every K-th epoch pairs images with pooled captions
@@ -90,7 +91,7 @@ class RoClipOptions(Options):
     # in pool epochs, the pairs whose pick disagrees with their own caption (needs keep_own or keep_own_margin):
     # "pooled", trained on the picked caption (the paper); "drop", left out of that step's loss, so
     # no pair is trained on a caption the model chose for it
-    unmatched: Literal["pooled", "drop"] = field(default="pooled", metadata={"neutral": "pooled"})
+    unmatched: Literal["pooled", "drop"] = field(default="drop", metadata={"neutral": "pooled"})
     # after the first pool epoch, a plain epoch trains only the pairs that kept their own caption in
     # the latest pool epoch (needs keep_own or keep_own_margin; pairs that epoch did not reach train
     # as usual): a poisoned pair, re-paired in the pool epochs, is not trained on its caption in the
@@ -111,10 +112,12 @@ class RoClipOptions(Options):
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
         require(0.0 <= self.flip_p <= 1.0, f"flip_p must be in [0, 1], got {self.flip_p}")
         require(self.unmatched == "pooled" or self.keep_own > 0 or self.keep_own_margin > 0,
-                "unmatched: drop needs keep_own > 0 or keep_own_margin > 0 (without either every pair of a pool "
-                "epoch would be dropped)")
+                "unmatched: drop (the default) needs keep_own > 0 or keep_own_margin > 0 (without either every "
+                "pair of a pool epoch would be dropped); with both at 0 set unmatched: pooled, as the paper "
+                "(configs/roclip.yaml)")
         require(self.unmatched == "pooled" or self.pool_duplicates == "separate",
-                "unmatched: drop trains only on own captions, so pool_duplicates must stay 'separate'")
+                "unmatched: drop (the default) trains only on own captions, so pool_duplicates must stay "
+                "'separate'; set unmatched: pooled to merge")
         require(self.match_every >= 1, f"match_every (K) must be >= 1, got {self.match_every}")
         require(0.0 <= self.pool_start < 1.0, f"pool_start must be in [0, 1), got {self.pool_start}")
         require(self.align_before_pool is None or 0.0 < self.align_before_pool <= 1.0,
@@ -128,7 +131,8 @@ class RoClipOptions(Options):
         require(self.keep_own_streak >= 1, f"keep_own_streak must be >= 1, got {self.keep_own_streak}")
         require(self.keep_own_margin >= 0, f"keep_own_margin must be >= 0 (nats), got {self.keep_own_margin}")
         require(not self.plain_trains_kept or self.keep_own > 0 or self.keep_own_margin > 0,
-                "plain_trains_kept needs keep_own > 0 or keep_own_margin > 0 (no pair keeps its caption without either)")
+                "plain_trains_kept (the default) needs keep_own > 0 or keep_own_margin > 0 (no pair keeps its "
+                "caption without either); with both at 0 set plain_trains_kept: false, as the paper")
         require(not self.plain_negatives or self.plain_trains_kept, "plain_negatives needs plain_trains_kept")
         require(self.plain_keep is None or 0.0 < self.plain_keep <= 1.0,
                 f"plain_keep must be in (0, 1] (or None: every pair), got {self.plain_keep}")
