@@ -239,3 +239,22 @@ def test_killing_a_parallel_bench_stops_its_workers(fm_dir, tmp_path):
     while time.time() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.2)
     assert not any(_alive(p) for p in workers)
+
+
+def test_a_finished_cell_keeps_its_weights_not_its_optimizer_and_re_evaluates(fm_dir, tmp_path):
+    """The optimizer state, two thirds of a checkpoint, goes once a cell's result is written;
+    ``redo`` with the same config resumes the finished run without it and evaluates again."""
+    cfg = load_config(_grid(fm_dir, tmp_path))
+    out = tmp_path / "bench"
+    run_bench(cfg, out, quiet=True, only="badnet/CLIP/", report=False)
+    run = out / "runs" / "fm" / "badnet" / "seed0" / "pretrain-CLIP" / "checkpoints"
+    final = run / (run / "latest").read_text()
+    state = json.loads((final / "state.json").read_text())
+    assert (final / "model.safetensors").is_file() and not (final / "optimizer.safetensors").exists()
+    assert "optimizer" not in state and state["optimizer_dropped"] is True
+    cell = out / "cells" / "fm__badnet__CLIP__seed0.json"
+    before = json.loads(cell.read_text())
+    meta = run_bench(cfg, out, quiet=True, only="badnet/CLIP/", report=False, redo=True)
+    assert meta["cells_run"] == 1
+    again = json.loads(cell.read_text())
+    assert again["metrics"] == before["metrics"] and again["timings"]["resumed_from_epoch"] == 1

@@ -60,3 +60,25 @@ def test_wrong_image_size_is_a_clear_error(fm_train, tmp_path):
 
     with pytest.raises(ConfigError, match="expects 224x224"):
         Trainer(_cfg(model="cg-tiny-224"), fm_train.subset(range(64)), tmp_path).fit()
+
+
+def test_a_checkpoint_without_optimizer_state_resumes_only_a_finished_run(fm_train, tmp_path):
+    """The bench drops a finished run's optimizer state: resuming it (to evaluate again) works,
+    continuing a run from such a checkpoint is refused with the reason."""
+    from clipguard.errors import ConfigError
+    from clipguard.models.checkpoint import drop_optimizer
+
+    data = fm_train.subset(range(128))
+    Trainer(_cfg(epochs=1), data, tmp_path / "a").fit()
+    latest = tmp_path / "a" / "checkpoints" / (tmp_path / "a" / "checkpoints" / "latest").read_text()
+    assert drop_optimizer(latest) > 0 and not (latest / "optimizer.safetensors").exists()
+    assert drop_optimizer(latest) == 0  # twice is harmless
+    before = _weights(tmp_path / "a")
+    Trainer(_cfg(epochs=1), data, tmp_path / "a").fit(resume="latest")  # nothing left to train
+    after = _weights(tmp_path / "a")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    Trainer(_cfg(epochs=2, stop_after=1), data, tmp_path / "b").fit()
+    mid = tmp_path / "b" / "checkpoints" / (tmp_path / "b" / "checkpoints" / "latest").read_text()
+    drop_optimizer(mid)
+    with pytest.raises(ConfigError, match="no optimizer state, so training cannot continue"):
+        Trainer(_cfg(epochs=2), data, tmp_path / "b").fit(resume="latest")

@@ -356,6 +356,11 @@ def run_cell(cfg: BenchConfig, cell: Cell, out: Path, cache: BenchCache, *, quie
 
         record["detection"] = public(detection[0])
     write_json(cell.json_path(out), record)
+    # a finished cell is never trained further (a rerun with other settings is another cell), so its
+    # optimizer state, two thirds of the checkpoint, goes once the result is written
+    final = ckpt.resolve_latest(run_dir / "checkpoints")
+    if final is not None and epochs_done(ckpt.read_state(final)) >= trainer.cfg.epochs:
+        ckpt.drop_optimizer(final)
     return record
 
 

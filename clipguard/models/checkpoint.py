@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clipguard.errors import ConfigError, DataError
-from clipguard.io import TMP_SUFFIX, _umask, atomic_dir, is_atomic_temp, write_json
+from clipguard.io import TMP_SUFFIX, _umask, atomic_dir, is_atomic_temp, write_json, write_text
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.json"
@@ -379,6 +379,24 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, *, state: dict[s
         for f in tmp.glob("*.safetensors"):
             os.chmod(f, mode)
     return folder
+
+
+def drop_optimizer(folder: str | Path) -> int:
+    """Remove a finished run's optimizer state from its checkpoint ``folder`` (two thirds of an
+    AdamW checkpoint) and return the bytes freed. The weights, the strategy's state and the
+    history stay, so the folder still loads, evaluates and re-evaluates; only continuing the
+    training from it is no longer possible. ``state.json`` is rewritten first (atomically), so a
+    kill in between leaves a state that no longer points at the file, never the reverse."""
+    folder = Path(folder)
+    f = folder / "optimizer.safetensors"
+    state = read_state(folder)
+    if "optimizer" in state:
+        state.pop("optimizer")
+        state["optimizer_dropped"] = True
+        write_text(folder / STATE_FILE, json.dumps(state, indent=2))
+    size = f.stat().st_size if f.is_file() else 0
+    f.unlink(missing_ok=True)
+    return size
 
 
 def load_tensors(folder: str | Path, name: str) -> dict[str, torch.Tensor]:

@@ -254,14 +254,19 @@ class Trainer:
             raise ConfigError(f"{folder}: checkpoint is {state.get('model')}/{state.get('strategy')}, "
                               f"run is {self.cfg.model}/{self.strategy.name}")
         ckpt.load_weights(self.model, folder)
-        ckpt.optimizer_from_tensors(self.optimizer, ckpt.load_tensors(folder, "optimizer"),
-                                    state["optimizer"])
+        done = epochs_done(state)
+        if state.get("optimizer") is not None:
+            ckpt.optimizer_from_tensors(self.optimizer, ckpt.load_tensors(folder, "optimizer"),
+                                        state["optimizer"])
+        elif done < self.cfg.epochs:  # a finished run's state without it (the bench drops it) needs none
+            raise ConfigError(f"{folder}: the checkpoint has no optimizer state, so training cannot continue "
+                              f"from it (epoch {done} of {self.cfg.epochs}); its weights still load (evaluate, "
+                              f"finetune --checkpoint)")
         if self.cfg.channels_last:
             _match_param_layout(self.optimizer)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.strategy.load_state(ckpt.load_tensors(folder, "strategy"), state.get("strategy_state", {}))
-        done = epochs_done(state)
         # the checkpoint carries the history of finished epochs: results.jsonl is rebuilt from it,
         # so a kill between the checkpoint and the results line loses nothing and adds no duplicate
         hist = state.get("history")
