@@ -6,10 +6,10 @@ import difflib
 from collections.abc import Iterable
 
 
-def closest(name: object, known: Iterable[str]) -> str | None:
-    """The known name nearest to a mistyped one, if any is close (for "did you mean" hints)."""
+def did_you_mean(name: object, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` with the known name nearest to a mistyped one, or "" when none is close."""
     found = difflib.get_close_matches(str(name), list(known), n=1)
-    return found[0] if found else None
+    return f" (did you mean '{found[0]}'?)" if found else ""
 
 
 def yaml_problem(e: Exception) -> str:

@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, ClassVar, Literal, TypeVar
 
-from clipguard.errors import ConfigError, closest
+from clipguard.errors import ConfigError, did_you_mean
 
 OptionsT = TypeVar("OptionsT", bound="Options")
 
@@ -38,9 +38,8 @@ class Options:
         known = cls.field_names()
         for key in values:
             if key not in known:
-                close = closest(key, known)
-                hint = f" (did you mean '{close}'?)" if close else ""
-                raise ConfigError(f"{prefix}{cls.kind} has no option '{key}'{hint}; it takes: {', '.join(known)}")
+                raise ConfigError(f"{prefix}{cls.kind} has no option '{key}'{did_you_mean(key, known)}; "
+                                  f"it takes: {', '.join(known)}")
         try:
             return cls(**values)
         except ConfigError as e:

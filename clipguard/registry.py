@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 from typing import Callable, Generic, Iterable, TypeVar
 
-from clipguard.errors import ConfigError, closest
+from clipguard.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -55,11 +55,8 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            close = closest(name, self._items)
-            hint = f" (did you mean '{close}'?)" if close else ""
-            raise ConfigError(
-                f"unknown {self.kind} '{name}'; choose one of: {', '.join(sorted(self._items))}{hint}"
-            ) from None
+            raise ConfigError(f"unknown {self.kind} '{name}'; choose one of: {', '.join(sorted(self._items))}"
+                              f"{did_you_mean(name, self._items)}") from None
 
     def names(self) -> list[str]:
         self._autoload()

@@ -17,7 +17,7 @@ import torch
 
 from clipguard.data.classes import ClassInfo
 from clipguard.data.csv_dataset import ImageCaptionData
-from clipguard.errors import ConfigError, closest
+from clipguard.errors import ConfigError, did_you_mean
 
 
 def seeded_generator(*parts: Any) -> torch.Generator:
@@ -127,9 +127,8 @@ class Attack:
         known = cls.option_names()
         for key in options:
             if key not in known:
-                close = closest(key, known)
-                hint = f" (did you mean '{close}'?)" if close else ""
-                raise ConfigError(f"attack '{cls.name}' has no option '{key}'{hint}; it takes: {', '.join(known)}")
+                raise ConfigError(f"attack '{cls.name}' has no option '{key}'{did_you_mean(key, known)}; "
+                                  f"it takes: {', '.join(known)}")
         try:
             return cls(**options)
         except TypeError as e:

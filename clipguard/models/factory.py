@@ -22,7 +22,7 @@ from typing import Any
 import open_clip
 import torch
 
-from clipguard.errors import ConfigError, DataError, closest
+from clipguard.errors import ConfigError, DataError, did_you_mean
 from clipguard.models.device import resolve_device
 from clipguard.models.text_trim import enable_text_trim, trim_wanted
 from clipguard.models.tokenizer import CachedTokenizer
@@ -122,9 +122,8 @@ def model_config(name: str) -> dict[str, Any]:
     else:
         cfg = open_clip.get_model_config(name)
         if cfg is None:
-            close = closest(name, open_clip.list_models())
-            hint = f" (did you mean '{close}'?)" if close else ""
-            raise ConfigError(f"unknown model '{name}'{hint}; see `clipguard models` for the names")
+            raise ConfigError(f"unknown model '{name}'{did_you_mean(name, open_clip.list_models())}; "
+                              f"see `clipguard models` for the names")
     why = needs_download(name, cfg)
     if why:
         raise ConfigError(f"model '{name}': {why}; {_NEVER}")
