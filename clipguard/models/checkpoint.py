@@ -47,6 +47,7 @@ from clipguard.io import TMP_SUFFIX, _umask, atomic_dir, is_atomic_temp, write_j
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # the safetensors names open_clip's local-dir loader prefers, in its order (ours is the last one)
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", MODEL_FILE)
@@ -368,7 +369,7 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, *, state: dict[s
         save_file(_contiguous(model.state_dict()), str(tmp / MODEL_FILE))
         if optimizer is not None:
             t, meta = optimizer_to_tensors(optimizer)
-            save_file(t, str(tmp / "optimizer.safetensors"))
+            save_file(t, str(tmp / OPTIMIZER_FILE))
             state["optimizer"] = meta
         for name, tensors in (extra_tensors or {}).items():
             save_file(_contiguous(tensors), str(tmp / f"{name}.safetensors"))
@@ -388,7 +389,7 @@ def drop_optimizer(folder: str | Path) -> int:
     training from it is no longer possible. ``state.json`` is rewritten first (atomically), so a
     kill in between leaves a state that no longer points at the file, never the reverse."""
     folder = Path(folder)
-    f = folder / "optimizer.safetensors"
+    f = folder / OPTIMIZER_FILE
     state = read_state(folder)
     if "optimizer" in state:
         state.pop("optimizer")
