@@ -546,3 +546,50 @@ def test_todays_defaults_are_the_align_preset_with_unmatched_pairs_dropped():
     assert align.options.unmatched == "pooled"
     assert resolve_spec(preset=str(CONFIGS / "roclip-align.yaml"), options={"unmatched": "drop"}).options.identity() \
         == resolve_spec(defense="roclip").options.identity()
+
+
+@pytest.mark.parametrize("views", ["original", "original-after-pool"])
+def test_plain_views_train_plain_steps_on_the_pairs_as_given(fm_train, tmp_path, views):
+    """With plain_views a plain step encodes the batch's own images and captions, not SimCLR/EDA
+    views ("original-after-pool": only once a pool epoch has run); pool steps still augment, and
+    the after-pool switch survives a resume."""
+    from clipguard.training.losses import clip_loss
+
+    t = _built(fm_train.subset(range(256)), {"keep_own": 0.1, "plain_views": views, "pool_fraction": 0.25},
+               tmp_path)
+    s = t.strategy
+
+    def plain_loss_on(augmented: bool) -> float:
+        b = _batch(t, range(32))
+        pixels = s._images(b) if augmented else b.pixels
+        caps = s._texts(b.captions, b.rng) if augmented else list(b.captions)
+        with torch.no_grad():
+            img, txt, scale = t.ctx.forward(pixels, t.ctx.tokenize(caps))
+            return float(clip_loss(img, txt, scale))
+
+    t.ctx.epoch = 0
+    assert not s.is_pool_epoch(0)
+    loss, _ = s.loss(_batch(t, range(32)))
+    before_pool = plain_loss_on(augmented=views == "original-after-pool")
+    assert float(loss.detach()) == pytest.approx(before_pool, rel=1e-5)
+    t.ctx.epoch = 1
+    s.on_epoch_start(1)
+    assert s.is_pool_epoch(1)
+    s.loss(_batch(t, range(32)))
+    t.ctx.epoch = 2
+    assert not s._plain_augments()
+    loss, _ = s.loss(_batch(t, range(32)))
+    assert float(loss.detach()) == pytest.approx(plain_loss_on(augmented=False), rel=1e-5)
+    fresh = _roclip(dict(s.opt.to_dict()))
+    fresh.bind(t.ctx)
+    assert fresh._plain_augments() == (views == "original-after-pool")
+    fresh.load_state(s.state_tensors(), s.state_json())
+    assert not fresh._plain_augments()
+
+
+def test_plain_views_default_keeps_the_fingerprint_and_is_validated():
+    from clipguard.errors import ConfigError
+
+    assert "plain_views" not in resolve_spec(defense="roclip").options.identity()
+    with pytest.raises(ConfigError, match="plain_views"):
+        _roclip({"plain_views": "clean"})

@@ -107,6 +107,13 @@ class RoClipOptions(Options):
     # (small-loss selection, as SafeCLIP's clip_warmup_keep); the alignment gate reads the whole
     # batch's loss
     plain_keep: float | None = field(default=None, metadata={"neutral": None})
+    # what a plain (non-pool) epoch trains on, with ``augment``: "augmented", SimCLR images and EDA
+    # captions as in the pool epochs (the paper); "original", the pairs as given; "original-after-pool",
+    # augmented until the first pool epoch and as given after it. The pool epochs always augment (the
+    # pick must not hinge on one view). Augmented views cost a small model accuracy, and after a pool
+    # epoch the plain epochs train only the kept pairs, so they may not need the views' protection
+    plain_views: Literal["augmented", "original", "original-after-pool"] = field(
+        default="augmented", metadata={"neutral": "augmented"})
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
@@ -241,6 +248,12 @@ class RoClip(Strategy, PairSelector):
     def _texts(self, captions: list[str], rng: random.Random) -> list[str]:
         return self._views.texts(captions, rng) if self.opt.augment else list(captions)
 
+    def _plain_augments(self) -> bool:
+        """Whether this plain epoch's steps train on augmented views (``plain_views``)."""
+        views = self.opt.plain_views
+        return self.opt.augment and (views == "augmented"
+                                     or (views == "original-after-pool" and self._match_epoch is None))
+
     # ------------------------------------------------------------------ hooks
     def on_epoch_start(self, epoch: int) -> dict[str, Any]:
         gate = self._open_gate(epoch)
@@ -279,10 +292,14 @@ class RoClip(Strategy, PairSelector):
     # ------------------------------------------------------------------ loss
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         ctx = self.ctx
-        pixels = self._images(batch)
-        caps = self._texts(batch.captions, batch.rng)
+        pool_epoch = self.is_pool_epoch(ctx.epoch)
+        if pool_epoch or self._plain_augments():
+            pixels = self._images(batch)
+            caps = self._texts(batch.captions, batch.rng)
+        else:
+            pixels, caps = batch.pixels, list(batch.captions)
         tokens = ctx.tokenize(caps)
-        if not self.is_pool_epoch(ctx.epoch):
+        if not pool_epoch:
             img, txt, scale = ctx.forward(pixels, tokens)
             rows = self._plain_rows(batch.indices, img.device)
             negatives = ~rows if rows is not None and self.opt.plain_negatives else None
@@ -475,9 +492,14 @@ class RoClip(Strategy, PairSelector):
         if self.opt.align_before_pool is not None:
             # the gate decides from the plain epoch before a pool epoch: a resumed run needs its loss
             out.update(aligned_at=self._aligned_at, plain_loss=self._plain.state())
-        if self.opt.plain_trains_kept:
+        if self._tracks_match_epoch:
             out["match_epoch"] = self._match_epoch
         return out
+
+    @property
+    def _tracks_match_epoch(self) -> bool:
+        """Whether a resumed run needs the latest pool epoch's number (its plain epochs depend on it)."""
+        return self.opt.plain_trains_kept or self.opt.plain_views == "original-after-pool"
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self._pool.load_state(tensors, "caption_pool")
@@ -489,4 +511,5 @@ class RoClip(Strategy, PairSelector):
         if self.opt.plain_trains_kept and "kept_own" in tensors:
             self._kept = tensors["kept_own"].bool().cpu().clone()
             self._agreement = tensors["agreement"].float().cpu().clone()
+        if self._tracks_match_epoch:
             self._match_epoch = meta.get("match_epoch")
