@@ -1,11 +1,14 @@
 """Where a RoCLIP pool step spends the time a plain step does not.
 
-Times, on the same batches and model, one RoCLIP pool step (forward + backward), one plain step
-(augmented views, CLIP loss) and the parts a pool step adds: the no-gradient encode of the pair's
-own captions that the ``keep_own`` test and the pool need, picking and ranking the pooled
-captions, the diagnostics record and the pool update. Each figure is the mean over ``--steps``
-steps after one untimed step; the parts are timed on their own, so they need not add up to the
-difference of the two steps.
+Times, on the same batches and model, one RoCLIP pool step (forward + backward) with the defaults
+(``unmatched: drop``: one encode of the batch's own captions, with gradient, serves the pool, the
+agreement test and the loss) and with ``unmatched: pooled`` (the pairs that do not keep their own
+caption train on their picks, so the own captions are first encoded without gradient), one plain
+step (augmented views, CLIP loss) and the parts a pool step adds: that no-gradient encode, picking
+and ranking the pooled captions, the diagnostics record and the pool update. Each figure is the
+mean over ``--steps`` steps after one untimed round, the rows taking turns step by step; the parts
+are timed on their own, so they need not add up to the difference of the steps. The pool steps run
+with the alignment gate open (as after the model has left chance).
 
     .venv/bin/python benchmarks/roclip_step_profile.py --pairs 2000 --model cg-nano
     .venv/bin/python benchmarks/roclip_step_profile.py --data path/train.csv --batch-size 256
@@ -26,6 +29,20 @@ from clipguard import defenses
 from clipguard.data.csv_dataset import load_csv
 from clipguard.training.context import Batch, to_pixels
 from clipguard.training.trainer import TrainConfig, Trainer
+
+
+def interleaved_ms(fns: list[Callable[[int], object]], steps: int) -> list[float]:
+    """Mean wall time of each ``fn(i)`` for i = 1..steps in milliseconds, the functions taking turns
+    step by step (after one untimed round), so a machine that slows down mid-run slows them alike."""
+    for fn in fns:
+        fn(0)
+    total = [0.0] * len(fns)
+    for i in range(1, steps + 1):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn(i)
+            total[k] += time.perf_counter() - t0
+    return [1000 * t / steps for t in total]
 
 
 def mean_ms(fn: Callable[[int], object], steps: int) -> float:
@@ -66,18 +83,24 @@ def main(argv: list[str] | None = None) -> None:
                           data, tmp / "run", strategy=defenses.build("roclip", {"match_every": 1}))
         trainer.setup()
         s, ctx, b = trainer.strategy, trainer.ctx, args.batch_size
+        s._aligned_at = 0  # the gate open: epoch 0 is a pool epoch at K = 1
         s.on_epoch_start(0)  # fills the pool
 
         def batch(i: int) -> Batch:
             return fixed_batch(trainer, b, i)
 
-        def step(pool: bool) -> Callable[[int], None]:
+        unmatched = s.opt.unmatched
+
+        def step(pool: bool, how: str = unmatched) -> Callable[[int], None]:
             def run(i: int) -> None:
-                s.opt.match_every = 1 if pool else 1_000_000  # epoch 0: a pool epoch only at K = 1
+                s.opt.match_every = 1 if pool else 1_000_000
+                s.opt.unmatched = how
+                if s.is_pool_epoch(0) != pool:
+                    raise RuntimeError("the profile's step is not the kind it times")
                 loss, _ = s.loss(batch(i))
                 loss.backward()
                 trainer.model.zero_grad(set_to_none=True)
-                s.opt.match_every = 1
+                s.opt.match_every, s.opt.unmatched = 1, unmatched
             return run
 
         feats = torch.nn.functional.normalize(torch.randn(b, s._pool.bank.shape[1]), dim=-1)
@@ -100,12 +123,13 @@ def main(argv: list[str] | None = None) -> None:
         def push(i: int) -> None:
             s._push(feats, trainer.tokens[:b])
 
-        rows = [("pool step", step(True)), ("plain step", step(False)),
+        rows = [(f"pool step (unmatched: {unmatched})", step(True)),
+                ("pool step (unmatched: pooled)", step(True, "pooled")), ("plain step", step(False)),
                 ("own captions: EDA + tokenise + no-grad encode", own_captions),
                 ("own captions: EDA + tokenise only", captions_only),
                 ("pick + rank", pick), ("diagnostics record", record), ("pool update", push)]
-        for name, fn in rows:
-            print(f"{name:48s} {mean_ms(fn, args.steps):8.2f} ms")
+        for (name, _), ms in zip(rows, interleaved_ms([fn for _, fn in rows], args.steps)):
+            print(f"{name:48s} {ms:8.2f} ms")
 
 
 if __name__ == "__main__":

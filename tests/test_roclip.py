@@ -326,12 +326,19 @@ def test_unmatched_drop_trains_a_pool_step_on_the_agreeing_pairs_only(fm_train, 
 
     def spy_t(tokens, normalize=False):
         seen["txt"] = enc_t(tokens, normalize=normalize)
+        seen.setdefault("texts", []).append(tokens.clone())
         return seen["txt"]
 
     model.encode_image, model.encode_text = spy_i, spy_t
-    loss, logs = s.loss(_batch(t, range(32)))
+    b = _batch(t, range(32))
+    own = t.ctx.tokenize(s._texts(b.captions, random.Random(5)))
+    loss, logs = s.loss(b)
     kept = s._kept[:32]
     assert 0 < int(kept.sum()) < 32  # some pairs agree, some do not
+    # one text encode, of the batch's own captions: the pool, the test and the loss all read it
+    assert len(seen["texts"]) == 1 and torch.equal(seen["texts"][0], own)
+    pushed = seen["txt"].detach().float()
+    assert bool(((pushed @ s._pool.bank.t()).max(1).values > 1 - 1e-5).all())  # the pool holds them
     expect = clip_loss(seen["img"].float()[kept], seen["txt"].float()[kept], model.logit_scale.exp().float())
     assert float(loss.detach()) == pytest.approx(float(expect.detach()), rel=1e-5)
     assert logs["kept_own_fraction"] == pytest.approx(float(kept.float().mean()))

@@ -309,7 +309,12 @@ class RoClip(Strategy, PairSelector):
             self._plain.add(logs["clip_loss"])
             return loss, logs
         stats: dict[str, float] = {}
-        if self.opt.text_gradient:
+        if self.opt.text_gradient and self.opt.unmatched == "drop":
+            # only the kept pairs train, on their own captions: the step's one text encode is the
+            # batch's own captions, which the pool and the agreement test read without gradient
+            img, matched, scale, nn_idx, rank, agreed, kept = self._pool_forward(batch, pixels, tokens, None)
+            own = matched.detach()
+        elif self.opt.text_gradient:
             own = ctx.encode_views(tokens=tokens)[1]  # for the pool (and the agreement test): no gradient
             img, matched, scale, nn_idx, rank, agreed, kept = self._pool_forward(batch, pixels, tokens, own)
         else:
@@ -441,15 +446,17 @@ class RoClip(Strategy, PairSelector):
             return None
         return self._kept.clone()
 
-    def _pool_forward(self, batch: Batch, pixels: torch.Tensor, tokens: torch.Tensor, own: torch.Tensor
+    def _pool_forward(self, batch: Batch, pixels: torch.Tensor, tokens: torch.Tensor, own: torch.Tensor | None
                       ) -> tuple[torch.Tensor, ...]:
         """A pool step's one forward, in stages: encode the images, let each pick its nearest
         pooled caption by the pool's stored embedding, then encode the picked captions' tokens
         with the current text tower (so it gets gradient). With ``keep_own`` a pair whose pick
-        agrees with its own caption encodes that own caption instead. With ``match_on: original``
-        the pick uses the un-augmented image, which needs an extra forward without gradient first.
-        Returns the features and scale, and each image's pick, its rank, whether it agrees with its
-        own caption in this step's test and whether it kept its own."""
+        agrees with its own caption encodes that own caption instead. ``own`` None (``unmatched:
+        drop``, where no pair trains on its pick): the own captions are encoded with gradient
+        before the pick and tested as they are, and the returned text features are theirs. With
+        ``match_on: original`` the pick uses the un-augmented image, which needs an extra forward
+        without gradient first. Returns the features and scale, and each image's pick, its rank,
+        whether it agrees with its own caption in this step's test and whether it kept its own."""
         ctx, pool = self.ctx, self._pool
         probe_idx = None
         if self.opt.match_on == "original":
@@ -458,13 +465,16 @@ class RoClip(Strategy, PairSelector):
 
         def plan(clip: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             img = clip.encode_image(ctx.prepare_pixels(pixels), normalize=True)
+            txt = None if own is not None else clip.encode_text(tokens.to(ctx.device), normalize=True)
+            tested = own if own is not None else txt.detach().float()
             idx = probe_idx if probe_idx is not None else self._pick(img.detach().float())
-            rank = self._pick_rank(own, idx)
-            agree = self._agreement_now(rank, img.detach(), own, idx, clip.logit_scale.detach().exp())
+            rank = self._pick_rank(tested, idx)
+            agree = self._agreement_now(rank, img.detach(), tested, idx, clip.logit_scale.detach().exp())
             keep = self._kept_rows(agree, batch.indices).to(ctx.device)
             picked.update(idx=idx, rank=rank, agree=agree, keep=keep)
-            text_tokens = torch.where(keep.unsqueeze(1), tokens.to(ctx.device), pool.payload[idx].to(ctx.device))
-            txt = clip.encode_text(text_tokens, normalize=True)
+            if txt is None:
+                text_tokens = torch.where(keep.unsqueeze(1), tokens.to(ctx.device), pool.payload[idx].to(ctx.device))
+                txt = clip.encode_text(text_tokens, normalize=True)
             return img, txt, clip.logit_scale.exp()
 
         img, txt, scale = ctx.forward_plan(plan)
