@@ -516,24 +516,24 @@ def test_plain_keep_trains_a_plain_step_on_its_lowest_loss_pairs(fm_train, tmp_p
 
 
 def test_the_defaults_wait_for_alignment_keep_near_misses_and_train_only_kept_pairs():
-    """The twenty-second and twenty-fourth validation rounds' defaults (docs/roclip-selection.md)."""
+    """The twenty-second, twenty-fourth and twenty-fifth validation rounds' defaults (docs/roclip-selection.md)."""
     opt = defenses.build("roclip", {}).opt
     assert (opt.align_before_pool, opt.keep_own_margin, opt.plain_trains_kept) == (0.97, 1.0, True)
-    assert opt.unmatched == "drop"
+    assert opt.unmatched == "drop" and opt.plain_views == "original-after-pool"
     assert (opt.keep_own, opt.crop_scale_min) == (0.1, 0.5)
 
 
 @pytest.mark.parametrize("preset", ["roclip-previous", "roclip", "roclip-small", "augclip-screen"])
 def test_presets_written_before_the_new_defaults_keep_their_fingerprint(preset):
-    """Each preset writes the four options out at their neutral values, so the runs and bench
+    """Each preset writes the five options out at their neutral values, so the runs and bench
     cells made with it before the defaults changed stay valid (and do what they did)."""
     spec = resolve_spec(preset=str(CONFIGS / f"{preset}.yaml"))
     ident = spec.options.identity()
-    assert not {"align_before_pool", "keep_own_margin", "plain_trains_kept", "unmatched"} & set(ident)
+    assert not {"align_before_pool", "keep_own_margin", "plain_trains_kept", "unmatched", "plain_views"} & set(ident)
 
 
 def test_without_pool_epochs_the_new_defaults_train_the_same_weights(fm_train, tmp_path):
-    """align_before_pool, keep_own_margin, plain_trains_kept and unmatched act only in or after pool epochs:
+    """align_before_pool, keep_own_margin, plain_trains_kept, unmatched and plain_views act only in or after pool epochs:
     RoCLIP with no pool epoch in its budget (the augmented-CLIP screen) is what it was."""
     data = fm_train.subset(range(128))
     weights = []
@@ -545,14 +545,18 @@ def test_without_pool_epochs_the_new_defaults_train_the_same_weights(fm_train, t
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_todays_defaults_are_the_align_preset_with_unmatched_pairs_dropped():
-    """configs/roclip-align.yaml writes out the twenty-second round's defaults; the twenty-fourth
-    round changed one option, so a run of ``--defense roclip`` with no options is a run of that
-    preset with ``unmatched: drop`` (the same fingerprint)."""
+def test_todays_defaults_are_the_drop_preset_with_plain_epochs_on_the_pairs_after_a_pool_epoch():
+    """configs/roclip-align.yaml writes out the twenty-second round's defaults and
+    configs/roclip-drop.yaml the twenty-fourth's (the same with ``unmatched: drop``); the
+    twenty-fifth changed one option, so a run of ``--defense roclip`` with no options is a run of
+    roclip-drop with ``plain_views: original-after-pool`` (the same fingerprint)."""
     align = resolve_spec(preset=str(CONFIGS / "roclip-align.yaml"))
-    assert align.options.unmatched == "pooled"
+    drop = resolve_spec(preset=str(CONFIGS / "roclip-drop.yaml"))
+    assert (align.options.unmatched, align.options.plain_views) == ("pooled", "augmented")
     assert resolve_spec(preset=str(CONFIGS / "roclip-align.yaml"), options={"unmatched": "drop"}).options.identity() \
-        == resolve_spec(defense="roclip").options.identity()
+        == drop.options.identity()
+    assert resolve_spec(preset=str(CONFIGS / "roclip-drop.yaml"), options={"plain_views": "original-after-pool"}
+                        ).options.identity() == resolve_spec(defense="roclip").options.identity()
 
 
 @pytest.mark.parametrize("views", ["original", "original-after-pool"])
@@ -597,6 +601,6 @@ def test_plain_views_train_plain_steps_on_the_pairs_as_given(fm_train, tmp_path,
 def test_plain_views_default_keeps_the_fingerprint_and_is_validated():
     from clipguard.errors import ConfigError
 
-    assert "plain_views" not in resolve_spec(defense="roclip").options.identity()
+    assert "plain_views" not in resolve_spec(preset=str(CONFIGS / "roclip-drop.yaml")).options.identity()
     with pytest.raises(ConfigError, match="plain_views"):
         _roclip({"plain_views": "clean"})

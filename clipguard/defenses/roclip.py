@@ -12,8 +12,9 @@ Departures from the paper, all options: ``keep_own`` lets a pair whose image pic
 caption like its own keep its own caption in pool epochs (training only on the model's own
 guesses cost most of the accuracy at small scale; ``keep_own_margin`` also lets it when the model
 finds its own caption nearly as likely as the pick), ``unmatched: drop`` leaves the other pairs out
-of that step instead of training them on their picks, and ``assignment: balanced`` spreads a
-batch's picks over the pool instead of letting a few hub captions take most images.
+of that step instead of training them on their picks, ``plain_views`` trains the plain epochs after
+the first pool epoch on the pairs as given, and ``assignment: balanced`` spreads a batch's picks
+over the pool instead of letting a few hub captions take most images.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ from clipguard.training.strategy import PairSelector, Strategy
 @dataclass
 class RoClipOptions(Options):
     """RoCLIP's settings: the paper's (Alg. 1), except ``keep_own``, ``crop_scale_min``,
-    ``align_before_pool``, ``keep_own_margin``, ``plain_trains_kept`` and ``unmatched``, chosen on
-    validation data (docs/defenses.md); ``configs/roclip.yaml`` is the paper's as published,
-    ``configs/roclip-previous.yaml`` the defaults before the twenty-second validation round and
-    ``configs/roclip-align.yaml`` those from the twenty-second to the twenty-fourth."""
+    ``align_before_pool``, ``keep_own_margin``, ``plain_trains_kept``, ``unmatched`` and
+    ``plain_views``, chosen on validation data (docs/defenses.md); ``configs/roclip.yaml`` is the
+    paper's as published, ``configs/roclip-previous.yaml`` the defaults before the twenty-second
+    validation round, ``configs/roclip-align.yaml`` those from the twenty-second to the twenty-fourth
+    and ``configs/roclip-drop.yaml`` the twenty-fourth's."""
 
     kind: ClassVar[str] = "defense 'roclip'"
     match_every: int = 2              # K: every K-th epoch pairs images with pooled captions
@@ -109,11 +111,12 @@ class RoClipOptions(Options):
     plain_keep: float | None = field(default=None, metadata={"neutral": None})
     # what a plain (non-pool) epoch trains on, with ``augment``: "augmented", SimCLR images and EDA
     # captions as in the pool epochs (the paper); "original", the pairs as given; "original-after-pool",
-    # augmented until the first pool epoch and as given after it. The pool epochs always augment (the
-    # pick must not hinge on one view). Augmented views cost a small model accuracy, and after a pool
-    # epoch the plain epochs train only the kept pairs, so they may not need the views' protection
+    # augmented until the first pool epoch and as given after it (the default). The pool epochs always
+    # augment (the pick must not hinge on one view). Augmented views cost a small model accuracy; after
+    # a pool epoch the plain epochs train only the kept pairs, while before it every pair trains and
+    # the crops slow a trigger's learning ("original" let BadNet through on validation data)
     plain_views: Literal["augmented", "original", "original-after-pool"] = field(
-        default="augmented", metadata={"neutral": "augmented"})
+        default="original-after-pool", metadata={"neutral": "augmented"})
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
