@@ -559,21 +559,23 @@ def test_todays_defaults_are_the_drop_preset_with_plain_epochs_on_the_pairs_afte
                         ).options.identity() == resolve_spec(defense="roclip").options.identity()
 
 
-@pytest.mark.parametrize("views", ["original", "original-after-pool"])
+@pytest.mark.parametrize("views", ["original", "original-after-pool", "original-captions-after-pool"])
 def test_plain_views_train_plain_steps_on_the_pairs_as_given(fm_train, tmp_path, views):
     """With plain_views a plain step encodes the batch's own images and captions, not SimCLR/EDA
-    views ("original-after-pool": only once a pool epoch has run); pool steps still augment, and
-    the after-pool switch survives a resume."""
+    views ("...-after-pool": only once a pool epoch has run; "original-captions-after-pool": the
+    captions only); pool steps still augment, and the after-pool switch survives a resume."""
     from clipguard.training.losses import clip_loss
 
     t = _built(fm_train.subset(range(256)), {"keep_own": 0.1, "plain_views": views, "pool_fraction": 0.25},
                tmp_path)
     s = t.strategy
+    after_pool = views.endswith("-after-pool")
+    images_after = views == "original-captions-after-pool"
 
-    def plain_loss_on(augmented: bool) -> float:
+    def plain_loss_on(images: bool, captions: bool) -> float:
         b = _batch(t, range(32))
-        pixels = s._images(b) if augmented else b.pixels
-        caps = s._texts(b.captions, b.rng) if augmented else list(b.captions)
+        pixels = s._images(b) if images else b.pixels
+        caps = s._texts(b.captions, b.rng) if captions else list(b.captions)
         with torch.no_grad():
             img, txt, scale = t.ctx.forward(pixels, t.ctx.tokenize(caps))
             return float(clip_loss(img, txt, scale))
@@ -581,21 +583,20 @@ def test_plain_views_train_plain_steps_on_the_pairs_as_given(fm_train, tmp_path,
     t.ctx.epoch = 0
     assert not s.is_pool_epoch(0)
     loss, _ = s.loss(_batch(t, range(32)))
-    before_pool = plain_loss_on(augmented=views == "original-after-pool")
-    assert float(loss.detach()) == pytest.approx(before_pool, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(plain_loss_on(after_pool, after_pool), rel=1e-5)
     t.ctx.epoch = 1
     s.on_epoch_start(1)
     assert s.is_pool_epoch(1)
     s.loss(_batch(t, range(32)))
     t.ctx.epoch = 2
-    assert not s._plain_augments()
+    assert s._plain_augments() == (images_after, False)
     loss, _ = s.loss(_batch(t, range(32)))
-    assert float(loss.detach()) == pytest.approx(plain_loss_on(augmented=False), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(plain_loss_on(images_after, False), rel=1e-5)
     fresh = _roclip(dict(s.opt.to_dict()))
     fresh.bind(t.ctx)
-    assert fresh._plain_augments() == (views == "original-after-pool")
+    assert fresh._plain_augments() == (after_pool, after_pool)
     fresh.load_state(s.state_tensors(), s.state_json())
-    assert not fresh._plain_augments()
+    assert fresh._plain_augments() == (images_after, False)
 
 
 def test_plain_views_default_keeps_the_fingerprint_and_is_validated():

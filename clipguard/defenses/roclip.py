@@ -114,8 +114,10 @@ class RoClipOptions(Options):
     # augmented until the first pool epoch and as given after it (the default). The pool epochs always
     # augment (the pick must not hinge on one view). Augmented views cost a small model accuracy; after
     # a pool epoch the plain epochs train only the kept pairs, while before it every pair trains and
-    # the crops slow a trigger's learning ("original" let BadNet through on validation data)
-    plain_views: Literal["augmented", "original", "original-after-pool"] = field(
+    # the crops slow a trigger's learning ("original" let BadNet through on validation data).
+    # "original-captions-after-pool": after the first pool epoch the captions as given and the images
+    # still augmented (the views wash out an image trigger such as Blended's noise)
+    plain_views: Literal["augmented", "original", "original-after-pool", "original-captions-after-pool"] = field(
         default="original-after-pool", metadata={"neutral": "augmented"})
 
     def validate(self) -> None:
@@ -251,11 +253,15 @@ class RoClip(Strategy, PairSelector):
     def _texts(self, captions: list[str], rng: random.Random) -> list[str]:
         return self._views.texts(captions, rng) if self.opt.augment else list(captions)
 
-    def _plain_augments(self) -> bool:
-        """Whether this plain epoch's steps train on augmented views (``plain_views``)."""
+    def _plain_augments(self) -> tuple[bool, bool]:
+        """Whether this plain epoch's steps train on augmented images and on augmented captions
+        (``plain_views``)."""
         views = self.opt.plain_views
-        return self.opt.augment and (views == "augmented"
-                                     or (views == "original-after-pool" and self._match_epoch is None))
+        if not self.opt.augment or views == "original":
+            return False, False
+        if views == "augmented" or self._match_epoch is None:
+            return True, True
+        return views == "original-captions-after-pool", False
 
     # ------------------------------------------------------------------ hooks
     def on_epoch_start(self, epoch: int) -> dict[str, Any]:
@@ -296,11 +302,9 @@ class RoClip(Strategy, PairSelector):
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         ctx = self.ctx
         pool_epoch = self.is_pool_epoch(ctx.epoch)
-        if pool_epoch or self._plain_augments():
-            pixels = self._images(batch)
-            caps = self._texts(batch.captions, batch.rng)
-        else:
-            pixels, caps = batch.pixels, list(batch.captions)
+        images, captions = (True, True) if pool_epoch else self._plain_augments()
+        pixels = self._images(batch) if images else batch.pixels
+        caps = self._texts(batch.captions, batch.rng) if captions else list(batch.captions)
         tokens = ctx.tokenize(caps)
         if not pool_epoch:
             img, txt, scale = ctx.forward(pixels, tokens)
@@ -512,7 +516,7 @@ class RoClip(Strategy, PairSelector):
     @property
     def _tracks_match_epoch(self) -> bool:
         """Whether a resumed run needs the latest pool epoch's number (its plain epochs depend on it)."""
-        return self.opt.plain_trains_kept or self.opt.plain_views == "original-after-pool"
+        return self.opt.plain_trains_kept or self.opt.plain_views.endswith("-after-pool")
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self._pool.load_state(tensors, "caption_pool")
