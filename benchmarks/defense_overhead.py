@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     show("  GMM alone", "gmm_fit_in_clip_epochs", " CLIP epochs")
     show("one split update (top-q re-evaluation)", "split_update_in_clip_epochs", " CLIP epochs (paper 0.1)")
     show("RoCLIP pool epoch", "roclip_pool_epoch_in_clip_epochs", " CLIP epochs")
-    show("RoCLIP other epochs (CLIP + augmentations)", "roclip_clip_epoch_in_clip_epochs", " CLIP epochs")
+    show("RoCLIP other epochs (plain CLIP, plain_views)", "roclip_clip_epoch_in_clip_epochs", " CLIP epochs")
     if args.json:
         write_json(args.json, res)
     else:

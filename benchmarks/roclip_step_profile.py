@@ -4,8 +4,10 @@ Times, on the same batches and model, one RoCLIP pool step (forward + backward) 
 (``unmatched: drop``: one encode of the batch's own captions, with gradient, serves the pool, the
 agreement test and the loss) and with ``unmatched: pooled`` (the pairs that do not keep their own
 caption train on their picks, so the own captions are first encoded without gradient), one plain
-step (augmented views, CLIP loss) and the parts a pool step adds: that no-gradient encode, picking
-and ranking the pooled captions, the diagnostics record and the pool update. Each figure is the
+step after a pool step as the defaults train it (``plain_views``: the pairs as given) and on
+augmented views as the paper (the views a pool step trains on), and the parts a pool step adds:
+that no-gradient encode, picking and ranking the pooled captions, the diagnostics record and the
+pool update. Each figure is the
 mean over ``--steps`` steps after one untimed round, the rows taking turns step by step; the parts
 are timed on their own, so they need not add up to the difference of the steps. The pool steps run
 with the alignment gate open (as after the model has left chance).
@@ -91,16 +93,18 @@ def main(argv: list[str] | None = None) -> None:
 
         unmatched = s.opt.unmatched
 
-        def step(pool: bool, how: str = unmatched) -> Callable[[int], None]:
+        views = s.opt.plain_views
+
+        def step(pool: bool, how: str = unmatched, plain_views: str = views) -> Callable[[int], None]:
             def run(i: int) -> None:
                 s.opt.match_every = 1 if pool else 1_000_000
-                s.opt.unmatched = how
+                s.opt.unmatched, s.opt.plain_views = how, plain_views
                 if s.is_pool_epoch(0) != pool:
                     raise RuntimeError("the profile's step is not the kind it times")
                 loss, _ = s.loss(batch(i))
                 loss.backward()
                 trainer.model.zero_grad(set_to_none=True)
-                s.opt.match_every, s.opt.unmatched = 1, unmatched
+                s.opt.match_every, s.opt.unmatched, s.opt.plain_views = 1, unmatched, views
             return run
 
         feats = torch.nn.functional.normalize(torch.randn(b, s._pool.bank.shape[1]), dim=-1)
@@ -124,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
             s._push(feats, trainer.tokens[:b])
 
         rows = [(f"pool step (unmatched: {unmatched})", step(True)),
-                ("pool step (unmatched: pooled)", step(True, "pooled")), ("plain step", step(False)),
+                ("pool step (unmatched: pooled)", step(True, "pooled")),
+                (f"plain step (plain_views: {views})", step(False)),
+                ("plain step (plain_views: augmented)", step(False, plain_views="augmented")),
                 ("own captions: EDA + tokenise + no-grad encode", own_captions),
                 ("own captions: EDA + tokenise only", captions_only),
                 ("pick + rank", pick), ("diagnostics record", record), ("pool update", push)]

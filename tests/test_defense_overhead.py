@@ -18,7 +18,7 @@ ROWS = {"SafeCLIP wall / CLIP wall (default schedule)": "safeclip_wall_over_clip
         "  GMM alone": "gmm_fit_in_clip_epochs",
         "one split update (top-q re-evaluation)": "split_update_in_clip_epochs",
         "RoCLIP pool epoch": "roclip_pool_epoch_in_clip_epochs",
-        "RoCLIP other epochs (CLIP + augmentations)": "roclip_clip_epoch_in_clip_epochs"}
+        "RoCLIP other epochs (plain CLIP, plain_views)": "roclip_clip_epoch_in_clip_epochs"}
 
 
 def test_defense_overhead_prints_every_row(fm_dir, capsys):

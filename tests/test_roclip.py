@@ -605,3 +605,35 @@ def test_plain_views_default_keeps_the_fingerprint_and_is_validated():
     assert "plain_views" not in resolve_spec(preset=str(CONFIGS / "roclip-drop.yaml")).options.identity()
     with pytest.raises(ConfigError, match="plain_views"):
         _roclip({"plain_views": "clean"})
+
+
+def test_a_drop_pool_step_trains_what_the_staged_step_with_a_separate_caption_encode_trains(fm_train, tmp_path):
+    """Under unmatched: drop a pool step encodes the own captions once, with gradient; the staged
+    forward it replaced encoded them without gradient for the test and then the kept captions (and
+    the dropped rows' picks) with gradient. Same picks, same loss, same gradients, bit for bit."""
+    from clipguard.training.losses import clip_loss
+
+    t = _built(fm_train.subset(range(256)), {"match_every": 1, "pool_fraction": 0.25, "keep_own": 0.1,
+                                            "keep_own_margin": 1.0, "unmatched": "drop"}, tmp_path)
+    s, model = t.strategy, t.model
+    s.on_epoch_start(0)
+    grads = []
+    for staged in (False, True):
+        b = _batch(t, range(32))
+        if staged:
+            pixels = s._images(b)
+            tokens = t.ctx.tokenize(s._texts(b.captions, b.rng))
+            own = t.ctx.encode_views(tokens=tokens)[1]
+            img, txt, scale, _, _, _, kept = s._pool_forward(b, pixels, tokens, own)
+            loss = clip_loss(img, txt, scale, t.ctx.dist, mask=kept)
+        else:
+            bank = s._pool.bank.clone()
+            loss, _ = s.loss(b)
+            kept_first = s._kept[:32].clone()
+            s._pool.bank.copy_(bank)  # the step pushed its captions: the staged step picks from the same pool
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    assert 0 < int(kept_first.sum()) < 32 and torch.equal(kept.cpu(), kept_first)
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])

@@ -11,7 +11,8 @@ def test_roclip_step_profile_prints_every_part(fm_dir, capsys, monkeypatch):
     load_benchmark("roclip_step_profile").main(["--data", str(fm_dir / "train.csv"), "--pairs", "256",
                                                 "--batch-size", "32", "--steps", "1"])
     lines = capsys.readouterr().out.splitlines()
-    rows = ("pool step (unmatched: drop)", "pool step (unmatched: pooled)", "plain step", "own captions: EDA + tokenise + no-grad encode",
+    rows = ("pool step (unmatched: drop)", "pool step (unmatched: pooled)", "plain step (plain_views: original-after-pool)",
+            "plain step (plain_views: augmented)", "own captions: EDA + tokenise + no-grad encode",
             "own captions: EDA + tokenise only", "pick + rank", "diagnostics record", "pool update")
     assert len(lines) == len(rows)
     for row, line in zip(rows, lines):
