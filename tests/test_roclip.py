@@ -559,7 +559,8 @@ def test_todays_defaults_are_the_drop_preset_with_plain_epochs_on_the_pairs_afte
                         ).options.identity() == resolve_spec(defense="roclip").options.identity()
 
 
-@pytest.mark.parametrize("views", ["original", "original-after-pool", "original-captions-after-pool"])
+@pytest.mark.parametrize("views", ["original", "original-after-pool", "original-captions-after-pool",
+                                   "geometric-after-pool"])
 def test_plain_views_train_plain_steps_on_the_pairs_as_given(fm_train, tmp_path, views):
     """With plain_views a plain step encodes the batch's own images and captions, not SimCLR/EDA
     views ("...-after-pool": only once a pool epoch has run; "original-captions-after-pool": the
@@ -570,11 +571,14 @@ def test_plain_views_train_plain_steps_on_the_pairs_as_given(fm_train, tmp_path,
                tmp_path)
     s = t.strategy
     after_pool = views.endswith("-after-pool")
-    images_after = views == "original-captions-after-pool"
+    images_after = {"original-captions-after-pool": True, "geometric-after-pool": "geometric"}.get(views, False)
 
-    def plain_loss_on(images: bool, captions: bool) -> float:
+    def plain_loss_on(images: bool | str, captions: bool) -> float:
         b = _batch(t, range(32))
-        pixels = s._images(b) if images else b.pixels
+        if images == "geometric":
+            pixels = s._views.images(b.pixels, b.generator, geometric_only=True)
+        else:
+            pixels = s._images(b) if images else b.pixels
         caps = s._texts(b.captions, b.rng) if captions else list(b.captions)
         with torch.no_grad():
             img, txt, scale = t.ctx.forward(pixels, t.ctx.tokenize(caps))

@@ -116,9 +116,12 @@ class RoClipOptions(Options):
     # a pool epoch the plain epochs train only the kept pairs, while before it every pair trains and
     # the crops slow a trigger's learning ("original" let BadNet through on validation data).
     # "original-captions-after-pool": after the first pool epoch the captions as given and the images
-    # still augmented (the views wash out an image trigger such as Blended's noise)
-    plain_views: Literal["augmented", "original", "original-after-pool", "original-captions-after-pool"] = field(
-        default="original-after-pool", metadata={"neutral": "augmented"})
+    # still augmented (the views wash out an image trigger such as Blended's noise);
+    # "geometric-after-pool": the captions as given and the images cropped and flipped only (no colour
+    # jitter or grey)
+    plain_views: Literal["augmented", "original", "original-after-pool", "original-captions-after-pool",
+                         "geometric-after-pool"] = field(default="original-after-pool",
+                                                         metadata={"neutral": "augmented"})
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
@@ -253,14 +256,16 @@ class RoClip(Strategy, PairSelector):
     def _texts(self, captions: list[str], rng: random.Random) -> list[str]:
         return self._views.texts(captions, rng) if self.opt.augment else list(captions)
 
-    def _plain_augments(self) -> tuple[bool, bool]:
-        """Whether this plain epoch's steps train on augmented images and on augmented captions
-        (``plain_views``)."""
+    def _plain_augments(self) -> tuple[bool | str, bool]:
+        """Whether this plain epoch's steps train on augmented images ("geometric": cropped and
+        flipped only) and on augmented captions (``plain_views``)."""
         views = self.opt.plain_views
         if not self.opt.augment or views == "original":
             return False, False
         if views == "augmented" or self._match_epoch is None:
             return True, True
+        if views == "geometric-after-pool":
+            return "geometric", False
         return views == "original-captions-after-pool", False
 
     # ------------------------------------------------------------------ hooks
@@ -303,7 +308,10 @@ class RoClip(Strategy, PairSelector):
         ctx = self.ctx
         pool_epoch = self.is_pool_epoch(ctx.epoch)
         images, captions = (True, True) if pool_epoch else self._plain_augments()
-        pixels = self._images(batch) if images else batch.pixels
+        if images == "geometric":
+            pixels = self._views.images(batch.pixels, batch.generator, geometric_only=True)
+        else:
+            pixels = self._images(batch) if images else batch.pixels
         caps = self._texts(batch.captions, batch.rng) if captions else list(batch.captions)
         tokens = ctx.tokenize(caps)
         if not pool_epoch:
