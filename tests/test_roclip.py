@@ -571,14 +571,15 @@ def test_plain_views_train_plain_steps_on_the_pairs_as_given(fm_train, tmp_path,
                tmp_path)
     s = t.strategy
     after_pool = views.endswith("-after-pool")
-    images_after = {"original-captions-after-pool": True, "geometric-after-pool": "geometric"}.get(views, False)
+    before = ("simclr", True) if after_pool else ("none", False)
+    images_after = {"original-captions-after-pool": "simclr", "geometric-after-pool": "geometric"}.get(views, "none")
 
-    def plain_loss_on(images: bool | str, captions: bool) -> float:
+    def plain_loss_on(images: str, captions: bool) -> float:
         b = _batch(t, range(32))
         if images == "geometric":
             pixels = s._views.images(b.pixels, b.generator, geometric_only=True)
         else:
-            pixels = s._images(b) if images else b.pixels
+            pixels = s._views.images(b.pixels, b.generator) if images == "simclr" else b.pixels
         caps = s._texts(b.captions, b.rng) if captions else list(b.captions)
         with torch.no_grad():
             img, txt, scale = t.ctx.forward(pixels, t.ctx.tokenize(caps))
@@ -587,20 +588,20 @@ def test_plain_views_train_plain_steps_on_the_pairs_as_given(fm_train, tmp_path,
     t.ctx.epoch = 0
     assert not s.is_pool_epoch(0)
     loss, _ = s.loss(_batch(t, range(32)))
-    assert float(loss.detach()) == pytest.approx(plain_loss_on(after_pool, after_pool), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(plain_loss_on(*before), rel=1e-5)
     t.ctx.epoch = 1
     s.on_epoch_start(1)
     assert s.is_pool_epoch(1)
     s.loss(_batch(t, range(32)))
     t.ctx.epoch = 2
-    assert s._plain_augments() == (images_after, False)
+    assert s._plain_views() == (images_after, False)
     loss, _ = s.loss(_batch(t, range(32)))
     assert float(loss.detach()) == pytest.approx(plain_loss_on(images_after, False), rel=1e-5)
     fresh = _roclip(dict(s.opt.to_dict()))
     fresh.bind(t.ctx)
-    assert fresh._plain_augments() == (after_pool, after_pool)
+    assert fresh._plain_views() == before
     fresh.load_state(s.state_tensors(), s.state_json())
-    assert fresh._plain_augments() == (images_after, False)
+    assert fresh._plain_views() == (images_after, False)
 
 
 def test_plain_views_default_keeps_the_fingerprint_and_is_validated():

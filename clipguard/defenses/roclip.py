@@ -250,23 +250,25 @@ class RoClip(Strategy, PairSelector):
             self._aligned_at: int | None = None
 
     # ------------------------------------------------------------------ augmentation
-    def _images(self, batch: Batch) -> torch.Tensor:
-        return self._views.images(batch.pixels, batch.generator) if self.opt.augment else batch.pixels
+    def _images(self, batch: Batch, geometric_only: bool = False) -> torch.Tensor:
+        if not self.opt.augment:
+            return batch.pixels
+        return self._views.images(batch.pixels, batch.generator, geometric_only=geometric_only)
 
     def _texts(self, captions: list[str], rng: random.Random) -> list[str]:
         return self._views.texts(captions, rng) if self.opt.augment else list(captions)
 
-    def _plain_augments(self) -> tuple[bool | str, bool]:
-        """Whether this plain epoch's steps train on augmented images ("geometric": cropped and
-        flipped only) and on augmented captions (``plain_views``)."""
+    def _plain_views(self) -> tuple[Literal["simclr", "geometric", "none"], bool]:
+        """The image view this plain epoch's steps train on (SimCLR's, "geometric": cropped and
+        flipped only, or "none": the images as given) and whether their captions get EDA views
+        (``plain_views``)."""
         views = self.opt.plain_views
         if not self.opt.augment or views == "original":
-            return False, False
+            return "none", False
         if views == "augmented" or self._match_epoch is None:
-            return True, True
-        if views == "geometric-after-pool":
-            return "geometric", False
-        return views == "original-captions-after-pool", False
+            return "simclr", True
+        after = {"original-captions-after-pool": "simclr", "geometric-after-pool": "geometric"}
+        return after.get(views, "none"), False
 
     # ------------------------------------------------------------------ hooks
     def on_epoch_start(self, epoch: int) -> dict[str, Any]:
@@ -307,11 +309,8 @@ class RoClip(Strategy, PairSelector):
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         ctx = self.ctx
         pool_epoch = self.is_pool_epoch(ctx.epoch)
-        images, captions = (True, True) if pool_epoch else self._plain_augments()
-        if images == "geometric":
-            pixels = self._views.images(batch.pixels, batch.generator, geometric_only=True)
-        else:
-            pixels = self._images(batch) if images else batch.pixels
+        image_view, captions = ("simclr", True) if pool_epoch else self._plain_views()
+        pixels = batch.pixels if image_view == "none" else self._images(batch, image_view == "geometric")
         caps = self._texts(batch.captions, batch.rng) if captions else list(batch.captions)
         tokens = ctx.tokenize(caps)
         if not pool_epoch:
