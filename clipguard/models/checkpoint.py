@@ -47,7 +47,8 @@ from clipguard.io import TMP_SUFFIX, _umask, atomic_dir, is_atomic_temp, write_j
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_TENSORS = "optimizer"  # load_tensors(folder, OPTIMIZER_TENSORS) reads OPTIMIZER_FILE
+OPTIMIZER_FILE = f"{OPTIMIZER_TENSORS}.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # the safetensors names open_clip's local-dir loader prefers, in its order (ours is the last one)
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", MODEL_FILE)

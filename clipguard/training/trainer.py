@@ -256,7 +256,7 @@ class Trainer:
         ckpt.load_weights(self.model, folder)
         done = epochs_done(state)
         if state.get("optimizer") is not None:
-            ckpt.optimizer_from_tensors(self.optimizer, ckpt.load_tensors(folder, "optimizer"),
+            ckpt.optimizer_from_tensors(self.optimizer, ckpt.load_tensors(folder, ckpt.OPTIMIZER_TENSORS),
                                         state["optimizer"])
         elif done < self.cfg.epochs:  # a finished run's state without it (the bench drops it) needs none
             raise ConfigError(f"{folder}: the checkpoint has no optimizer state, so training cannot continue "
