@@ -30,6 +30,7 @@ from clipguard.defenses import DEFENSES
 from clipguard.defenses.alignment import ChanceMonitor
 from clipguard.defenses.nn_pool import NNPool
 from clipguard.defenses.pair_scores import embed_dim
+from clipguard.defenses.pattern_veto import PatternVeto
 from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd
@@ -122,6 +123,17 @@ class RoClipOptions(Options):
     plain_views: Literal["augmented", "original", "original-after-pool", "original-captions-after-pool",
                          "geometric-after-pool"] = field(default="original-after-pool",
                                                          metadata={"neutral": "augmented"})
+    # the pattern veto (defenses/pattern_veto.py, as SafeCLIP's): at the end of each pool epoch a pair
+    # whose high-passed image carries the pattern shared by the pattern_share most suspect pairs of its
+    # caption group (pattern_clusters groups, k-means on the captions; suspect: the pairs whose pick
+    # failed the keep test, then the lowest agreement) by more than pattern_z robust standard
+    # deviations trains in no step until the next pool epoch's veto. A pixel pattern is what a
+    # backdoor's poisons share and clean pairs do not; the keep test alone lets a few poisons keep
+    # their caption (their augmented view happened to look like the target's), and with the plain
+    # epochs on the pairs as given those few teach a blended trigger. None = off
+    pattern_z: float | None = field(default=None, metadata={"neutral": None})
+    pattern_share: float = field(default=0.1, metadata={"neutral": 0.1})
+    pattern_clusters: int = field(default=50, metadata={"neutral": 50})
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
@@ -153,6 +165,12 @@ class RoClipOptions(Options):
                 f"plain_keep must be in (0, 1] (or None: every pair), got {self.plain_keep}")
         require(self.keep_own_streak == 1 or self.keep_own > 0 or self.keep_own_margin > 0,
                 "keep_own_streak needs keep_own > 0 or keep_own_margin > 0")
+        require(self.pattern_z is None or self.pattern_z > 0,
+                f"pattern_z must be > 0 (or None: no pattern veto), got {self.pattern_z}")
+        require(self.pattern_z is None or self.keep_own > 0 or self.keep_own_margin > 0,
+                "pattern_z needs keep_own > 0 or keep_own_margin > 0 (the keep test ranks the suspects)")
+        require(0.0 < self.pattern_share < 1.0, f"pattern_share must be in (0, 1), got {self.pattern_share}")
+        require(self.pattern_clusters >= 1, f"pattern_clusters must be >= 1, got {self.pattern_clusters}")
 
 
 def pick_rank(own: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -207,6 +225,8 @@ class RoClip(Strategy, PairSelector):
         o = self.opt
         self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete,
                             blur_p=o.blur_p, flip_p=o.flip_p)
+        self._pattern = (PatternVeto(o.pattern_z, o.pattern_share, o.pattern_clusters)
+                         if o.pattern_z is not None else None)
 
     def scheduled_pool_epoch(self, epoch: int) -> bool:
         """Alg. 1 counts epochs from 1 and matches when epoch % K == 0; with ``pool_start`` the
@@ -248,6 +268,8 @@ class RoClip(Strategy, PairSelector):
         self._plain = ChanceMonitor()    # the CLIP loss of the latest epoch, when it was a plain one
         if not hasattr(self, "_aligned_at"):  # the first pool epoch align_before_pool let through
             self._aligned_at: int | None = None
+        if not hasattr(self, "_patterned"):  # the pattern veto's flags at the latest pool epoch's end
+            self._patterned: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ augmentation
     def _images(self, batch: Batch, geometric_only: bool = False) -> torch.Tensor:
@@ -336,7 +358,7 @@ class RoClip(Strategy, PairSelector):
             nn_idx = self._pick(img.detach().float())
             rank = self._pick_rank(own.detach(), nn_idx)
             agreed = self._agreement_now(rank, img.detach(), own.detach(), nn_idx, scale.detach())
-            kept = self._kept_rows(agreed, batch.indices).to(img.device)
+            kept = self._kept_rows(agreed, batch.indices).to(img.device) & self._unflagged(batch.indices, img.device)
             # kept pairs use their own caption, encoded in the step; the others the stored embedding
             matched = torch.where(kept.unsqueeze(1), own, self._pool.bank[nn_idx].to(img.dtype))
         if self._tests_agreement:
@@ -358,9 +380,15 @@ class RoClip(Strategy, PairSelector):
         """With ``plain_trains_kept``, after a pool epoch: the rows of a plain step that kept their own
         caption in the latest pool epoch, or that it did not reach (None: every row)."""
         if not self.opt.plain_trains_kept or self._match_epoch is None:
-            return None
+            return None if self._patterned is None else self._unflagged(indices, device)
         rows = indices.cpu()
-        return (self._kept[rows] | self._agreement[rows].isnan()).to(device)
+        return (self._kept[rows] | self._agreement[rows].isnan()).to(device) & self._unflagged(indices, device)
+
+    def _unflagged(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """bool per row of ``indices``: not flagged by the pattern veto (every row without it)."""
+        if self._patterned is None:
+            return torch.ones(len(indices), dtype=torch.bool, device=device)
+        return (~self._patterned[indices.cpu()]).to(device)
 
     @torch.no_grad()
     def _pick(self, img: torch.Tensor) -> torch.Tensor:
@@ -435,13 +463,28 @@ class RoClip(Strategy, PairSelector):
 
     def on_epoch_end(self, epoch: int) -> dict[str, Any]:
         """After a pool epoch (the epoch whose steps recorded matches), count its agreements into
-        each pair's streak (a pair the epoch did not reach keeps its streak)."""
-        if self.opt.keep_own_streak > 1 and self._match_epoch == epoch:
+        each pair's streak (a pair the epoch did not reach keeps its streak) and, with
+        ``pattern_z``, let the pattern veto judge every pair."""
+        record: dict[str, Any] = {}
+        if self._match_epoch != epoch:
+            return record
+        if self.opt.keep_own_streak > 1:
             seen = ~self._agreement.isnan()
             grown = torch.where(self._agreed, self._streak + 1, torch.zeros_like(self._streak))
             self._streak = torch.where(seen, grown, self._streak)
-            return {"keep_own_streak_met": float((self._streak >= self.opt.keep_own_streak).float().mean())}
-        return {}
+            record["keep_own_streak_met"] = float((self._streak >= self.opt.keep_own_streak).float().mean())
+        if self._pattern is not None:
+            self._patterned = self._pattern.vetoed(self.ctx, self._suspicion())
+            record["pattern_flagged"] = int(self._patterned.sum())
+        return record
+
+    def _suspicion(self) -> torch.Tensor:
+        """One value per pair, higher for a more suspect pair at the latest pool epoch: the pairs whose
+        pick failed the keep test first (the test itself, not the veto's earlier verdicts), then by how
+        far the pick ranked from the own caption (pairs the epoch did not reach: least suspect)."""
+        seen = ~self._agreement.isnan()
+        far = torch.where(seen, 1.0 - self._agreement, torch.zeros_like(self._agreement))
+        return far.double() + (seen & ~self._agreed).double()
 
     # ------------------------------------------------------------------ diagnostics
     def pair_scores(self) -> torch.Tensor | None:
@@ -455,10 +498,11 @@ class RoClip(Strategy, PairSelector):
         return a
 
     def selected(self) -> torch.Tensor | None:
-        """With ``keep_own``: the pairs that kept their own caption in the latest pool epoch."""
+        """With ``keep_own``: the pairs that kept their own caption in the latest pool epoch and
+        that the pattern veto, if on, did not flag after it."""
         if not self._tests_agreement or self._match_epoch is None or self._match_epoch >= self.ctx.epoch:
             return None
-        return self._kept.clone()
+        return self._kept & ~self._patterned if self._patterned is not None else self._kept.clone()
 
     def _pool_forward(self, batch: Batch, pixels: torch.Tensor, tokens: torch.Tensor, own: torch.Tensor | None
                       ) -> tuple[torch.Tensor, ...]:
@@ -484,7 +528,7 @@ class RoClip(Strategy, PairSelector):
             idx = probe_idx if probe_idx is not None else self._pick(img.detach().float())
             rank = self._pick_rank(tested, idx)
             agree = self._agreement_now(rank, img.detach(), tested, idx, clip.logit_scale.detach().exp())
-            keep = self._kept_rows(agree, batch.indices).to(ctx.device)
+            keep = self._kept_rows(agree, batch.indices).to(ctx.device) & self._unflagged(batch.indices, ctx.device)
             picked.update(idx=idx, rank=rank, agree=agree, keep=keep)
             if txt is None:
                 text_tokens = torch.where(keep.unsqueeze(1), tokens.to(ctx.device), pool.payload[idx].to(ctx.device))
@@ -509,6 +553,8 @@ class RoClip(Strategy, PairSelector):
         if self.opt.plain_trains_kept:  # the plain epochs after a pool epoch train on its decisions
             out["kept_own"] = self._kept.to(torch.uint8)
             out["agreement"] = self._agreement.clone()
+        if self._patterned is not None:
+            out["patterned"] = self._patterned.to(torch.uint8)
         return out
 
     def state_json(self) -> dict[str, Any]:
@@ -523,7 +569,8 @@ class RoClip(Strategy, PairSelector):
     @property
     def _tracks_match_epoch(self) -> bool:
         """Whether a resumed run needs the latest pool epoch's number (its plain epochs depend on it)."""
-        return self.opt.plain_trains_kept or self.opt.plain_views.endswith("-after-pool")
+        return (self.opt.plain_trains_kept or self.opt.plain_views.endswith("-after-pool")
+                or self.opt.pattern_z is not None)
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self._pool.load_state(tensors, "caption_pool")
@@ -535,5 +582,7 @@ class RoClip(Strategy, PairSelector):
         if self.opt.plain_trains_kept and "kept_own" in tensors:
             self._kept = tensors["kept_own"].bool().cpu().clone()
             self._agreement = tensors["agreement"].float().cpu().clone()
+        if self.opt.pattern_z is not None and "patterned" in tensors:
+            self._patterned = tensors["patterned"].bool().cpu().clone()
         if self._tracks_match_epoch:
             self._match_epoch = meta.get("match_epoch")

@@ -1,0 +1,92 @@
+"""RoCLIP's pattern veto: after each pool epoch the pairs whose image carries the pattern their
+caption group's suspects share train in no step until the next veto; off by default."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _trainers import batch_of, set_up
+from safetensors.torch import load_file
+
+from clipguard import defenses
+from clipguard.errors import ConfigError
+from clipguard.training.trainer import TrainConfig, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+# a small pool and a low cut, so that a tiny run has pool epochs and flags pairs
+SMALL = dict(match_every=2, align_before_pool=None, pool_fraction=0.25, pattern_z=2.0, pattern_clusters=4)
+
+
+def test_pattern_options_are_checked_and_off_by_default():
+    with pytest.raises(ConfigError, match="pattern_z must be > 0"):
+        defenses.build("roclip", {"pattern_z": 0})
+    with pytest.raises(ConfigError, match="pattern_z needs keep_own"):
+        defenses.build("roclip", {"pattern_z": 3, "keep_own": 0.0, "keep_own_margin": 0.0, "unmatched": "pooled",
+                                  "plain_trains_kept": False})
+    with pytest.raises(ConfigError, match="pattern_share"):
+        defenses.build("roclip", {"pattern_z": 3, "pattern_share": 0.0})
+    with pytest.raises(ConfigError, match="pattern_clusters"):
+        defenses.build("roclip", {"pattern_z": 3, "pattern_clusters": 0})
+    s = defenses.build("roclip", {})
+    assert s.opt.pattern_z is None and s._pattern is None
+    assert "pattern_z" not in s.opt.identity()  # off: not part of a run's identity
+
+
+def test_flagged_pairs_leave_plain_and_pool_steps_and_the_selection(fm_train, tmp_path):
+    """With flags set, a plain step's rows and a pool step's kept pairs both exclude the flagged
+    rows, and the diagnostics' selection does too."""
+    t = set_up(TrainConfig(model="cg-tiny", epochs=4, batch_size=32, seed=0, device="cpu", quiet=True),
+               fm_train.subset(range(256)), defenses.build("roclip", SMALL), tmp_path)
+    s = t.strategy
+    flagged = torch.zeros(256, dtype=torch.bool)
+    flagged[torch.arange(0, 32, 3)] = True
+    s._patterned = flagged
+    rows = s._plain_rows(torch.arange(32), torch.device("cpu"))  # no pool epoch yet: every unflagged row
+    assert torch.equal(rows, ~flagged[:32])
+    t.ctx.epoch = 1
+    assert s.is_pool_epoch(1)
+    s.on_epoch_start(1)
+    s.loss(batch_of(t, range(32), 5))
+    assert not s._kept[:32][flagged[:32]].any() and s._kept[:32].any()
+    assert bool(s._agreed[:32][flagged[:32]].any())  # the test passed some flagged pairs; the veto kept them out
+    t.ctx.epoch = 2
+    rows = s._plain_rows(torch.arange(32), torch.device("cpu"))
+    assert not rows[flagged[:32]].any()
+    assert not s.selected()[flagged].any()
+
+
+def test_suspicion_ranks_failed_keep_tests_first_then_by_distance():
+    s = defenses.build("roclip", SMALL)
+    s._agreement = torch.tensor([0.9, 0.2, 0.95, float("nan"), 0.5])
+    s._agreed = torch.tensor([True, True, False, False, False])
+    s._kept = torch.tensor([False, True, False, False, False])  # the veto's earlier verdicts do not count
+    order = torch.argsort(s._suspicion(), descending=True).tolist()
+    assert order[:2] == [4, 2]  # failed the test: the farther pick first
+    assert order[2] == 1 and order[-1] == 3  # passed it, far; unreached last
+
+
+def _cfg(**kw):
+    return TrainConfig(model="cg-tiny", epochs=4, batch_size=64, lr=1e-3, warmup=2, seed=0, device="cpu",
+                       quiet=True, **kw)
+
+
+def test_a_run_with_the_pattern_veto_logs_its_flags_and_resumes_exactly(fm_train, tmp_path):
+    """Each pool epoch's record counts the flagged pairs; a run stopped after its first pool epoch
+    resumes to the same weights (the flags are part of the checkpoint)."""
+    data = fm_train.subset(range(256))
+    Trainer(_cfg(), data, tmp_path / "a", strategy=defenses.build("roclip", SMALL)).fit()
+    Trainer(_cfg(stop_after=2), data, tmp_path / "b", strategy=defenses.build("roclip", SMALL)).fit()
+    Trainer(_cfg(), data, tmp_path / "b", strategy=defenses.build("roclip", SMALL)).fit(resume="latest")
+    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    pools = [r for r in recs if r.get("pool_epoch")]
+    assert len(pools) == 2 and all(r.get("pattern_flagged", 0) >= 1 for r in pools)
+    assert not any("pattern_flagged" in r for r in recs if r.get("pool_epoch") is False)
+    # the flags change what trains: without the veto the same run ends at other weights
+    Trainer(_cfg(), data, tmp_path / "c", strategy=defenses.build("roclip", {**SMALL, "pattern_z": None})).fit()
+    wc = load_file(str(tmp_path / "c" / "checkpoints" / "epoch_004" / "model.safetensors"))
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
