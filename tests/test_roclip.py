@@ -521,15 +521,17 @@ def test_the_defaults_wait_for_alignment_keep_near_misses_and_train_only_kept_pa
     assert (opt.align_before_pool, opt.keep_own_margin, opt.plain_trains_kept) == (0.97, 1.0, True)
     assert opt.unmatched == "drop" and opt.plain_views == "original-after-pool"
     assert (opt.keep_own, opt.crop_scale_min) == (0.1, 0.5)
+    assert opt.pattern_z == 4.0  # the twenty-seventh round
 
 
 @pytest.mark.parametrize("preset", ["roclip-previous", "roclip", "roclip-small", "augclip-screen"])
 def test_presets_written_before_the_new_defaults_keep_their_fingerprint(preset):
-    """Each preset writes the five options out at their neutral values, so the runs and bench
+    """Each preset writes the six options out at their neutral values, so the runs and bench
     cells made with it before the defaults changed stay valid (and do what they did)."""
     spec = resolve_spec(preset=str(CONFIGS / f"{preset}.yaml"))
     ident = spec.options.identity()
-    assert not {"align_before_pool", "keep_own_margin", "plain_trains_kept", "unmatched", "plain_views"} & set(ident)
+    assert not {"align_before_pool", "keep_own_margin", "plain_trains_kept", "unmatched", "plain_views",
+                "pattern_z"} & set(ident)
 
 
 def test_without_pool_epochs_the_new_defaults_train_the_same_weights(fm_train, tmp_path):
@@ -545,17 +547,23 @@ def test_without_pool_epochs_the_new_defaults_train_the_same_weights(fm_train, t
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_todays_defaults_are_the_drop_preset_with_plain_epochs_on_the_pairs_after_a_pool_epoch():
-    """configs/roclip-align.yaml writes out the twenty-second round's defaults and
-    configs/roclip-drop.yaml the twenty-fourth's (the same with ``unmatched: drop``); the
-    twenty-fifth changed one option, so a run of ``--defense roclip`` with no options is a run of
-    roclip-drop with ``plain_views: original-after-pool`` (the same fingerprint)."""
+def test_todays_defaults_are_the_views_preset_with_the_pattern_veto():
+    """configs/roclip-align.yaml writes out the twenty-second round's defaults,
+    configs/roclip-drop.yaml the twenty-fourth's (the same with ``unmatched: drop``) and
+    configs/roclip-views.yaml the twenty-fifth's (roclip-drop with ``plain_views:
+    original-after-pool``); the twenty-seventh changed one option, so a run of ``--defense roclip``
+    with no options is a run of roclip-views with ``pattern_z: 4`` (the same fingerprint)."""
     align = resolve_spec(preset=str(CONFIGS / "roclip-align.yaml"))
     drop = resolve_spec(preset=str(CONFIGS / "roclip-drop.yaml"))
     assert (align.options.unmatched, align.options.plain_views) == ("pooled", "augmented")
     assert resolve_spec(preset=str(CONFIGS / "roclip-align.yaml"), options={"unmatched": "drop"}).options.identity() \
         == drop.options.identity()
+    views = resolve_spec(preset=str(CONFIGS / "roclip-views.yaml"))
     assert resolve_spec(preset=str(CONFIGS / "roclip-drop.yaml"), options={"plain_views": "original-after-pool"}
+                        ).options.identity() == views.options.identity()
+    assert "pattern_z" not in views.options.identity() and "pattern_z" not in drop.options.identity()
+    # the twenty-seventh round changed one more: today's defaults are roclip-views with the pattern veto at 4
+    assert resolve_spec(preset=str(CONFIGS / "roclip-views.yaml"), options={"pattern_z": 4.0}
                         ).options.identity() == resolve_spec(defense="roclip").options.identity()
 
 

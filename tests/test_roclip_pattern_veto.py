@@ -1,5 +1,5 @@
 """RoCLIP's pattern veto: after each pool epoch the pairs whose image carries the pattern their
-caption group's suspects share train in no step until the next veto; off by default."""
+caption group's suspects share train in no step until the next veto (a default, at 4)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 SMALL = dict(match_every=2, align_before_pool=None, pool_fraction=0.25, pattern_z=2.0, pattern_clusters=4)
 
 
-def test_pattern_options_are_checked_and_off_by_default():
+def test_pattern_options_are_checked_and_on_by_default():
     with pytest.raises(ConfigError, match="pattern_z must be > 0"):
         defenses.build("roclip", {"pattern_z": 0})
     with pytest.raises(ConfigError, match="pattern_z needs keep_own"):
@@ -31,8 +31,10 @@ def test_pattern_options_are_checked_and_off_by_default():
     with pytest.raises(ConfigError, match="pattern_clusters"):
         defenses.build("roclip", {"pattern_z": 3, "pattern_clusters": 0})
     s = defenses.build("roclip", {})
-    assert s.opt.pattern_z is None and s._pattern is None
-    assert "pattern_z" not in s.opt.identity()  # off: not part of a run's identity
+    assert s.opt.pattern_z == 4.0 and s._pattern is not None  # the default since the twenty-seventh round
+    assert s.opt.identity()["pattern_z"] == 4.0
+    off = defenses.build("roclip", {"pattern_z": None})
+    assert off._pattern is None and "pattern_z" not in off.opt.identity()  # off: not part of a run's identity
 
 
 def test_flagged_pairs_leave_plain_and_pool_steps_and_the_selection(fm_train, tmp_path):
