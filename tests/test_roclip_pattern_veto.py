@@ -76,8 +76,9 @@ def _cfg(**kw):
 
 
 def test_a_run_with_the_pattern_veto_logs_its_flags_and_resumes_exactly(fm_train, tmp_path):
-    """Each pool epoch's record counts the flagged pairs; a run stopped after its first pool epoch
-    resumes to the same weights (the flags are part of the checkpoint)."""
+    """Each pool epoch's record counts the flagged pairs (and its hook time includes the veto's); a
+    run stopped after its first pool epoch resumes to the same weights (the flags are part of the
+    checkpoint)."""
     data = fm_train.subset(range(256))
     Trainer(_cfg(), data, tmp_path / "a", strategy=defenses.build("roclip", SMALL)).fit()
     Trainer(_cfg(stop_after=2), data, tmp_path / "b", strategy=defenses.build("roclip", SMALL)).fit()
@@ -87,6 +88,7 @@ def test_a_run_with_the_pattern_veto_logs_its_flags_and_resumes_exactly(fm_train
     recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
     pools = [r for r in recs if r.get("pool_epoch")]
     assert len(pools) == 2 and all(r.get("pattern_flagged", 0) >= 1 for r in pools)
+    assert all(r["hook_seconds"] > 0 for r in pools)  # the veto runs in the end hook, and is timed
     assert not any("pattern_flagged" in r for r in recs if r.get("pool_epoch") is False)
     # the flags change what trains: without the veto the same run ends at other weights
     Trainer(_cfg(), data, tmp_path / "c", strategy=defenses.build("roclip", {**SMALL, "pattern_z": None})).fit()

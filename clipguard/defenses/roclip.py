@@ -14,8 +14,8 @@ guesses cost most of the accuracy at small scale; ``keep_own_margin`` also lets 
 finds its own caption nearly as likely as the pick), ``unmatched: drop`` leaves the other pairs out
 of that step instead of training them on their picks, ``plain_views`` trains the plain epochs after
 the first pool epoch on the pairs as given, ``pattern_z`` keeps the pairs whose image carries the
-pixel pattern their caption group's suspects share out of every step, and ``assignment: balanced`` spreads a batch's picks
-over the pool instead of letting a few hub captions take most images.
+pixel pattern their caption group's suspects share out of every step, and ``assignment: balanced``
+spreads a batch's picks over the pool instead of letting a few hub captions take most images.
 """
 
 from __future__ import annotations

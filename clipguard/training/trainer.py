@@ -341,7 +341,9 @@ class Trainer:
     def _epoch(self, epoch: int, dist: DistInfo, tb, log: run_dir.RunLog | None = None) -> dict[str, Any]:
         record = self._begin_epoch(epoch, dist)
         record.update(self._train_steps(epoch, dist))
-        record.update(self.strategy.on_epoch_end(epoch))
+        t_hook = time.perf_counter()
+        record.update(self.strategy.on_epoch_end(epoch))  # e.g. RoCLIP's pattern veto
+        record["hook_seconds"] = round(record["hook_seconds"] + time.perf_counter() - t_hook, 3)
         cfg = self.cfg
         if self.evaluate is not None and dist.is_main and (
                 (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
