@@ -7,10 +7,10 @@ caption train on their picks, so the own captions are first encoded without grad
 step after a pool step as the defaults train it (``plain_views``: the pairs as given) and on
 augmented views as the paper (the views a pool step trains on), and the parts a pool step adds:
 that no-gradient encode, picking and ranking the pooled captions, the diagnostics record and the
-pool update. Each figure is the
-mean over ``--steps`` steps after one untimed round, the rows taking turns step by step; the parts
-are timed on their own, so they need not add up to the difference of the steps. The pool steps run
-with the alignment gate open (as after the model has left chance).
+pool update; then, with the pattern veto (a default), each of its parts, timed once. Each step
+figure is the mean over ``--steps`` steps after one untimed round, the rows taking turns step by
+step; the parts are timed on their own, so they need not add up to the difference of the steps.
+The pool steps run with the alignment gate open (as after the model has left chance).
 
     .venv/bin/python benchmarks/roclip_step_profile.py --pairs 2000 --model cg-nano
     .venv/bin/python benchmarks/roclip_step_profile.py --data path/train.csv --batch-size 256
@@ -136,6 +136,44 @@ def main(argv: list[str] | None = None) -> None:
                 ("pick + rank", pick), ("diagnostics record", record), ("pool update", push)]
         for (name, _), ms in zip(rows, interleaved_ms([fn for _, fn in rows], args.steps)):
             print(f"{name:48s} {ms:8.2f} ms")
+        if s._pattern is not None:
+            for name, ms in pattern_veto_ms(s, ctx, args.seed):
+                print(f"{name:48s} {ms:8.2f} ms")
+
+
+def pattern_veto_ms(s, ctx, seed: int) -> list[tuple[str, float]]:
+    """The pattern veto's parts (``pattern_z``), each timed once: once per run, the training images'
+    high-pass and their shrunk inverse covariance; at the end of every pool epoch, encoding every
+    caption, the caption groups' k-means and the pattern scores, then the whole veto as it runs."""
+    from clipguard.data.signatures import pixel_residuals
+    from clipguard.detection.detectors.pattern import PatternOptions, pattern_scores, shrunk_precision
+    from clipguard.detection.detectors.spectral import caption_groups
+    from clipguard.evaluation.features import encode_tokens
+
+    veto = s._pattern
+    out, t0 = [], time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        out.append((name, 1000 * (time.perf_counter() - t0)))
+        t0 = time.perf_counter()
+
+    residuals = pixel_residuals(ctx.data.images)
+    lap("veto, once a run: high-passed pixels")
+    precision = shrunk_precision(residuals, seed=veto.seed)
+    lap("veto, once a run: their shrunk inverse covariance")
+    text = encode_tokens(ctx.raw_model, ctx.tokens, ctx.device).numpy()
+    lap("veto, each pool epoch: encode every caption")
+    groups = caption_groups(text, veto.clusters, veto.seed, PatternOptions.max_points)
+    lap("veto, each pool epoch: caption groups (k-means)")
+    suspicion = torch.rand(len(text), generator=torch.Generator().manual_seed(seed))
+    pattern_scores(residuals, groups, suspicion.double().numpy(), veto.share, PatternOptions.min_group, precision)
+    lap("veto, each pool epoch: pattern scores")
+    veto._residuals, veto._precision = residuals, precision  # as after a run's first veto
+    t0 = time.perf_counter()
+    veto.vetoed(ctx, suspicion)
+    lap("veto, each pool epoch: all of it")
+    return out
 
 
 if __name__ == "__main__":

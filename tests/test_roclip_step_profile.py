@@ -13,7 +13,10 @@ def test_roclip_step_profile_prints_every_part(fm_dir, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     rows = ("pool step (unmatched: drop)", "pool step (unmatched: pooled)", "plain step (plain_views: original-after-pool)",
             "plain step (plain_views: augmented)", "own captions: EDA + tokenise + no-grad encode",
-            "own captions: EDA + tokenise only", "pick + rank", "diagnostics record", "pool update")
+            "own captions: EDA + tokenise only", "pick + rank", "diagnostics record", "pool update",
+            "veto, once a run: high-passed pixels", "veto, once a run: their shrunk inverse covariance",
+            "veto, each pool epoch: encode every caption", "veto, each pool epoch: caption groups (k-means)",
+            "veto, each pool epoch: pattern scores", "veto, each pool epoch: all of it")
     assert len(lines) == len(rows)
     for row, line in zip(rows, lines):
         assert line.startswith(row) and line.endswith(" ms"), (row, line)
