@@ -361,7 +361,7 @@ class RoClip(Strategy, PairSelector):
             nn_idx = self._pick(img.detach().float())
             rank = self._pick_rank(own.detach(), nn_idx)
             agreed = self._agreement_now(rank, img.detach(), own.detach(), nn_idx, scale.detach())
-            kept = self._kept_rows(agreed, batch.indices).to(img.device) & self._unflagged(batch.indices, img.device)
+            kept = self._kept_rows(agreed, batch.indices).to(img.device)
             # kept pairs use their own caption, encoded in the step; the others the stored embedding
             matched = torch.where(kept.unsqueeze(1), own, self._pool.bank[nn_idx].to(img.dtype))
         if self._tests_agreement:
@@ -438,12 +438,13 @@ class RoClip(Strategy, PairSelector):
 
     def _kept_rows(self, agree: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The pairs (rows ``indices``) that keep their own caption: they agree now (``agree``,
-        this step's test) and, with ``keep_own_streak`` > 1, also agreed in the pool epochs just
-        before."""
+        this step's test), with ``keep_own_streak`` > 1 also agreed in the pool epochs just
+        before, and the pattern veto (``pattern_z``) did not flag them at the latest pool epoch."""
+        kept = agree & self._unflagged(indices, agree.device)
         if self.opt.keep_own_streak == 1:
-            return agree
+            return kept
         before = self._streak[indices.cpu()].to(agree.device)
-        return agree & (before + 1 >= self.opt.keep_own_streak)
+        return kept & (before + 1 >= self.opt.keep_own_streak)
 
     @torch.no_grad()
     def _record(self, indices: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor, agreed: torch.Tensor) -> None:
@@ -531,7 +532,7 @@ class RoClip(Strategy, PairSelector):
             idx = probe_idx if probe_idx is not None else self._pick(img.detach().float())
             rank = self._pick_rank(tested, idx)
             agree = self._agreement_now(rank, img.detach(), tested, idx, clip.logit_scale.detach().exp())
-            keep = self._kept_rows(agree, batch.indices).to(ctx.device) & self._unflagged(batch.indices, ctx.device)
+            keep = self._kept_rows(agree, batch.indices).to(ctx.device)
             picked.update(idx=idx, rank=rank, agree=agree, keep=keep)
             if txt is None:
                 text_tokens = torch.where(keep.unsqueeze(1), tokens.to(ctx.device), pool.payload[idx].to(ctx.device))
