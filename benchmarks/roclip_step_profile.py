@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def record(i: int) -> None:
             rank = s._pick_rank(feats, s._pick(feats))
-            s._record(torch.arange(b), rank, rank < 5, rank < 5)
+            s._record(torch.arange(b), rank, rank < 5, rank < 5, feats)
 
         def push(i: int) -> None:
             s._push(feats, trainer.tokens[:b])
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
 def pattern_veto_ms(s, ctx, seed: int) -> list[tuple[str, float]]:
     """The pattern veto's parts (``pattern_z``), each timed once: once per run, the training images'
     high-pass and their shrunk inverse covariance; at the end of every pool epoch, encoding every
-    caption, the caption groups' k-means and the pattern scores, then the whole veto as it runs."""
+    caption, the caption groups' k-means and the pattern scores, then the whole veto as it runs (which,
+    with ``pattern_text: pool-epoch``, encodes nothing)."""
     from clipguard.data.signatures import pixel_residuals
     from clipguard.detection.detectors.pattern import PatternOptions, pattern_scores, shrunk_precision
     from clipguard.detection.detectors.spectral import caption_groups
@@ -170,8 +171,10 @@ def pattern_veto_ms(s, ctx, seed: int) -> list[tuple[str, float]]:
     pattern_scores(residuals, groups, suspicion.double().numpy(), veto.share, PatternOptions.min_group, precision)
     lap("veto, each pool epoch: pattern scores")
     veto._residuals, veto._precision = residuals, precision  # as after a run's first veto
+    # with pattern_text: pool-epoch the pool steps hand the veto their caption embeddings
+    stored = torch.from_numpy(text) if s.opt.pattern_text == "pool-epoch" else None
     t0 = time.perf_counter()
-    veto.vetoed(ctx, suspicion)
+    veto.vetoed(ctx, suspicion, text=stored)
     lap("veto, each pool epoch: all of it")
     return out
 

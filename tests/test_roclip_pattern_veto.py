@@ -94,3 +94,60 @@ def test_a_run_with_the_pattern_veto_logs_its_flags_and_resumes_exactly(fm_train
     Trainer(_cfg(), data, tmp_path / "c", strategy=defenses.build("roclip", {**SMALL, "pattern_z": None})).fit()
     wc = load_file(str(tmp_path / "c" / "checkpoints" / "epoch_004" / "model.safetensors"))
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_cumulative_suspects_count_every_failed_keep_test():
+    """``pattern_suspects: cumulative``: a pair that failed the keep test in earlier pool epochs stays
+    a suspect after it starts passing; the latest epoch's order only breaks ties."""
+    s = defenses.build("roclip", {**SMALL, "pattern_suspects": "cumulative"})
+    s._agreement = torch.tensor([0.9, 0.2, 0.95, float("nan"), 0.5])
+    s._agreed = torch.tensor([True, True, False, False, False])
+    s._failures = torch.tensor([3, 0, 1, 0, 1])  # the latest epoch's failures already counted
+    order = torch.argsort(s._suspicion(), descending=True).tolist()
+    assert order[:3] == [0, 4, 2]  # three failures, though it passed now; then one each, the farther first
+    assert order[-1] == 3
+
+
+def test_veto_only_options_leave_the_identity_without_the_veto():
+    off = defenses.build("roclip", {"pattern_z": None, "pattern_suspects": "cumulative", "pattern_text": "pool-epoch"})
+    assert not {"pattern_suspects", "pattern_text"} & set(off.opt.identity())
+    on = defenses.build("roclip", {"pattern_suspects": "cumulative", "pattern_text": "pool-epoch"})
+    assert on.opt.identity()["pattern_suspects"] == "cumulative" and on.opt.identity()["pattern_text"] == "pool-epoch"
+    assert "pattern_suspects" not in defenses.build("roclip", {"pattern_suspects": "latest"}).opt.identity()
+
+
+def test_pool_epoch_text_is_each_pairs_own_caption_and_unreached_pairs_are_encoded(fm_train, tmp_path):
+    """``pattern_text: pool-epoch``: a pool step stores each pair's own-caption embedding (the one its
+    keep test read); the veto encodes only the pairs the epoch did not reach."""
+    from clipguard.defenses.pattern_veto import caption_embeddings
+    from clipguard.evaluation.features import encode_tokens
+
+    t = set_up(TrainConfig(model="cg-tiny", epochs=4, batch_size=32, seed=0, device="cpu", quiet=True),
+               fm_train.subset(range(256)), defenses.build("roclip", {**SMALL, "pattern_text": "pool-epoch"}),
+               tmp_path)
+    s = t.strategy
+    t.ctx.epoch = 1
+    s.on_epoch_start(1)
+    s.loss(batch_of(t, range(32), 5))
+    stored = s._own_text
+    assert not stored[:32].isnan().any() and stored[32:].isnan().all()
+    assert torch.allclose(stored[:32].norm(dim=1), torch.ones(32), atol=1e-4)  # normalised embeddings
+    full = caption_embeddings(t.ctx, stored)
+    assert torch.equal(full[:32], stored[:32])
+    assert torch.allclose(full[32:], encode_tokens(t.ctx.raw_model, t.ctx.tokens[32:], "cpu"), atol=1e-6)
+
+
+def test_cumulative_and_pool_epoch_text_resume_exactly(fm_train, tmp_path):
+    """The failure counts are part of the checkpoint: a run stopped after its first pool epoch
+    resumes to the same weights as one that ran through."""
+    data = fm_train.subset(range(256))
+    cfg = dict(SMALL, pattern_suspects="cumulative", pattern_text="pool-epoch")
+    Trainer(_cfg(), data, tmp_path / "a",
+            strategy=defenses.build("roclip", cfg)).fit()
+    Trainer(_cfg(stop_after=2), data, tmp_path / "b", strategy=defenses.build("roclip", cfg)).fit()
+    Trainer(_cfg(), data, tmp_path / "b", strategy=defenses.build("roclip", cfg)).fit(resume="latest")
+    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "strategy.safetensors")) for r in "ab")
+    assert int(sa["keep_test_failures"].max()) >= 1
+    assert torch.equal(sa["keep_test_failures"], sb["keep_test_failures"])  # both pool epochs counted

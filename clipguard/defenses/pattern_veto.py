@@ -16,7 +16,8 @@ a pair is vetoed when its own image's projection on it is more than ``z`` robust
 deviations above the group's other pairs'. Groups with no shared pattern rarely pass ``z``.
 
 Cost: every image is decoded and high-passed once, and kept (at most 32 x 32 floats each); each
-split encodes every caption (the text tower only) and fits the k-means, on the main rank.
+split encodes every caption (the text tower only; a caller that already holds this epoch's caption
+embeddings passes them instead) and fits the k-means, on the main rank.
 """
 
 from __future__ import annotations
@@ -47,28 +48,31 @@ class PatternVeto:
             self._precision = shrunk_precision(self._residuals, seed=self.seed)
         return self._residuals, self._precision
 
-    def scores(self, ctx: TrainContext, suspicion: torch.Tensor) -> np.ndarray:
+    def scores(self, ctx: TrainContext, suspicion: torch.Tensor, text: torch.Tensor | None = None) -> np.ndarray:
         """Every pair's pattern z-score (higher: its image carries its group's suspects' pattern).
-        ``suspicion``: one value per pair of the data, higher for riskier pairs."""
+        ``suspicion``: one value per pair of the data, higher for riskier pairs. ``text``: the caption
+        embeddings to group the pairs by, when the caller has them (rows of NaN are encoded here);
+        None: every caption is encoded."""
         residuals, precision = self._pixels(ctx.data.images)
-        text = encode_tokens(ctx.raw_model, ctx.tokens, ctx.device).numpy()
+        text = caption_embeddings(ctx, text).numpy()
         # the scan detector's defaults: the k-means sample's size, the smallest group judged
         groups = caption_groups(text, self.clusters, self.seed, PatternOptions.max_points)
         return pattern_scores(residuals, groups, suspicion.double().numpy(), self.share, PatternOptions.min_group,
                               precision)
 
     @torch.no_grad()
-    def vetoed(self, ctx: TrainContext, suspicion: torch.Tensor) -> torch.Tensor:
+    def vetoed(self, ctx: TrainContext, suspicion: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         """bool (N,): the pairs whose pattern z-score exceeds ``z``. Computed on the main rank
         and sent to the others, so every rank's safe set is the same."""
-        return self.flags(ctx, suspicion, (self.z,))[0]
+        return self.flags(ctx, suspicion, (self.z,), text)[0]
 
     @torch.no_grad()
-    def flags(self, ctx: TrainContext, suspicion: torch.Tensor, cuts: tuple[float, ...]) -> list[torch.Tensor]:
+    def flags(self, ctx: TrainContext, suspicion: torch.Tensor, cuts: tuple[float, ...],
+              text: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One bool (N,) per cut: the pairs whose pattern z-score exceeds it (one scoring for all)."""
         out = None
         if ctx.dist.is_main:
-            z = np.nan_to_num(self.scores(ctx, suspicion), nan=0.0)
+            z = np.nan_to_num(self.scores(ctx, suspicion, text), nan=0.0)
             out = [np.nonzero(z > cut)[0].tolist() for cut in cuts]
         out = broadcast_object(out, ctx.dist)
         masks = []
@@ -77,3 +81,16 @@ class PatternVeto:
             mask[torch.tensor(rows, dtype=torch.long)] = True
             masks.append(mask)
         return masks
+
+
+@torch.no_grad()
+def caption_embeddings(ctx: TrainContext, text: torch.Tensor | None) -> torch.Tensor:
+    """Every pair's caption embedding: ``text`` where given, its rows of NaN (pairs the caller did
+    not reach) and all of them when ``text`` is None encoded by the current text tower."""
+    if text is None:
+        return encode_tokens(ctx.raw_model, ctx.tokens, ctx.device)
+    out = text.clone()
+    missing = torch.nonzero(out.isnan().any(dim=1)).flatten()
+    if len(missing):
+        out[missing] = encode_tokens(ctx.raw_model, ctx.tokens[missing], ctx.device)
+    return out

@@ -137,6 +137,29 @@ class RoClipOptions(Options):
     pattern_z: float | None = field(default=4.0, metadata={"neutral": None})
     pattern_share: float = field(default=0.1, metadata={"neutral": 0.1})
     pattern_clusters: int = field(default=50, metadata={"neutral": 50})
+    # which pairs of a caption group the veto takes as its suspects: "latest", ranked by the latest pool
+    # epoch's keep test (its failures first, then how far each pick ranked from the own caption);
+    # "cumulative", by how many pool epochs so far each pair failed the keep test, ties broken as in
+    # "latest". A poison whose trigger the model has partly learnt picks its target's caption and passes
+    # the later tests, so it leaves the latest suspects; the tests it failed before stay counted
+    pattern_suspects: Literal["latest", "cumulative"] = field(default="latest", metadata={"neutral": "latest"})
+    # the caption embeddings the veto groups the pairs by: "encode", every caption encoded afresh at the
+    # pool epoch's end; "pool-epoch", the embedding of each pair's own (augmented) caption that its pool
+    # step already computed (pairs the epoch did not reach are encoded), which saves a pass of the text
+    # tower over the data at every pool epoch
+    pattern_text: Literal["encode", "pool-epoch"] = field(default="encode", metadata={"neutral": "encode"})
+
+    # the options that only shape the pattern veto: they do nothing without it
+    _VETO_ONLY: ClassVar[tuple[str, ...]] = ("pattern_share", "pattern_clusters", "pattern_suspects", "pattern_text")
+
+    def identity(self) -> dict[str, Any]:
+        """Without the pattern veto (``pattern_z`` None) its other options do nothing, so they are not
+        part of a run's identity either."""
+        out = super().identity()
+        if self.pattern_z is None:
+            for name in self._VETO_ONLY:
+                out.pop(name, None)
+        return out
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
@@ -273,6 +296,11 @@ class RoClip(Strategy, PairSelector):
             self._aligned_at: int | None = None
         if not hasattr(self, "_patterned"):  # the pattern veto's flags at the latest pool epoch's end
             self._patterned: torch.Tensor | None = None
+        if not hasattr(self, "_failures"):  # pool epochs each pair failed the keep test in (pattern_suspects)
+            self._failures = torch.zeros(len(ctx.data), dtype=torch.long)
+        # the latest pool epoch's own-caption embeddings, for the veto's caption groups (pattern_text)
+        self._own_text = (torch.full((len(ctx.data), embed_dim(ctx.raw_model)), float("nan"))
+                          if self._pattern is not None and self.opt.pattern_text == "pool-epoch" else None)
 
     # ------------------------------------------------------------------ augmentation
     def _images(self, batch: Batch, geometric_only: bool = False) -> torch.Tensor:
@@ -374,7 +402,7 @@ class RoClip(Strategy, PairSelector):
             loss = grouped_clip_loss(img, matched, scale, groups, ctx.dist)
         else:
             loss = clip_loss(img, matched, scale, ctx.dist)
-        self._record(batch.indices, rank, kept, agreed)
+        self._record(batch.indices, rank, kept, agreed, own)
         self._push(own, tokens)
         unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
         return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": unique, **stats}
@@ -447,23 +475,32 @@ class RoClip(Strategy, PairSelector):
         return kept & (before + 1 >= self.opt.keep_own_streak)
 
     @torch.no_grad()
-    def _record(self, indices: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor, agreed: torch.Tensor) -> None:
-        """Keep this (global) batch's match for the diagnostics and the agreement streaks; a new
-        pool epoch starts afresh."""
+    def _record(self, indices: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor, agreed: torch.Tensor,
+                own: torch.Tensor) -> None:
+        """Keep this (global) batch's match for the diagnostics and the agreement streaks (and, with
+        ``pattern_text: pool-epoch``, its own captions' embeddings ``own``); a new pool epoch starts
+        afresh."""
         if self._match_epoch != self.ctx.epoch:
             self._match_epoch = self.ctx.epoch
             self._agreement.fill_(float("nan"))
             self._kept.zero_()
             self._agreed.zero_()
+            if self._own_text is not None:
+                self._own_text.fill_(float("nan"))
         score = 1.0 - rank.float() / max(1, len(self._pool) - 1)
-        # one gather for the four columns (float64 holds the indices exactly)
-        rows = torch.stack([indices.to(self.ctx.device).double(), score.to(self.ctx.device).double(),
-                            kept.to(self.ctx.device).double(), agreed.to(self.ctx.device).double()], dim=1)
+        dev = self.ctx.device
+        # one gather for every column (float64 holds the indices exactly)
+        cols = [indices.to(dev).double(), score.to(dev).double(), kept.to(dev).double(), agreed.to(dev).double()]
+        rows = torch.stack(cols, dim=1)
+        if self._own_text is not None:
+            rows = torch.cat([rows, own.detach().to(dev).double()], dim=1)
         rows = all_gather_nograd(rows, self.ctx.dist).cpu()
         idx = rows[:, 0].long()
         self._agreement[idx] = rows[:, 1].float()
         self._kept[idx] = rows[:, 2].bool()
         self._agreed[idx] = rows[:, 3].bool()
+        if self._own_text is not None:
+            self._own_text[idx] = rows[:, 4:].float()
 
     def on_epoch_end(self, epoch: int) -> dict[str, Any]:
         """After a pool epoch (the epoch whose steps recorded matches), count its agreements into
@@ -472,23 +509,30 @@ class RoClip(Strategy, PairSelector):
         record: dict[str, Any] = {}
         if self._match_epoch != epoch:
             return record
+        seen = ~self._agreement.isnan()
+        if self.opt.pattern_suspects == "cumulative":
+            self._failures += (seen & ~self._agreed).long()
         if self.opt.keep_own_streak > 1:
-            seen = ~self._agreement.isnan()
             grown = torch.where(self._agreed, self._streak + 1, torch.zeros_like(self._streak))
             self._streak = torch.where(seen, grown, self._streak)
             record["keep_own_streak_met"] = float((self._streak >= self.opt.keep_own_streak).float().mean())
         if self._pattern is not None:
-            self._patterned = self._pattern.vetoed(self.ctx, self._suspicion())
+            self._patterned = self._pattern.vetoed(self.ctx, self._suspicion(), text=self._own_text)
             record["pattern_flagged"] = int(self._patterned.sum())
         return record
 
     def _suspicion(self) -> torch.Tensor:
         """One value per pair, higher for a more suspect pair at the latest pool epoch: the pairs whose
         pick failed the keep test first (the test itself, not the veto's earlier verdicts), then by how
-        far the pick ranked from the own caption (pairs the epoch did not reach: least suspect)."""
+        far the pick ranked from the own caption (pairs the epoch did not reach: least suspect). With
+        ``pattern_suspects: cumulative`` the count of pool epochs whose test a pair failed comes first,
+        and the latest epoch's order breaks its ties."""
         seen = ~self._agreement.isnan()
         far = torch.where(seen, 1.0 - self._agreement, torch.zeros_like(self._agreement))
-        return far.double() + (seen & ~self._agreed).double()
+        latest = far.double() + (seen & ~self._agreed).double()  # in [0, 2]
+        if self.opt.pattern_suspects == "cumulative":
+            return 3.0 * self._failures.double() + latest
+        return latest
 
     # ------------------------------------------------------------------ diagnostics
     def pair_scores(self) -> torch.Tensor | None:
@@ -559,6 +603,8 @@ class RoClip(Strategy, PairSelector):
             out["agreement"] = self._agreement.clone()
         if self._patterned is not None:
             out["patterned"] = self._patterned.to(torch.uint8)
+        if self._pattern is not None and self.opt.pattern_suspects == "cumulative":
+            out["keep_test_failures"] = self._failures.clone()
         return out
 
     def state_json(self) -> dict[str, Any]:
@@ -588,5 +634,7 @@ class RoClip(Strategy, PairSelector):
             self._agreement = tensors["agreement"].float().cpu().clone()
         if self.opt.pattern_z is not None and "patterned" in tensors:
             self._patterned = tensors["patterned"].bool().cpu().clone()
+        if self._pattern is not None and self.opt.pattern_suspects == "cumulative" and "keep_test_failures" in tensors:
+            self._failures = tensors["keep_test_failures"].long().cpu().clone()
         if self._tracks_match_epoch:
             self._match_epoch = meta.get("match_epoch")
