@@ -549,10 +549,11 @@ def test_without_pool_epochs_the_new_defaults_train_the_same_weights(fm_train, t
 
 def test_todays_defaults_are_the_views_preset_with_the_pattern_veto():
     """configs/roclip-align.yaml writes out the twenty-second round's defaults,
-    configs/roclip-drop.yaml the twenty-fourth's (the same with ``unmatched: drop``) and
+    configs/roclip-drop.yaml the twenty-fourth's (the same with ``unmatched: drop``),
     configs/roclip-views.yaml the twenty-fifth's (roclip-drop with ``plain_views:
-    original-after-pool``); the twenty-seventh changed one option, so a run of ``--defense roclip``
-    with no options is a run of roclip-views with ``pattern_z: 4`` (the same fingerprint)."""
+    original-after-pool``) and configs/roclip-veto.yaml the twenty-seventh's (roclip-views with
+    ``pattern_z: 4``); the twenty-eighth changed one option, so a run of ``--defense roclip`` with no
+    options is a run of roclip-veto with ``pattern_text: pool-epoch`` (the same fingerprint)."""
     align = resolve_spec(preset=str(CONFIGS / "roclip-align.yaml"))
     drop = resolve_spec(preset=str(CONFIGS / "roclip-drop.yaml"))
     assert (align.options.unmatched, align.options.plain_views) == ("pooled", "augmented")
@@ -562,8 +563,13 @@ def test_todays_defaults_are_the_views_preset_with_the_pattern_veto():
     assert resolve_spec(preset=str(CONFIGS / "roclip-drop.yaml"), options={"plain_views": "original-after-pool"}
                         ).options.identity() == views.options.identity()
     assert "pattern_z" not in views.options.identity() and "pattern_z" not in drop.options.identity()
-    # the twenty-seventh round changed one more: today's defaults are roclip-views with the pattern veto at 4
+    # the twenty-seventh round turned the pattern veto on at 4 (the veto as it then was)
+    veto = resolve_spec(preset=str(CONFIGS / "roclip-veto.yaml"))
     assert resolve_spec(preset=str(CONFIGS / "roclip-views.yaml"), options={"pattern_z": 4.0}
+                        ).options.identity() == veto.options.identity()
+    assert "pattern_text" not in veto.options.identity()  # encode: the value the earlier runs had
+    # the twenty-eighth round let it group the captions by the pool epoch's embeddings
+    assert resolve_spec(preset=str(CONFIGS / "roclip-veto.yaml"), options={"pattern_text": "pool-epoch"}
                         ).options.identity() == resolve_spec(defense="roclip").options.identity()
 
 

@@ -32,6 +32,7 @@ def test_pattern_options_are_checked_and_on_by_default():
         defenses.build("roclip", {"pattern_z": 3, "pattern_clusters": 0})
     s = defenses.build("roclip", {})
     assert s.opt.pattern_z == 4.0 and s._pattern is not None  # the default since the twenty-seventh round
+    assert s.opt.pattern_text == "pool-epoch" and s.opt.pattern_suspects == "latest"  # since the twenty-eighth
     assert s.opt.identity()["pattern_z"] == 4.0
     off = defenses.build("roclip", {"pattern_z": None})
     assert off._pattern is None and "pattern_z" not in off.opt.identity()  # off: not part of a run's identity

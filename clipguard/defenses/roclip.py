@@ -43,11 +43,12 @@ from clipguard.training.strategy import PairSelector, Strategy
 class RoClipOptions(Options):
     """RoCLIP's settings: the paper's (Alg. 1), except ``keep_own``, ``crop_scale_min``,
     ``align_before_pool``, ``keep_own_margin``, ``plain_trains_kept``, ``unmatched``, ``plain_views``
-    and ``pattern_z``, chosen on validation data (docs/defenses.md); ``configs/roclip.yaml`` is the
-    paper's as published, ``configs/roclip-previous.yaml`` the defaults before the twenty-second
-    validation round, ``configs/roclip-align.yaml`` those from the twenty-second to the twenty-fourth,
-    ``configs/roclip-drop.yaml`` the twenty-fourth's and ``configs/roclip-views.yaml`` the
-    twenty-fifth's."""
+    ``pattern_z`` and ``pattern_text``, chosen on validation data (docs/defenses.md);
+    ``configs/roclip.yaml`` is the paper's as published, ``configs/roclip-previous.yaml`` the defaults
+    before the twenty-second validation round, ``configs/roclip-align.yaml`` those from the
+    twenty-second to the twenty-fourth, ``configs/roclip-drop.yaml`` the twenty-fourth's,
+    ``configs/roclip-views.yaml`` the twenty-fifth's and ``configs/roclip-veto.yaml`` the
+    twenty-seventh's."""
 
     kind: ClassVar[str] = "defense 'roclip'"
     match_every: int = 2              # K: every K-th epoch pairs images with pooled captions
@@ -146,8 +147,9 @@ class RoClipOptions(Options):
     # the caption embeddings the veto groups the pairs by: "encode", every caption encoded afresh at the
     # pool epoch's end; "pool-epoch", the embedding of each pair's own (augmented) caption that its pool
     # step already computed (pairs the epoch did not reach are encoded), which saves a pass of the text
-    # tower over the data at every pool epoch
-    pattern_text: Literal["encode", "pool-epoch"] = field(default="encode", metadata={"neutral": "encode"})
+    # tower over the data at every pool epoch (the default since the twenty-eighth round, which found it
+    # defends as well on validation data; "cumulative" suspects failed that round)
+    pattern_text: Literal["encode", "pool-epoch"] = field(default="pool-epoch", metadata={"neutral": "encode"})
 
     # the options that only shape the pattern veto: they do nothing without it
     _VETO_ONLY: ClassVar[tuple[str, ...]] = ("pattern_share", "pattern_clusters", "pattern_suspects", "pattern_text")
