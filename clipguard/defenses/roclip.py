@@ -42,7 +42,7 @@ from clipguard.training.strategy import PairSelector, Strategy
 @dataclass
 class RoClipOptions(Options):
     """RoCLIP's settings: the paper's (Alg. 1), except ``keep_own``, ``crop_scale_min``,
-    ``align_before_pool``, ``keep_own_margin``, ``plain_trains_kept``, ``unmatched``, ``plain_views``
+    ``align_before_pool``, ``keep_own_margin``, ``plain_trains_kept``, ``unmatched``, ``plain_views``,
     ``pattern_z`` and ``pattern_text``, chosen on validation data (docs/defenses.md);
     ``configs/roclip.yaml`` is the paper's as published, ``configs/roclip-previous.yaml`` the defaults
     before the twenty-second validation round, ``configs/roclip-align.yaml`` those from the
