@@ -70,10 +70,14 @@ class Options:
         """What a run's fingerprint hashes: every option, except one declared with
         ``field(default=..., metadata={"neutral": V})`` while it holds V, the value at which it
         does nothing. An option added later declares the value that reproduces the runs made before
-        it existed, so adding it leaves every finished run (and cached bench cell) valid."""
-        out = self.to_dict()
+        it existed, so adding it leaves every finished run (and cached bench cell) valid. An option
+        declared with ``metadata={"only_with": "other"}`` shapes what ``other`` turns on, and is left
+        out too while ``other`` is None (off), whatever its own value."""
+        values = self.to_dict()
+        out = dict(values)
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            if "neutral" in f.metadata and out.get(f.name) == f.metadata["neutral"]:
+            neutral = "neutral" in f.metadata and values[f.name] == f.metadata["neutral"]
+            if neutral or ("only_with" in f.metadata and values[f.metadata["only_with"]] is None):
                 del out[f.name]
         return out
 

@@ -136,32 +136,22 @@ class RoClipOptions(Options):
     # epochs on the pairs as given those few teach a blended trigger. None = off (the paper); 4 was
     # chosen on validation data in the twenty-seventh round (3 cost accuracy in the twenty-sixth)
     pattern_z: float | None = field(default=4.0, metadata={"neutral": None})
-    pattern_share: float = field(default=0.1, metadata={"neutral": 0.1})
-    pattern_clusters: int = field(default=50, metadata={"neutral": 50})
+    pattern_share: float = field(default=0.1, metadata={"neutral": 0.1, "only_with": "pattern_z"})
+    pattern_clusters: int = field(default=50, metadata={"neutral": 50, "only_with": "pattern_z"})
     # which pairs of a caption group the veto takes as its suspects: "latest", ranked by the latest pool
     # epoch's keep test (its failures first, then how far each pick ranked from the own caption);
     # "cumulative", by how many pool epochs so far each pair failed the keep test, ties broken as in
     # "latest". A poison whose trigger the model has partly learnt picks its target's caption and passes
     # the later tests, so it leaves the latest suspects; the tests it failed before stay counted
-    pattern_suspects: Literal["latest", "cumulative"] = field(default="latest", metadata={"neutral": "latest"})
+    pattern_suspects: Literal["latest", "cumulative"] = field(default="latest",
+                                                              metadata={"neutral": "latest", "only_with": "pattern_z"})
     # the caption embeddings the veto groups the pairs by: "encode", every caption encoded afresh at the
     # pool epoch's end; "pool-epoch", the embedding of each pair's own (augmented) caption that its pool
     # step already computed (pairs the epoch did not reach are encoded), which saves a pass of the text
     # tower over the data at every pool epoch (the default since the twenty-eighth round, which found it
     # defends as well on validation data; "cumulative" suspects failed that round)
-    pattern_text: Literal["encode", "pool-epoch"] = field(default="pool-epoch", metadata={"neutral": "encode"})
-
-    # the options that only shape the pattern veto: they do nothing without it
-    _VETO_ONLY: ClassVar[tuple[str, ...]] = ("pattern_share", "pattern_clusters", "pattern_suspects", "pattern_text")
-
-    def identity(self) -> dict[str, Any]:
-        """Without the pattern veto (``pattern_z`` None) its other options do nothing, so they are not
-        part of a run's identity either."""
-        out = super().identity()
-        if self.pattern_z is None:
-            for name in self._VETO_ONLY:
-                out.pop(name, None)
-        return out
+    pattern_text: Literal["encode", "pool-epoch"] = field(default="pool-epoch",
+                                                          metadata={"neutral": "encode", "only_with": "pattern_z"})
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
@@ -247,6 +237,9 @@ class RoClip(Strategy, PairSelector):
 
     name = "roclip"
     options_class = RoClipOptions
+    # pool epochs each pair failed the keep test in: held only where the veto ranks its suspects by
+    # them (pattern_suspects: cumulative)
+    _failures: torch.Tensor | None = None
 
     def __init__(self, options: RoClipOptions | None = None):
         super().__init__(options)
@@ -298,7 +291,7 @@ class RoClip(Strategy, PairSelector):
             self._aligned_at: int | None = None
         if not hasattr(self, "_patterned"):  # the pattern veto's flags at the latest pool epoch's end
             self._patterned: torch.Tensor | None = None
-        if not hasattr(self, "_failures"):  # pool epochs each pair failed the keep test in (pattern_suspects)
+        if self._failures is None and self._pattern is not None and self.opt.pattern_suspects == "cumulative":
             self._failures = torch.zeros(len(ctx.data), dtype=torch.long)
         # the latest pool epoch's own-caption embeddings, for the veto's caption groups (pattern_text)
         self._own_text = (torch.full((len(ctx.data), embed_dim(ctx.raw_model)), float("nan"))
@@ -512,7 +505,7 @@ class RoClip(Strategy, PairSelector):
         if self._match_epoch != epoch:
             return record
         seen = ~self._agreement.isnan()
-        if self.opt.pattern_suspects == "cumulative":
+        if self._failures is not None:
             self._failures += (seen & ~self._agreed).long()
         if self.opt.keep_own_streak > 1:
             grown = torch.where(self._agreed, self._streak + 1, torch.zeros_like(self._streak))
@@ -532,7 +525,7 @@ class RoClip(Strategy, PairSelector):
         seen = ~self._agreement.isnan()
         far = torch.where(seen, 1.0 - self._agreement, torch.zeros_like(self._agreement))
         latest = far.double() + (seen & ~self._agreed).double()  # in [0, 2]
-        if self.opt.pattern_suspects == "cumulative":
+        if self._failures is not None:
             return 3.0 * self._failures.double() + latest
         return latest
 
@@ -605,7 +598,7 @@ class RoClip(Strategy, PairSelector):
             out["agreement"] = self._agreement.clone()
         if self._patterned is not None:
             out["patterned"] = self._patterned.to(torch.uint8)
-        if self._pattern is not None and self.opt.pattern_suspects == "cumulative":
+        if self._failures is not None:
             out["keep_test_failures"] = self._failures.clone()
         return out
 
@@ -636,7 +629,7 @@ class RoClip(Strategy, PairSelector):
             self._agreement = tensors["agreement"].float().cpu().clone()
         if self.opt.pattern_z is not None and "patterned" in tensors:
             self._patterned = tensors["patterned"].bool().cpu().clone()
-        if self._pattern is not None and self.opt.pattern_suspects == "cumulative" and "keep_test_failures" in tensors:
+        if self._failures is not None and "keep_test_failures" in tensors:
             self._failures = tensors["keep_test_failures"].long().cpu().clone()
         if self._tracks_match_epoch:
             self._match_epoch = meta.get("match_epoch")
