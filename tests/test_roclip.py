@@ -656,3 +656,28 @@ def test_a_drop_pool_step_trains_what_the_staged_step_with_a_separate_caption_en
     assert 0 < int(kept_first.sum()) < 32 and torch.equal(kept.cpu(), kept_first)
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_pool_crop_scale_min_sets_the_pool_epochs_crop_only(fm_train, tmp_path):
+    from clipguard.data.augment.image import simclr_augment
+    from clipguard.errors import ConfigError
+
+    t = _built(fm_train.subset(range(200)), {"pool_crop_scale_min": 0.9}, tmp_path)
+    s = t.strategy
+    batch = _batch(t, torch.arange(16))
+    state = batch.generator.get_state()
+    pool = s._images(batch, pool_epoch=True)
+    batch.generator.set_state(state)
+    plain = s._images(batch)
+    for got, scale in ((pool, 0.9), (plain, s.opt.crop_scale_min)):
+        want = simclr_augment(batch.pixels, torch.Generator().set_state(state), scale=(scale, 1.0),
+                              flip_p=s.opt.flip_p)
+        assert torch.equal(got, want)
+    assert not torch.equal(pool, plain)
+    # unset, every view has crop_scale_min and the option stays out of a run's identity
+    assert _roclip({}).opt.identity() == _roclip({"pool_crop_scale_min": None}).opt.identity()
+    assert "pool_crop_scale_min" not in _roclip({}).opt.identity()
+    unset = _roclip({})
+    assert unset._pool_views is unset._views
+    with pytest.raises(ConfigError, match="pool_crop_scale_min"):
+        _roclip({"pool_crop_scale_min": 0.0})

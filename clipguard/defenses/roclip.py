@@ -87,6 +87,11 @@ class RoClipOptions(Options):
     # captions are the classes (training.losses.grouped_clip_loss)
     pool_duplicates: Literal["separate", "merge"] = "separate"
     crop_scale_min: float = 0.5       # the paper (SimCLR): 0.08
+    # the smallest crop of a pool epoch's image views (None: crop_scale_min, as every view). The pool
+    # epochs train the kept pairs on their views, and a small crop is what costs the views their
+    # accuracy (docs/roclip-selection.md, the twenty-fifth round's diagnostics); the plain epochs
+    # before the first pool epoch keep crop_scale_min, which slows a trigger's learning there
+    pool_crop_scale_min: float | None = field(default=None, metadata={"neutral": None})
     eda_alpha: float = 0.1
     eda_p_delete: float = 0.1
     # the share of image views also Gaussian-blurred (SimCLR's blur, absent from its 28 px recipe):
@@ -155,6 +160,8 @@ class RoClipOptions(Options):
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
+        require(self.pool_crop_scale_min is None or 0.0 < self.pool_crop_scale_min <= 1.0,
+                f"pool_crop_scale_min must be in (0, 1] (or None: crop_scale_min), got {self.pool_crop_scale_min}")
         require(0.0 <= self.flip_p <= 1.0, f"flip_p must be in [0, 1], got {self.flip_p}")
         require(self.unmatched == "pooled" or self.keep_own > 0 or self.keep_own_margin > 0,
                 "unmatched: drop (the default) needs keep_own > 0 or keep_own_margin > 0 (without either every "
@@ -246,6 +253,9 @@ class RoClip(Strategy, PairSelector):
         o = self.opt
         self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete,
                             blur_p=o.blur_p, flip_p=o.flip_p)
+        self._pool_views = (self._views if o.pool_crop_scale_min is None else
+                            Views(crop_scale_min=o.pool_crop_scale_min, eda_alpha=o.eda_alpha,
+                                  eda_p_delete=o.eda_p_delete, blur_p=o.blur_p, flip_p=o.flip_p))
         self._pattern = (PatternVeto(o.pattern_z, o.pattern_share, o.pattern_clusters)
                          if o.pattern_z is not None else None)
 
@@ -298,10 +308,11 @@ class RoClip(Strategy, PairSelector):
                           if self._pattern is not None and self.opt.pattern_text == "pool-epoch" else None)
 
     # ------------------------------------------------------------------ augmentation
-    def _images(self, batch: Batch, geometric_only: bool = False) -> torch.Tensor:
+    def _images(self, batch: Batch, geometric_only: bool = False, pool_epoch: bool = False) -> torch.Tensor:
         if not self.opt.augment:
             return batch.pixels
-        return self._views.images(batch.pixels, batch.generator, geometric_only=geometric_only)
+        views = self._pool_views if pool_epoch else self._views
+        return views.images(batch.pixels, batch.generator, geometric_only=geometric_only)
 
     def _texts(self, captions: list[str], rng: random.Random) -> list[str]:
         return self._views.texts(captions, rng) if self.opt.augment else list(captions)
@@ -358,7 +369,7 @@ class RoClip(Strategy, PairSelector):
         ctx = self.ctx
         pool_epoch = self.is_pool_epoch(ctx.epoch)
         image_view, captions = ("simclr", True) if pool_epoch else self._plain_views()
-        pixels = batch.pixels if image_view == "none" else self._images(batch, image_view == "geometric")
+        pixels = batch.pixels if image_view == "none" else self._images(batch, image_view == "geometric", pool_epoch)
         caps = self._texts(batch.captions, batch.rng) if captions else list(batch.captions)
         tokens = ctx.tokenize(caps)
         if not pool_epoch:
