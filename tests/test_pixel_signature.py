@@ -24,3 +24,27 @@ def test_a_shared_additive_pattern_is_found_and_noise_is_not():
     assert gap < 1.3
     w = mod.whitener(torch.diag(torch.full((64,), 4.0)))
     assert torch.allclose(w, torch.eye(64, dtype=torch.float64) * 2.0)
+
+
+def test_groups_are_split_into_parts_of_about_the_asked_size():
+    mod = load_benchmark("pixel_signature")
+    rng = np.random.default_rng(0)
+    rows = np.arange(1000, 2050)
+    assert [len(p) for p in mod.groups_of(rows, None, rng)] == [1050]
+    assert [len(p) for p in mod.groups_of(rows, 600, rng)] == [1050]  # too few rows for two parts
+    parts = mod.groups_of(rows, 200, rng)
+    assert len(parts) == 5 and all(205 <= len(p) <= 215 for p in parts)
+    assert np.array_equal(np.sort(np.concatenate(parts)), rows)
+    assert all(np.array_equal(p, np.sort(p)) for p in parts)
+
+
+def test_rows_sharing_one_strong_pattern_are_each_others_nearest_neighbours():
+    mod = load_benchmark("pixel_signature")
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(300, 32, generator=g)
+    pattern = 4.0 * torch.randn(32, generator=g)
+    rows[:20] += pattern
+    score = mod.neighbour_scores(rows, torch.eye(32, dtype=torch.float64), k=5, chunk=64)
+    truth = np.zeros(300, dtype=bool)
+    truth[:20] = True
+    assert score.shape == (300,) and roc_auc_score(truth, score) > 0.99
