@@ -74,6 +74,11 @@ def test_pattern_options_are_checked():
         defenses.build("safeclip", {"pattern_z": 3, "pattern_clusters": 0})
     base = defenses.build("safeclip", {}).opt.identity()
     assert "pattern_z" not in base and "pattern_share" not in base  # off: not part of a run's identity
+    # what shapes the veto is no part of a run's identity while the veto is off
+    idle = defenses.build("safeclip", {"pattern_share": 0.2, "pattern_clusters": 8}).opt.identity()
+    assert idle == base
+    on = defenses.build("safeclip", {"pattern_z": 3, "pattern_share": 0.2}).opt.identity()
+    assert on["pattern_z"] == 3 and on["pattern_share"] == 0.2
 
 
 def _pattern_strategy(**extra):

@@ -184,8 +184,8 @@ class SafeClipOptions(Options):
     # of the safe set, counted with the density veto's memory. It reads pixels, which a learnt
     # trigger cannot move (None: no veto)
     pattern_z: float | None = field(default=None, metadata={"neutral": None})
-    pattern_share: float = field(default=0.1, metadata={"neutral": 0.1})
-    pattern_clusters: int = field(default=50, metadata={"neutral": 50})
+    pattern_share: float = field(default=0.1, metadata={"neutral": 0.1, "only_with": "pattern_z"})
+    pattern_clusters: int = field(default=50, metadata={"neutral": 50, "only_with": "pattern_z"})
     # with the pattern veto: the weight of a term that unlearns the pattern-flagged pairs in mixed
     # steps (their image pushed below the batch's mean caption score for its own caption,
     # losses.own_caption_unlearning). A trigger learnt in the CLIP epochs before the first split
@@ -194,11 +194,11 @@ class SafeClipOptions(Options):
     pattern_unlearn: float | None = field(default=None, metadata={"neutral": None})
     # whether the unlearning term also moves the captions (True) or only the flagged images (False:
     # a clean pair the veto flags then cannot pull its class's captions away from that class)
-    pattern_unlearn_text: bool = field(default=True, metadata={"neutral": True})
+    pattern_unlearn_text: bool = field(default=True, metadata={"neutral": True, "only_with": "pattern_unlearn"})
     # the pattern z-score above which a flagged pair is unlearnt (None: pattern_z, every vetoed
     # pair). Higher: fewer clean pairs unlearnt, and fewer of a faint trigger's (docs/safeclip-selection.md,
     # fortieth round)
-    pattern_unlearn_z: float | None = field(default=None, metadata={"neutral": None})
+    pattern_unlearn_z: float | None = field(default=None, metadata={"neutral": None, "only_with": "pattern_unlearn"})
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
