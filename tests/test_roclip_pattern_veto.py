@@ -152,3 +152,53 @@ def test_cumulative_and_pool_epoch_text_resume_exactly(fm_train, tmp_path):
     sa, sb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "strategy.safetensors")) for r in "ab")
     assert int(sa["keep_test_failures"].max()) >= 1
     assert torch.equal(sa["keep_test_failures"], sb["keep_test_failures"])  # both pool epochs counted
+
+
+def test_pattern_unlearn_is_checked_and_stays_out_of_the_identity_when_off():
+    with pytest.raises(ConfigError, match="pattern_unlearn must be > 0"):
+        defenses.build("roclip", {"pattern_unlearn": 0.0})
+    with pytest.raises(ConfigError, match="pattern_unlearn needs the pattern veto"):
+        defenses.build("roclip", {"pattern_z": None, "pattern_unlearn": 0.05})
+    assert "pattern_unlearn" not in defenses.build("roclip", {}).opt.identity()
+    assert defenses.build("roclip", {"pattern_unlearn": 0.05}).opt.identity()["pattern_unlearn"] == 0.05
+
+
+def test_pattern_unlearn_adds_the_unlearning_term_of_the_flagged_rows_to_plain_and_pool_steps(fm_train, tmp_path):
+    """With flags set, a plain step's loss is the same step's loss without the option plus the weight
+    times the flagged rows' unlearning term; a pool step logs the term too; without flags nothing is added."""
+    data = fm_train.subset(range(256))
+    cfg = TrainConfig(model="cg-tiny", epochs=4, batch_size=32, seed=0, device="cpu", quiet=True)
+    plain_t = set_up(cfg, data, defenses.build("roclip", SMALL), tmp_path / "a")
+    t = set_up(cfg, data, defenses.build("roclip", {**SMALL, "pattern_unlearn": 0.5}), tmp_path / "b")
+    t.ctx.raw_model.load_state_dict(plain_t.ctx.raw_model.state_dict())
+    s = t.strategy
+    loss, logs = s.loss(batch_of(t, range(32), 5))  # no veto has run: no term
+    assert "pattern_unlearn" not in logs
+    flagged = torch.zeros(256, dtype=torch.bool)
+    flagged[torch.arange(0, 32, 4)] = True
+    s._patterned = flagged
+    plain_t.strategy._patterned = flagged.clone()
+    loss, logs = s.loss(batch_of(t, range(32), 5))
+    base, _ = plain_t.strategy.loss(batch_of(plain_t, range(32), 5))
+    assert logs["pattern_unlearn"] > 0
+    assert float(loss.detach()) == pytest.approx(float(base.detach()) + 0.5 * logs["pattern_unlearn"], rel=1e-5)
+    t.ctx.epoch = 1
+    assert s.is_pool_epoch(1)
+    s.on_epoch_start(1)
+    _, logs = s.loss(batch_of(t, range(32), 5))
+    assert logs["pattern_unlearn"] > 0
+
+
+def test_a_run_with_pattern_unlearn_resumes_exactly_and_trains_other_weights(fm_train, tmp_path):
+    data = fm_train.subset(range(256))
+    opts = {**SMALL, "pattern_unlearn": 0.5}
+    Trainer(_cfg(), data, tmp_path / "a", strategy=defenses.build("roclip", opts)).fit()
+    Trainer(_cfg(stop_after=3), data, tmp_path / "b", strategy=defenses.build("roclip", opts)).fit()
+    Trainer(_cfg(), data, tmp_path / "b", strategy=defenses.build("roclip", opts)).fit(resume="latest")
+    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    assert any(r.get("pattern_unlearn", 0) > 0 for r in recs[2:])  # after the first veto
+    Trainer(_cfg(), data, tmp_path / "c", strategy=defenses.build("roclip", SMALL)).fit()
+    wc = load_file(str(tmp_path / "c" / "checkpoints" / "epoch_004" / "model.safetensors"))
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)

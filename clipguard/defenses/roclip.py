@@ -35,7 +35,12 @@ from clipguard.defenses.pattern_veto import PatternVeto
 from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext, step_seed
 from clipguard.training.distributed import all_gather_nograd
-from clipguard.training.losses import clip_loss, grouped_clip_loss, small_loss_clip_loss
+from clipguard.training.losses import (
+    clip_loss,
+    grouped_clip_loss,
+    own_caption_unlearning,
+    small_loss_clip_loss,
+)
 from clipguard.training.strategy import PairSelector, Strategy
 
 
@@ -160,6 +165,13 @@ class RoClipOptions(Options):
     # defends as well on validation data; "cumulative" suspects failed that round)
     pattern_text: Literal["encode", "pool-epoch"] = field(default="pool-epoch",
                                                           metadata={"neutral": "encode", "only_with": "pattern_z"})
+    # the weight of a term that unlearns the pairs the pattern veto flagged at the latest pool epoch, in
+    # every step until the next veto: each flagged image of the batch is pushed below the batch's mean
+    # caption score for its own caption (losses.own_caption_unlearning, as SafeCLIP's pattern_unlearn).
+    # The veto keeps a flagged pair out of the loss from then on, but a trigger learnt before (the first
+    # epochs train every pair) stays; this term unlearns it. None: no such term (not yet measured on
+    # validation data)
+    pattern_unlearn: float | None = field(default=None, metadata={"neutral": None, "only_with": "pattern_z"})
 
     def validate(self) -> None:
         require(0.0 <= self.blur_p <= 1.0, f"blur_p must be in [0, 1], got {self.blur_p}")
@@ -198,6 +210,10 @@ class RoClipOptions(Options):
         require(self.pattern_z is None or self.keep_own > 0 or self.keep_own_margin > 0,
                 "pattern_z needs keep_own > 0 or keep_own_margin > 0 (the keep test ranks the suspects)")
         require(0.0 < self.pattern_share < 1.0, f"pattern_share must be in (0, 1), got {self.pattern_share}")
+        require(self.pattern_unlearn is None or self.pattern_unlearn > 0,
+                f"pattern_unlearn must be > 0 (or None: no unlearning term), got {self.pattern_unlearn}")
+        require(self.pattern_unlearn is None or self.pattern_z is not None,
+                "pattern_unlearn needs the pattern veto (pattern_z), which flags the pairs it unlearns")
         require(self.pattern_clusters >= 1, f"pattern_clusters must be >= 1, got {self.pattern_clusters}")
 
 
@@ -381,6 +397,7 @@ class RoClip(Strategy, PairSelector):
             negatives = ~rows if rows is not None and self.opt.plain_negatives else None
             loss, logs = small_loss_clip_loss(img, txt, scale, ctx.dist, self.opt.plain_keep, mask=rows,
                                               negatives=negatives)
+            loss = self._unlearn(loss, logs, img, txt, scale, batch.indices)
             self._push(txt, tokens)
             self._plain.add(logs["clip_loss"])
             return loss, logs
@@ -411,10 +428,24 @@ class RoClip(Strategy, PairSelector):
             loss = grouped_clip_loss(img, matched, scale, groups, ctx.dist)
         else:
             loss = clip_loss(img, matched, scale, ctx.dist)
+        # the batch's own captions, with the text tower's gradient where the step has them
+        loss = self._unlearn(loss, stats, img, matched if self.opt.unmatched == "drop" else own, scale,
+                             batch.indices)
         self._record(batch.indices, rank, kept, agreed, own)
         self._push(own, tokens)
         unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
         return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": unique, **stats}
+
+    def _unlearn(self, loss: torch.Tensor, logs: dict[str, float], img: torch.Tensor, own: torch.Tensor,
+                 scale: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``pattern_unlearn``: add the term that unlearns this batch's pairs the veto flagged at the
+        latest pool epoch (``own``: each row's own caption's features)."""
+        if self.opt.pattern_unlearn is None or self._patterned is None:
+            return loss
+        rows = self._patterned[indices.cpu()].to(img.device)
+        term = own_caption_unlearning(img, own, scale, rows)
+        logs["pattern_unlearn"] = float(term.detach())
+        return loss + self.opt.pattern_unlearn * term
 
     def _plain_rows(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor | None:
         """With ``plain_trains_kept``, after a pool epoch: the rows of a plain step that kept their own
