@@ -428,13 +428,15 @@ class RoClip(Strategy, PairSelector):
             loss = grouped_clip_loss(img, matched, scale, groups, ctx.dist)
         else:
             loss = clip_loss(img, matched, scale, ctx.dist)
-        # the batch's own captions, with the text tower's gradient where the step has them
-        loss = self._unlearn(loss, stats, img, matched if self.opt.unmatched == "drop" else own, scale,
-                             batch.indices)
+        pool_loss = float(loss.detach())
+        # the batch's own captions (in the first branch above ``matched`` holds them, with the text
+        # tower's gradient)
+        own_text = matched if self.opt.text_gradient and self.opt.unmatched == "drop" else own
+        loss = self._unlearn(loss, stats, img, own_text, scale, batch.indices)
         self._record(batch.indices, rank, kept, agreed, own)
         self._push(own, tokens)
         unique = float((nn_idx.unsqueeze(1) == nn_idx.unsqueeze(0)).float().sum(1).eq(1).float().mean())
-        return loss, {"pool_loss": float(loss.detach()), "unique_match_fraction": unique, **stats}
+        return loss, {"pool_loss": pool_loss, "unique_match_fraction": unique, **stats}
 
     def _unlearn(self, loss: torch.Tensor, logs: dict[str, float], img: torch.Tensor, own: torch.Tensor,
                  scale: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
