@@ -29,12 +29,10 @@ and prints that score's AUROC for each attack part's poisons against the clean r
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 MAD_TO_STD = 1.4826
 
@@ -82,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     from clipguard.data.csv_dataset import load_csv
     from clipguard.data.signatures import pixel_residuals
     from clipguard.detection.detectors.pattern import shrunk_precision
+    from clipguard.evaluation.detection import auroc, read_manifest
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("poison_dir", help="a bench seed's poison folder (its part*/manifest.json and train.csv)")
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     residuals = pixel_residuals(data.images)
     white = whitener(shrunk_precision(residuals, seed=0))
     rng = np.random.default_rng(args.seed)
-    parts = [json.loads(path.read_text()) for path in manifests]
+    parts = [read_manifest(path) for path in manifests]
     poisoned = np.zeros(len(labels), dtype=bool)
     targets = set()
     for m in parts:
@@ -117,8 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             line = f"{name:30s} group {len(part):5d}  s1/s2 {gap:.3f}  flagged {int(flagged.sum()):4d}"
             if poison.any():
                 top = np.argsort(-score, kind="stable")[:int(poison.sum())]
-                auroc = roc_auc_score(poison, score) if not poison.all() else float("nan")
-                line += (f" ({int((flagged & poison).sum())} of its {int(poison.sum())} poisons)  AUROC {auroc:.3f}"
+                line += (f" ({int((flagged & poison).sum())} of its {int(poison.sum())} poisons)  AUROC {auroc(score, poison):.3f}"
                          f"  poisons in top {int(poison.sum())}: {int(poison[top].sum())}")
             print(line)
 
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             sel = ~poisoned
             sel[rows] = True
             print(f"{m['attack']} target {m['target']['name']}: mean cosine to {args.neighbours} nearest, AUROC "
-                  f"{roc_auc_score(np.isin(np.nonzero(sel)[0], rows), near[sel]):.3f} against the clean rows")
+                  f"{auroc(near[sel], np.isin(np.nonzero(sel)[0], rows)):.3f} against the clean rows")
     if args.clean:
         for c in sorted(set(labels.tolist()) - targets):
             report(f"clean class {c}", np.nonzero((labels == c) & ~poisoned)[0], np.empty(0, dtype=np.int64))

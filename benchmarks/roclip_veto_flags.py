@@ -12,11 +12,12 @@ may do.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from safetensors.torch import load_file
+
+from clipguard.evaluation.detection import read_manifest
 
 
 def veto_flags(out: str | Path, cell: str) -> dict[str, tuple[int, int]]:
@@ -41,7 +42,7 @@ def veto_flags(out: str | Path, cell: str) -> dict[str, tuple[int, int]]:
     poisoned = np.zeros(len(flags), dtype=bool)
     result: dict[str, tuple[int, int]] = {}
     for path in manifests:
-        m = json.loads(path.read_text())
+        m = read_manifest(path)
         rows = np.asarray(m["poisoned_rows"], dtype=np.int64)
         poisoned[rows] = True
         result[path.parent.name] = (int(flags[rows].sum()), len(rows))

@@ -270,11 +270,10 @@ class RoClip(Strategy, PairSelector):
     def __init__(self, options: RoClipOptions | None = None):
         super().__init__(options)
         o = self.opt
-        self._views = Views(crop_scale_min=o.crop_scale_min, eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete,
-                            blur_p=o.blur_p, flip_p=o.flip_p)
-        self._pool_views = (self._views if o.pool_crop_scale_min is None else
-                            Views(crop_scale_min=o.pool_crop_scale_min, eda_alpha=o.eda_alpha,
-                                  eda_p_delete=o.eda_p_delete, blur_p=o.blur_p, flip_p=o.flip_p))
+        strengths = dict(eda_alpha=o.eda_alpha, eda_p_delete=o.eda_p_delete, blur_p=o.blur_p, flip_p=o.flip_p)
+        self._views = Views(crop_scale_min=o.crop_scale_min, **strengths)
+        self._pool_views = (self._views if o.pool_crop_scale_min is None
+                            else Views(crop_scale_min=o.pool_crop_scale_min, **strengths))
         self._pattern = (PatternVeto(o.pattern_z, o.pattern_share, o.pattern_clusters)
                          if o.pattern_z is not None else None)
 
