@@ -547,14 +547,15 @@ def test_without_pool_epochs_the_new_defaults_train_the_same_weights(fm_train, t
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_todays_defaults_are_the_text_preset_with_uncropped_pool_views():
+def test_todays_defaults_are_the_crop_preset_with_the_flags_unlearnt():
     """configs/roclip-align.yaml writes out the twenty-second round's defaults,
     configs/roclip-drop.yaml the twenty-fourth's (the same with ``unmatched: drop``),
     configs/roclip-views.yaml the twenty-fifth's (roclip-drop with ``plain_views:
     original-after-pool``) and configs/roclip-veto.yaml the twenty-seventh's (roclip-views with
     ``pattern_z: 4``) and configs/roclip-text.yaml the twenty-eighth's (roclip-veto with
-    ``pattern_text: pool-epoch``); the twenty-ninth changed one option, so a run of ``--defense roclip``
-    with no options is a run of roclip-text with ``pool_crop_scale_min: 1.0`` (the same fingerprint)."""
+    ``pattern_text: pool-epoch``), configs/roclip-crop.yaml the twenty-ninth's (roclip-text with
+    ``pool_crop_scale_min: 1.0``); the thirty-first changed one option, so a run of ``--defense roclip``
+    with no options is a run of roclip-crop with ``pattern_unlearn: 0.02`` (the same fingerprint)."""
     align = resolve_spec(preset=str(CONFIGS / "roclip-align.yaml"))
     drop = resolve_spec(preset=str(CONFIGS / "roclip-drop.yaml"))
     assert (align.options.unmatched, align.options.plain_views) == ("pooled", "augmented")
@@ -577,8 +578,15 @@ def test_todays_defaults_are_the_text_preset_with_uncropped_pool_views():
     for name in ("roclip", "roclip-small", "roclip-previous", "roclip-align", "roclip-drop", "roclip-views",
                  "roclip-veto", "roclip-text"):
         assert resolve_spec(preset=str(CONFIGS / f"{name}.yaml")).options.pool_crop_scale_min is None, name
-    # the twenty-ninth round stopped cropping them
+    # the twenty-ninth round stopped cropping them (configs/roclip-crop.yaml)
+    crop = resolve_spec(preset=str(CONFIGS / "roclip-crop.yaml"))
     assert resolve_spec(preset=str(CONFIGS / "roclip-text.yaml"), options={"pool_crop_scale_min": 1.0}
+                        ).options.identity() == crop.options.identity()
+    # every preset before the thirty-first round has no unlearning term; that round added it at 0.02
+    for name in ("roclip", "roclip-small", "roclip-previous", "roclip-align", "roclip-drop", "roclip-views",
+                 "roclip-veto", "roclip-text", "roclip-crop"):
+        assert resolve_spec(preset=str(CONFIGS / f"{name}.yaml")).options.pattern_unlearn is None, name
+    assert resolve_spec(preset=str(CONFIGS / "roclip-crop.yaml"), options={"pattern_unlearn": 0.02}
                         ).options.identity() == resolve_spec(defense="roclip").options.identity()
 
 

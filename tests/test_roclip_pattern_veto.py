@@ -154,12 +154,15 @@ def test_cumulative_and_pool_epoch_text_resume_exactly(fm_train, tmp_path):
     assert torch.equal(sa["keep_test_failures"], sb["keep_test_failures"])  # both pool epochs counted
 
 
-def test_pattern_unlearn_is_checked_and_stays_out_of_the_identity_when_off():
+def test_pattern_unlearn_is_checked_is_a_default_and_stays_out_of_the_identity_when_off():
+    """0.02 since the thirty-first round; None (the paper, and every preset before that round) and
+    a run without the pattern veto, which flags nothing to unlearn, leave it out of the identity."""
     with pytest.raises(ConfigError, match="pattern_unlearn must be > 0"):
         defenses.build("roclip", {"pattern_unlearn": 0.0})
-    with pytest.raises(ConfigError, match="pattern_unlearn needs the pattern veto"):
-        defenses.build("roclip", {"pattern_z": None, "pattern_unlearn": 0.05})
-    assert "pattern_unlearn" not in defenses.build("roclip", {}).opt.identity()
+    assert defenses.build("roclip", {}).opt.identity()["pattern_unlearn"] == 0.02
+    assert "pattern_unlearn" not in defenses.build("roclip", {"pattern_unlearn": None}).opt.identity()
+    no_veto = defenses.build("roclip", {"pattern_z": None})  # the default weight, nothing to unlearn
+    assert no_veto.opt.pattern_unlearn == 0.02 and "pattern_unlearn" not in no_veto.opt.identity()
     assert defenses.build("roclip", {"pattern_unlearn": 0.05}).opt.identity()["pattern_unlearn"] == 0.05
 
 
@@ -168,7 +171,7 @@ def test_pattern_unlearn_adds_the_unlearning_term_of_the_flagged_rows_to_plain_a
     times the flagged rows' unlearning term; a pool step logs the term too; without flags nothing is added."""
     data = fm_train.subset(range(256))
     cfg = TrainConfig(model="cg-tiny", epochs=4, batch_size=32, seed=0, device="cpu", quiet=True)
-    plain_t = set_up(cfg, data, defenses.build("roclip", SMALL), tmp_path / "a")
+    plain_t = set_up(cfg, data, defenses.build("roclip", {**SMALL, "pattern_unlearn": None}), tmp_path / "a")
     t = set_up(cfg, data, defenses.build("roclip", {**SMALL, "pattern_unlearn": 0.5}), tmp_path / "b")
     t.ctx.raw_model.load_state_dict(plain_t.ctx.raw_model.state_dict())
     s = t.strategy
@@ -199,6 +202,6 @@ def test_a_run_with_pattern_unlearn_resumes_exactly_and_trains_other_weights(fm_
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
     assert any(r.get("pattern_unlearn", 0) > 0 for r in recs[2:])  # after the first veto
-    Trainer(_cfg(), data, tmp_path / "c", strategy=defenses.build("roclip", SMALL)).fit()
+    Trainer(_cfg(), data, tmp_path / "c", strategy=defenses.build("roclip", {**SMALL, "pattern_unlearn": None})).fit()
     wc = load_file(str(tmp_path / "c" / "checkpoints" / "epoch_004" / "model.safetensors"))
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
