@@ -172,7 +172,8 @@ class RoClipOptions(Options):
     # epochs train every pair) stays; this term unlearns it. None: no such term (the paper). 0.02 since
     # the thirty-first round, which found it lowers every backdoor on every validation grid at no more
     # than 0.3 zero-shot points (0.05 cost 0.7 in the thirtieth, 0.03 cost 1.0 on the held-back twin in
-    # the thirty-first). Without the pattern veto (pattern_z None) nothing is flagged and it does nothing
+    # the thirty-first; at 60,000 pairs, measured once, it cost 1.8-2.2 and grew the veto's flags,
+    # docs/results.md). Without the pattern veto (pattern_z None) nothing is flagged and it does nothing
     pattern_unlearn: float | None = field(default=0.02, metadata={"neutral": None, "only_with": "pattern_z"})
 
     def validate(self) -> None:
