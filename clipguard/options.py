@@ -72,13 +72,20 @@ class Options:
         does nothing. An option added later declares the value that reproduces the runs made before
         it existed, so adding it leaves every finished run (and cached bench cell) valid. An option
         declared with ``metadata={"only_with": "other"}`` shapes what ``other`` turns on, and is left
-        out too while ``other`` is None (off), whatever its own value."""
+        out too while ``other`` is off: None, or itself left out by its own ``only_with`` (an option of
+        an option of a veto that is off does nothing either), whatever its own value."""
         values = self.to_dict()
+        fields = {f.name: f for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+        def off(name: str) -> bool:
+            other = fields[name].metadata.get("only_with")
+            return values[name] is None or (other is not None and off(other))
+
         out = dict(values)
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            neutral = "neutral" in f.metadata and values[f.name] == f.metadata["neutral"]
-            if neutral or ("only_with" in f.metadata and values[f.metadata["only_with"]] is None):
-                del out[f.name]
+        for name, f in fields.items():
+            neutral = "neutral" in f.metadata and values[name] == f.metadata["neutral"]
+            if neutral or ("only_with" in f.metadata and off(f.metadata["only_with"])):
+                del out[name]
         return out
 
     def replace(self: OptionsT, **changes: Any) -> OptionsT:

@@ -72,10 +72,13 @@ def test_pattern_options_are_checked():
         defenses.build("safeclip", {"pattern_z": 3, "pattern_share": 1.0})
     with pytest.raises(ConfigError, match="pattern_clusters"):
         defenses.build("safeclip", {"pattern_z": 3, "pattern_clusters": 0})
-    base = defenses.build("safeclip", {}).opt.identity()
+    assert defenses.build("safeclip", {}).opt.pattern_z == 3.0  # on by default since the forty-fourth round
+    base = defenses.build("safeclip", {"pattern_z": None}).opt.identity()
     assert "pattern_z" not in base and "pattern_share" not in base  # off: not part of a run's identity
-    # what shapes the veto is no part of a run's identity while the veto is off
-    idle = defenses.build("safeclip", {"pattern_share": 0.2, "pattern_clusters": 8}).opt.identity()
+    # what shapes the veto, and the unlearning of its flags, is no part of a run's identity while it is off
+    assert "pattern_unlearn" not in base and "pattern_unlearn_z" not in base
+    idle = defenses.build("safeclip", {"pattern_z": None, "pattern_share": 0.2, "pattern_clusters": 8,
+                                       "pattern_unlearn": 0.3, "pattern_unlearn_z": 5}).opt.identity()
     assert idle == base
     on = defenses.build("safeclip", {"pattern_z": 3, "pattern_share": 0.2}).opt.identity()
     assert on["pattern_z"] == 3 and on["pattern_share"] == 0.2
@@ -138,15 +141,17 @@ def test_unlearning_pushes_a_flagged_image_below_its_batchs_mean_caption_and_fad
 
 
 def test_unlearning_options_are_checked():
-    with pytest.raises(ConfigError, match="pattern_unlearn needs the pattern veto"):
-        defenses.build("safeclip", {"pattern_unlearn": 1.0})
     with pytest.raises(ConfigError, match="pattern_unlearn must be > 0"):
         defenses.build("safeclip", {"pattern_z": 3, "pattern_unlearn": 0})
-    with pytest.raises(ConfigError, match="pattern_unlearn_z needs pattern_unlearn"):
-        defenses.build("safeclip", {"pattern_z": 3, "pattern_unlearn_z": 5})
     with pytest.raises(ConfigError, match="pattern_unlearn_z must be > 0"):
         defenses.build("safeclip", {"pattern_z": 3, "pattern_unlearn": 0.3, "pattern_unlearn_z": -1})
-    assert "pattern_unlearn" not in defenses.build("safeclip", {}).opt.identity()
+    d = defenses.build("safeclip", {}).opt  # the defaults since the forty-fourth round
+    assert (d.pattern_unlearn, d.pattern_unlearn_z) == (0.05, 4.0)
+    # without the veto the term has nothing to unlearn: the defaults with pattern_z=None build, and
+    # the term and its cut stay out of the identity; without the term its cut stays out too
+    assert "pattern_unlearn" not in defenses.build("safeclip", {"pattern_z": None}).opt.identity()
+    no_term = defenses.build("safeclip", {"pattern_unlearn": None}).opt.identity()
+    assert "pattern_unlearn" not in no_term and "pattern_unlearn_z" not in no_term and no_term["pattern_z"] == 3.0
 
 
 def test_a_stricter_unlearning_cut_flags_a_subset_of_the_veto():

@@ -88,8 +88,8 @@ def test_phases_are_sized_by_the_budget_when_unset():
     assert SafeClipOptions(warmup_epochs=5, clip_warmup_epochs=1, step=0.01).plan(48) == (5, 1, 0.01)
 
 
-def test_the_defaults_are_the_crop50_preset_and_shrink_for_short_runs():
-    """The defaults are configs/safeclip-crop50.yaml written out, and the presets that pin earlier
+def test_the_defaults_are_the_pat3_unlearn_z2_preset_and_shrink_for_short_runs():
+    """The defaults are configs/safeclip-pat3-unlearn-z2.yaml written out, and the presets that pin earlier
     defaults differ from them; a run too short for four CLIP epochs and one mixed epoch gets fewer
     CLIP epochs, down to one, never a run with no split."""
     from pathlib import Path
@@ -98,10 +98,14 @@ def test_the_defaults_are_the_crop50_preset_and_shrink_for_short_runs():
     from clipguard.training.spec import load_preset
 
     configs = Path(__file__).parents[1] / "configs"
-    preset = load_preset(configs / "safeclip-crop50.yaml")
+    preset = load_preset(configs / "safeclip-pat3-unlearn-z2.yaml")
     assert SafeClipOptions.from_dict(preset["options"]) == SafeClipOptions()
+    # the defaults before the forty-fourth round, pinned by the presets and grids that measured them
+    before = dict(density_z=1.0, risky_negatives=False, pattern_z=None, pattern_unlearn=None, pattern_unlearn_z=None)
+    crop50 = SafeClipOptions.from_dict(load_preset(configs / "safeclip-crop50.yaml")["options"])
+    assert crop50 == SafeClipOptions(**before)
     aug = SafeClipOptions.from_dict(load_preset(configs / "safeclip-aug.yaml")["options"])
-    assert aug == SafeClipOptions(crop_scale_min=0.08)
+    assert aug == SafeClipOptions(crop_scale_min=0.08, **before)
     d = SafeClipOptions()
     assert d.plan(10)[:2] == (0, 4) and d.plan(48)[:2] == (0, 4)
     assert d.plan(5)[:2] == (0, 4) and d.plan(4)[:2] == (0, 3) and d.plan(2)[:2] == (0, 1)

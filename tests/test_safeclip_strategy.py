@@ -23,7 +23,7 @@ def _cfg(**kw):
 
 def _small(**kw):
     opts = dict(warmup_epochs=1, clip_warmup_epochs=1, lr_low_factor=0.1, min_initial_fraction=0.3,
-                step=0.2, pool_size=128, density_z=None)
+                step=0.2, pool_size=128, density_z=None, risky_negatives=False, pattern_z=None)
     opts.update(kw)
     return defenses.build("safeclip", opts)
 

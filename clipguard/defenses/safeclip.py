@@ -116,8 +116,10 @@ class SafeClipOptions(Options):
     reference_top_k: int = 10
     # the joint-density veto: a pair whose joint (image, caption) embedding has its density_k-th
     # nearest neighbour (among density_reference sampled pairs) more than density_z robust standard
-    # deviations farther than the median pair's stays out of the safe set (None: no veto)
-    density_z: float | None = 1.0
+    # deviations farther than the median pair's stays out of the safe set (None: no veto). 2 since
+    # the forty-fourth round: behind the pattern veto and its unlearning a looser density veto keeps
+    # about half as many clean pairs out for good (docs/safeclip-selection.md); 1 before it
+    density_z: float | None = 2.0
     # a pair vetoed in a mixed epoch after the first stays vetoed: once the model has begun to
     # learn a poison, the poison gains look-alikes and a high score, so a later verdict is worth
     # less than an earlier one (the first split's, made by a barely aligned model, is not kept)
@@ -176,29 +178,31 @@ class SafeClipOptions(Options):
     # the risky pairs' images as extra negatives of the safe captions in the CLIP term (caption to
     # image only). A trigger learnt before the first split ties poisoned images to their target's
     # caption; without this, nothing in a mixed epoch pulls them apart, as the safe set holds few
-    # of them. The price: a clean risky image is pushed from the captions of its own class
-    risky_negatives: bool = field(default=False, metadata={"neutral": False})
+    # of them. The price: a clean risky image is pushed from the captions of its own class. On by
+    # default since the forty-fourth round
+    risky_negatives: bool = field(default=True, metadata={"neutral": False})
     # the pattern veto (defenses/pattern_veto.py): a pair whose high-passed image carries the
     # pattern shared by the pattern_share riskiest pairs of its caption group (pattern_clusters
     # groups, k-means on the captions) by more than pattern_z robust standard deviations stays out
     # of the safe set, counted with the density veto's memory. It reads pixels, which a learnt
-    # trigger cannot move (None: no veto)
-    pattern_z: float | None = field(default=None, metadata={"neutral": None})
+    # trigger cannot move (None: no veto; 3, the scan's own cut, since the forty-fourth round)
+    pattern_z: float | None = field(default=3.0, metadata={"neutral": None})
     pattern_share: float = field(default=0.1, metadata={"neutral": 0.1, "only_with": "pattern_z"})
     pattern_clusters: int = field(default=50, metadata={"neutral": 50, "only_with": "pattern_z"})
     # with the pattern veto: the weight of a term that unlearns the pattern-flagged pairs in mixed
     # steps (their image pushed below the batch's mean caption score for its own caption,
     # losses.own_caption_unlearning). A trigger learnt in the CLIP epochs before the first split
     # otherwise stays, and grows, though no flagged pair trains with the CLIP loss again
-    # (docs/safeclip-selection.md, thirty-seventh round). None: no such term
-    pattern_unlearn: float | None = field(default=None, metadata={"neutral": None})
+    # (docs/safeclip-selection.md, thirty-seventh round). None: no such term; without the pattern
+    # veto it does nothing. 0.05 above pattern_unlearn_z 4 since the forty-fourth round
+    pattern_unlearn: float | None = field(default=0.05, metadata={"neutral": None, "only_with": "pattern_z"})
     # whether the unlearning term also moves the captions (True) or only the flagged images (False:
     # a clean pair the veto flags then cannot pull its class's captions away from that class)
     pattern_unlearn_text: bool = field(default=True, metadata={"neutral": True, "only_with": "pattern_unlearn"})
     # the pattern z-score above which a flagged pair is unlearnt (None: pattern_z, every vetoed
     # pair). Higher: fewer clean pairs unlearnt, and fewer of a faint trigger's (docs/safeclip-selection.md,
     # fortieth round)
-    pattern_unlearn_z: float | None = field(default=None, metadata={"neutral": None, "only_with": "pattern_unlearn"})
+    pattern_unlearn_z: float | None = field(default=4.0, metadata={"neutral": None, "only_with": "pattern_unlearn"})
     pool_size: int | None = None      # NN pool of each modality (None: a fifth of the data, at most 16,384)
     temperature: float = 0.1
     # the unimodal loss's second view: with gradient and the loss symmetrised as in NNCLR (True),
@@ -278,15 +282,12 @@ class SafeClipOptions(Options):
         require(self.pattern_clusters >= 1, f"pattern_clusters must be >= 1, got {self.pattern_clusters}")
         require(self.pattern_unlearn is None or self.pattern_unlearn > 0,
                 f"pattern_unlearn must be > 0 (or None: no unlearning term), got {self.pattern_unlearn}")
-        require(self.pattern_unlearn is None or self.pattern_z is not None,
-                "pattern_unlearn needs the pattern veto (pattern_z), which flags the pairs it unlearns")
         require(self.pattern_unlearn_z is None or self.pattern_unlearn_z > 0,
                 f"pattern_unlearn_z must be > 0 (or None: pattern_z), got {self.pattern_unlearn_z}")
-        require(self.pattern_unlearn_z is None or self.pattern_unlearn is not None,
-                "pattern_unlearn_z needs pattern_unlearn (the term it selects the pairs of)")
         require(self.risky_clip_k >= 1, f"risky_clip_k must be >= 1, got {self.risky_clip_k}")
         require(not (self.risky_negatives and self.risky_clip == "neighbours"),
-                "risky_negatives needs risky_clip: none (with neighbours every risky image is a positive)")
+                "risky_negatives (on by default) needs risky_clip: none, as with neighbours every risky image "
+                "is a positive: with risky_clip: neighbours set risky_negatives: false")
         require(self.risky_loss != "none" or self.warmup_epochs == 0,
                 "risky_loss: none leaves the unimodal warm-up nothing to train; set warmup_epochs 0")
         require(self.risky_loss != "none" or self.risky_clip == "none",
