@@ -238,3 +238,23 @@ def test_colour_jitter_leaves_the_samples_it_skips_untouched():
     assert 0 < int(apply.sum()) < 64
     assert torch.equal(some[~apply], x[~apply])
     assert not torch.equal(some[apply], x[apply])
+
+
+def test_hue_jitter_skips_grey_samples_bit_for_bit():
+    """Grey samples are fixed points of the hue rotation, so the jitter computes only the samples
+    with colour; the result is the full computation's, bit for bit, on grey, colour and mixed
+    batches, and a whole SimCLR view of greyscale images is unchanged by it."""
+    from clipguard.data.augment.image import _hue_jitter, _shift_hue
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(40, 3, 9, 9, generator=g)
+    x[::2] = x[::2, :1].expand(-1, 3, -1, -1)        # every other sample grey
+    x[1, :, :4] = x[1, :1, :4]                         # a colour sample with grey pixels
+    x[3] = x[3] * 1.001                                # a little out of range before the clamp
+    x[4] = x[4] * 1.001                                # grey, out of range too
+    shift = torch.empty(40).uniform_(-0.5, 0.5, generator=g).view(-1, 1, 1, 1)
+    for rows in (slice(None), slice(0, None, 2), slice(1, None, 2), slice(0, 0)):
+        batch, s = x[rows], shift[rows]
+        assert torch.equal(_hue_jitter(batch, s), _shift_hue(batch, s).clamp(0, 1))
+    grey = x[::2].clone()
+    assert torch.equal(_hue_jitter(grey, shift[::2]), grey.clamp(0, 1))
