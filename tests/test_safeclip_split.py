@@ -88,8 +88,8 @@ def test_phases_are_sized_by_the_budget_when_unset():
     assert SafeClipOptions(warmup_epochs=5, clip_warmup_epochs=1, step=0.01).plan(48) == (5, 1, 0.01)
 
 
-def test_the_defaults_are_the_pat3_unlearn_z2_preset_and_shrink_for_short_runs():
-    """The defaults are configs/safeclip-pat3-unlearn-z2.yaml written out, and the presets that pin earlier
+def test_the_defaults_are_the_strikes2_preset_and_shrink_for_short_runs():
+    """The defaults are configs/safeclip-strikes2.yaml written out, and the presets that pin earlier
     defaults differ from them; a run too short for four CLIP epochs and one mixed epoch gets fewer
     CLIP epochs, down to one, never a run with no split."""
     from pathlib import Path
@@ -98,10 +98,14 @@ def test_the_defaults_are_the_pat3_unlearn_z2_preset_and_shrink_for_short_runs()
     from clipguard.training.spec import load_preset
 
     configs = Path(__file__).parents[1] / "configs"
-    preset = load_preset(configs / "safeclip-pat3-unlearn-z2.yaml")
+    preset = load_preset(configs / "safeclip-strikes2.yaml")
     assert SafeClipOptions.from_dict(preset["options"]) == SafeClipOptions()
-    # the defaults before the forty-fourth round, pinned by the presets and grids that measured them
-    before = dict(density_z=1.0, risky_negatives=False, pattern_z=None, pattern_unlearn=None, pattern_unlearn_z=None)
+    # the defaults of the forty-fourth round, and those before it, pinned by the presets and grids
+    # that measured them
+    z2 = SafeClipOptions.from_dict(load_preset(configs / "safeclip-pat3-unlearn-z2.yaml")["options"])
+    assert z2 == SafeClipOptions(density_strikes=1)
+    before = dict(density_z=1.0, risky_negatives=False, pattern_z=None, pattern_unlearn=None, pattern_unlearn_z=None,
+                  density_strikes=1)
     crop50 = SafeClipOptions.from_dict(load_preset(configs / "safeclip-crop50.yaml")["options"])
     assert crop50 == SafeClipOptions(**before)
     aug = SafeClipOptions.from_dict(load_preset(configs / "safeclip-aug.yaml")["options"])
@@ -249,7 +253,7 @@ def test_density_memory_keeps_a_vetoed_pair_out_from_the_second_split_on():
 
     everyone = torch.arange(200)
     for memory in (False, True):
-        s = SafeClip(SafeClipOptions(density_z=1.0, density_memory=memory))
+        s = SafeClip(SafeClipOptions(density_z=1.0, density_memory=memory, density_strikes=1))
         first = s._veto(200, everyone, far(0))            # split 1: pair 0 vetoed, then forgotten
         s._dense = first
         second = s._veto(200, everyone, far(1))           # split 2: pair 1 vetoed
@@ -293,7 +297,7 @@ def test_density_strikes_two_forgive_one_veto_and_exclude_for_good_from_the_seco
 
 
 def test_density_strikes_one_is_the_union_of_every_verdict():
-    """density_strikes 1 (the default) is the memory as it always was: any veto from the second
+    """density_strikes 1 (the default before the forty-fifth round) is the memory as it always was: any veto from the second
     split on is final; a state written before strikes were counted resumes the same way."""
     from clipguard.defenses.nn_pool import NNPool
     from clipguard.defenses.safeclip import SafeClip, SafeClipOptions
@@ -302,12 +306,12 @@ def test_density_strikes_one_is_the_union_of_every_verdict():
     v = [x.clone() for _ in range(3)]
     for i, t in enumerate(v):
         t[i + 3] = 10.0
-    s = SafeClip(SafeClipOptions(density_z=1.0))
+    s = SafeClip(SafeClipOptions(density_z=1.0, density_strikes=1))
     for t in v[:2]:
         s._dense = s._veto(200, torch.arange(200), t)
     s._img_pool, s._txt_pool = NNPool(4, 8), NNPool(4, 8)
     legacy = {k: t for k, t in s.state_tensors().items() if k != "strikes"}
-    r = SafeClip(SafeClipOptions(density_z=1.0))
+    r = SafeClip(SafeClipOptions(density_z=1.0, density_strikes=1))
     r._img_pool, r._txt_pool = NNPool(4, 8), NNPool(4, 8)
     r.load_state(legacy, s.state_json())
     for m in (s, r):
@@ -452,7 +456,7 @@ def test_density_memory_splits_makes_only_the_early_verdicts_final():
 
     everyone = torch.arange(200)
     for window, back in ((1, True), (None, False)):
-        s = SafeClip(SafeClipOptions(density_z=1.0, density_memory_splits=window))
+        s = SafeClip(SafeClipOptions(density_z=1.0, density_memory_splits=window, density_strikes=1))
         s._dense = s._veto(200, everyone, far(0))      # split 1: not counted
         s._dense = s._veto(200, everyone, far(1))      # split 2: counted either way
         s._dense = s._veto(200, everyone, far(2))      # split 3: counted only without a window

@@ -607,7 +607,7 @@ def test_an_update_encodes_only_the_candidates_the_steps_did_not_see(fm_train, t
     assert bool(s._step_feats.abs().sum(dim=1).gt(0).all())
     s._step_fresh[:100] = True
     s._strikes = torch.zeros(256, dtype=torch.uint8)
-    s._strikes[100:120] = 1  # out for good: their last features stand
+    s._strikes[100:120] = s.opt.density_strikes  # out for good: their last features stand
     encoded = []
     enc = t.ctx.encode_dataset
     t.ctx.encode_dataset = lambda **kw: (encoded.append(kw["indices"].clone()), enc(**kw))[1]
