@@ -243,7 +243,7 @@ def test_colour_jitter_leaves_the_samples_it_skips_untouched():
 def test_hue_jitter_skips_grey_samples_bit_for_bit():
     """Grey samples are fixed points of the hue rotation, so the jitter computes only the samples
     with colour; the result is the full computation's, bit for bit, on grey, colour and mixed
-    batches, and a whole SimCLR view of greyscale images is unchanged by it."""
+    batches (a grey sample comes back clamped, as the full computation returns it)."""
     from clipguard.data.augment.image import _hue_jitter, _shift_hue
 
     g = torch.Generator().manual_seed(3)

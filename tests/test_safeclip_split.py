@@ -104,6 +104,10 @@ def test_the_defaults_are_the_strikes2_preset_and_shrink_for_short_runs():
     # that measured them
     z2 = SafeClipOptions.from_dict(load_preset(configs / "safeclip-pat3-unlearn-z2.yaml")["options"])
     assert z2 == SafeClipOptions(density_strikes=1)
+    # strikes count only with the density veto: without it they stay out of a run's identity
+    assert "density_strikes" in SafeClipOptions().identity()
+    assert "density_strikes" not in SafeClipOptions(density_z=None).identity()
+    assert "density_strikes" not in z2.identity()
     before = dict(density_z=1.0, risky_negatives=False, pattern_z=None, pattern_unlearn=None, pattern_unlearn_z=None,
                   density_strikes=1)
     crop50 = SafeClipOptions.from_dict(load_preset(configs / "safeclip-crop50.yaml")["options"])
@@ -297,8 +301,9 @@ def test_density_strikes_two_forgive_one_veto_and_exclude_for_good_from_the_seco
 
 
 def test_density_strikes_one_is_the_union_of_every_verdict():
-    """density_strikes 1 (the default before the forty-fifth round) is the memory as it always was: any veto from the second
-    split on is final; a state written before strikes were counted resumes the same way."""
+    """density_strikes 1 (the default before the forty-fifth round) is the memory as it always
+    was: any veto from the second split on is final; a state written before strikes were counted
+    resumes the same way."""
     from clipguard.defenses.nn_pool import NNPool
     from clipguard.defenses.safeclip import SafeClip, SafeClipOptions
 
