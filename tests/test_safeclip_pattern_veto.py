@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipguard import defenses
-from clipguard.defenses.pattern_veto import PatternVeto
+from clipguard.defenses.pattern_veto import PatternVeto, caption_embeddings
 from clipguard.errors import ConfigError
 from clipguard.training.trainer import TrainConfig, Trainer
 
@@ -203,3 +203,38 @@ def test_unlearning_moves_the_captions_only_when_asked(text):
     terms["pattern_unlearn"].backward()
     assert img.grad is not None and torch.count_nonzero(img.grad[0]) > 0
     assert (txt.grad is not None) == text
+
+
+def test_the_veto_groups_by_the_splits_own_caption_features_bit_for_bit(fm_train, tmp_path, monkeypatch):
+    """A split that encoded every caption hands its caption features to the veto instead of the
+    veto encoding them again: the same flags and the same weights as when the veto encodes them
+    itself, and at least the first split hands them over."""
+    import clipguard.defenses.safeclip as safeclip_module
+
+    data = fm_train.subset(range(256))
+    cfg = TrainConfig(model="cg-tiny", epochs=4, batch_size=64, lr=1e-3, warmup=2, seed=0, device="cpu", quiet=True)
+    handed: list[bool] = []
+    flags = PatternVeto.flags
+
+    def spy(self, ctx, suspicion, cuts, text=None):
+        handed.append(text is not None)
+        if text is not None:  # exactly what the veto would have encoded
+            assert torch.equal(text, caption_embeddings(ctx, None))
+        return flags(self, ctx, suspicion, cuts, text)
+
+    monkeypatch.setattr(PatternVeto, "flags", spy)
+    Trainer(cfg, data, tmp_path / "reused", strategy=_pattern_strategy()).fit()
+    assert handed and handed[0]
+    scores = safeclip_module.shard_pair_scores
+    monkeypatch.setattr(safeclip_module, "shard_pair_scores",
+                        lambda *a, **k: scores(*a, **k)._replace(text=None))  # the veto encodes them itself
+    handed.clear()
+    Trainer(cfg, data, tmp_path / "encoded", strategy=_pattern_strategy()).fit()
+    assert handed and not any(handed)
+    recs = {r: [json.loads(x) for x in (tmp_path / r / "results.jsonl").read_text().splitlines()]
+            for r in ("reused", "encoded")}
+    keys = ("pattern_flagged", "pattern_unlearnt", "safe_size")
+    assert [[x.get(k) for k in keys] for x in recs["reused"]] == [[x.get(k) for k in keys] for x in recs["encoded"]]
+    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors"))
+              for r in ("reused", "encoded"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -129,6 +129,7 @@ class PairScores(NamedTuple):
     log_repeat: torch.Tensor | None               # image repetition
     log_kdist_given_image: torch.Tensor | None    # joint density against pairs with like images
     features: torch.Tensor | None = None          # (pairs, image dim + text dim), with a ``cache``
+    text: torch.Tensor | None = None              # (pairs, text dim), with ``keep_text``
 
 
 def _encode_or_reuse(ctx: TrainContext, mine: torch.Tensor, cache: torch.Tensor | None,
@@ -152,7 +153,8 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
                       top_k: int = 10, density_k: int = 0, density_reference: int = 16384,
                       seed: int = 0, repeat_k: int = 0, repeat_grid: int = 0, density_relative_to: str = "all",
                       density_caption_k: int = 64, density_given_image_k: int = 0,
-                      cache: torch.Tensor | None = None, known: torch.Tensor | None = None) -> PairScores:
+                      cache: torch.Tensor | None = None, known: torch.Tensor | None = None,
+                      keep_text: bool = False) -> PairScores:
     """The ``PairScores`` of each pair in ``indices``, the same on every rank.
 
     Each rank encodes ``indices[rank::world]``. ``reference``: text features of a sample of
@@ -166,7 +168,9 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
 
     ``cache``: features of every pair of the data (image then text, as ``features`` returns
     them), the same on every rank; the pairs ``known`` (a bool per pair of the data) are taken
-    from it instead of being encoded, and ``features`` then holds the scored pairs' features."""
+    from it instead of being encoded, and ``features`` then holds the scored pairs' features.
+    ``keep_text``: ``text`` holds the scored pairs' caption features as scored, so a caller that
+    needs them too (the pattern veto's caption groups) does not encode them again."""
     world, rank = ctx.dist.world_size, ctx.dist.rank
     mine = indices[rank::world]
     if len(mine):
@@ -194,10 +198,14 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
     table = torch.stack(list(cols.values()), dim=1)
     if cache is not None:  # the features travel with the scores, gathered in one call
         table = torch.cat([table, img.float().cpu(), txt.float().cpu()], dim=1)
+    elif keep_text:
+        table = torch.cat([table, txt.float().cpu()], dim=1)
     out = _gather_in_order(table, len(indices), ctx)
     found = {name: out[:, i].contiguous() for i, name in enumerate(cols)}
     if cache is not None:
         found["features"] = out[:, len(cols):].contiguous()
+    if keep_text:
+        found["text"] = out[:, out.shape[1] - txt.shape[1]:].contiguous()
     return PairScores(**{name: found.get(name) for name in PairScores._fields})
 
 

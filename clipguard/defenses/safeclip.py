@@ -477,7 +477,7 @@ class SafeClip(Strategy, PairSelector):
             repeat_grid=o.repeat_grid if o.repeat_space == "pixels" else 0,
             density_relative_to=DENSITY_RELATIVE_TO[o.density_score], density_caption_k=o.density_caption_k,
             density_given_image_k=o.density_given_k if o.density_given == "image" else 0,
-            cache=cache, known=known)
+            cache=cache, known=known, keep_text=self._pattern is not None)
         if cache is not None:
             rec["reused_features"] = int(known[cand].sum()) if known is not None else 0
             self._step_feats[cand] = scores.features.to(self._step_feats.dtype)
@@ -486,11 +486,15 @@ class SafeClip(Strategy, PairSelector):
         sims[cand] = scores.score
         patterned = None
         if self._pattern is not None:  # the riskiest pairs (lowest scores) estimate each group's pattern
+            # the caption groups come from this split's caption features when it has just encoded
+            # every caption (on one process in the veto's own batches: the same bits); after a
+            # partial update, or with features kept from the steps, the veto encodes them afresh
+            text = scores.text if full and (known is None or not bool(known.any())) else None
             if o.pattern_unlearn_z is None:
-                patterned = self._pattern.vetoed(ctx, -sims)
+                patterned = self._pattern.vetoed(ctx, -sims, text)
                 self._unlearnt = patterned if o.pattern_unlearn is not None else None
             else:
-                patterned, self._unlearnt = self._pattern.flags(ctx, -sims, (o.pattern_z, o.pattern_unlearn_z))
+                patterned, self._unlearnt = self._pattern.flags(ctx, -sims, (o.pattern_z, o.pattern_unlearn_z), text)
                 rec["pattern_unlearnt"] = int(self._unlearnt.sum())
             rec["pattern_flagged"] = int(patterned.sum())
             self._patterned = patterned
