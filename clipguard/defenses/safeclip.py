@@ -469,6 +469,10 @@ class SafeClip(Strategy, PairSelector):
                 known = self._step_fresh.clone()
                 if o.density_memory and self._strikes is not None:  # out for good: their last features
                     known |= self._strikes >= o.density_strikes
+        # the pattern veto groups the captions by this split's caption features when the split
+        # encodes every caption now (on one process in the veto's own batches: the same bits);
+        # after a partial update, or with features kept from the steps, the veto encodes them itself
+        hand_text = self._pattern is not None and full and (known is None or not bool(known.any()))
         scores = shard_pair_scores(
             ctx, cand, self._reference(epoch), o.reference_top_k,
             density_k=o.density_k if o.density_z is not None else 0,
@@ -477,7 +481,7 @@ class SafeClip(Strategy, PairSelector):
             repeat_grid=o.repeat_grid if o.repeat_space == "pixels" else 0,
             density_relative_to=DENSITY_RELATIVE_TO[o.density_score], density_caption_k=o.density_caption_k,
             density_given_image_k=o.density_given_k if o.density_given == "image" else 0,
-            cache=cache, known=known, keep_text=self._pattern is not None)
+            cache=cache, known=known, keep_text=hand_text)
         if cache is not None:
             rec["reused_features"] = int(known[cand].sum()) if known is not None else 0
             self._step_feats[cand] = scores.features.to(self._step_feats.dtype)
@@ -486,10 +490,7 @@ class SafeClip(Strategy, PairSelector):
         sims[cand] = scores.score
         patterned = None
         if self._pattern is not None:  # the riskiest pairs (lowest scores) estimate each group's pattern
-            # the caption groups come from this split's caption features when it has just encoded
-            # every caption (on one process in the veto's own batches: the same bits); after a
-            # partial update, or with features kept from the steps, the veto encodes them afresh
-            text = scores.text if full and (known is None or not bool(known.any())) else None
+            text = scores.text  # None unless hand_text
             if o.pattern_unlearn_z is None:
                 patterned = self._pattern.vetoed(ctx, -sims, text)
                 self._unlearnt = patterned if o.pattern_unlearn is not None else None
