@@ -91,18 +91,24 @@ def _pattern_strategy(**extra):
                                            repeat_z=None, pattern_z=2.0, pattern_clusters=4, **extra))
 
 
+def _cfg(**kw) -> TrainConfig:
+    """The 4-epoch cg-tiny run the tests below train."""
+    return TrainConfig(model="cg-tiny", epochs=4, batch_size=64, lr=1e-3, warmup=2, seed=0, device="cpu",
+                       quiet=True, **kw)
+
+
+def _assert_same_final_weights(tmp_path, a: str, b: str) -> None:
+    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def _run_and_resume(data, tmp_path, **extra) -> list[dict]:
     """A 4-epoch run, and the same run stopped after 2 epochs and resumed: the same weights.
     Returns the first run's epoch records."""
-    def cfg(**kw):
-        return TrainConfig(model="cg-tiny", epochs=4, batch_size=64, lr=1e-3, warmup=2, seed=0, device="cpu",
-                           quiet=True, **kw)
-
-    Trainer(cfg(), data, tmp_path / "a", strategy=_pattern_strategy(**extra)).fit()
-    Trainer(cfg(stop_after=2), data, tmp_path / "b", strategy=_pattern_strategy(**extra)).fit()
-    Trainer(cfg(), data, tmp_path / "b", strategy=_pattern_strategy(**extra)).fit(resume="latest")
-    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors")) for r in "ab")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    Trainer(_cfg(), data, tmp_path / "a", strategy=_pattern_strategy(**extra)).fit()
+    Trainer(_cfg(stop_after=2), data, tmp_path / "b", strategy=_pattern_strategy(**extra)).fit()
+    Trainer(_cfg(), data, tmp_path / "b", strategy=_pattern_strategy(**extra)).fit(resume="latest")
+    _assert_same_final_weights(tmp_path, "a", "b")
     return [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
 
 
@@ -212,7 +218,6 @@ def test_the_veto_groups_by_the_splits_own_caption_features_bit_for_bit(fm_train
     import clipguard.defenses.safeclip as safeclip_module
 
     data = fm_train.subset(range(256))
-    cfg = TrainConfig(model="cg-tiny", epochs=4, batch_size=64, lr=1e-3, warmup=2, seed=0, device="cpu", quiet=True)
     handed: list[bool] = []
     flags = PatternVeto.flags
 
@@ -223,18 +228,16 @@ def test_the_veto_groups_by_the_splits_own_caption_features_bit_for_bit(fm_train
         return flags(self, ctx, suspicion, cuts, text)
 
     monkeypatch.setattr(PatternVeto, "flags", spy)
-    Trainer(cfg, data, tmp_path / "reused", strategy=_pattern_strategy()).fit()
+    Trainer(_cfg(), data, tmp_path / "reused", strategy=_pattern_strategy()).fit()
     assert handed and handed[0]
     scores = safeclip_module.shard_pair_scores
     monkeypatch.setattr(safeclip_module, "shard_pair_scores",
                         lambda *a, **k: scores(*a, **k)._replace(text=None))  # the veto encodes them itself
     handed.clear()
-    Trainer(cfg, data, tmp_path / "encoded", strategy=_pattern_strategy()).fit()
+    Trainer(_cfg(), data, tmp_path / "encoded", strategy=_pattern_strategy()).fit()
     assert handed and not any(handed)
     recs = {r: [json.loads(x) for x in (tmp_path / r / "results.jsonl").read_text().splitlines()]
             for r in ("reused", "encoded")}
     keys = ("pattern_flagged", "pattern_unlearnt", "safe_size")
     assert [[x.get(k) for k in keys] for x in recs["reused"]] == [[x.get(k) for k in keys] for x in recs["encoded"]]
-    wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "epoch_004" / "model.safetensors"))
-              for r in ("reused", "encoded"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    _assert_same_final_weights(tmp_path, "reused", "encoded")
