@@ -30,7 +30,11 @@ def test_pattern_options_are_checked_and_on_by_default():
         defenses.build("roclip", {"pattern_z": 3, "pattern_share": 0.0})
     with pytest.raises(ConfigError, match="pattern_clusters"):
         defenses.build("roclip", {"pattern_z": 3, "pattern_clusters": 0})
+    with pytest.raises(ConfigError, match="pattern_group_pairs"):
+        defenses.build("roclip", {"pattern_z": 3, "pattern_group_pairs": 0})
+    assert defenses.build("roclip", {"pattern_group_pairs": 300})._pattern.groups_for(4460) == 14
     s = defenses.build("roclip", {})
+    assert "pattern_group_pairs" not in s.opt.identity()
     assert s.opt.pattern_z == 4.0 and s._pattern is not None  # the default since the twenty-seventh round
     assert s.opt.pattern_text == "pool-epoch" and s.opt.pattern_suspects == "latest"  # since the twenty-eighth
     assert s.opt.identity()["pattern_z"] == 4.0

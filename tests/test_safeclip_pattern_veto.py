@@ -58,6 +58,28 @@ def test_the_veto_flags_the_pattern_its_groups_riskiest_pairs_share():
     assert int(flagged[~is_poison].sum()) <= 4
 
 
+def test_groups_sized_by_the_data_see_a_pattern_that_groups_of_a_few_pairs_miss():
+    """Twenty captions per class split the 400 pairs into groups of about ten under 50 clusters,
+    each too small to judge (min_group 20): nothing is flagged. Asking every group to hold 200
+    pairs on average leaves two groups, each large enough to estimate the poisons' pattern."""
+    data, poisoned = _patterned()
+    data.captions = [f"a photo of a {'cat' if i < 200 else 'dog'} number {i % 20}" for i in range(400)]
+    ctx = _ctx(data)
+    suspicion = torch.rand(400, generator=torch.Generator().manual_seed(1))
+    suspicion[poisoned[:20]] += 10.0
+    assert PatternVeto(z=3.0, share=0.1, clusters=50).groups_for(400) == 50
+    assert int(PatternVeto(z=3.0, share=0.1, clusters=50).vetoed(ctx, suspicion).sum()) == 0
+    sized = PatternVeto(z=3.0, share=0.1, clusters=50, group_pairs=200)
+    assert sized.groups_for(400) == 2
+    flagged = sized.vetoed(ctx, suspicion)
+    assert int(flagged[poisoned].sum()) >= 25 and int(flagged.sum()) - int(flagged[poisoned].sum()) <= 4
+
+
+def test_the_number_of_caption_groups_follows_the_data_up_to_pattern_clusters():
+    veto = PatternVeto(z=3.0, share=0.1, clusters=50, group_pairs=300)
+    assert [veto.groups_for(n) for n in (10, 299, 600, 4460, 9460, 15000, 60000)] == [1, 1, 2, 14, 31, 50, 50]
+
+
 def test_with_no_shared_pattern_the_veto_flags_few_pairs():
     data, _ = _patterned(poisons=0)
     ctx = _ctx(data)
@@ -72,16 +94,21 @@ def test_pattern_options_are_checked():
         defenses.build("safeclip", {"pattern_z": 3, "pattern_share": 1.0})
     with pytest.raises(ConfigError, match="pattern_clusters"):
         defenses.build("safeclip", {"pattern_z": 3, "pattern_clusters": 0})
+    with pytest.raises(ConfigError, match="pattern_group_pairs"):
+        defenses.build("safeclip", {"pattern_z": 3, "pattern_group_pairs": 0})
     assert defenses.build("safeclip", {}).opt.pattern_z == 3.0  # on by default since the forty-fourth round
     base = defenses.build("safeclip", {"pattern_z": None}).opt.identity()
     assert "pattern_z" not in base and "pattern_share" not in base  # off: not part of a run's identity
     # what shapes the veto, and the unlearning of its flags, is no part of a run's identity while it is off
     assert "pattern_unlearn" not in base and "pattern_unlearn_z" not in base
     idle = defenses.build("safeclip", {"pattern_z": None, "pattern_share": 0.2, "pattern_clusters": 8,
-                                       "pattern_unlearn": 0.3, "pattern_unlearn_z": 5}).opt.identity()
+                                       "pattern_group_pairs": 300, "pattern_unlearn": 0.3,
+                                       "pattern_unlearn_z": 5}).opt.identity()
     assert idle == base
     on = defenses.build("safeclip", {"pattern_z": 3, "pattern_share": 0.2}).opt.identity()
     assert on["pattern_z"] == 3 and on["pattern_share"] == 0.2
+    assert "pattern_group_pairs" not in on  # None, as every run before it existed
+    assert defenses.build("safeclip", {"pattern_group_pairs": 300}).opt.identity()["pattern_group_pairs"] == 300
 
 
 def _pattern_strategy(**extra):

@@ -9,7 +9,9 @@ learnt Blended, BadNet and SIG poisons in). This veto reads pixels, which traini
 is the scan's ``pattern`` detector (docs/scan.md) with the split's own risk ranking as its
 suspects, so it needs no second model.
 
-Per split: the captions are grouped by k-means on this epoch's text embeddings; in each group the
+Per split: the captions are grouped by k-means on this epoch's text embeddings (``clusters``
+groups, or fewer where ``group_pairs`` asks each to hold that many pairs on average: a group's
+pattern is a mean of its suspects, too noisy to see a faint trigger from a handful of them); in each group the
 ``share`` of pairs the split ranks riskiest estimate the group's pattern (their mean high-passed
 image minus the group's, whitened by the shrunk inverse covariance of every training image's);
 a pair is vetoed when its own image's projection on it is more than ``z`` robust standard
@@ -37,8 +39,8 @@ class PatternVeto:
     """Holds the training images' high-passed pixels and their whitening (computed once: the
     pixels never change) and judges every pair at each split."""
 
-    def __init__(self, z: float, share: float, clusters: int, seed: int = 0) -> None:
-        self.z, self.share, self.clusters, self.seed = z, share, clusters, seed
+    def __init__(self, z: float, share: float, clusters: int, seed: int = 0, group_pairs: int | None = None) -> None:
+        self.z, self.share, self.clusters, self.seed, self.group_pairs = z, share, clusters, seed, group_pairs
         self._residuals: torch.Tensor | None = None
         self._precision: torch.Tensor | None = None
 
@@ -56,9 +58,16 @@ class PatternVeto:
         residuals, precision = self._pixels(ctx.data.images)
         text = caption_embeddings(ctx, text).numpy()
         # the scan detector's defaults: the k-means sample's size, the smallest group judged
-        groups = caption_groups(text, self.clusters, self.seed, PatternOptions.max_points)
+        groups = caption_groups(text, self.groups_for(len(text)), self.seed, PatternOptions.max_points)
         return pattern_scores(residuals, groups, suspicion.double().numpy(), self.share, PatternOptions.min_group,
                               precision)
+
+    def groups_for(self, pairs: int) -> int:
+        """How many caption groups ``pairs`` pairs are split into: ``clusters``, or fewer so that each
+        holds ``group_pairs`` pairs on average (at least one group)."""
+        if self.group_pairs is None:
+            return self.clusters
+        return max(1, min(self.clusters, pairs // self.group_pairs))
 
     @torch.no_grad()
     def vetoed(self, ctx: TrainContext, suspicion: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:

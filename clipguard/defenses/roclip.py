@@ -151,6 +151,9 @@ class RoClipOptions(Options):
     pattern_z: float | None = field(default=4.0, metadata={"neutral": None})
     pattern_share: float = field(default=0.1, metadata={"neutral": 0.1, "only_with": "pattern_z"})
     pattern_clusters: int = field(default=50, metadata={"neutral": 50, "only_with": "pattern_z"})
+    # the pairs each caption group holds on average: fewer than pattern_clusters groups on data too
+    # small for that many (None: always pattern_clusters), as SafeCLIP's
+    pattern_group_pairs: int | None = field(default=None, metadata={"neutral": None, "only_with": "pattern_z"})
     # which pairs of a caption group the veto takes as its suspects: "latest", ranked by the latest pool
     # epoch's keep test (its failures first, then how far each pick ranked from the own caption);
     # "cumulative", by how many pool epochs so far each pair failed the keep test, ties broken as in
@@ -216,6 +219,8 @@ class RoClipOptions(Options):
         require(self.pattern_unlearn is None or self.pattern_unlearn > 0,
                 f"pattern_unlearn must be > 0 (or None: no unlearning term), got {self.pattern_unlearn}")
         require(self.pattern_clusters >= 1, f"pattern_clusters must be >= 1, got {self.pattern_clusters}")
+        require(self.pattern_group_pairs is None or self.pattern_group_pairs >= 1,
+                f"pattern_group_pairs must be >= 1 (or None: pattern_clusters groups), got {self.pattern_group_pairs}")
 
 
 def pick_rank(own: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -275,7 +280,8 @@ class RoClip(Strategy, PairSelector):
         self._views = Views(crop_scale_min=o.crop_scale_min, **strengths)
         self._pool_views = (self._views if o.pool_crop_scale_min is None
                             else Views(crop_scale_min=o.pool_crop_scale_min, **strengths))
-        self._pattern = (PatternVeto(o.pattern_z, o.pattern_share, o.pattern_clusters)
+        self._pattern = (PatternVeto(o.pattern_z, o.pattern_share, o.pattern_clusters,
+                                     group_pairs=o.pattern_group_pairs)
                          if o.pattern_z is not None else None)
 
     def scheduled_pool_epoch(self, epoch: int) -> bool:

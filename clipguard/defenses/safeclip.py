@@ -191,6 +191,10 @@ class SafeClipOptions(Options):
     pattern_z: float | None = field(default=3.0, metadata={"neutral": None})
     pattern_share: float = field(default=0.1, metadata={"neutral": 0.1, "only_with": "pattern_z"})
     pattern_clusters: int = field(default=50, metadata={"neutral": 50, "only_with": "pattern_z"})
+    # the pairs each caption group holds on average: fewer than pattern_clusters groups on data too
+    # small for that many (None: always pattern_clusters). A group's pattern is the mean of its
+    # suspects' images, too noisy to see a faint trigger when a group holds a few dozen pairs
+    pattern_group_pairs: int | None = field(default=None, metadata={"neutral": None, "only_with": "pattern_z"})
     # with the pattern veto: the weight of a term that unlearns the pattern-flagged pairs in mixed
     # steps (their image pushed below the batch's mean caption score for its own caption,
     # losses.own_caption_unlearning). A trigger learnt in the CLIP epochs before the first split
@@ -282,6 +286,8 @@ class SafeClipOptions(Options):
                 f"pattern_z must be > 0 (or None: no pattern veto), got {self.pattern_z}")
         require(0.0 < self.pattern_share < 1.0, f"pattern_share must be in (0, 1), got {self.pattern_share}")
         require(self.pattern_clusters >= 1, f"pattern_clusters must be >= 1, got {self.pattern_clusters}")
+        require(self.pattern_group_pairs is None or self.pattern_group_pairs >= 1,
+                f"pattern_group_pairs must be >= 1 (or None: pattern_clusters groups), got {self.pattern_group_pairs}")
         require(self.pattern_unlearn is None or self.pattern_unlearn > 0,
                 f"pattern_unlearn must be > 0 (or None: no unlearning term), got {self.pattern_unlearn}")
         require(self.pattern_unlearn_z is None or self.pattern_unlearn_z > 0,
@@ -359,7 +365,8 @@ class SafeClip(Strategy, PairSelector):
         self._step_fresh: torch.Tensor | None = None
         self._patterned: torch.Tensor | None = None  # bool (N,), the pattern veto's flags this epoch
         self._unlearnt: torch.Tensor | None = None  # bool (N,), the pairs pattern_unlearn unlearns this epoch
-        self._pattern = (PatternVeto(o.pattern_z, o.pattern_share, o.pattern_clusters, o.gmm_seed)
+        self._pattern = (PatternVeto(o.pattern_z, o.pattern_share, o.pattern_clusters, o.gmm_seed,
+                                     o.pattern_group_pairs)
                          if o.pattern_z is not None else None)
 
     # ------------------------------------------------------------------ phases and lr
