@@ -477,3 +477,37 @@ def test_density_memory_splits_is_checked():
 
     with pytest.raises(ConfigError, match="density_memory_splits must be >= 1"):
         SafeClipOptions(density_memory_splits=0)
+
+
+def test_rescored_first_moves_the_stale_pairs_below_every_rescored_one_in_their_own_order():
+    from clipguard.defenses.split import rescored_first
+
+    scores = torch.tensor([0.5, 0.9, -0.2, 0.1, 0.3])
+    rescored = torch.tensor([True, False, True, False, False])
+    out = rescored_first(scores, rescored)
+    assert out[rescored].tolist() == pytest.approx([0.5, -0.2])  # the re-scored pairs keep their scores
+    assert float(out[~rescored].max()) < float(out[rescored].min())
+    assert torch.argsort(out[~rescored]).tolist() == torch.argsort(scores[~rescored]).tolist()
+    assert torch.equal(rescored_first(scores, torch.ones(5, dtype=torch.bool)), scores.double())
+
+
+@pytest.mark.parametrize("ranks", ["together", "rescored-first"])
+def test_an_update_takes_its_safe_set_from_the_pairs_it_scored_again(ranks):
+    """After a mixed epoch the re-scored pairs score lower on the whole than the scores the other
+    pairs kept from the first split. Ranked together, those stale pairs (the first split's riskiest)
+    take part of the next safe set; rescored-first takes it from the re-scored pairs."""
+    from clipguard import defenses
+
+    g = torch.Generator().manual_seed(0)
+    sims = torch.cat([0.2 + 0.05 * torch.randn(600, generator=g) - 0.1,  # re-scored, all a bit lower
+                      0.15 + 0.05 * torch.randn(400, generator=g)])       # not re-scored: last split's scores
+    rescored = torch.zeros(1000, dtype=torch.bool)
+    rescored[:600] = True
+    s = defenses.build("safeclip", {"update_ranks": ranks, "safe_size": "schedule", "step": 0.2,
+                                    "warmup_epochs": 0, "clip_warmup_epochs": 1})
+    s._sizer = s.opt.sizer(0.2)
+    s._m = 0.3  # grows to 0.5: 500 pairs, fewer than the 600 re-scored
+    d = s._decide(sims, None, rescored if ranks == "rescored-first" else None)
+    stale = sum(i >= 600 for i in d["safe_idx"])
+    assert len(d["safe_idx"]) == 500
+    assert (stale == 0) if ranks == "rescored-first" else (stale > 100)

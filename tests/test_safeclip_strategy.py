@@ -620,6 +620,20 @@ def test_an_update_encodes_only_the_candidates_the_steps_did_not_see(fm_train, t
     assert not bool(s._step_fresh.any())  # the next epoch's steps start afresh
 
 
+@pytest.mark.parametrize("ranks", ["together", "rescored-first"])
+def test_a_rescored_first_update_keeps_its_safe_set_within_the_pairs_it_scored_again(fm_train, tmp_path, ranks):
+    t = _built(fm_train.subset(range(256)), _cheap(update_ranks=ranks, update_fraction=0.5, update_margin=0.0),
+               tmp_path, epochs=4)
+    s = t.strategy
+    s.on_epoch_start(1)
+    s._sims += 10.0  # stale scores above any fresh one; the same candidates (the order is unchanged)
+    cand, full = s._candidates(256)
+    rec = s.on_epoch_start(2)
+    assert not full and rec["evaluated_pairs"] == len(cand) < 256
+    stale = set(torch.nonzero(s._safe).flatten().tolist()) - set(cand.tolist())
+    assert (not stale) if ranks == "rescored-first" else len(stale) > 10
+
+
 def test_update_features_is_checked():
     with pytest.raises(ConfigError, match="update_features"):
         _cheap(update_features="steps", safe_image_augment="simclr")

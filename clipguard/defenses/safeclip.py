@@ -32,7 +32,7 @@ from clipguard.defenses.pair_scores import (
     shard_pair_scores,
 )
 from clipguard.defenses.pattern_veto import PatternVeto
-from clipguard.defenses.split import SafeSetSchedule, fit_gmm, top_fraction_mask
+from clipguard.defenses.split import SafeSetSchedule, fit_gmm, rescored_first, top_fraction_mask
 from clipguard.errors import ConfigError
 from clipguard.options import Options, require
 from clipguard.training.context import Batch, TrainContext, step_seed
@@ -111,6 +111,13 @@ class SafeClipOptions(Options):
     # old, the density veto reads their mix as sparser and keeps more pairs out for good, which
     # cost 0.6-1.2 zero-shot points on validation (docs/safeclip-selection.md, thirty-second round)
     update_features: Literal["encode", "steps"] = field(default="encode", metadata={"neutral": "encode"})
+    # how an efficient update ranks the pairs it did not re-score (the riskiest of the last split)
+    # against those it did: "together", by their last scores, which came from a model an epoch or
+    # more younger (after a mixed epoch the re-scored pairs score lower on the whole, so up to a
+    # third of the next safe set were such pairs, and with them the poisons they hold); "rescored-first",
+    # below every re-scored pair, in their last order, both for the safe set and for the pattern
+    # veto's suspects, as Alg. 1 chooses the next set among the re-scored pairs
+    update_ranks: Literal["together", "rescored-first"] = field(default="together", metadata={"neutral": "together"})
     rank_by: Literal["similarity", "p_clean", "relative"] = "relative"  # relative: see shard_similarities
     reference_captions: int = 1024    # relative: captions sampled (per epoch) to compare each image with
     reference_top_k: int = 10
@@ -495,14 +502,19 @@ class SafeClip(Strategy, PairSelector):
             self._step_fresh.zero_()
         sims = self._sims.clone() if self._sims is not None else torch.zeros(n)
         sims[cand] = scores.score
+        rescored = None  # update_ranks rescored-first: the pairs this partial update scored again
+        if not full and o.update_ranks == "rescored-first":
+            rescored = torch.zeros(n, dtype=torch.bool)
+            rescored[cand] = True
+        ranks = sims if rescored is None else rescored_first(sims, rescored)
         patterned = None
         if self._pattern is not None:  # the riskiest pairs (lowest scores) estimate each group's pattern
             text = scores.text  # None unless hand_text
             if o.pattern_unlearn_z is None:
-                patterned = self._pattern.vetoed(ctx, -sims, text)
+                patterned = self._pattern.vetoed(ctx, -ranks, text)
                 self._unlearnt = patterned if o.pattern_unlearn is not None else None
             else:
-                patterned, self._unlearnt = self._pattern.flags(ctx, -sims, (o.pattern_z, o.pattern_unlearn_z), text)
+                patterned, self._unlearnt = self._pattern.flags(ctx, -ranks, (o.pattern_z, o.pattern_unlearn_z), text)
                 rec["pattern_unlearnt"] = int(self._unlearnt.sum())
             rec["pattern_flagged"] = int(patterned.sum())
             self._patterned = patterned
@@ -512,7 +524,7 @@ class SafeClip(Strategy, PairSelector):
         t_sims = time.perf_counter() - t0
         decision = None
         if ctx.dist.is_main:
-            decision = self._decide(sims, dense)
+            decision = self._decide(sims, dense, rescored)
         decision = broadcast_object(decision, ctx.dist)
         safe = torch.zeros(n, dtype=torch.bool)
         safe[torch.tensor(decision["safe_idx"], dtype=torch.long)] = True
@@ -588,12 +600,14 @@ class SafeClip(Strategy, PairSelector):
         idx = torch.randperm(len(ctx.data), generator=g)[: self.opt.reference_captions]
         return encode_tokens(ctx.raw_model, ctx.tokens[idx.to(ctx.tokens.device)], ctx.device)
 
-    def _decide(self, sims: torch.Tensor, dense: torch.Tensor | None = None) -> dict[str, Any]:
+    def _decide(self, sims: torch.Tensor, dense: torch.Tensor | None = None,
+                rescored: torch.Tensor | None = None) -> dict[str, Any]:
         """Rank 0 only: the GMM split the first time, the grown top-m% afterwards.
 
         With ``safe_size`` ``outlier`` (or ``mixture``) m never exceeds a ceiling re-measured
         every epoch from the scores: the data, not a fixed cap, says how many pairs look clean,
-        so long runs do not creep into the low-score tail."""
+        so long runs do not creep into the low-score tail. ``rescored`` (bool, ``update_ranks``
+        rescored-first): the pairs this update scored again, which the top m% is taken from first."""
         log: dict[str, Any] = {}
         o = self.opt
         p_clean = None
@@ -620,7 +634,7 @@ class SafeClip(Strategy, PairSelector):
             if m > ceiling:
                 m, mask = ceiling, None
         if mask is None:
-            mask = top_fraction_mask(scores, m)
+            mask = top_fraction_mask(scores if rescored is None else rescored_first(scores, rescored), m)
         if dense is not None:
             # the veto only removes pairs: m keeps growing on the ranking, the set is its intersection
             log["density_vetoed"] = int((mask & ~dense).sum())

@@ -70,6 +70,17 @@ def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask
 
 
+def rescored_first(scores: torch.Tensor, rescored: torch.Tensor) -> torch.Tensor:
+    """``scores`` with every pair not in ``rescored`` (bool) moved below every pair in it, in its
+    own order: a ranking that takes the pairs a partial update scored again first. Why: the others
+    keep scores from an older model, which a ranking cannot compare with fresh ones."""
+    out = scores.clone().double()
+    old = ~rescored
+    if bool(old.any()) and bool(rescored.any()):
+        out[old] -= float(out[old].max() - out[rescored].min()) + 1.0
+    return out
+
+
 @dataclass
 class SafeSetSchedule:
     """How big the safe set is: the threshold split first, then +s per epoch up to a cap.
