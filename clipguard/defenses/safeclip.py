@@ -112,11 +112,13 @@ class SafeClipOptions(Options):
     # cost 0.6-1.2 zero-shot points on validation (docs/safeclip-selection.md, thirty-second round)
     update_features: Literal["encode", "steps"] = field(default="encode", metadata={"neutral": "encode"})
     # how an efficient update ranks the pairs it did not re-score (the riskiest of the last split)
-    # against those it did: "together", by their last scores, which came from a model an epoch or
-    # more younger (after a mixed epoch the re-scored pairs score lower on the whole, so up to a
-    # third of the next safe set were such pairs, and with them the poisons they hold); "rescored-first",
-    # below every re-scored pair, in their last order, both for the safe set and for the pattern
-    # veto's suspects, as Alg. 1 chooses the next set among the re-scored pairs
+    # against those it did: "together", by their last scores, given by the model as it was an epoch
+    # or more before (after a mixed epoch the re-scored pairs score lower on the whole, and on
+    # 4,000-pair validation rows a third of the next safe set were pairs not re-scored, with most of
+    # the poisons it held); "rescored-first", below every re-scored pair, in their own order, for the
+    # safe set and for the pattern veto's suspects (the paper re-evaluates the pairs of high
+    # similarity because the next set is to come from them). Not a default: on validation it cost
+    # zero-shot accuracy and the poisons entered from the re-scored pairs instead (forty-seventh round)
     update_ranks: Literal["together", "rescored-first"] = field(default="together", metadata={"neutral": "together"})
     rank_by: Literal["similarity", "p_clean", "relative"] = "relative"  # relative: see shard_similarities
     reference_captions: int = 1024    # relative: captions sampled (per epoch) to compare each image with
@@ -200,7 +202,8 @@ class SafeClipOptions(Options):
     pattern_clusters: int = field(default=50, metadata={"neutral": 50, "only_with": "pattern_z"})
     # the pairs each caption group holds on average: fewer than pattern_clusters groups on data too
     # small for that many (None: always pattern_clusters). A group's pattern is the mean of its
-    # suspects' images, too noisy to see a faint trigger when a group holds a few dozen pairs
+    # suspects' images, too noisy to see a faint trigger when a group holds a few dozen pairs. Not
+    # a default: on 4,000-pair validation rows 200 and 400 cost zero-shot accuracy (forty-sixth round)
     pattern_group_pairs: int | None = field(default=None, metadata={"neutral": None, "only_with": "pattern_z"})
     # with the pattern veto: the weight of a term that unlearns the pattern-flagged pairs in mixed
     # steps (their image pushed below the batch's mean caption score for its own caption,
