@@ -210,6 +210,17 @@ def test_a_run_that_unlearns_flagged_pairs_logs_the_term_and_resumes_exactly(fm_
         assert all(r["pattern_unlearnt"] <= r["pattern_flagged"] for r in mixed)
 
 
+def test_the_veto_without_its_unlearning_term_trains_with_no_such_term(fm_train, tmp_path):
+    """pattern_unlearn None with pattern_unlearn_z left at its default: the veto flags, nothing is
+    unlearnt (this once crashed the first mixed step)."""
+    data = fm_train.subset(range(256))
+    Trainer(_cfg(), data, tmp_path / "a", strategy=_pattern_strategy(pattern_unlearn=None)).fit()
+    recs = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    mixed = [r for r in recs if r.get("phase") == "mixed"]
+    assert mixed and all("pattern_flagged" in r for r in mixed)
+    assert all("pattern_unlearn_loss" not in r and "pattern_unlearnt" not in r for r in recs)
+
+
 def test_the_diagnostics_count_the_poisons_among_the_flagged_pairs():
     """With an image-side veto's flags the per-epoch record says how many of them are poisons,
     overall and per attack part; without flags it says nothing of them."""

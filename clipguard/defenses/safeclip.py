@@ -513,7 +513,7 @@ class SafeClip(Strategy, PairSelector):
         patterned = None
         if self._pattern is not None:  # the riskiest pairs (lowest scores) estimate each group's pattern
             text = scores.text  # None unless hand_text
-            if o.pattern_unlearn_z is None:
+            if o.pattern_unlearn is None or o.pattern_unlearn_z is None:  # no term, or every vetoed pair
                 patterned = self._pattern.vetoed(ctx, -ranks, text)
                 self._unlearnt = patterned if o.pattern_unlearn is not None else None
             else:
