@@ -511,3 +511,41 @@ def test_an_update_takes_its_safe_set_from_the_pairs_it_scored_again(ranks):
     stale = sum(i >= 600 for i in d["safe_idx"])
     assert len(d["safe_idx"]) == 500
     assert (stale == 0) if ranks == "rescored-first" else (stale > 100)
+
+
+@pytest.mark.parametrize("counted", [True, False])
+def test_pattern_flags_count_as_strikes_only_with_pattern_strikes(counted):
+    """A pair the pattern veto flags at two splits is out of both splits' safe sets either way;
+    with pattern_strikes it is out for good after the second, without it it is back once unflagged."""
+    from clipguard.defenses.safeclip import SafeClip, SafeClipOptions
+
+    dense = torch.linspace(0, 0.01, 200)  # every pair alike: the density veto flags none
+    everyone = torch.arange(200)
+    flags = torch.zeros(200, dtype=torch.bool)
+    flags[7] = True
+    s = SafeClip(SafeClipOptions(density_z=3.0, density_strikes=2, pattern_strikes=counted))
+    s._dense = s._veto(200, everyone, dense, patterned=flags)  # split 1: not counted
+    s._dense = s._veto(200, everyone, dense, patterned=flags)  # split 2
+    s._dense = s._veto(200, everyone, dense, patterned=flags)  # split 3
+    assert not s._dense[7] and bool(s._dense[torch.arange(200) != 7].all())
+    s._dense = s._veto(200, everyone, dense, patterned=torch.zeros(200, dtype=torch.bool))  # unflagged
+    assert bool(s._dense[7]) is (not counted)
+    assert "pattern_strikes" not in SafeClipOptions().identity()
+    assert SafeClipOptions(pattern_strikes=False).identity()["pattern_strikes"] is False
+
+
+@pytest.mark.parametrize("shrinks", [True, False])
+def test_without_safe_set_shrinks_a_falling_ceiling_only_stops_the_growth(shrinks):
+    """The safe set holds 90% when the scores' ceiling is re-measured at about 80%: by default the
+    set falls to the ceiling; with safe_set_shrinks false it keeps its 90% and grows no further."""
+    from clipguard import defenses
+
+    g = torch.Generator().manual_seed(0)
+    sims = torch.cat([0.6 + 0.05 * torch.randn(800, generator=g), 0.1 + 0.05 * torch.randn(200, generator=g)])
+    s = defenses.build("safeclip", {"safe_set_shrinks": shrinks, "step": 0.05, "warmup_epochs": 1,
+                                    "clip_warmup_epochs": 1})
+    s._sizer = s.opt.sizer(0.05)
+    s._m = 0.9
+    d = s._decide(sims)
+    assert d["log"]["size_ceiling"] < 0.85
+    assert d["m"] == (pytest.approx(d["log"]["size_ceiling"]) if shrinks else pytest.approx(0.9))

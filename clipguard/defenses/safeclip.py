@@ -95,6 +95,12 @@ class SafeClipOptions(Options):
     # mixture's high-component weight minus mixture_margin
     safe_size: Literal["schedule", "outlier", "mixture"] = "outlier"
     outlier_z: float = 3.0
+    # whether the ceiling may take the safe set below the size it has reached (True) or only stop
+    # its growth (False: m never falls). On clean 60,000-pair validation rows at 20 epochs the
+    # outlier ceiling fell from 0.86 to 0.80 as the pairs kept out drifted to lower scores, and the
+    # safe set shrank with it (docs/safeclip-selection.md, after the forty-seventh round). Not
+    # measured as a candidate yet
+    safe_set_shrinks: bool = field(default=True, metadata={"neutral": True})
     mixture_margin: float = 0.05
     max_safe_fraction: float = 1.0
     min_initial_fraction: float = 0.2  # the first safe set holds at least this share
@@ -140,6 +146,11 @@ class SafeClipOptions(Options):
     # forty-fifth round: behind the pattern veto, a third fewer clean pairs out for good bought 1.1
     # zero-shot points at 20 epochs on the test grid (docs/safeclip-selection.md); 1 before it
     density_strikes: int = field(default=2, metadata={"neutral": 1, "only_with": "density_z"})
+    # whether the pattern veto's flags count as strikes of the density memory (True) or keep a pair
+    # out only while it is flagged (False). On clean 60,000-pair validation rows most of the 4,280
+    # pairs out for good after 20 epochs were there on the pattern veto's flags. Not measured as a
+    # candidate yet
+    pattern_strikes: bool = field(default=True, metadata={"neutral": True})
     # how many splits after the first have verdicts that count towards density_strikes (None:
     # every split). A later verdict keeps its pair out of that epoch's safe set only. Under a memory
     # of every split the union of verdicts grows over training (41-45% of MNIST's pairs out for good
@@ -573,8 +584,11 @@ class SafeClip(Strategy, PairSelector):
             repeated = repeated_images(log_rd, self.opt.repeat_z)
             self._log_repeated = int(repeated.sum())
             verdict &= ~repeated
+        struck = verdict  # what counts as a strike: with pattern_strikes the pattern flags too
         if patterned is not None:
-            verdict &= ~patterned[cand]
+            verdict = verdict & ~patterned[cand]
+            if self.opt.pattern_strikes:
+                struck = verdict
         window = self.opt.density_memory_splits
         counted = window is None or self._dense_rounds <= window
         if self.opt.density_memory and self._dense_rounds >= 1 and counted:
@@ -583,7 +597,7 @@ class SafeClip(Strategy, PairSelector):
                 # veto as one strike (as the memory always did: its last verdict stands)
                 self._strikes = (~dense).to(torch.uint8)
                 self._strikes[cand] = 0
-            strikes = self._strikes[cand].to(torch.int16) + (~verdict).to(torch.int16)
+            strikes = self._strikes[cand].to(torch.int16) + (~struck).to(torch.int16)
             self._strikes[cand] = strikes.clamp(max=255).to(torch.uint8)
         dense[cand] = verdict
         if self.opt.density_memory and self._strikes is not None:  # out for good, re-scored or not
@@ -634,6 +648,8 @@ class SafeClip(Strategy, PairSelector):
                 estimate = inlier_fraction(scores, o.outlier_z)
             ceiling = max(o.min_initial_fraction, estimate)
             log["size_ceiling"] = round(ceiling, 6)
+            if not o.safe_set_shrinks and self._m is not None:
+                ceiling = max(ceiling, self._m)  # the set it has reached stays its floor
             if m > ceiling:
                 m, mask = ceiling, None
         if mask is None:
