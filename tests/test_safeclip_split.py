@@ -549,3 +549,26 @@ def test_without_safe_set_shrinks_a_falling_ceiling_only_stops_the_growth(shrink
     d = s._decide(sims)
     assert d["log"]["size_ceiling"] < 0.85
     assert d["m"] == (pytest.approx(d["log"]["size_ceiling"]) if shrinks else pytest.approx(0.9))
+
+
+@pytest.mark.parametrize("entry", ["ranking", "consensus"])
+def test_with_consensus_an_update_takes_only_pairs_the_last_split_also_ranked_high(entry):
+    """Pairs 0-199 ranked low at the last split and jump to the top now (a blurred ranking): by
+    default they take most of the new safe set; with consensus only pairs high at both splits enter."""
+    from clipguard import defenses
+
+    g = torch.Generator().manual_seed(0)
+    last = torch.cat([torch.full((200,), -1.0), torch.rand(800, generator=g)])
+    now = torch.cat([torch.full((200,), 2.0), torch.rand(800, generator=g)])
+    s = defenses.build("safeclip", {"update_entry": entry, "safe_size": "schedule", "step": 0.2,
+                                    "warmup_epochs": 0, "clip_warmup_epochs": 1})
+    s._sizer = s.opt.sizer(0.2)
+    s._m, s._sims = 0.3, last  # grows to 0.5: 500 pairs of this split's ranking
+    d = s._decide(now, None)
+    jumped = sum(i < 200 for i in d["safe_idx"])
+    if entry == "ranking":
+        assert len(d["safe_idx"]) == 500 and jumped == 200
+    else:
+        assert jumped == 0 and 0 < len(d["safe_idx"]) < 500
+        assert d["log"]["consensus_dropped"] == 500 - len(d["safe_idx"])
+    assert ("update_entry" in s.opt.identity()) is (entry == "consensus")
