@@ -130,7 +130,8 @@ class SafeClipOptions(Options):
     # scores; "consensus", only those also in the top m% of the last split's scores, so a pair must
     # rank high at two splits in a row. On 4,000-pair validation rows the first mixed epoch blurs the
     # ranking (the split's AUROC falls from 0.81-0.84 to 0.71-0.80) and the poisons that enter the
-    # safe set at the first update are mostly pairs the first split ranked low
+    # safe set at the first update are mostly pairs the first split ranked low. Not a default: there it
+    # cost zero-shot accuracy and SIG's pairs still got in (forty-eighth round)
     update_entry: Literal["ranking", "consensus"] = field(default="ranking", metadata={"neutral": "ranking"})
     rank_by: Literal["similarity", "p_clean", "relative"] = "relative"  # relative: see shard_similarities
     reference_captions: int = 1024    # relative: captions sampled (per epoch) to compare each image with
