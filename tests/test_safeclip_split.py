@@ -554,7 +554,8 @@ def test_without_safe_set_shrinks_a_falling_ceiling_only_stops_the_growth(shrink
 @pytest.mark.parametrize("entry", ["ranking", "consensus"])
 def test_with_consensus_an_update_takes_only_pairs_the_last_split_also_ranked_high(entry):
     """Pairs 0-199 ranked low at the last split and jump to the top now (a blurred ranking): by
-    default they take most of the new safe set; with consensus only pairs high at both splits enter."""
+    default they take 200 of the new safe set's 500 places; with consensus only pairs high at both
+    splits enter."""
     from clipguard import defenses
 
     g = torch.Generator().manual_seed(0)

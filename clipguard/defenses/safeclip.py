@@ -129,9 +129,9 @@ class SafeClipOptions(Options):
     # which pairs an update may take into the safe set: "ranking", the top m% of this split's
     # scores; "consensus", only those also in the top m% of the last split's scores, so a pair must
     # rank high at two splits in a row. On 4,000-pair validation rows the first mixed epoch blurs the
-    # ranking (the split's AUROC falls from 0.81-0.84 to 0.71-0.80) and the poisons that enter the
-    # safe set at the first update are mostly pairs the first split ranked low. Not a default: there it
-    # cost zero-shot accuracy and SIG's pairs still got in (forty-eighth round)
+    # ranking (the split's AUROC falls from 0.81-0.84 to 0.71-0.80); of the first update's Blended
+    # pairs 18 of 24 were pairs the first split ranked low (of its SIG pairs 5 of 16). Not a default:
+    # there it cost zero-shot accuracy and SIG's pairs still got in (forty-eighth round)
     update_entry: Literal["ranking", "consensus"] = field(default="ranking", metadata={"neutral": "ranking"})
     rank_by: Literal["similarity", "p_clean", "relative"] = "relative"  # relative: see shard_similarities
     reference_captions: int = 1024    # relative: captions sampled (per epoch) to compare each image with
