@@ -92,7 +92,10 @@ class SafeClipOptions(Options):
     # how big the safe set may grow: "schedule" (the paper: +step per epoch up to max_safe_fraction);
     # "outlier": also never past the pairs whose score is within outlier_z robust standard
     # deviations below the median (re-measured every epoch); "mixture": never past the re-fitted
-    # mixture's high-component weight minus mixture_margin
+    # mixture's high-component weight minus mixture_margin. "schedule" under today's other defaults
+    # (configs/safeclip-nocap.yaml) gave 2.1 zero-shot points back on 55,000-pair validation rows, where
+    # the ceiling keeps the model's own mistakes out, and let BadNet back in at 4,000 pairs, where the
+    # pattern veto flags too few of its pairs (docs/safeclip-selection.md, forty-ninth round)
     safe_size: Literal["schedule", "outlier", "mixture"] = "outlier"
     outlier_z: float = 3.0
     # whether the ceiling may take the safe set below the size it has reached (True) or only stop
