@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from clipguard.defenses.split import SafeSetSchedule, fit_gmm, top_fraction_mask
+from clipguard.errors import ConfigError
 
 
 def _two_bumps(n_low=300, n_high=700, seed=0):
@@ -573,3 +574,38 @@ def test_with_consensus_an_update_takes_only_pairs_the_last_split_also_ranked_hi
         assert jumped == 0 and 0 < len(d["safe_idx"]) < 500
         assert d["log"]["consensus_dropped"] == 500 - len(d["safe_idx"])
     assert ("update_entry" in s.opt.identity()) is (entry == "consensus")
+
+
+@pytest.mark.parametrize("spare", [None, 1.0])
+def test_with_tail_pattern_z_the_tail_enters_but_its_patterned_pairs(spare):
+    """Pairs 0-99 score far below the rest (the outlier rule's tail); 0-49 of them carry their group's
+    pattern (faint). The ceiling keeps the whole tail out; with tail_pattern_z the set grows past it
+    and only the patterned tail pairs stay out."""
+    from clipguard import defenses
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.cat([torch.full((100,), -5.0), torch.rand(900, generator=g)])
+    faint = torch.zeros(1000, dtype=torch.bool)
+    faint[:50] = True
+    faint[500:520] = True  # patterned pairs outside the tail: the veto's business, not the tail's
+    s = defenses.build("safeclip", {"tail_pattern_z": spare, "step": 0.5, "warmup_epochs": 0,
+                                    "clip_warmup_epochs": 1})
+    s._sizer = s.opt.sizer(0.5)
+    s._m, s._sims = 0.5, scores  # grows to 1.0
+    d = s._decide(scores, None, None, faint if spare is not None else None)
+    safe = set(d["safe_idx"])
+    if spare is None:
+        assert not safe & set(range(100)) and len(safe) == 900
+    else:
+        assert not safe & set(range(50)) and set(range(50, 100)) <= safe
+        assert set(range(500, 520)) <= safe and len(safe) == 950
+        assert d["log"]["tail_kept_out"] == 50
+    assert ("tail_pattern_z" in s.opt.identity()) is (spare is not None)
+
+
+def test_tail_pattern_z_needs_the_outlier_ceiling_and_the_pattern_veto():
+    from clipguard import defenses
+
+    for bad in ({"safe_size": "schedule"}, {"pattern_z": None}):
+        with pytest.raises(ConfigError, match="tail_pattern_z"):
+            defenses.build("safeclip", {"tail_pattern_z": 1.0, **bad})

@@ -232,6 +232,16 @@ def inlier_fraction(scores: torch.Tensor, z: float) -> float:
     return float((x >= med - z * spread).double().mean())
 
 
+def outlier_tail(scores: torch.Tensor, z: float) -> torch.Tensor:
+    """bool per pair: the score is more than ``z`` robust standard deviations below the median (the
+    pairs ``inlier_fraction`` leaves out)."""
+    x = scores.double()
+    med, spread = _median_and_spread(x)
+    if float(spread) == 0.0:
+        return x < med
+    return x < med - z * spread
+
+
 def dense_inliers(log_kdist: torch.Tensor, z: float) -> torch.Tensor:
     """Pairs whose log k-distance is at most ``z`` robust standard deviations above the median:
     those with enough look-alike pairs."""

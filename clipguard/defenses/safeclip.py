@@ -28,6 +28,7 @@ from clipguard.defenses.pair_scores import (
     dense_inliers,
     embed_dim,
     inlier_fraction,
+    outlier_tail,
     repeated_images,
     shard_pair_scores,
 )
@@ -104,6 +105,15 @@ class SafeClipOptions(Options):
     # safe set shrank with it (docs/safeclip-selection.md, after the forty-seventh round). Not
     # measured as a candidate yet
     safe_set_shrinks: bool = field(default=True, metadata={"neutral": True})
+    # with safe_size outlier: the tail pairs below the ceiling that may still enter the safe set, by
+    # their pattern z-score (the pattern veto's, computed at the same split): a tail pair whose image
+    # shares its caption group's riskiest pattern by at most this many robust standard deviations is
+    # let in as the set grows, one above it stays out (None: the ceiling keeps the whole tail out).
+    # The tail holds the model's own mistakes (no shared pattern) and the poisons a small dataset's
+    # pattern veto flags only in part: on a 4,000-pair validation model 94-98% of BadNet's tail pairs
+    # score above 1, 28-39% of the clean tail's (docs/safeclip-selection.md, forty-ninth round). Not
+    # measured as a candidate yet
+    tail_pattern_z: float | None = field(default=None, metadata={"neutral": None, "only_with": "pattern_z"})
     mixture_margin: float = 0.05
     max_safe_fraction: float = 1.0
     min_initial_fraction: float = 0.2  # the first safe set holds at least this share
@@ -281,6 +291,10 @@ class SafeClipOptions(Options):
         require(self.step is None or 0.0 <= self.step <= 1.0, f"step must be in [0, 1], got {self.step}")
         require(0.0 <= self.mixture_margin < 1.0, f"mixture_margin must be in [0, 1), got {self.mixture_margin}")
         require(self.outlier_z > 0, f"outlier_z must be > 0, got {self.outlier_z}")
+        require(self.tail_pattern_z is None or (self.safe_size == "outlier" and self.pattern_z is not None),
+                "tail_pattern_z lets the outlier rule's tail in by its pattern z-score, so it needs "
+                f"safe_size: outlier and the pattern veto (pattern_z), got safe_size {self.safe_size!r}, "
+                f"pattern_z {self.pattern_z}")
         require(0.0 < self.update_fraction <= 1.0, f"update_fraction must be in (0, 1], got {self.update_fraction}")
         require(0.0 <= self.update_margin <= 1.0, f"update_margin must be in [0, 1], got {self.update_margin}")
         require(self.pool_size is None or self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
@@ -531,15 +545,25 @@ class SafeClip(Strategy, PairSelector):
             rescored = torch.zeros(n, dtype=torch.bool)
             rescored[cand] = True
         ranks = sims if rescored is None else rescored_first(sims, rescored)
-        patterned = None
+        patterned = faint = None
         if self._pattern is not None:  # the riskiest pairs (lowest scores) estimate each group's pattern
             text = scores.text  # None unless hand_text
-            if o.pattern_unlearn is None or o.pattern_unlearn_z is None:  # no term, or every vetoed pair
-                patterned = self._pattern.vetoed(ctx, -ranks, text)
-                self._unlearnt = patterned if o.pattern_unlearn is not None else None
-            else:
-                patterned, self._unlearnt = self._pattern.flags(ctx, -ranks, (o.pattern_z, o.pattern_unlearn_z), text)
+            # one scoring for every cut: the veto's, the unlearning's, the tail's (tail_pattern_z)
+            cuts = [o.pattern_z]
+            unlearn_cut = o.pattern_unlearn is not None and o.pattern_unlearn_z is not None
+            if unlearn_cut:
+                cuts.append(o.pattern_unlearn_z)
+            if o.tail_pattern_z is not None:
+                cuts.append(o.tail_pattern_z)
+            masks = self._pattern.flags(ctx, -ranks, tuple(cuts), text)
+            patterned = masks[0]
+            if unlearn_cut:
+                self._unlearnt = masks[1]
                 rec["pattern_unlearnt"] = int(self._unlearnt.sum())
+            else:  # no term, or every vetoed pair
+                self._unlearnt = patterned if o.pattern_unlearn is not None else None
+            if o.tail_pattern_z is not None:
+                faint = masks[-1]
             rec["pattern_flagged"] = int(patterned.sum())
             self._patterned = patterned
         vetoes = scores.log_kdist is not None or scores.log_repeat is not None or patterned is not None
@@ -548,7 +572,7 @@ class SafeClip(Strategy, PairSelector):
         t_sims = time.perf_counter() - t0
         decision = None
         if ctx.dist.is_main:
-            decision = self._decide(sims, dense, rescored)
+            decision = self._decide(sims, dense, rescored, faint)
         decision = broadcast_object(decision, ctx.dist)
         safe = torch.zeros(n, dtype=torch.bool)
         safe[torch.tensor(decision["safe_idx"], dtype=torch.long)] = True
@@ -628,13 +652,15 @@ class SafeClip(Strategy, PairSelector):
         return encode_tokens(ctx.raw_model, ctx.tokens[idx.to(ctx.tokens.device)], ctx.device)
 
     def _decide(self, sims: torch.Tensor, dense: torch.Tensor | None = None,
-                rescored: torch.Tensor | None = None) -> dict[str, Any]:
+                rescored: torch.Tensor | None = None, faint: torch.Tensor | None = None) -> dict[str, Any]:
         """Rank 0 only: the GMM split the first time, the grown top-m% afterwards.
 
         With ``safe_size`` ``outlier`` (or ``mixture``) m never exceeds a ceiling re-measured
         every epoch from the scores: the data, not a fixed cap, says how many pairs look clean,
         so long runs do not creep into the low-score tail. ``rescored`` (bool, ``update_ranks``
-        rescored-first): the pairs this update scored again, which the top m% is taken from first."""
+        rescored-first): the pairs this update scored again, which the top m% is taken from first.
+        ``faint`` (bool, with ``tail_pattern_z``): the pairs whose pattern z-score exceeds it; m then
+        grows past the ceiling, and only the tail pairs among them stay out."""
         log: dict[str, Any] = {}
         o = self.opt
         p_clean = None
@@ -660,7 +686,10 @@ class SafeClip(Strategy, PairSelector):
             log["size_ceiling"] = round(ceiling, 6)
             if not o.safe_set_shrinks and self._m is not None:
                 ceiling = max(ceiling, self._m)  # the set it has reached stays its floor
-            if m > ceiling:
+            if faint is not None:  # the tail is judged pair by pair below, not by a cap on m
+                tail_out = outlier_tail(scores, o.outlier_z) & faint
+                log["tail_kept_out"] = int(tail_out.sum())
+            elif m > ceiling:
                 m, mask = ceiling, None
         if mask is None:
             mask = top_fraction_mask(scores if rescored is None else rescored_first(scores, rescored), m)
@@ -670,6 +699,8 @@ class SafeClip(Strategy, PairSelector):
             agree = top_fraction_mask(self._sims, m)
             log["consensus_dropped"] = int((mask & ~agree).sum())
             mask = mask & agree
+        if faint is not None and o.safe_size != "schedule":
+            mask = mask & ~tail_out
         if dense is not None:
             # the veto only removes pairs: m keeps growing on the ranking, the set is its intersection
             log["density_vetoed"] = int((mask & ~dense).sum())
