@@ -9,6 +9,7 @@ attack manifest, which no training choice may do.
 
     .venv/bin/python benchmarks/pattern_flags.py configs/safeclip-select.yaml runs/r38-val10 \
         fmnist/four-rotated/aug4-crop50-pat3-z125-riskyneg/seed31
+    .venv/bin/python benchmarks/pattern_flags.py ... --cuts 1 2 3 --tail 3   # the ceiling's tail only
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from clipguard.bench.cache import BenchCache
 from clipguard.bench.config import load_config
 from clipguard.bench.plan import plan_cells
+from clipguard.defenses.pair_scores import outlier_tail
 from clipguard.defenses.pattern_veto import PatternVeto
 from clipguard.errors import ConfigError
 from clipguard.evaluation.detection import per_part
@@ -33,10 +35,14 @@ from clipguard.training.distributed import DistInfo
 
 
 def flag_counts(config: str | Path, out: str | Path, cell_id: str,
-                cuts: tuple[float, ...] = (3, 4, 5, 6, 8)) -> list[dict]:
-    """One row per cut: pairs above it, the clean ones among them, and each attack part's."""
+                cuts: tuple[float, ...] = (3, 4, 5, 6, 8), tail: float | None = None,
+                sets: tuple[str, ...] = ()) -> list[dict]:
+    """One row per cut: pairs above it, the clean ones among them, and each attack part's. With
+    ``tail`` (the outlier rule's z), only the pairs of the last split's low tail, which the ceiling
+    keeps out, are counted, and a first row (cut None) counts the tail itself. ``sets``: the
+    bench's ``--set`` overrides the cell ran with."""
     seed = int(cell_id.rsplit("seed", 1)[1])
-    cfg = load_config(config, [f"seeds=[{seed}]"])
+    cfg = load_config(config, [*sets, f"seeds=[{seed}]"])
     cells = [c for c in plan_cells(cfg) if c.id == cell_id]
     if not cells:
         raise ConfigError(f"{config}: no cell {cell_id}")
@@ -62,8 +68,11 @@ def flag_counts(config: str | Path, out: str | Path, cell_id: str,
                        int(opts["gmm_seed"]))
     poisoned = poison.mask.bool()
     parts = {p.attack: m for p, m in zip(cell.attack.parts, poison.masks)}
+    where = torch.ones(len(sims), dtype=torch.bool) if tail is None else outlier_tail(sims, tail)
+    masks = [where] if tail is not None else []
+    masks += [f & where for f in veto.flags(ctx, -sims, cuts)]
     return [{"cut": cut, "flagged": int(f.sum()), "clean": int((f & ~poisoned).sum()), **per_part(f, parts)}
-            for cut, f in zip(cuts, veto.flags(ctx, -sims, cuts))]
+            for cut, f in zip(([None] if tail is not None else []) + list(cuts), masks)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,10 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out")
     ap.add_argument("cell")
     ap.add_argument("--cuts", type=float, nargs="+", default=[3, 4, 5, 6, 8])
+    ap.add_argument("--tail", type=float, default=None,
+                    help="count only the outlier rule's tail at this z (the pairs its ceiling keeps out)")
+    ap.add_argument("--set", action="append", default=[], dest="sets",
+                    help="an override the bench ran the cell with (as clipguard bench --set)")
     a = ap.parse_args(argv)
-    for r in flag_counts(a.config, a.out, a.cell, tuple(a.cuts)):
+    for r in flag_counts(a.config, a.out, a.cell, tuple(a.cuts), a.tail, tuple(a.sets)):
         parts = " ".join(f"{k} {v}" for k, v in r.items() if k not in ("cut", "flagged", "clean"))
-        print(f"z > {r['cut']:g}: {r['flagged']} pairs, {r['clean']} clean | {parts}")
+        head = f"tail (z {a.tail:g})" if r["cut"] is None else f"z > {r['cut']:g}"
+        print(f"{head}: {r['flagged']} pairs, {r['clean']} clean | {parts}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ def test_flag_counts_of_a_finished_cell(fm_dir, tmp_path, capsys):
     assert all(r["clean"] <= r["flagged"] for r in rows)
     found, total = (int(x) for x in rows[0]["badnet"].split("/"))
     assert total > 0 and rows[0]["flagged"] - rows[0]["clean"] == found
+    tail = mod.flag_counts(config, out, "fm/badnet/Pat/seed0", (2.0, 4.0, 1e6), tail=1.0)
+    assert tail[0]["cut"] is None and [r["cut"] for r in tail[1:]] == [2.0, 4.0, 1e6]
+    assert all(t["flagged"] <= min(r["flagged"], tail[0]["flagged"]) for t, r in zip(tail[1:], rows))
     mod.main([str(config), str(out), "fm/badnet/Pat/seed0", "--cuts", "2"])
     assert capsys.readouterr().out.startswith("z > 2:")
     with pytest.raises(ConfigError, match="not a SafeCLIP cell with the pattern veto"):

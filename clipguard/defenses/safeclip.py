@@ -110,8 +110,8 @@ class SafeClipOptions(Options):
     # shares its caption group's riskiest pattern by at most this many robust standard deviations is
     # let in as the set grows, one above it stays out (None: the ceiling keeps the whole tail out).
     # The tail holds the model's own mistakes (no shared pattern) and the poisons a small dataset's
-    # pattern veto flags only in part: on a 4,000-pair validation model 94-98% of BadNet's tail pairs
-    # score above 1, 28-39% of the clean tail's (docs/safeclip-selection.md, forty-ninth round). Not a
+    # pattern veto flags only in part: on a 4,000-pair validation model 98% of BadNet's tail pairs
+    # score above 1, 26-39% of the clean tail's (docs/safeclip-selection.md, forty-ninth round). Not a
     # default: at 1 it let BadNet in on one of three 4,000-pair validation seeds (fiftieth round)
     tail_pattern_z: float | None = field(default=None, metadata={"neutral": None, "only_with": "pattern_z"})
     mixture_margin: float = 0.05
