@@ -68,11 +68,12 @@ def flag_counts(config: str | Path, out: str | Path, cell_id: str,
                        int(opts["gmm_seed"]))
     poisoned = poison.mask.bool()
     parts = {p.attack: m for p, m in zip(cell.attack.parts, poison.masks)}
-    where = torch.ones(len(sims), dtype=torch.bool) if tail is None else outlier_tail(sims, tail)
-    masks = [where] if tail is not None else []
-    masks += [f & where for f in veto.flags(ctx, -sims, cuts)]
+    rows, masks = list(cuts), veto.flags(ctx, -sims, cuts)
+    if tail is not None:  # the tail itself first, then each cut within it
+        where = outlier_tail(sims, tail)
+        rows, masks = [None, *rows], [where, *(f & where for f in masks)]
     return [{"cut": cut, "flagged": int(f.sum()), "clean": int((f & ~poisoned).sum()), **per_part(f, parts)}
-            for cut, f in zip(([None] if tail is not None else []) + list(cuts), masks)]
+            for cut, f in zip(rows, masks)]
 
 
 def main(argv: list[str] | None = None) -> None:

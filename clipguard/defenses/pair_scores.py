@@ -222,24 +222,25 @@ def _median_and_spread(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return med, (x - med).abs().median() * 1.4826
 
 
+def _low_cut(x: torch.Tensor, z: float) -> torch.Tensor:
+    """``z`` robust standard deviations below the median of ``x`` (the median itself when the
+    scores have no spread)."""
+    med, spread = _median_and_spread(x)
+    return med if float(spread) == 0.0 else med - z * spread
+
+
 def inlier_fraction(scores: torch.Tensor, z: float) -> float:
     """Share of pairs whose score is at most ``z`` robust standard deviations below the median:
     the clean pairs form the bulk, poisoned pairs a long low tail."""
     x = scores.double()
-    med, spread = _median_and_spread(x)
-    if float(spread) == 0.0:
-        return float((x >= med).double().mean())
-    return float((x >= med - z * spread).double().mean())
+    return float((x >= _low_cut(x, z)).double().mean())
 
 
 def outlier_tail(scores: torch.Tensor, z: float) -> torch.Tensor:
     """bool per pair: the score is more than ``z`` robust standard deviations below the median (the
     pairs ``inlier_fraction`` leaves out)."""
     x = scores.double()
-    med, spread = _median_and_spread(x)
-    if float(spread) == 0.0:
-        return x < med
-    return x < med - z * spread
+    return x < _low_cut(x, z)
 
 
 def dense_inliers(log_kdist: torch.Tensor, z: float) -> torch.Tensor:

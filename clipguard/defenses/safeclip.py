@@ -663,7 +663,7 @@ class SafeClip(Strategy, PairSelector):
         grows past the ceiling, and only the tail pairs among them stay out."""
         log: dict[str, Any] = {}
         o = self.opt
-        p_clean = None
+        p_clean = tail_out = None
         if self._m is None or o.rank_by == "p_clean" or o.safe_size == "mixture":  # (re-)fit the mixture
             t0 = time.perf_counter()
             p_clean, info = fit_gmm(sims, seed=o.gmm_seed)
@@ -699,7 +699,7 @@ class SafeClip(Strategy, PairSelector):
             agree = top_fraction_mask(self._sims, m)
             log["consensus_dropped"] = int((mask & ~agree).sum())
             mask = mask & agree
-        if faint is not None and o.safe_size != "schedule":
+        if tail_out is not None:
             mask = mask & ~tail_out
         if dense is not None:
             # the veto only removes pairs: m keeps growing on the ranking, the set is its intersection
