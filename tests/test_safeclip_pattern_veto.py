@@ -107,7 +107,9 @@ def test_pattern_options_are_checked():
     assert idle == base
     on = defenses.build("safeclip", {"pattern_z": 3, "pattern_share": 0.2}).opt.identity()
     assert on["pattern_z"] == 3 and on["pattern_share"] == 0.2
-    assert "pattern_group_pairs" not in on  # None, as every run before it existed
+    assert on["pattern_group_pairs"] == 400  # the default since the fifty-first round
+    pinned = defenses.build("safeclip", {"pattern_group_pairs": None}).opt.identity()
+    assert "pattern_group_pairs" not in pinned  # None, as every run before it existed
     assert defenses.build("safeclip", {"pattern_group_pairs": 300}).opt.identity()["pattern_group_pairs"] == 300
 
 

@@ -89,8 +89,8 @@ def test_phases_are_sized_by_the_budget_when_unset():
     assert SafeClipOptions(warmup_epochs=5, clip_warmup_epochs=1, step=0.01).plan(48) == (5, 1, 0.01)
 
 
-def test_the_defaults_are_the_strikes2_preset_and_shrink_for_short_runs():
-    """The defaults are configs/safeclip-strikes2.yaml written out, and the presets that pin earlier
+def test_the_defaults_are_the_groups_preset_and_shrink_for_short_runs():
+    """The defaults are configs/safeclip-groups.yaml written out, and the presets that pin earlier
     defaults differ from them; a run too short for four CLIP epochs and one mixed epoch gets fewer
     CLIP epochs, down to one, never a run with no split."""
     from pathlib import Path
@@ -99,18 +99,23 @@ def test_the_defaults_are_the_strikes2_preset_and_shrink_for_short_runs():
     from clipguard.training.spec import load_preset
 
     configs = Path(__file__).parents[1] / "configs"
-    preset = load_preset(configs / "safeclip-strikes2.yaml")
+    preset = load_preset(configs / "safeclip-groups.yaml")
     assert SafeClipOptions.from_dict(preset["options"]) == SafeClipOptions()
-    # the defaults of the forty-fourth round, and those before it, pinned by the presets and grids
-    # that measured them
+    # the defaults of the forty-fifth round, and those before it, pinned by the presets and grids
+    # that measured them: the outlier ceiling and 50 caption groups whatever the data's size
+    old_size = dict(safe_size="outlier", pattern_group_pairs=None)
+    strikes2 = SafeClipOptions.from_dict(load_preset(configs / "safeclip-strikes2.yaml")["options"])
+    assert strikes2 == SafeClipOptions(**old_size)
+    nocap = SafeClipOptions.from_dict(load_preset(configs / "safeclip-nocap.yaml")["options"])
+    assert nocap == SafeClipOptions(pattern_group_pairs=None)
     z2 = SafeClipOptions.from_dict(load_preset(configs / "safeclip-pat3-unlearn-z2.yaml")["options"])
-    assert z2 == SafeClipOptions(density_strikes=1)
+    assert z2 == SafeClipOptions(density_strikes=1, **old_size)
     # strikes count only with the density veto: without it they stay out of a run's identity
     assert "density_strikes" in SafeClipOptions().identity()
     assert "density_strikes" not in SafeClipOptions(density_z=None).identity()
     assert "density_strikes" not in z2.identity()
     before = dict(density_z=1.0, risky_negatives=False, pattern_z=None, pattern_unlearn=None, pattern_unlearn_z=None,
-                  density_strikes=1)
+                  density_strikes=1, **old_size)
     crop50 = SafeClipOptions.from_dict(load_preset(configs / "safeclip-crop50.yaml")["options"])
     assert crop50 == SafeClipOptions(**before)
     aug = SafeClipOptions.from_dict(load_preset(configs / "safeclip-aug.yaml")["options"])
@@ -543,8 +548,8 @@ def test_without_safe_set_shrinks_a_falling_ceiling_only_stops_the_growth(shrink
 
     g = torch.Generator().manual_seed(0)
     sims = torch.cat([0.6 + 0.05 * torch.randn(800, generator=g), 0.1 + 0.05 * torch.randn(200, generator=g)])
-    s = defenses.build("safeclip", {"safe_set_shrinks": shrinks, "step": 0.05, "warmup_epochs": 1,
-                                    "clip_warmup_epochs": 1})
+    s = defenses.build("safeclip", {"safe_size": "outlier", "safe_set_shrinks": shrinks, "step": 0.05,
+                                    "warmup_epochs": 1, "clip_warmup_epochs": 1})
     s._sizer = s.opt.sizer(0.05)
     s._m = 0.9
     d = s._decide(sims)
@@ -588,8 +593,8 @@ def test_with_tail_pattern_z_the_tail_enters_but_its_patterned_pairs(spare):
     faint = torch.zeros(1000, dtype=torch.bool)
     faint[:50] = True
     faint[500:520] = True  # patterned pairs outside the tail: the veto's business, not the tail's
-    s = defenses.build("safeclip", {"tail_pattern_z": spare, "step": 0.5, "warmup_epochs": 0,
-                                    "clip_warmup_epochs": 1})
+    s = defenses.build("safeclip", {"safe_size": "outlier", "tail_pattern_z": spare, "step": 0.5,
+                                    "warmup_epochs": 0, "clip_warmup_epochs": 1})
     s._sizer = s.opt.sizer(0.5)
     s._m, s._sims = 0.5, scores  # grows to 1.0
     d = s._decide(scores, None, None, faint if spare is not None else None)

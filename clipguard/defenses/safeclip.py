@@ -93,11 +93,12 @@ class SafeClipOptions(Options):
     # how big the safe set may grow: "schedule" (the paper: +step per epoch up to max_safe_fraction);
     # "outlier": also never past the pairs whose score is within outlier_z robust standard
     # deviations below the median (re-measured every epoch); "mixture": never past the re-fitted
-    # mixture's high-component weight minus mixture_margin. "schedule" under today's other defaults
-    # (configs/safeclip-nocap.yaml) gave 2.1 zero-shot points back on 55,000-pair validation rows, where
-    # the ceiling keeps the model's own mistakes out, and let BadNet back in at 4,000 pairs, where the
-    # pattern veto flags too few of its pairs (docs/safeclip-selection.md, forty-ninth round)
-    safe_size: Literal["schedule", "outlier", "mixture"] = "outlier"
+    # mixture's high-component weight minus mixture_margin. "schedule" since the fifty-first round:
+    # the outlier ceiling kept the model's own mistakes out of the CLIP loss for good (2.1 zero-shot
+    # points on 55,000-pair validation rows), and was needed only where the pattern veto's caption groups
+    # were too small to see a trigger (4,000 pairs); with pattern_group_pairs that veto keeps the
+    # poisons out at every size measured (docs/safeclip-selection.md, forty-ninth and fifty-first rounds)
+    safe_size: Literal["schedule", "outlier", "mixture"] = "schedule"
     outlier_z: float = 3.0
     # whether the ceiling may take the safe set below the size it has reached (True) or only stop
     # its growth (False: m never falls). On clean 60,000-pair validation rows at 20 epochs the
@@ -233,9 +234,12 @@ class SafeClipOptions(Options):
     pattern_clusters: int = field(default=50, metadata={"neutral": 50, "only_with": "pattern_z"})
     # the pairs each caption group holds on average: fewer than pattern_clusters groups on data too
     # small for that many (None: always pattern_clusters). A group's pattern is the mean of its
-    # suspects' images, too noisy to see a faint trigger when a group holds a few dozen pairs. Not
-    # a default: on 4,000-pair validation rows 200 and 400 cost zero-shot accuracy (forty-sixth round)
-    pattern_group_pairs: int | None = field(default=None, metadata={"neutral": None, "only_with": "pattern_z"})
+    # suspects' images, too noisy to see a faint trigger when a group holds a few dozen pairs. 400
+    # since the fifty-first round, with no ceiling on the safe set (safe_size schedule): at 4,000 pairs
+    # the veto then flags 88-100 of a BadNet's 100 pairs from the fourth mixed epoch on (50 groups:
+    # 21-71); from 20,000 pairs on it changes nothing (50 groups either way). Under the outlier
+    # ceiling it cost zero-shot accuracy at 4,000 pairs (forty-sixth round)
+    pattern_group_pairs: int | None = field(default=400, metadata={"neutral": None, "only_with": "pattern_z"})
     # with the pattern veto: the weight of a term that unlearns the pattern-flagged pairs in mixed
     # steps (their image pushed below the batch's mean caption score for its own caption,
     # losses.own_caption_unlearning). A trigger learnt in the CLIP epochs before the first split
