@@ -96,8 +96,8 @@ class SafeClipOptions(Options):
     # mixture's high-component weight minus mixture_margin. "schedule" since the fifty-first round:
     # the outlier ceiling kept the model's own mistakes out of the CLIP loss for good (2.1 zero-shot
     # points on 55,000-pair validation rows), and was needed only where the pattern veto's caption groups
-    # were too small to see a trigger (4,000 pairs); with pattern_group_pairs that veto keeps the
-    # poisons out at every size measured (docs/safeclip-selection.md, forty-ninth and fifty-first rounds)
+    # were too small to see a trigger (4,000 pairs); with pattern_group_pairs every backdoor stayed
+    # within its bound at every size validated (docs/safeclip-selection.md, forty-ninth and fifty-first rounds)
     safe_size: Literal["schedule", "outlier", "mixture"] = "schedule"
     outlier_z: float = 3.0
     # whether the ceiling may take the safe set below the size it has reached (True) or only stop
