@@ -637,3 +637,20 @@ def test_a_whitened_pattern_finds_a_faint_trigger_under_textured_content():
     assert auroc(whitened, labels) > 0.99 > auroc(plain, labels)
     with pytest.raises(ConfigError, match="estimate"):
         build("pattern", {"estimate": "median"})
+
+
+@pytest.mark.filterwarnings("ignore:Only one sample")
+@pytest.mark.parametrize("n,p", [(500, 40), (30, 60), (200, 1), (1, 5), (4000, 784)])
+def test_ledoit_wolf_covariance_is_sklearns(n: int, p: int):
+    """The one-product Ledoit-Wolf estimate matches scikit-learn's three-product one to rounding,
+    whether samples outnumber features or not (and the degenerate shapes sklearn accepts)."""
+    from sklearn.covariance import ledoit_wolf
+
+    from clipguard.detection.detectors.pattern import ledoit_wolf_covariance
+
+    g = torch.Generator().manual_seed(n + p)
+    x = torch.randn(n, p, generator=g) * torch.linspace(0.1, 3.0, p) + torch.randn(p, generator=g)
+    want, _ = ledoit_wolf(x.double().numpy())
+    got = ledoit_wolf_covariance(x).numpy()
+    assert got.shape == (p, p) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)

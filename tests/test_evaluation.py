@@ -48,3 +48,30 @@ def test_linear_probe_separable():
     p = LinearProbe().fit(x, y)
     assert p.score(x, y, (1,))["acc1"] == 1.0
     assert p.topk(x[:2], 2).shape == (2, 2)
+
+
+def test_encode_tokens_encodes_a_repeated_caption_once(fm_train):
+    """Repeated captions reach the text tower once; every row gets its own caption's features, as
+    encoding each caption alone gives them (the same bits on a CPU, to rounding anywhere)."""
+    from clipguard.evaluation.features import encode_tokens
+    from clipguard.models.factory import create_model, get_tokenizer
+
+    model = create_model("cg-tiny")
+    model = model[0] if isinstance(model, tuple) else model
+    captions = list(fm_train.captions[:40])
+    tokens = get_tokenizer("cg-tiny")(captions + captions[:25] + captions[5:6] * 7)
+    seen: list[int] = []
+    encode_text = model.encode_text
+
+    def counting(t, normalize=False):
+        seen.append(len(t))
+        return encode_text(t, normalize=normalize)
+
+    model.encode_text = counting
+    got = encode_tokens(model, tokens, "cpu", batch_size=16)
+    assert sum(seen) == len(torch.unique(tokens, dim=0)) < len(tokens)
+    alone = torch.cat([encode_text(tokens[i:i + 1], normalize=True) for i in range(len(tokens))])
+    assert got.shape == alone.shape and torch.allclose(got, alone, atol=1e-6, rtol=0)
+    assert model.training  # left as it was found
+    model.encode_text = encode_text
+    assert encode_tokens(model, tokens[:0], "cpu").numel() == 0

@@ -525,10 +525,11 @@ class SafeClip(Strategy, PairSelector):
                 known = self._step_fresh.clone()
                 if o.density_memory and self._strikes is not None:  # out for good: their last features
                     known |= self._strikes >= o.density_strikes
-        # the pattern veto groups the captions by this split's caption features when the split
-        # encodes every caption now (on one process in the veto's own batches: the same bits);
-        # after a partial update, or with features kept from the steps, the veto encodes them itself
-        hand_text = self._pattern is not None and full and (known is None or not bool(known.any()))
+        # the pattern veto groups the captions by this split's caption features where the split
+        # encodes them now (a row's features do not depend on its batch: the same bits as the
+        # veto's own encode), and encodes only the captions a partial update did not score; with
+        # features kept from the steps (older features) it encodes every caption itself
+        hand_text = self._pattern is not None and (known is None or not bool(known.any()))
         scores = shard_pair_scores(
             ctx, cand, self._reference(epoch), o.reference_top_k,
             density_k=o.density_k if o.density_z is not None else 0,
@@ -551,7 +552,10 @@ class SafeClip(Strategy, PairSelector):
         ranks = sims if rescored is None else rescored_first(sims, rescored)
         patterned = faint = None
         if self._pattern is not None:  # the riskiest pairs (lowest scores) estimate each group's pattern
-            text = scores.text  # None unless hand_text
+            text = None  # None unless hand_text; rows of NaN: captions the veto encodes itself
+            if scores.text is not None:
+                text = torch.full((n, scores.text.shape[1]), float("nan"))
+                text[cand] = scores.text
             # one scoring for every cut: the veto's, the unlearning's, the tail's (tail_pattern_z)
             cuts = [o.pattern_z]
             unlearn_cut = o.pattern_unlearn is not None and o.pattern_unlearn_z is not None

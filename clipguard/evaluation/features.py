@@ -30,6 +30,20 @@ def encode_images(model: torch.nn.Module, images_u8, device: torch.device | str,
 @torch.no_grad()
 def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device | str,
                   batch_size: int = 512) -> torch.Tensor:
+    """L2-normalised text features (float32, on CPU) of tokenised captions.
+
+    A caption that repeats (a templated dataset repeats many: 30% of 4,000 Fashion-MNIST pairs'
+    captions) is encoded once. A row's features do not depend on the other rows of its batch (on
+    the CPU the same bits: each layer works row by row), so this changes the time, not the result."""
+    if len(tokens) > 1:
+        unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+        if len(unique) < len(tokens):
+            return _encode_token_rows(model, unique, device, batch_size)[inverse.cpu()]
+    return _encode_token_rows(model, tokens, device, batch_size)
+
+
+def _encode_token_rows(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device | str,
+                       batch_size: int) -> torch.Tensor:
     was = model.training
     model.eval()
     out = [model.encode_text(tokens[i:i + batch_size].to(device), normalize=True).float().cpu()
