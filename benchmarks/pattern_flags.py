@@ -65,7 +65,7 @@ def flag_counts(config: str | Path, out: str | Path, cell_id: str,
     ctx = SimpleNamespace(data=data, tokens=get_tokenizer(cfg.model)(data.captions), raw_model=model,
                           device=torch.device("cpu"), dist=DistInfo())
     veto = PatternVeto(float(opts["pattern_z"]), float(opts["pattern_share"]), int(opts["pattern_clusters"]),
-                       int(opts["gmm_seed"]))
+                       int(opts["gmm_seed"]), group_pairs=opts.get("pattern_group_pairs"))
     poisoned = poison.mask.bool()
     parts = {p.attack: m for p, m in zip(cell.attack.parts, poison.masks)}
     rows, masks = list(cuts), veto.flags(ctx, -sims, cuts)
