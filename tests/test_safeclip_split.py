@@ -614,3 +614,27 @@ def test_tail_pattern_z_needs_the_outlier_ceiling_and_the_pattern_veto():
     for bad in ({"safe_size": "schedule"}, {"pattern_z": None}):
         with pytest.raises(ConfigError, match="tail_pattern_z"):
             defenses.build("safeclip", {"tail_pattern_z": 1.0, **bad})
+
+
+def test_the_relative_scores_reference_comes_from_the_splits_own_encode(fm_train):
+    """The reference captions' features are taken from the split's fresh features of the scored
+    pairs when it holds them all, and encoded when it does not: the same features either way."""
+    from types import SimpleNamespace
+
+    from clipguard.defenses.pair_scores import _reference_features
+    from clipguard.evaluation.features import encode_tokens
+    from clipguard.models.factory import create_model, get_tokenizer
+
+    model = create_model("cg-tiny")
+    model = model[0] if isinstance(model, tuple) else model
+    data = fm_train.subset(range(64))
+    tokens = get_tokenizer("cg-tiny")(list(data.captions))
+    ctx = SimpleNamespace(data=data, tokens=tokens, raw_model=model, device=torch.device("cpu"))
+    mine = torch.arange(0, 64, 2)
+    txt = encode_tokens(model, tokens[mine], "cpu")
+    inside, outside = torch.tensor([4, 0, 62, 4]), torch.tensor([4, 5])
+    assert torch.equal(_reference_features(ctx, inside, mine, txt), txt[torch.tensor([2, 0, 31, 2])])
+    got = _reference_features(ctx, outside, mine, txt)
+    assert torch.allclose(got, encode_tokens(model, tokens[outside], "cpu"), atol=1e-6, rtol=0)
+    assert torch.allclose(_reference_features(ctx, inside, mine, None), txt[torch.tensor([2, 0, 31, 2])],
+                          atol=1e-6, rtol=0)

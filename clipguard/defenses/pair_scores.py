@@ -148,6 +148,23 @@ def _encode_or_reuse(ctx: TrainContext, mine: torch.Tensor, cache: torch.Tensor 
     return feats[:, :dim], feats[:, dim:]
 
 
+def _reference_features(ctx: TrainContext, rows: torch.Tensor, mine: torch.Tensor,
+                        txt: torch.Tensor | None) -> torch.Tensor:
+    """The caption features of the data's ``rows``: taken from ``txt`` (this call's fresh features
+    of ``mine``) where it holds every one of them, encoded otherwise. A row's features do not
+    depend on the other rows of its batch, so both give the same bits on the CPU; a split that
+    scores every pair on one process encodes no caption twice."""
+    from clipguard.evaluation.features import encode_tokens
+
+    if txt is not None and len(mine):
+        where = torch.full((len(ctx.data),), -1, dtype=torch.long)
+        where[mine] = torch.arange(len(mine))
+        pos = where[rows]
+        if bool((pos >= 0).all()):
+            return txt[pos.to(txt.device)]
+    return encode_tokens(ctx.raw_model, ctx.tokens[rows.to(ctx.tokens.device)], ctx.device)
+
+
 @torch.no_grad()
 def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch.Tensor | None = None,
                       top_k: int = 10, density_k: int = 0, density_reference: int = 16384,
@@ -158,7 +175,8 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
     """The ``PairScores`` of each pair in ``indices``, the same on every rank.
 
     Each rank encodes ``indices[rank::world]``. ``reference``: text features of a sample of
-    captions, for the relative score. ``density_k`` > 0 adds the joint density, ``repeat_k`` > 0
+    captions, for the relative score, or (an integer tensor) the rows of the data whose captions
+    are that sample. ``density_k`` > 0 adds the joint density, ``repeat_k`` > 0
     the image repetition (both against one seeded sample of ``density_reference`` pairs), in the
     image embedding or, with ``repeat_grid`` > 0, in coarse pixel signatures of that grid.
     ``density_relative_to``: the joint density as it is (``all``), relative to the pair's
@@ -177,8 +195,11 @@ def shard_pair_scores(ctx: TrainContext, indices: torch.Tensor, reference: torch
         img, txt = _encode_or_reuse(ctx, mine, cache, known)
     else:
         img = txt = torch.empty(0, embed_dim(ctx.raw_model))
+    if reference is not None and not reference.is_floating_point():  # rows of the data: their captions
+        reference = _reference_features(ctx, reference, mine, txt if cache is None else None)
     sims = (img * txt).sum(dim=1)
     if reference is not None and len(mine):
+        reference = reference.to(img.device)
         k = min(top_k, reference.shape[0])
         best = torch.cat([(img[i:i + 4096] @ reference.t()).topk(k, dim=1).values.mean(1)
                           for i in range(0, len(img), 4096)])

@@ -647,17 +647,13 @@ class SafeClip(Strategy, PairSelector):
         self._dense_rounds += 1
         return dense
 
-    @torch.no_grad()
     def _reference(self, epoch: int) -> torch.Tensor | None:
-        """Text features of a seeded sample of the data's captions (``rank_by: relative``)."""
+        """The rows of a seeded sample of the data's captions (``rank_by: relative``), whose
+        features ``shard_pair_scores`` takes from the split's own encode where it has them."""
         if self.opt.rank_by != "relative":
             return None
-        from clipguard.evaluation.features import encode_tokens
-
-        ctx = self.ctx
-        g = torch.Generator().manual_seed(step_seed(ctx.seed, "safeclip-reference", epoch))
-        idx = torch.randperm(len(ctx.data), generator=g)[: self.opt.reference_captions]
-        return encode_tokens(ctx.raw_model, ctx.tokens[idx.to(ctx.tokens.device)], ctx.device)
+        g = torch.Generator().manual_seed(step_seed(self.ctx.seed, "safeclip-reference", epoch))
+        return torch.randperm(len(self.ctx.data), generator=g)[: self.opt.reference_captions]
 
     def _decide(self, sims: torch.Tensor, dense: torch.Tensor | None = None,
                 rescored: torch.Tensor | None = None, faint: torch.Tensor | None = None) -> dict[str, Any]:
