@@ -19,7 +19,8 @@ deviations above the group's other pairs'. Groups with no shared pattern rarely 
 
 Cost: every image is decoded and high-passed once, and kept (at most 32 x 32 floats each); each
 split encodes every caption (the text tower only; a caller that already holds this epoch's caption
-embeddings passes them instead) and fits the k-means, on the main rank.
+embeddings, or some of them, passes them instead, rows of NaN for the rest) and fits the k-means, on
+the main rank.
 """
 
 from __future__ import annotations
