@@ -284,3 +284,40 @@ def test_the_veto_groups_by_the_splits_own_caption_features_bit_for_bit(fm_train
     keys = ("pattern_flagged", "pattern_unlearnt", "safe_size")
     assert [[x.get(k) for k in keys] for x in recs["reused"]] == [[x.get(k) for k in keys] for x in recs["encoded"]]
     _assert_same_final_weights(tmp_path, "reused", "encoded")
+
+
+def test_a_partial_update_can_hold_the_last_full_splits_pattern_flags(fm_train, tmp_path, monkeypatch):
+    """pattern_partial: full keeps the pairs the last full split's veto flagged out of the safe set
+    at the partial updates after it (recorded as pattern_held, not counted as strikes); fresh, the
+    default, holds nothing. A resumed run restores the held flags."""
+    from clipguard.defenses.safeclip import SafeClip
+
+    with pytest.raises(ConfigError, match="pattern_partial"):
+        defenses.build("safeclip", {"pattern_z": 3, "pattern_partial": "always"})
+    data = fm_train.subset(range(256))
+    seen: list[tuple[bool, int]] = []
+    start = SafeClip.on_epoch_start
+
+    def spy(self, epoch):
+        rec = start(self, epoch)
+        if rec.get("full_evaluation") is False and self._full_patterned is not None:
+            held = self._full_patterned
+            seen.append((self.opt.pattern_partial == "full", int((self._safe & held).sum())))
+        return rec
+
+    monkeypatch.setattr(SafeClip, "on_epoch_start", spy)
+    strategy = _pattern_strategy(pattern_partial="full")
+    Trainer(_cfg(), data, tmp_path / "full", strategy=strategy).fit()
+    recs = [json.loads(x) for x in (tmp_path / "full" / "results.jsonl").read_text().splitlines()]
+    partial = [r for r in recs if r.get("full_evaluation") is False]
+    assert partial and all("pattern_held" in r for r in partial)
+    assert seen and all(held_in == 0 for full, held_in in seen if full)
+    held = strategy._full_patterned.clone()
+    tensors = strategy.state_tensors()  # what a checkpoint keeps, read back as a resumed run does
+    strategy._full_patterned = None
+    strategy.load_state(tensors, strategy.state_json())
+    assert bool(held.any()) and "full_patterned" in tensors and torch.equal(strategy._full_patterned, held)
+    seen.clear()
+    Trainer(_cfg(), data, tmp_path / "fresh", strategy=_pattern_strategy()).fit()
+    recs = [json.loads(x) for x in (tmp_path / "fresh" / "results.jsonl").read_text().splitlines()]
+    assert not any("pattern_held" in r for r in recs)

@@ -240,6 +240,13 @@ class SafeClipOptions(Options):
     # 21-71); from 20,000 pairs on it changes nothing (50 groups either way). Under the outlier
     # ceiling it cost zero-shot accuracy at 4,000 pairs (forty-sixth round)
     pattern_group_pairs: int | None = field(default=400, metadata={"neutral": None, "only_with": "pattern_z"})
+    # what a partial update's pattern veto keeps out (efficient_update): "fresh", the pairs it flags
+    # itself; "full", those and the pairs the last split that scored every pair flagged. A partial
+    # update's suspects come from a ranking of fresh and older scores, and at the first ones after
+    # the first split the veto flagged 0-42 of a Blended's or SIG's 100 pairs where the splits around
+    # them flagged 65-99 (docs/safeclip-selection.md, fifty-second round)
+    pattern_partial: Literal["fresh", "full"] = field(default="fresh",
+                                                      metadata={"neutral": "fresh", "only_with": "pattern_z"})
     # with the pattern veto: the weight of a term that unlearns the pattern-flagged pairs in mixed
     # steps (their image pushed below the batch's mean caption score for its own caption,
     # losses.own_caption_unlearning). A trigger learnt in the CLIP epochs before the first split
@@ -413,6 +420,7 @@ class SafeClip(Strategy, PairSelector):
         self._step_feats: torch.Tensor | None = None
         self._step_fresh: torch.Tensor | None = None
         self._patterned: torch.Tensor | None = None  # bool (N,), the pattern veto's flags this epoch
+        self._full_patterned: torch.Tensor | None = None  # its flags at the last split that scored every pair
         self._unlearnt: torch.Tensor | None = None  # bool (N,), the pairs pattern_unlearn unlearns this epoch
         self._pattern = (PatternVeto(o.pattern_z, o.pattern_share, o.pattern_clusters, o.gmm_seed,
                                      o.pattern_group_pairs)
@@ -572,11 +580,17 @@ class SafeClip(Strategy, PairSelector):
                 self._unlearnt = patterned if o.pattern_unlearn is not None else None
             if o.tail_pattern_z is not None:
                 faint = masks[-1]
+            if full:
+                self._full_patterned = patterned
             rec["pattern_flagged"] = int(patterned.sum())
             self._patterned = patterned
         vetoes = scores.log_kdist is not None or scores.log_repeat is not None or patterned is not None
         dense = (self._veto(n, cand, scores.log_kdist, scores.log_repeat, scores.log_kdist_given_image, patterned)
                  if vetoes else None)
+        if dense is not None and not full and o.pattern_partial == "full" and self._full_patterned is not None:
+            # the last full split's flags stay out of the safe set too (not counted as strikes)
+            rec["pattern_held"] = int((self._full_patterned & dense).sum())
+            dense = dense & ~self._full_patterned
         t_sims = time.perf_counter() - t0
         decision = None
         if ctx.dist.is_main:
@@ -916,6 +930,8 @@ class SafeClip(Strategy, PairSelector):
             out["strikes"] = self._strikes.contiguous()
         if self._patterned is not None:
             out["patterned"] = self._patterned.to(torch.uint8).contiguous()
+        if self._full_patterned is not None and self.opt.pattern_partial == "full":
+            out["full_patterned"] = self._full_patterned.to(torch.uint8).contiguous()
         if self._unlearnt is not None and self.opt.pattern_unlearn_z is not None:  # else: the veto's flags
             out["unlearnt"] = self._unlearnt.to(torch.uint8).contiguous()
         if self._step_feats is not None:
@@ -935,6 +951,7 @@ class SafeClip(Strategy, PairSelector):
         self._safe = tensors["safe"].bool().clone() if "safe" in tensors else None
         self._dense = tensors["dense"].bool().clone() if "dense" in tensors else None
         self._patterned = tensors["patterned"].bool().clone() if "patterned" in tensors else None
+        self._full_patterned = tensors["full_patterned"].bool().clone() if "full_patterned" in tensors else None
         self._unlearnt = tensors["unlearnt"].bool().clone() if "unlearnt" in tensors else None
         if self.opt.pattern_unlearn is not None and self.opt.pattern_unlearn_z is None:
             self._unlearnt = self._patterned  # without its own cut the term unlearns every vetoed pair
